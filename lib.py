@@ -22,6 +22,16 @@ import typing
 from typing import Any
 
 import numpy as np
+import datetime
+import fcntl
+import http.client
+import re
+import socket
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Callable, Iterator, Sequence
 
 REPO_DIR = pathlib.Path(__file__).resolve().parent
 MANIFEST_PATH = REPO_DIR / "data_manifest.toml"
@@ -72,6 +82,31 @@ def write_h5ad(path: str | os.PathLike, adata) -> None:
         adata.write_h5ad(tmp_path)
 
 
+def write_h5ad_chunked(path: str | os.PathLike, obs, var, make_chunk, n_cells: int, chunk_cells: int, desc: str) -> None:
+    """Write an h5ad whose CSR X comes from `make_chunk(start, stop)` chunk by chunk.
+
+    Memory stays at one chunk (anndata appends to the on-disk CSR), and the file
+    appears atomically.
+    """
+    import scipy.sparse
+    import anndata
+    import h5py
+
+    starts = list(range(0, n_cells, chunk_cells))
+    with atomic_path(path) as tmp_path:
+        for i, start in enumerate(progress(starts, desc=desc)):
+            x_chunk = scipy.sparse.csr_matrix(make_chunk(start, min(start + chunk_cells, n_cells)), dtype=np.float32)
+            if i == 0:
+                anndata.AnnData(X=x_chunk, obs=obs.iloc[: x_chunk.shape[0]], var=var).write_h5ad(tmp_path)
+                continue
+            with h5py.File(tmp_path, "a") as f:
+                anndata.io.sparse_dataset(f["X"]).append(x_chunk)
+        if len(starts) > 1:  # obs was written for the first chunk only
+            with h5py.File(tmp_path, "a") as f:
+                del f["obs"]
+                anndata.io.write_elem(f, "obs", obs)
+
+
 def in_marimo_notebook() -> bool:
     """True inside `marimo edit`/`run` (not in script mode, pytest or nbmake)."""
     if "marimo" not in sys.modules:
@@ -98,11 +133,14 @@ def notebook_argv() -> list[str]:
     """Command-line flags for a notebook: real ones in script mode, none elsewhere.
 
     Under nbmake/Jupyter `sys.argv` holds the kernel's own flags, under pytest the
-    test runner's, and in `marimo edit` flags come after `--` (marimo strips them
-    into sys.argv too), so only script mode and `marimo edit nb.py -- ...` pass flags.
+    test runner's: there flags come from $VCELL_NB_ARGS. In `marimo edit nb.py -- ...`
+    marimo puts the flags after `--` into sys.argv, as script mode does.
     """
     if "ipykernel" in sys.modules or "pytest" in sys.modules:
-        return []
+        # The one way to pass flags where there is no command line (tests, nbmake).
+        import shlex
+
+        return shlex.split(os.environ.get("VCELL_NB_ARGS", ""))
     return sys.argv[1:]
 
 
@@ -369,26 +407,6 @@ def _sample_counts(
     return scipy.sparse.csr_matrix(counts_cg.astype(np.float32))
 
 
-def _write_h5ad_chunked(path: pathlib.Path, obs, var, make_chunk, n_cells: int, chunk_cells: int, desc: str) -> None:
-    """Write an h5ad whose CSR X is generated chunk by chunk (bounded memory), atomically."""
-    import anndata
-    import h5py
-
-    starts = list(range(0, n_cells, chunk_cells))
-    with atomic_path(path) as tmp_path:
-        for i, start in enumerate(progress(starts, desc=desc)):
-            x_chunk = make_chunk(start, min(start + chunk_cells, n_cells))
-            if i == 0:
-                anndata.AnnData(X=x_chunk, obs=obs.iloc[: x_chunk.shape[0]], var=var).write_h5ad(tmp_path)
-                continue
-            with h5py.File(tmp_path, "a") as f:
-                anndata.io.sparse_dataset(f["X"]).append(x_chunk)
-        if len(starts) > 1:  # obs was written for the first chunk only
-            with h5py.File(tmp_path, "a") as f:
-                del f["obs"]
-                anndata.io.write_elem(f, "obs", obs)
-
-
 def write_synthetic_world(data_root: str | os.PathLike | None = None, size: str = "small", seed: int = 0) -> dict:
     """Generate the synthetic world under `<data_root>/raw/synthetic/` (layouts: wip/README.md).
 
@@ -480,7 +498,7 @@ def write_synthetic_world(data_root: str | os.PathLike | None = None, size: str 
                                       kd_p=kd_eff_p, batch_c=batch_c[start:stop], library_c=library_c[start:stop],
                                       n_modules=sz.n_modules)
 
-            _write_h5ad_chunked(path, obs, var, make_chunk, len(pert_c), sz.chunk_cells, desc=f"{name}: {path.name}")
+            write_h5ad_chunked(path, obs, var, make_chunk, len(pert_c), sz.chunk_cells, desc=f"{name}: {path.name}")
             summary["files"][str(path.relative_to(out_dir))] = {"n_cells": len(pert_c), "n_genes": len(genes_g)}
 
         median_umi = sz.median_umi * library_scale
@@ -516,3 +534,556 @@ def write_synthetic_world(data_root: str | os.PathLike | None = None, size: str 
     summary["context_perturbations"] = {n: sorted(symbol_u[p]) for n, p in context_perts.items()}
     write_json(out_dir / "world.json", summary)
     return summary
+
+
+# ----------------------------------------------------------------------------
+# submission
+# ----------------------------------------------------------------------------
+# A submission is an h5ad with obs `target_gene` (control cells included), every gene of
+# `gene_names.csv` in that order, log1p values, float32 CSR; `cell-eval prep` packs it as
+# a `.vcc` (a plain tar of `pred.h5ad.zst` and a watermark). The writer streams: cells
+# are predicted and written a chunk at a time, so memory never holds the full matrix
+# (the researcher saw 7 GB spikes materialising it).
+
+MAX_SUBMISSION_CELLS = 100_000
+"""Cell cap of the 2025 validation phase (200,000 later)."""
+
+
+def make_submission_obs(
+    pert_counts: "pd.DataFrame", n_control: int, control_label: str = "non-targeting"
+) -> "pd.DataFrame":
+    """obs of a submission: `n_cells` rows per requested perturbation, then the controls."""
+    import pandas as pd
+
+    labels = np.concatenate([np.repeat(pert_counts["target_gene"].to_numpy(str), pert_counts["n_cells"]),
+                             np.full(n_control, control_label)])
+    return pd.DataFrame({"target_gene": pd.Categorical(labels)}, index=np.arange(len(labels)).astype(str))
+
+
+def check_log1p_chunk(x_cg: np.ndarray, where: str) -> None:
+    """One clear error for values a scorer would reject or silently misread."""
+    if not np.all(np.isfinite(x_cg)):
+        raise ValueError(f"{where}: NaN or inf in predictions; check the model's output (clip, or fix a diverged run).")
+    if x_cg.size and x_cg.min() < 0:
+        raise ValueError(f"{where}: negative values (min {x_cg.min():.3g}); predictions must be log1p(CP10K) >= 0: clip at 0.")
+    if x_cg.size and x_cg.max() >= 15:
+        raise ValueError(f"{where}: values >= 15 (max {x_cg.max():.3g}) look like raw counts or CP10K, not log1p: apply lib.normalise first.")
+
+
+def write_submission(
+    path: str | os.PathLike,
+    *,
+    gene_names: list[str],
+    obs: "pd.DataFrame",
+    predict_chunk,
+    chunk_cells: int = 4_096,
+    max_cells: int = MAX_SUBMISSION_CELLS,
+    control_label: str = "non-targeting",
+) -> pathlib.Path:
+    """Validate and stream a submission h5ad to `path` (atomically).
+
+    `predict_chunk(start, stop)` returns the log1p rows `start:stop` of `obs`, all
+    genes in `gene_names` order. Checks: control cells present, no more than
+    `max_cells`, gene list unique, every chunk the right shape and in log1p range.
+    """
+    import pandas as pd
+
+    path = pathlib.Path(path)
+    if control_label not in set(obs["target_gene"]):
+        raise ValueError(f"no control cells ({control_label!r}) in the submission: the scorer needs them; add them to obs.")
+    if len(obs) > max_cells:
+        raise ValueError(f"{len(obs):,} cells exceed the limit of {max_cells:,}: request fewer cells per perturbation.")
+    if len(set(gene_names)) != len(gene_names):
+        raise ValueError("gene_names has duplicates: pass the gene_names.csv list unchanged.")
+    var = pd.DataFrame(index=pd.Index(gene_names, dtype=str))
+
+    def checked_chunk(start: int, stop: int) -> np.ndarray:
+        x_cg = np.asarray(predict_chunk(start, stop), dtype=np.float32)
+        if x_cg.shape != (stop - start, len(gene_names)):
+            raise ValueError(f"cells {start}:{stop}: prediction has shape {x_cg.shape}, expected {(stop - start, len(gene_names))} "
+                             "(cells × genes in gene_names.csv order)")
+        check_log1p_chunk(x_cg, f"cells {start}:{stop}")
+        return x_cg
+
+    write_h5ad_chunked(path, obs, var, checked_chunk, len(obs), chunk_cells, desc=f"writing {path.name}")
+    return path
+
+
+def pack_vcc(h5ad_path: str | os.PathLike, vcc_path: str | os.PathLike | None = None) -> pathlib.Path:
+    """Pack a submission h5ad as `cell-eval prep` does: tar of `pred.h5ad.zst` + `watermark.txt`.
+
+    Run `write_submission` first: it already writes prep's minimal float32 CSR layout.
+    Needs the `zstd` program (Debian/Ubuntu: `apt-get install zstd`).
+    """
+    import shutil
+    import subprocess
+    import tarfile
+    import tempfile
+
+    h5ad_path = pathlib.Path(h5ad_path)
+    vcc_path = pathlib.Path(vcc_path) if vcc_path else h5ad_path.with_suffix(".prep.vcc")
+    if shutil.which("zstd") is None:
+        raise RuntimeError("the `zstd` program is missing: install it (apt-get install zstd / brew install zstd), then rerun.")
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = pathlib.Path(tmp_dir)
+        shutil.copyfile(h5ad_path, tmp / "pred.h5ad")
+        subprocess.run(["zstd", "-q", "-T0", "-f", "--rm", str(tmp / "pred.h5ad")], check=True)
+        (tmp / "watermark.txt").write_text("vcc-prep")
+        with atomic_path(vcc_path) as tmp_vcc, tarfile.open(tmp_vcc, "w", format=tarfile.GNU_FORMAT) as tar:
+            for name in ["pred.h5ad.zst", "watermark.txt"]:
+                tar.add(tmp / name, arcname=name)
+    return vcc_path
+
+
+# ----------------------------------------------------------------------------
+# download
+# ----------------------------------------------------------------------------
+# download: fetch the manifest's real sources, resumable, verified and atomic.
+#
+# Pasted into lib.py's "download" section (the merge rewrites `lib.x` -> `x`).
+#
+# Every file of `[sources.<name>]` lands in `<data_root>/raw/<name>/<file>`. A download streams
+# into `<file>.part` (kept on failure, resumed with an HTTP Range request next time), is checked
+# against the manifest's size and sha256, then renamed onto `<file>`. Files without a known
+# sha256 get theirs recorded on first download ("trust on first use") in
+# `<data_root>/raw/<name>/.vcell_hashes.json`; later runs verify against it. The same registry
+# remembers size + mtime of every verified file so a 15 GB file is not re-hashed on every run.
+# A file placed there by hand is verified exactly like a downloaded one.
+
+
+HASH_REGISTRY_NAME = ".vcell_hashes.json"
+# Some hosts (figshare) refuse urllib's default agent; a browser-like one is accepted.
+USER_AGENT = "Mozilla/5.0 (compatible; vcell-download/0.1; +https://github.com/)"
+# HTTP statuses worth retrying; anything else (404, 403, ...) will not fix itself.
+RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
+
+
+@dataclasses.dataclass(frozen=True)
+class DownloadConfig(DataConfig):
+    """Flags of nb/01_download.py."""
+
+    size: typing.Literal["tiny", "small", "vcc"] = "small"
+    """Synthetic world size: `tiny` for unit tests, `small` for quick runs, `vcc` for VCC-like scale."""
+    seed: int = 0
+    """Seed of the synthetic world (same seed, same files)."""
+    sources: tuple[str, ...] = ()
+    """Real sources to fetch (names of `[sources.*]` in data_manifest.toml); empty = every source with fetch_by_default = true."""
+
+
+class DownloadError(RuntimeError):
+    """A file could not be fetched or failed verification; the message says what to do."""
+
+
+class _HostUnreachable(DownloadError):
+    """No connection to the host at all (DNS, refused): other files there will fail too."""
+
+
+class _Transient(Exception):
+    """A failure worth retrying (dropped connection, timeout, 5xx); never escapes this module."""
+
+
+# ----------------------------------------------------------------------------
+# hash registry
+# ----------------------------------------------------------------------------
+
+
+def _read_registry(path: pathlib.Path) -> dict[str, Any]:
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise DownloadError(f"hash registry {path} is not valid JSON ({exc}); fix or delete it "
+                            "(deleting it forgets recorded hashes of unverified files)") from exc
+
+
+def _record(registry_path: pathlib.Path, dest: pathlib.Path, sha256: str, origin: str, url: str) -> None:
+    """Remember a verified file: its hash, and size + mtime so later runs can skip re-hashing."""
+    registry = _read_registry(registry_path)
+    stat = dest.stat()
+    registry[dest.name] = {
+        "sha256": sha256,
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "origin": origin,
+        "url": url,
+        "recorded_at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    write_json(registry_path, registry)
+
+
+def _is_known_good(entry: dict[str, Any] | None, dest: pathlib.Path, expected: str) -> bool:
+    if not entry or not expected or entry.get("sha256") != expected:
+        return False
+    stat = dest.stat()
+    return entry.get("size") == stat.st_size and entry.get("mtime_ns") == stat.st_mtime_ns
+
+
+def _warn_unverified(dest: pathlib.Path, url: str, sha256: str, registry_path: pathlib.Path) -> None:
+    bar = "!" * 78
+    print(
+        f"\n{bar}\n! UNVERIFIED: the manifest has no sha256 for {dest.name}\n!   from {url}\n"
+        f"! Recorded sha256 {sha256} ({dest.stat().st_size:,} bytes)\n!   in {registry_path};\n"
+        "! later runs verify against it. Check it against the publisher (figshare/Zenodo md5,\n"
+        "! Hugging Face LFS sha256) and copy it into data_manifest.toml.\n"
+        f"{bar}\n",
+        file=sys.stderr,
+        flush=True,
+    )
+
+
+# ----------------------------------------------------------------------------
+# progress and locking
+# ----------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _byte_progress(total: int | None, initial: int, desc: str) -> Iterator[Callable[[int], Any]]:
+    """Yield `update(n_bytes)`: a marimo progress bar in the editor, tqdm (bytes) elsewhere."""
+    if in_marimo_notebook():
+        import marimo as mo
+
+        title = f"{desc} ({(total or 0) / 1e9:.2f} GB)" if total else desc
+        with mo.status.progress_bar(total=total or 1, title=title, subtitle="bytes") as bar:
+            if initial:
+                bar.update(initial)
+            yield bar.update
+        return
+    import tqdm
+
+    with tqdm.tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True,
+                   unit_divisor=1024, mininterval=1.0, file=sys.stderr) as bar:
+        yield bar.update
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: pathlib.Path) -> Iterator[None]:
+    """Refuse to run two downloads into the same .part file at once (they would interleave)."""
+    with open(lock_path, "w") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise DownloadError(f"another process is downloading into {lock_path.with_suffix('')}; "
+                                "wait for it or stop it") from None
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+    lock_path.unlink(missing_ok=True)
+
+
+# ----------------------------------------------------------------------------
+# HTTP
+# ----------------------------------------------------------------------------
+
+
+def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
+    """`bytes 100-199/1000` -> (100, 1000); `bytes */1000` -> (None, 1000)."""
+    match = re.fullmatch(r"\s*bytes\s+(?:(\d+)-\d+|\*)/(\d+|\*)\s*", value or "")
+    if not match:
+        return None, None
+    start, total = match.groups()
+    return (int(start) if start else None), (int(total) if total and total != "*" else None)
+
+
+def _sha256_prefix(path: pathlib.Path, n_bytes: int) -> hashlib._Hash:
+    """A sha256 object fed with the first n_bytes of path (the part kept from an earlier try)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        remaining = n_bytes
+        while remaining and (chunk := f.read(min(remaining, 1 << 22))):
+            digest.update(chunk)
+            remaining -= len(chunk)
+    return digest
+
+
+def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
+    """GET url from byte `offset`; redirects are followed by urllib (Range survives them)."""
+    headers = {"User-Agent": USER_AGENT}
+    if offset:
+        headers["Range"] = f"bytes={offset}-"
+    try:
+        return urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout)
+    except urllib.error.HTTPError as exc:
+        exc.close()
+        if exc.code in RETRY_STATUSES:
+            raise _Transient(f"HTTP {exc.code} {exc.reason}") from exc
+        if exc.code == 416:
+            raise  # handled by the caller: the .part may already be complete
+        raise DownloadError(f"HTTP {exc.code} {exc.reason}") from exc
+    except urllib.error.URLError as exc:
+        if isinstance(exc.reason, (TimeoutError, socket.timeout)):
+            raise _Transient(f"timed out after {timeout:g} s") from exc
+        if isinstance(exc.reason, (ConnectionResetError, ConnectionAbortedError, BrokenPipeError)):
+            raise _Transient(f"connection lost: {exc.reason!r}") from exc
+        # DNS failure, refused, no route: retrying now will not help, and other files on the
+        # same host will fail the same way.
+        raise _HostUnreachable(f"cannot connect: {exc.reason}") from exc
+    except (TimeoutError, socket.timeout) as exc:
+        raise _Transient(f"timed out after {timeout:g} s") from exc
+    except (ConnectionError, http.client.HTTPException) as exc:
+        raise _Transient(f"connection failed: {exc!r}") from exc
+
+
+def _stream(url: str, part: pathlib.Path, *, size: int | None, timeout: float, chunk_bytes: int,
+            desc: str) -> str:
+    """One HTTP attempt: append to `part` from its current length; return the full file's sha256.
+
+    Raises _Transient for failures worth retrying; the bytes received so far stay in `part`.
+    """
+    offset = part.stat().st_size if part.exists() else 0
+    try:
+        response = _open(url, offset, timeout)
+    except urllib.error.HTTPError as exc:  # 416: nothing left after `offset`
+        _, total = _parse_content_range(exc.headers.get("Content-Range"))
+        if total is not None and total == offset:
+            return _sha256_prefix(part, offset).hexdigest()
+        part.unlink()  # the .part is longer than the file: it is not a prefix of it
+        raise _Transient(f"server refused range from byte {offset} (HTTP 416); restarting") from exc
+    with response:
+        if response.status == 206:
+            start, total = _parse_content_range(response.headers.get("Content-Range"))
+            if start != offset:
+                part.unlink()
+                raise _Transient(f"server sent a range from byte {start}, asked for {offset}; restarting")
+        else:
+            # 200: the server ignored Range and sends the whole file, so start over instead of
+            # appending it to the partial bytes (which would corrupt the file).
+            if offset:
+                print(f"{desc}: server ignored the Range request; restarting from byte 0",
+                      file=sys.stderr, flush=True)
+            offset = 0
+            length = response.headers.get("Content-Length")
+            total = int(length) if length and length.isdigit() else None
+        if size is not None and total is not None and total != size:
+            raise DownloadError(f"the server says the file has {total:,} bytes, the manifest says {size:,}: "
+                                "the file changed upstream or the manifest is wrong (fix its size/sha256)")
+        digest = _sha256_prefix(part, offset) if offset else hashlib.sha256()
+        with open(part, "r+b" if offset else "wb") as f:
+            f.seek(offset)
+            f.truncate()
+            with _byte_progress(total or size, offset, desc) as update:
+                while True:
+                    try:
+                        chunk = response.read(chunk_bytes)
+                    except (http.client.IncompleteRead, ConnectionError, TimeoutError, socket.timeout) as exc:
+                        raise _Transient(f"connection dropped at byte {f.tell():,}: {exc!r}") from exc
+                    if not chunk:
+                        break
+                    f.write(chunk)
+                    digest.update(chunk)
+                    update(len(chunk))
+            received = f.tell()
+    expected_total = total if total is not None else size
+    if expected_total is not None and received < expected_total:
+        raise _Transient(f"connection closed at byte {received:,} of {expected_total:,}")
+    if expected_total is not None and received > expected_total:
+        part.unlink()
+        raise DownloadError(f"received {received:,} bytes but {expected_total:,} were announced; "
+                            "deleted the download")
+    return digest.hexdigest()
+
+
+# ----------------------------------------------------------------------------
+# public API
+# ----------------------------------------------------------------------------
+
+
+def download_file(
+    url: str,
+    dest: str | os.PathLike,
+    *,
+    sha256: str = "",
+    size: int | str | None = None,
+    registry_path: str | os.PathLike | None = None,
+    timeout: float = 60.0,
+    retries: int = 5,
+    retry_wait: float = 2.0,
+    chunk_bytes: int = 1 << 20,
+    desc: str = "",
+) -> pathlib.Path:
+    """Fetch url to dest unless a verified copy is there; resumable, verified, atomic.
+
+    `sha256`/`size` come from the manifest ("" or None = unknown). Without a sha256 the hash
+    recorded in the registry (default `<dest dir>/.vcell_hashes.json`) is enforced; if there is
+    none yet it is recorded now, with a loud warning. Raises DownloadError with the fix.
+    """
+    dest = pathlib.Path(dest)
+    registry_path = pathlib.Path(registry_path) if registry_path else dest.parent / HASH_REGISTRY_NAME
+    size = int(size) if size not in (None, "") else None
+    desc = desc or dest.name
+    entry = _read_registry(registry_path).get(dest.name)
+    manifest_sha = sha256.strip().lower()
+    expected = manifest_sha or (entry or {}).get("sha256", "")
+
+    if dest.exists():
+        if _is_known_good(entry, dest, expected):
+            return dest  # verified before and unchanged since (same size and mtime): no re-hash
+        actual_size = dest.stat().st_size
+        actual = "" if size is not None and actual_size != size else sha256_file(dest)
+        if actual and (not expected or actual == expected):
+            _record(registry_path, dest, actual, "manifest" if manifest_sha else "recorded", url)
+            if not expected:
+                _warn_unverified(dest, url, actual, registry_path)
+            return dest
+        want = f"sha256 {expected}" if expected else f"{size:,} bytes"
+        got = f"sha256 {actual}" if actual else f"{actual_size:,} bytes"
+        raise DownloadError(
+            f"{dest} is there but does not match: want {want}, found {got}. If it is a corrupt or "
+            "partial copy, delete it and run again; if the upstream file changed, update "
+            "data_manifest.toml (and the recorded hash in " f"{registry_path})."
+        )
+
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    part = dest.with_name(dest.name + ".part")
+    with _exclusive(dest.with_name(dest.name + ".part.lock")):
+        for attempt in range(retries + 1):
+            try:
+                if size is not None and part.exists() and part.stat().st_size == size:
+                    actual = _sha256_prefix(part, size).hexdigest()  # finished before a crash
+                else:
+                    if size is not None and part.exists() and part.stat().st_size > size:
+                        part.unlink()
+                    actual = _stream(url, part, size=size, timeout=timeout, chunk_bytes=chunk_bytes, desc=desc)
+                break
+            except _Transient as exc:
+                if attempt == retries:
+                    kept = part.stat().st_size if part.exists() else 0
+                    raise DownloadError(f"gave up after {retries + 1} tries: {exc} "
+                                        f"({kept:,} bytes kept in {part}; running again resumes)") from exc
+                wait = retry_wait * 2**attempt
+                print(f"{desc}: {exc}; retry {attempt + 1}/{retries} in {wait:g} s",
+                      file=sys.stderr, flush=True)
+                time.sleep(wait)
+
+        actual_size = part.stat().st_size
+        if size is not None and actual_size != size:
+            part.unlink()
+            raise DownloadError(f"downloaded {actual_size:,} bytes, the manifest says {size:,}; deleted "
+                                "the download. Run again; if it repeats, the manifest size is wrong.")
+        if expected and actual != expected:
+            part.unlink()
+            source = "the manifest" if manifest_sha else f"the hash recorded in {registry_path}"
+            raise DownloadError(
+                f"sha256 mismatch for {url}: got {actual}, {source} says {expected}. Deleted the "
+                "corrupt download. Run again; if it repeats, the file changed upstream: check the "
+                "source and update data_manifest.toml (or the registry entry)."
+            )
+        os.replace(part, dest)  # atomic: readers see the old state or the whole verified file
+    _record(registry_path, dest, actual, "manifest" if manifest_sha else "recorded", url)
+    if not expected:
+        _warn_unverified(dest, url, actual, registry_path)
+    return dest
+
+
+def get_source_dir(name: str, data_root: str | os.PathLike | None = None) -> pathlib.Path:
+    """Where a source's files live (and where to put a file fetched by hand)."""
+    return get_data_root(data_root) / "raw" / name
+
+
+def get_default_sources(manifest: dict[str, Any] | None = None) -> list[str]:
+    """Real sources fetched when none are named: those with fetch_by_default = true."""
+    manifest = read_manifest() if manifest is None else manifest
+    return [n for n, s in manifest["sources"].items() if s.get("files") and s.get("fetch_by_default", False)]
+
+
+def _get_files(name: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
+    sources = manifest["sources"]
+    if name not in sources:
+        raise ValueError(f"unknown source {name!r}; the manifest has {sorted(sources)}")
+    files = sources[name].get("files")
+    if not files:
+        raise ValueError(f"source {name!r} lists no files to download (the synthetic world is "
+                         "written by write_synthetic_world)")
+    for entry in files:
+        unknown = set(entry) - {"name", "url", "size", "sha256"}
+        if unknown or "name" not in entry or "url" not in entry:
+            raise ValueError(f"manifest source {name!r}: file entry {entry} needs name and url "
+                             f"(optional size, sha256); unknown keys {sorted(unknown)}")
+    return files
+
+
+def _fetch_sources(names: Sequence[str], data_root, manifest, **kwargs) -> tuple[list[pathlib.Path], list[str]]:
+    """Download every file of `names`; return (paths fetched, one text block per failure)."""
+    paths, failures, dead_hosts = [], [], {}
+    for name in names:
+        source_dir = get_source_dir(name, data_root)
+        for entry in _get_files(name, manifest):
+            dest = source_dir / entry["name"]
+            host = urllib.parse.urlsplit(entry["url"]).netloc
+            try:
+                if host in dead_hosts and not dest.exists():
+                    raise DownloadError(f"not tried: {host} was unreachable ({dead_hosts[host]})")
+                paths.append(download_file(entry["url"], dest, sha256=entry.get("sha256", ""),
+                                           size=entry.get("size"), desc=f"{name}/{entry['name']}", **kwargs))
+            except DownloadError as exc:
+                if isinstance(exc, _HostUnreachable):
+                    dead_hosts[host] = str(exc)
+                failures.append(f"  - {name}/{entry['name']}\n      url:   {entry['url']}\n"
+                                f"      error: {exc}\n      put it by hand at: {dest}")
+    return paths, failures
+
+
+def _raise_failures(failures: list[str], n_files: int) -> None:
+    if failures:
+        raise DownloadError(
+            f"could not fetch {len(failures)} of {n_files} file(s):\n" + "\n".join(failures) + "\n"
+            "What to do: check the network (or proxy) and run again: partial downloads resume from "
+            "<file>.part. Or fetch each file by hand (browser, `curl -L -C - -o <path> <url>`, gsutil) "
+            "and put it at the path shown; a hand-placed file is verified the same way (sha256 from "
+            "data_manifest.toml, or its hash is recorded on first sight)."
+        )
+
+
+def download_source(name: str, data_root: str | os.PathLike | None = None,
+                    manifest: dict[str, Any] | None = None, **kwargs) -> list[pathlib.Path]:
+    """Fetch every file of one manifest source into `<data_root>/raw/<name>/`.
+
+    Tries all files, then raises ONE DownloadError listing each failure (url, error, where to
+    put the file by hand). kwargs go to download_file (timeout, retries, ...).
+    """
+    manifest = read_manifest() if manifest is None else manifest
+    paths, failures = _fetch_sources([name], data_root, manifest, **kwargs)
+    _raise_failures(failures, len(paths) + len(failures))
+    return paths
+
+
+def download_sources(names: Sequence[str] = (), data_root: str | os.PathLike | None = None,
+                     manifest: dict[str, Any] | None = None, **kwargs) -> list[pathlib.Path]:
+    """Fetch several sources (default: get_default_sources); one DownloadError for all failures."""
+    manifest = read_manifest() if manifest is None else manifest
+    names = list(names) or get_default_sources(manifest)
+    paths, failures = _fetch_sources(names, data_root, manifest, **kwargs)
+    _raise_failures(failures, len(paths) + len(failures))
+    return paths
+
+
+def get_file_table(directory: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every file under directory (hidden ones excluded) with its size, for display."""
+    directory = pathlib.Path(directory)
+    return [
+        {"file": str(p.relative_to(directory)), "bytes": p.stat().st_size}
+        for p in sorted(directory.rglob("*"))
+        if p.is_file() and not any(part.startswith(".") for part in p.relative_to(directory).parts)
+    ]
+
+
+def get_source_table(manifest: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    """One row per real source: files, known total size, how many have a pinned sha256."""
+    manifest = read_manifest() if manifest is None else manifest
+    rows = []
+    for name, source in manifest["sources"].items():
+        files = source.get("files", [])
+        if not files:
+            continue
+        sizes = [f.get("size") for f in files]
+        rows.append({
+            "source": name,
+            "files": len(files),
+            "GB (known)": round(sum(s for s in sizes if isinstance(s, int)) / 1e9, 2),
+            "sizes unknown": sum(not isinstance(s, int) for s in sizes),
+            "sha256 pinned": sum(bool(f.get("sha256")) for f in files),
+            "default": bool(source.get("fetch_by_default", False)),
+            "datasets": ", ".join(d["name"] for d in source.get("datasets", [])),
+        })
+    return rows

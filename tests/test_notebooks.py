@@ -1,0 +1,58 @@
+"""The notebooks run headless as scripts and, exported to ipynb, under nbmake.
+
+The pipeline runs once in order on the tiny world (each stage reads what the one before
+wrote); then each notebook runs again under nbmake against the same data root.
+"""
+
+import os
+import pathlib
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+import lib
+
+NB_DIR = lib.REPO_DIR / "nb"
+# Flags that keep each stage small enough for CI; everything else is the default.
+NB_FLAGS = {
+    "01_download": ["--size", "tiny"],
+    "02_eda": [],
+    "03_hvg": ["--n-hvg", "200"],
+    "04_normalise": ["--chunk-cells", "500"],
+}
+
+
+def _run(args, env=None, timeout=600):
+    result = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
+    assert result.returncode == 0, f"{shlex.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    return result
+
+
+@pytest.fixture(scope="session")
+def pipeline_root(tmp_path_factory):
+    data_root = tmp_path_factory.mktemp("pipeline")
+    for name, flags in NB_FLAGS.items():
+        _run([sys.executable, NB_DIR / f"{name}.py", "--data-root", str(data_root), *flags])
+    return data_root
+
+
+@pytest.mark.parametrize("name", list(NB_FLAGS))
+def test_notebook_help_lists_flags_with_defaults(name):
+    out = _run([sys.executable, NB_DIR / f"{name}.py", "--help"]).stdout
+    assert "--data-root" in out and "default" in out
+
+
+def test_notebook_rejects_unknown_flag():
+    result = subprocess.run([sys.executable, NB_DIR / "02_eda.py", "--no-such-flag"], capture_output=True, text=True)
+    assert result.returncode == 2
+
+
+@pytest.mark.parametrize("name", list(NB_FLAGS))
+def test_notebook_runs_under_nbmake(name, pipeline_root, tmp_path):
+    ipynb = tmp_path / f"{name}.ipynb"
+    _run([sys.executable, "-m", "marimo", "export", "ipynb", NB_DIR / f"{name}.py", "-o", ipynb])
+    flags = shlex.join(["--data-root", str(pipeline_root), *NB_FLAGS[name]])
+    _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbmake", str(ipynb)],
+         env={"VCELL_NB_ARGS": flags})
