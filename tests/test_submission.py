@@ -1,0 +1,94 @@
+import pathlib
+import shutil
+import subprocess
+import tarfile
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+
+import lib
+
+GENES = [f"G{i:03d}" for i in range(40)]
+PERT_COUNTS = pd.DataFrame({"target_gene": ["A", "B", "C"], "n_cells": [5, 7, 3], "median_umi_per_cell": [1e4, 1e4, 1e4]})
+
+
+def _random_predictor(seed=0):
+    def predict_chunk(start, stop):
+        rng = np.random.default_rng([seed, start])
+        return rng.uniform(0, 5, (stop - start, len(GENES))) * (rng.random((stop - start, len(GENES))) < 0.4)
+
+    return predict_chunk
+
+
+def _write(path, obs=None, predict_chunk=None, **kw):
+    obs = lib.make_submission_obs(PERT_COUNTS, n_control=6) if obs is None else obs
+    return lib.write_submission(path, gene_names=GENES, obs=obs, predict_chunk=predict_chunk or _random_predictor(), chunk_cells=4, **kw)
+
+
+def test_submission_has_requested_cells_controls_and_gene_order(tmp_path):
+    adata = anndata.read_h5ad(_write(tmp_path / "sub.h5ad"))
+    assert list(adata.var_names) == GENES
+    counts = adata.obs["target_gene"].value_counts()
+    assert counts.to_dict() == {"A": 5, "B": 7, "C": 3, "non-targeting": 6}
+    assert adata.X.dtype == np.float32 and adata.X.format == "csr"
+    # chunked writing equals the one-shot prediction
+    expected = np.concatenate([_random_predictor()(a, min(a + 4, 21)) for a in range(0, 21, 4)]).astype(np.float32)
+    assert np.array_equal(adata.X.toarray(), expected)
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (lambda a, b: np.full((b - a, len(GENES)), np.nan), "NaN"),
+        (lambda a, b: -np.ones((b - a, len(GENES))), "negative"),
+        (lambda a, b: np.full((b - a, len(GENES)), 30.0), "raw counts"),
+        (lambda a, b: np.zeros((b - a, len(GENES) - 1)), "shape"),
+    ],
+)
+def test_bad_predictions_raise_one_clear_error_and_keep_the_old_file(tmp_path, bad, message):
+    path = _write(tmp_path / "sub.h5ad")
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=message):
+        _write(path, predict_chunk=bad)
+    assert path.read_bytes() == before, "a failed write must not touch the previous submission"
+
+
+def test_missing_controls_and_too_many_cells_raise(tmp_path):
+    with pytest.raises(ValueError, match="control"):
+        _write(tmp_path / "a.h5ad", obs=lib.make_submission_obs(PERT_COUNTS, n_control=0))
+    with pytest.raises(ValueError, match="exceed"):
+        _write(tmp_path / "b.h5ad", max_cells=10)
+
+
+def _unpack(vcc_path, out_dir):
+    with tarfile.open(vcc_path) as tar:
+        names = sorted(tar.getnames())
+        tar.extractall(out_dir, filter="data")
+    subprocess.run(["zstd", "-q", "-d", "-f", str(out_dir / "pred.h5ad.zst")], check=True)
+    return names, anndata.read_h5ad(out_dir / "pred.h5ad"), (out_dir / "watermark.txt").read_text()
+
+
+def test_pack_vcc_matches_cell_eval_prep(tmp_path):
+    """Our .vcc holds what `cell-eval prep` (run in a throwaway env) makes of the same file."""
+    h5ad = _write(tmp_path / "sub.h5ad")
+    ours = lib.pack_vcc(h5ad, tmp_path / "ours.vcc")
+    genes_csv = tmp_path / "gene_names.csv"
+    genes_csv.write_text("\n".join(GENES) + "\n")
+    uv = str(pathlib.Path(shutil.which("uv", path=str(lib.REPO_DIR / ".venv" / "bin")) or shutil.which("uv")))
+    subprocess.run(
+        [uv, "run", "--no-project", "--python", "3.11", "--with", "cell-eval==0.8.2", "cell-eval", "prep",
+         "-i", str(h5ad), "-g", str(genes_csv), "-o", str(tmp_path / "prep.vcc"), "--expected-gene-dim", "-1"],
+        check=True, capture_output=True,
+    )
+    (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
+    names_ours, adata_ours, mark_ours = _unpack(ours, tmp_path / "a")
+    names_prep, adata_prep, mark_prep = _unpack(tmp_path / "prep.vcc", tmp_path / "b")
+    assert names_ours == names_prep == ["pred.h5ad.zst", "watermark.txt"]
+    assert mark_ours == mark_prep
+    assert list(adata_ours.var_names) == list(adata_prep.var_names)
+    assert list(adata_ours.obs["target_gene"]) == list(adata_prep.obs["target_gene"])
+    assert list(adata_ours.obs_names) == list(adata_prep.obs_names)
+    assert adata_ours.X.dtype == adata_prep.X.dtype and adata_ours.X.format == adata_prep.X.format
+    assert np.array_equal(adata_ours.X.toarray(), adata_prep.X.toarray())
