@@ -613,21 +613,20 @@ def pack_vcc(h5ad_path: str | os.PathLike, vcc_path: str | os.PathLike | None = 
     """Pack a submission h5ad as `cell-eval prep` does: tar of `pred.h5ad.zst` + `watermark.txt`.
 
     Run `write_submission` first: it already writes prep's minimal float32 CSR layout.
-    Needs the `zstd` program (Debian/Ubuntu: `apt-get install zstd`).
+    Compresses with the zstandard library (streaming, so memory stays small) rather than
+    prep's `zstd` program, which a fresh machine may not have.
     """
-    import shutil
-    import subprocess
     import tarfile
     import tempfile
 
+    import zstandard
+
     h5ad_path = pathlib.Path(h5ad_path)
     vcc_path = pathlib.Path(vcc_path) if vcc_path else h5ad_path.with_suffix(".prep.vcc")
-    if shutil.which("zstd") is None:
-        raise RuntimeError("the `zstd` program is missing: install it (apt-get install zstd / brew install zstd), then rerun.")
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = pathlib.Path(tmp_dir)
-        shutil.copyfile(h5ad_path, tmp / "pred.h5ad")
-        subprocess.run(["zstd", "-q", "-T0", "-f", "--rm", str(tmp / "pred.h5ad")], check=True)
+        with open(h5ad_path, "rb") as src, open(tmp / "pred.h5ad.zst", "wb") as dst:
+            zstandard.ZstdCompressor(level=3, threads=-1).copy_stream(src, dst)
         (tmp / "watermark.txt").write_text("vcc-prep")
         with atomic_path(vcc_path) as tmp_vcc, tarfile.open(tmp_vcc, "w", format=tarfile.GNU_FORMAT) as tar:
             for name in ["pred.h5ad.zst", "watermark.txt"]:
