@@ -32,6 +32,16 @@ import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator, Sequence
+import functools
+import math
+from collections.abc import Sequence
+import beartype
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import jaxtyping
+import optax
+from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
 
 REPO_DIR = pathlib.Path(__file__).resolve().parent
 MANIFEST_PATH = REPO_DIR / "data_manifest.toml"
@@ -1086,3 +1096,426 @@ def get_source_table(manifest: dict[str, Any] | None = None) -> list[dict[str, A
             "datasets": ", ".join(d["name"] for d in source.get("datasets", [])),
         })
     return rows
+
+
+# ----------------------------------------------------------------------------
+# model & losses
+# ----------------------------------------------------------------------------
+# Model and losses (issue 5): the ST set transformer in equinox, its losses, one train step.
+#
+# Pasted into lib.py's "model" and "losses" sections (plus `make_step`/`predict_sets`,
+# which the train and infer sections build on).
+#
+# Shape suffixes: b batch (sets per step), s set (cells per set), g gene, h hidden,
+# f perturbation feature, p perturbation, i SwiGLU inner width, n/m cells of two sets.
+#
+# The model follows STATE's "ST" (SPEC §4), written from the description, not Arc's code:
+# a set of S control cells and one perturbation's feature vector go in; S predicted
+# perturbed cells come out. `SetTransformer.__call__` takes ONE set; the loss vmaps over
+# the batch (the equinox-examples style).
+
+
+typechecked = jaxtyping.jaxtyped(typechecker=beartype.beartype)
+"""Decorator: beartype + jaxtyping shape checks (under jit they run once, at trace time)."""
+
+
+# ----------------------------------------------------------------------------
+# model
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the ST set transformer. Defaults: the researcher's small config (~2.5M params)."""
+
+    n_genes: int = 2000
+    """Genes in and out (the shared HVG list); every input set must have exactly this many columns."""
+    n_pert_features: int = 301
+    """Width of a perturbation's feature vector: n_perts + 1 for one-hot ids (the extra
+    column is the out-of-vocabulary slot), or a gene embedding's width (ESM2-650M: 1280).
+    301 matches the one-hot width of the arc-state reference benchmark (ENVIRONMENT.md)."""
+    hidden: int = 128
+    """Width of the residual stream of the transformer (and of the encoder MLPs)."""
+    n_layers: int = 4
+    """Transformer blocks."""
+    n_heads: int = 8
+    """Attention heads per block; must divide `hidden`."""
+    mlp_ratio: int = 8
+    """SwiGLU inner width = mlp_ratio * hidden. 8 gives 1.84M transformer parameters at
+    hidden 128 x 4 layers and ~115K for one layer at hidden 64, the researcher's numbers."""
+    n_encoder_layers: int = 2
+    """Linear layers in each of the basal encoder, perturbation encoder and output MLP (>= 1)."""
+    straight_through_relu: bool = True
+    """Output ReLU with an identity gradient: the forward is STATE's ReLU, but a gene whose
+    predictions all fell below 0 still gets a gradient. With a plain ReLU such genes stay
+    at 0 for good: on a toy batch 5 of 96 (set, gene) pseudobulks died while overfitting."""
+
+    def __post_init__(self):
+        if self.hidden % self.n_heads:
+            raise ValueError(f"hidden {self.hidden} is not divisible by n_heads {self.n_heads}")
+        if min(self.n_genes, self.n_pert_features, self.n_layers, self.n_encoder_layers) < 1:
+            raise ValueError(f"every size in {self} must be >= 1")
+
+
+def make_mlp(in_size: int, out_size: int, width: int, n_linear: int, *, key: PRNGKeyArray) -> eqx.nn.MLP:
+    """`n_linear` Linear layers (with biases) and GELU between them, none after the last."""
+    return eqx.nn.MLP(in_size, out_size, width, depth=n_linear - 1, activation=jax.nn.gelu, key=key)
+
+
+class SelfAttention(eqx.Module):
+    """Bidirectional multi-head attention over the set: no mask, no positions, no biases."""
+
+    qkv: eqx.nn.Linear
+    out: eqx.nn.Linear
+    n_heads: int = eqx.field(static=True)
+
+    def __init__(self, hidden: int, n_heads: int, *, key: PRNGKeyArray):
+        qkv_key, out_key = jax.random.split(key)
+        # One H -> 3H matmul instead of three H -> H: same parameters, fewer kernel launches.
+        self.qkv = eqx.nn.Linear(hidden, 3 * hidden, use_bias=False, key=qkv_key)
+        self.out = eqx.nn.Linear(hidden, hidden, use_bias=False, key=out_key)
+        self.n_heads = n_heads
+
+    @typechecked
+    def __call__(self, x_sh: Float[Array, "set hidden"]) -> Float[Array, "set hidden"]:
+        s, h = x_sh.shape
+        qkv_s3h = jax.vmap(self.qkv)(x_sh).reshape(s, 3, self.n_heads, h // self.n_heads)
+        q_snd, k_snd, v_snd = qkv_s3h[:, 0], qkv_s3h[:, 1], qkv_s3h[:, 2]
+        logits_nst = jnp.einsum("snd,tnd->nst", q_snd, k_snd) / math.sqrt(h // self.n_heads)
+        weights_nst = jax.nn.softmax(logits_nst, axis=-1)
+        y_sh = jnp.einsum("nst,tnd->snd", weights_nst, v_snd).reshape(s, h)
+        return jax.vmap(self.out)(y_sh)
+
+
+class SwiGLU(eqx.Module):
+    """LLaMA's feed-forward: down(silu(gate(x)) * up(x)), no biases."""
+
+    gate: eqx.nn.Linear
+    up: eqx.nn.Linear
+    down: eqx.nn.Linear
+
+    def __init__(self, hidden: int, inner: int, *, key: PRNGKeyArray):
+        gate_key, up_key, down_key = jax.random.split(key, 3)
+        self.gate = eqx.nn.Linear(hidden, inner, use_bias=False, key=gate_key)
+        self.up = eqx.nn.Linear(hidden, inner, use_bias=False, key=up_key)
+        self.down = eqx.nn.Linear(inner, hidden, use_bias=False, key=down_key)
+
+    @typechecked
+    def __call__(self, x_h: Float[Array, "hidden"]) -> Float[Array, "hidden"]:
+        return self.down(jax.nn.silu(self.gate(x_h)) * self.up(x_h))
+
+
+class TransformerBlock(eqx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + swiglu(norm(x)); RMSNorm with a weight, no bias."""
+
+    attn_norm: eqx.nn.RMSNorm
+    attn: SelfAttention
+    mlp_norm: eqx.nn.RMSNorm
+    mlp: SwiGLU
+
+    def __init__(self, hidden: int, n_heads: int, inner: int, *, key: PRNGKeyArray):
+        attn_key, mlp_key = jax.random.split(key)
+        self.attn_norm = eqx.nn.RMSNorm(hidden, eps=1e-6, use_bias=False)
+        self.attn = SelfAttention(hidden, n_heads, key=attn_key)
+        self.mlp_norm = eqx.nn.RMSNorm(hidden, eps=1e-6, use_bias=False)
+        self.mlp = SwiGLU(hidden, inner, key=mlp_key)
+
+    @typechecked
+    def __call__(self, x_sh: Float[Array, "set hidden"]) -> Float[Array, "set hidden"]:
+        x_sh = x_sh + self.attn(jax.vmap(self.attn_norm)(x_sh))
+        return x_sh + jax.vmap(self.mlp)(jax.vmap(self.mlp_norm)(x_sh))
+
+
+class PertEncoder(eqx.Module):
+    """MLP from a perturbation's float feature vector to the hidden width.
+
+    Ids become features before they get here (`make_onehot_features`: one-hot -> Linear
+    is a learned id embedding); gene feature vectors (ESM2, ...) go in as they are. So
+    the model never gathers by id, and no out-of-range id can be clamped silently.
+    """
+
+    mlp: eqx.nn.MLP
+    n_features: int = eqx.field(static=True)
+
+    def __init__(self, n_features: int, hidden: int, n_linear: int, *, key: PRNGKeyArray):
+        self.mlp = make_mlp(n_features, hidden, hidden, n_linear, key=key)
+        self.n_features = n_features
+
+    @typechecked
+    def __call__(self, pert_f: Float[Array, "feat"]) -> Float[Array, "hidden"]:
+        assert pert_f.shape == (self.n_features,), f"perturbation features {pert_f.shape} != ({self.n_features},)"
+        return self.mlp(pert_f)
+
+
+class SetTransformer(eqx.Module):
+    """STATE's ST model: S control cells + one perturbation -> S predicted perturbed cells.
+
+    basal_sh = basal_encoder(ctrl_sg) per cell; h_sh = basal_sh + pert_encoder(pert_f);
+    h_sh = transformer(h_sh) (bidirectional, no positions: permutation-equivariant);
+    pred_sg = relu(decoder(norm(h_sh) + basal_sh)). The ReLU keeps log1p expression >= 0
+    (see `ModelConfig.straight_through_relu` for its gradient); `predict_sets` also clips
+    the top at inference.
+    """
+
+    basal_encoder: eqx.nn.MLP
+    pert_encoder: PertEncoder
+    blocks: list[TransformerBlock]
+    final_norm: eqx.nn.RMSNorm
+    decoder: eqx.nn.MLP
+    n_genes: int = eqx.field(static=True)
+    straight_through_relu: bool = eqx.field(static=True)
+
+    def __init__(self, cfg: ModelConfig, *, key: PRNGKeyArray):
+        basal_key, pert_key, decoder_key, *block_keys = jax.random.split(key, 3 + cfg.n_layers)
+        h = cfg.hidden
+        self.basal_encoder = make_mlp(cfg.n_genes, h, h, cfg.n_encoder_layers, key=basal_key)
+        self.pert_encoder = PertEncoder(cfg.n_pert_features, h, cfg.n_encoder_layers, key=pert_key)
+        self.blocks = [TransformerBlock(h, cfg.n_heads, cfg.mlp_ratio * h, key=k) for k in block_keys]
+        self.final_norm = eqx.nn.RMSNorm(h, eps=1e-6, use_bias=False)
+        self.decoder = make_mlp(h, cfg.n_genes, h, cfg.n_encoder_layers, key=decoder_key)
+        self.n_genes = cfg.n_genes
+        self.straight_through_relu = cfg.straight_through_relu
+
+    @typechecked
+    def __call__(self, ctrl_sg: Float[Array, "set gene"], pert_f: Float[Array, "feat"]) -> Float[Array, "set gene"]:
+        assert ctrl_sg.shape[1] == self.n_genes, f"control cells have {ctrl_sg.shape[1]} genes, model {self.n_genes}"
+        basal_sh = jax.vmap(self.basal_encoder)(ctrl_sg)
+        h_sh = basal_sh + self.pert_encoder(pert_f)[None, :]
+        for block in self.blocks:
+            h_sh = block(h_sh)
+        # Skip from the basal encoding around the whole backbone (SPEC §4).
+        out_sh = jax.vmap(self.final_norm)(h_sh) + basal_sh
+        z_sg = jax.vmap(self.decoder)(out_sh)
+        if self.straight_through_relu:
+            return z_sg + jax.lax.stop_gradient(jax.nn.relu(z_sg) - z_sg)
+        return jax.nn.relu(z_sg)
+
+
+def make_model(
+    cfg: ModelConfig, *, key: PRNGKeyArray, gene_mean_g: Float[np.ndarray, " gene"] | None = None
+) -> SetTransformer:
+    """A freshly initialised model; with `gene_mean_g` (mean log1p expression of the training
+    cells) the decoder's last bias starts there, so step 0 predicts about the mean baseline.
+
+    Why: with the default init the pre-ReLU outputs are centred on 0, so about half the
+    predictions start at exactly 0 (61% on a toy batch); with a plain ReLU those get no
+    gradient (13 of 96 (set, gene) pseudobulks never recovered there).
+    """
+    # Jitted: eager init compiles every random op on its own (~7 s on this CPU, vs ~1 s).
+    model = eqx.filter_jit(SetTransformer)(cfg, key=key)
+    if gene_mean_g is None:
+        return model
+    if gene_mean_g.shape != (cfg.n_genes,):
+        raise ValueError(f"gene_mean_g has shape {gene_mean_g.shape}, expected ({cfg.n_genes},)")
+    return eqx.tree_at(lambda m: m.decoder.layers[-1].bias, model, jnp.asarray(gene_mean_g, jnp.float32))
+
+
+def is_param(leaf) -> bool:
+    """Floating-point arrays, concrete or abstract (`eqx.filter_eval_shape` gives ShapeDtypeStructs)."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jnp.issubdtype(leaf.dtype, jnp.inexact)
+    return eqx.is_inexact_array(leaf)
+
+
+def count_params(tree: PyTree) -> int:
+    """Number of trainable floats in a model or any part of one (`model.blocks`); also works on
+    `eqx.filter_eval_shape(make_model, cfg, key=key)`, which allocates nothing."""
+    return sum(int(leaf.size) for leaf in jax.tree.leaves(eqx.filter(tree, is_param)))
+
+
+@typechecked
+def make_onehot_features(pert_ids_b: Int[np.ndarray, " b"], n_perts: int) -> Float[np.ndarray, "b f"]:
+    """One-hot rows of width n_perts (= len(PerturbationVocab): id 0 control, id 1 the
+    explicit out-of-vocabulary entry). An id outside [0, n_perts) raises here, in numpy:
+    inside jit JAX would clamp it to a valid row without a word."""
+    bad = (pert_ids_b < 0) | (pert_ids_b >= n_perts)
+    if bad.any():
+        raise IndexError(f"perturbation ids {np.unique(pert_ids_b[bad])[:5]} outside [0, {n_perts}): rebuild the vocabulary or map unknowns to OOV (id 1)")
+    onehot_bf = np.zeros((len(pert_ids_b), n_perts), dtype=np.float32)
+    onehot_bf[np.arange(len(pert_ids_b)), pert_ids_b] = 1.0
+    return onehot_bf
+
+
+@typechecked
+def get_pert_features(table_pf: Float[np.ndarray, "p f"], pert_ids_b: Int[np.ndarray, " b"]) -> Float[np.ndarray, "b f"]:
+    """Rows of a per-perturbation feature table (e.g. ESM2 of the target gene), range-checked."""
+    bad = (pert_ids_b < 0) | (pert_ids_b >= len(table_pf))
+    if bad.any():
+        raise IndexError(f"perturbation ids {np.unique(pert_ids_b[bad])[:5]} outside the {len(table_pf)}-row feature table")
+    return table_pf[pert_ids_b]
+
+
+# ----------------------------------------------------------------------------
+# losses
+# ----------------------------------------------------------------------------
+# Set losses follow geomloss's `SamplesLoss` kernel norms, 0.5 * ||alpha - beta||_k^2
+# with uniform weights (geomloss/kernel_samples.py):
+#   energy   k(x, y) = -||x - y||             (SamplesLoss("energy"))
+#   gaussian k(x, y) = exp(-||x - y||^2 / 2s^2) (SamplesLoss("gaussian", blur=s))
+# so energy = mean||x-y|| - mean||x-x'||/2 - mean||y-y'||/2, which is HALF the
+# Szekely energy distance 2E||X-Y|| - E||X-X'|| - E||Y-Y'||. Diagonals are included
+# (V-statistics), as in geomloss; that keeps both losses >= 0.
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Which set losses make up the training loss, and their weights."""
+
+    energy_weight: float = 1.0
+    """Weight of the energy distance (geomloss "energy"; STATE's default loss)."""
+    mmd_weight: float = 0.0
+    """Weight of the RBF-kernel MMD (geomloss "gaussian" convention, averaged over bandwidths)."""
+    pseudobulk_mse_weight: float = 0.0
+    """Weight of the MSE between the set means (pseudobulks); fast to overfit, a sanity check."""
+    mmd_bandwidths: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
+    """RBF bandwidths sigma in log1p units. Cell-to-cell distances over 2,000 log1p HVGs are
+    tens of units; these are a guess to revisit on real data (several scales hedge it)."""
+
+    def __post_init__(self):
+        if min(self.energy_weight, self.mmd_weight, self.pseudobulk_mse_weight) < 0:
+            raise ValueError(f"loss weights must be >= 0: {self}")
+        if self.mmd_weight > 0 and (not self.mmd_bandwidths or min(self.mmd_bandwidths) <= 0):
+            raise ValueError(f"mmd needs positive bandwidths: {self.mmd_bandwidths}")
+
+
+@typechecked
+def get_sq_distances(x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"]) -> Float[Array, "n m"]:
+    """Squared Euclidean distances via |x|^2 + |y|^2 - 2<x, y> (no n*m*g tensor), clamped at 0."""
+    # Distances ignore translation; centering shrinks |x|^2 so the expansion cancels less
+    # (log1p cells sit far from the origin: |x|^2 ~ 1e3-1e4 while |x - y|^2 can be ~1).
+    center_g = (x_ng.mean(0) + y_mg.mean(0)) / 2
+    x_ng, y_mg = x_ng - center_g, y_mg - center_g
+    # HIGHEST: on TPU the default matmul precision is bfloat16, ruinous for this cancellation.
+    xy_nm = jnp.matmul(x_ng, y_mg.T, precision=jax.lax.Precision.HIGHEST)
+    sq_nm = (x_ng**2).sum(1)[:, None] + (y_mg**2).sum(1)[None, :] - 2 * xy_nm
+    return jnp.maximum(sq_nm, 0.0)
+
+
+@typechecked
+def get_safe_distances(x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"]) -> Float[Array, "n m"]:
+    """Euclidean distances whose gradient is 0 (not NaN) where two cells coincide.
+
+    d sqrt(u)/du is infinite at u = 0, and inf * 0 = NaN in the backward pass, so the
+    sqrt only ever sees positive inputs (the double-where trick); geomloss's `sqrt_0`
+    makes the same choice of 0 gradient there.
+    """
+    sq_nm = get_sq_distances(x_ng, y_mg)
+    positive_nm = sq_nm > 1e-12
+    return jnp.where(positive_nm, jnp.sqrt(jnp.where(positive_nm, sq_nm, 1.0)), 0.0)
+
+
+@typechecked
+def get_energy_distance(x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"]) -> Float[Array, ""]:
+    """geomloss SamplesLoss("energy")(x, y): mean||x-y|| - (mean||x-x'|| + mean||y-y'||)/2."""
+    cross = get_safe_distances(x_ng, y_mg).mean()
+    within_x = get_safe_distances(x_ng, x_ng).mean()
+    within_y = get_safe_distances(y_mg, y_mg).mean()
+    return cross - 0.5 * (within_x + within_y)
+
+
+@typechecked
+def get_rbf_mmd(
+    x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"], bandwidths: tuple[float, ...]
+) -> Float[Array, ""]:
+    """0.5 * squared MMD with k = mean over sigma of exp(-|x-y|^2 / 2 sigma^2) (geomloss "gaussian")."""
+
+    def kernel_mean(a_ng, b_mg):
+        sq_nm = get_sq_distances(a_ng, b_mg)
+        return jnp.mean(jnp.stack([jnp.exp(-sq_nm / (2 * s**2)).mean() for s in bandwidths]))
+
+    return 0.5 * (kernel_mean(x_ng, x_ng) + kernel_mean(y_mg, y_mg)) - kernel_mean(x_ng, y_mg)
+
+
+@typechecked
+def get_pseudobulk_mse(pred_sg: Float[Array, "set gene"], target_tg: Float[Array, "set2 gene"]) -> Float[Array, ""]:
+    """Mean over genes of (mean predicted cell - mean target cell)^2."""
+    return jnp.mean((pred_sg.mean(0) - target_tg.mean(0)) ** 2)
+
+
+@typechecked
+def get_set_losses(
+    pred_sg: Float[Array, "set gene"], target_tg: Float[Array, "set2 gene"], cfg: LossConfig
+) -> dict[str, Float[Array, ""]]:
+    """Loss terms of one set. Distribution losses are computed only when weighted (they cost
+    O(S^2 G)); pseudobulk MSE is cheap and always reported."""
+    terms = {"pseudobulk_mse": get_pseudobulk_mse(pred_sg, target_tg)}
+    if cfg.energy_weight > 0:
+        terms["energy"] = get_energy_distance(pred_sg, target_tg)
+    if cfg.mmd_weight > 0:
+        terms["mmd"] = get_rbf_mmd(pred_sg, target_tg, cfg.mmd_bandwidths)
+    return terms
+
+
+@typechecked
+def compute_loss(
+    model: SetTransformer,
+    ctrl_bsg: Float[Array, "batch set gene"],
+    pert_bf: Float[Array, "batch feat"],
+    target_btg: Float[Array, "batch set2 gene"],
+    cfg: LossConfig,
+) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+    """Weighted sum of the set losses, each averaged over the batch of sets; also the terms."""
+    pred_bsg = jax.vmap(model)(ctrl_bsg, pert_bf)
+    terms_b = jax.vmap(functools.partial(get_set_losses, cfg=cfg))(pred_bsg, target_btg)
+    terms = {name: term_b.mean() for name, term_b in terms_b.items()}
+    weights = {"energy": cfg.energy_weight, "mmd": cfg.mmd_weight, "pseudobulk_mse": cfg.pseudobulk_mse_weight}
+    loss = sum(weights[name] * term for name, term in terms.items())
+    return loss, terms
+
+
+# ----------------------------------------------------------------------------
+# train step and inference (the train/infer sections build on these)
+# ----------------------------------------------------------------------------
+
+
+def make_optimizer(learning_rate: float = 1e-4, grad_clip: float = 10.0) -> optax.GradientTransformation:
+    """STATE's optimiser: clip the global grad norm, then Adam."""
+    return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(learning_rate))
+
+
+@eqx.filter_jit
+@typechecked
+def make_step(
+    model: SetTransformer,
+    opt_state: PyTree,
+    optimizer: optax.GradientTransformation,
+    ctrl_bsg: Float[Array, "batch set gene"],
+    pert_bf: Float[Array, "batch feat"],
+    target_btg: Float[Array, "batch set2 gene"],
+    loss_cfg: LossConfig,
+) -> tuple[SetTransformer, PyTree, dict[str, Float[Array, ""]]]:
+    """One optimiser step in one jitted region. Returns the new model and optimiser state and
+    metrics: loss, each loss term, grad_norm (before clipping) and update_norm.
+
+    Metrics stay on device; pull them to the host only at log steps.
+    """
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def loss_of_params(params):
+        return compute_loss(eqx.combine(params, static), ctrl_bsg, pert_bf, target_btg, loss_cfg)
+
+    (loss, terms), grads = jax.value_and_grad(loss_of_params, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates)}
+    return eqx.combine(params, static), opt_state, metrics
+
+
+def init_opt_state(model: SetTransformer, optimizer: optax.GradientTransformation) -> PyTree:
+    return optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+
+
+MAX_LOG1P_EXPRESSION = 14.0
+"""Inference clips predictions to [0, this] (STATE does; cell-eval rejects log1p values >= 15)."""
+
+
+@eqx.filter_jit
+@typechecked
+def predict_sets(
+    model: SetTransformer,
+    ctrl_bsg: Float[Array, "batch set gene"],
+    pert_features_bf: Float[Array, "batch feat"],
+    max_expression: float = MAX_LOG1P_EXPRESSION,
+) -> Float[Array, "batch set gene"]:
+    """Predicted perturbed sets, clipped to [0, max_expression]."""
+    return jnp.clip(jax.vmap(model)(ctrl_bsg, pert_features_bf), 0.0, max_expression)
