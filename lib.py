@@ -42,6 +42,18 @@ import jax.numpy as jnp
 import jaxtyping
 import optax
 from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
+import concurrent.futures
+from typing import Any, Literal
+import pandas as pd
+import scipy.sparse
+import scipy.special
+import scipy.stats
+from jaxtyping import Bool, Float, Int, Shaped
+import shutil
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+import scipy.sparse.linalg
+from jaxtyping import Float, Int
 
 REPO_DIR = pathlib.Path(__file__).resolve().parent
 MANIFEST_PATH = REPO_DIR / "data_manifest.toml"
@@ -1519,3 +1531,2287 @@ def predict_sets(
 ) -> Float[Array, "batch set gene"]:
     """Predicted perturbed sets, clipped to [0, max_expression]."""
     return jnp.clip(jax.vmap(model)(ctrl_bsg, pert_features_bf), 0.0, max_expression)
+
+
+# ----------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------
+# Issue 4 (metrics): the VCC score re-implemented in numpy/scipy. Pasted into lib.py's "metrics" section.
+#
+# What it computes (SPEC.md §2-3), per perturbation p, control excluded, then averaged:
+#
+#     des   overlap_at_N            |R ∩ P[:|R|]| / |R| over DE genes (BH p_adj < 0.05) ranked by |log2 FC|
+#     pds   discrimination_score_l1 1 - rank/N of the true p among L1 distances pred effect -> real effects
+#     mae   mae                     mean over genes of |pred pseudobulk - real pseudobulk| (log1p space)
+#
+# and `normalised_score` against a baseline scored the same way (the cell-mean baseline from
+# `make_cell_mean_baseline`). Two scorer generations, named in every output as `mode`:
+#
+#     vcc2025  cell-eval 0.6.x + pdex 0.1.2x (scored VCC 2025; the default): scipy's "auto" U test
+#              (exact when min(n1, n2) <= 8 and no ties), one BH over all (perturbation, gene) pairs,
+#              fold change clipped to [1/20, 20] for one-sided zeros.
+#     current  cell-eval >= 0.7 + pdex >= 0.2: asymptotic U test only, BH per perturbation,
+#              log2 FC unclipped (+-inf for one-sided zeros, 0 when both means are 0).
+#
+# Speed: instead of one U test per (perturbation, gene), each gene's column (all groups at once)
+# is sorted once as int64 keys (gene, value bits, group), and every group's rank sum and tie
+# term against the control falls out of one pass over the sorted keys. Zeros never enter the
+# sort: they are one tie block whose contribution is counted. Work streams over gene chunks,
+# so memory stays bounded by `chunk_elements`, whatever the number of perturbations.
+#
+# Float details copied from the reference so DE sets match exactly (they only matter at
+# near-ties): group means are float32 when X is float32 (numpy's pairwise mean per column for
+# vcc2025, the sequential axis-0 mean for current), ranking keys are |log2 FC| cast to float32,
+# significance is float32(p_adj) < 0.05, ties in rank go to the earlier gene.
+
+
+ScoreMode = Literal["vcc2025", "current"]
+SCORE_MODES: tuple[str, ...] = ("vcc2025", "current")
+DE_FDR_THRESHOLD = 0.05
+"""Significant = BH-adjusted p below this (strictly), compared in float32 like cell-eval."""
+VCC2025_FOLD_CHANGE_CLIP = 20.0
+"""pdex 0.1.2x: fold change when only the control mean is 0 (1/20 when only the target's is)."""
+CELL_EVAL_LOG1P_MAX = 15.0
+"""cell-eval rejects log1p data whose max reaches this (raw counts or mixed scales)."""
+MWU_EXACT_MAX_N = 8
+"""scipy's "auto" U test is exact when min(n1, n2) <= 8 and there are no ties."""
+DEFAULT_CHUNK_ELEMENTS = 4_000_000
+"""Nonzero values sorted at once in the DE pass (~100 bytes of scratch each)."""
+
+
+# ----------------------------------------------------------------------------
+# input checks (SPEC §3): one clear error per problem, naming the fix
+# ----------------------------------------------------------------------------
+
+
+def _value_chunks(x, chunk_elements: int = 1 << 24):
+    """The stored values of a dense or sparse matrix, a bounded piece at a time."""
+    if scipy.sparse.issparse(x):
+        for i in range(0, x.data.size, chunk_elements):
+            yield x.data[i : i + chunk_elements]
+        return
+    x = np.asarray(x)
+    rows = max(1, chunk_elements // max(x.shape[1], 1)) if x.ndim == 2 else x.shape[0]
+    for i in range(0, x.shape[0], rows):
+        yield np.asarray(x[i : i + rows]).ravel()
+
+
+def check_expression_matrix(x, *, which: str) -> None:
+    """Raise ValueError unless `x` (dense or sparse, cells x genes) is finite log1p data in [0, 15)."""
+    if x is None or 0 in x.shape:
+        raise ValueError(f"{which}: the expression matrix is empty; pass an AnnData with cells and genes in X.")
+    dtype = x.dtype
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+        raise ValueError(f"{which}: X has dtype {dtype}; store expression as float32 log1p values.")
+    n_bad, lo, hi, has_fraction = 0, np.inf, -np.inf, False
+    for values in _value_chunks(x):  # bounded memory: np.modf on all of X would copy it twice
+        finite = np.isfinite(values)
+        n_bad += int(values.size - finite.sum())
+        if values.size:
+            lo, hi = min(lo, float(values[finite].min(initial=np.inf))), max(hi, float(values[finite].max(initial=-np.inf)))
+        if not has_fraction and np.issubdtype(dtype, np.floating):
+            # cell-eval's rule: no fractional part above 1e-3 anywhere means raw counts.
+            has_fraction = bool((np.modf(values[finite])[0] > 1e-3).any())
+    if n_bad:
+        raise ValueError(
+            f"{which}: X holds {n_bad} NaN/inf values; fix the model output (e.g. np.nan_to_num, then clip) before scoring."
+        )
+    if lo < 0:
+        raise ValueError(
+            f"{which}: X has negative values (min {lo:.3g}); log1p expression is >= 0, so clip predictions to [0, 14]."
+        )
+    if not has_fraction:
+        raise ValueError(
+            f"{which}: X is integer-valued, which looks like raw counts; normalise it first "
+            "(normalize_total then log1p, the project's one normalisation function)."
+        )
+    if hi >= CELL_EVAL_LOG1P_MAX:
+        raise ValueError(
+            f"{which}: X reaches {hi:.3g}, beyond the log1p range [0, {CELL_EVAL_LOG1P_MAX:g}); "
+            "this looks like counts or mixed scales: normalise with normalize_total + log1p."
+        )
+
+
+def check_score_inputs(real, pred, *, control_label: str = "non-targeting", pert_col: str = "target_gene") -> None:
+    """Raise ValueError if real/pred cannot be scored against each other (SPEC §3)."""
+    for which, adata in (("real", real), ("pred", pred)):
+        if pert_col not in adata.obs.columns:
+            raise ValueError(
+                f"{which}: obs has no column {pert_col!r} (has {list(adata.obs.columns)}); pass pert_col= the perturbation column."
+            )
+    genes_real = np.asarray(real.var_names, dtype=str)
+    genes_pred = np.asarray(pred.var_names, dtype=str)
+    if not np.array_equal(genes_real, genes_pred):
+        if genes_real.size == genes_pred.size and set(genes_real) == set(genes_pred):
+            first = int(np.flatnonzero(genes_real != genes_pred)[0])
+            raise ValueError(
+                "gene-order trap: pred has the same genes as real but in a different order "
+                f"(column {first}: real {genes_real[first]!r}, pred {genes_pred[first]!r}); "
+                "reorder pred's columns with pred[:, real.var_names] before scoring."
+            )
+        missing = sorted(set(genes_real) - set(genes_pred))[:5]
+        extra = sorted(set(genes_pred) - set(genes_real))[:5]
+        raise ValueError(
+            f"gene mismatch: real has {genes_real.size} genes, pred {genes_pred.size} "
+            f"(missing from pred e.g. {missing}, extra in pred e.g. {extra}); "
+            "predict exactly real's genes, in real's order (gene_names.csv)."
+        )
+    perts = {}
+    for which, adata in (("real", real), ("pred", pred)):
+        labels = set(np.asarray(adata.obs[pert_col], dtype=str))
+        if control_label not in labels:
+            raise ValueError(
+                f"{which}: no control cells ({pert_col} == {control_label!r}); "
+                "include control cells (real controls are fine for pred) or pass control_label=."
+            )
+        perts[which] = labels - {control_label}
+    if perts["real"] != perts["pred"]:
+        only_real = sorted(perts["real"] - perts["pred"])[:5]
+        only_pred = sorted(perts["pred"] - perts["real"])[:5]
+        raise ValueError(
+            f"perturbation sets differ: only in real e.g. {only_real}, only in pred e.g. {only_pred}; "
+            "predict every real perturbation and no others."
+        )
+    if not perts["real"]:
+        raise ValueError("real has only control cells; scoring needs at least one perturbation.")
+    check_expression_matrix(real.X, which="real")
+    check_expression_matrix(pred.X, which="pred")
+
+
+# ----------------------------------------------------------------------------
+# Mann-Whitney U, BH, fold changes
+# ----------------------------------------------------------------------------
+
+
+def mwu_exact_cdf(n1: int, n2: int, k_max: int) -> Float[np.ndarray, " k"]:
+    """P(U <= k) for k = 0..k_max under H0 without ties (sizes n1, n2), from exact integer counts.
+
+    The counts are coefficients of the Gaussian binomial prod_{i<=m} (1 - q^(n+i)) / (1 - q^i)
+    (m = min, n = max size); truncating the series at k_max keeps the low coefficients exact.
+    Python ints (object arrays) because the counts overflow int64 for ~40k control cells.
+    """
+    m, n = min(n1, n2), max(n1, n2)
+    k_max = min(int(k_max), m * n)
+    counts = np.zeros(k_max + 1, dtype=object)
+    counts[:] = 0
+    counts[0] = 1
+    for i in range(1, m + 1):
+        for r in range(min(i, k_max + 1)):  # divide by (1 - q^i): strided running sums
+            counts[r::i] = np.cumsum(counts[r::i])
+        shift = n + i
+        if shift <= k_max:  # multiply by (1 - q^(n+i))
+            counts[shift:] = counts[shift:] - counts[:-shift].copy()
+    total = math.comb(n1 + n2, n1)
+    return np.array([c / total for c in np.cumsum(counts)], dtype=np.float64)
+
+
+def mann_whitney_pvalues(
+    u1_kg: Float[np.ndarray, "k g"],
+    tie_term_kg: Float[np.ndarray, "k g"],
+    n1_k: Int[np.ndarray, " k"],
+    n2: int,
+    *,
+    mode: ScoreMode = "vcc2025",
+) -> Float[np.ndarray, "k g"]:
+    """Two-sided U-test p-values from U1 and sum(t^3 - t), as scipy (vcc2025) or pdex>=0.2 (current).
+
+    Continuity correction and tie-corrected variance; a constant gene (zero variance) gets p = 1.
+    vcc2025 follows scipy's "auto": exact distribution when min(n1, n2) <= 8 and no ties.
+    """
+    n1 = np.asarray(n1_k, dtype=np.int64)[:, None]
+    n = n1 + n2
+    u2 = n1 * n2 - u1_kg
+    u = np.maximum(u1_kg, u2)
+    mu = n1 * n2 / 2
+    # Same operation order as scipy's _get_mwu_z so the numbers agree to the last bits.
+    var = n1 * n2 / 12 * ((n + 1) - tie_term_kg / (n * (n - 1)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (u - mu - 0.5) / np.sqrt(var)
+        if mode == "vcc2025":
+            p = 2 * scipy.special.ndtr(-z)
+        else:  # numba_mwu: 0.5 * erfc(z / sqrt 2), doubled
+            p = 2 * (0.5 * scipy.special.erfc(z / math.sqrt(2.0)))
+    # var == 0 only for a constant gene (scipy: z = -inf -> p clipped to 1); rounding could
+    # make it slightly negative for huge n, which must not become NaN.
+    p = np.where(var > 0, p, 1.0)
+    p = np.clip(p, 0.0, 1.0)
+    if mode == "vcc2025":
+        exact_kg = (np.minimum(n1, n2) <= MWU_EXACT_MAX_N) & (tie_term_kg == 0)
+        for k in np.flatnonzero(exact_kg.any(axis=1)):
+            genes = np.flatnonzero(exact_kg[k])
+            k_c = (int(n1[k, 0]) * n2 - u[k, genes]).astype(np.int64)  # P(U >= u) = P(U <= n1 n2 - u)
+            cdf = mwu_exact_cdf(int(n1[k, 0]), n2, int(k_c.max()))
+            p[k, genes] = np.minimum(1.0, 2 * cdf[k_c])
+    return p
+
+
+def benjamini_hochberg(p: Float[np.ndarray, "*shape"], *, axis: int | None = None) -> Float[np.ndarray, "*shape"]:
+    """BH-adjusted p-values (scipy.stats.false_discovery_control), over everything or along `axis`."""
+    p = np.asarray(p, dtype=np.float64)
+    return scipy.stats.false_discovery_control(p, axis=axis, method="bh").reshape(p.shape)
+
+
+def log2_fold_change(
+    target_mean: Float[np.ndarray, "*s"], control_mean: Float[np.ndarray, "*s"], *, mode: ScoreMode
+) -> Float[np.ndarray, "*s"]:
+    """log2(target / control) of expm1(mean log1p) means with each generation's zero rules.
+
+    vcc2025: both 0 -> 0, control 0 -> log2 20, target 0 -> log2(1/20). current: unclipped
+    (+-inf for one-sided zeros), both 0 -> 0.
+    """
+    t, c = np.asarray(target_mean), np.asarray(control_mean)
+    if mode == "current":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lfc = np.log2(t.astype(np.float64) / c.astype(np.float64))
+        return np.where(np.isnan(lfc), 0.0, lfc)
+    return np.log2(_vcc2025_fold_change(t, c))
+
+
+def _vcc2025_fold_change(t: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """pdex 0.1.2x's fold change as float64: the quotient in the data's dtype, clipped for zeros."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fc = (t / c).astype(np.float64)
+    fc = np.where(c == 0, VCC2025_FOLD_CHANGE_CLIP, fc)
+    fc = np.where(t == 0, 1 / VCC2025_FOLD_CHANGE_CLIP, fc)
+    return np.where((t == 0) & (c == 0), 1.0, fc)
+
+
+def _abs_log2fc_rank_key(
+    target_mean: Float[np.ndarray, "k g"], control_mean: Float[np.ndarray, " g"], *, mode: ScoreMode
+) -> Float[np.ndarray, "k g"]:
+    """|log2 FC| exactly as cell-eval ranks it: float32, from its own log and dtype path.
+
+    vcc2025: pdex's fold_change column is float32 unless some pair was clipped (then pandas
+    makes it float64), and polars takes log base 2 as ln(x)/ln(2) in that dtype.
+    """
+    if mode == "current":
+        return np.abs(log2_fold_change(target_mean, control_mean[None, :], mode="current")).astype(np.float32)
+    t, c = target_mean, control_mean[None, :]
+    fc = _vcc2025_fold_change(t, c)
+    if ((t == 0) | (c == 0)).any() or t.dtype != np.float32:
+        lfc = (np.log(fc) / np.log(2.0)).astype(np.float32)
+    else:
+        # polars on Float32: ln in float32 (libm logf, ~correctly rounded) over float32 ln 2.
+        lfc = np.log(fc).astype(np.float32) / np.float32(math.log(2.0))
+    return np.abs(lfc).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------
+# the one pass over the data: per group and gene, rank sums, ties, means
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _GroupGeneStats:
+    """Everything the scores need from one matrix, per group k (sorted labels) and gene g."""
+
+    groups: np.ndarray
+    n_k: np.ndarray
+    control_index: int
+    twice_u1_kg: np.ndarray  # 2 * U1 of group k vs control (integer-valued float64)
+    tie_term_kg: np.ndarray  # sum(t^3 - t) over ties of group k + control (int64)
+    log1p_mean_kg: np.ndarray  # mean in X's dtype, summed like the reference (see mode)
+    pseudobulk_kg: np.ndarray  # float64 mean, rounded to X's dtype like cell-eval's polars means
+
+
+def _dense_gene_block(x, rows_c: np.ndarray, g0: int, g1: int) -> np.ndarray:
+    """X[rows, g0:g1] as a dense C-ordered (cell, gene) array in X's dtype."""
+    if scipy.sparse.issparse(x):
+        return np.asarray(x[:, g0:g1].toarray()[rows_c], order="C")
+    return np.ascontiguousarray(x[rows_c, g0:g1])
+
+
+def _value_order_keys(values: np.ndarray) -> np.ndarray:
+    """int64 codes < 2^31 whose order equals the order of the (nonnegative) values."""
+    if values.dtype == np.float32:
+        return values.view(np.int32).astype(np.int64)  # bit patterns of floats >= 0 sort like the floats
+    as32 = values.astype(np.float32)
+    if np.array_equal(as32.astype(values.dtype), values):
+        return as32.view(np.int32).astype(np.int64)
+    return np.unique(values, return_inverse=True)[1].astype(np.int64)  # rare: true float64 data
+
+
+def _cubic_ties(c: np.ndarray) -> np.ndarray:
+    c = c.astype(np.int64)
+    return c * c * c - c
+
+
+def _group_gene_stats_chunk(
+    block_cg: np.ndarray, starts_k: np.ndarray, n_k: np.ndarray, ctrl: int, mode: ScoreMode
+) -> tuple[np.ndarray, ...]:
+    """Rank sums, tie terms and means for one gene chunk; rows of block_cg grouped by group."""
+    n_cells, n_genes = block_cg.shape
+    n_groups = n_k.size
+    # Means first, in the reference's summation order (float32 results differ by order).
+    ends_k = starts_k + n_k
+    if mode == "vcc2025":  # pdex 0.1.2x: np.mean of each contiguous column copy (pairwise sum)
+        block_gc = np.ascontiguousarray(block_cg.T)
+        log1p_mean = np.stack([block_gc[:, s:e].mean(axis=1) for s, e in zip(starts_k, ends_k)])
+    else:  # pdex >= 0.2: X[group].mean(axis=0), a sequential sum over cells
+        log1p_mean = np.stack([block_cg[s:e].mean(axis=0) for s, e in zip(starts_k, ends_k)])
+        block_gc = np.ascontiguousarray(block_cg.T)
+    sums = np.add.reduceat(block_cg, starts_k, axis=0, dtype=np.float64)
+    pseudobulk = (sums / n_k[:, None]).astype(block_cg.dtype)
+
+    # Keys (gene, value, group) of the nonzero values only; zeros are one tie block per gene.
+    nonzero_gc = block_gc != 0
+    nnz_gk = np.add.reduceat(nonzero_gc, starts_k, axis=1, dtype=np.int64)
+    zeros_gk = n_k[None, :] - nnz_gk
+    zc_g = zeros_gk[:, ctrl]
+    code_bits = max(1, int(n_groups - 1).bit_length())
+    gene_shift = 31 + code_bits
+    code_c = np.repeat(np.arange(n_groups, dtype=np.int64), n_k)
+    flat = np.flatnonzero(nonzero_gc)
+    gene_e = flat // n_cells
+    keys = (gene_e << gene_shift) | (_value_order_keys(block_gc.ravel()[flat]) << code_bits) | code_c[flat - gene_e * n_cells]
+    del flat, gene_e
+    keys.sort()
+
+    twice_u1_gk = np.zeros((n_genes, n_groups), dtype=np.float64)
+    tie_gk = np.zeros((n_genes, n_groups), dtype=np.int64)
+    ctrl_tie_g = _cubic_ties(zc_g)
+    if keys.size:
+        code = keys & ((1 << code_bits) - 1)
+        gene = keys >> gene_shift
+        gene_value = keys >> code_bits
+        new_block = np.empty(keys.size, dtype=bool)
+        new_block[0] = True
+        np.not_equal(gene_value[1:], gene_value[:-1], out=new_block[1:])
+        del gene_value
+        block_start = np.flatnonzero(new_block)
+        block_end = np.append(block_start[1:], keys.size)
+        block_id = np.cumsum(new_block) - 1
+        del new_block
+        is_ctrl = code == ctrl
+        ctrl_before = np.zeros(keys.size + 1, dtype=np.int64)  # control values before position i
+        np.cumsum(is_ctrl, out=ctrl_before[1:])
+        gene_start = np.searchsorted(gene, np.arange(n_genes))
+        block_gene = gene[block_start]
+        ctrl_in_block = ctrl_before[block_end] - ctrl_before[block_start]
+        ctrl_less = zc_g[block_gene] + ctrl_before[block_start] - ctrl_before[gene_start][block_gene]
+        # Each target value adds (#control below) + (#control equal)/2 to U1; doubled to stay integral.
+        weight_block = 2 * ctrl_less + ctrl_in_block
+        target = ~is_ctrl
+        twice_u1_gk += np.bincount(
+            gene[target] * n_groups + code[target],
+            weights=weight_block[block_id[target]],
+            minlength=n_genes * n_groups,
+        ).reshape(n_genes, n_groups)
+        # Ties among nonzero values: only blocks of size >= 2 can add to sum(t^3 - t).
+        in_tied_block = (block_end - block_start >= 2)[block_id]
+        if in_tied_block.any():
+            tied_keys = keys[in_tied_block]
+            run_start = np.flatnonzero(np.r_[True, tied_keys[1:] != tied_keys[:-1]])
+            run_len = np.diff(np.append(run_start, tied_keys.size))
+            run_code = code[in_tied_block][run_start]
+            run_gene = gene[in_tied_block][run_start]
+            run_ctrl = ctrl_in_block[block_id[in_tied_block][run_start]]
+            ctrl_run = run_code == ctrl
+            np.add.at(ctrl_tie_g, run_gene[ctrl_run], _cubic_ties(run_len[ctrl_run]))
+            t, r = run_len[~ctrl_run], run_ctrl[~ctrl_run]
+            np.add.at(tie_gk, (run_gene[~ctrl_run], run_code[~ctrl_run]), _cubic_ties(r + t) - _cubic_ties(r))
+    # Zeros: each target zero sees all control zeros as ties (half a win each).
+    twice_u1_gk += zeros_gk * zc_g[:, None]
+    tie_gk += ctrl_tie_g[:, None] + _cubic_ties(zc_g[:, None] + zeros_gk) - _cubic_ties(zc_g)[:, None]
+    return twice_u1_gk.T, tie_gk.T, log1p_mean, pseudobulk
+
+
+def _group_gene_stats(
+    x,
+    labels_c: Shaped[np.ndarray, " cell"],
+    *,
+    control_label: str,
+    mode: ScoreMode,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    threads: int = 1,
+    desc: str = "DE",
+) -> _GroupGeneStats:
+    """Stream over gene chunks of X (cells x genes) and collect per (group, gene) statistics."""
+    labels_c = np.asarray(labels_c, dtype=str)
+    groups, codes_c = np.unique(labels_c, return_inverse=True)
+    hits = np.flatnonzero(groups == control_label)
+    if hits.size == 0:
+        raise ValueError(f"no control cells labelled {control_label!r}; include control cells or pass control_label=.")
+    ctrl = int(hits[0])
+    if groups.size > 1 << 20:
+        raise ValueError(f"{groups.size} groups is more than the 2^20 the sort keys can hold.")
+    order_c = np.argsort(codes_c, kind="stable")  # groups contiguous, cells in original order inside
+    n_k = np.bincount(codes_c, minlength=groups.size).astype(np.int64)
+    starts_k = np.concatenate([[0], np.cumsum(n_k)[:-1]]).astype(np.int64)
+    if scipy.sparse.issparse(x):
+        x = x.tocsc()  # column chunks of a CSR matrix would rescan every value per chunk
+    else:
+        x = np.asarray(x)
+    n_cells, n_genes = x.shape
+    code_bits = max(1, int(groups.size - 1).bit_length())
+    genes_per_chunk = int(np.clip(chunk_elements // max(n_cells, 1), 1, 1 << (32 - code_bits)))
+    bounds = [(g0, min(g0 + genes_per_chunk, n_genes)) for g0 in range(0, n_genes, genes_per_chunk)]
+
+    def run(bound):
+        g0, g1 = bound
+        return _group_gene_stats_chunk(_dense_gene_block(x, order_c, g0, g1), starts_k, n_k, ctrl, mode)
+
+    if threads > 1:  # numpy releases the GIL in sort and most array ops
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            parts = list(progress(pool.map(run, bounds), total=len(bounds), desc=desc))
+    else:
+        parts = [run(b) for b in progress(bounds, desc=desc)]
+    twice_u1, tie, mean, pseudobulk = (np.concatenate(arrays, axis=1) for arrays in zip(*parts))
+    return _GroupGeneStats(groups, n_k, ctrl, twice_u1, tie, mean, pseudobulk)
+
+
+# ----------------------------------------------------------------------------
+# differential expression
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DifferentialExpression:
+    """DE of every perturbation against control in one matrix, plus the pseudobulks PDS/MAE use."""
+
+    mode: str
+    """`vcc2025` or `current`: which scorer generation these numbers reproduce."""
+    perts: np.ndarray
+    """Perturbation labels (control excluded), sorted: the row order of every `_pg` array."""
+    genes: np.ndarray
+    """Gene names (var order): the column order."""
+    control_label: str
+    n_cells_p: np.ndarray
+    n_control: int
+    u1_pg: np.ndarray
+    """Mann-Whitney U of the perturbation's cells (scipy's `statistic`)."""
+    p_value_pg: np.ndarray
+    fdr_pg: np.ndarray
+    """BH-adjusted p: over all pairs (vcc2025) or per perturbation (current)."""
+    target_mean_pg: np.ndarray
+    """expm1(mean log1p) of the perturbation's cells, in X's dtype."""
+    control_mean_g: np.ndarray
+    log2_fold_change_pg: np.ndarray
+    abs_log2fc_rank_key_pg: np.ndarray
+    """float32 |log2 FC| exactly as the reference ranks DE genes."""
+    significant_pg: np.ndarray
+    pseudobulk_pg: np.ndarray
+    """Mean log1p expression per perturbation (X's dtype), for PDS and MAE."""
+    pseudobulk_control_g: np.ndarray
+
+    def ranked_de_genes(self, i: int) -> np.ndarray:
+        """Gene indices significant for perturbation i, by |log2 FC| descending, ties by gene order."""
+        genes = np.flatnonzero(self.significant_pg[i])
+        return genes[np.argsort(-self.abs_log2fc_rank_key_pg[i, genes], kind="stable")]
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long table like pdex's output: one row per (perturbation, gene)."""
+        n_p, n_g = self.p_value_pg.shape
+        return pd.DataFrame(
+            {
+                "target": np.repeat(self.perts, n_g),
+                "feature": np.tile(self.genes, n_p),
+                "target_mean": self.target_mean_pg.ravel(),
+                "reference_mean": np.tile(self.control_mean_g, n_p),
+                "log2_fold_change": self.log2_fold_change_pg.ravel(),
+                "statistic": self.u1_pg.ravel(),
+                "p_value": self.p_value_pg.ravel(),
+                "fdr": self.fdr_pg.ravel(),
+                "significant": self.significant_pg.ravel(),
+            }
+        )
+
+
+def differential_expression(
+    x_cg: Float[np.ndarray, "cell gene"] | scipy.sparse.spmatrix,
+    labels_c: Shaped[np.ndarray, " cell"],
+    *,
+    genes: Shaped[np.ndarray, " gene"] | None = None,
+    control_label: str = "non-targeting",
+    mode: ScoreMode = "vcc2025",
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    threads: int = 1,
+    desc: str = "DE",
+) -> DifferentialExpression:
+    """Wilcoxon DE of each labelled group against the control group, as the chosen scorer does it.
+
+    `x_cg` is log1p expression (dense or sparse); values are not checked here (see
+    `check_expression_matrix`). Memory: a few times `chunk_elements` x 8 bytes per thread.
+    """
+    if mode not in SCORE_MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {SCORE_MODES}.")
+    stats = _group_gene_stats(
+        x_cg, labels_c, control_label=control_label, mode=mode, chunk_elements=chunk_elements, threads=threads, desc=desc
+    )
+    rows = np.flatnonzero(np.arange(stats.groups.size) != stats.control_index)
+    ctrl = stats.control_index
+    n_control = int(stats.n_k[ctrl])
+    u1 = stats.twice_u1_kg[rows] / 2
+    p = mann_whitney_pvalues(u1, stats.tie_term_kg[rows].astype(np.float64), stats.n_k[rows], n_control, mode=mode)
+    fdr = benjamini_hochberg(p, axis=None) if mode == "vcc2025" else benjamini_hochberg(p, axis=1)
+    target_mean = np.expm1(stats.log1p_mean_kg[rows])
+    control_mean = np.expm1(stats.log1p_mean_kg[ctrl])
+    n_genes = stats.twice_u1_kg.shape[1]
+    return DifferentialExpression(
+        mode=mode,
+        perts=stats.groups[rows],
+        genes=np.asarray(genes, dtype=str) if genes is not None else np.arange(n_genes).astype(str),
+        control_label=control_label,
+        n_cells_p=stats.n_k[rows],
+        n_control=n_control,
+        u1_pg=u1,
+        p_value_pg=p,
+        fdr_pg=fdr,
+        target_mean_pg=target_mean,
+        control_mean_g=control_mean,
+        log2_fold_change_pg=log2_fold_change(target_mean, control_mean[None, :], mode=mode),
+        abs_log2fc_rank_key_pg=_abs_log2fc_rank_key(target_mean, control_mean, mode=mode),
+        # cell-eval stores fdr as Float32 before comparing with 0.05.
+        significant_pg=fdr.astype(np.float32) < DE_FDR_THRESHOLD,
+        pseudobulk_pg=stats.pseudobulk_kg[rows],
+        pseudobulk_control_g=stats.pseudobulk_kg[ctrl],
+    )
+
+
+def differential_expression_anndata(
+    adata, *, control_label: str = "non-targeting", pert_col: str = "target_gene", mode: ScoreMode = "vcc2025", **kwargs
+) -> DifferentialExpression:
+    """`differential_expression` on an AnnData (labels from obs[pert_col], genes from var_names)."""
+    return differential_expression(
+        adata.X,
+        np.asarray(adata.obs[pert_col], dtype=str),
+        genes=np.asarray(adata.var_names, dtype=str),
+        control_label=control_label,
+        mode=mode,
+        **kwargs,
+    )
+
+
+# ----------------------------------------------------------------------------
+# the three metrics and the normalised score
+# ----------------------------------------------------------------------------
+
+
+def overlap_at_n(real_ranked: np.ndarray, pred_ranked: np.ndarray) -> float:
+    """cell-eval's overlap_at_N: |R ∩ P[:|R|]| / |R| for ranked gene lists; 0 when R is empty."""
+    if len(real_ranked) == 0:
+        return 0.0
+    return np.intersect1d(real_ranked, pred_ranked[: len(real_ranked)]).size / len(real_ranked)
+
+
+def discrimination_score_l1(
+    real_effect_pg: Float[np.ndarray, "p g"],
+    pred_effect_pg: Float[np.ndarray, "p g"],
+    perts: Shaped[np.ndarray, " p"],
+    genes: Shaped[np.ndarray, " g"],
+) -> Float[np.ndarray, " p"]:
+    """PDS per perturbation: 1 - rank/N of the true perturbation among L1 distances (target gene excluded).
+
+    rank = position of p in argsort of distances from pred_p to every real_q, as cell-eval takes it.
+    """
+    real = np.asarray(real_effect_pg, dtype=np.float64)
+    pred = np.asarray(pred_effect_pg, dtype=np.float64)
+    n_perts = real.shape[0]
+    scores = np.empty(n_perts)
+    for i, pert in enumerate(perts):
+        keep = genes != pert
+        distance_q = np.abs(real[:, keep] - pred[i, keep]).sum(axis=1)
+        rank = int(np.flatnonzero(np.argsort(distance_q) == i)[0])
+        scores[i] = 1 - rank / n_perts
+    return scores
+
+
+def score_de(real_de: DifferentialExpression, pred_de: DifferentialExpression) -> dict[str, Any]:
+    """DES, PDS and MAE per perturbation from two DE results (same genes, perturbations, mode)."""
+    if real_de.mode != pred_de.mode:
+        raise ValueError(f"real DE used mode {real_de.mode!r} but pred DE {pred_de.mode!r}; compute both in one mode.")
+    if not (np.array_equal(real_de.perts, pred_de.perts) and np.array_equal(real_de.genes, pred_de.genes)):
+        raise ValueError("real and pred DE cover different perturbations or genes; run check_score_inputs first.")
+    des = np.array(
+        [overlap_at_n(real_de.ranked_de_genes(i), pred_de.ranked_de_genes(i)) for i in range(real_de.perts.size)]
+    )
+    # Effects in X's dtype, like cell-eval's float32 pseudobulks minus control.
+    real_effect = real_de.pseudobulk_pg - real_de.pseudobulk_control_g
+    pred_effect = pred_de.pseudobulk_pg - pred_de.pseudobulk_control_g
+    pds = discrimination_score_l1(real_effect, pred_effect, real_de.perts, real_de.genes)
+    mae = np.abs(pred_de.pseudobulk_pg.astype(np.float64) - real_de.pseudobulk_pg).mean(axis=1)
+    table = pd.DataFrame(
+        {
+            "des": des,
+            "pds": pds,
+            "mae": mae,
+            "n_de_real": real_de.significant_pg.sum(axis=1),
+            "n_de_pred": pred_de.significant_pg.sum(axis=1),
+        },
+        index=pd.Index(real_de.perts, name="perturbation"),
+    )
+    return {
+        "mode": real_de.mode,
+        "des": float(des.mean()),
+        "pds": float(pds.mean()),
+        "mae": float(mae.mean()),
+        "per_perturbation": table,
+        "real_de": real_de,
+        "pred_de": pred_de,
+    }
+
+
+def score(
+    real,
+    pred,
+    *,
+    control_label: str = "non-targeting",
+    pert_col: str = "target_gene",
+    mode: ScoreMode = "vcc2025",
+    real_de: DifferentialExpression | None = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Score a prediction like `cell-eval run --profile vcc` (SPEC §2).
+
+    Returns `mode`, the means `des` (overlap_at_N), `pds` (discrimination_score_l1), `mae`,
+    `per_perturbation` (DataFrame) and both DE results; pass `real_de` from an earlier
+    call to skip recomputing the real side (e.g. when scoring the baseline too).
+    """
+    if mode not in SCORE_MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {SCORE_MODES}.")
+    check_score_inputs(real, pred, control_label=control_label, pert_col=pert_col)
+    kwargs = dict(control_label=control_label, pert_col=pert_col, mode=mode, chunk_elements=chunk_elements, threads=threads)
+    if real_de is None:
+        real_de = differential_expression_anndata(real, desc="DE real", **kwargs)
+    elif real_de.mode != mode:
+        raise ValueError(f"real_de was computed in mode {real_de.mode!r}, not {mode!r}; recompute it.")
+    pred_de = differential_expression_anndata(pred, desc="DE pred", **kwargs)
+    return score_de(real_de, pred_de)
+
+
+def normalised_score(result: dict[str, Any], baseline_result: dict[str, Any]) -> dict[str, Any]:
+    """cell-eval's `score`: each metric against the baseline's, NaN -> 0, floored at 0, then averaged."""
+    if result["mode"] != baseline_result["mode"]:
+        raise ValueError(
+            f"result used mode {result['mode']!r} but the baseline {baseline_result['mode']!r}; score both in one mode."
+        )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        parts = np.array(
+            [
+                (result["des"] - baseline_result["des"]) / (1 - baseline_result["des"]),
+                (result["pds"] - baseline_result["pds"]) / (1 - baseline_result["pds"]),
+                1 - result["mae"] / baseline_result["mae"],
+            ],
+            dtype=np.float64,
+        )
+    parts = np.clip(np.nan_to_num(parts, nan=0.0, posinf=np.inf), 0.0, None)
+    return {
+        "mode": result["mode"],
+        "s_des": float(parts[0]),
+        "s_pds": float(parts[1]),
+        "s_mae": float(parts[2]),
+        "score": float(parts.mean()),
+    }
+
+
+# ----------------------------------------------------------------------------
+# the cell-mean baseline (`cell-eval baseline`)
+# ----------------------------------------------------------------------------
+
+
+def make_cell_mean_baseline(
+    real,
+    *,
+    control_label: str = "non-targeting",
+    pert_col: str = "target_gene",
+    n_cells_per_pert: dict[str, int] | None = None,
+):
+    """The cell-mean baseline prediction, built as `cell-eval baseline` builds it (SPEC §2).
+
+    m = mean over all groups (control included) of each group's mean expression; every
+    predicted cell of every perturbation is m (as many cells as in `real`, or
+    `n_cells_per_pert`); the control cells are real's control cells, unchanged.
+    """
+    import anndata
+
+    if pert_col not in real.obs.columns:
+        raise ValueError(f"real: obs has no column {pert_col!r}; pass pert_col= the perturbation column.")
+    check_expression_matrix(real.X, which="real")
+    labels_c = np.asarray(real.obs[pert_col], dtype=str)
+    groups, codes_c = np.unique(labels_c, return_inverse=True)
+    if control_label not in groups:
+        raise ValueError(f"real: no control cells ({pert_col} == {control_label!r}); pass control_label=.")
+    x = real.X if scipy.sparse.issparse(real.X) else np.asarray(real.X)
+    indicator_kc = scipy.sparse.csr_matrix(
+        (np.ones(labels_c.size), (codes_c, np.arange(labels_c.size))), shape=(groups.size, labels_c.size)
+    )
+    sums_kg = indicator_kc @ (x.astype(np.float64) if scipy.sparse.issparse(x) else np.asarray(x, dtype=np.float64))
+    sums_kg = sums_kg.toarray() if scipy.sparse.issparse(sums_kg) else np.asarray(sums_kg)
+    # cell-eval: polars group means (float32 for float32 X), then numpy's mean over the
+    # groups of polars' column-major matrix (pairwise per gene, hence Fortran order here).
+    group_means_kg = np.asfortranarray((sums_kg / np.bincount(codes_c)[:, None]).astype(x.dtype))
+    cell_mean_g = group_means_kg.mean(axis=0)
+    if n_cells_per_pert is None:
+        perts, counts = np.unique(labels_c[labels_c != control_label], return_counts=True)
+    else:
+        perts = np.array([p for p in n_cells_per_pert if p != control_label], dtype=str)
+        counts = np.array([int(n_cells_per_pert[p]) for p in perts])
+    n_pred = int(counts.sum())
+    pred_obs = pd.DataFrame({pert_col: np.repeat(perts, counts)}, index=[f"p.{i}" for i in range(n_pred)])
+    is_ctrl = labels_c == control_label
+    ctrl_x = x[is_ctrl]
+    ctrl_x = ctrl_x.toarray() if scipy.sparse.issparse(ctrl_x) else np.asarray(ctrl_x)
+    pred_x = np.broadcast_to(cell_mean_g, (n_pred, real.n_vars))
+    obs = pd.concat([pred_obs, pd.DataFrame({pert_col: labels_c[is_ctrl]}, index=real.obs_names[is_ctrl])])
+    obs[pert_col] = obs[pert_col].astype("category")
+    return anndata.AnnData(X=np.concatenate([pred_x, ctrl_x], axis=0), obs=obs, var=real.var.copy())
+
+
+# ----------------------------------------------------------------------------
+# gene ids · HVG · normalise & store
+# ----------------------------------------------------------------------------
+# Issue 3: gene ids · HVG · normalise & store. Pasted into lib.py's sections of those names.
+#
+# On-disk outputs, all under the data root:
+#
+#     gene_cache/mygene_human.json         writable symbol -> Ensembl cache for real data
+#                                          (misses recorded as null so they are not re-queried)
+#     hvg/<world>/datasets/<name>.csv      per dataset, one row per var entry in var order:
+#                                          var_name, symbol, ensembl_id ("" if unmapped),
+#                                          id_source, in_gene_space, seurat_v3 stats, hvg_rank
+#     hvg/<world>/unmapped_genes.csv       every gene left out of the shared gene space, and why
+#     hvg/<world>/hvg.csv                  the shared genes in model column order (see select_shared_hvgs)
+#     hvg/<world>/hvg.json                 how the list was made (config, per-dataset batch use, counts)
+#     store/<world>/                       the row-addressable log1p store (see write_store)
+#     figures/                             PNGs written by the notebooks
+#
+# The committed cache `gene_cache/mygene_synthetic.json` (in the repository) maps the synthetic
+# world's symbols; it is read before the writable cache.
+
+
+# `ENSG00000141510.16` -> `ENSG00000141510`; GENCODE's `ENSG00000182378.14_PAR_Y` keeps its
+# `_PAR_Y` tag, because without it the Y copy would collide with the X gene.
+ENSEMBL_VERSION_RE = re.compile(r"\.\d+(?=(_PAR_Y)?$)")
+ENSEMBL_GENE_RE = re.compile(r"^ENS[A-Z]*G\d+(_PAR_Y)?$")
+SYNTHETIC_GENE_CACHE_PATH = REPO_DIR / "gene_cache" / "mygene_synthetic.json"
+
+
+def strip_ensembl_version(gene_id: str) -> str:
+    """`ENSG00000141510.16` -> `ENSG00000141510`; ids without a version pass unchanged."""
+    return ENSEMBL_VERSION_RE.sub("", gene_id.strip())
+
+
+def get_gene_cache_path(data_root: str | os.PathLike | None = None) -> pathlib.Path:
+    """The writable symbol -> Ensembl cache for real data (filled by mygene on first use)."""
+    return get_data_root(data_root) / "gene_cache" / "mygene_human.json"
+
+
+def read_gene_cache(path: str | os.PathLike) -> dict[str, str | None]:
+    """A cache file as {symbol: Ensembl id, or None for a symbol mygene does not know}."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        return {}
+    return json.loads(path.read_text())
+
+
+def query_mygene(symbols: Sequence[str]) -> dict[str, str | None]:
+    """Ask mygene for human Ensembl gene ids of `symbols`; None for symbols it does not know.
+
+    Raises whatever the client raises when the service is unreachable (httpx.ConnectError
+    here). Several hits or several ids per symbol: we take mygene's best-scored hit and the
+    smallest id within it, so the answer is deterministic.
+    """
+    import mygene
+
+    hits = mygene.MyGeneInfo().querymany(
+        list(symbols), scopes="symbol", fields="ensembl.gene", species="human", verbose=False
+    )
+    found: dict[str, str | None] = {s: None for s in symbols}
+    for hit in hits:
+        query = hit.get("query")
+        if query not in found or found[query] is not None or hit.get("notfound"):
+            continue
+        ensembl = hit.get("ensembl", [])
+        ensembl = ensembl if isinstance(ensembl, list) else [ensembl]
+        ids = sorted(strip_ensembl_version(e["gene"]) for e in ensembl if isinstance(e, dict) and "gene" in e)
+        if ids:
+            found[query] = ids[0]
+    return found
+
+
+def map_symbols(
+    symbols: Iterable[str],
+    *,
+    cache_paths: Sequence[str | os.PathLike] = (),
+    writable_cache_path: str | os.PathLike | None = None,
+    offline: bool = False,
+) -> pd.DataFrame:
+    """Ensembl ids for gene symbols: caches first, then mygene for the rest (unless offline).
+
+    Returns one row per unique symbol: `symbol`, `ensembl_id` ("" if unknown) and `id_source`:
+    `cache`, `mygene`, `notfound` (mygene does not know it) or `unmapped` (offline or the
+    service failed, and no cache entry). mygene answers, hits and misses, are added to
+    `writable_cache_path`; a network failure is not recorded, so the next online run retries.
+    """
+    symbols = list(dict.fromkeys(symbols))
+    cache: dict[str, str | None] = {}
+    for path in [*cache_paths, *([writable_cache_path] if writable_cache_path else [])]:
+        cache.update(read_gene_cache(path))
+    todo = [s for s in symbols if s not in cache]
+    queried: dict[str, str | None] = {}
+    if todo and not offline:
+        try:
+            queried = query_mygene(todo)
+        except Exception as e:  # noqa: BLE001 - any client/network failure means "offline"
+            warnings.warn(f"mygene lookup of {len(todo)} symbols failed ({type(e).__name__}: {e}); they stay unmapped")
+        if queried and writable_cache_path is not None:
+            write_json(writable_cache_path, {**read_gene_cache(writable_cache_path), **queried})
+    rows = []
+    for s in symbols:
+        if s in cache:
+            rows.append((s, cache[s] or "", "cache" if cache[s] else "notfound"))
+        elif s in queried:
+            rows.append((s, queried[s] or "", "mygene" if queried[s] else "notfound"))
+        else:
+            rows.append((s, "", "unmapped"))
+    return pd.DataFrame(rows, columns=["symbol", "ensembl_id", "id_source"])
+
+
+def make_gene_table(
+    spec: DatasetSpec,
+    var: pd.DataFrame,
+    *,
+    data_root: str | os.PathLike | None = None,
+    offline: bool = False,
+) -> pd.DataFrame:
+    """One row per var entry (var order): var_name, symbol, ensembl_id, id_source, in_gene_space.
+
+    id_source: `var` (an id in the file), `cache`/`mygene` (looked up), `notfound`/`unmapped`
+    (no id), `duplicate` (a later var entry with an id seen before: the first one is kept).
+    Only `in_gene_space` genes (a unique Ensembl id) can enter the shared gene space.
+    """
+    var_names = pd.Index(var.index.astype(str))
+    table = pd.DataFrame({"var_name": var_names, "symbol": "", "ensembl_id": "", "id_source": ""})
+    if spec.gene_index == "ensembl":
+        table["ensembl_id"] = [strip_ensembl_version(g) for g in var_names]
+        table["id_source"] = "var"
+        if spec.gene_symbol_column:
+            table["symbol"] = var[spec.gene_symbol_column].astype(str).to_numpy()
+    elif spec.gene_index == "symbol":
+        table["symbol"] = var_names
+        if spec.gene_id_column:
+            ids = var[spec.gene_id_column].astype(str).fillna("").to_numpy()
+            table["ensembl_id"] = [strip_ensembl_version(g) if g not in ("", "nan", "None") else "" for g in ids]
+            table["id_source"] = np.where(table["ensembl_id"] != "", "var", "")
+    else:
+        raise ValueError(f"{spec.name}: gene_index = {spec.gene_index!r} in the manifest; use 'symbol' or 'ensembl'")
+
+    bad = table.loc[(table["id_source"] == "var") & ~table["ensembl_id"].str.match(ENSEMBL_GENE_RE), "ensembl_id"]
+    if len(bad):
+        raise ValueError(
+            f"{spec.name}: {len(bad)} gene ids are not Ensembl gene ids (e.g. {bad.iloc[0]!r}): "
+            "check gene_index / gene_id_column in the manifest"
+        )
+
+    need = table["id_source"] == ""
+    if need.any():
+        cache_paths = [SYNTHETIC_GENE_CACHE_PATH] if SYNTHETIC_GENE_CACHE_PATH.exists() else []
+        looked_up = map_symbols(
+            table.loc[need, "symbol"],
+            cache_paths=cache_paths,
+            writable_cache_path=get_gene_cache_path(data_root),
+            offline=offline,
+        ).set_index("symbol")
+        table.loc[need, "ensembl_id"] = looked_up.loc[table.loc[need, "symbol"], "ensembl_id"].to_numpy()
+        table.loc[need, "id_source"] = looked_up.loc[table.loc[need, "symbol"], "id_source"].to_numpy()
+
+    has_id = table["ensembl_id"] != ""
+    duplicate = has_id & table["ensembl_id"].duplicated(keep="first")
+    table.loc[duplicate, "id_source"] = "duplicate"
+    table["in_gene_space"] = has_id & ~duplicate
+    return table
+
+
+def report_unmapped(tables: dict[str, pd.DataFrame], path: str | os.PathLike) -> pd.DataFrame:
+    """Write every gene kept out of the gene space (with the reason) to `path`; warn if any."""
+    reasons = {
+        "unmapped": "no Ensembl id: offline / mygene unreachable and not in a cache",
+        "notfound": "mygene does not know this symbol",
+        "duplicate": "Ensembl id already used by an earlier var entry (first kept)",
+    }
+    parts = []
+    for name, table in tables.items():
+        out = table.loc[~table["in_gene_space"], ["var_name", "symbol", "ensembl_id", "id_source"]].copy()
+        out.insert(0, "dataset", name)
+        out["reason"] = out["id_source"].map(reasons)
+        parts.append(out)
+    report = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
+    with atomic_path(path) as tmp_path:
+        report.to_csv(tmp_path, index=False)
+    if len(report):
+        counts = ", ".join(f"{d}: {n}" for d, n in report["dataset"].value_counts(sort=False).items())
+        warnings.warn(f"{len(report)} genes are outside the shared gene space ({counts}); listed in {path}")
+    return report
+
+
+# ----------------------------------------------------------------------------
+# HVG
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class HvgConfig(DataConfig):
+    """Flags of nb/03_hvg.py: per-dataset HVGs and the shared gene space."""
+
+    n_hvg: int = 2000
+    """Size of the shared gene space (the model's genes)."""
+    n_hvg_per_dataset: int = 2000
+    """HVGs chosen in each dataset (scanpy seurat_v3) before the shared rule combines them."""
+    max_cells: int = 20_000
+    """Per dataset, HVGs use at most this many cells (a fixed random subsample) to bound memory."""
+    use_batches: bool = True
+    """Give scanpy the dataset's batch key (falls back to no batches, with a warning, if it fails)."""
+    offline: bool = False
+    """Never query mygene: symbols missing from the caches are reported as unmapped."""
+    chunk_cells: int = 10_000
+    """Cells read from disk at a time."""
+    seed: int = 0
+    """Seed of the cell subsample."""
+
+
+def get_hvg_dir(data_root: str | os.PathLike | None, world: str) -> pathlib.Path:
+    return get_data_root(data_root) / "hvg" / world
+
+
+@contextlib.contextmanager
+def open_h5ad_backed(path: str | os.PathLike) -> Iterator[tuple[pd.DataFrame, pd.DataFrame, Any]]:
+    """(obs, var, X) of an h5ad with X left on disk (rows are read by slicing X).
+
+    Reads only obs and var into memory (not layers/obsm, unlike anndata's backed mode).
+    X slices give scipy CSR for sparse files, numpy arrays for dense ones.
+    """
+    import anndata.io
+    import h5py
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run nb/01_download.py for this world first")
+    with h5py.File(path, "r") as f:
+        x = anndata.io.sparse_dataset(f["X"]) if isinstance(f["X"], h5py.Group) else f["X"]
+        if isinstance(f["X"], h5py.Group) and x.format != "csr":
+            raise ValueError(f"{path}: X is {x.format}; row chunks need CSR (rewrite it with X = X.tocsr())")
+        yield anndata.io.read_elem(f["obs"]), anndata.io.read_elem(f["var"]), x
+
+
+def read_rows(x, start: int, stop: int) -> scipy.sparse.csr_matrix:
+    """Rows [start, stop) of a backed X as float32 CSR."""
+    block = x[start:stop]
+    block = block if scipy.sparse.issparse(block) else scipy.sparse.csr_matrix(np.asarray(block))
+    return scipy.sparse.csr_matrix(block, dtype=np.float32)
+
+
+def make_cell_subsample(n_cells: int, max_cells: int, seed: int) -> np.ndarray:
+    """Sorted row indices: all rows, or `max_cells` of them drawn with `seed` (deterministic)."""
+    if n_cells <= max_cells:
+        return np.arange(n_cells)
+    return np.sort(np.random.default_rng(seed).choice(n_cells, size=max_cells, replace=False))
+
+
+def compute_dataset_hvgs(
+    spec: DatasetSpec,
+    *,
+    data_root: str | os.PathLike | None = None,
+    n_top: int = 2000,
+    max_cells: int = 20_000,
+    use_batches: bool = True,
+    chunk_cells: int = 10_000,
+    seed: int = 0,
+) -> tuple[pd.DataFrame, dict[str, Any]]:
+    """scanpy seurat_v3 statistics of one dataset, one row per var entry (var order).
+
+    Columns: means, variances_norm, hvg_nbatches, hvg_median_rank, hvg_rank (0 = most variable,
+    -1 if not among the top `n_top`), highly_variable. Rows are read in chunks and subsampled
+    to `max_cells`, so memory is bounded by `max_cells` cells. Datasets stored as log1p
+    (`counts = "log1p"`) use flavor "seurat" instead, since seurat_v3 needs counts.
+    """
+    import scanpy as sc
+
+    path = get_dataset_path(spec, data_root)
+    with open_h5ad_backed(path) as (obs, var, x):
+        rows_c = make_cell_subsample(x.shape[0], max_cells, seed)
+        blocks = []
+        for start in range(0, x.shape[0], chunk_cells):
+            stop = min(start + chunk_cells, x.shape[0])
+            keep = rows_c[(rows_c >= start) & (rows_c < stop)] - start
+            if len(keep):
+                blocks.append(read_rows(x, start, stop)[keep])
+        x_cg = scipy.sparse.vstack(blocks, format="csr")
+        obs = obs.iloc[rows_c]
+        n_cells_total = int(x.shape[0])
+    # Positional var names: scanpy indexes by name, and real var indices can repeat.
+    adata = _anndata(x_cg, obs_batch=obs[spec.batch_key].astype(str).to_numpy() if spec.batch_key else None)
+    n_top = min(n_top, adata.n_vars)
+    info: dict[str, Any] = {"n_cells_total": n_cells_total, "n_cells_used": int(len(rows_c))}
+    if spec.counts == "log1p":
+        check_log1p(x_cg, where=spec.name)
+        stats = sc.pp.highly_variable_genes(adata, flavor="seurat", n_top_genes=n_top, inplace=False)
+        stats = stats.rename(columns={"dispersions_norm": "variances_norm"})
+        stats["highly_variable_nbatches"] = 1
+        stats["highly_variable_rank"] = (-stats["variances_norm"].fillna(-np.inf)).rank(method="first") - 1
+        info |= {"flavor": "seurat", "batch_key": ""}
+    else:
+        check_raw_counts(x_cg, where=spec.name)
+        batch_key = "batch" if (use_batches and spec.batch_key and adata.obs["batch"].nunique() > 1) else None
+        try:
+            stats = sc.pp.highly_variable_genes(
+                adata, flavor="seurat_v3", n_top_genes=n_top, batch_key=batch_key, inplace=False
+            )
+        except Exception as e:  # noqa: BLE001 - loess fails on batches too small to fit
+            if batch_key is None:
+                raise
+            warnings.warn(f"{spec.name}: seurat_v3 with batch_key={spec.batch_key!r} failed ({e}); retrying without batches")
+            batch_key = None
+            stats = sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=n_top, inplace=False)
+        info |= {"flavor": "seurat_v3", "batch_key": spec.batch_key if batch_key else ""}
+    stats = stats.reindex(adata.var_names)
+    out = pd.DataFrame(
+        {
+            "means": stats["means"].to_numpy(),
+            "variances_norm": stats["variances_norm"].to_numpy(),
+            "hvg_nbatches": stats.get("highly_variable_nbatches", pd.Series(1, index=stats.index)).to_numpy(),
+            "hvg_median_rank": stats["highly_variable_rank"].to_numpy(),
+        }
+    )
+    # scanpy's seurat_v3 order (median rank across batches, then number of batches) with a
+    # stable tie-break by normalised variance and var position, so the top n is deterministic.
+    order = np.lexsort(
+        (
+            np.arange(len(out)),
+            -np.nan_to_num(out["variances_norm"].to_numpy(), nan=-np.inf),
+            -out["hvg_nbatches"].to_numpy(),
+            np.nan_to_num(out["hvg_median_rank"].to_numpy(), nan=np.inf),
+        )
+    )
+    rank = np.full(len(out), -1)
+    rank[order[:n_top]] = np.arange(n_top)
+    out["hvg_rank"] = rank
+    out["highly_variable"] = rank >= 0
+    return out, info
+
+
+def _anndata(x_cg, obs_batch: np.ndarray | None = None):
+    import anndata
+
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(x_cg.shape[0])])
+    if obs_batch is not None:
+        obs["batch"] = pd.Categorical(obs_batch)
+    var = pd.DataFrame(index=[f"g{j}" for j in range(x_cg.shape[1])])
+    return anndata.AnnData(x_cg, obs=obs, var=var)
+
+
+def select_shared_hvgs(
+    hvg_ranks: dict[str, pd.Series],
+    target_genes: Sequence[str],
+    n: int,
+) -> pd.DataFrame:
+    """The shared gene space: `n` Ensembl ids, in order, from per-dataset HVG lists.
+
+    hvg_ranks: per dataset, its HVGs as a Series {Ensembl id: rank within that dataset, 0 best}.
+    target_genes: the target dataset's genes, most variable first (we must predict every
+    shared gene, so only these are candidates).
+
+    Rule: candidates are target genes that are HVG somewhere. Sort by the number of datasets
+    in which the gene is HVG, descending (so the intersection of all lists comes first), then
+    by its mean rank over those datasets (best first), then by Ensembl id. If fewer than `n`
+    candidates exist, the rest are the target's most variable remaining genes
+    (n_datasets = 0), in `target_genes` order, with a warning.
+    Returns columns ensembl_id, n_datasets, in_all, mean_dataset_rank, is_hvg_<dataset>...
+    """
+    target_genes = list(dict.fromkeys(target_genes))
+    if len(target_genes) < n:
+        raise ValueError(f"the target dataset measures only {len(target_genes)} mapped genes; n_hvg = {n} is too many")
+    names = list(hvg_ranks)
+    target_set = set(target_genes)
+    ranks_gd = pd.DataFrame({name: s[~s.index.duplicated()] for name, s in hvg_ranks.items()})
+    ranks_gd = ranks_gd.loc[ranks_gd.index.isin(target_set)]
+    table = pd.DataFrame(
+        {
+            "ensembl_id": ranks_gd.index.astype(str),
+            "n_datasets": ranks_gd.notna().sum(axis=1).to_numpy(),
+            "mean_dataset_rank": ranks_gd.mean(axis=1, skipna=True).to_numpy(),
+        }
+    )
+    table = table.sort_values(
+        ["n_datasets", "mean_dataset_rank", "ensembl_id"], ascending=[False, True, True], kind="stable"
+    ).head(n)
+    if len(table) < n:
+        warnings.warn(
+            f"only {len(table)} target genes are HVG in any dataset; filling {n - len(table)} with the "
+            "target's most variable remaining genes"
+        )
+        chosen = set(table["ensembl_id"])
+        fill = [g for g in target_genes if g not in chosen][: n - len(table)]
+        table = pd.concat(
+            [table, pd.DataFrame({"ensembl_id": fill, "n_datasets": 0, "mean_dataset_rank": np.nan})],
+            ignore_index=True,
+        )
+    table = table.reset_index(drop=True)
+    table["in_all"] = table["n_datasets"] == len(names)
+    for name in names:
+        table[f"is_hvg_{name}"] = table["ensembl_id"].isin(hvg_ranks[name].index)
+    return table
+
+
+def write_hvgs(cfg: HvgConfig, specs: Sequence[DatasetSpec] | None = None) -> pd.DataFrame:
+    """03 HVG: map genes, compute per-dataset HVGs, choose and write the shared list.
+
+    Writes everything under `<data_root>/hvg/<world>/` (see the module docstring) and
+    returns hvg.csv as a DataFrame. `specs` defaults to the manifest's datasets of `cfg.world`.
+    """
+    specs = list(get_datasets(cfg.world) if specs is None else specs)
+    if specs[0].role != "target":
+        raise ValueError("the first dataset must be the target (get_datasets puts it first)")
+    hvg_dir = get_hvg_dir(cfg.data_root, cfg.world)
+    tables: dict[str, pd.DataFrame] = {}
+    infos: dict[str, Any] = {}
+    for spec in progress(specs, desc="HVG per dataset"):
+        with open_h5ad_backed(get_dataset_path(spec, cfg.data_root)) as (_, var, _x):
+            genes = make_gene_table(spec, var, data_root=cfg.data_root, offline=cfg.offline)
+        stats, infos[spec.name] = compute_dataset_hvgs(
+            spec,
+            data_root=cfg.data_root,
+            n_top=cfg.n_hvg_per_dataset,
+            max_cells=cfg.max_cells,
+            use_batches=cfg.use_batches,
+            chunk_cells=cfg.chunk_cells,
+            seed=cfg.seed,
+        )
+        tables[spec.name] = pd.concat([genes, stats], axis=1)
+        with atomic_path(hvg_dir / "datasets" / f"{spec.name}.csv") as tmp_path:
+            tables[spec.name].to_csv(tmp_path, index=False)
+    report_unmapped(tables, hvg_dir / "unmapped_genes.csv")
+
+    def hvg_ranks_of(table: pd.DataFrame) -> pd.Series:
+        # Genes outside the gene space are not candidates, so ranks are re-counted without them.
+        hvgs = table.loc[table["highly_variable"] & table["in_gene_space"]].sort_values("hvg_rank")
+        return pd.Series(np.arange(len(hvgs)), index=hvgs["ensembl_id"].to_numpy())
+
+    target = tables[specs[0].name]
+    target_genes = target.loc[target["in_gene_space"]].sort_values("variances_norm", ascending=False)
+    shared = select_shared_hvgs(
+        {name: hvg_ranks_of(t) for name, t in tables.items()}, target_genes["ensembl_id"].tolist(), cfg.n_hvg
+    )
+    symbols = target.set_index("ensembl_id").loc[target["in_gene_space"].to_numpy()]["symbol"]
+    shared.insert(0, "rank", np.arange(len(shared)))
+    shared.insert(2, "symbol", symbols.reindex(shared["ensembl_id"]).to_numpy())
+    with atomic_path(hvg_dir / "hvg.csv") as tmp_path:
+        shared.to_csv(tmp_path, index=False)
+    write_json(
+        hvg_dir / "hvg.json",
+        {
+            "config": dataclasses.asdict(cfg),
+            "datasets": [s.name for s in specs],
+            "per_dataset": infos,
+            "n_in_all": int(shared["in_all"].sum()),
+            "n_by_n_datasets": {str(k): int(v) for k, v in shared["n_datasets"].value_counts().sort_index().items()},
+        },
+    )
+    return shared
+
+
+def read_hvgs(data_root: str | os.PathLike | None = None, world: str = "synthetic") -> pd.DataFrame:
+    """hvg.csv: the shared gene space in model column order."""
+    path = get_hvg_dir(data_root, world) / "hvg.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run nb/03_hvg.py --world {world} first")
+    return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"symbol": str})
+
+
+def read_dataset_genes(data_root: str | os.PathLike | None, world: str, name: str) -> pd.DataFrame:
+    """A dataset's gene table and HVG statistics written by write_hvgs (var order)."""
+    path = get_hvg_dir(data_root, world) / "datasets" / f"{name}.csv"
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run nb/03_hvg.py --world {world} first")
+    return pd.read_csv(path, keep_default_na=False, dtype={"var_name": str, "symbol": str, "ensembl_id": str})
+
+
+def write_figure(fig, path: str | os.PathLike) -> pathlib.Path:
+    """Save a matplotlib Figure as PNG atomically (works headless: no pyplot involved)."""
+    path = pathlib.Path(path)
+    with atomic_path(path) as tmp_path:
+        fig.savefig(tmp_path, format="png", dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_hvg_overlap(hvg_sets: dict[str, set[str]], shared: set[str] | None = None, max_bars: int = 20):
+    """UpSet-style chart: how many genes are HVG in exactly each combination of datasets.
+
+    Bars are the largest `max_bars` combinations; the dot matrix below says which datasets
+    each bar is; the darker part of a bar is the genes that made the shared list.
+    """
+    from matplotlib.figure import Figure
+
+    names = list(hvg_sets)
+    combos: dict[tuple[bool, ...], list[str]] = {}
+    for gene in set().union(*hvg_sets.values()):
+        combos.setdefault(tuple(gene in hvg_sets[n] for n in names), []).append(gene)
+    items = sorted(combos.items(), key=lambda kv: (-len(kv[1]), kv[0]))[:max_bars]
+    fig = Figure(figsize=(max(6, 0.45 * len(items) + 3), 2.5 + 0.35 * len(names)))
+    ax_bar, ax_dot = fig.subplots(2, 1, sharex=True, gridspec_kw={"height_ratios": [3, 0.35 * len(names) + 0.3]})
+    xs = np.arange(len(items))
+    ax_bar.bar(xs, [len(g) for _, g in items], color="#bbbbbb", label="HVG in exactly these datasets")
+    if shared is not None:
+        ax_bar.bar(xs, [len(set(g) & shared) for _, g in items], color="#3366aa", label="… and in the shared list")
+    ax_bar.set_ylabel("genes")
+    ax_bar.legend(frameon=False, fontsize=8)
+    ax_bar.set_title("Per-dataset HVG overlap")
+    for x, (combo, _) in zip(xs, items):
+        on = [i for i, flag in enumerate(combo) if flag]
+        ax_dot.scatter([x] * len(names), range(len(names)), color="#dddddd", s=30)
+        ax_dot.scatter([x] * len(on), on, color="#222222", s=30)
+        if len(on) > 1:
+            ax_dot.plot([x, x], [min(on), max(on)], color="#222222", lw=1.5)
+    ax_dot.set_yticks(range(len(names)), names)
+    ax_dot.set_ylim(-0.5, len(names) - 0.5)
+    ax_dot.set_xticks([])
+    for side in ("top", "right", "bottom"):
+        ax_dot.spines[side].set_visible(False)
+    return fig
+
+
+# ----------------------------------------------------------------------------
+# normalise & store
+# ----------------------------------------------------------------------------
+
+TARGET_SUM = 1e4
+"""Counts per cell after normalize_total (CP10K), as in cell-eval."""
+LOG1P_MAX = 15.0
+"""cell-eval rejects log1p data with max >= 15; a log1p CP10K value can reach at most ~9.2."""
+
+
+def check_raw_counts(x_cg, where: str = "") -> None:
+    """Raise unless x is raw counts: non-negative integers."""
+    data = x_cg.data if scipy.sparse.issparse(x_cg) else np.asarray(x_cg)
+    if data.size == 0:
+        return
+    where = f"{where}: " if where else ""
+    if data.min() < 0:
+        raise ValueError(f"{where}negative values (min {data.min():.3g}): expected raw UMI counts")
+    if not np.array_equal(data, np.rint(data)):
+        raise ValueError(
+            f"{where}non-integer values (max {data.max():.3g}): looks already normalised, not raw counts. "
+            "If it is log1p CP10K, set counts = 'log1p' for this dataset in data_manifest.toml"
+        )
+
+
+def check_log1p(x_cg, where: str = "", check_row_sums: bool = True, rtol: float = 1e-3) -> None:
+    """Raise unless x looks like log1p(CP10K): non-negative, below LOG1P_MAX, and (over all
+    of a cell's genes) expm1 row sums ≈ TARGET_SUM. Empty cells (row sum 0) are allowed."""
+    where = f"{where}: " if where else ""
+    data = x_cg.data if scipy.sparse.issparse(x_cg) else np.asarray(x_cg)
+    if data.size == 0:
+        return
+    if data.min() < 0 or data.max() >= LOG1P_MAX:
+        raise ValueError(
+            f"{where}values in [{data.min():.3g}, {data.max():.3g}] are not log1p (expected 0 <= x < {LOG1P_MAX}): "
+            "if these are raw counts, set counts = 'raw' in data_manifest.toml"
+        )
+    if not check_row_sums:
+        return
+    if scipy.sparse.issparse(x_cg):
+        expm1 = x_cg.copy()
+        expm1.data = np.expm1(expm1.data.astype(np.float64))
+        sums_c = np.asarray(expm1.sum(axis=1)).ravel()
+    else:
+        sums_c = np.expm1(np.asarray(x_cg, dtype=np.float64)).sum(axis=1)
+    bad = (sums_c != 0) & ~np.isclose(sums_c, TARGET_SUM, rtol=rtol)
+    if bad.any():
+        looks_raw = np.array_equal(data, np.rint(data))
+        hint = (
+            "the values are integers: looks like raw counts, set counts = 'raw' in data_manifest.toml"
+            if looks_raw
+            else "normalise with normalise_log1p (counts per 10k, then log1p) over all genes before subsetting"
+        )
+        raise ValueError(
+            f"{where}{int(bad.sum())} cells have expm1 row sums != {TARGET_SUM:g} (e.g. {sums_c[bad][0]:.4g}): "
+            f"not log1p CP10K; {hint}"
+        )
+
+
+def normalise_log1p(x_cg, counts: str = "raw", where: str = ""):
+    """THE normalisation (training, evaluation, inference): counts per 10k, then log1p.
+
+    `counts`: what the input is, from the manifest: `raw` integer counts are checked,
+    normalised with scanpy (`normalize_total(target_sum=1e4)`, `log1p`) and the output is
+    checked; `log1p` input is checked and passed through. Each row is normalised on its own,
+    so chunks of rows give the same answer as the whole matrix. Returns float32, sparse in,
+    sparse out. Rows must hold ALL of a cell's genes (library size), not a subset.
+    """
+    if counts == "log1p":
+        check_log1p(x_cg, where=where)
+        return x_cg.astype(np.float32)
+    if counts != "raw":
+        raise ValueError(f"{where}: counts = {counts!r}; use 'raw' or 'log1p'")
+    import scanpy as sc
+
+    check_raw_counts(x_cg, where=where)
+    adata = _anndata(x_cg.astype(np.float32))
+    sc.pp.normalize_total(adata, target_sum=TARGET_SUM)
+    sc.pp.log1p(adata)
+    check_log1p(adata.X, where=where)
+    return adata.X
+
+
+@dataclasses.dataclass(frozen=True)
+class NormaliseConfig(DataConfig):
+    """Flags of nb/04_normalise.py: log1p CP10K store of the shared genes."""
+
+    chunk_cells: int = 2_000
+    """Cells read, normalised and written at a time: memory grows ~3 x chunk_cells x non-zeros
+    per cell x 8 B (about 0.2 GB for 2,000 VCC cells with ~8k detected genes each)."""
+    force: bool = False
+    """Rewrite the store even if it is up to date with its inputs."""
+
+
+def get_store_dir(data_root: str | os.PathLike | None, world: str) -> pathlib.Path:
+    return get_data_root(data_root) / "store" / world
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Yield a temporary sibling directory; swap it in for `path` only on success.
+
+    A reader sees the old directory or the whole new one, never a half-written one (there
+    is a moment with neither, between two renames).
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old_dir = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    try:
+        yield tmp_dir
+        if path.exists():
+            os.replace(path, old_dir)
+        os.replace(tmp_dir, path)
+        shutil.rmtree(old_dir, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
+def make_store_rows(obs: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFrame, np.ndarray]:
+    """Group table and row order of one dataset: groups (cell_type, batch, perturbation)
+    sorted by batch, controls first, then perturbation; source order kept within a group.
+
+    Returns (groups with dataset..n_cells and start/stop relative to the dataset, dest_c:
+    the store row, relative to the dataset, of each source row).
+    """
+    if spec.perturbation_key not in obs:
+        raise KeyError(f"{spec.name}: obs has no column {spec.perturbation_key!r} (perturbation_key in the manifest)")
+    if spec.batch_key and spec.batch_key not in obs:
+        raise KeyError(f"{spec.name}: obs has no column {spec.batch_key!r} (batch_key in the manifest)")
+    pert = obs[spec.perturbation_key].astype(str).to_numpy()
+    if not (pert == spec.control_label).any():
+        raise ValueError(f"{spec.name}: no cells with {spec.perturbation_key} == {spec.control_label!r} (control_label)")
+    batch = obs[spec.batch_key].to_numpy() if spec.batch_key else np.zeros(len(obs), dtype=int)
+    frame = pd.DataFrame({"batch": batch, "is_control": pert == spec.control_label, "perturbation": pert})
+    order_c = np.lexsort((np.arange(len(frame)), frame["perturbation"], ~frame["is_control"], frame["batch"]))
+    sorted_frame = frame.iloc[order_c]
+    groups = (
+        sorted_frame.groupby(["batch", "is_control", "perturbation"], sort=False).size().rename("n_cells").reset_index()
+    )
+    groups["stop"] = np.cumsum(groups["n_cells"].to_numpy())
+    groups["start"] = groups["stop"] - groups["n_cells"]
+    groups["batch"] = groups["batch"].astype(str) if spec.batch_key else ""
+    groups.insert(0, "cell_type", spec.cell_type)
+    groups.insert(0, "dataset", spec.name)
+    dest_c = np.empty(len(frame), dtype=np.int64)
+    dest_c[order_c] = np.arange(len(frame))
+    cols = ["dataset", "cell_type", "batch", "perturbation", "is_control", "start", "stop", "n_cells"]
+    return groups[cols], dest_c
+
+
+def _pwrite_rows(fd: int, offset: int, rows_cg: np.ndarray, dest_c: np.ndarray) -> None:
+    """Write rows to their store rows with pwrite, one call per run of consecutive rows.
+
+    pwrite, not a writable memmap: pages written through a mapping count towards the
+    process's RSS until the kernel evicts them, which would hide the memory bound.
+    """
+    order = np.argsort(dest_c, kind="stable")
+    rows_cg, dest_c = np.ascontiguousarray(rows_cg[order]), dest_c[order]
+    row_bytes = rows_cg.shape[1] * rows_cg.itemsize
+    breaks = np.flatnonzero(np.diff(dest_c) != 1) + 1
+    for a, b in zip([0, *breaks], [*breaks, len(dest_c)]):
+        buf = memoryview(rows_cg[a:b]).cast("B")
+        pos = offset + int(dest_c[a]) * row_bytes
+        while len(buf):
+            n = os.pwrite(fd, buf, pos)
+            buf, pos = buf[n:], pos + n
+
+
+def _column_sums(x_cg: scipy.sparse.csr_matrix) -> np.ndarray:
+    """Column sums accumulated in float64 (scipy's .sum accumulates float32 in float32)."""
+    return np.bincount(x_cg.indices, weights=x_cg.data, minlength=x_cg.shape[1])
+
+
+def _store_inputs(specs, data_root, world) -> dict[str, Any]:
+    """What the store depends on: each file's size and mtime, and hvg.csv's hash."""
+    files = {}
+    for spec in specs:
+        st = get_dataset_path(spec, data_root).stat()
+        files[spec.name] = {"spec": dataclasses.asdict(spec), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+    hvg_path = get_hvg_dir(data_root, world) / "hvg.csv"
+    return {"files": files, "hvg_sha256": sha256_file(hvg_path)}
+
+
+def write_store(cfg: NormaliseConfig, specs: Sequence[DatasetSpec] | None = None) -> pathlib.Path:
+    """04 normalise: every dataset's cells, log1p CP10K, in the shared gene space, on disk.
+
+    Layout of `<data_root>/store/<world>/` (written to a temporary directory, then swapped in):
+      x_cg.npy       float32 (all cells, n_hvg), columns in hvg.csv order; rows grouped so each
+                     (dataset, cell_type, batch, perturbation) group is contiguous. Genes a
+                     dataset does not measure are 0 there: use measured_dg.npy.
+      index.csv      one row per group: dataset, cell_type, batch, perturbation, is_control,
+                     start, stop, n_cells (rows [start, stop) of x_cg).
+      obs.csv        one row per store row: group (row of index.csv), cell_id, source_row,
+                     n_counts (library size before normalising; NaN for log1p inputs).
+      genes.csv      copy of hvg.csv (the columns of x_cg).
+      measured_dg.npy  bool (datasets, n_hvg): does dataset d measure gene g (meta datasets order).
+      means.csv      per (dataset, cell_type) and every gene of the dataset (mapped or not):
+                     ensembl_id, symbol, var_name, mean_all, mean_control (log1p, over all cells
+                     and over control cells), for filling non-HVG genes later.
+      meta.json      datasets, shape, inputs (for the up-to-date check), config.
+    Skips the work when meta.json matches the current inputs, unless cfg.force.
+    """
+    specs = list(get_datasets(cfg.world) if specs is None else specs)
+    store_dir = get_store_dir(cfg.data_root, cfg.world)
+    hvgs = read_hvgs(cfg.data_root, cfg.world)
+    inputs = _store_inputs(specs, cfg.data_root, cfg.world)
+    meta_path = store_dir / "meta.json"
+    if not cfg.force and meta_path.exists() and json.loads(meta_path.read_text()).get("inputs") == inputs:
+        print(f"store {store_dir} is up to date with its inputs (pass --force to rewrite)")
+        return store_dir
+
+    n_genes = len(hvgs)
+    plans = []  # per dataset: groups, dest_c, column map, gene table
+    n_cells = n_groups = 0
+    for spec in specs:
+        with open_h5ad_backed(get_dataset_path(spec, cfg.data_root)) as (obs, var, x):
+            genes = read_dataset_genes(cfg.data_root, cfg.world, spec.name)
+            if len(genes) != var.shape[0] or not np.array_equal(genes["var_name"].to_numpy(), var.index.astype(str)):
+                raise ValueError(f"{spec.name}: the gene table from 03 does not match the file's var: rerun nb/03_hvg.py")
+            groups, dest_c = make_store_rows(obs, spec)
+            cell_ids = obs.index.astype(str).to_numpy()
+        col_of_id = pd.Series(np.flatnonzero(genes["in_gene_space"]), index=genes.loc[genes["in_gene_space"], "ensembl_id"])
+        cols_g = col_of_id.reindex(hvgs["ensembl_id"]).fillna(-1).astype(int).to_numpy()
+        groups[["start", "stop"]] += n_cells
+        plans.append(
+            dict(spec=spec, groups=groups, group_offset=n_groups, dest_c=dest_c + n_cells, cols_g=cols_g, genes=genes, cell_ids=cell_ids)
+        )
+        n_cells += len(dest_c)
+        n_groups += len(groups)
+
+    index = pd.concat([p["groups"] for p in plans], ignore_index=True)
+    with atomic_dir(store_dir) as tmp_dir:
+        x_path = tmp_dir / "x_cg.npy"
+        # open_memmap writes the .npy header and sizes the file; rows are then pwritten.
+        header = np.lib.format.open_memmap(x_path, mode="w+", dtype=np.float32, shape=(n_cells, n_genes))
+        offset = header.offset
+        del header
+        obs_parts, means_parts, measured_dg = [], [], []
+        with open(x_path, "r+b") as fh:
+            for plan in plans:
+                spec, cols_g, genes = plan["spec"], plan["cols_g"], plan["genes"]
+                measured_g = cols_g >= 0
+                measured_dg.append(measured_g)
+                n_counts_c = np.full(len(plan["dest_c"]), np.nan)
+                sum_all_g = np.zeros(len(genes))
+                sum_ctrl_g = np.zeros(len(genes))
+                with open_h5ad_backed(get_dataset_path(spec, cfg.data_root)) as (obs, _var, x):
+                    is_ctrl_c = obs[spec.perturbation_key].astype(str).to_numpy() == spec.control_label
+                    starts = range(0, x.shape[0], cfg.chunk_cells)
+                    for start in progress(starts, desc=f"store {spec.name}"):
+                        stop = min(start + cfg.chunk_cells, x.shape[0])
+                        counts_cg = read_rows(x, start, stop)
+                        if spec.counts == "raw":
+                            n_counts_c[start:stop] = np.asarray(counts_cg.sum(axis=1)).ravel()
+                        log_cg = scipy.sparse.csr_matrix(
+                            normalise_log1p(counts_cg, spec.counts, where=f"{spec.name} rows {start}:{stop}")
+                        )
+                        del counts_cg
+                        sum_all_g += _column_sums(log_cg)
+                        sum_ctrl_g += _column_sums(log_cg[is_ctrl_c[start:stop]])
+                        rows_cg = np.zeros((stop - start, n_genes), dtype=np.float32)
+                        rows_cg[:, measured_g] = log_cg[:, cols_g[measured_g]].toarray()
+                        _pwrite_rows(fh.fileno(), offset, rows_cg, plan["dest_c"][start:stop])
+                n_ctrl = max(int(is_ctrl_c.sum()), 1)
+                means_parts.append(
+                    pd.DataFrame(
+                        {
+                            "dataset": spec.name,
+                            "cell_type": spec.cell_type,
+                            "ensembl_id": np.where(genes["in_gene_space"], genes["ensembl_id"], ""),
+                            "symbol": genes["symbol"],
+                            "var_name": genes["var_name"],
+                            "mean_all": sum_all_g / len(is_ctrl_c),
+                            "mean_control": sum_ctrl_g / n_ctrl,
+                        }
+                    )
+                )
+                group_of_row = np.repeat(np.arange(len(plan["groups"])), plan["groups"]["n_cells"].to_numpy())
+                obs_part = pd.DataFrame(index=plan["dest_c"])
+                obs_part["cell_id"] = plan["cell_ids"]
+                obs_part["source_row"] = np.arange(len(plan["dest_c"]))
+                obs_part["n_counts"] = n_counts_c
+                obs_part = obs_part.sort_index()
+                obs_part.insert(0, "group", group_of_row + plan["group_offset"])
+                obs_parts.append(obs_part)
+            os.fsync(fh.fileno())
+        pd.concat(obs_parts, ignore_index=True).to_csv(tmp_dir / "obs.csv", index=False)
+        index.to_csv(tmp_dir / "index.csv", index=False)
+        hvgs.to_csv(tmp_dir / "genes.csv", index=False)
+        np.save(tmp_dir / "measured_dg.npy", np.stack(measured_dg))
+        pd.concat(means_parts, ignore_index=True).to_csv(tmp_dir / "means.csv", index=False)
+        meta = {
+            "world": cfg.world,
+            "datasets": [s.name for s in specs],
+            "n_cells": n_cells,
+            "n_genes": n_genes,
+            "target_sum": TARGET_SUM,
+            "inputs": inputs,
+        }
+        (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
+    return store_dir
+
+
+@dataclasses.dataclass(frozen=True)
+class CellStore:
+    """The normalised store, opened read-only (see write_store for the layout)."""
+
+    store_dir: pathlib.Path
+    """The store's directory (readers in worker processes reopen x_cg.npy from it)."""
+    x_cg: np.ndarray
+    """float32 memmap (cells, genes): log1p CP10K of the shared genes."""
+    index: pd.DataFrame
+    """One row per (dataset, cell_type, batch, perturbation) group: rows [start, stop)."""
+    obs: pd.DataFrame
+    """One row per store row: group, cell_id, source_row, n_counts."""
+    genes: pd.DataFrame
+    """The columns of x_cg (hvg.csv)."""
+    measured_dg: np.ndarray
+    """bool (datasets, genes): measured genes; unmeasured columns hold 0."""
+    datasets: list[str]
+    """Dataset names, in measured_dg's row order."""
+    means: pd.DataFrame
+    """Mean log1p per (dataset, cell_type, gene) over all genes, all cells and controls."""
+    meta: dict[str, Any]
+
+
+def load_store(data_root: str | os.PathLike | None = None, world: str = "synthetic") -> CellStore:
+    """Open the store of `world` (x_cg memory-mapped, tables in memory), checking its couplings."""
+    store_dir = get_store_dir(data_root, world)
+    if not (store_dir / "meta.json").exists():
+        raise FileNotFoundError(f"{store_dir} has no store: run nb/04_normalise.py --world {world}")
+    meta = json.loads((store_dir / "meta.json").read_text())
+    read = lambda name: pd.read_csv(store_dir / name, keep_default_na=False, na_values=[""], dtype={"batch": str, "symbol": str, "ensembl_id": str, "var_name": str, "cell_id": str})  # noqa: E731
+    store = CellStore(
+        store_dir=store_dir,
+        x_cg=np.load(store_dir / "x_cg.npy", mmap_mode="r"),
+        index=read("index.csv").fillna({"batch": ""}),
+        obs=read("obs.csv"),
+        genes=read("genes.csv"),
+        measured_dg=np.load(store_dir / "measured_dg.npy"),
+        datasets=meta["datasets"],
+        means=read("means.csv").fillna({"ensembl_id": "", "symbol": ""}),
+        meta=meta,
+    )
+    n_cells, n_genes = store.x_cg.shape
+    assert (n_cells, n_genes) == (meta["n_cells"], meta["n_genes"]), "x_cg shape disagrees with meta.json"
+    assert len(store.genes) == n_genes, "genes.csv disagrees with x_cg's columns"
+    assert store.measured_dg.shape == (len(store.datasets), n_genes), "measured_dg.npy has the wrong shape"
+    assert len(store.obs) == n_cells, "obs.csv disagrees with x_cg's rows"
+    starts, stops = store.index["start"].to_numpy(), store.index["stop"].to_numpy()
+    assert starts[0] == 0 and stops[-1] == n_cells and np.array_equal(starts[1:], stops[:-1]), "index.csv does not tile the rows"
+    return store
+
+
+def write_synthetic_gene_cache(path: str | os.PathLike = SYNTHETIC_GENE_CACHE_PATH) -> pathlib.Path:
+    """Write the committed symbol -> Ensembl cache of the synthetic world, from the generator's
+    own mapping (`SYN{i:05d}` <-> `ENSG9{i:010d}`) for the whole vcc-size universe, which
+    contains the tiny and small universes (genes are numbered from 1 in every size)."""
+    gene_u = np.arange(1, SYNTHETIC_SIZES["vcc"].n_genes_universe + 1)
+    write_json(path, dict(zip(synthetic_symbol(gene_u).tolist(), synthetic_ensembl_id(gene_u).tolist())))
+    return pathlib.Path(path)
+
+
+def plot_store_overview(store: CellStore, max_rows: int = 4_000, seed: int = 0):
+    """Three panels: per-cell library sizes before normalising, log1p values after (non-zero
+    entries of a row sample), and the sizes of the store's (batch, perturbation) groups."""
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 4))
+    ax_lib, ax_log, ax_grp = fig.subplots(1, 3)
+    group_dataset = store.index["dataset"].to_numpy()[store.obs["group"].to_numpy()]
+    rows = np.sort(np.random.default_rng(seed).choice(len(store.obs), min(max_rows, len(store.obs)), replace=False))
+    for name in store.datasets:
+        n_counts = store.obs["n_counts"].to_numpy()[group_dataset == name]
+        if np.isfinite(n_counts).any():
+            ax_lib.hist(np.log10(n_counts[np.isfinite(n_counts) & (n_counts > 0)]), bins=60, histtype="step", label=name)
+        values = np.asarray(store.x_cg[rows[group_dataset[rows] == name]]).ravel()
+        ax_log.hist(values[values > 0], bins=80, histtype="step", density=True, label=name)
+    ax_lib.set(xlabel="log10 UMIs per cell (before)", ylabel="cells", title="Library sizes")
+    ax_log.set(xlabel="log1p(CP10K), non-zero entries of shared genes", ylabel="density", title="After normalising")
+    ax_lib.legend(fontsize=7, frameon=False)
+    sizes = store.index["n_cells"].to_numpy()
+    is_control = store.index["is_control"].to_numpy().astype(bool)
+    bins = np.logspace(0, np.log10(max(sizes.max(), 2)), 40)
+    ax_grp.hist([sizes[~is_control], sizes[is_control]], bins=bins, stacked=True, label=["perturbed", "control"])
+    ax_grp.set(xscale="log", xlabel="cells per (dataset, batch, perturbation) group", ylabel="groups", title="Store groups")
+    ax_grp.legend(fontsize=7, frameon=False)
+    return fig
+
+
+def summarise_store(store: CellStore) -> pd.DataFrame:
+    """Per dataset: cells, groups, perturbations, control cells, measured shared genes."""
+    index = store.index
+    table = index.groupby("dataset", sort=False).agg(
+        cell_type=("cell_type", "first"),
+        n_cells=("n_cells", "sum"),
+        n_groups=("n_cells", "size"),
+        n_batches=("batch", "nunique"),
+        n_perturbations=("perturbation", lambda p: p[~index.loc[p.index, "is_control"].astype(bool)].nunique()),
+        n_control_cells=("n_cells", lambda n: n[index.loc[n.index, "is_control"].astype(bool)].sum()),
+    )
+    table["n_measured_genes"] = store.measured_dg.sum(axis=1)[[store.datasets.index(d) for d in table.index]]
+    return table.reset_index()
+
+
+# ----------------------------------------------------------------------------
+# EDA
+# ----------------------------------------------------------------------------
+# Issue 3: exploratory data analysis (nb/02_eda.py). Pasted into lib.py as its own `eda` section.
+#
+# One pass per dataset (`get_dataset_eda`) reads X in row chunks from the backed h5ad, so
+# memory is bounded by one chunk plus one (group × gene) accumulator, and keeps what every
+# table and plot needs: per-cell UMIs and detected genes, and per-group means of log1p(CP10K)
+# expression (the pseudobulks cell-eval scores). Everything else is computed from those:
+#
+#     get_summary_table        one row per dataset (cells, genes, perturbations, controls, depth)
+#     get_knockdown_table      each perturbation's own target in perturbed vs control cells
+#     get_effect_size_table    L1/L2/number of moved genes of each pseudobulk effect (+ a null)
+#     get_perturbation_overlap / get_gene_overlap   dataset × dataset shared counts
+#     get_shared_gene_effects  effects of every dataset on the genes all datasets measure,
+#                              feeding get_effect_pca and get_same_perturbation_correlation
+#
+# Group labels: `ctrl` for control cells, the perturbed gene's symbol otherwise, `null:<i>`
+# for the random groups of control cells that give each dataset's noise floor.
+
+
+CONTROL_GROUP = "ctrl"
+NULL_GROUP_PREFIX = "null:"
+
+
+@dataclasses.dataclass(frozen=True)
+class EdaConfig(DataConfig):
+    """Flags of nb/02_eda.py: per-dataset summaries, knockdown, effect sizes, overlaps, PCA."""
+
+    datasets: tuple[str, ...] = ()
+    """Dataset names to look at (e.g. synthetic_h1 synthetic_k562); empty means all of the world."""
+    max_cells_per_dataset: int = 100_000
+    """Cells read per dataset at most; bigger files are subsampled uniformly at random (with
+    `seed`, so deterministic). Counts per perturbation always come from all cells (obs)."""
+    seed: int = 0
+    """Seed of the cell subsample and of the null groups."""
+    chunk_cells: int = 5_000
+    """Rows read from disk at once: bounds memory (a dense chunk is chunk_cells × genes floats)."""
+    effect_threshold: float = 0.25
+    """A gene counts as moved by a perturbation when |mean log1p(pert) - mean log1p(ctrl)| exceeds this."""
+    n_null_groups: int = 20
+    """Random groups of control cells (each the size of the median perturbation) whose 'effects'
+    against the other controls show the noise floor of the effect-size plots; 0 turns them off."""
+    pca_min_cells: int = 10
+    """Perturbations with fewer cells read are left out of the PCA and correlations (too noisy)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetEda:
+    """What one pass over a dataset's cells keeps (see `get_dataset_eda`)."""
+
+    spec: DatasetSpec
+    n_cells: int
+    """Cells in the file."""
+    groups_k: np.ndarray
+    """Group labels: CONTROL_GROUP first, then perturbations (sorted), then null groups."""
+    n_cells_k: Int[np.ndarray, " group"]
+    """Cells per group in the whole file (null groups: cells read)."""
+    n_read_k: Int[np.ndarray, " group"]
+    """Cells per group that were read (the subsample)."""
+    umis_c: Float[np.ndarray, " cell"]
+    """Total UMIs of each cell read (NaN when the file is not raw counts)."""
+    genes_c: Int[np.ndarray, " cell"]
+    """Genes with a nonzero value in each cell read."""
+    mean_log1p_kg: Float[np.ndarray, "group gene"]
+    """Mean log1p(CP10K) per group and gene over the cells read (NaN rows for unread groups)."""
+    symbols_g: np.ndarray
+    """Gene symbols in var order ("" when the file has none)."""
+    ensembl_ids_g: np.ndarray
+    """Ensembl ids without version in var order ("" when the file has none)."""
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.symbols_g)
+
+    @property
+    def perturbations(self) -> np.ndarray:
+        """Perturbation labels (not control, not null groups)."""
+        is_pert_k = (self.groups_k != CONTROL_GROUP) & ~np.char.startswith(self.groups_k.astype(str), NULL_GROUP_PREFIX)
+        return self.groups_k[is_pert_k]
+
+    def group_index(self, label: str) -> int:
+        return int(np.flatnonzero(self.groups_k == label)[0])
+
+    def effects(self) -> tuple[np.ndarray, Float[np.ndarray, "group gene"]]:
+        """(labels_k, effect_kg): pseudobulk minus control pseudobulk, for perturbations and null
+        groups. A null group is compared with the controls outside it, so it is an honest null."""
+        ctrl = self.group_index(CONTROL_GROUP)
+        n_ctrl = self.n_read_k[ctrl]
+        effect_kg = self.mean_log1p_kg - self.mean_log1p_kg[ctrl]
+        is_null_k = np.char.startswith(self.groups_k.astype(str), NULL_GROUP_PREFIX)
+        for k in np.flatnonzero(is_null_k):
+            n = self.n_read_k[k]
+            rest_g = (self.mean_log1p_kg[ctrl] * n_ctrl - self.mean_log1p_kg[k] * n) / (n_ctrl - n)
+            effect_kg[k] = self.mean_log1p_kg[k] - rest_g
+        keep_k = np.arange(len(self.groups_k)) != ctrl
+        return self.groups_k[keep_k], effect_kg[keep_k]
+
+
+# ----------------------------------------------------------------------------
+# the one pass over a dataset
+# ----------------------------------------------------------------------------
+
+def get_gene_keys(var: pd.DataFrame, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(symbols_g, ensembl_ids_g) of a var table, "" where the file does not say.
+
+    Taken as the file states them: no lookup (that is nb/03's job), versions stripped.
+    """
+    index = var.index.astype(str).to_numpy()
+    blank = np.full(len(index), "", dtype=object)
+    if spec.gene_index == "symbol":
+        symbols = index
+        ids = var[spec.gene_id_column].astype(str).to_numpy() if spec.gene_id_column else blank
+    elif spec.gene_index == "ensembl":
+        ids = index
+        symbols = var[spec.gene_symbol_column].astype(str).to_numpy() if spec.gene_symbol_column else blank
+    else:
+        raise ValueError(f"{spec.name}: gene_index = {spec.gene_index!r}; use 'symbol' or 'ensembl'")
+    ids = np.array([strip_ensembl_version(i) for i in ids], dtype=object)
+    return np.asarray(symbols, dtype=object), ids
+
+
+def _read_row_chunk(x, rows_c: np.ndarray) -> scipy.sparse.csr_matrix:
+    """Rows of a backed X (sparse or dense) as float32 CSR; a contiguous run is read as a slice."""
+    contiguous = rows_c[-1] - rows_c[0] + 1 == len(rows_c)
+    block = x[int(rows_c[0]) : int(rows_c[-1]) + 1] if contiguous else x[rows_c]
+    block = block if scipy.sparse.issparse(block) else scipy.sparse.csr_matrix(np.asarray(block))
+    block = scipy.sparse.csr_matrix(block, dtype=np.float32)
+    block.eliminate_zeros()  # stored zeros would count as detected genes
+    return block
+
+
+def get_dataset_eda(
+    spec: DatasetSpec, data_root: str | os.PathLike | None, cfg: EdaConfig
+) -> DatasetEda:
+    """Read one dataset in row chunks and keep per-cell depth and per-group log1p means."""
+    import anndata
+
+    path = get_dataset_path(spec, data_root)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run nb/01_download.py --world {cfg.world} first")
+    adata = anndata.read_h5ad(path, backed="r")
+    try:
+        labels_c = adata.obs[spec.perturbation_key].astype(str).to_numpy()
+        if not (labels_c == spec.control_label).any():
+            raise ValueError(f"{spec.name}: no cells with {spec.perturbation_key} == {spec.control_label!r}")
+        symbols_g, ensembl_ids_g = get_gene_keys(adata.var, spec)
+        perts = np.unique(labels_c[labels_c != spec.control_label])
+        groups = np.concatenate([[CONTROL_GROUP], perts]).astype(object)
+        group_c = np.searchsorted(perts, labels_c) + 1  # perts is sorted; control gets 0 below
+        group_c[labels_c == spec.control_label] = 0
+        n_cells_k = np.bincount(group_c, minlength=len(groups))
+
+        rows_r = make_cell_subsample(adata.n_obs, cfg.max_cells_per_dataset, cfg.seed)
+        group_r = group_c[rows_r]
+        # Null groups: random disjoint sets of read control cells, each as big as the median
+        # perturbation (read), so their spread is what noise alone gives a perturbation.
+        n_read_pert = np.bincount(group_r, minlength=len(groups))[1:]
+        null_size = int(np.median(n_read_pert[n_read_pert > 0])) if (n_read_pert > 0).any() else 0
+        ctrl_r = np.flatnonzero(group_r == 0)
+        n_null = min(cfg.n_null_groups, len(ctrl_r) // (2 * null_size)) if null_size else 0  # keep half as reference
+        null_group_r = np.full(len(rows_r), -1)
+        if n_null:
+            chosen = np.random.default_rng([cfg.seed, 1]).permutation(ctrl_r)[: n_null * null_size]
+            null_group_r[chosen] = len(groups) + np.arange(len(chosen)) // null_size
+        groups = np.concatenate([groups, [f"{NULL_GROUP_PREFIX}{i}" for i in range(n_null)]]).astype(object)
+        n_groups = len(groups)
+
+        sum_kg = np.zeros((n_groups, adata.n_vars))
+        n_read_k = np.zeros(n_groups, dtype=np.int64)
+        umis_parts, genes_parts = [], []
+        starts = range(0, len(rows_r), cfg.chunk_cells)
+        for start in progress(starts, desc=f"{spec.name}: reading cells"):
+            chunk = slice(start, start + cfg.chunk_cells)
+            x_cg = _read_row_chunk(adata.X, rows_r[chunk])
+            log1p_cg = normalise_log1p(x_cg, spec.counts, where=f"{spec.name} rows {start}+")
+            # Depth is only recoverable from raw counts.
+            umis_c = np.asarray(x_cg.sum(axis=1)).ravel() if spec.counts == "raw" else np.full(x_cg.shape[0], np.nan)
+            umis_parts.append(umis_c)
+            genes_parts.append(np.diff(x_cg.indptr))
+            # Each cell adds to its group, and a null-group control cell also to its null group.
+            cells_c = np.arange(x_cg.shape[0])
+            in_null = null_group_r[chunk] >= 0
+            rows_k = np.concatenate([group_r[chunk], null_group_r[chunk][in_null]])
+            cols_c = np.concatenate([cells_c, cells_c[in_null]])
+            member_kc = scipy.sparse.csr_matrix((np.ones(len(rows_k)), (rows_k, cols_c)), shape=(n_groups, x_cg.shape[0]))
+            sum_kg += (member_kc @ log1p_cg).toarray()
+            n_read_k += np.bincount(rows_k, minlength=n_groups)
+    finally:
+        adata.file.close()
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_log1p_kg = sum_kg / n_read_k[:, None]
+    n_cells_k = np.concatenate([n_cells_k, n_read_k[len(n_cells_k) :]])
+    return DatasetEda(
+        spec=spec,
+        n_cells=int(adata.n_obs),
+        groups_k=groups,
+        n_cells_k=n_cells_k,
+        n_read_k=n_read_k,
+        umis_c=np.concatenate(umis_parts),
+        genes_c=np.concatenate(genes_parts).astype(np.int64),
+        mean_log1p_kg=mean_log1p_kg,
+        symbols_g=symbols_g,
+        ensembl_ids_g=ensembl_ids_g,
+    )
+
+
+# ----------------------------------------------------------------------------
+# tables from the pass
+# ----------------------------------------------------------------------------
+
+
+def get_summary_table(edas: list[DatasetEda]) -> pd.DataFrame:
+    """One row per dataset: size, perturbations, control fraction, cells per perturbation, depth."""
+    rows = []
+    for e in edas:
+        is_pert_k = np.isin(e.groups_k, e.perturbations)
+        cells_per_pert = e.n_cells_k[is_pert_k]
+        n_ctrl = int(e.n_cells_k[e.group_index(CONTROL_GROUP)])
+        if e.spec.gene_index == "ensembl":
+            gene_ids = "ensembl"
+        else:
+            gene_ids = "symbol+ensembl" if e.spec.gene_id_column else "symbol only"
+        rows.append(
+            dict(
+                dataset=e.spec.name,
+                cell_type=e.spec.cell_type,
+                n_cells=e.n_cells,
+                n_genes=e.n_genes,
+                n_perturbations=int(is_pert_k.sum()),
+                n_control_cells=n_ctrl,
+                control_fraction=n_ctrl / e.n_cells,
+                median_cells_per_perturbation=float(np.median(cells_per_pert)) if len(cells_per_pert) else np.nan,
+                min_cells_per_perturbation=int(cells_per_pert.min()) if len(cells_per_pert) else 0,
+                n_cells_read=len(e.genes_c),
+                median_umis_per_cell=float(np.median(e.umis_c)),
+                median_genes_per_cell=float(np.median(e.genes_c)),
+                gene_ids=gene_ids,
+            )
+        )
+    return pd.DataFrame(rows)
+
+
+def get_cells_per_perturbation(e: DatasetEda) -> pd.Series:
+    """Cells per perturbation in the whole file (control and null groups excluded)."""
+    is_pert_k = np.isin(e.groups_k, e.perturbations)
+    return pd.Series(e.n_cells_k[is_pert_k], index=pd.Index(e.groups_k[is_pert_k], name="perturbation"), name=e.spec.name)
+
+
+def get_knockdown_table(e: DatasetEda) -> pd.DataFrame:
+    """Each perturbation's target gene in perturbed vs control cells (pseudobulk of log1p CP10K).
+
+    fraction_remaining = expm1(mean log1p pert) / expm1(mean log1p ctrl): pdex's fold change,
+    so 0.2 means 80% knockdown. log1p_delta = mean log1p pert - mean log1p ctrl. NaN with a
+    `reason` when the target is not measured (or not expressed in controls).
+    """
+    ctrl_g = e.mean_log1p_kg[e.group_index(CONTROL_GROUP)]
+    first_col = {}
+    for j, symbol in enumerate(e.symbols_g):
+        first_col.setdefault(symbol, j)  # duplicated symbols: the first column, like pandas' .loc
+    rows = []
+    for pert in e.perturbations:
+        k = e.group_index(pert)
+        row = dict(dataset=e.spec.name, perturbation=pert, n_cells=int(e.n_cells_k[k]), n_cells_read=int(e.n_read_k[k]),
+                   ctrl_log1p=np.nan, pert_log1p=np.nan, log1p_delta=np.nan, fraction_remaining=np.nan, reason="")
+        if not e.symbols_g.any():
+            row["reason"] = "no gene symbols in this file"
+        elif pert not in first_col:
+            row["reason"] = "target not measured"
+        elif e.n_read_k[k] == 0:
+            row["reason"] = "no cells read (subsample)"
+        else:
+            j = first_col[pert]
+            ctrl, treated = ctrl_g[j], e.mean_log1p_kg[k, j]
+            row.update(ctrl_log1p=ctrl, pert_log1p=treated, log1p_delta=treated - ctrl)
+            if ctrl > 0:
+                row["fraction_remaining"] = np.expm1(treated) / np.expm1(ctrl)
+            else:
+                row["reason"] = "target not detected in control cells"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def get_effect_size_table(e: DatasetEda, threshold: float) -> pd.DataFrame:
+    """Per perturbation (and null group): L1, L2 and genes moved beyond `threshold` of its effect.
+
+    The target gene itself is left out (its knockdown is not a downstream effect, and the
+    PDS score leaves it out too). `is_null` rows are random control groups: the noise floor.
+    """
+    labels_k, effect_kg = e.effects()
+    col_of = {s: j for j, s in reversed(list(enumerate(e.symbols_g)))} if e.symbols_g.any() else {}
+    target_col_k = np.array([col_of.get(label, -1) for label in labels_k])
+    has_target = target_col_k >= 0
+    effect_kg = effect_kg.copy()
+    effect_kg[np.flatnonzero(has_target), target_col_k[has_target]] = 0.0
+    valid_g = ~np.isnan(e.mean_log1p_kg[e.group_index(CONTROL_GROUP)])
+    abs_kg = np.abs(effect_kg[:, valid_g])
+    keep_k = np.isin(labels_k, e.groups_k[e.n_read_k > 0])
+    return pd.DataFrame(
+        dict(
+            dataset=e.spec.name,
+            perturbation=labels_k,
+            is_null=np.char.startswith(labels_k.astype(str), NULL_GROUP_PREFIX),
+            n_cells_read=e.n_read_k[[e.group_index(label) for label in labels_k]],
+            l1=abs_kg.sum(axis=1),
+            l2=np.sqrt((abs_kg**2).sum(axis=1)),
+            n_genes_above=(abs_kg > threshold).sum(axis=1),
+            target_excluded=has_target,
+        )
+    )[keep_k].reset_index(drop=True)
+
+
+def _overlap_matrix(names: list[str], sets: list[set]) -> pd.DataFrame:
+    counts = [[len(a & b) for b in sets] for a in sets]
+    return pd.DataFrame(counts, index=pd.Index(names, name="dataset"), columns=names)
+
+
+def get_perturbation_overlap(edas: list[DatasetEda]) -> pd.DataFrame:
+    """Perturbations (by symbol) shared by each pair of datasets; the diagonal is each one's own count."""
+    return _overlap_matrix([e.spec.name for e in edas], [set(e.perturbations) for e in edas])
+
+
+def get_gene_overlap(edas: list[DatasetEda]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(shared gene counts, what each pair was matched on).
+
+    By Ensembl id when both files have ids, else by symbol (the EDA's stand-in: the proper
+    mapping, with a lookup for files without ids, is nb/03). The diagonal is each dataset's
+    own number of distinct genes (by id when it has ids).
+    """
+    names = [e.spec.name for e in edas]
+    has_ids = [bool(e.ensembl_ids_g.all()) for e in edas]
+    counts = pd.DataFrame(0, index=pd.Index(names, name="dataset"), columns=names)
+    matched_on = pd.DataFrame("", index=pd.Index(names, name="dataset"), columns=names)
+    for i, a in enumerate(edas):
+        for j, b in enumerate(edas):
+            key = "ensembl" if has_ids[i] and has_ids[j] else "symbol"
+            keys_a, keys_b = (a.ensembl_ids_g, b.ensembl_ids_g) if key == "ensembl" else (a.symbols_g, b.symbols_g)
+            shared = set(keys_a) & set(keys_b) - {""}
+            counts.iloc[i, j], matched_on.iloc[i, j] = len(shared), key
+    return counts, matched_on
+
+
+# ----------------------------------------------------------------------------
+# effects across datasets
+# ----------------------------------------------------------------------------
+
+
+def get_shared_gene_effects(
+    edas: list[DatasetEda], min_cells: int
+) -> tuple[pd.DataFrame, Float[np.ndarray, "row gene"], np.ndarray]:
+    """Pseudobulk effects of every (dataset, perturbation) with >= `min_cells` cells read, on the
+    genes every dataset measures (matched by symbol: every file here names them).
+
+    Returns (rows: dataset, perturbation, n_cells_read), effect_rg, shared symbols (sorted).
+    """
+    with_symbols = [e for e in edas if e.symbols_g.any()]
+    if len(with_symbols) < len(edas):
+        skipped = [e.spec.name for e in edas if not e.symbols_g.any()]
+        raise ValueError(f"datasets without gene symbols cannot be matched here: {skipped}")
+    shared = sorted(set.intersection(*(set(e.symbols_g) for e in edas)) - {""})
+    rows, blocks = [], []
+    for e in edas:
+        col_of = {s: j for j, s in reversed(list(enumerate(e.symbols_g)))}
+        cols = np.array([col_of[s] for s in shared], dtype=np.int64)
+        labels_k, effect_kg = e.effects()
+        n_read_k = np.array([e.n_read_k[e.group_index(label)] for label in labels_k])
+        keep_k = np.isin(labels_k, e.perturbations) & (n_read_k >= max(min_cells, 1))
+        blocks.append(effect_kg[keep_k][:, cols])
+        rows.append(pd.DataFrame(dict(dataset=e.spec.name, perturbation=labels_k[keep_k], n_cells_read=n_read_k[keep_k])))
+    return pd.concat(rows, ignore_index=True), np.concatenate(blocks).astype(np.float64), np.array(shared, dtype=object)
+
+
+@typechecked
+def get_pca(
+    effect_rg: Float[np.ndarray, "row gene"], n_components: int = 2
+) -> tuple[Float[np.ndarray, "row pc"], Float[np.ndarray, " pc"]]:
+    """(scores, explained variance ratio) of a PCA on centred rows; truncated SVD, deterministic."""
+    centred_rg = effect_rg - effect_rg.mean(axis=0)
+    v0 = np.ones(min(centred_rg.shape))  # ARPACK's start vector, fixed so reruns agree
+    u, s, _ = scipy.sparse.linalg.svds(centred_rg, k=n_components, v0=v0)
+    order = np.argsort(s)[::-1]
+    u, s = u[:, order], s[order]
+    sign = np.sign(u[np.abs(u).argmax(axis=0), np.arange(n_components)])  # fix the SVD's sign freedom
+    return u * s * sign, s**2 / (centred_rg**2).sum()
+
+
+def get_effect_pca(edas: list[DatasetEda], min_cells: int, n_components: int = 2) -> tuple[pd.DataFrame, np.ndarray, int]:
+    """PCA of all datasets' pseudobulk effects together on their shared genes.
+
+    Returns (rows with pc1..pcN, explained variance ratio, number of shared genes).
+    """
+    rows, effect_rg, shared = get_shared_gene_effects(edas, min_cells)
+    scores_rp, explained_p = get_pca(effect_rg, n_components)
+    for i in range(n_components):
+        rows[f"pc{i + 1}"] = scores_rp[:, i]
+    return rows, explained_p, len(shared)
+
+
+def get_same_perturbation_correlation(edas: list[DatasetEda], min_cells: int) -> pd.DataFrame:
+    """Per pair of datasets: Pearson r of effects (shared genes) for the same perturbation vs
+    for different perturbations. Same > different means effects carry over across cell types;
+    by chance, frac_same_above_different_p95 would be 0.05."""
+    rows, effect_rg, _ = get_shared_gene_effects(edas, min_cells)
+    centred_rg = effect_rg - effect_rg.mean(axis=1, keepdims=True)
+    unit_rg = centred_rg / np.maximum(np.linalg.norm(centred_rg, axis=1, keepdims=True), 1e-12)
+    names = [e.spec.name for e in edas]
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            rows_a, rows_b = rows.index[rows.dataset == a], rows.index[rows.dataset == b]
+            r_ab = unit_rg[rows_a] @ unit_rg[rows_b].T
+            same_ab = rows.perturbation.to_numpy()[rows_a][:, None] == rows.perturbation.to_numpy()[rows_b][None]
+            if not same_ab.any() or same_ab.all():
+                out.append(dict(dataset_a=a, dataset_b=b, n_shared=int(same_ab.sum())))
+                continue
+            # Most perturbations are weak, so medians sit near 0 either way; the share of
+            # same-perturbation pairs beyond what 95% of different pairs reach is the signal.
+            different_p95 = np.quantile(r_ab[~same_ab], 0.95)
+            out.append(
+                dict(dataset_a=a, dataset_b=b, n_shared=int(same_ab.sum()),
+                     median_r_same=float(np.median(r_ab[same_ab])), median_r_different=float(np.median(r_ab[~same_ab])),
+                     frac_same_above_different_p95=float((r_ab[same_ab] > different_p95).mean()))
+            )
+    return pd.DataFrame(out)
+
+
+def get_eda_dir(data_root: str | os.PathLike | None) -> pathlib.Path:
+    """Where nb/02_eda.py writes its figures and CSVs."""
+    return get_data_root(data_root) / "figures" / "02_eda"
+
+
+# ----------------------------------------------------------------------------
+# loader
+# ----------------------------------------------------------------------------
+# loader: cell sets from the store, with grain (pasted into lib.py's "loader" section).
+
+
+CONTROL_TOKEN = "<control>"
+OOV_TOKEN = "<oov>"
+
+
+@dataclasses.dataclass(frozen=True)
+class PerturbationVocab:
+    """One perturbation -> id table for every dataset: id 0 is control, id 1 is the
+    explicit out-of-vocabulary entry, then perturbed genes sorted by symbol (so the table
+    is the same on every reload of the same store)."""
+
+    labels: tuple[str, ...]
+    """All entries, in id order."""
+
+    def __post_init__(self):
+        assert self.labels[:2] == (CONTROL_TOKEN, OOV_TOKEN), "ids 0 and 1 are reserved"
+        assert len(set(self.labels)) == len(self.labels), "duplicate perturbation in the vocabulary"
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def ids(self, perturbations, *, is_control=None) -> np.ndarray:
+        """Ids of perturbation names; controls (where `is_control`) -> 0, unknown -> 1."""
+        id_of = {label: i for i, label in enumerate(self.labels)}
+        ids = np.array([id_of.get(p, 1) for p in perturbations], dtype=np.int32)
+        if is_control is not None:
+            ids[np.asarray(is_control, bool)] = 0
+        return ids
+
+    def write(self, path: str | os.PathLike) -> None:
+        write_json(path, {"labels": list(self.labels)})
+
+    @classmethod
+    def read(cls, path: str | os.PathLike) -> "PerturbationVocab":
+        return cls(tuple(json.loads(pathlib.Path(path).read_text())["labels"]))
+
+
+def make_vocab(index: pd.DataFrame) -> PerturbationVocab:
+    """The vocabulary of a store's group index (all datasets together)."""
+    perturbed = sorted(set(index.loc[~index["is_control"], "perturbation"].astype(str)))
+    return PerturbationVocab((CONTROL_TOKEN, OOV_TOKEN, *perturbed))
+
+
+@dataclasses.dataclass(frozen=True)
+class LoaderConfig:
+    """How cell sets are drawn from the store."""
+
+    set_size: int = 64
+    """S: cells per set (perturbed cells, and as many control cells)."""
+    sets_per_batch: int = 16
+    """Sets per global batch (split across processes)."""
+    seed: int = 0
+    """Seed of the shuffle and of the cell draws: same seed, same batches."""
+    datasets: tuple[str, ...] = ()
+    """Store datasets to train on; empty = all."""
+    control_sets: bool = True
+    """Also yield control groups as identity examples (control in, control out)."""
+    worker_count: int = 0
+    """grain worker processes; 0 reads in the training process (on 2 cores workers never paid off)."""
+
+
+def make_example_groups(
+    index: pd.DataFrame, *, datasets=(), exclude_perturbations=(), target_dataset: str = "", control_sets: bool = True
+) -> pd.DataFrame:
+    """The groups that become training examples, each with the control group it is paired with.
+
+    Controls come from the same dataset and cell type and, where the dataset has that
+    batch's controls, the same batch; else the largest control group of the cell type.
+    `exclude_perturbations` holds out perturbations of `target_dataset` (fake-val split).
+    """
+    groups = index.reset_index(names="group")
+    if datasets:
+        groups = groups[groups["dataset"].isin(datasets)]
+    controls = groups[groups["is_control"]]
+    by_batch = {(r.dataset, r.cell_type, r.batch): r.group for r in controls.itertuples()}
+    largest = controls.sort_values("n_cells").groupby(["dataset", "cell_type"])["group"].last().to_dict()
+    held_out = groups["perturbation"].isin(set(exclude_perturbations)) & (groups["dataset"] == target_dataset)
+    examples = groups[~held_out & (control_sets | ~groups["is_control"])].copy()
+    examples["control_group"] = [
+        by_batch.get((r.dataset, r.cell_type, r.batch), largest.get((r.dataset, r.cell_type), -1))
+        for r in examples.itertuples()
+    ]
+    missing = examples["control_group"] < 0
+    if missing.any():
+        names = sorted(examples.loc[missing, "dataset"].unique())
+        raise ValueError(f"no control cells for datasets {names}: check control_label in data_manifest.toml")
+    return examples.reset_index(drop=True)
+
+
+class CellSetSource:
+    """grain random-access source: example i is one group's cell set and its control set.
+
+    Opens the store lazily (so it pickles into grain workers) and reads each set as one
+    sorted fancy index into a contiguous group of the memmap: rows of a group are
+    adjacent on disk, so a set costs a few page reads, never one read per cell.
+    """
+
+    def __init__(self, store_dir: str | os.PathLike, index: pd.DataFrame, examples: pd.DataFrame, pert_ids: np.ndarray, set_size: int):
+        self.store_dir = str(store_dir)
+        self.set_size = set_size
+        self.pert_ids = np.asarray(pert_ids, np.int32)
+        self.rows_k2 = examples[["start", "stop"]].to_numpy(np.int64)
+        self.control_rows_k2 = index.loc[examples["control_group"], ["start", "stop"]].to_numpy(np.int64)
+        self._x_cg = None
+
+    def __len__(self) -> int:
+        return len(self.rows_k2)
+
+    def __getstate__(self):
+        return {**self.__dict__, "_x_cg": None}
+
+    @property
+    def x_cg(self) -> np.ndarray:
+        if self._x_cg is None:
+            self._x_cg = np.load(pathlib.Path(self.store_dir) / "x_cg.npy", mmap_mode="r")
+        return self._x_cg
+
+    def __getitem__(self, i: int) -> int:
+        return i  # the draw needs an rng, so reading happens in `draw`
+
+    def _sample_rows(self, start: int, stop: int, rng: np.random.Generator) -> np.ndarray:
+        # Small groups are up-sampled with replacement to S; sorted for sequential reads.
+        n = stop - start
+        rows = rng.choice(n, self.set_size, replace=n < self.set_size)
+        return np.sort(rows) + start
+
+    def draw(self, i: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
+        pert_rows = self._sample_rows(*self.rows_k2[i], rng)
+        ctrl_rows = self._sample_rows(*self.control_rows_k2[i], rng)
+        return {
+            "ctrl_sg": np.asarray(self.x_cg[ctrl_rows]),
+            "pert_sg": np.asarray(self.x_cg[pert_rows]),
+            "pert_id": self.pert_ids[i],
+            "example": np.int64(i),
+        }
+
+
+def make_loader(
+    store,
+    cfg: LoaderConfig,
+    *,
+    vocab: PerturbationVocab,
+    exclude_perturbations=(),
+    target_dataset: str = "",
+    process_index: int = 0,
+    process_count: int = 1,
+):
+    """A grain dataset of batches of cell sets: dict of `ctrl_bsg`, `pert_bsg`, `pert_id_b`.
+
+    Infinite, shuffled per epoch, deterministic for `cfg.seed`, sharded by process (each
+    process gets `sets_per_batch / process_count` sets of every global batch). Its
+    iterator's `get_state()`/`set_state()` go into checkpoints so a resumed run sees
+    exactly the batches it would have seen.
+    """
+    import grain
+
+    if cfg.sets_per_batch % process_count:
+        raise ValueError(f"sets_per_batch={cfg.sets_per_batch} must divide across {process_count} processes")
+    examples = make_example_groups(
+        store.index, datasets=cfg.datasets, exclude_perturbations=exclude_perturbations,
+        target_dataset=target_dataset, control_sets=cfg.control_sets,
+    )
+    pert_ids = vocab.ids(examples["perturbation"], is_control=examples["is_control"])
+    source = CellSetSource(store.store_dir, store.index, examples, pert_ids, cfg.set_size)
+
+    dataset = (
+        grain.MapDataset.source(source)
+        .seed(cfg.seed)
+        .shuffle()
+        .repeat()
+        .random_map(lambda i, rng: source.draw(i, rng))
+    )
+    # Shard after the global order is fixed: process p takes every process_count-th set.
+    dataset = dataset[process_index::process_count].batch(cfg.sets_per_batch // process_count, drop_remainder=True)
+    rename = {"ctrl_sg": "ctrl_bsg", "pert_sg": "pert_bsg", "pert_id": "pert_id_b", "example": "example_b"}
+    dataset = dataset.map(lambda batch: {rename[k]: v for k, v in batch.items()})
+    return dataset, examples
+
+
+# ----------------------------------------------------------------------------
+# fake-val split
+# ----------------------------------------------------------------------------
+# The target's own training perturbations, split like the challenge's 150/50/100
+# (train/validation/test), so models are scored on knockdowns they never saw before
+# any upload. Training (05) excludes `val` and `test`; evaluation (06) scores them.
+
+FAKE_VAL_FRACTIONS = (150, 50, 100)
+"""Relative sizes of the fake train/val/test split: the challenge's own."""
+
+
+def make_fake_val_split(perturbations, seed: int = 0) -> dict[str, list[str]]:
+    """Seeded split of perturbation names into train/val/test (sorted first, so the split
+    depends only on the set of names and the seed)."""
+    names = np.array(sorted(set(perturbations)))
+    order = np.random.default_rng(seed).permutation(len(names))
+    total = sum(FAKE_VAL_FRACTIONS)
+    n_val = round(len(names) * FAKE_VAL_FRACTIONS[1] / total)
+    n_test = round(len(names) * FAKE_VAL_FRACTIONS[2] / total)
+    val, test, train = np.split(names[order], [n_val, n_val + n_test])
+    return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}

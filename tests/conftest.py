@@ -1,4 +1,6 @@
 import os
+import shutil
+import sys
 
 import pytest
 
@@ -11,6 +13,19 @@ def tiny_world(tmp_path_factory):
     data_root = tmp_path_factory.mktemp("data")
     summary = lib.write_synthetic_world(data_root, size="tiny", seed=0)
     return data_root, summary
+
+
+@pytest.fixture(scope="session")
+def tiny_store(tiny_world):
+    """Data root with the tiny world, its 200 shared HVGs (03) and its store (04)."""
+    import warnings
+
+    data_root, _ = tiny_world
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)  # no unmapped genes: HepG2 maps via the committed cache
+        lib.write_hvgs(lib.HvgConfig(data_root=str(data_root), n_hvg=200, n_hvg_per_dataset=200, offline=True))
+    lib.write_store(lib.NormaliseConfig(data_root=str(data_root), chunk_cells=500))
+    return data_root
 
 
 @pytest.fixture(autouse=True)
@@ -27,3 +42,11 @@ def pytest_runtest_makereport(item, call):
     if os.environ.get("VCELL_CI") and report.skipped:
         report.outcome = "failed"
         report.longrepr = f"skipped in CI (set up what it needs instead): {report.longrepr}"
+
+
+def get_uv() -> str:
+    """The uv that builds the throwaway reference environments (cell-eval): the project's
+    own (a dev dependency, next to this Python), else one on PATH."""
+    uv = shutil.which("uv", path=os.path.dirname(sys.executable)) or shutil.which("uv")
+    assert uv, "uv not found: run the tests with `uv run pytest` (uv is a dev dependency)"
+    return uv

@@ -19,7 +19,7 @@ NB_DIR = lib.REPO_DIR / "nb"
 NB_FLAGS = {
     "01_download": ["--size", "tiny"],
     "02_eda": [],
-    "03_hvg": ["--n-hvg", "200"],
+    "03_hvg": ["--n-hvg", "200", "--n-hvg-per-dataset", "200", "--offline"],
     "04_normalise": ["--chunk-cells", "500"],
 }
 

@@ -1,5 +1,3 @@
-import pathlib
-import shutil
 import subprocess
 import tarfile
 
@@ -7,6 +5,7 @@ import anndata
 import numpy as np
 import pandas as pd
 import pytest
+from conftest import get_uv
 import zstandard
 
 import lib
@@ -80,7 +79,7 @@ def test_pack_vcc_matches_cell_eval_prep(tmp_path):
     ours = lib.pack_vcc(h5ad, tmp_path / "ours.vcc")
     genes_csv = tmp_path / "gene_names.csv"
     genes_csv.write_text("\n".join(GENES) + "\n")
-    uv = str(pathlib.Path(shutil.which("uv", path=str(lib.REPO_DIR / ".venv" / "bin")) or shutil.which("uv")))
+    uv = get_uv()
     subprocess.run(
         [uv, "run", "--no-project", "--python", "3.11", "--with", "cell-eval==0.8.2", "cell-eval", "prep",
          "-i", str(h5ad), "-g", str(genes_csv), "-o", str(tmp_path / "prep.vcc"), "--expected-gene-dim", "-1"],

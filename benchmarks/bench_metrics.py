@@ -1,0 +1,123 @@
+"""Benchmark: our scorer (lib.py's metrics) against the real cell-eval on the same files, same threads.
+
+Not part of the test suite. Writes a synthetic VCC-shaped pair (NB counts -> log1p, float32),
+scores it with our code in each mode and with cell-eval in its throwaway uv environment,
+and prints times, ratios measured in this run, and the largest metric differences.
+
+    # scaled (the reference takes ~1 ms per perturbation-gene pair): 100 perts x 1000 cells
+    .venv/bin/python benchmarks/bench_metrics.py --genes 300
+    # ours only at full VCC size (18,080 genes; needs ~16 GB for the two matrices)
+    .venv/bin/python benchmarks/bench_metrics.py --genes 18080 --skip-reference
+
+Both implementations are linear in the number of genes, so the ratio at a reduced gene
+count carries over; the printed per-gene seconds make the extrapolation explicit.
+"""
+
+import argparse
+import json
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+REPO_DIR = pathlib.Path(__file__).resolve().parents[1]
+import lib
+
+REFERENCE_ENVS = {
+    "vcc2025": ["--with", "cell-eval==0.6.6", "--with", "pdex==0.1.26", "--with", "scipy<1.16"],
+    "current": ["--with", "cell-eval==0.8.2", "--with", "pdex==0.3.0"],
+}
+
+
+def make_pair(n_genes: int, n_perts: int, n_cells: int, n_control: int, seed: int = 0):
+    """Real and predicted AnnData: the prediction is a fresh draw with half-size effects."""
+    import anndata as ad
+    import pandas as pd
+
+    rng = np.random.default_rng(seed)
+    genes = np.array([f"G{i:05d}" for i in range(n_genes)])
+    base_mu = rng.lognormal(-0.5, 1.5, n_genes).astype(np.float32)
+    # Perturbations named after measured genes when there are enough (PDS excludes the target gene).
+    perts = genes[rng.choice(n_genes, n_perts, replace=False)] if n_genes >= n_perts else np.array([f"P{i:03d}" for i in range(n_perts)])
+    labels = np.concatenate([["non-targeting"] * n_control, np.repeat(perts, n_cells)])
+    effect_pg = np.where(rng.random((n_perts, n_genes)) < 0.05, rng.normal(0, 1, (n_perts, n_genes)), 0).astype(np.float32)
+
+    # row k of fold_kg: the multiplicative effect of group k (last row: control, no effect)
+    order = np.argsort(perts)
+    perts, effect_pg = perts[order], effect_pg[order]
+    code_c = np.where(labels == "non-targeting", n_perts, np.searchsorted(perts, labels))
+
+    def draw(scale: float):
+        fold_kg = np.vstack([np.exp(scale * effect_pg), np.ones((1, n_genes), np.float32)])
+        library = rng.lognormal(0, 0.3, labels.size).astype(np.float32)
+        x = np.empty((labels.size, n_genes), dtype=np.float32)
+        for start in range(0, labels.size, 2000):  # bounded scratch memory
+            rows = slice(start, min(start + 2000, labels.size))
+            mu = base_mu * fold_kg[code_c[rows]] * library[rows, None]
+            counts = rng.poisson(rng.gamma(2.0, mu / 2.0)).astype(np.float32)  # negative binomial
+            x[rows] = np.log1p(counts / np.maximum(counts.sum(1, keepdims=True), 1) * 1e4)
+        obs = pd.DataFrame({"target_gene": labels}, index=[f"c{i}" for i in range(labels.size)])
+        return ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=genes))
+
+    return draw(1.0), draw(0.5)
+
+
+def run_reference(mode: str, real_path, pred_path, threads: int, work: pathlib.Path) -> dict:
+    out = work / f"ref_{mode}.json"
+    cmd = ["uv", "run", "--no-project", "--python", "3.11", *REFERENCE_ENVS[mode], "python",
+           str(REPO_DIR / "tests" / "cell_eval_reference.py"), "time", str(real_path), str(pred_path), str(out), str(threads)]
+    env = {**os.environ, "NUMBA_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
+    subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads(out.read_text())
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--genes", type=int, default=300)
+    parser.add_argument("--perts", type=int, default=100)
+    parser.add_argument("--cells-per-pert", type=int, default=1000)
+    parser.add_argument("--control", type=int, default=10000)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--modes", nargs="+", default=list(lib.SCORE_MODES))
+    parser.add_argument("--skip-reference", action="store_true")
+    args = parser.parse_args()
+
+    t0 = time.perf_counter()
+    real, pred = make_pair(args.genes, args.perts, args.cells_per_pert, args.control)
+    n_cells = real.n_obs
+    print(f"data: {args.perts} perts x {args.cells_per_pert} cells + {args.control} control = {n_cells} cells, "
+          f"{args.genes} genes, float32, {real.X.size * 4 * 2 / 1e9:.1f} GB for both ({time.perf_counter() - t0:.0f} s to make)")
+    print(f"load: {open('/proc/loadavg').read().split()[:3]} (2 cores shared: compare within one run)")
+    work = pathlib.Path(tempfile.mkdtemp(prefix="bench_metrics_"))
+    try:
+        if not args.skip_reference:
+            real.write_h5ad(work / "real.h5ad")
+            pred.write_h5ad(work / "pred.h5ad")
+        for mode in args.modes:
+            start = time.perf_counter()
+            ours = lib.score(real, pred, mode=mode, threads=args.threads)
+            ours_s = time.perf_counter() - start
+            line = f"{mode:8s} ours {ours_s:8.1f} s ({ours_s / args.genes * 1e3:.2f} ms/gene)"
+            if not args.skip_reference:
+                ref = run_reference(mode, work / "real.h5ad", work / "pred.h5ad", args.threads, work)
+                table = ours["per_perturbation"]
+                diffs = {
+                    name: max(abs(table.loc[p, name] - v) for p, v in ref["pred"][their].items())
+                    for name, their in (("des", "overlap_at_N"), ("pds", "discrimination_score_l1"), ("mae", "mae"))
+                }
+                line += (f" | cell-eval {ref['versions']['cell-eval']} {ref['seconds']:8.1f} s"
+                         f" | ratio {ref['seconds'] / ours_s:6.1f}x | max |diff| "
+                         + " ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+            line += f" | des {ours['des']:.4f} pds {ours['pds']:.4f} mae {ours['mae']:.5f}"
+            print(line, flush=True)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

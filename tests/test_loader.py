@@ -1,0 +1,101 @@
+import numpy as np
+import pytest
+
+import lib
+
+
+@pytest.fixture(scope="module")
+def store(tiny_store):
+    return lib.load_store(tiny_store, "synthetic")
+
+
+def _first_batches(store, cfg, n, **kw):
+    vocab = lib.make_vocab(store.index)
+    dataset, _ = lib.make_loader(store, cfg, vocab=vocab, **kw)
+    iterator = iter(dataset.to_iter_dataset())
+    return [next(iterator) for _ in range(n)], iterator
+
+
+def test_vocab_is_stable_across_reloads_and_has_explicit_oov(tiny_store, store):
+    vocab = lib.make_vocab(store.index)
+    reloaded = lib.make_vocab(lib.load_store(tiny_store, "synthetic").index)
+    assert vocab == reloaded
+    assert vocab.labels[:2] == (lib.CONTROL_TOKEN, lib.OOV_TOKEN)
+    known = vocab.labels[5]
+    assert list(vocab.ids([known, "NOT_A_GENE"])) == [5, 1]
+    # every dataset's perturbations share the one table
+    perturbed = store.index.loc[~store.index["is_control"], "perturbation"]
+    assert set(perturbed) == set(vocab.labels[2:])
+
+
+def test_vocab_round_trips_through_a_file(tmp_path, store):
+    vocab = lib.make_vocab(store.index)
+    vocab.write(tmp_path / "vocab.json")
+    assert lib.PerturbationVocab.read(tmp_path / "vocab.json") == vocab
+
+
+def test_sets_pair_perturbed_cells_with_controls_of_the_same_batch(store):
+    examples = lib.make_example_groups(store.index)
+    controls = store.index.loc[examples["control_group"]].reset_index(drop=True)
+    assert controls["is_control"].all()
+    assert (controls["dataset"].to_numpy() == examples["dataset"].to_numpy()).all()
+    same_batch = controls["batch"].to_numpy() == examples["batch"].to_numpy()
+    assert same_batch.mean() > 0.95  # every synthetic batch has controls
+
+
+def test_batches_have_the_documented_shapes_and_upsample_small_groups(store):
+    cfg = lib.LoaderConfig(set_size=64, sets_per_batch=4)  # tiny groups have ~30 cells < 64
+    (batch,), _ = _first_batches(store, cfg, 1)
+    n_genes = store.x_cg.shape[1]
+    assert batch["ctrl_bsg"].shape == batch["pert_bsg"].shape == (4, 64, n_genes)
+    assert batch["pert_id_b"].shape == (4,) and batch["pert_id_b"].dtype == np.int32
+
+
+def test_perturbed_set_rows_come_from_their_group(store):
+    cfg = lib.LoaderConfig(set_size=8, sets_per_batch=4)
+    vocab = lib.make_vocab(store.index)
+    dataset, examples = lib.make_loader(store, cfg, vocab=vocab)
+    batch = next(iter(dataset.to_iter_dataset()))
+    for b, k in enumerate(batch["example_b"]):
+        start, stop = examples.loc[k, ["start", "stop"]]
+        group_rows = np.asarray(store.x_cg[start:stop])
+        for cell_g in batch["pert_bsg"][b]:
+            assert np.any(np.all(group_rows == cell_g, axis=1))
+
+
+def test_same_seed_same_batches_other_seed_other_batches(store):
+    cfg = lib.LoaderConfig(set_size=8, sets_per_batch=4, seed=3)
+    a, _ = _first_batches(store, cfg, 3)
+    b, _ = _first_batches(store, cfg, 3)
+    c, _ = _first_batches(store, lib.LoaderConfig(set_size=8, sets_per_batch=4, seed=4), 3)
+    assert all(np.array_equal(x["pert_bsg"], y["pert_bsg"]) for x, y in zip(a, b))
+    assert not all(np.array_equal(x["pert_id_b"], y["pert_id_b"]) for x, y in zip(a, c))
+
+
+def test_resumed_iterator_yields_exactly_the_next_batches(store):
+    cfg = lib.LoaderConfig(set_size=8, sets_per_batch=4)
+    batches, iterator = _first_batches(store, cfg, 2)
+    state = iterator.get_state()
+    expected = [next(iterator) for _ in range(3)]
+    dataset, _ = lib.make_loader(store, cfg, vocab=lib.make_vocab(store.index))
+    resumed = iter(dataset.to_iter_dataset())
+    resumed.set_state(state)
+    for want in expected:
+        got = next(resumed)
+        assert all(np.array_equal(want[k], got[k]) for k in want)
+
+
+def test_process_shards_partition_the_global_batch(store):
+    cfg = lib.LoaderConfig(set_size=8, sets_per_batch=4)
+    (whole,), _ = _first_batches(store, cfg, 1)
+    shards = [_first_batches(store, cfg, 1, process_index=p, process_count=2)[0][0] for p in range(2)]
+    ids = sorted(np.concatenate([s["example_b"] for s in shards]).tolist())
+    assert ids == sorted(whole["example_b"].tolist())
+
+
+def test_held_out_perturbations_never_appear(store):
+    target = store.datasets[0]
+    held_out = sorted(store.index.loc[(store.index["dataset"] == target) & ~store.index["is_control"], "perturbation"].unique())[:5]
+    examples = lib.make_example_groups(store.index, exclude_perturbations=held_out, target_dataset=target)
+    target_examples = examples[examples["dataset"] == target]
+    assert not set(held_out) & set(target_examples["perturbation"])

@@ -1,0 +1,357 @@
+"""Metrics (issue 4): DE overlap, PDS, MAE, normalised score, cell-mean baseline, input checks.
+
+The last tests score the same files with the real cell-eval (0.6.6 + pdex 0.1.26 for
+`vcc2025`, 0.8.2 + pdex 0.3.0 for `current`) in throwaway uv environments and compare.
+"""
+
+import json
+import pathlib
+import shutil
+import subprocess
+import sys
+
+import anndata as ad
+import hypothesis
+import hypothesis.extra.numpy as hnp
+import hypothesis.strategies as st
+import numpy as np
+import pandas as pd
+import pytest
+from conftest import get_uv
+import scipy.sparse
+import scipy.stats
+
+import lib
+
+REPO_DIR = pathlib.Path(__file__).resolve().parents[1]
+REFERENCE_SCRIPT = REPO_DIR / "tests" / "cell_eval_reference.py"
+REFERENCE_ENVS = {
+    "vcc2025": ["--with", "cell-eval==0.6.6", "--with", "pdex==0.1.26", "--with", "scipy<1.16"],
+    "current": ["--with", "cell-eval==0.8.2", "--with", "pdex==0.3.0"],
+}
+CONTROL = "non-targeting"
+
+
+def make_realistic_pair(seed=0, n_genes=200, n_perts=8, n_cells=40, n_control=150):
+    """NB counts -> normalise -> log1p, with real knockdowns and downstream effects.
+
+    pred is a fresh draw with half-size effects, so every metric lands strictly between
+    its best and worst. The last perturbation has 6 cells, and gene 0 is highly expressed
+    (no ties), so scipy's exact U test is exercised too.
+    """
+    rng = np.random.default_rng(seed)
+    genes = np.array([f"G{i:04d}" for i in range(n_genes)])
+    base_mu = rng.lognormal(0.0, 1.5, n_genes)
+    perts = genes[rng.choice(np.arange(1, n_genes), n_perts, replace=False)]
+    effect_pg = np.zeros((n_perts, n_genes))
+    for i in range(n_perts):
+        effect_pg[i, rng.choice(n_genes, 25, replace=False)] = rng.normal(0, 1.2, 25)
+        effect_pg[i, np.flatnonzero(genes == perts[i])] = -3.0  # the knockdown itself
+
+    def draw(effect_scale):
+        sizes = [n_cells] * (n_perts - 1) + [6]
+        labels = np.concatenate([[CONTROL] * n_control] + [[p] * s for p, s in zip(perts, sizes)])
+        mu = np.tile(base_mu, (labels.size, 1))
+        for i, p in enumerate(perts):
+            mu[labels == p] *= np.exp(effect_scale * effect_pg[i])
+        mu *= rng.lognormal(0, 0.3, (labels.size, 1))  # library size
+        counts = rng.negative_binomial(2.0, 2.0 / (2.0 + mu)).astype(np.float64)
+        counts[:, 0] = rng.integers(200, 400, labels.size)
+        x = np.log1p(counts / counts.sum(1, keepdims=True) * 1e4).astype(np.float32)
+        order = rng.permutation(labels.size)
+        obs = pd.DataFrame({"target_gene": labels[order]}, index=[f"c{i}" for i in range(labels.size)])
+        return ad.AnnData(X=x[order], obs=obs, var=pd.DataFrame(index=genes))
+
+    return draw(1.0), draw(0.5)
+
+
+@pytest.fixture(scope="module")
+def realistic():
+    return make_realistic_pair()
+
+
+def scipy_mwu_p(a, b, method):
+    p = scipy.stats.mannwhitneyu(np.float64(a), np.float64(b), method=method).pvalue
+    return 1.0 if np.isnan(p) else p  # scipy >= 1.16 can return NaN for a constant gene
+
+
+# ---------------------------------------------------------------- U test, BH, fold changes
+
+
+def test_u_test_matches_scipy_per_gene_in_both_modes():
+    rng = np.random.default_rng(3)
+    sizes = {CONTROL: 30, "A": 12, "B": 5, "C": 25, "D": 1}
+    labels = np.concatenate([[k] * n for k, n in sizes.items()])
+    rng.shuffle(labels)
+    x = np.log1p(rng.poisson(rng.gamma(1, 2, 30), (labels.size, 30)) * rng.uniform(0.5, 2, (labels.size, 1)))
+    x = x.astype(np.float32)
+    x[:, 0] = 1.5  # constant gene
+    x[:, 1] = rng.random(labels.size) + 0.1  # no ties: exact path for B and D in vcc2025
+    x[:, 2] = 0
+    for mode, method in (("vcc2025", "auto"), ("current", "asymptotic")):
+        de = lib.differential_expression(x, labels, mode=mode)
+        assert list(de.perts) == ["A", "B", "C", "D"]
+        for i, pert in enumerate(de.perts):
+            for g in range(x.shape[1]):
+                a, b = x[labels == pert, g], x[labels == CONTROL, g]
+                expected = scipy.stats.mannwhitneyu(np.float64(a), np.float64(b)).statistic
+                assert de.u1_pg[i, g] == expected
+                np.testing.assert_allclose(de.p_value_pg[i, g], scipy_mwu_p(a, b, method), rtol=1e-12, atol=0)
+        assert (de.p_value_pg[:, [0, 2]] == 1).all(), "a constant gene must get p = 1, never NaN"
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(
+    values=hnp.arrays(np.float32, st.integers(4, 40), elements=st.sampled_from([0.0, 0.5, 1.0, 1.25, 2.0, 3.5])),
+    n_control=st.integers(1, 20),
+    data=st.data(),
+)
+def test_u_test_with_heavy_ties_matches_scipy(values, n_control, data):
+    n_control = min(n_control, values.size - 1)
+    labels = np.array([CONTROL] * n_control + ["P"] * (values.size - n_control))
+    labels = labels[data.draw(st.permutations(range(values.size)))]
+    de = lib.differential_expression(values[:, None], labels, mode="vcc2025")
+    a, b = values[labels == "P"], values[labels == CONTROL]
+    np.testing.assert_allclose(de.p_value_pg[0, 0], scipy_mwu_p(a, b, "auto"), rtol=1e-12)
+
+
+def test_exact_null_distribution_by_hand():
+    # n1 = n2 = 2: U takes 0, 1, 2, 2, 3, 4 over the 6 equally likely splits.
+    np.testing.assert_allclose(lib.mwu_exact_cdf(2, 2, 4), np.array([1, 2, 4, 5, 6]) / 6)
+    # n1 = 1: U is uniform on 0..n2.
+    np.testing.assert_allclose(lib.mwu_exact_cdf(1, 9, 9), np.arange(1, 11) / 10)
+
+
+def test_bh_by_hand_and_global_versus_per_perturbation():
+    np.testing.assert_allclose(
+        lib.benjamini_hochberg(np.array([0.01, 0.04, 0.03, 0.2])), [0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.2]
+    )
+    real, _ = make_realistic_pair()
+    labels = np.asarray(real.obs["target_gene"], dtype=str)
+    old = lib.differential_expression(real.X, labels, mode="vcc2025")
+    new = lib.differential_expression(real.X, labels, mode="current")
+    fdc = scipy.stats.false_discovery_control
+    np.testing.assert_array_equal(old.fdr_pg, fdc(old.p_value_pg.ravel()).reshape(old.p_value_pg.shape))
+    np.testing.assert_array_equal(new.fdr_pg, np.stack([fdc(row) for row in new.p_value_pg]))
+
+
+def test_fold_change_zero_rules_by_hand():
+    target = np.array([0.0, 2.0, 0.0, 3.0], dtype=np.float32)
+    control = np.array([0.0, 0.0, 1.0, 1.5], dtype=np.float32)
+    np.testing.assert_allclose(
+        lib.log2_fold_change(target, control, mode="vcc2025"), [0.0, np.log2(20), np.log2(1 / 20), 1.0]
+    )
+    np.testing.assert_array_equal(lib.log2_fold_change(target, control, mode="current"), [0.0, np.inf, -np.inf, 1.0])
+
+
+def test_overlap_at_n_by_hand():
+    assert lib.overlap_at_n(np.array([1, 2, 3, 4]), np.array([4, 9, 1, 2, 3])) == 0.75  # P[:4] = 4 9 1 2
+    assert lib.overlap_at_n(np.array([], dtype=int), np.array([1, 2])) == 0.0
+    assert lib.overlap_at_n(np.array([5, 6]), np.array([], dtype=int)) == 0.0
+    assert lib.overlap_at_n(np.array([5, 6]), np.array([6, 5, 7])) == 1.0
+
+
+def test_discrimination_score_by_hand():
+    genes = np.array(["a", "b", "c"])
+    real = np.array([[0.0, 0.0, 0.0], [1.0, 1.0, 0.0], [5.0, 5.0, 0.0]])
+    # pred for "a" sits on real "b" except at gene a (excluded for a): rank 1 of 3 -> 1 - 1/3.
+    pred = np.array([[9.0, 1.0, 0.0], [1.0, 1.0, 0.0], [5.0, 5.0, 0.0]])
+    np.testing.assert_allclose(lib.discrimination_score_l1(real, pred, genes, genes), [2 / 3, 1.0, 1.0])
+
+
+# ---------------------------------------------------------------- properties of the score
+
+
+@pytest.mark.parametrize("mode", lib.SCORE_MODES)
+def test_identity_prediction_scores_perfectly(realistic, mode):
+    real, _ = realistic
+    result = lib.score(real, real.copy(), mode=mode)
+    table = result["per_perturbation"]
+    assert result["mode"] == mode
+    assert (table["n_de_real"] > 0).sum() >= 6, "the test data must have real DE genes"
+    assert (table.loc[table["n_de_real"] > 0, "des"] == 1).all()
+    assert (table["pds"] == 1).all() and (table["mae"] == 0).all()
+
+
+@pytest.mark.parametrize("mode", lib.SCORE_MODES)
+def test_cell_mean_baseline_normalises_to_zero_and_identity_to_one(realistic, mode):
+    real, _ = realistic
+    baseline = lib.score(real, lib.make_cell_mean_baseline(real), mode=mode)
+    assert lib.normalised_score(baseline, baseline) == {"mode": mode, "s_des": 0, "s_pds": 0, "s_mae": 0, "score": 0}
+    perfect = lib.normalised_score(lib.score(real, real.copy(), mode=mode, real_de=baseline["real_de"]), baseline)
+    assert perfect["s_pds"] == 1 and perfect["s_mae"] == 1 and perfect["s_des"] > 0.5
+
+
+def test_deranged_perturbation_labels_score_badly(realistic):
+    real, _ = realistic
+    labels = np.asarray(real.obs["target_gene"], dtype=str)
+    perts = np.unique(labels[labels != CONTROL])
+    deranged = dict(zip(perts, np.roll(perts, 1)))  # every perturbation gets another's real cells
+    shuffled = real.copy()
+    shuffled.obs["target_gene"] = [deranged.get(label, label) for label in labels]
+    perfect = lib.score(real, real.copy())
+    wrong = lib.score(real, shuffled, real_de=perfect["real_de"])
+    baseline = lib.score(real, lib.make_cell_mean_baseline(real), real_de=perfect["real_de"])
+    table = wrong["per_perturbation"]
+    # Each pred sits exactly on another perturbation's real effect, so no p can rank first.
+    assert (table["pds"] <= 1 - 1 / perts.size).all() and wrong["pds"] < 0.75
+    assert wrong["des"] < 0.5 * perfect["des"] and wrong["mae"] > 0.05
+    assert lib.normalised_score(wrong, baseline)["score"] < 0.5 * lib.normalised_score(perfect, baseline)["score"]
+
+
+def test_sparse_input_chunking_and_threads_do_not_change_de(realistic):
+    real, _ = realistic
+    labels = np.asarray(real.obs["target_gene"], dtype=str)
+    whole = lib.differential_expression(real.X, labels)
+    for kwargs in ({"chunk_elements": 1}, {"chunk_elements": 3000, "threads": 2}):
+        for x in (real.X, scipy.sparse.csr_matrix(real.X)):
+            other = lib.differential_expression(x, labels, **kwargs)
+            for field in ("u1_pg", "p_value_pg", "fdr_pg", "target_mean_pg", "pseudobulk_pg", "significant_pg"):
+                np.testing.assert_array_equal(getattr(whole, field), getattr(other, field), err_msg=field)
+
+
+def test_cell_mean_baseline_by_hand():
+    x = np.array([[1.0, 2.0], [3.0, 2.0], [0.5, 0.5], [1.5, 1.5], [0.25, 0.75]], dtype=np.float32)
+    obs = pd.DataFrame({"target_gene": [CONTROL, CONTROL, "A", "A", "B"]}, index=list("vwxyz"))
+    real = ad.AnnData(X=x, obs=obs, var=pd.DataFrame(index=["g1", "g2"]))
+    baseline = lib.make_cell_mean_baseline(real)
+    m = (np.array([2.0, 2.0]) + np.array([1.0, 1.0]) + np.array([0.25, 0.75])) / 3  # mean of group means
+    labels = np.asarray(baseline.obs["target_gene"], dtype=str)
+    assert sorted(labels[labels != CONTROL]) == ["A", "A", "B"]
+    np.testing.assert_allclose(baseline.X[labels != CONTROL], np.tile(m, (3, 1)), rtol=1e-7)
+    np.testing.assert_array_equal(baseline[labels == CONTROL].X, x[:2])
+    assert list(baseline.var_names) == ["g1", "g2"]
+
+
+# ---------------------------------------------------------------- input checks
+
+
+def _broken(kind, real, pred):
+    pred = pred.copy()
+    if kind == "gene order":
+        return real, pred[:, np.random.default_rng(0).permutation(pred.n_vars)].copy()
+    if kind == "gene set":
+        return real, pred[:, 1:].copy()
+    if kind == "no control in pred":
+        return real, pred[pred.obs["target_gene"] != CONTROL].copy()
+    if kind == "perturbation sets":
+        dropped = sorted(set(pred.obs["target_gene"]) - {CONTROL})[0]
+        return real, pred[pred.obs["target_gene"] != dropped].copy()
+    if kind == "no pert column":
+        del pred.obs["target_gene"]
+        return real, pred
+    x = np.array(pred.X)
+    if kind == "NaN":
+        x[3, 4] = np.nan
+    elif kind == "inf":
+        x[3, 4] = np.inf
+    elif kind == "negative":
+        x[3, 4] = -0.5
+    elif kind == "raw counts":
+        x = np.round(np.expm1(x))
+    elif kind == "beyond log1p":
+        x[3, 4] = 15.0
+    pred.X = x
+    return real, pred
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("gene order", "gene-order trap.*pred\\[:, real.var_names\\]"),
+        ("gene set", "gene mismatch.*in real's order"),
+        ("no control in pred", "pred: no control cells.*include control cells"),
+        ("perturbation sets", "perturbation sets differ.*predict every real perturbation"),
+        ("no pert column", "no column 'target_gene'.*pert_col="),
+        ("NaN", "NaN/inf.*before scoring"),
+        ("inf", "NaN/inf.*before scoring"),
+        ("negative", "negative values.*clip"),
+        ("raw counts", "integer-valued.*raw counts.*log1p"),
+        ("beyond log1p", "beyond the log1p range.*normalise"),
+    ],
+)
+def test_bad_inputs_raise_one_clear_error(realistic, kind, message):
+    real, pred = _broken(kind, *realistic)
+    with pytest.raises(ValueError, match=message):
+        lib.score(real, pred)
+
+
+# ---------------------------------------------------------------- the real cell-eval
+
+
+@pytest.fixture(scope="module")
+def reference_runs(tmp_path_factory):
+    """Run both cell-eval generations once, side by side, on a random and a realistic pair."""
+    uv = get_uv()
+    work = tmp_path_factory.mktemp("cell_eval")
+    real, pred = make_realistic_pair()
+    real.write_h5ad(work / "real.h5ad")
+    pred.write_h5ad(work / "pred.h5ad")
+    procs = {}
+    for mode, env in REFERENCE_ENVS.items():
+        d = work / mode
+        d.mkdir()
+        jobs = [
+            ["random", str(d / "random_real.h5ad"), str(d / "random_pred.h5ad")],
+            [str(d / "random_real.h5ad"), str(d / "random_pred.h5ad"), str(d / "random.json")],
+            [str(work / "real.h5ad"), str(work / "pred.h5ad"), str(d / "realistic.json")],
+        ]
+        (d / "jobs.json").write_text(json.dumps(jobs))
+        cmd = [uv, "run", "--no-project", "--python", "3.11", *env, "python", str(REFERENCE_SCRIPT), "jobs", str(d / "jobs.json")]
+        procs[mode] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    runs = {}
+    for mode, proc in procs.items():
+        output, _ = proc.communicate(timeout=600)
+        assert proc.returncode == 0, f"cell-eval ({mode}) failed:\n{output[-4000:]}"
+        d = work / mode
+        runs[mode] = {
+            "random": (d / "random_real.h5ad", d / "random_pred.h5ad", json.loads((d / "random.json").read_text())),
+            "realistic": (work / "real.h5ad", work / "pred.h5ad", json.loads((d / "realistic.json").read_text())),
+        }
+    return runs
+
+
+def _assert_de_matches(ours: lib.DifferentialExpression, theirs: dict):
+    frame = ours.to_frame().set_index(["target", "feature"])
+    index = pd.MultiIndex.from_arrays([theirs["target"], [str(f) for f in theirs["feature"]]])
+    assert len(index) == len(frame), "the reference tested a different set of (perturbation, gene) pairs"
+    np.testing.assert_allclose(frame.loc[index, "p_value"], theirs["p_value"], rtol=1e-9, atol=0)
+    np.testing.assert_allclose(frame.loc[index, "fdr"], theirs["fdr"], rtol=1e-9, atol=0)
+    np.testing.assert_array_equal(
+        frame.loc[index, "significant"], np.float32(theirs["fdr"]) < np.float32(lib.DE_FDR_THRESHOLD)
+    )
+
+
+def _assert_metrics_match(table: pd.DataFrame, theirs: dict):
+    for ours_name, their_name in (("des", "overlap_at_N"), ("pds", "discrimination_score_l1"), ("mae", "mae")):
+        expected = pd.Series(theirs[their_name])
+        assert sorted(expected.index) == sorted(table.index)
+        diff = np.abs(table[ours_name].to_numpy() - expected[table.index].to_numpy()).max()
+        assert diff <= 1e-6, f"{ours_name}: max abs diff {diff}"
+
+
+@pytest.mark.parametrize("mode", lib.SCORE_MODES)
+@pytest.mark.parametrize("dataset", ["random", "realistic"])
+def test_scores_match_cell_eval(reference_runs, mode, dataset):
+    real_path, pred_path, theirs = reference_runs[mode][dataset]
+    expected_version = {"vcc2025": "0.6.6", "current": "0.8.2"}[mode]
+    assert theirs["versions"]["cell-eval"] == expected_version
+    real, pred = ad.read_h5ad(real_path), ad.read_h5ad(pred_path)
+    result = lib.score(real, pred, mode=mode)
+    baseline_ad = lib.make_cell_mean_baseline(real)
+    their_baseline = ad.read_h5ad(theirs["baseline_h5ad"])
+    is_pert = np.asarray(their_baseline.obs["target_gene"], dtype=str) != CONTROL
+    # cell-eval averages group means in polars' (unordered) group order, so float32 ulps differ.
+    np.testing.assert_allclose(baseline_ad.X[0], np.asarray(their_baseline.X)[is_pert][0], rtol=1e-6)
+    baseline = lib.score(real, baseline_ad, mode=mode, real_de=result["real_de"])
+
+    _assert_de_matches(result["real_de"], theirs["pred_de_real"])
+    _assert_de_matches(result["pred_de"], theirs["pred_de_pred"])
+    _assert_de_matches(baseline["pred_de"], theirs["baseline_de_pred"])
+    _assert_metrics_match(result["per_perturbation"], theirs["pred"])
+    _assert_metrics_match(baseline["per_perturbation"], theirs["baseline"])
+    normalised = lib.normalised_score(result, baseline)
+    for ours_name, their_name in (("s_des", "overlap_at_N"), ("s_pds", "discrimination_score_l1"), ("s_mae", "mae"), ("score", "avg_score")):
+        assert abs(normalised[ours_name] - theirs["normalised"][their_name]) <= 1e-6, ours_name
+    if dataset == "realistic":  # the realistic pair must exercise the DE overlap for real
+        assert 0 < result["des"] < 1 and result["real_de"].significant_pg.sum() > 50

