@@ -55,6 +55,9 @@ from collections.abc import Iterable, Iterator, Sequence
 import scipy.sparse.linalg
 from jaxtyping import Float, Int
 
+# Shapes on signatures are checked at call time where this decorator is applied.
+typechecked = jaxtyping.jaxtyped(typechecker=beartype.beartype)
+
 REPO_DIR = pathlib.Path(__file__).resolve().parent
 MANIFEST_PATH = REPO_DIR / "data_manifest.toml"
 DATA_ROOT_ENV = "VCELL_DATA_ROOT"
@@ -174,6 +177,21 @@ def parse_config(config_cls, argv: list[str] | None = None, description: str = "
 
 
 # ----------------------------------------------------------------------------
+# configs shared by the data notebooks
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Flags every data notebook takes."""
+
+    data_root: str = ""
+    """Data root; empty means $VCELL_DATA_ROOT, else ./data (git-ignored)."""
+    world: typing.Literal["synthetic", "real"] = "synthetic"
+    """`synthetic`: the locally generated world (default); `real`: the downloaded sources."""
+
+
+# ----------------------------------------------------------------------------
 # manifest
 # ----------------------------------------------------------------------------
 
@@ -252,416 +270,9 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
 
 
 # ----------------------------------------------------------------------------
-# configs shared by the data notebooks
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class DataConfig:
-    """Flags every data notebook takes."""
-
-    data_root: str = ""
-    """Data root; empty means $VCELL_DATA_ROOT, else ./data (git-ignored)."""
-    world: typing.Literal["synthetic", "real"] = "synthetic"
-    """`synthetic`: the locally generated world (default); `real`: the downloaded sources."""
-
-
-# ----------------------------------------------------------------------------
-# synthetic world
-# ----------------------------------------------------------------------------
-# A seeded stand-in for the real sources, written in their on-disk layouts so the
-# same code reads both. The biology is simple but has the structure that makes the
-# problem real (and that a model can exploit or fail to):
-#   log mu_cg = base_g[cell type] + batch_bg + loading_g * z_c[module(g)]
-#               + kd_c * effect_pg[cell type] (+ log(1 - kd_c) on the target gene)
-#   counts_cg ~ NegBinomial(mean = L_c * softmax(log mu_c)_g, dispersion_g)
-# Genes belong to co-expression modules (z_c: per-cell program activity, one of them
-# a strong cell-cycle-like program); knocking a gene down moves its own module
-# (so co-expression tells you what a gene does) plus a few random edges and, for
-# strong perturbations, a generic stress response. Effects are shared across cell
-# types up to a cell-type-specific modulation, so other cell types carry signal
-# about H1's unseen perturbations.
-
-
-@dataclasses.dataclass(frozen=True)
-class SyntheticSize:
-    """How big a synthetic world is."""
-
-    n_genes_universe: int
-    """Genes in the shared universe; each dataset measures a subset."""
-    n_genes_target: int
-    """Genes measured in the target (H1) dataset: the submission's gene list."""
-    n_perts_target: tuple[int, int, int]
-    """Target perturbations in (train, validation, test), shaped like VCC's 150/50/100."""
-    cells_per_pert_target: int
-    """Median cells per target perturbation (drawn per perturbation around it)."""
-    n_control_target: int
-    """Control cells in the target training file (each truth file gets a third)."""
-    n_perts_context: int
-    """Perturbations per context dataset (K562, RPE1, HepG2, Jurkat)."""
-    cells_per_pert_context: int
-    """Median cells per context perturbation."""
-    n_control_context: int
-    """Control cells per context dataset."""
-    median_umi: int
-    """Median UMIs per cell in the target; context datasets scale it."""
-    n_modules: int
-    """Co-expression modules (programs) in the gene network."""
-    chunk_cells: int = 20_000
-    """Cells generated at once: bounds memory for the vcc-scale world."""
-
-
-SYNTHETIC_SIZES = {
-    "tiny": SyntheticSize(800, 600, (24, 8, 16), 30, 240, 60, 20, 160, 6_000, 16),
-    "small": SyntheticSize(5_000, 4_000, (150, 50, 100), 30, 1_500, 200, 16, 600, 12_000, 100),
-    "vcc": SyntheticSize(20_000, 18_080, (150, 50, 100), 1_220, 38_176, 2_000, 40, 8_000, 50_000, 400),
-}
-
-# (dataset name, cell type, relative library size, number of batches); the layout of
-# each file (keys, gene id convention, control label) comes from the manifest.
-_SYNTHETIC_CELL_TYPES = [
-    ("synthetic_h1", "H1", 1.0, 4),
-    ("synthetic_k562", "K562", 0.8, 3),
-    ("synthetic_rpe1", "RPE1", 0.7, 3),
-    ("synthetic_hepg2", "HepG2", 0.6, 2),
-    ("synthetic_jurkat", "Jurkat", 0.6, 2),
-]
-
-
-def synthetic_symbol(gene_u: np.ndarray) -> np.ndarray:
-    """Symbols of universe genes: `SYN00042`."""
-    return np.char.add("SYN", np.char.zfill(np.asarray(gene_u).astype(str), 5))
-
-
-def synthetic_ensembl_id(gene_u: np.ndarray) -> np.ndarray:
-    """Ensembl-like ids (`ENSG9` + 10 digits): cannot clash with real ids."""
-    return np.char.add("ENSG9", np.char.zfill(np.asarray(gene_u).astype(str), 10))
-
-
-def _barcodes(rng: np.random.Generator, n: int, suffixes: np.ndarray) -> np.ndarray:
-    """Unique 24-base barcodes with a per-cell suffix, like `AAAC...AGG-Flex_1_01`."""
-    codes = np.unique(rng.integers(0, 4**24, size=int(n * 1.01) + 16))
-    codes = rng.permutation(codes)[:n]
-    digits = (codes[:, None] // (4 ** np.arange(23, -1, -1))) % 4
-    bases = np.array(list("ACGT"))[digits]
-    return np.char.add(np.char.add(bases.view(f"<U24").ravel(), "-"), suffixes.astype(str))
-
-
-def _make_gene_network(rng: np.random.Generator, size: SyntheticSize) -> dict[str, np.ndarray]:
-    """Universe-level biology shared by every cell type."""
-    n_u = size.n_genes_universe
-    module_u = rng.integers(0, size.n_modules, n_u)
-    loading_u = rng.normal(0.0, 0.6, n_u) * (rng.random(n_u) < 0.6)  # 40% of genes ignore their module
-    loading_u[module_u == 0] *= 1.5  # module 0 is the strong cell-cycle-like program
-    log_base_u = rng.normal(0.0, 2.0, n_u)
-    log_base_u[module_u == 0] += 1.0
-    theta_u = np.exp(rng.normal(1.0, 0.7, n_u))  # NB inverse dispersion
-    stress_u = rng.normal(0.0, 0.5, n_u) * (rng.random(n_u) < 0.03)  # generic response of strong knockdowns
-    return dict(module_u=module_u, loading_u=loading_u, log_base_u=log_base_u, theta_u=theta_u, stress_u=stress_u)
-
-
-def _make_effects(rng: np.random.Generator, net: dict, targets_p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Universe-level downstream effects of knocking down each target: (effect_pu, strength_p).
-
-    Most perturbations are weak, some strong (as in real screens). A target moves its
-    own module against its loading (less of a member means less module activity), a
-    few random genes, and if strong a shared stress response.
-    """
-    n_p, n_u = len(targets_p), len(net["module_u"])
-    tier_p = rng.choice(3, size=n_p, p=[0.5, 0.35, 0.15])
-    strength_p = np.array([0.1, 0.6, 1.5])[tier_p] * np.exp(rng.normal(0, 0.3, n_p))
-    effect_pu = np.zeros((n_p, n_u), np.float32)
-    for p, target in enumerate(targets_p):
-        same_module_u = net["module_u"] == net["module_u"][target]
-        sign = np.sign(net["loading_u"][target]) or 1.0
-        effect_pu[p] = -1.5 * strength_p[p] * sign * net["loading_u"] * same_module_u
-        # Strong knockdowns reach ~3% of all genes beyond their module.
-        edges = rng.choice(n_u, size=min(n_u, rng.poisson(2 + 0.02 * n_u * strength_p[p])), replace=False)
-        effect_pu[p, edges] += rng.normal(0.0, 0.8 * strength_p[p], len(edges))
-        effect_pu[p] += max(strength_p[p] - 0.5, 0.0) * net["stress_u"]
-        effect_pu[p, target] = 0.0  # the target's own change is the knockdown itself
-    return effect_pu, strength_p
-
-
-def _cell_type_effects(rng: np.random.Generator, effect_pu: np.ndarray, net: dict) -> np.ndarray:
-    """Cell-type-specific modulation of shared effects: per-module gain, per-perturbation
-    gain, and 15% of edges that this cell type lacks."""
-    module_gain_m = np.exp(rng.normal(0.0, 0.3, net["module_u"].max() + 1))
-    pert_gain_p = np.exp(rng.normal(0.0, 0.3, effect_pu.shape[0]))
-    kept_pu = rng.random(effect_pu.shape) > 0.15
-    return (effect_pu * module_gain_m[net["module_u"]][None] * pert_gain_p[:, None] * kept_pu).astype(np.float32)
-
-
-def _sample_counts(
-    rng: np.random.Generator,
-    *,
-    log_mu_g: np.ndarray,
-    net_g: dict,
-    batch_offset_bg: np.ndarray,
-    effect_pg: np.ndarray,
-    pert_c: np.ndarray,
-    target_col_p: np.ndarray,
-    kd_p: np.ndarray,
-    batch_c: np.ndarray,
-    library_c: np.ndarray,
-    n_modules: int,
-):
-    """NB counts for one chunk of cells (pert_c = -1 for control). Returns CSR float32."""
-    import scipy.sparse
-
-    n_c = len(pert_c)
-    z_cm = rng.normal(0.0, 0.25, (n_c, n_modules))
-    z_cm[:, 0] = 1.2 * (rng.random(n_c) < 0.4) + rng.normal(0.0, 0.2, n_c)  # cycling vs not
-    logits_cg = log_mu_g[None] + batch_offset_bg[batch_c] + net_g["loading"][None] * z_cm[:, net_g["module"]]
-    perturbed_c = pert_c >= 0
-    # Knockdown efficiency per cell: the perturbation's efficiency, some cells escape.
-    escaped_c = rng.random(n_c) < 0.1
-    kd_c = np.where(perturbed_c & ~escaped_c, kd_p[np.maximum(pert_c, 0)] * rng.uniform(0.7, 1.0, n_c), 0.0)
-    logits_cg[perturbed_c] += kd_c[perturbed_c, None] * effect_pg[pert_c[perturbed_c]]
-    rows = np.flatnonzero(perturbed_c & (target_col_p[np.maximum(pert_c, 0)] >= 0))
-    logits_cg[rows, target_col_p[pert_c[rows]]] += np.log1p(-0.98 * kd_c[rows])
-    logits_cg -= logits_cg.max(axis=1, keepdims=True)
-    prob_cg = np.exp(logits_cg)
-    prob_cg /= prob_cg.sum(axis=1, keepdims=True)
-    mean_cg = prob_cg * library_c[:, None]
-    theta_g = net_g["theta"][None]
-    counts_cg = rng.negative_binomial(theta_g, theta_g / (theta_g + mean_cg))
-    return scipy.sparse.csr_matrix(counts_cg.astype(np.float32))
-
-
-def write_synthetic_world(data_root: str | os.PathLike | None = None, size: str = "small", seed: int = 0) -> dict:
-    """Generate the synthetic world under `<data_root>/raw/synthetic/` (layouts: wip/README.md).
-
-    Deterministic for (size, seed). Returns a summary: files written and their cell counts.
-    """
-    import pandas as pd
-
-    if size not in SYNTHETIC_SIZES:
-        raise ValueError(f"unknown synthetic size {size!r}: choose one of {sorted(SYNTHETIC_SIZES)}")
-    sz = SYNTHETIC_SIZES[size]
-    out_dir = get_data_root(data_root) / "raw" / "synthetic"
-    specs = {s.name: s for s in get_datasets("synthetic")}
-    rng = np.random.default_rng(seed)
-    net = _make_gene_network(rng, sz)
-    n_u = sz.n_genes_universe
-    symbol_u, ensembl_u = synthetic_symbol(np.arange(1, n_u + 1)), synthetic_ensembl_id(np.arange(1, n_u + 1))
-    version_u = rng.integers(1, 20, n_u)
-
-    # Which genes each dataset measures; the target's list is the submission's gene list.
-    target_genes = np.sort(rng.choice(n_u, sz.n_genes_target, replace=False))
-    # Perturbations target reasonably expressed genes, as CRISPRi screens of essential genes do.
-    expressed = target_genes[net["log_base_u"][target_genes] > np.quantile(net["log_base_u"], 0.4)]
-    n_train, n_val, n_test = sz.n_perts_target
-    target_perts = rng.choice(expressed, n_train + n_val + n_test, replace=False)
-    split_of = dict(zip(target_perts, ["train"] * n_train + ["val"] * n_val + ["test"] * n_test))
-    context_perts = {}
-    for name, *_ in _SYNTHETIC_CELL_TYPES[1:]:
-        shared = rng.choice(target_perts, int(0.4 * len(target_perts)), replace=False)
-        others = rng.choice(np.setdiff1d(expressed, shared), sz.n_perts_context - len(shared), replace=False)
-        context_perts[name] = np.concatenate([shared, others])
-    all_perts = np.unique(np.concatenate([target_perts, *context_perts.values()]))
-    effect_pu, strength_p = _make_effects(rng, net, all_perts)
-    kd_eff_p = rng.beta(8, 2, len(all_perts))  # per-perturbation knockdown efficiency
-    pert_row = {g: i for i, g in enumerate(all_perts)}
-
-    summary = {"size": size, "seed": seed, "files": {}}
-    for name, cell_type, library_scale, n_batches in _SYNTHETIC_CELL_TYPES:
-        spec = specs[name]
-        ds_rng = np.random.default_rng([seed, len(summary["files"])])
-        is_target = spec.role == "target"
-        if is_target:
-            genes_g = target_genes
-        else:
-            perts = context_perts[name]
-            keep = np.sort(rng.choice(n_u, int(n_u * rng.uniform(0.8, 0.95)), replace=False))
-            genes_g = np.union1d(keep, perts)  # a screen measures the genes it perturbs
-        col_of = {g: j for j, g in enumerate(genes_g)}
-        log_mu_g = net["log_base_u"][genes_g] + ds_rng.normal(0.0, 0.4, len(genes_g))
-        net_g = dict(module=net["module_u"][genes_g], loading=net["loading_u"][genes_g], theta=net["theta_u"][genes_g])
-        effect_pg = _cell_type_effects(ds_rng, effect_pu, net)[:, genes_g]
-        target_col_p = np.array([col_of.get(g, -1) for g in all_perts])
-        batch_offset_bg = ds_rng.normal(0.0, 0.1, (n_batches, len(genes_g)))
-        batch_scale_b = np.exp(ds_rng.normal(0.0, 0.15, n_batches))
-
-        if spec.gene_index == "symbol":
-            var = pd.DataFrame(index=pd.Index(symbol_u[genes_g], name=None))
-            if spec.gene_id_column:
-                var[spec.gene_id_column] = ensembl_u[genes_g]
-        else:
-            var = pd.DataFrame(index=np.char.add(np.char.add(ensembl_u[genes_g], "."), version_u[genes_g].astype(str)))
-            var[spec.gene_symbol_column] = symbol_u[genes_g]
-
-        def make_file(perts_of_file, cells_per_pert, n_control, file_rng, median_umi):
-            """Per-cell perturbation rows (-1 control), batches, library sizes; shuffled."""
-            n_cells_p = np.maximum(3, file_rng.poisson(cells_per_pert * np.exp(file_rng.normal(0, 0.3, len(perts_of_file)))))
-            pert_c = np.concatenate([np.full(n_control, -1), np.repeat([pert_row[g] for g in perts_of_file], n_cells_p)])
-            pert_c = file_rng.permutation(pert_c)
-            batch_c = file_rng.integers(0, n_batches, len(pert_c))
-            library_c = median_umi * batch_scale_b[batch_c] * np.exp(file_rng.normal(0.0, 0.35, len(pert_c)))
-            return pert_c, batch_c, library_c
-
-        def write(path, pert_c, batch_c, library_c, file_rng):
-            symbols_c = np.where(pert_c >= 0, symbol_u[all_perts[np.maximum(pert_c, 0)]], spec.control_label)
-            if is_target:
-                batch_names = np.array([f"Flex_{1 + b // 2}_{1 + b % 2:02d}" for b in range(n_batches)])
-                guides = np.where(pert_c >= 0, np.char.add(np.char.add(symbols_c, "_P1P2_A|"), np.char.add(symbols_c, "_P1P2_B")),
-                                  np.char.add("non-targeting_", np.char.zfill((file_rng.integers(1, 200, len(pert_c))).astype(str), 4)))
-                obs = pd.DataFrame({"target_gene": symbols_c, "guide_id": guides, "batch": batch_names[batch_c]},
-                                   index=_barcodes(file_rng, len(pert_c), batch_names[batch_c]))
-            else:
-                obs = pd.DataFrame({"gene": symbols_c, "gem_group": batch_c + 1},
-                                   index=_barcodes(file_rng, len(pert_c), (batch_c + 1).astype(str)))
-            obs = obs.astype({c: "category" for c in obs.columns if obs[c].dtype == object})
-
-            def make_chunk(start, stop):
-                chunk_rng = np.random.default_rng([seed, len(summary["files"]), start])
-                return _sample_counts(chunk_rng, log_mu_g=log_mu_g, net_g=net_g, batch_offset_bg=batch_offset_bg,
-                                      effect_pg=effect_pg, pert_c=pert_c[start:stop], target_col_p=target_col_p,
-                                      kd_p=kd_eff_p, batch_c=batch_c[start:stop], library_c=library_c[start:stop],
-                                      n_modules=sz.n_modules)
-
-            write_h5ad_chunked(path, obs, var, make_chunk, len(pert_c), sz.chunk_cells, desc=f"{name}: {path.name}")
-            summary["files"][str(path.relative_to(out_dir))] = {"n_cells": len(pert_c), "n_genes": len(genes_g)}
-
-        median_umi = sz.median_umi * library_scale
-        if not is_target:
-            pert_c, batch_c, library_c = make_file(perts, sz.cells_per_pert_context, sz.n_control_context, ds_rng, median_umi)
-            write(get_dataset_path(spec, data_root), pert_c, batch_c, library_c, ds_rng)
-            continue
-        vcc_dir = get_dataset_path(spec, data_root).parent
-        splits = {"train": "adata_Training.h5ad", "val": "adata_Validation_truth.h5ad", "test": "adata_Test_truth.h5ad"}
-        for split, file_name in splits.items():
-            perts = np.array([g for g in target_perts if split_of[g] == split])
-            n_control = sz.n_control_target if split == "train" else sz.n_control_target // 3
-            pert_c, batch_c, library_c = make_file(perts, sz.cells_per_pert_target, n_control, ds_rng, median_umi)
-            write(vcc_dir / file_name, pert_c, batch_c, library_c, ds_rng)
-            if split != "train":
-                # The challenge tells you how many cells to predict and their depth.
-                counts = pd.DataFrame({"target_gene": symbol_u[all_perts[pert_c]], "umi": library_c})[pert_c >= 0]
-                table = counts.groupby("target_gene", sort=False).agg(n_cells=("umi", "size"), median_umi_per_cell=("umi", "median"))
-                table = table.loc[symbol_u[perts]].reset_index()
-                table["median_umi_per_cell"] = table["median_umi_per_cell"].round(0)
-                csv_name = "pert_counts_Validation.csv" if split == "val" else "pert_counts_Test.csv"
-                with atomic_path(vcc_dir / csv_name) as tmp_path:
-                    table.to_csv(tmp_path, index=False)
-        with atomic_path(vcc_dir / "gene_names.csv") as tmp_path:
-            tmp_path.write_text("\n".join(symbol_u[target_genes]) + "\n")
-
-    # Generator internals, for tests and for checking that models find real signal.
-    with atomic_path(out_dir / "truth.npz") as tmp_path:
-        with open(tmp_path, "wb") as f:
-            np.savez_compressed(f, perts_u=all_perts, effect_pu=effect_pu, strength_p=strength_p, kd_efficiency_p=kd_eff_p,
-                                module_u=net["module_u"], loading_u=net["loading_u"])
-    summary["splits"] = {s: sorted(symbol_u[g] for g in target_perts if split_of[g] == s) for s in ("train", "val", "test")}
-    summary["context_perturbations"] = {n: sorted(symbol_u[p]) for n, p in context_perts.items()}
-    write_json(out_dir / "world.json", summary)
-    return summary
-
-
-# ----------------------------------------------------------------------------
-# submission
-# ----------------------------------------------------------------------------
-# A submission is an h5ad with obs `target_gene` (control cells included), every gene of
-# `gene_names.csv` in that order, log1p values, float32 CSR; `cell-eval prep` packs it as
-# a `.vcc` (a plain tar of `pred.h5ad.zst` and a watermark). The writer streams: cells
-# are predicted and written a chunk at a time, so memory never holds the full matrix
-# (the researcher saw 7 GB spikes materialising it).
-
-MAX_SUBMISSION_CELLS = 100_000
-"""Cell cap of the 2025 validation phase (200,000 later)."""
-
-
-def make_submission_obs(
-    pert_counts: "pd.DataFrame", n_control: int, control_label: str = "non-targeting"
-) -> "pd.DataFrame":
-    """obs of a submission: `n_cells` rows per requested perturbation, then the controls."""
-    import pandas as pd
-
-    labels = np.concatenate([np.repeat(pert_counts["target_gene"].to_numpy(str), pert_counts["n_cells"]),
-                             np.full(n_control, control_label)])
-    return pd.DataFrame({"target_gene": pd.Categorical(labels)}, index=np.arange(len(labels)).astype(str))
-
-
-def check_log1p_chunk(x_cg: np.ndarray, where: str) -> None:
-    """One clear error for values a scorer would reject or silently misread."""
-    if not np.all(np.isfinite(x_cg)):
-        raise ValueError(f"{where}: NaN or inf in predictions; check the model's output (clip, or fix a diverged run).")
-    if x_cg.size and x_cg.min() < 0:
-        raise ValueError(f"{where}: negative values (min {x_cg.min():.3g}); predictions must be log1p(CP10K) >= 0: clip at 0.")
-    if x_cg.size and x_cg.max() >= 15:
-        raise ValueError(f"{where}: values >= 15 (max {x_cg.max():.3g}) look like raw counts or CP10K, not log1p: apply lib.normalise first.")
-
-
-def write_submission(
-    path: str | os.PathLike,
-    *,
-    gene_names: list[str],
-    obs: "pd.DataFrame",
-    predict_chunk,
-    chunk_cells: int = 4_096,
-    max_cells: int = MAX_SUBMISSION_CELLS,
-    control_label: str = "non-targeting",
-) -> pathlib.Path:
-    """Validate and stream a submission h5ad to `path` (atomically).
-
-    `predict_chunk(start, stop)` returns the log1p rows `start:stop` of `obs`, all
-    genes in `gene_names` order. Checks: control cells present, no more than
-    `max_cells`, gene list unique, every chunk the right shape and in log1p range.
-    """
-    import pandas as pd
-
-    path = pathlib.Path(path)
-    if control_label not in set(obs["target_gene"]):
-        raise ValueError(f"no control cells ({control_label!r}) in the submission: the scorer needs them; add them to obs.")
-    if len(obs) > max_cells:
-        raise ValueError(f"{len(obs):,} cells exceed the limit of {max_cells:,}: request fewer cells per perturbation.")
-    if len(set(gene_names)) != len(gene_names):
-        raise ValueError("gene_names has duplicates: pass the gene_names.csv list unchanged.")
-    var = pd.DataFrame(index=pd.Index(gene_names, dtype=str))
-
-    def checked_chunk(start: int, stop: int) -> np.ndarray:
-        x_cg = np.asarray(predict_chunk(start, stop), dtype=np.float32)
-        if x_cg.shape != (stop - start, len(gene_names)):
-            raise ValueError(f"cells {start}:{stop}: prediction has shape {x_cg.shape}, expected {(stop - start, len(gene_names))} "
-                             "(cells × genes in gene_names.csv order)")
-        check_log1p_chunk(x_cg, f"cells {start}:{stop}")
-        return x_cg
-
-    write_h5ad_chunked(path, obs, var, checked_chunk, len(obs), chunk_cells, desc=f"writing {path.name}")
-    return path
-
-
-def pack_vcc(h5ad_path: str | os.PathLike, vcc_path: str | os.PathLike | None = None) -> pathlib.Path:
-    """Pack a submission h5ad as `cell-eval prep` does: tar of `pred.h5ad.zst` + `watermark.txt`.
-
-    Run `write_submission` first: it already writes prep's minimal float32 CSR layout.
-    Compresses with the zstandard library (streaming, so memory stays small) rather than
-    prep's `zstd` program, which a fresh machine may not have.
-    """
-    import tarfile
-    import tempfile
-
-    import zstandard
-
-    h5ad_path = pathlib.Path(h5ad_path)
-    vcc_path = pathlib.Path(vcc_path) if vcc_path else h5ad_path.with_suffix(".prep.vcc")
-    with tempfile.TemporaryDirectory() as tmp_dir:
-        tmp = pathlib.Path(tmp_dir)
-        with open(h5ad_path, "rb") as src, open(tmp / "pred.h5ad.zst", "wb") as dst:
-            zstandard.ZstdCompressor(level=3, threads=-1).copy_stream(src, dst)
-        (tmp / "watermark.txt").write_text("vcc-prep")
-        with atomic_path(vcc_path) as tmp_vcc, tarfile.open(tmp_vcc, "w", format=tarfile.GNU_FORMAT) as tar:
-            for name in ["pred.h5ad.zst", "watermark.txt"]:
-                tar.add(tmp / name, arcname=name)
-    return vcc_path
-
-
-# ----------------------------------------------------------------------------
 # download
 # ----------------------------------------------------------------------------
-# download: fetch the manifest's real sources, resumable, verified and atomic.
-#
-# Pasted into lib.py's "download" section (the merge rewrites `lib.x` -> `x`).
+# Fetch the manifest's real sources: resumable, verified and atomic.
 #
 # Every file of `[sources.<name>]` lands in `<data_root>/raw/<name>/<file>`. A download streams
 # into `<file>.part` (kept on failure, resumed with an HTTP Range request next time), is checked
@@ -1111,1157 +722,311 @@ def get_source_table(manifest: dict[str, Any] | None = None) -> list[dict[str, A
 
 
 # ----------------------------------------------------------------------------
-# model & losses
+# synthetic world
 # ----------------------------------------------------------------------------
-# Model and losses (issue 5): the ST set transformer in equinox, its losses, one train step.
-#
-# Pasted into lib.py's "model" and "losses" sections (plus `make_step`/`predict_sets`,
-# which the train and infer sections build on).
-#
-# Shape suffixes: b batch (sets per step), s set (cells per set), g gene, h hidden,
-# f perturbation feature, p perturbation, i SwiGLU inner width, n/m cells of two sets.
-#
-# The model follows STATE's "ST" (SPEC §4), written from the description, not Arc's code:
-# a set of S control cells and one perturbation's feature vector go in; S predicted
-# perturbed cells come out. `SetTransformer.__call__` takes ONE set; the loss vmaps over
-# the batch (the equinox-examples style).
-
-
-typechecked = jaxtyping.jaxtyped(typechecker=beartype.beartype)
-"""Decorator: beartype + jaxtyping shape checks (under jit they run once, at trace time)."""
-
-
-# ----------------------------------------------------------------------------
-# model
-# ----------------------------------------------------------------------------
+# A seeded stand-in for the real sources, written in their on-disk layouts so the
+# same code reads both. The biology is simple but has the structure that makes the
+# problem real (and that a model can exploit or fail to):
+#   log mu_cg = base_g[cell type] + batch_bg + loading_g * z_c[module(g)]
+#               + kd_c * effect_pg[cell type] (+ log(1 - kd_c) on the target gene)
+#   counts_cg ~ NegBinomial(mean = L_c * softmax(log mu_c)_g, dispersion_g)
+# Genes belong to co-expression modules (z_c: per-cell program activity, one of them
+# a strong cell-cycle-like program); knocking a gene down moves its own module
+# (so co-expression tells you what a gene does) plus a few random edges and, for
+# strong perturbations, a generic stress response. Effects are shared across cell
+# types up to a cell-type-specific modulation, so other cell types carry signal
+# about H1's unseen perturbations.
 
 
 @dataclasses.dataclass(frozen=True)
-class ModelConfig:
-    """Shape of the ST set transformer. Defaults: the researcher's small config (~2.5M params)."""
+class SyntheticSize:
+    """How big a synthetic world is."""
 
-    n_genes: int = 2000
-    """Genes in and out (the shared HVG list); every input set must have exactly this many columns."""
-    n_pert_features: int = 301
-    """Width of a perturbation's feature vector: n_perts + 1 for one-hot ids (the extra
-    column is the out-of-vocabulary slot), or a gene embedding's width (ESM2-650M: 1280).
-    301 matches the one-hot width of the arc-state reference benchmark (ENVIRONMENT.md)."""
-    hidden: int = 128
-    """Width of the residual stream of the transformer (and of the encoder MLPs)."""
-    n_layers: int = 4
-    """Transformer blocks."""
-    n_heads: int = 8
-    """Attention heads per block; must divide `hidden`."""
-    mlp_ratio: int = 8
-    """SwiGLU inner width = mlp_ratio * hidden. 8 gives 1.84M transformer parameters at
-    hidden 128 x 4 layers and ~115K for one layer at hidden 64, the researcher's numbers."""
-    n_encoder_layers: int = 2
-    """Linear layers in each of the basal encoder, perturbation encoder and output MLP (>= 1)."""
-    straight_through_relu: bool = True
-    """Output ReLU with an identity gradient: the forward is STATE's ReLU, but a gene whose
-    predictions all fell below 0 still gets a gradient. With a plain ReLU such genes stay
-    at 0 for good: on a toy batch 5 of 96 (set, gene) pseudobulks died while overfitting."""
-
-    def __post_init__(self):
-        if self.hidden % self.n_heads:
-            raise ValueError(f"hidden {self.hidden} is not divisible by n_heads {self.n_heads}")
-        if min(self.n_genes, self.n_pert_features, self.n_layers, self.n_encoder_layers) < 1:
-            raise ValueError(f"every size in {self} must be >= 1")
+    n_genes_universe: int
+    """Genes in the shared universe; each dataset measures a subset."""
+    n_genes_target: int
+    """Genes measured in the target (H1) dataset: the submission's gene list."""
+    n_perts_target: tuple[int, int, int]
+    """Target perturbations in (train, validation, test), shaped like VCC's 150/50/100."""
+    cells_per_pert_target: int
+    """Median cells per target perturbation (drawn per perturbation around it)."""
+    n_control_target: int
+    """Control cells in the target training file (each truth file gets a third)."""
+    n_perts_context: int
+    """Perturbations per context dataset (K562, RPE1, HepG2, Jurkat)."""
+    cells_per_pert_context: int
+    """Median cells per context perturbation."""
+    n_control_context: int
+    """Control cells per context dataset."""
+    median_umi: int
+    """Median UMIs per cell in the target; context datasets scale it."""
+    n_modules: int
+    """Co-expression modules (programs) in the gene network."""
+    chunk_cells: int = 20_000
+    """Cells generated at once: bounds memory for the vcc-scale world."""
 
 
-def make_mlp(in_size: int, out_size: int, width: int, n_linear: int, *, key: PRNGKeyArray) -> eqx.nn.MLP:
-    """`n_linear` Linear layers (with biases) and GELU between them, none after the last."""
-    return eqx.nn.MLP(in_size, out_size, width, depth=n_linear - 1, activation=jax.nn.gelu, key=key)
+SYNTHETIC_SIZES = {
+    "tiny": SyntheticSize(800, 600, (24, 8, 16), 30, 240, 60, 20, 160, 6_000, 16),
+    "small": SyntheticSize(5_000, 4_000, (150, 50, 100), 30, 1_500, 200, 16, 600, 12_000, 100),
+    "vcc": SyntheticSize(20_000, 18_080, (150, 50, 100), 1_220, 38_176, 2_000, 40, 8_000, 50_000, 400),
+}
+
+# (dataset name, cell type, relative library size, number of batches); the layout of
+# each file (keys, gene id convention, control label) comes from the manifest.
+_SYNTHETIC_CELL_TYPES = [
+    ("synthetic_h1", "H1", 1.0, 4),
+    ("synthetic_k562", "K562", 0.8, 3),
+    ("synthetic_rpe1", "RPE1", 0.7, 3),
+    ("synthetic_hepg2", "HepG2", 0.6, 2),
+    ("synthetic_jurkat", "Jurkat", 0.6, 2),
+]
 
 
-class SelfAttention(eqx.Module):
-    """Bidirectional multi-head attention over the set: no mask, no positions, no biases."""
-
-    qkv: eqx.nn.Linear
-    out: eqx.nn.Linear
-    n_heads: int = eqx.field(static=True)
-
-    def __init__(self, hidden: int, n_heads: int, *, key: PRNGKeyArray):
-        qkv_key, out_key = jax.random.split(key)
-        # One H -> 3H matmul instead of three H -> H: same parameters, fewer kernel launches.
-        self.qkv = eqx.nn.Linear(hidden, 3 * hidden, use_bias=False, key=qkv_key)
-        self.out = eqx.nn.Linear(hidden, hidden, use_bias=False, key=out_key)
-        self.n_heads = n_heads
-
-    @typechecked
-    def __call__(self, x_sh: Float[Array, "set hidden"]) -> Float[Array, "set hidden"]:
-        s, h = x_sh.shape
-        qkv_s3h = jax.vmap(self.qkv)(x_sh).reshape(s, 3, self.n_heads, h // self.n_heads)
-        q_snd, k_snd, v_snd = qkv_s3h[:, 0], qkv_s3h[:, 1], qkv_s3h[:, 2]
-        logits_nst = jnp.einsum("snd,tnd->nst", q_snd, k_snd) / math.sqrt(h // self.n_heads)
-        weights_nst = jax.nn.softmax(logits_nst, axis=-1)
-        y_sh = jnp.einsum("nst,tnd->snd", weights_nst, v_snd).reshape(s, h)
-        return jax.vmap(self.out)(y_sh)
+def synthetic_symbol(gene_u: np.ndarray) -> np.ndarray:
+    """Symbols of universe genes: `SYN00042`."""
+    return np.char.add("SYN", np.char.zfill(np.asarray(gene_u).astype(str), 5))
 
 
-class SwiGLU(eqx.Module):
-    """LLaMA's feed-forward: down(silu(gate(x)) * up(x)), no biases."""
-
-    gate: eqx.nn.Linear
-    up: eqx.nn.Linear
-    down: eqx.nn.Linear
-
-    def __init__(self, hidden: int, inner: int, *, key: PRNGKeyArray):
-        gate_key, up_key, down_key = jax.random.split(key, 3)
-        self.gate = eqx.nn.Linear(hidden, inner, use_bias=False, key=gate_key)
-        self.up = eqx.nn.Linear(hidden, inner, use_bias=False, key=up_key)
-        self.down = eqx.nn.Linear(inner, hidden, use_bias=False, key=down_key)
-
-    @typechecked
-    def __call__(self, x_h: Float[Array, "hidden"]) -> Float[Array, "hidden"]:
-        return self.down(jax.nn.silu(self.gate(x_h)) * self.up(x_h))
+def synthetic_ensembl_id(gene_u: np.ndarray) -> np.ndarray:
+    """Ensembl-like ids (`ENSG9` + 10 digits): cannot clash with real ids."""
+    return np.char.add("ENSG9", np.char.zfill(np.asarray(gene_u).astype(str), 10))
 
 
-class TransformerBlock(eqx.Module):
-    """Pre-norm block: x + attn(norm(x)), then x + swiglu(norm(x)); RMSNorm with a weight, no bias."""
-
-    attn_norm: eqx.nn.RMSNorm
-    attn: SelfAttention
-    mlp_norm: eqx.nn.RMSNorm
-    mlp: SwiGLU
-
-    def __init__(self, hidden: int, n_heads: int, inner: int, *, key: PRNGKeyArray):
-        attn_key, mlp_key = jax.random.split(key)
-        self.attn_norm = eqx.nn.RMSNorm(hidden, eps=1e-6, use_bias=False)
-        self.attn = SelfAttention(hidden, n_heads, key=attn_key)
-        self.mlp_norm = eqx.nn.RMSNorm(hidden, eps=1e-6, use_bias=False)
-        self.mlp = SwiGLU(hidden, inner, key=mlp_key)
-
-    @typechecked
-    def __call__(self, x_sh: Float[Array, "set hidden"]) -> Float[Array, "set hidden"]:
-        x_sh = x_sh + self.attn(jax.vmap(self.attn_norm)(x_sh))
-        return x_sh + jax.vmap(self.mlp)(jax.vmap(self.mlp_norm)(x_sh))
+def _barcodes(rng: np.random.Generator, n: int, suffixes: np.ndarray) -> np.ndarray:
+    """Unique 24-base barcodes with a per-cell suffix, like `AAAC...AGG-Flex_1_01`."""
+    codes = np.unique(rng.integers(0, 4**24, size=int(n * 1.01) + 16))
+    codes = rng.permutation(codes)[:n]
+    digits = (codes[:, None] // (4 ** np.arange(23, -1, -1))) % 4
+    bases = np.array(list("ACGT"))[digits]
+    return np.char.add(np.char.add(bases.view(f"<U24").ravel(), "-"), suffixes.astype(str))
 
 
-class PertEncoder(eqx.Module):
-    """MLP from a perturbation's float feature vector to the hidden width.
+def _make_gene_network(rng: np.random.Generator, size: SyntheticSize) -> dict[str, np.ndarray]:
+    """Universe-level biology shared by every cell type."""
+    n_u = size.n_genes_universe
+    module_u = rng.integers(0, size.n_modules, n_u)
+    loading_u = rng.normal(0.0, 0.6, n_u) * (rng.random(n_u) < 0.6)  # 40% of genes ignore their module
+    loading_u[module_u == 0] *= 1.5  # module 0 is the strong cell-cycle-like program
+    log_base_u = rng.normal(0.0, 2.0, n_u)
+    log_base_u[module_u == 0] += 1.0
+    theta_u = np.exp(rng.normal(1.0, 0.7, n_u))  # NB inverse dispersion
+    stress_u = rng.normal(0.0, 0.5, n_u) * (rng.random(n_u) < 0.03)  # generic response of strong knockdowns
+    return dict(module_u=module_u, loading_u=loading_u, log_base_u=log_base_u, theta_u=theta_u, stress_u=stress_u)
 
-    Ids become features before they get here (`make_onehot_features`: one-hot -> Linear
-    is a learned id embedding); gene feature vectors (ESM2, ...) go in as they are. So
-    the model never gathers by id, and no out-of-range id can be clamped silently.
+
+def _make_effects(rng: np.random.Generator, net: dict, targets_p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Universe-level downstream effects of knocking down each target: (effect_pu, strength_p).
+
+    Most perturbations are weak, some strong (as in real screens). A target moves its
+    own module against its loading (less of a member means less module activity), a
+    few random genes, and if strong a shared stress response.
     """
-
-    mlp: eqx.nn.MLP
-    n_features: int = eqx.field(static=True)
-
-    def __init__(self, n_features: int, hidden: int, n_linear: int, *, key: PRNGKeyArray):
-        self.mlp = make_mlp(n_features, hidden, hidden, n_linear, key=key)
-        self.n_features = n_features
-
-    @typechecked
-    def __call__(self, pert_f: Float[Array, "feat"]) -> Float[Array, "hidden"]:
-        assert pert_f.shape == (self.n_features,), f"perturbation features {pert_f.shape} != ({self.n_features},)"
-        return self.mlp(pert_f)
-
-
-class SetTransformer(eqx.Module):
-    """STATE's ST model: S control cells + one perturbation -> S predicted perturbed cells.
-
-    basal_sh = basal_encoder(ctrl_sg) per cell; h_sh = basal_sh + pert_encoder(pert_f);
-    h_sh = transformer(h_sh) (bidirectional, no positions: permutation-equivariant);
-    pred_sg = relu(decoder(norm(h_sh) + basal_sh)). The ReLU keeps log1p expression >= 0
-    (see `ModelConfig.straight_through_relu` for its gradient); `predict_sets` also clips
-    the top at inference.
-    """
-
-    basal_encoder: eqx.nn.MLP
-    pert_encoder: PertEncoder
-    blocks: list[TransformerBlock]
-    final_norm: eqx.nn.RMSNorm
-    decoder: eqx.nn.MLP
-    n_genes: int = eqx.field(static=True)
-    straight_through_relu: bool = eqx.field(static=True)
-
-    def __init__(self, cfg: ModelConfig, *, key: PRNGKeyArray):
-        basal_key, pert_key, decoder_key, *block_keys = jax.random.split(key, 3 + cfg.n_layers)
-        h = cfg.hidden
-        self.basal_encoder = make_mlp(cfg.n_genes, h, h, cfg.n_encoder_layers, key=basal_key)
-        self.pert_encoder = PertEncoder(cfg.n_pert_features, h, cfg.n_encoder_layers, key=pert_key)
-        self.blocks = [TransformerBlock(h, cfg.n_heads, cfg.mlp_ratio * h, key=k) for k in block_keys]
-        self.final_norm = eqx.nn.RMSNorm(h, eps=1e-6, use_bias=False)
-        self.decoder = make_mlp(h, cfg.n_genes, h, cfg.n_encoder_layers, key=decoder_key)
-        self.n_genes = cfg.n_genes
-        self.straight_through_relu = cfg.straight_through_relu
-
-    @typechecked
-    def __call__(self, ctrl_sg: Float[Array, "set gene"], pert_f: Float[Array, "feat"]) -> Float[Array, "set gene"]:
-        assert ctrl_sg.shape[1] == self.n_genes, f"control cells have {ctrl_sg.shape[1]} genes, model {self.n_genes}"
-        basal_sh = jax.vmap(self.basal_encoder)(ctrl_sg)
-        h_sh = basal_sh + self.pert_encoder(pert_f)[None, :]
-        for block in self.blocks:
-            h_sh = block(h_sh)
-        # Skip from the basal encoding around the whole backbone (SPEC §4).
-        out_sh = jax.vmap(self.final_norm)(h_sh) + basal_sh
-        z_sg = jax.vmap(self.decoder)(out_sh)
-        if self.straight_through_relu:
-            return z_sg + jax.lax.stop_gradient(jax.nn.relu(z_sg) - z_sg)
-        return jax.nn.relu(z_sg)
-
-
-def make_model(
-    cfg: ModelConfig, *, key: PRNGKeyArray, gene_mean_g: Float[np.ndarray, " gene"] | None = None
-) -> SetTransformer:
-    """A freshly initialised model; with `gene_mean_g` (mean log1p expression of the training
-    cells) the decoder's last bias starts there, so step 0 predicts about the mean baseline.
-
-    Why: with the default init the pre-ReLU outputs are centred on 0, so about half the
-    predictions start at exactly 0 (61% on a toy batch); with a plain ReLU those get no
-    gradient (13 of 96 (set, gene) pseudobulks never recovered there).
-    """
-    # Jitted: eager init compiles every random op on its own (~7 s on this CPU, vs ~1 s).
-    model = eqx.filter_jit(SetTransformer)(cfg, key=key)
-    if gene_mean_g is None:
-        return model
-    if gene_mean_g.shape != (cfg.n_genes,):
-        raise ValueError(f"gene_mean_g has shape {gene_mean_g.shape}, expected ({cfg.n_genes},)")
-    return eqx.tree_at(lambda m: m.decoder.layers[-1].bias, model, jnp.asarray(gene_mean_g, jnp.float32))
-
-
-def is_param(leaf) -> bool:
-    """Floating-point arrays, concrete or abstract (`eqx.filter_eval_shape` gives ShapeDtypeStructs)."""
-    if isinstance(leaf, jax.ShapeDtypeStruct):
-        return jnp.issubdtype(leaf.dtype, jnp.inexact)
-    return eqx.is_inexact_array(leaf)
-
-
-def count_params(tree: PyTree) -> int:
-    """Number of trainable floats in a model or any part of one (`model.blocks`); also works on
-    `eqx.filter_eval_shape(make_model, cfg, key=key)`, which allocates nothing."""
-    return sum(int(leaf.size) for leaf in jax.tree.leaves(eqx.filter(tree, is_param)))
-
-
-@typechecked
-def make_onehot_features(pert_ids_b: Int[np.ndarray, " b"], n_perts: int) -> Float[np.ndarray, "b f"]:
-    """One-hot rows of width n_perts (= len(PerturbationVocab): id 0 control, id 1 the
-    explicit out-of-vocabulary entry). An id outside [0, n_perts) raises here, in numpy:
-    inside jit JAX would clamp it to a valid row without a word."""
-    bad = (pert_ids_b < 0) | (pert_ids_b >= n_perts)
-    if bad.any():
-        raise IndexError(f"perturbation ids {np.unique(pert_ids_b[bad])[:5]} outside [0, {n_perts}): rebuild the vocabulary or map unknowns to OOV (id 1)")
-    onehot_bf = np.zeros((len(pert_ids_b), n_perts), dtype=np.float32)
-    onehot_bf[np.arange(len(pert_ids_b)), pert_ids_b] = 1.0
-    return onehot_bf
-
-
-@typechecked
-def get_pert_features(table_pf: Float[np.ndarray, "p f"], pert_ids_b: Int[np.ndarray, " b"]) -> Float[np.ndarray, "b f"]:
-    """Rows of a per-perturbation feature table (e.g. ESM2 of the target gene), range-checked."""
-    bad = (pert_ids_b < 0) | (pert_ids_b >= len(table_pf))
-    if bad.any():
-        raise IndexError(f"perturbation ids {np.unique(pert_ids_b[bad])[:5]} outside the {len(table_pf)}-row feature table")
-    return table_pf[pert_ids_b]
-
-
-# ----------------------------------------------------------------------------
-# losses
-# ----------------------------------------------------------------------------
-# Set losses follow geomloss's `SamplesLoss` kernel norms, 0.5 * ||alpha - beta||_k^2
-# with uniform weights (geomloss/kernel_samples.py):
-#   energy   k(x, y) = -||x - y||             (SamplesLoss("energy"))
-#   gaussian k(x, y) = exp(-||x - y||^2 / 2s^2) (SamplesLoss("gaussian", blur=s))
-# so energy = mean||x-y|| - mean||x-x'||/2 - mean||y-y'||/2, which is HALF the
-# Szekely energy distance 2E||X-Y|| - E||X-X'|| - E||Y-Y'||. Diagonals are included
-# (V-statistics), as in geomloss; that keeps both losses >= 0.
-
-
-@dataclasses.dataclass(frozen=True)
-class LossConfig:
-    """Which set losses make up the training loss, and their weights."""
-
-    energy_weight: float = 1.0
-    """Weight of the energy distance (geomloss "energy"; STATE's default loss)."""
-    mmd_weight: float = 0.0
-    """Weight of the RBF-kernel MMD (geomloss "gaussian" convention, averaged over bandwidths)."""
-    pseudobulk_mse_weight: float = 0.0
-    """Weight of the MSE between the set means (pseudobulks); fast to overfit, a sanity check."""
-    mmd_bandwidths: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
-    """RBF bandwidths sigma in log1p units. Cell-to-cell distances over 2,000 log1p HVGs are
-    tens of units; these are a guess to revisit on real data (several scales hedge it)."""
-
-    def __post_init__(self):
-        if min(self.energy_weight, self.mmd_weight, self.pseudobulk_mse_weight) < 0:
-            raise ValueError(f"loss weights must be >= 0: {self}")
-        if self.mmd_weight > 0 and (not self.mmd_bandwidths or min(self.mmd_bandwidths) <= 0):
-            raise ValueError(f"mmd needs positive bandwidths: {self.mmd_bandwidths}")
-
-
-@typechecked
-def get_sq_distances(x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"]) -> Float[Array, "n m"]:
-    """Squared Euclidean distances via |x|^2 + |y|^2 - 2<x, y> (no n*m*g tensor), clamped at 0."""
-    # Distances ignore translation; centering shrinks |x|^2 so the expansion cancels less
-    # (log1p cells sit far from the origin: |x|^2 ~ 1e3-1e4 while |x - y|^2 can be ~1).
-    center_g = (x_ng.mean(0) + y_mg.mean(0)) / 2
-    x_ng, y_mg = x_ng - center_g, y_mg - center_g
-    # HIGHEST: on TPU the default matmul precision is bfloat16, ruinous for this cancellation.
-    xy_nm = jnp.matmul(x_ng, y_mg.T, precision=jax.lax.Precision.HIGHEST)
-    sq_nm = (x_ng**2).sum(1)[:, None] + (y_mg**2).sum(1)[None, :] - 2 * xy_nm
-    return jnp.maximum(sq_nm, 0.0)
-
-
-@typechecked
-def get_safe_distances(x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"]) -> Float[Array, "n m"]:
-    """Euclidean distances whose gradient is 0 (not NaN) where two cells coincide.
-
-    d sqrt(u)/du is infinite at u = 0, and inf * 0 = NaN in the backward pass, so the
-    sqrt only ever sees positive inputs (the double-where trick); geomloss's `sqrt_0`
-    makes the same choice of 0 gradient there.
-    """
-    sq_nm = get_sq_distances(x_ng, y_mg)
-    positive_nm = sq_nm > 1e-12
-    return jnp.where(positive_nm, jnp.sqrt(jnp.where(positive_nm, sq_nm, 1.0)), 0.0)
-
-
-@typechecked
-def get_energy_distance(x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"]) -> Float[Array, ""]:
-    """geomloss SamplesLoss("energy")(x, y): mean||x-y|| - (mean||x-x'|| + mean||y-y'||)/2."""
-    cross = get_safe_distances(x_ng, y_mg).mean()
-    within_x = get_safe_distances(x_ng, x_ng).mean()
-    within_y = get_safe_distances(y_mg, y_mg).mean()
-    return cross - 0.5 * (within_x + within_y)
-
-
-@typechecked
-def get_rbf_mmd(
-    x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"], bandwidths: tuple[float, ...]
-) -> Float[Array, ""]:
-    """0.5 * squared MMD with k = mean over sigma of exp(-|x-y|^2 / 2 sigma^2) (geomloss "gaussian")."""
-
-    def kernel_mean(a_ng, b_mg):
-        sq_nm = get_sq_distances(a_ng, b_mg)
-        return jnp.mean(jnp.stack([jnp.exp(-sq_nm / (2 * s**2)).mean() for s in bandwidths]))
-
-    return 0.5 * (kernel_mean(x_ng, x_ng) + kernel_mean(y_mg, y_mg)) - kernel_mean(x_ng, y_mg)
-
-
-@typechecked
-def get_pseudobulk_mse(pred_sg: Float[Array, "set gene"], target_tg: Float[Array, "set2 gene"]) -> Float[Array, ""]:
-    """Mean over genes of (mean predicted cell - mean target cell)^2."""
-    return jnp.mean((pred_sg.mean(0) - target_tg.mean(0)) ** 2)
-
-
-@typechecked
-def get_set_losses(
-    pred_sg: Float[Array, "set gene"], target_tg: Float[Array, "set2 gene"], cfg: LossConfig
-) -> dict[str, Float[Array, ""]]:
-    """Loss terms of one set. Distribution losses are computed only when weighted (they cost
-    O(S^2 G)); pseudobulk MSE is cheap and always reported."""
-    terms = {"pseudobulk_mse": get_pseudobulk_mse(pred_sg, target_tg)}
-    if cfg.energy_weight > 0:
-        terms["energy"] = get_energy_distance(pred_sg, target_tg)
-    if cfg.mmd_weight > 0:
-        terms["mmd"] = get_rbf_mmd(pred_sg, target_tg, cfg.mmd_bandwidths)
-    return terms
-
-
-@typechecked
-def compute_loss(
-    model: SetTransformer,
-    ctrl_bsg: Float[Array, "batch set gene"],
-    pert_bf: Float[Array, "batch feat"],
-    target_btg: Float[Array, "batch set2 gene"],
-    cfg: LossConfig,
-) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
-    """Weighted sum of the set losses, each averaged over the batch of sets; also the terms."""
-    pred_bsg = jax.vmap(model)(ctrl_bsg, pert_bf)
-    terms_b = jax.vmap(functools.partial(get_set_losses, cfg=cfg))(pred_bsg, target_btg)
-    terms = {name: term_b.mean() for name, term_b in terms_b.items()}
-    weights = {"energy": cfg.energy_weight, "mmd": cfg.mmd_weight, "pseudobulk_mse": cfg.pseudobulk_mse_weight}
-    loss = sum(weights[name] * term for name, term in terms.items())
-    return loss, terms
-
-
-# ----------------------------------------------------------------------------
-# train step and inference (the train/infer sections build on these)
-# ----------------------------------------------------------------------------
-
-
-def make_optimizer(learning_rate: float = 1e-4, grad_clip: float = 10.0) -> optax.GradientTransformation:
-    """STATE's optimiser: clip the global grad norm, then Adam."""
-    return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(learning_rate))
-
-
-@eqx.filter_jit
-@typechecked
-def make_step(
-    model: SetTransformer,
-    opt_state: PyTree,
-    optimizer: optax.GradientTransformation,
-    ctrl_bsg: Float[Array, "batch set gene"],
-    pert_bf: Float[Array, "batch feat"],
-    target_btg: Float[Array, "batch set2 gene"],
-    loss_cfg: LossConfig,
-) -> tuple[SetTransformer, PyTree, dict[str, Float[Array, ""]]]:
-    """One optimiser step in one jitted region. Returns the new model and optimiser state and
-    metrics: loss, each loss term, grad_norm (before clipping) and update_norm.
-
-    Metrics stay on device; pull them to the host only at log steps.
-    """
-    params, static = eqx.partition(model, eqx.is_inexact_array)
-
-    def loss_of_params(params):
-        return compute_loss(eqx.combine(params, static), ctrl_bsg, pert_bf, target_btg, loss_cfg)
-
-    (loss, terms), grads = jax.value_and_grad(loss_of_params, has_aux=True)(params)
-    updates, opt_state = optimizer.update(grads, opt_state, params)
-    params = optax.apply_updates(params, updates)
-    metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates)}
-    return eqx.combine(params, static), opt_state, metrics
-
-
-def init_opt_state(model: SetTransformer, optimizer: optax.GradientTransformation) -> PyTree:
-    return optimizer.init(eqx.filter(model, eqx.is_inexact_array))
-
-
-MAX_LOG1P_EXPRESSION = 14.0
-"""Inference clips predictions to [0, this] (STATE does; cell-eval rejects log1p values >= 15)."""
-
-
-@eqx.filter_jit
-@typechecked
-def predict_sets(
-    model: SetTransformer,
-    ctrl_bsg: Float[Array, "batch set gene"],
-    pert_features_bf: Float[Array, "batch feat"],
-    max_expression: float = MAX_LOG1P_EXPRESSION,
-) -> Float[Array, "batch set gene"]:
-    """Predicted perturbed sets, clipped to [0, max_expression]."""
-    return jnp.clip(jax.vmap(model)(ctrl_bsg, pert_features_bf), 0.0, max_expression)
-
-
-# ----------------------------------------------------------------------------
-# metrics
-# ----------------------------------------------------------------------------
-# Issue 4 (metrics): the VCC score re-implemented in numpy/scipy. Pasted into lib.py's "metrics" section.
-#
-# What it computes (SPEC.md §2-3), per perturbation p, control excluded, then averaged:
-#
-#     des   overlap_at_N            |R ∩ P[:|R|]| / |R| over DE genes (BH p_adj < 0.05) ranked by |log2 FC|
-#     pds   discrimination_score_l1 1 - rank/N of the true p among L1 distances pred effect -> real effects
-#     mae   mae                     mean over genes of |pred pseudobulk - real pseudobulk| (log1p space)
-#
-# and `normalised_score` against a baseline scored the same way (the cell-mean baseline from
-# `make_cell_mean_baseline`). Two scorer generations, named in every output as `mode`:
-#
-#     vcc2025  cell-eval 0.6.x + pdex 0.1.2x (scored VCC 2025; the default): scipy's "auto" U test
-#              (exact when min(n1, n2) <= 8 and no ties), one BH over all (perturbation, gene) pairs,
-#              fold change clipped to [1/20, 20] for one-sided zeros.
-#     current  cell-eval >= 0.7 + pdex >= 0.2: asymptotic U test only, BH per perturbation,
-#              log2 FC unclipped (+-inf for one-sided zeros, 0 when both means are 0).
-#
-# Speed: instead of one U test per (perturbation, gene), each gene's column (all groups at once)
-# is sorted once as int64 keys (gene, value bits, group), and every group's rank sum and tie
-# term against the control falls out of one pass over the sorted keys. Zeros never enter the
-# sort: they are one tie block whose contribution is counted. Work streams over gene chunks,
-# so memory stays bounded by `chunk_elements`, whatever the number of perturbations.
-#
-# Float details copied from the reference so DE sets match exactly (they only matter at
-# near-ties): group means are float32 when X is float32 (numpy's pairwise mean per column for
-# vcc2025, the sequential axis-0 mean for current), ranking keys are |log2 FC| cast to float32,
-# significance is float32(p_adj) < 0.05, ties in rank go to the earlier gene.
-
-
-ScoreMode = Literal["vcc2025", "current"]
-SCORE_MODES: tuple[str, ...] = ("vcc2025", "current")
-DE_FDR_THRESHOLD = 0.05
-"""Significant = BH-adjusted p below this (strictly), compared in float32 like cell-eval."""
-VCC2025_FOLD_CHANGE_CLIP = 20.0
-"""pdex 0.1.2x: fold change when only the control mean is 0 (1/20 when only the target's is)."""
-CELL_EVAL_LOG1P_MAX = 15.0
-"""cell-eval rejects log1p data whose max reaches this (raw counts or mixed scales)."""
-MWU_EXACT_MAX_N = 8
-"""scipy's "auto" U test is exact when min(n1, n2) <= 8 and there are no ties."""
-DEFAULT_CHUNK_ELEMENTS = 4_000_000
-"""Nonzero values sorted at once in the DE pass (~100 bytes of scratch each)."""
-
-
-# ----------------------------------------------------------------------------
-# input checks (SPEC §3): one clear error per problem, naming the fix
-# ----------------------------------------------------------------------------
-
-
-def _value_chunks(x, chunk_elements: int = 1 << 24):
-    """The stored values of a dense or sparse matrix, a bounded piece at a time."""
-    if scipy.sparse.issparse(x):
-        for i in range(0, x.data.size, chunk_elements):
-            yield x.data[i : i + chunk_elements]
-        return
-    x = np.asarray(x)
-    rows = max(1, chunk_elements // max(x.shape[1], 1)) if x.ndim == 2 else x.shape[0]
-    for i in range(0, x.shape[0], rows):
-        yield np.asarray(x[i : i + rows]).ravel()
-
-
-def check_expression_matrix(x, *, which: str) -> None:
-    """Raise ValueError unless `x` (dense or sparse, cells x genes) is finite log1p data in [0, 15)."""
-    if x is None or 0 in x.shape:
-        raise ValueError(f"{which}: the expression matrix is empty; pass an AnnData with cells and genes in X.")
-    dtype = x.dtype
-    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
-        raise ValueError(f"{which}: X has dtype {dtype}; store expression as float32 log1p values.")
-    n_bad, lo, hi, has_fraction = 0, np.inf, -np.inf, False
-    for values in _value_chunks(x):  # bounded memory: np.modf on all of X would copy it twice
-        finite = np.isfinite(values)
-        n_bad += int(values.size - finite.sum())
-        if values.size:
-            lo, hi = min(lo, float(values[finite].min(initial=np.inf))), max(hi, float(values[finite].max(initial=-np.inf)))
-        if not has_fraction and np.issubdtype(dtype, np.floating):
-            # cell-eval's rule: no fractional part above 1e-3 anywhere means raw counts.
-            has_fraction = bool((np.modf(values[finite])[0] > 1e-3).any())
-    if n_bad:
-        raise ValueError(
-            f"{which}: X holds {n_bad} NaN/inf values; fix the model output (e.g. np.nan_to_num, then clip) before scoring."
-        )
-    if lo < 0:
-        raise ValueError(
-            f"{which}: X has negative values (min {lo:.3g}); log1p expression is >= 0, so clip predictions to [0, 14]."
-        )
-    if not has_fraction:
-        raise ValueError(
-            f"{which}: X is integer-valued, which looks like raw counts; normalise it first "
-            "(normalize_total then log1p, the project's one normalisation function)."
-        )
-    if hi >= CELL_EVAL_LOG1P_MAX:
-        raise ValueError(
-            f"{which}: X reaches {hi:.3g}, beyond the log1p range [0, {CELL_EVAL_LOG1P_MAX:g}); "
-            "this looks like counts or mixed scales: normalise with normalize_total + log1p."
-        )
-
-
-def check_score_inputs(real, pred, *, control_label: str = "non-targeting", pert_col: str = "target_gene") -> None:
-    """Raise ValueError if real/pred cannot be scored against each other (SPEC §3)."""
-    for which, adata in (("real", real), ("pred", pred)):
-        if pert_col not in adata.obs.columns:
-            raise ValueError(
-                f"{which}: obs has no column {pert_col!r} (has {list(adata.obs.columns)}); pass pert_col= the perturbation column."
-            )
-    genes_real = np.asarray(real.var_names, dtype=str)
-    genes_pred = np.asarray(pred.var_names, dtype=str)
-    if not np.array_equal(genes_real, genes_pred):
-        if genes_real.size == genes_pred.size and set(genes_real) == set(genes_pred):
-            first = int(np.flatnonzero(genes_real != genes_pred)[0])
-            raise ValueError(
-                "gene-order trap: pred has the same genes as real but in a different order "
-                f"(column {first}: real {genes_real[first]!r}, pred {genes_pred[first]!r}); "
-                "reorder pred's columns with pred[:, real.var_names] before scoring."
-            )
-        missing = sorted(set(genes_real) - set(genes_pred))[:5]
-        extra = sorted(set(genes_pred) - set(genes_real))[:5]
-        raise ValueError(
-            f"gene mismatch: real has {genes_real.size} genes, pred {genes_pred.size} "
-            f"(missing from pred e.g. {missing}, extra in pred e.g. {extra}); "
-            "predict exactly real's genes, in real's order (gene_names.csv)."
-        )
-    perts = {}
-    for which, adata in (("real", real), ("pred", pred)):
-        labels = set(np.asarray(adata.obs[pert_col], dtype=str))
-        if control_label not in labels:
-            raise ValueError(
-                f"{which}: no control cells ({pert_col} == {control_label!r}); "
-                "include control cells (real controls are fine for pred) or pass control_label=."
-            )
-        perts[which] = labels - {control_label}
-    if perts["real"] != perts["pred"]:
-        only_real = sorted(perts["real"] - perts["pred"])[:5]
-        only_pred = sorted(perts["pred"] - perts["real"])[:5]
-        raise ValueError(
-            f"perturbation sets differ: only in real e.g. {only_real}, only in pred e.g. {only_pred}; "
-            "predict every real perturbation and no others."
-        )
-    if not perts["real"]:
-        raise ValueError("real has only control cells; scoring needs at least one perturbation.")
-    check_expression_matrix(real.X, which="real")
-    check_expression_matrix(pred.X, which="pred")
-
-
-# ----------------------------------------------------------------------------
-# Mann-Whitney U, BH, fold changes
-# ----------------------------------------------------------------------------
-
-
-def mwu_exact_cdf(n1: int, n2: int, k_max: int) -> Float[np.ndarray, " k"]:
-    """P(U <= k) for k = 0..k_max under H0 without ties (sizes n1, n2), from exact integer counts.
-
-    The counts are coefficients of the Gaussian binomial prod_{i<=m} (1 - q^(n+i)) / (1 - q^i)
-    (m = min, n = max size); truncating the series at k_max keeps the low coefficients exact.
-    Python ints (object arrays) because the counts overflow int64 for ~40k control cells.
-    """
-    m, n = min(n1, n2), max(n1, n2)
-    k_max = min(int(k_max), m * n)
-    counts = np.zeros(k_max + 1, dtype=object)
-    counts[:] = 0
-    counts[0] = 1
-    for i in range(1, m + 1):
-        for r in range(min(i, k_max + 1)):  # divide by (1 - q^i): strided running sums
-            counts[r::i] = np.cumsum(counts[r::i])
-        shift = n + i
-        if shift <= k_max:  # multiply by (1 - q^(n+i))
-            counts[shift:] = counts[shift:] - counts[:-shift].copy()
-    total = math.comb(n1 + n2, n1)
-    return np.array([c / total for c in np.cumsum(counts)], dtype=np.float64)
-
-
-def mann_whitney_pvalues(
-    u1_kg: Float[np.ndarray, "k g"],
-    tie_term_kg: Float[np.ndarray, "k g"],
-    n1_k: Int[np.ndarray, " k"],
-    n2: int,
+    n_p, n_u = len(targets_p), len(net["module_u"])
+    tier_p = rng.choice(3, size=n_p, p=[0.5, 0.35, 0.15])
+    strength_p = np.array([0.1, 0.6, 1.5])[tier_p] * np.exp(rng.normal(0, 0.3, n_p))
+    effect_pu = np.zeros((n_p, n_u), np.float32)
+    for p, target in enumerate(targets_p):
+        same_module_u = net["module_u"] == net["module_u"][target]
+        sign = np.sign(net["loading_u"][target]) or 1.0
+        effect_pu[p] = -1.5 * strength_p[p] * sign * net["loading_u"] * same_module_u
+        # Strong knockdowns reach ~3% of all genes beyond their module.
+        edges = rng.choice(n_u, size=min(n_u, rng.poisson(2 + 0.02 * n_u * strength_p[p])), replace=False)
+        effect_pu[p, edges] += rng.normal(0.0, 0.8 * strength_p[p], len(edges))
+        effect_pu[p] += max(strength_p[p] - 0.5, 0.0) * net["stress_u"]
+        effect_pu[p, target] = 0.0  # the target's own change is the knockdown itself
+    return effect_pu, strength_p
+
+
+def _cell_type_effects(rng: np.random.Generator, effect_pu: np.ndarray, net: dict) -> np.ndarray:
+    """Cell-type-specific modulation of shared effects: per-module gain, per-perturbation
+    gain, and 15% of edges that this cell type lacks."""
+    module_gain_m = np.exp(rng.normal(0.0, 0.3, net["module_u"].max() + 1))
+    pert_gain_p = np.exp(rng.normal(0.0, 0.3, effect_pu.shape[0]))
+    kept_pu = rng.random(effect_pu.shape) > 0.15
+    return (effect_pu * module_gain_m[net["module_u"]][None] * pert_gain_p[:, None] * kept_pu).astype(np.float32)
+
+
+def _sample_counts(
+    rng: np.random.Generator,
     *,
-    mode: ScoreMode = "vcc2025",
-) -> Float[np.ndarray, "k g"]:
-    """Two-sided U-test p-values from U1 and sum(t^3 - t), as scipy (vcc2025) or pdex>=0.2 (current).
-
-    Continuity correction and tie-corrected variance; a constant gene (zero variance) gets p = 1.
-    vcc2025 follows scipy's "auto": exact distribution when min(n1, n2) <= 8 and no ties.
-    """
-    n1 = np.asarray(n1_k, dtype=np.int64)[:, None]
-    n = n1 + n2
-    u2 = n1 * n2 - u1_kg
-    u = np.maximum(u1_kg, u2)
-    mu = n1 * n2 / 2
-    # Same operation order as scipy's _get_mwu_z so the numbers agree to the last bits.
-    var = n1 * n2 / 12 * ((n + 1) - tie_term_kg / (n * (n - 1)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = (u - mu - 0.5) / np.sqrt(var)
-        if mode == "vcc2025":
-            p = 2 * scipy.special.ndtr(-z)
-        else:  # numba_mwu: 0.5 * erfc(z / sqrt 2), doubled
-            p = 2 * (0.5 * scipy.special.erfc(z / math.sqrt(2.0)))
-    # var == 0 only for a constant gene (scipy: z = -inf -> p clipped to 1); rounding could
-    # make it slightly negative for huge n, which must not become NaN.
-    p = np.where(var > 0, p, 1.0)
-    p = np.clip(p, 0.0, 1.0)
-    if mode == "vcc2025":
-        exact_kg = (np.minimum(n1, n2) <= MWU_EXACT_MAX_N) & (tie_term_kg == 0)
-        for k in np.flatnonzero(exact_kg.any(axis=1)):
-            genes = np.flatnonzero(exact_kg[k])
-            k_c = (int(n1[k, 0]) * n2 - u[k, genes]).astype(np.int64)  # P(U >= u) = P(U <= n1 n2 - u)
-            cdf = mwu_exact_cdf(int(n1[k, 0]), n2, int(k_c.max()))
-            p[k, genes] = np.minimum(1.0, 2 * cdf[k_c])
-    return p
-
-
-def benjamini_hochberg(p: Float[np.ndarray, "*shape"], *, axis: int | None = None) -> Float[np.ndarray, "*shape"]:
-    """BH-adjusted p-values (scipy.stats.false_discovery_control), over everything or along `axis`."""
-    p = np.asarray(p, dtype=np.float64)
-    return scipy.stats.false_discovery_control(p, axis=axis, method="bh").reshape(p.shape)
-
-
-def log2_fold_change(
-    target_mean: Float[np.ndarray, "*s"], control_mean: Float[np.ndarray, "*s"], *, mode: ScoreMode
-) -> Float[np.ndarray, "*s"]:
-    """log2(target / control) of expm1(mean log1p) means with each generation's zero rules.
-
-    vcc2025: both 0 -> 0, control 0 -> log2 20, target 0 -> log2(1/20). current: unclipped
-    (+-inf for one-sided zeros), both 0 -> 0.
-    """
-    t, c = np.asarray(target_mean), np.asarray(control_mean)
-    if mode == "current":
-        with np.errstate(divide="ignore", invalid="ignore"):
-            lfc = np.log2(t.astype(np.float64) / c.astype(np.float64))
-        return np.where(np.isnan(lfc), 0.0, lfc)
-    return np.log2(_vcc2025_fold_change(t, c))
-
-
-def _vcc2025_fold_change(t: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """pdex 0.1.2x's fold change as float64: the quotient in the data's dtype, clipped for zeros."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        fc = (t / c).astype(np.float64)
-    fc = np.where(c == 0, VCC2025_FOLD_CHANGE_CLIP, fc)
-    fc = np.where(t == 0, 1 / VCC2025_FOLD_CHANGE_CLIP, fc)
-    return np.where((t == 0) & (c == 0), 1.0, fc)
-
-
-def _abs_log2fc_rank_key(
-    target_mean: Float[np.ndarray, "k g"], control_mean: Float[np.ndarray, " g"], *, mode: ScoreMode
-) -> Float[np.ndarray, "k g"]:
-    """|log2 FC| exactly as cell-eval ranks it: float32, from its own log and dtype path.
-
-    vcc2025: pdex's fold_change column is float32 unless some pair was clipped (then pandas
-    makes it float64), and polars takes log base 2 as ln(x)/ln(2) in that dtype.
-    """
-    if mode == "current":
-        return np.abs(log2_fold_change(target_mean, control_mean[None, :], mode="current")).astype(np.float32)
-    t, c = target_mean, control_mean[None, :]
-    fc = _vcc2025_fold_change(t, c)
-    if ((t == 0) | (c == 0)).any() or t.dtype != np.float32:
-        lfc = (np.log(fc) / np.log(2.0)).astype(np.float32)
-    else:
-        # polars on Float32: ln in float32 (libm logf, ~correctly rounded) over float32 ln 2.
-        lfc = np.log(fc).astype(np.float32) / np.float32(math.log(2.0))
-    return np.abs(lfc).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------
-# the one pass over the data: per group and gene, rank sums, ties, means
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _GroupGeneStats:
-    """Everything the scores need from one matrix, per group k (sorted labels) and gene g."""
-
-    groups: np.ndarray
-    n_k: np.ndarray
-    control_index: int
-    twice_u1_kg: np.ndarray  # 2 * U1 of group k vs control (integer-valued float64)
-    tie_term_kg: np.ndarray  # sum(t^3 - t) over ties of group k + control (int64)
-    log1p_mean_kg: np.ndarray  # mean in X's dtype, summed like the reference (see mode)
-    pseudobulk_kg: np.ndarray  # float64 mean, rounded to X's dtype like cell-eval's polars means
-
-
-def _dense_gene_block(x, rows_c: np.ndarray, g0: int, g1: int) -> np.ndarray:
-    """X[rows, g0:g1] as a dense C-ordered (cell, gene) array in X's dtype."""
-    if scipy.sparse.issparse(x):
-        return np.asarray(x[:, g0:g1].toarray()[rows_c], order="C")
-    return np.ascontiguousarray(x[rows_c, g0:g1])
-
-
-def _value_order_keys(values: np.ndarray) -> np.ndarray:
-    """int64 codes < 2^31 whose order equals the order of the (nonnegative) values."""
-    if values.dtype == np.float32:
-        return values.view(np.int32).astype(np.int64)  # bit patterns of floats >= 0 sort like the floats
-    as32 = values.astype(np.float32)
-    if np.array_equal(as32.astype(values.dtype), values):
-        return as32.view(np.int32).astype(np.int64)
-    return np.unique(values, return_inverse=True)[1].astype(np.int64)  # rare: true float64 data
-
-
-def _cubic_ties(c: np.ndarray) -> np.ndarray:
-    c = c.astype(np.int64)
-    return c * c * c - c
-
-
-def _group_gene_stats_chunk(
-    block_cg: np.ndarray, starts_k: np.ndarray, n_k: np.ndarray, ctrl: int, mode: ScoreMode
-) -> tuple[np.ndarray, ...]:
-    """Rank sums, tie terms and means for one gene chunk; rows of block_cg grouped by group."""
-    n_cells, n_genes = block_cg.shape
-    n_groups = n_k.size
-    # Means first, in the reference's summation order (float32 results differ by order).
-    ends_k = starts_k + n_k
-    if mode == "vcc2025":  # pdex 0.1.2x: np.mean of each contiguous column copy (pairwise sum)
-        block_gc = np.ascontiguousarray(block_cg.T)
-        log1p_mean = np.stack([block_gc[:, s:e].mean(axis=1) for s, e in zip(starts_k, ends_k)])
-    else:  # pdex >= 0.2: X[group].mean(axis=0), a sequential sum over cells
-        log1p_mean = np.stack([block_cg[s:e].mean(axis=0) for s, e in zip(starts_k, ends_k)])
-        block_gc = np.ascontiguousarray(block_cg.T)
-    sums = np.add.reduceat(block_cg, starts_k, axis=0, dtype=np.float64)
-    pseudobulk = (sums / n_k[:, None]).astype(block_cg.dtype)
-
-    # Keys (gene, value, group) of the nonzero values only; zeros are one tie block per gene.
-    nonzero_gc = block_gc != 0
-    nnz_gk = np.add.reduceat(nonzero_gc, starts_k, axis=1, dtype=np.int64)
-    zeros_gk = n_k[None, :] - nnz_gk
-    zc_g = zeros_gk[:, ctrl]
-    code_bits = max(1, int(n_groups - 1).bit_length())
-    gene_shift = 31 + code_bits
-    code_c = np.repeat(np.arange(n_groups, dtype=np.int64), n_k)
-    flat = np.flatnonzero(nonzero_gc)
-    gene_e = flat // n_cells
-    keys = (gene_e << gene_shift) | (_value_order_keys(block_gc.ravel()[flat]) << code_bits) | code_c[flat - gene_e * n_cells]
-    del flat, gene_e
-    keys.sort()
-
-    twice_u1_gk = np.zeros((n_genes, n_groups), dtype=np.float64)
-    tie_gk = np.zeros((n_genes, n_groups), dtype=np.int64)
-    ctrl_tie_g = _cubic_ties(zc_g)
-    if keys.size:
-        code = keys & ((1 << code_bits) - 1)
-        gene = keys >> gene_shift
-        gene_value = keys >> code_bits
-        new_block = np.empty(keys.size, dtype=bool)
-        new_block[0] = True
-        np.not_equal(gene_value[1:], gene_value[:-1], out=new_block[1:])
-        del gene_value
-        block_start = np.flatnonzero(new_block)
-        block_end = np.append(block_start[1:], keys.size)
-        block_id = np.cumsum(new_block) - 1
-        del new_block
-        is_ctrl = code == ctrl
-        ctrl_before = np.zeros(keys.size + 1, dtype=np.int64)  # control values before position i
-        np.cumsum(is_ctrl, out=ctrl_before[1:])
-        gene_start = np.searchsorted(gene, np.arange(n_genes))
-        block_gene = gene[block_start]
-        ctrl_in_block = ctrl_before[block_end] - ctrl_before[block_start]
-        ctrl_less = zc_g[block_gene] + ctrl_before[block_start] - ctrl_before[gene_start][block_gene]
-        # Each target value adds (#control below) + (#control equal)/2 to U1; doubled to stay integral.
-        weight_block = 2 * ctrl_less + ctrl_in_block
-        target = ~is_ctrl
-        twice_u1_gk += np.bincount(
-            gene[target] * n_groups + code[target],
-            weights=weight_block[block_id[target]],
-            minlength=n_genes * n_groups,
-        ).reshape(n_genes, n_groups)
-        # Ties among nonzero values: only blocks of size >= 2 can add to sum(t^3 - t).
-        in_tied_block = (block_end - block_start >= 2)[block_id]
-        if in_tied_block.any():
-            tied_keys = keys[in_tied_block]
-            run_start = np.flatnonzero(np.r_[True, tied_keys[1:] != tied_keys[:-1]])
-            run_len = np.diff(np.append(run_start, tied_keys.size))
-            run_code = code[in_tied_block][run_start]
-            run_gene = gene[in_tied_block][run_start]
-            run_ctrl = ctrl_in_block[block_id[in_tied_block][run_start]]
-            ctrl_run = run_code == ctrl
-            np.add.at(ctrl_tie_g, run_gene[ctrl_run], _cubic_ties(run_len[ctrl_run]))
-            t, r = run_len[~ctrl_run], run_ctrl[~ctrl_run]
-            np.add.at(tie_gk, (run_gene[~ctrl_run], run_code[~ctrl_run]), _cubic_ties(r + t) - _cubic_ties(r))
-    # Zeros: each target zero sees all control zeros as ties (half a win each).
-    twice_u1_gk += zeros_gk * zc_g[:, None]
-    tie_gk += ctrl_tie_g[:, None] + _cubic_ties(zc_g[:, None] + zeros_gk) - _cubic_ties(zc_g)[:, None]
-    return twice_u1_gk.T, tie_gk.T, log1p_mean, pseudobulk
-
-
-def _group_gene_stats(
-    x,
-    labels_c: Shaped[np.ndarray, " cell"],
-    *,
-    control_label: str,
-    mode: ScoreMode,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    threads: int = 1,
-    desc: str = "DE",
-) -> _GroupGeneStats:
-    """Stream over gene chunks of X (cells x genes) and collect per (group, gene) statistics."""
-    labels_c = np.asarray(labels_c, dtype=str)
-    groups, codes_c = np.unique(labels_c, return_inverse=True)
-    hits = np.flatnonzero(groups == control_label)
-    if hits.size == 0:
-        raise ValueError(f"no control cells labelled {control_label!r}; include control cells or pass control_label=.")
-    ctrl = int(hits[0])
-    if groups.size > 1 << 20:
-        raise ValueError(f"{groups.size} groups is more than the 2^20 the sort keys can hold.")
-    order_c = np.argsort(codes_c, kind="stable")  # groups contiguous, cells in original order inside
-    n_k = np.bincount(codes_c, minlength=groups.size).astype(np.int64)
-    starts_k = np.concatenate([[0], np.cumsum(n_k)[:-1]]).astype(np.int64)
-    if scipy.sparse.issparse(x):
-        x = x.tocsc()  # column chunks of a CSR matrix would rescan every value per chunk
-    else:
-        x = np.asarray(x)
-    n_cells, n_genes = x.shape
-    code_bits = max(1, int(groups.size - 1).bit_length())
-    genes_per_chunk = int(np.clip(chunk_elements // max(n_cells, 1), 1, 1 << (32 - code_bits)))
-    bounds = [(g0, min(g0 + genes_per_chunk, n_genes)) for g0 in range(0, n_genes, genes_per_chunk)]
-
-    def run(bound):
-        g0, g1 = bound
-        return _group_gene_stats_chunk(_dense_gene_block(x, order_c, g0, g1), starts_k, n_k, ctrl, mode)
-
-    if threads > 1:  # numpy releases the GIL in sort and most array ops
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            parts = list(progress(pool.map(run, bounds), total=len(bounds), desc=desc))
-    else:
-        parts = [run(b) for b in progress(bounds, desc=desc)]
-    twice_u1, tie, mean, pseudobulk = (np.concatenate(arrays, axis=1) for arrays in zip(*parts))
-    return _GroupGeneStats(groups, n_k, ctrl, twice_u1, tie, mean, pseudobulk)
-
-
-# ----------------------------------------------------------------------------
-# differential expression
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class DifferentialExpression:
-    """DE of every perturbation against control in one matrix, plus the pseudobulks PDS/MAE use."""
-
-    mode: str
-    """`vcc2025` or `current`: which scorer generation these numbers reproduce."""
-    perts: np.ndarray
-    """Perturbation labels (control excluded), sorted: the row order of every `_pg` array."""
-    genes: np.ndarray
-    """Gene names (var order): the column order."""
-    control_label: str
-    n_cells_p: np.ndarray
-    n_control: int
-    u1_pg: np.ndarray
-    """Mann-Whitney U of the perturbation's cells (scipy's `statistic`)."""
-    p_value_pg: np.ndarray
-    fdr_pg: np.ndarray
-    """BH-adjusted p: over all pairs (vcc2025) or per perturbation (current)."""
-    target_mean_pg: np.ndarray
-    """expm1(mean log1p) of the perturbation's cells, in X's dtype."""
-    control_mean_g: np.ndarray
-    log2_fold_change_pg: np.ndarray
-    abs_log2fc_rank_key_pg: np.ndarray
-    """float32 |log2 FC| exactly as the reference ranks DE genes."""
-    significant_pg: np.ndarray
-    pseudobulk_pg: np.ndarray
-    """Mean log1p expression per perturbation (X's dtype), for PDS and MAE."""
-    pseudobulk_control_g: np.ndarray
-
-    def ranked_de_genes(self, i: int) -> np.ndarray:
-        """Gene indices significant for perturbation i, by |log2 FC| descending, ties by gene order."""
-        genes = np.flatnonzero(self.significant_pg[i])
-        return genes[np.argsort(-self.abs_log2fc_rank_key_pg[i, genes], kind="stable")]
-
-    def to_frame(self) -> pd.DataFrame:
-        """Long table like pdex's output: one row per (perturbation, gene)."""
-        n_p, n_g = self.p_value_pg.shape
-        return pd.DataFrame(
-            {
-                "target": np.repeat(self.perts, n_g),
-                "feature": np.tile(self.genes, n_p),
-                "target_mean": self.target_mean_pg.ravel(),
-                "reference_mean": np.tile(self.control_mean_g, n_p),
-                "log2_fold_change": self.log2_fold_change_pg.ravel(),
-                "statistic": self.u1_pg.ravel(),
-                "p_value": self.p_value_pg.ravel(),
-                "fdr": self.fdr_pg.ravel(),
-                "significant": self.significant_pg.ravel(),
-            }
-        )
-
-
-def differential_expression(
-    x_cg: Float[np.ndarray, "cell gene"] | scipy.sparse.spmatrix,
-    labels_c: Shaped[np.ndarray, " cell"],
-    *,
-    genes: Shaped[np.ndarray, " gene"] | None = None,
-    control_label: str = "non-targeting",
-    mode: ScoreMode = "vcc2025",
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    threads: int = 1,
-    desc: str = "DE",
-) -> DifferentialExpression:
-    """Wilcoxon DE of each labelled group against the control group, as the chosen scorer does it.
-
-    `x_cg` is log1p expression (dense or sparse); values are not checked here (see
-    `check_expression_matrix`). Memory: a few times `chunk_elements` x 8 bytes per thread.
-    """
-    if mode not in SCORE_MODES:
-        raise ValueError(f"unknown mode {mode!r}; use one of {SCORE_MODES}.")
-    stats = _group_gene_stats(
-        x_cg, labels_c, control_label=control_label, mode=mode, chunk_elements=chunk_elements, threads=threads, desc=desc
-    )
-    rows = np.flatnonzero(np.arange(stats.groups.size) != stats.control_index)
-    ctrl = stats.control_index
-    n_control = int(stats.n_k[ctrl])
-    u1 = stats.twice_u1_kg[rows] / 2
-    p = mann_whitney_pvalues(u1, stats.tie_term_kg[rows].astype(np.float64), stats.n_k[rows], n_control, mode=mode)
-    fdr = benjamini_hochberg(p, axis=None) if mode == "vcc2025" else benjamini_hochberg(p, axis=1)
-    target_mean = np.expm1(stats.log1p_mean_kg[rows])
-    control_mean = np.expm1(stats.log1p_mean_kg[ctrl])
-    n_genes = stats.twice_u1_kg.shape[1]
-    return DifferentialExpression(
-        mode=mode,
-        perts=stats.groups[rows],
-        genes=np.asarray(genes, dtype=str) if genes is not None else np.arange(n_genes).astype(str),
-        control_label=control_label,
-        n_cells_p=stats.n_k[rows],
-        n_control=n_control,
-        u1_pg=u1,
-        p_value_pg=p,
-        fdr_pg=fdr,
-        target_mean_pg=target_mean,
-        control_mean_g=control_mean,
-        log2_fold_change_pg=log2_fold_change(target_mean, control_mean[None, :], mode=mode),
-        abs_log2fc_rank_key_pg=_abs_log2fc_rank_key(target_mean, control_mean, mode=mode),
-        # cell-eval stores fdr as Float32 before comparing with 0.05.
-        significant_pg=fdr.astype(np.float32) < DE_FDR_THRESHOLD,
-        pseudobulk_pg=stats.pseudobulk_kg[rows],
-        pseudobulk_control_g=stats.pseudobulk_kg[ctrl],
-    )
-
-
-def differential_expression_anndata(
-    adata, *, control_label: str = "non-targeting", pert_col: str = "target_gene", mode: ScoreMode = "vcc2025", **kwargs
-) -> DifferentialExpression:
-    """`differential_expression` on an AnnData (labels from obs[pert_col], genes from var_names)."""
-    return differential_expression(
-        adata.X,
-        np.asarray(adata.obs[pert_col], dtype=str),
-        genes=np.asarray(adata.var_names, dtype=str),
-        control_label=control_label,
-        mode=mode,
-        **kwargs,
-    )
-
-
-# ----------------------------------------------------------------------------
-# the three metrics and the normalised score
-# ----------------------------------------------------------------------------
-
-
-def overlap_at_n(real_ranked: np.ndarray, pred_ranked: np.ndarray) -> float:
-    """cell-eval's overlap_at_N: |R ∩ P[:|R|]| / |R| for ranked gene lists; 0 when R is empty."""
-    if len(real_ranked) == 0:
-        return 0.0
-    return np.intersect1d(real_ranked, pred_ranked[: len(real_ranked)]).size / len(real_ranked)
-
-
-def discrimination_score_l1(
-    real_effect_pg: Float[np.ndarray, "p g"],
-    pred_effect_pg: Float[np.ndarray, "p g"],
-    perts: Shaped[np.ndarray, " p"],
-    genes: Shaped[np.ndarray, " g"],
-) -> Float[np.ndarray, " p"]:
-    """PDS per perturbation: 1 - rank/N of the true perturbation among L1 distances (target gene excluded).
-
-    rank = position of p in argsort of distances from pred_p to every real_q, as cell-eval takes it.
-    """
-    real = np.asarray(real_effect_pg, dtype=np.float64)
-    pred = np.asarray(pred_effect_pg, dtype=np.float64)
-    n_perts = real.shape[0]
-    scores = np.empty(n_perts)
-    for i, pert in enumerate(perts):
-        keep = genes != pert
-        distance_q = np.abs(real[:, keep] - pred[i, keep]).sum(axis=1)
-        rank = int(np.flatnonzero(np.argsort(distance_q) == i)[0])
-        scores[i] = 1 - rank / n_perts
-    return scores
-
-
-def score_de(real_de: DifferentialExpression, pred_de: DifferentialExpression) -> dict[str, Any]:
-    """DES, PDS and MAE per perturbation from two DE results (same genes, perturbations, mode)."""
-    if real_de.mode != pred_de.mode:
-        raise ValueError(f"real DE used mode {real_de.mode!r} but pred DE {pred_de.mode!r}; compute both in one mode.")
-    if not (np.array_equal(real_de.perts, pred_de.perts) and np.array_equal(real_de.genes, pred_de.genes)):
-        raise ValueError("real and pred DE cover different perturbations or genes; run check_score_inputs first.")
-    des = np.array(
-        [overlap_at_n(real_de.ranked_de_genes(i), pred_de.ranked_de_genes(i)) for i in range(real_de.perts.size)]
-    )
-    # Effects in X's dtype, like cell-eval's float32 pseudobulks minus control.
-    real_effect = real_de.pseudobulk_pg - real_de.pseudobulk_control_g
-    pred_effect = pred_de.pseudobulk_pg - pred_de.pseudobulk_control_g
-    pds = discrimination_score_l1(real_effect, pred_effect, real_de.perts, real_de.genes)
-    mae = np.abs(pred_de.pseudobulk_pg.astype(np.float64) - real_de.pseudobulk_pg).mean(axis=1)
-    table = pd.DataFrame(
-        {
-            "des": des,
-            "pds": pds,
-            "mae": mae,
-            "n_de_real": real_de.significant_pg.sum(axis=1),
-            "n_de_pred": pred_de.significant_pg.sum(axis=1),
-        },
-        index=pd.Index(real_de.perts, name="perturbation"),
-    )
-    return {
-        "mode": real_de.mode,
-        "des": float(des.mean()),
-        "pds": float(pds.mean()),
-        "mae": float(mae.mean()),
-        "per_perturbation": table,
-        "real_de": real_de,
-        "pred_de": pred_de,
-    }
-
-
-def score(
-    real,
-    pred,
-    *,
-    control_label: str = "non-targeting",
-    pert_col: str = "target_gene",
-    mode: ScoreMode = "vcc2025",
-    real_de: DifferentialExpression | None = None,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    threads: int = 1,
-) -> dict[str, Any]:
-    """Score a prediction like `cell-eval run --profile vcc` (SPEC §2).
-
-    Returns `mode`, the means `des` (overlap_at_N), `pds` (discrimination_score_l1), `mae`,
-    `per_perturbation` (DataFrame) and both DE results; pass `real_de` from an earlier
-    call to skip recomputing the real side (e.g. when scoring the baseline too).
-    """
-    if mode not in SCORE_MODES:
-        raise ValueError(f"unknown mode {mode!r}; use one of {SCORE_MODES}.")
-    check_score_inputs(real, pred, control_label=control_label, pert_col=pert_col)
-    kwargs = dict(control_label=control_label, pert_col=pert_col, mode=mode, chunk_elements=chunk_elements, threads=threads)
-    if real_de is None:
-        real_de = differential_expression_anndata(real, desc="DE real", **kwargs)
-    elif real_de.mode != mode:
-        raise ValueError(f"real_de was computed in mode {real_de.mode!r}, not {mode!r}; recompute it.")
-    pred_de = differential_expression_anndata(pred, desc="DE pred", **kwargs)
-    return score_de(real_de, pred_de)
-
-
-def normalised_score(result: dict[str, Any], baseline_result: dict[str, Any]) -> dict[str, Any]:
-    """cell-eval's `score`: each metric against the baseline's, NaN -> 0, floored at 0, then averaged."""
-    if result["mode"] != baseline_result["mode"]:
-        raise ValueError(
-            f"result used mode {result['mode']!r} but the baseline {baseline_result['mode']!r}; score both in one mode."
-        )
-    with np.errstate(divide="ignore", invalid="ignore"):
-        parts = np.array(
-            [
-                (result["des"] - baseline_result["des"]) / (1 - baseline_result["des"]),
-                (result["pds"] - baseline_result["pds"]) / (1 - baseline_result["pds"]),
-                1 - result["mae"] / baseline_result["mae"],
-            ],
-            dtype=np.float64,
-        )
-    parts = np.clip(np.nan_to_num(parts, nan=0.0, posinf=np.inf), 0.0, None)
-    return {
-        "mode": result["mode"],
-        "s_des": float(parts[0]),
-        "s_pds": float(parts[1]),
-        "s_mae": float(parts[2]),
-        "score": float(parts.mean()),
-    }
-
-
-# ----------------------------------------------------------------------------
-# the cell-mean baseline (`cell-eval baseline`)
-# ----------------------------------------------------------------------------
-
-
-def make_cell_mean_baseline(
-    real,
-    *,
-    control_label: str = "non-targeting",
-    pert_col: str = "target_gene",
-    n_cells_per_pert: dict[str, int] | None = None,
+    log_mu_g: np.ndarray,
+    net_g: dict,
+    batch_offset_bg: np.ndarray,
+    effect_pg: np.ndarray,
+    pert_c: np.ndarray,
+    target_col_p: np.ndarray,
+    kd_p: np.ndarray,
+    batch_c: np.ndarray,
+    library_c: np.ndarray,
+    n_modules: int,
 ):
-    """The cell-mean baseline prediction, built as `cell-eval baseline` builds it (SPEC §2).
+    """NB counts for one chunk of cells (pert_c = -1 for control). Returns CSR float32."""
+    import scipy.sparse
 
-    m = mean over all groups (control included) of each group's mean expression; every
-    predicted cell of every perturbation is m (as many cells as in `real`, or
-    `n_cells_per_pert`); the control cells are real's control cells, unchanged.
+    n_c = len(pert_c)
+    z_cm = rng.normal(0.0, 0.25, (n_c, n_modules))
+    z_cm[:, 0] = 1.2 * (rng.random(n_c) < 0.4) + rng.normal(0.0, 0.2, n_c)  # cycling vs not
+    logits_cg = log_mu_g[None] + batch_offset_bg[batch_c] + net_g["loading"][None] * z_cm[:, net_g["module"]]
+    perturbed_c = pert_c >= 0
+    # Knockdown efficiency per cell: the perturbation's efficiency, some cells escape.
+    escaped_c = rng.random(n_c) < 0.1
+    kd_c = np.where(perturbed_c & ~escaped_c, kd_p[np.maximum(pert_c, 0)] * rng.uniform(0.7, 1.0, n_c), 0.0)
+    logits_cg[perturbed_c] += kd_c[perturbed_c, None] * effect_pg[pert_c[perturbed_c]]
+    rows = np.flatnonzero(perturbed_c & (target_col_p[np.maximum(pert_c, 0)] >= 0))
+    logits_cg[rows, target_col_p[pert_c[rows]]] += np.log1p(-0.98 * kd_c[rows])
+    logits_cg -= logits_cg.max(axis=1, keepdims=True)
+    prob_cg = np.exp(logits_cg)
+    prob_cg /= prob_cg.sum(axis=1, keepdims=True)
+    mean_cg = prob_cg * library_c[:, None]
+    theta_g = net_g["theta"][None]
+    counts_cg = rng.negative_binomial(theta_g, theta_g / (theta_g + mean_cg))
+    return scipy.sparse.csr_matrix(counts_cg.astype(np.float32))
+
+
+def write_synthetic_world(data_root: str | os.PathLike | None = None, size: str = "small", seed: int = 0) -> dict:
+    """Generate the synthetic world under `<data_root>/raw/synthetic/`.
+
+    Files (layouts of the real sources; keys in data_manifest.toml):
+      vcc/adata_Training.h5ad       H1 like VCC 2025: raw counts CSR float32, obs target_gene /
+                                    guide_id / batch, var index symbols + gene_id column;
+                                    training perturbations + controls only
+      vcc/gene_names.csv            no header, var order; vcc/pert_counts_{Validation,Test}.csv
+      vcc/adata_{Validation,Test}_truth.h5ad   the synthetic answers (perturbed cells + controls)
+      replogle/*.h5ad, nadig/jurkat*.h5ad      obs gene / gem_group, var index Ensembl ids with
+                                    version suffix, gene_name column (Jurkat's control: `control`)
+      nadig/hepg2_raw_singlecell.h5ad          symbols only (needs the mygene lookup)
+      truth.npz, world.json         generator internals (effects, splits) for tests
+
+    Deterministic for (size, seed). Returns a summary: files written and their cell counts.
     """
-    import anndata
+    import pandas as pd
 
-    if pert_col not in real.obs.columns:
-        raise ValueError(f"real: obs has no column {pert_col!r}; pass pert_col= the perturbation column.")
-    check_expression_matrix(real.X, which="real")
-    labels_c = np.asarray(real.obs[pert_col], dtype=str)
-    groups, codes_c = np.unique(labels_c, return_inverse=True)
-    if control_label not in groups:
-        raise ValueError(f"real: no control cells ({pert_col} == {control_label!r}); pass control_label=.")
-    x = real.X if scipy.sparse.issparse(real.X) else np.asarray(real.X)
-    indicator_kc = scipy.sparse.csr_matrix(
-        (np.ones(labels_c.size), (codes_c, np.arange(labels_c.size))), shape=(groups.size, labels_c.size)
-    )
-    sums_kg = indicator_kc @ (x.astype(np.float64) if scipy.sparse.issparse(x) else np.asarray(x, dtype=np.float64))
-    sums_kg = sums_kg.toarray() if scipy.sparse.issparse(sums_kg) else np.asarray(sums_kg)
-    # cell-eval: polars group means (float32 for float32 X), then numpy's mean over the
-    # groups of polars' column-major matrix (pairwise per gene, hence Fortran order here).
-    group_means_kg = np.asfortranarray((sums_kg / np.bincount(codes_c)[:, None]).astype(x.dtype))
-    cell_mean_g = group_means_kg.mean(axis=0)
-    if n_cells_per_pert is None:
-        perts, counts = np.unique(labels_c[labels_c != control_label], return_counts=True)
-    else:
-        perts = np.array([p for p in n_cells_per_pert if p != control_label], dtype=str)
-        counts = np.array([int(n_cells_per_pert[p]) for p in perts])
-    n_pred = int(counts.sum())
-    pred_obs = pd.DataFrame({pert_col: np.repeat(perts, counts)}, index=[f"p.{i}" for i in range(n_pred)])
-    is_ctrl = labels_c == control_label
-    ctrl_x = x[is_ctrl]
-    ctrl_x = ctrl_x.toarray() if scipy.sparse.issparse(ctrl_x) else np.asarray(ctrl_x)
-    pred_x = np.broadcast_to(cell_mean_g, (n_pred, real.n_vars))
-    obs = pd.concat([pred_obs, pd.DataFrame({pert_col: labels_c[is_ctrl]}, index=real.obs_names[is_ctrl])])
-    obs[pert_col] = obs[pert_col].astype("category")
-    return anndata.AnnData(X=np.concatenate([pred_x, ctrl_x], axis=0), obs=obs, var=real.var.copy())
+    if size not in SYNTHETIC_SIZES:
+        raise ValueError(f"unknown synthetic size {size!r}: choose one of {sorted(SYNTHETIC_SIZES)}")
+    sz = SYNTHETIC_SIZES[size]
+    out_dir = get_data_root(data_root) / "raw" / "synthetic"
+    specs = {s.name: s for s in get_datasets("synthetic")}
+    rng = np.random.default_rng(seed)
+    net = _make_gene_network(rng, sz)
+    n_u = sz.n_genes_universe
+    symbol_u, ensembl_u = synthetic_symbol(np.arange(1, n_u + 1)), synthetic_ensembl_id(np.arange(1, n_u + 1))
+    version_u = rng.integers(1, 20, n_u)
+
+    # Which genes each dataset measures; the target's list is the submission's gene list.
+    target_genes = np.sort(rng.choice(n_u, sz.n_genes_target, replace=False))
+    # Perturbations target reasonably expressed genes, as CRISPRi screens of essential genes do.
+    expressed = target_genes[net["log_base_u"][target_genes] > np.quantile(net["log_base_u"], 0.4)]
+    n_train, n_val, n_test = sz.n_perts_target
+    target_perts = rng.choice(expressed, n_train + n_val + n_test, replace=False)
+    split_of = dict(zip(target_perts, ["train"] * n_train + ["val"] * n_val + ["test"] * n_test))
+    context_perts = {}
+    for name, *_ in _SYNTHETIC_CELL_TYPES[1:]:
+        shared = rng.choice(target_perts, int(0.4 * len(target_perts)), replace=False)
+        others = rng.choice(np.setdiff1d(expressed, shared), sz.n_perts_context - len(shared), replace=False)
+        context_perts[name] = np.concatenate([shared, others])
+    all_perts = np.unique(np.concatenate([target_perts, *context_perts.values()]))
+    effect_pu, strength_p = _make_effects(rng, net, all_perts)
+    kd_eff_p = rng.beta(8, 2, len(all_perts))  # per-perturbation knockdown efficiency
+    pert_row = {g: i for i, g in enumerate(all_perts)}
+
+    summary = {"size": size, "seed": seed, "files": {}}
+    for name, cell_type, library_scale, n_batches in _SYNTHETIC_CELL_TYPES:
+        spec = specs[name]
+        ds_rng = np.random.default_rng([seed, len(summary["files"])])
+        is_target = spec.role == "target"
+        if is_target:
+            genes_g = target_genes
+        else:
+            perts = context_perts[name]
+            keep = np.sort(rng.choice(n_u, int(n_u * rng.uniform(0.8, 0.95)), replace=False))
+            genes_g = np.union1d(keep, perts)  # a screen measures the genes it perturbs
+        col_of = {g: j for j, g in enumerate(genes_g)}
+        log_mu_g = net["log_base_u"][genes_g] + ds_rng.normal(0.0, 0.4, len(genes_g))
+        net_g = dict(module=net["module_u"][genes_g], loading=net["loading_u"][genes_g], theta=net["theta_u"][genes_g])
+        effect_pg = _cell_type_effects(ds_rng, effect_pu, net)[:, genes_g]
+        target_col_p = np.array([col_of.get(g, -1) for g in all_perts])
+        batch_offset_bg = ds_rng.normal(0.0, 0.1, (n_batches, len(genes_g)))
+        batch_scale_b = np.exp(ds_rng.normal(0.0, 0.15, n_batches))
+
+        if spec.gene_index == "symbol":
+            var = pd.DataFrame(index=pd.Index(symbol_u[genes_g], name=None))
+            if spec.gene_id_column:
+                var[spec.gene_id_column] = ensembl_u[genes_g]
+        else:
+            var = pd.DataFrame(index=np.char.add(np.char.add(ensembl_u[genes_g], "."), version_u[genes_g].astype(str)))
+            var[spec.gene_symbol_column] = symbol_u[genes_g]
+
+        def make_file(perts_of_file, cells_per_pert, n_control, file_rng, median_umi):
+            """Per-cell perturbation rows (-1 control), batches, library sizes; shuffled."""
+            n_cells_p = np.maximum(3, file_rng.poisson(cells_per_pert * np.exp(file_rng.normal(0, 0.3, len(perts_of_file)))))
+            pert_c = np.concatenate([np.full(n_control, -1), np.repeat([pert_row[g] for g in perts_of_file], n_cells_p)])
+            pert_c = file_rng.permutation(pert_c)
+            batch_c = file_rng.integers(0, n_batches, len(pert_c))
+            library_c = median_umi * batch_scale_b[batch_c] * np.exp(file_rng.normal(0.0, 0.35, len(pert_c)))
+            return pert_c, batch_c, library_c
+
+        def write(path, pert_c, batch_c, library_c, file_rng):
+            symbols_c = np.where(pert_c >= 0, symbol_u[all_perts[np.maximum(pert_c, 0)]], spec.control_label)
+            if is_target:
+                batch_names = np.array([f"Flex_{1 + b // 2}_{1 + b % 2:02d}" for b in range(n_batches)])
+                guides = np.where(pert_c >= 0, np.char.add(np.char.add(symbols_c, "_P1P2_A|"), np.char.add(symbols_c, "_P1P2_B")),
+                                  np.char.add("non-targeting_", np.char.zfill((file_rng.integers(1, 200, len(pert_c))).astype(str), 4)))
+                obs = pd.DataFrame({"target_gene": symbols_c, "guide_id": guides, "batch": batch_names[batch_c]},
+                                   index=_barcodes(file_rng, len(pert_c), batch_names[batch_c]))
+            else:
+                obs = pd.DataFrame({"gene": symbols_c, "gem_group": batch_c + 1},
+                                   index=_barcodes(file_rng, len(pert_c), (batch_c + 1).astype(str)))
+            obs = obs.astype({c: "category" for c in obs.columns if obs[c].dtype == object})
+
+            def make_chunk(start, stop):
+                chunk_rng = np.random.default_rng([seed, len(summary["files"]), start])
+                return _sample_counts(chunk_rng, log_mu_g=log_mu_g, net_g=net_g, batch_offset_bg=batch_offset_bg,
+                                      effect_pg=effect_pg, pert_c=pert_c[start:stop], target_col_p=target_col_p,
+                                      kd_p=kd_eff_p, batch_c=batch_c[start:stop], library_c=library_c[start:stop],
+                                      n_modules=sz.n_modules)
+
+            write_h5ad_chunked(path, obs, var, make_chunk, len(pert_c), sz.chunk_cells, desc=f"{name}: {path.name}")
+            summary["files"][str(path.relative_to(out_dir))] = {"n_cells": len(pert_c), "n_genes": len(genes_g)}
+
+        median_umi = sz.median_umi * library_scale
+        if not is_target:
+            pert_c, batch_c, library_c = make_file(perts, sz.cells_per_pert_context, sz.n_control_context, ds_rng, median_umi)
+            write(get_dataset_path(spec, data_root), pert_c, batch_c, library_c, ds_rng)
+            continue
+        vcc_dir = get_dataset_path(spec, data_root).parent
+        splits = {"train": "adata_Training.h5ad", "val": "adata_Validation_truth.h5ad", "test": "adata_Test_truth.h5ad"}
+        for split, file_name in splits.items():
+            perts = np.array([g for g in target_perts if split_of[g] == split])
+            n_control = sz.n_control_target if split == "train" else sz.n_control_target // 3
+            pert_c, batch_c, library_c = make_file(perts, sz.cells_per_pert_target, n_control, ds_rng, median_umi)
+            write(vcc_dir / file_name, pert_c, batch_c, library_c, ds_rng)
+            if split != "train":
+                # The challenge tells you how many cells to predict and their depth.
+                counts = pd.DataFrame({"target_gene": symbol_u[all_perts[pert_c]], "umi": library_c})[pert_c >= 0]
+                table = counts.groupby("target_gene", sort=False).agg(n_cells=("umi", "size"), median_umi_per_cell=("umi", "median"))
+                table = table.loc[symbol_u[perts]].reset_index()
+                table["median_umi_per_cell"] = table["median_umi_per_cell"].round(0)
+                csv_name = "pert_counts_Validation.csv" if split == "val" else "pert_counts_Test.csv"
+                with atomic_path(vcc_dir / csv_name) as tmp_path:
+                    table.to_csv(tmp_path, index=False)
+        with atomic_path(vcc_dir / "gene_names.csv") as tmp_path:
+            tmp_path.write_text("\n".join(symbol_u[target_genes]) + "\n")
+
+    # Generator internals, for tests and for checking that models find real signal.
+    with atomic_path(out_dir / "truth.npz") as tmp_path:
+        with open(tmp_path, "wb") as f:
+            np.savez_compressed(f, perts_u=all_perts, effect_pu=effect_pu, strength_p=strength_p, kd_efficiency_p=kd_eff_p,
+                                module_u=net["module_u"], loading_u=net["loading_u"])
+    summary["splits"] = {s: sorted(symbol_u[g] for g in target_perts if split_of[g] == s) for s in ("train", "val", "test")}
+    summary["context_perturbations"] = {n: sorted(symbol_u[p]) for n, p in context_perts.items()}
+    write_json(out_dir / "world.json", summary)
+    return summary
 
 
 # ----------------------------------------------------------------------------
 # gene ids · HVG · normalise & store
 # ----------------------------------------------------------------------------
-# Issue 3: gene ids · HVG · normalise & store. Pasted into lib.py's sections of those names.
 #
 # On-disk outputs, all under the data root:
 #
@@ -3181,7 +1946,6 @@ def summarise_store(store: CellStore) -> pd.DataFrame:
 # ----------------------------------------------------------------------------
 # EDA
 # ----------------------------------------------------------------------------
-# Issue 3: exploratory data analysis (nb/02_eda.py). Pasted into lib.py as its own `eda` section.
 #
 # One pass per dataset (`get_dataset_eda`) reads X in row chunks from the backed h5ad, so
 # memory is bounded by one chunk plus one (group × gene) accumulator, and keeps what every
@@ -3613,7 +2377,6 @@ def get_eda_dir(data_root: str | os.PathLike | None) -> pathlib.Path:
 # ----------------------------------------------------------------------------
 # loader
 # ----------------------------------------------------------------------------
-# loader: cell sets from the store, with grain (pasted into lib.py's "loader" section).
 
 
 CONTROL_TOKEN = "<control>"
@@ -3795,6 +2558,1147 @@ def make_loader(
 
 
 # ----------------------------------------------------------------------------
+# model & losses
+# ----------------------------------------------------------------------------
+# The ST set transformer in equinox, its losses, and one train step (which the train and
+# infer code builds on).
+#
+# Shape suffixes: b batch (sets per step), s set (cells per set), g gene, h hidden,
+# f perturbation feature, p perturbation, i SwiGLU inner width, n/m cells of two sets.
+#
+# The model follows STATE's "ST" (SPEC §4), written from the description, not Arc's code:
+# a set of S control cells and one perturbation's feature vector go in; S predicted
+# perturbed cells come out. `SetTransformer.__call__` takes ONE set; the loss vmaps over
+# the batch (the equinox-examples style).
+
+
+# ----------------------------------------------------------------------------
+# model
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Shape of the ST set transformer. Defaults: the researcher's small config (~2.5M params)."""
+
+    n_genes: int = 2000
+    """Genes in and out (the shared HVG list); every input set must have exactly this many columns."""
+    n_pert_features: int = 301
+    """Width of a perturbation's feature vector: n_perts + 1 for one-hot ids (the extra
+    column is the out-of-vocabulary slot), or a gene embedding's width (ESM2-650M: 1280).
+    301 matches the one-hot width of the arc-state reference benchmark (ENVIRONMENT.md)."""
+    hidden: int = 128
+    """Width of the residual stream of the transformer (and of the encoder MLPs)."""
+    n_layers: int = 4
+    """Transformer blocks."""
+    n_heads: int = 8
+    """Attention heads per block; must divide `hidden`."""
+    mlp_ratio: int = 8
+    """SwiGLU inner width = mlp_ratio * hidden. 8 gives 1.84M transformer parameters at
+    hidden 128 x 4 layers and ~115K for one layer at hidden 64, the researcher's numbers."""
+    n_encoder_layers: int = 2
+    """Linear layers in each of the basal encoder, perturbation encoder and output MLP (>= 1)."""
+    straight_through_relu: bool = True
+    """Output ReLU with an identity gradient: the forward is STATE's ReLU, but a gene whose
+    predictions all fell below 0 still gets a gradient. With a plain ReLU such genes stay
+    at 0 for good: on a toy batch 5 of 96 (set, gene) pseudobulks died while overfitting."""
+
+    def __post_init__(self):
+        if self.hidden % self.n_heads:
+            raise ValueError(f"hidden {self.hidden} is not divisible by n_heads {self.n_heads}")
+        if min(self.n_genes, self.n_pert_features, self.n_layers, self.n_encoder_layers) < 1:
+            raise ValueError(f"every size in {self} must be >= 1")
+
+
+def make_mlp(in_size: int, out_size: int, width: int, n_linear: int, *, key: PRNGKeyArray) -> eqx.nn.MLP:
+    """`n_linear` Linear layers (with biases) and GELU between them, none after the last."""
+    return eqx.nn.MLP(in_size, out_size, width, depth=n_linear - 1, activation=jax.nn.gelu, key=key)
+
+
+class SelfAttention(eqx.Module):
+    """Bidirectional multi-head attention over the set: no mask, no positions, no biases."""
+
+    qkv: eqx.nn.Linear
+    out: eqx.nn.Linear
+    n_heads: int = eqx.field(static=True)
+
+    def __init__(self, hidden: int, n_heads: int, *, key: PRNGKeyArray):
+        qkv_key, out_key = jax.random.split(key)
+        # One H -> 3H matmul instead of three H -> H: same parameters, fewer kernel launches.
+        self.qkv = eqx.nn.Linear(hidden, 3 * hidden, use_bias=False, key=qkv_key)
+        self.out = eqx.nn.Linear(hidden, hidden, use_bias=False, key=out_key)
+        self.n_heads = n_heads
+
+    @typechecked
+    def __call__(self, x_sh: Float[Array, "set hidden"]) -> Float[Array, "set hidden"]:
+        s, h = x_sh.shape
+        qkv_s3h = jax.vmap(self.qkv)(x_sh).reshape(s, 3, self.n_heads, h // self.n_heads)
+        q_snd, k_snd, v_snd = qkv_s3h[:, 0], qkv_s3h[:, 1], qkv_s3h[:, 2]
+        logits_nst = jnp.einsum("snd,tnd->nst", q_snd, k_snd) / math.sqrt(h // self.n_heads)
+        weights_nst = jax.nn.softmax(logits_nst, axis=-1)
+        y_sh = jnp.einsum("nst,tnd->snd", weights_nst, v_snd).reshape(s, h)
+        return jax.vmap(self.out)(y_sh)
+
+
+class SwiGLU(eqx.Module):
+    """LLaMA's feed-forward: down(silu(gate(x)) * up(x)), no biases."""
+
+    gate: eqx.nn.Linear
+    up: eqx.nn.Linear
+    down: eqx.nn.Linear
+
+    def __init__(self, hidden: int, inner: int, *, key: PRNGKeyArray):
+        gate_key, up_key, down_key = jax.random.split(key, 3)
+        self.gate = eqx.nn.Linear(hidden, inner, use_bias=False, key=gate_key)
+        self.up = eqx.nn.Linear(hidden, inner, use_bias=False, key=up_key)
+        self.down = eqx.nn.Linear(inner, hidden, use_bias=False, key=down_key)
+
+    @typechecked
+    def __call__(self, x_h: Float[Array, "hidden"]) -> Float[Array, "hidden"]:
+        return self.down(jax.nn.silu(self.gate(x_h)) * self.up(x_h))
+
+
+class TransformerBlock(eqx.Module):
+    """Pre-norm block: x + attn(norm(x)), then x + swiglu(norm(x)); RMSNorm with a weight, no bias."""
+
+    attn_norm: eqx.nn.RMSNorm
+    attn: SelfAttention
+    mlp_norm: eqx.nn.RMSNorm
+    mlp: SwiGLU
+
+    def __init__(self, hidden: int, n_heads: int, inner: int, *, key: PRNGKeyArray):
+        attn_key, mlp_key = jax.random.split(key)
+        self.attn_norm = eqx.nn.RMSNorm(hidden, eps=1e-6, use_bias=False)
+        self.attn = SelfAttention(hidden, n_heads, key=attn_key)
+        self.mlp_norm = eqx.nn.RMSNorm(hidden, eps=1e-6, use_bias=False)
+        self.mlp = SwiGLU(hidden, inner, key=mlp_key)
+
+    @typechecked
+    def __call__(self, x_sh: Float[Array, "set hidden"]) -> Float[Array, "set hidden"]:
+        x_sh = x_sh + self.attn(jax.vmap(self.attn_norm)(x_sh))
+        return x_sh + jax.vmap(self.mlp)(jax.vmap(self.mlp_norm)(x_sh))
+
+
+class PertEncoder(eqx.Module):
+    """MLP from a perturbation's float feature vector to the hidden width.
+
+    Ids become features before they get here (`make_onehot_features`: one-hot -> Linear
+    is a learned id embedding); gene feature vectors (ESM2, ...) go in as they are. So
+    the model never gathers by id, and no out-of-range id can be clamped silently.
+    """
+
+    mlp: eqx.nn.MLP
+    n_features: int = eqx.field(static=True)
+
+    def __init__(self, n_features: int, hidden: int, n_linear: int, *, key: PRNGKeyArray):
+        self.mlp = make_mlp(n_features, hidden, hidden, n_linear, key=key)
+        self.n_features = n_features
+
+    @typechecked
+    def __call__(self, pert_f: Float[Array, "feat"]) -> Float[Array, "hidden"]:
+        assert pert_f.shape == (self.n_features,), f"perturbation features {pert_f.shape} != ({self.n_features},)"
+        return self.mlp(pert_f)
+
+
+class SetTransformer(eqx.Module):
+    """STATE's ST model: S control cells + one perturbation -> S predicted perturbed cells.
+
+    basal_sh = basal_encoder(ctrl_sg) per cell; h_sh = basal_sh + pert_encoder(pert_f);
+    h_sh = transformer(h_sh) (bidirectional, no positions: permutation-equivariant);
+    pred_sg = relu(decoder(norm(h_sh) + basal_sh)). The ReLU keeps log1p expression >= 0
+    (see `ModelConfig.straight_through_relu` for its gradient); `predict_sets` also clips
+    the top at inference.
+    """
+
+    basal_encoder: eqx.nn.MLP
+    pert_encoder: PertEncoder
+    blocks: list[TransformerBlock]
+    final_norm: eqx.nn.RMSNorm
+    decoder: eqx.nn.MLP
+    n_genes: int = eqx.field(static=True)
+    straight_through_relu: bool = eqx.field(static=True)
+
+    def __init__(self, cfg: ModelConfig, *, key: PRNGKeyArray):
+        basal_key, pert_key, decoder_key, *block_keys = jax.random.split(key, 3 + cfg.n_layers)
+        h = cfg.hidden
+        self.basal_encoder = make_mlp(cfg.n_genes, h, h, cfg.n_encoder_layers, key=basal_key)
+        self.pert_encoder = PertEncoder(cfg.n_pert_features, h, cfg.n_encoder_layers, key=pert_key)
+        self.blocks = [TransformerBlock(h, cfg.n_heads, cfg.mlp_ratio * h, key=k) for k in block_keys]
+        self.final_norm = eqx.nn.RMSNorm(h, eps=1e-6, use_bias=False)
+        self.decoder = make_mlp(h, cfg.n_genes, h, cfg.n_encoder_layers, key=decoder_key)
+        self.n_genes = cfg.n_genes
+        self.straight_through_relu = cfg.straight_through_relu
+
+    @typechecked
+    def __call__(self, ctrl_sg: Float[Array, "set gene"], pert_f: Float[Array, "feat"]) -> Float[Array, "set gene"]:
+        assert ctrl_sg.shape[1] == self.n_genes, f"control cells have {ctrl_sg.shape[1]} genes, model {self.n_genes}"
+        basal_sh = jax.vmap(self.basal_encoder)(ctrl_sg)
+        h_sh = basal_sh + self.pert_encoder(pert_f)[None, :]
+        for block in self.blocks:
+            h_sh = block(h_sh)
+        # Skip from the basal encoding around the whole backbone (SPEC §4).
+        out_sh = jax.vmap(self.final_norm)(h_sh) + basal_sh
+        z_sg = jax.vmap(self.decoder)(out_sh)
+        if self.straight_through_relu:
+            return z_sg + jax.lax.stop_gradient(jax.nn.relu(z_sg) - z_sg)
+        return jax.nn.relu(z_sg)
+
+
+def make_model(
+    cfg: ModelConfig, *, key: PRNGKeyArray, gene_mean_g: Float[np.ndarray, " gene"] | None = None
+) -> SetTransformer:
+    """A freshly initialised model; with `gene_mean_g` (mean log1p expression of the training
+    cells) the decoder's last bias starts there, so step 0 predicts about the mean baseline.
+
+    Why: with the default init the pre-ReLU outputs are centred on 0, so about half the
+    predictions start at exactly 0 (61% on a toy batch); with a plain ReLU those get no
+    gradient (13 of 96 (set, gene) pseudobulks never recovered there).
+    """
+    # Jitted: eager init compiles every random op on its own (~7 s on this CPU, vs ~1 s).
+    model = eqx.filter_jit(SetTransformer)(cfg, key=key)
+    if gene_mean_g is None:
+        return model
+    if gene_mean_g.shape != (cfg.n_genes,):
+        raise ValueError(f"gene_mean_g has shape {gene_mean_g.shape}, expected ({cfg.n_genes},)")
+    return eqx.tree_at(lambda m: m.decoder.layers[-1].bias, model, jnp.asarray(gene_mean_g, jnp.float32))
+
+
+def is_param(leaf) -> bool:
+    """Floating-point arrays, concrete or abstract (`eqx.filter_eval_shape` gives ShapeDtypeStructs)."""
+    if isinstance(leaf, jax.ShapeDtypeStruct):
+        return jnp.issubdtype(leaf.dtype, jnp.inexact)
+    return eqx.is_inexact_array(leaf)
+
+
+def count_params(tree: PyTree) -> int:
+    """Number of trainable floats in a model or any part of one (`model.blocks`); also works on
+    `eqx.filter_eval_shape(make_model, cfg, key=key)`, which allocates nothing."""
+    return sum(int(leaf.size) for leaf in jax.tree.leaves(eqx.filter(tree, is_param)))
+
+
+@typechecked
+def make_onehot_features(pert_ids_b: Int[np.ndarray, " b"], n_perts: int) -> Float[np.ndarray, "b f"]:
+    """One-hot rows of width n_perts (= len(PerturbationVocab): id 0 control, id 1 the
+    explicit out-of-vocabulary entry). An id outside [0, n_perts) raises here, in numpy:
+    inside jit JAX would clamp it to a valid row without a word."""
+    bad = (pert_ids_b < 0) | (pert_ids_b >= n_perts)
+    if bad.any():
+        raise IndexError(f"perturbation ids {np.unique(pert_ids_b[bad])[:5]} outside [0, {n_perts}): rebuild the vocabulary or map unknowns to OOV (id 1)")
+    onehot_bf = np.zeros((len(pert_ids_b), n_perts), dtype=np.float32)
+    onehot_bf[np.arange(len(pert_ids_b)), pert_ids_b] = 1.0
+    return onehot_bf
+
+
+@typechecked
+def get_pert_features(table_pf: Float[np.ndarray, "p f"], pert_ids_b: Int[np.ndarray, " b"]) -> Float[np.ndarray, "b f"]:
+    """Rows of a per-perturbation feature table (e.g. ESM2 of the target gene), range-checked."""
+    bad = (pert_ids_b < 0) | (pert_ids_b >= len(table_pf))
+    if bad.any():
+        raise IndexError(f"perturbation ids {np.unique(pert_ids_b[bad])[:5]} outside the {len(table_pf)}-row feature table")
+    return table_pf[pert_ids_b]
+
+
+# ----------------------------------------------------------------------------
+# losses
+# ----------------------------------------------------------------------------
+# Set losses follow geomloss's `SamplesLoss` kernel norms, 0.5 * ||alpha - beta||_k^2
+# with uniform weights (geomloss/kernel_samples.py):
+#   energy   k(x, y) = -||x - y||             (SamplesLoss("energy"))
+#   gaussian k(x, y) = exp(-||x - y||^2 / 2s^2) (SamplesLoss("gaussian", blur=s))
+# so energy = mean||x-y|| - mean||x-x'||/2 - mean||y-y'||/2, which is HALF the
+# Szekely energy distance 2E||X-Y|| - E||X-X'|| - E||Y-Y'||. Diagonals are included
+# (V-statistics), as in geomloss; that keeps both losses >= 0.
+
+
+@dataclasses.dataclass(frozen=True)
+class LossConfig:
+    """Which set losses make up the training loss, and their weights."""
+
+    energy_weight: float = 1.0
+    """Weight of the energy distance (geomloss "energy"; STATE's default loss)."""
+    mmd_weight: float = 0.0
+    """Weight of the RBF-kernel MMD (geomloss "gaussian" convention, averaged over bandwidths)."""
+    pseudobulk_mse_weight: float = 0.0
+    """Weight of the MSE between the set means (pseudobulks); fast to overfit, a sanity check."""
+    mmd_bandwidths: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
+    """RBF bandwidths sigma in log1p units. Cell-to-cell distances over 2,000 log1p HVGs are
+    tens of units; these are a guess to revisit on real data (several scales hedge it)."""
+
+    def __post_init__(self):
+        if min(self.energy_weight, self.mmd_weight, self.pseudobulk_mse_weight) < 0:
+            raise ValueError(f"loss weights must be >= 0: {self}")
+        if self.mmd_weight > 0 and (not self.mmd_bandwidths or min(self.mmd_bandwidths) <= 0):
+            raise ValueError(f"mmd needs positive bandwidths: {self.mmd_bandwidths}")
+
+
+@typechecked
+def get_sq_distances(x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"]) -> Float[Array, "n m"]:
+    """Squared Euclidean distances via |x|^2 + |y|^2 - 2<x, y> (no n*m*g tensor), clamped at 0."""
+    # Distances ignore translation; centering shrinks |x|^2 so the expansion cancels less
+    # (log1p cells sit far from the origin: |x|^2 ~ 1e3-1e4 while |x - y|^2 can be ~1).
+    center_g = (x_ng.mean(0) + y_mg.mean(0)) / 2
+    x_ng, y_mg = x_ng - center_g, y_mg - center_g
+    # HIGHEST: on TPU the default matmul precision is bfloat16, ruinous for this cancellation.
+    xy_nm = jnp.matmul(x_ng, y_mg.T, precision=jax.lax.Precision.HIGHEST)
+    sq_nm = (x_ng**2).sum(1)[:, None] + (y_mg**2).sum(1)[None, :] - 2 * xy_nm
+    return jnp.maximum(sq_nm, 0.0)
+
+
+@typechecked
+def get_safe_distances(x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"]) -> Float[Array, "n m"]:
+    """Euclidean distances whose gradient is 0 (not NaN) where two cells coincide.
+
+    d sqrt(u)/du is infinite at u = 0, and inf * 0 = NaN in the backward pass, so the
+    sqrt only ever sees positive inputs (the double-where trick); geomloss's `sqrt_0`
+    makes the same choice of 0 gradient there.
+    """
+    sq_nm = get_sq_distances(x_ng, y_mg)
+    positive_nm = sq_nm > 1e-12
+    return jnp.where(positive_nm, jnp.sqrt(jnp.where(positive_nm, sq_nm, 1.0)), 0.0)
+
+
+@typechecked
+def get_energy_distance(x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"]) -> Float[Array, ""]:
+    """geomloss SamplesLoss("energy")(x, y): mean||x-y|| - (mean||x-x'|| + mean||y-y'||)/2."""
+    cross = get_safe_distances(x_ng, y_mg).mean()
+    within_x = get_safe_distances(x_ng, x_ng).mean()
+    within_y = get_safe_distances(y_mg, y_mg).mean()
+    return cross - 0.5 * (within_x + within_y)
+
+
+@typechecked
+def get_rbf_mmd(
+    x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"], bandwidths: tuple[float, ...]
+) -> Float[Array, ""]:
+    """0.5 * squared MMD with k = mean over sigma of exp(-|x-y|^2 / 2 sigma^2) (geomloss "gaussian")."""
+
+    def kernel_mean(a_ng, b_mg):
+        sq_nm = get_sq_distances(a_ng, b_mg)
+        return jnp.mean(jnp.stack([jnp.exp(-sq_nm / (2 * s**2)).mean() for s in bandwidths]))
+
+    return 0.5 * (kernel_mean(x_ng, x_ng) + kernel_mean(y_mg, y_mg)) - kernel_mean(x_ng, y_mg)
+
+
+@typechecked
+def get_pseudobulk_mse(pred_sg: Float[Array, "set gene"], target_tg: Float[Array, "set2 gene"]) -> Float[Array, ""]:
+    """Mean over genes of (mean predicted cell - mean target cell)^2."""
+    return jnp.mean((pred_sg.mean(0) - target_tg.mean(0)) ** 2)
+
+
+@typechecked
+def get_set_losses(
+    pred_sg: Float[Array, "set gene"], target_tg: Float[Array, "set2 gene"], cfg: LossConfig
+) -> dict[str, Float[Array, ""]]:
+    """Loss terms of one set. Distribution losses are computed only when weighted (they cost
+    O(S^2 G)); pseudobulk MSE is cheap and always reported."""
+    terms = {"pseudobulk_mse": get_pseudobulk_mse(pred_sg, target_tg)}
+    if cfg.energy_weight > 0:
+        terms["energy"] = get_energy_distance(pred_sg, target_tg)
+    if cfg.mmd_weight > 0:
+        terms["mmd"] = get_rbf_mmd(pred_sg, target_tg, cfg.mmd_bandwidths)
+    return terms
+
+
+@typechecked
+def compute_loss(
+    model: SetTransformer,
+    ctrl_bsg: Float[Array, "batch set gene"],
+    pert_bf: Float[Array, "batch feat"],
+    target_btg: Float[Array, "batch set2 gene"],
+    cfg: LossConfig,
+) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
+    """Weighted sum of the set losses, each averaged over the batch of sets; also the terms."""
+    pred_bsg = jax.vmap(model)(ctrl_bsg, pert_bf)
+    terms_b = jax.vmap(functools.partial(get_set_losses, cfg=cfg))(pred_bsg, target_btg)
+    terms = {name: term_b.mean() for name, term_b in terms_b.items()}
+    weights = {"energy": cfg.energy_weight, "mmd": cfg.mmd_weight, "pseudobulk_mse": cfg.pseudobulk_mse_weight}
+    loss = sum(weights[name] * term for name, term in terms.items())
+    return loss, terms
+
+
+# ----------------------------------------------------------------------------
+# train step and inference (the train/infer sections build on these)
+# ----------------------------------------------------------------------------
+
+
+def make_optimizer(learning_rate: float = 1e-4, grad_clip: float = 10.0) -> optax.GradientTransformation:
+    """STATE's optimiser: clip the global grad norm, then Adam."""
+    return optax.chain(optax.clip_by_global_norm(grad_clip), optax.adam(learning_rate))
+
+
+@eqx.filter_jit
+@typechecked
+def make_step(
+    model: SetTransformer,
+    opt_state: PyTree,
+    optimizer: optax.GradientTransformation,
+    ctrl_bsg: Float[Array, "batch set gene"],
+    pert_bf: Float[Array, "batch feat"],
+    target_btg: Float[Array, "batch set2 gene"],
+    loss_cfg: LossConfig,
+) -> tuple[SetTransformer, PyTree, dict[str, Float[Array, ""]]]:
+    """One optimiser step in one jitted region. Returns the new model and optimiser state and
+    metrics: loss, each loss term, grad_norm (before clipping) and update_norm.
+
+    Metrics stay on device; pull them to the host only at log steps.
+    """
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+
+    def loss_of_params(params):
+        return compute_loss(eqx.combine(params, static), ctrl_bsg, pert_bf, target_btg, loss_cfg)
+
+    (loss, terms), grads = jax.value_and_grad(loss_of_params, has_aux=True)(params)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates)}
+    return eqx.combine(params, static), opt_state, metrics
+
+
+def init_opt_state(model: SetTransformer, optimizer: optax.GradientTransformation) -> PyTree:
+    return optimizer.init(eqx.filter(model, eqx.is_inexact_array))
+
+
+MAX_LOG1P_EXPRESSION = 14.0
+"""Inference clips predictions to [0, this] (STATE does; cell-eval rejects log1p values >= 15)."""
+
+
+@eqx.filter_jit
+@typechecked
+def predict_sets(
+    model: SetTransformer,
+    ctrl_bsg: Float[Array, "batch set gene"],
+    pert_features_bf: Float[Array, "batch feat"],
+    max_expression: float = MAX_LOG1P_EXPRESSION,
+) -> Float[Array, "batch set gene"]:
+    """Predicted perturbed sets, clipped to [0, max_expression]."""
+    return jnp.clip(jax.vmap(model)(ctrl_bsg, pert_features_bf), 0.0, max_expression)
+
+
+# ----------------------------------------------------------------------------
+# metrics
+# ----------------------------------------------------------------------------
+#
+# What it computes (SPEC.md §2-3), per perturbation p, control excluded, then averaged:
+#
+#     des   overlap_at_N            |R ∩ P[:|R|]| / |R| over DE genes (BH p_adj < 0.05) ranked by |log2 FC|
+#     pds   discrimination_score_l1 1 - rank/N of the true p among L1 distances pred effect -> real effects
+#     mae   mae                     mean over genes of |pred pseudobulk - real pseudobulk| (log1p space)
+#
+# and `normalised_score` against a baseline scored the same way (the cell-mean baseline from
+# `make_cell_mean_baseline`). Two scorer generations, named in every output as `mode`:
+#
+#     vcc2025  cell-eval 0.6.x + pdex 0.1.2x (scored VCC 2025; the default): scipy's "auto" U test
+#              (exact when min(n1, n2) <= 8 and no ties), one BH over all (perturbation, gene) pairs,
+#              fold change clipped to [1/20, 20] for one-sided zeros.
+#     current  cell-eval >= 0.7 + pdex >= 0.2: asymptotic U test only, BH per perturbation,
+#              log2 FC unclipped (+-inf for one-sided zeros, 0 when both means are 0).
+#
+# Speed: instead of one U test per (perturbation, gene), each gene's column (all groups at once)
+# is sorted once as int64 keys (gene, value bits, group), and every group's rank sum and tie
+# term against the control falls out of one pass over the sorted keys. Zeros never enter the
+# sort: they are one tie block whose contribution is counted. Work streams over gene chunks,
+# so memory stays bounded by `chunk_elements`, whatever the number of perturbations.
+#
+# Float details copied from the reference so DE sets match exactly (they only matter at
+# near-ties): group means are float32 when X is float32 (numpy's pairwise mean per column for
+# vcc2025, the sequential axis-0 mean for current), ranking keys are |log2 FC| cast to float32,
+# significance is float32(p_adj) < 0.05, ties in rank go to the earlier gene.
+
+
+ScoreMode = Literal["vcc2025", "current"]
+SCORE_MODES: tuple[str, ...] = ("vcc2025", "current")
+DE_FDR_THRESHOLD = 0.05
+"""Significant = BH-adjusted p below this (strictly), compared in float32 like cell-eval."""
+VCC2025_FOLD_CHANGE_CLIP = 20.0
+"""pdex 0.1.2x: fold change when only the control mean is 0 (1/20 when only the target's is)."""
+CELL_EVAL_LOG1P_MAX = 15.0
+"""cell-eval rejects log1p data whose max reaches this (raw counts or mixed scales)."""
+MWU_EXACT_MAX_N = 8
+"""scipy's "auto" U test is exact when min(n1, n2) <= 8 and there are no ties."""
+DEFAULT_CHUNK_ELEMENTS = 4_000_000
+"""Nonzero values sorted at once in the DE pass (~100 bytes of scratch each)."""
+
+
+# ----------------------------------------------------------------------------
+# input checks (SPEC §3): one clear error per problem, naming the fix
+# ----------------------------------------------------------------------------
+
+
+def _value_chunks(x, chunk_elements: int = 1 << 24):
+    """The stored values of a dense or sparse matrix, a bounded piece at a time."""
+    if scipy.sparse.issparse(x):
+        for i in range(0, x.data.size, chunk_elements):
+            yield x.data[i : i + chunk_elements]
+        return
+    x = np.asarray(x)
+    rows = max(1, chunk_elements // max(x.shape[1], 1)) if x.ndim == 2 else x.shape[0]
+    for i in range(0, x.shape[0], rows):
+        yield np.asarray(x[i : i + rows]).ravel()
+
+
+def check_expression_matrix(x, *, which: str) -> None:
+    """Raise ValueError unless `x` (dense or sparse, cells x genes) is finite log1p data in [0, 15)."""
+    if x is None or 0 in x.shape:
+        raise ValueError(f"{which}: the expression matrix is empty; pass an AnnData with cells and genes in X.")
+    dtype = x.dtype
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+        raise ValueError(f"{which}: X has dtype {dtype}; store expression as float32 log1p values.")
+    n_bad, lo, hi, has_fraction = 0, np.inf, -np.inf, False
+    for values in _value_chunks(x):  # bounded memory: np.modf on all of X would copy it twice
+        finite = np.isfinite(values)
+        n_bad += int(values.size - finite.sum())
+        if values.size:
+            lo, hi = min(lo, float(values[finite].min(initial=np.inf))), max(hi, float(values[finite].max(initial=-np.inf)))
+        if not has_fraction and np.issubdtype(dtype, np.floating):
+            # cell-eval's rule: no fractional part above 1e-3 anywhere means raw counts.
+            has_fraction = bool((np.modf(values[finite])[0] > 1e-3).any())
+    if n_bad:
+        raise ValueError(
+            f"{which}: X holds {n_bad} NaN/inf values; fix the model output (e.g. np.nan_to_num, then clip) before scoring."
+        )
+    if lo < 0:
+        raise ValueError(
+            f"{which}: X has negative values (min {lo:.3g}); log1p expression is >= 0, so clip predictions to [0, 14]."
+        )
+    if not has_fraction:
+        raise ValueError(
+            f"{which}: X is integer-valued, which looks like raw counts; normalise it first "
+            "(normalize_total then log1p, the project's one normalisation function)."
+        )
+    if hi >= CELL_EVAL_LOG1P_MAX:
+        raise ValueError(
+            f"{which}: X reaches {hi:.3g}, beyond the log1p range [0, {CELL_EVAL_LOG1P_MAX:g}); "
+            "this looks like counts or mixed scales: normalise with normalize_total + log1p."
+        )
+
+
+def check_score_inputs(real, pred, *, control_label: str = "non-targeting", pert_col: str = "target_gene") -> None:
+    """Raise ValueError if real/pred cannot be scored against each other (SPEC §3)."""
+    for which, adata in (("real", real), ("pred", pred)):
+        if pert_col not in adata.obs.columns:
+            raise ValueError(
+                f"{which}: obs has no column {pert_col!r} (has {list(adata.obs.columns)}); pass pert_col= the perturbation column."
+            )
+    genes_real = np.asarray(real.var_names, dtype=str)
+    genes_pred = np.asarray(pred.var_names, dtype=str)
+    if not np.array_equal(genes_real, genes_pred):
+        if genes_real.size == genes_pred.size and set(genes_real) == set(genes_pred):
+            first = int(np.flatnonzero(genes_real != genes_pred)[0])
+            raise ValueError(
+                "gene-order trap: pred has the same genes as real but in a different order "
+                f"(column {first}: real {genes_real[first]!r}, pred {genes_pred[first]!r}); "
+                "reorder pred's columns with pred[:, real.var_names] before scoring."
+            )
+        missing = sorted(set(genes_real) - set(genes_pred))[:5]
+        extra = sorted(set(genes_pred) - set(genes_real))[:5]
+        raise ValueError(
+            f"gene mismatch: real has {genes_real.size} genes, pred {genes_pred.size} "
+            f"(missing from pred e.g. {missing}, extra in pred e.g. {extra}); "
+            "predict exactly real's genes, in real's order (gene_names.csv)."
+        )
+    perts = {}
+    for which, adata in (("real", real), ("pred", pred)):
+        labels = set(np.asarray(adata.obs[pert_col], dtype=str))
+        if control_label not in labels:
+            raise ValueError(
+                f"{which}: no control cells ({pert_col} == {control_label!r}); "
+                "include control cells (real controls are fine for pred) or pass control_label=."
+            )
+        perts[which] = labels - {control_label}
+    if perts["real"] != perts["pred"]:
+        only_real = sorted(perts["real"] - perts["pred"])[:5]
+        only_pred = sorted(perts["pred"] - perts["real"])[:5]
+        raise ValueError(
+            f"perturbation sets differ: only in real e.g. {only_real}, only in pred e.g. {only_pred}; "
+            "predict every real perturbation and no others."
+        )
+    if not perts["real"]:
+        raise ValueError("real has only control cells; scoring needs at least one perturbation.")
+    check_expression_matrix(real.X, which="real")
+    check_expression_matrix(pred.X, which="pred")
+
+
+# ----------------------------------------------------------------------------
+# Mann-Whitney U, BH, fold changes
+# ----------------------------------------------------------------------------
+
+
+def mwu_exact_cdf(n1: int, n2: int, k_max: int) -> Float[np.ndarray, " k"]:
+    """P(U <= k) for k = 0..k_max under H0 without ties (sizes n1, n2), from exact integer counts.
+
+    The counts are coefficients of the Gaussian binomial prod_{i<=m} (1 - q^(n+i)) / (1 - q^i)
+    (m = min, n = max size); truncating the series at k_max keeps the low coefficients exact.
+    Python ints (object arrays) because the counts overflow int64 for ~40k control cells.
+    """
+    m, n = min(n1, n2), max(n1, n2)
+    k_max = min(int(k_max), m * n)
+    counts = np.zeros(k_max + 1, dtype=object)
+    counts[:] = 0
+    counts[0] = 1
+    for i in range(1, m + 1):
+        for r in range(min(i, k_max + 1)):  # divide by (1 - q^i): strided running sums
+            counts[r::i] = np.cumsum(counts[r::i])
+        shift = n + i
+        if shift <= k_max:  # multiply by (1 - q^(n+i))
+            counts[shift:] = counts[shift:] - counts[:-shift].copy()
+    total = math.comb(n1 + n2, n1)
+    return np.array([c / total for c in np.cumsum(counts)], dtype=np.float64)
+
+
+def mann_whitney_pvalues(
+    u1_kg: Float[np.ndarray, "k g"],
+    tie_term_kg: Float[np.ndarray, "k g"],
+    n1_k: Int[np.ndarray, " k"],
+    n2: int,
+    *,
+    mode: ScoreMode = "vcc2025",
+) -> Float[np.ndarray, "k g"]:
+    """Two-sided U-test p-values from U1 and sum(t^3 - t), as scipy (vcc2025) or pdex>=0.2 (current).
+
+    Continuity correction and tie-corrected variance; a constant gene (zero variance) gets p = 1.
+    vcc2025 follows scipy's "auto": exact distribution when min(n1, n2) <= 8 and no ties.
+    """
+    n1 = np.asarray(n1_k, dtype=np.int64)[:, None]
+    n = n1 + n2
+    u2 = n1 * n2 - u1_kg
+    u = np.maximum(u1_kg, u2)
+    mu = n1 * n2 / 2
+    # Same operation order as scipy's _get_mwu_z so the numbers agree to the last bits.
+    var = n1 * n2 / 12 * ((n + 1) - tie_term_kg / (n * (n - 1)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (u - mu - 0.5) / np.sqrt(var)
+        if mode == "vcc2025":
+            p = 2 * scipy.special.ndtr(-z)
+        else:  # numba_mwu: 0.5 * erfc(z / sqrt 2), doubled
+            p = 2 * (0.5 * scipy.special.erfc(z / math.sqrt(2.0)))
+    # var == 0 only for a constant gene (scipy: z = -inf -> p clipped to 1); rounding could
+    # make it slightly negative for huge n, which must not become NaN.
+    p = np.where(var > 0, p, 1.0)
+    p = np.clip(p, 0.0, 1.0)
+    if mode == "vcc2025":
+        exact_kg = (np.minimum(n1, n2) <= MWU_EXACT_MAX_N) & (tie_term_kg == 0)
+        for k in np.flatnonzero(exact_kg.any(axis=1)):
+            genes = np.flatnonzero(exact_kg[k])
+            k_c = (int(n1[k, 0]) * n2 - u[k, genes]).astype(np.int64)  # P(U >= u) = P(U <= n1 n2 - u)
+            cdf = mwu_exact_cdf(int(n1[k, 0]), n2, int(k_c.max()))
+            p[k, genes] = np.minimum(1.0, 2 * cdf[k_c])
+    return p
+
+
+def benjamini_hochberg(p: Float[np.ndarray, "*shape"], *, axis: int | None = None) -> Float[np.ndarray, "*shape"]:
+    """BH-adjusted p-values (scipy.stats.false_discovery_control), over everything or along `axis`."""
+    p = np.asarray(p, dtype=np.float64)
+    return scipy.stats.false_discovery_control(p, axis=axis, method="bh").reshape(p.shape)
+
+
+def log2_fold_change(
+    target_mean: Float[np.ndarray, "*s"], control_mean: Float[np.ndarray, "*s"], *, mode: ScoreMode
+) -> Float[np.ndarray, "*s"]:
+    """log2(target / control) of expm1(mean log1p) means with each generation's zero rules.
+
+    vcc2025: both 0 -> 0, control 0 -> log2 20, target 0 -> log2(1/20). current: unclipped
+    (+-inf for one-sided zeros), both 0 -> 0.
+    """
+    t, c = np.asarray(target_mean), np.asarray(control_mean)
+    if mode == "current":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lfc = np.log2(t.astype(np.float64) / c.astype(np.float64))
+        return np.where(np.isnan(lfc), 0.0, lfc)
+    return np.log2(_vcc2025_fold_change(t, c))
+
+
+def _vcc2025_fold_change(t: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """pdex 0.1.2x's fold change as float64: the quotient in the data's dtype, clipped for zeros."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fc = (t / c).astype(np.float64)
+    fc = np.where(c == 0, VCC2025_FOLD_CHANGE_CLIP, fc)
+    fc = np.where(t == 0, 1 / VCC2025_FOLD_CHANGE_CLIP, fc)
+    return np.where((t == 0) & (c == 0), 1.0, fc)
+
+
+def _abs_log2fc_rank_key(
+    target_mean: Float[np.ndarray, "k g"], control_mean: Float[np.ndarray, " g"], *, mode: ScoreMode
+) -> Float[np.ndarray, "k g"]:
+    """|log2 FC| exactly as cell-eval ranks it: float32, from its own log and dtype path.
+
+    vcc2025: pdex's fold_change column is float32 unless some pair was clipped (then pandas
+    makes it float64), and polars takes log base 2 as ln(x)/ln(2) in that dtype.
+    """
+    if mode == "current":
+        return np.abs(log2_fold_change(target_mean, control_mean[None, :], mode="current")).astype(np.float32)
+    t, c = target_mean, control_mean[None, :]
+    fc = _vcc2025_fold_change(t, c)
+    if ((t == 0) | (c == 0)).any() or t.dtype != np.float32:
+        lfc = (np.log(fc) / np.log(2.0)).astype(np.float32)
+    else:
+        # polars on Float32: ln in float32 (libm logf, ~correctly rounded) over float32 ln 2.
+        lfc = np.log(fc).astype(np.float32) / np.float32(math.log(2.0))
+    return np.abs(lfc).astype(np.float32)
+
+
+# ----------------------------------------------------------------------------
+# the one pass over the data: per group and gene, rank sums, ties, means
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _GroupGeneStats:
+    """Everything the scores need from one matrix, per group k (sorted labels) and gene g."""
+
+    groups: np.ndarray
+    n_k: np.ndarray
+    control_index: int
+    twice_u1_kg: np.ndarray  # 2 * U1 of group k vs control (integer-valued float64)
+    tie_term_kg: np.ndarray  # sum(t^3 - t) over ties of group k + control (int64)
+    log1p_mean_kg: np.ndarray  # mean in X's dtype, summed like the reference (see mode)
+    pseudobulk_kg: np.ndarray  # float64 mean, rounded to X's dtype like cell-eval's polars means
+
+
+def _dense_gene_block(x, rows_c: np.ndarray, g0: int, g1: int) -> np.ndarray:
+    """X[rows, g0:g1] as a dense C-ordered (cell, gene) array in X's dtype."""
+    if scipy.sparse.issparse(x):
+        return np.asarray(x[:, g0:g1].toarray()[rows_c], order="C")
+    return np.ascontiguousarray(x[rows_c, g0:g1])
+
+
+def _value_order_keys(values: np.ndarray) -> np.ndarray:
+    """int64 codes < 2^31 whose order equals the order of the (nonnegative) values."""
+    if values.dtype == np.float32:
+        return values.view(np.int32).astype(np.int64)  # bit patterns of floats >= 0 sort like the floats
+    as32 = values.astype(np.float32)
+    if np.array_equal(as32.astype(values.dtype), values):
+        return as32.view(np.int32).astype(np.int64)
+    return np.unique(values, return_inverse=True)[1].astype(np.int64)  # rare: true float64 data
+
+
+def _cubic_ties(c: np.ndarray) -> np.ndarray:
+    c = c.astype(np.int64)
+    return c * c * c - c
+
+
+def _group_gene_stats_chunk(
+    block_cg: np.ndarray, starts_k: np.ndarray, n_k: np.ndarray, ctrl: int, mode: ScoreMode
+) -> tuple[np.ndarray, ...]:
+    """Rank sums, tie terms and means for one gene chunk; rows of block_cg grouped by group."""
+    n_cells, n_genes = block_cg.shape
+    n_groups = n_k.size
+    # Means first, in the reference's summation order (float32 results differ by order).
+    ends_k = starts_k + n_k
+    if mode == "vcc2025":  # pdex 0.1.2x: np.mean of each contiguous column copy (pairwise sum)
+        block_gc = np.ascontiguousarray(block_cg.T)
+        log1p_mean = np.stack([block_gc[:, s:e].mean(axis=1) for s, e in zip(starts_k, ends_k)])
+    else:  # pdex >= 0.2: X[group].mean(axis=0), a sequential sum over cells
+        log1p_mean = np.stack([block_cg[s:e].mean(axis=0) for s, e in zip(starts_k, ends_k)])
+        block_gc = np.ascontiguousarray(block_cg.T)
+    sums = np.add.reduceat(block_cg, starts_k, axis=0, dtype=np.float64)
+    pseudobulk = (sums / n_k[:, None]).astype(block_cg.dtype)
+
+    # Keys (gene, value, group) of the nonzero values only; zeros are one tie block per gene.
+    nonzero_gc = block_gc != 0
+    nnz_gk = np.add.reduceat(nonzero_gc, starts_k, axis=1, dtype=np.int64)
+    zeros_gk = n_k[None, :] - nnz_gk
+    zc_g = zeros_gk[:, ctrl]
+    code_bits = max(1, int(n_groups - 1).bit_length())
+    gene_shift = 31 + code_bits
+    code_c = np.repeat(np.arange(n_groups, dtype=np.int64), n_k)
+    flat = np.flatnonzero(nonzero_gc)
+    gene_e = flat // n_cells
+    keys = (gene_e << gene_shift) | (_value_order_keys(block_gc.ravel()[flat]) << code_bits) | code_c[flat - gene_e * n_cells]
+    del flat, gene_e
+    keys.sort()
+
+    twice_u1_gk = np.zeros((n_genes, n_groups), dtype=np.float64)
+    tie_gk = np.zeros((n_genes, n_groups), dtype=np.int64)
+    ctrl_tie_g = _cubic_ties(zc_g)
+    if keys.size:
+        code = keys & ((1 << code_bits) - 1)
+        gene = keys >> gene_shift
+        gene_value = keys >> code_bits
+        new_block = np.empty(keys.size, dtype=bool)
+        new_block[0] = True
+        np.not_equal(gene_value[1:], gene_value[:-1], out=new_block[1:])
+        del gene_value
+        block_start = np.flatnonzero(new_block)
+        block_end = np.append(block_start[1:], keys.size)
+        block_id = np.cumsum(new_block) - 1
+        del new_block
+        is_ctrl = code == ctrl
+        ctrl_before = np.zeros(keys.size + 1, dtype=np.int64)  # control values before position i
+        np.cumsum(is_ctrl, out=ctrl_before[1:])
+        gene_start = np.searchsorted(gene, np.arange(n_genes))
+        block_gene = gene[block_start]
+        ctrl_in_block = ctrl_before[block_end] - ctrl_before[block_start]
+        ctrl_less = zc_g[block_gene] + ctrl_before[block_start] - ctrl_before[gene_start][block_gene]
+        # Each target value adds (#control below) + (#control equal)/2 to U1; doubled to stay integral.
+        weight_block = 2 * ctrl_less + ctrl_in_block
+        target = ~is_ctrl
+        twice_u1_gk += np.bincount(
+            gene[target] * n_groups + code[target],
+            weights=weight_block[block_id[target]],
+            minlength=n_genes * n_groups,
+        ).reshape(n_genes, n_groups)
+        # Ties among nonzero values: only blocks of size >= 2 can add to sum(t^3 - t).
+        in_tied_block = (block_end - block_start >= 2)[block_id]
+        if in_tied_block.any():
+            tied_keys = keys[in_tied_block]
+            run_start = np.flatnonzero(np.r_[True, tied_keys[1:] != tied_keys[:-1]])
+            run_len = np.diff(np.append(run_start, tied_keys.size))
+            run_code = code[in_tied_block][run_start]
+            run_gene = gene[in_tied_block][run_start]
+            run_ctrl = ctrl_in_block[block_id[in_tied_block][run_start]]
+            ctrl_run = run_code == ctrl
+            np.add.at(ctrl_tie_g, run_gene[ctrl_run], _cubic_ties(run_len[ctrl_run]))
+            t, r = run_len[~ctrl_run], run_ctrl[~ctrl_run]
+            np.add.at(tie_gk, (run_gene[~ctrl_run], run_code[~ctrl_run]), _cubic_ties(r + t) - _cubic_ties(r))
+    # Zeros: each target zero sees all control zeros as ties (half a win each).
+    twice_u1_gk += zeros_gk * zc_g[:, None]
+    tie_gk += ctrl_tie_g[:, None] + _cubic_ties(zc_g[:, None] + zeros_gk) - _cubic_ties(zc_g)[:, None]
+    return twice_u1_gk.T, tie_gk.T, log1p_mean, pseudobulk
+
+
+def _group_gene_stats(
+    x,
+    labels_c: Shaped[np.ndarray, " cell"],
+    *,
+    control_label: str,
+    mode: ScoreMode,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    threads: int = 1,
+    desc: str = "DE",
+) -> _GroupGeneStats:
+    """Stream over gene chunks of X (cells x genes) and collect per (group, gene) statistics."""
+    labels_c = np.asarray(labels_c, dtype=str)
+    groups, codes_c = np.unique(labels_c, return_inverse=True)
+    hits = np.flatnonzero(groups == control_label)
+    if hits.size == 0:
+        raise ValueError(f"no control cells labelled {control_label!r}; include control cells or pass control_label=.")
+    ctrl = int(hits[0])
+    if groups.size > 1 << 20:
+        raise ValueError(f"{groups.size} groups is more than the 2^20 the sort keys can hold.")
+    order_c = np.argsort(codes_c, kind="stable")  # groups contiguous, cells in original order inside
+    n_k = np.bincount(codes_c, minlength=groups.size).astype(np.int64)
+    starts_k = np.concatenate([[0], np.cumsum(n_k)[:-1]]).astype(np.int64)
+    if scipy.sparse.issparse(x):
+        x = x.tocsc()  # column chunks of a CSR matrix would rescan every value per chunk
+    else:
+        x = np.asarray(x)
+    n_cells, n_genes = x.shape
+    code_bits = max(1, int(groups.size - 1).bit_length())
+    genes_per_chunk = int(np.clip(chunk_elements // max(n_cells, 1), 1, 1 << (32 - code_bits)))
+    bounds = [(g0, min(g0 + genes_per_chunk, n_genes)) for g0 in range(0, n_genes, genes_per_chunk)]
+
+    def run(bound):
+        g0, g1 = bound
+        return _group_gene_stats_chunk(_dense_gene_block(x, order_c, g0, g1), starts_k, n_k, ctrl, mode)
+
+    if threads > 1:  # numpy releases the GIL in sort and most array ops
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            parts = list(progress(pool.map(run, bounds), total=len(bounds), desc=desc))
+    else:
+        parts = [run(b) for b in progress(bounds, desc=desc)]
+    twice_u1, tie, mean, pseudobulk = (np.concatenate(arrays, axis=1) for arrays in zip(*parts))
+    return _GroupGeneStats(groups, n_k, ctrl, twice_u1, tie, mean, pseudobulk)
+
+
+# ----------------------------------------------------------------------------
+# differential expression
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DifferentialExpression:
+    """DE of every perturbation against control in one matrix, plus the pseudobulks PDS/MAE use."""
+
+    mode: str
+    """`vcc2025` or `current`: which scorer generation these numbers reproduce."""
+    perts: np.ndarray
+    """Perturbation labels (control excluded), sorted: the row order of every `_pg` array."""
+    genes: np.ndarray
+    """Gene names (var order): the column order."""
+    control_label: str
+    n_cells_p: np.ndarray
+    n_control: int
+    u1_pg: np.ndarray
+    """Mann-Whitney U of the perturbation's cells (scipy's `statistic`)."""
+    p_value_pg: np.ndarray
+    fdr_pg: np.ndarray
+    """BH-adjusted p: over all pairs (vcc2025) or per perturbation (current)."""
+    target_mean_pg: np.ndarray
+    """expm1(mean log1p) of the perturbation's cells, in X's dtype."""
+    control_mean_g: np.ndarray
+    log2_fold_change_pg: np.ndarray
+    abs_log2fc_rank_key_pg: np.ndarray
+    """float32 |log2 FC| exactly as the reference ranks DE genes."""
+    significant_pg: np.ndarray
+    pseudobulk_pg: np.ndarray
+    """Mean log1p expression per perturbation (X's dtype), for PDS and MAE."""
+    pseudobulk_control_g: np.ndarray
+
+    def ranked_de_genes(self, i: int) -> np.ndarray:
+        """Gene indices significant for perturbation i, by |log2 FC| descending, ties by gene order."""
+        genes = np.flatnonzero(self.significant_pg[i])
+        return genes[np.argsort(-self.abs_log2fc_rank_key_pg[i, genes], kind="stable")]
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long table like pdex's output: one row per (perturbation, gene)."""
+        n_p, n_g = self.p_value_pg.shape
+        return pd.DataFrame(
+            {
+                "target": np.repeat(self.perts, n_g),
+                "feature": np.tile(self.genes, n_p),
+                "target_mean": self.target_mean_pg.ravel(),
+                "reference_mean": np.tile(self.control_mean_g, n_p),
+                "log2_fold_change": self.log2_fold_change_pg.ravel(),
+                "statistic": self.u1_pg.ravel(),
+                "p_value": self.p_value_pg.ravel(),
+                "fdr": self.fdr_pg.ravel(),
+                "significant": self.significant_pg.ravel(),
+            }
+        )
+
+
+def differential_expression(
+    x_cg: Float[np.ndarray, "cell gene"] | scipy.sparse.spmatrix,
+    labels_c: Shaped[np.ndarray, " cell"],
+    *,
+    genes: Shaped[np.ndarray, " gene"] | None = None,
+    control_label: str = "non-targeting",
+    mode: ScoreMode = "vcc2025",
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    threads: int = 1,
+    desc: str = "DE",
+) -> DifferentialExpression:
+    """Wilcoxon DE of each labelled group against the control group, as the chosen scorer does it.
+
+    `x_cg` is log1p expression (dense or sparse); values are not checked here (see
+    `check_expression_matrix`). Memory: a few times `chunk_elements` x 8 bytes per thread.
+    """
+    if mode not in SCORE_MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {SCORE_MODES}.")
+    stats = _group_gene_stats(
+        x_cg, labels_c, control_label=control_label, mode=mode, chunk_elements=chunk_elements, threads=threads, desc=desc
+    )
+    rows = np.flatnonzero(np.arange(stats.groups.size) != stats.control_index)
+    ctrl = stats.control_index
+    n_control = int(stats.n_k[ctrl])
+    u1 = stats.twice_u1_kg[rows] / 2
+    p = mann_whitney_pvalues(u1, stats.tie_term_kg[rows].astype(np.float64), stats.n_k[rows], n_control, mode=mode)
+    fdr = benjamini_hochberg(p, axis=None) if mode == "vcc2025" else benjamini_hochberg(p, axis=1)
+    target_mean = np.expm1(stats.log1p_mean_kg[rows])
+    control_mean = np.expm1(stats.log1p_mean_kg[ctrl])
+    n_genes = stats.twice_u1_kg.shape[1]
+    return DifferentialExpression(
+        mode=mode,
+        perts=stats.groups[rows],
+        genes=np.asarray(genes, dtype=str) if genes is not None else np.arange(n_genes).astype(str),
+        control_label=control_label,
+        n_cells_p=stats.n_k[rows],
+        n_control=n_control,
+        u1_pg=u1,
+        p_value_pg=p,
+        fdr_pg=fdr,
+        target_mean_pg=target_mean,
+        control_mean_g=control_mean,
+        log2_fold_change_pg=log2_fold_change(target_mean, control_mean[None, :], mode=mode),
+        abs_log2fc_rank_key_pg=_abs_log2fc_rank_key(target_mean, control_mean, mode=mode),
+        # cell-eval stores fdr as Float32 before comparing with 0.05.
+        significant_pg=fdr.astype(np.float32) < DE_FDR_THRESHOLD,
+        pseudobulk_pg=stats.pseudobulk_kg[rows],
+        pseudobulk_control_g=stats.pseudobulk_kg[ctrl],
+    )
+
+
+def differential_expression_anndata(
+    adata, *, control_label: str = "non-targeting", pert_col: str = "target_gene", mode: ScoreMode = "vcc2025", **kwargs
+) -> DifferentialExpression:
+    """`differential_expression` on an AnnData (labels from obs[pert_col], genes from var_names)."""
+    return differential_expression(
+        adata.X,
+        np.asarray(adata.obs[pert_col], dtype=str),
+        genes=np.asarray(adata.var_names, dtype=str),
+        control_label=control_label,
+        mode=mode,
+        **kwargs,
+    )
+
+
+# ----------------------------------------------------------------------------
+# the three metrics and the normalised score
+# ----------------------------------------------------------------------------
+
+
+def overlap_at_n(real_ranked: np.ndarray, pred_ranked: np.ndarray) -> float:
+    """cell-eval's overlap_at_N: |R ∩ P[:|R|]| / |R| for ranked gene lists; 0 when R is empty."""
+    if len(real_ranked) == 0:
+        return 0.0
+    return np.intersect1d(real_ranked, pred_ranked[: len(real_ranked)]).size / len(real_ranked)
+
+
+def discrimination_score_l1(
+    real_effect_pg: Float[np.ndarray, "p g"],
+    pred_effect_pg: Float[np.ndarray, "p g"],
+    perts: Shaped[np.ndarray, " p"],
+    genes: Shaped[np.ndarray, " g"],
+) -> Float[np.ndarray, " p"]:
+    """PDS per perturbation: 1 - rank/N of the true perturbation among L1 distances (target gene excluded).
+
+    rank = position of p in argsort of distances from pred_p to every real_q, as cell-eval takes it.
+    """
+    real = np.asarray(real_effect_pg, dtype=np.float64)
+    pred = np.asarray(pred_effect_pg, dtype=np.float64)
+    n_perts = real.shape[0]
+    scores = np.empty(n_perts)
+    for i, pert in enumerate(perts):
+        keep = genes != pert
+        distance_q = np.abs(real[:, keep] - pred[i, keep]).sum(axis=1)
+        rank = int(np.flatnonzero(np.argsort(distance_q) == i)[0])
+        scores[i] = 1 - rank / n_perts
+    return scores
+
+
+def score_de(real_de: DifferentialExpression, pred_de: DifferentialExpression) -> dict[str, Any]:
+    """DES, PDS and MAE per perturbation from two DE results (same genes, perturbations, mode)."""
+    if real_de.mode != pred_de.mode:
+        raise ValueError(f"real DE used mode {real_de.mode!r} but pred DE {pred_de.mode!r}; compute both in one mode.")
+    if not (np.array_equal(real_de.perts, pred_de.perts) and np.array_equal(real_de.genes, pred_de.genes)):
+        raise ValueError("real and pred DE cover different perturbations or genes; run check_score_inputs first.")
+    des = np.array(
+        [overlap_at_n(real_de.ranked_de_genes(i), pred_de.ranked_de_genes(i)) for i in range(real_de.perts.size)]
+    )
+    # Effects in X's dtype, like cell-eval's float32 pseudobulks minus control.
+    real_effect = real_de.pseudobulk_pg - real_de.pseudobulk_control_g
+    pred_effect = pred_de.pseudobulk_pg - pred_de.pseudobulk_control_g
+    pds = discrimination_score_l1(real_effect, pred_effect, real_de.perts, real_de.genes)
+    mae = np.abs(pred_de.pseudobulk_pg.astype(np.float64) - real_de.pseudobulk_pg).mean(axis=1)
+    table = pd.DataFrame(
+        {
+            "des": des,
+            "pds": pds,
+            "mae": mae,
+            "n_de_real": real_de.significant_pg.sum(axis=1),
+            "n_de_pred": pred_de.significant_pg.sum(axis=1),
+        },
+        index=pd.Index(real_de.perts, name="perturbation"),
+    )
+    return {
+        "mode": real_de.mode,
+        "des": float(des.mean()),
+        "pds": float(pds.mean()),
+        "mae": float(mae.mean()),
+        "per_perturbation": table,
+        "real_de": real_de,
+        "pred_de": pred_de,
+    }
+
+
+def score(
+    real,
+    pred,
+    *,
+    control_label: str = "non-targeting",
+    pert_col: str = "target_gene",
+    mode: ScoreMode = "vcc2025",
+    real_de: DifferentialExpression | None = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Score a prediction like `cell-eval run --profile vcc` (SPEC §2).
+
+    Returns `mode`, the means `des` (overlap_at_N), `pds` (discrimination_score_l1), `mae`,
+    `per_perturbation` (DataFrame) and both DE results; pass `real_de` from an earlier
+    call to skip recomputing the real side (e.g. when scoring the baseline too).
+    """
+    if mode not in SCORE_MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {SCORE_MODES}.")
+    check_score_inputs(real, pred, control_label=control_label, pert_col=pert_col)
+    kwargs = dict(control_label=control_label, pert_col=pert_col, mode=mode, chunk_elements=chunk_elements, threads=threads)
+    if real_de is None:
+        real_de = differential_expression_anndata(real, desc="DE real", **kwargs)
+    elif real_de.mode != mode:
+        raise ValueError(f"real_de was computed in mode {real_de.mode!r}, not {mode!r}; recompute it.")
+    pred_de = differential_expression_anndata(pred, desc="DE pred", **kwargs)
+    return score_de(real_de, pred_de)
+
+
+def normalised_score(result: dict[str, Any], baseline_result: dict[str, Any]) -> dict[str, Any]:
+    """cell-eval's `score`: each metric against the baseline's, NaN -> 0, floored at 0, then averaged."""
+    if result["mode"] != baseline_result["mode"]:
+        raise ValueError(
+            f"result used mode {result['mode']!r} but the baseline {baseline_result['mode']!r}; score both in one mode."
+        )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        parts = np.array(
+            [
+                (result["des"] - baseline_result["des"]) / (1 - baseline_result["des"]),
+                (result["pds"] - baseline_result["pds"]) / (1 - baseline_result["pds"]),
+                1 - result["mae"] / baseline_result["mae"],
+            ],
+            dtype=np.float64,
+        )
+    parts = np.clip(np.nan_to_num(parts, nan=0.0, posinf=np.inf), 0.0, None)
+    return {
+        "mode": result["mode"],
+        "s_des": float(parts[0]),
+        "s_pds": float(parts[1]),
+        "s_mae": float(parts[2]),
+        "score": float(parts.mean()),
+    }
+
+
+# ----------------------------------------------------------------------------
+# the cell-mean baseline (`cell-eval baseline`)
+# ----------------------------------------------------------------------------
+
+
+def make_cell_mean_baseline(
+    real,
+    *,
+    control_label: str = "non-targeting",
+    pert_col: str = "target_gene",
+    n_cells_per_pert: dict[str, int] | None = None,
+):
+    """The cell-mean baseline prediction, built as `cell-eval baseline` builds it (SPEC §2).
+
+    m = mean over all groups (control included) of each group's mean expression; every
+    predicted cell of every perturbation is m (as many cells as in `real`, or
+    `n_cells_per_pert`); the control cells are real's control cells, unchanged.
+    """
+    import anndata
+
+    if pert_col not in real.obs.columns:
+        raise ValueError(f"real: obs has no column {pert_col!r}; pass pert_col= the perturbation column.")
+    check_expression_matrix(real.X, which="real")
+    labels_c = np.asarray(real.obs[pert_col], dtype=str)
+    groups, codes_c = np.unique(labels_c, return_inverse=True)
+    if control_label not in groups:
+        raise ValueError(f"real: no control cells ({pert_col} == {control_label!r}); pass control_label=.")
+    x = real.X if scipy.sparse.issparse(real.X) else np.asarray(real.X)
+    indicator_kc = scipy.sparse.csr_matrix(
+        (np.ones(labels_c.size), (codes_c, np.arange(labels_c.size))), shape=(groups.size, labels_c.size)
+    )
+    sums_kg = indicator_kc @ (x.astype(np.float64) if scipy.sparse.issparse(x) else np.asarray(x, dtype=np.float64))
+    sums_kg = sums_kg.toarray() if scipy.sparse.issparse(sums_kg) else np.asarray(sums_kg)
+    # cell-eval: polars group means (float32 for float32 X), then numpy's mean over the
+    # groups of polars' column-major matrix (pairwise per gene, hence Fortran order here).
+    group_means_kg = np.asfortranarray((sums_kg / np.bincount(codes_c)[:, None]).astype(x.dtype))
+    cell_mean_g = group_means_kg.mean(axis=0)
+    if n_cells_per_pert is None:
+        perts, counts = np.unique(labels_c[labels_c != control_label], return_counts=True)
+    else:
+        perts = np.array([p for p in n_cells_per_pert if p != control_label], dtype=str)
+        counts = np.array([int(n_cells_per_pert[p]) for p in perts])
+    n_pred = int(counts.sum())
+    pred_obs = pd.DataFrame({pert_col: np.repeat(perts, counts)}, index=[f"p.{i}" for i in range(n_pred)])
+    is_ctrl = labels_c == control_label
+    ctrl_x = x[is_ctrl]
+    ctrl_x = ctrl_x.toarray() if scipy.sparse.issparse(ctrl_x) else np.asarray(ctrl_x)
+    pred_x = np.broadcast_to(cell_mean_g, (n_pred, real.n_vars))
+    obs = pd.concat([pred_obs, pd.DataFrame({pert_col: labels_c[is_ctrl]}, index=real.obs_names[is_ctrl])])
+    obs[pert_col] = obs[pert_col].astype("category")
+    return anndata.AnnData(X=np.concatenate([pred_x, ctrl_x], axis=0), obs=obs, var=real.var.copy())
+
+
+# ----------------------------------------------------------------------------
 # fake-val split
 # ----------------------------------------------------------------------------
 # The target's own training perturbations, split like the challenge's 150/50/100
@@ -3815,3 +3719,101 @@ def make_fake_val_split(perturbations, seed: int = 0) -> dict[str, list[str]]:
     n_test = round(len(names) * FAKE_VAL_FRACTIONS[2] / total)
     val, test, train = np.split(names[order], [n_val, n_val + n_test])
     return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+
+
+# ----------------------------------------------------------------------------
+# submission
+# ----------------------------------------------------------------------------
+# A submission is an h5ad with obs `target_gene` (control cells included), every gene of
+# `gene_names.csv` in that order, log1p values, float32 CSR; `cell-eval prep` packs it as
+# a `.vcc` (a plain tar of `pred.h5ad.zst` and a watermark). The writer streams: cells
+# are predicted and written a chunk at a time, so memory never holds the full matrix
+# (the researcher saw 7 GB spikes materialising it).
+
+MAX_SUBMISSION_CELLS = 100_000
+"""Cell cap of the 2025 validation phase (200,000 later)."""
+
+
+def make_submission_obs(
+    pert_counts: "pd.DataFrame", n_control: int, control_label: str = "non-targeting"
+) -> "pd.DataFrame":
+    """obs of a submission: `n_cells` rows per requested perturbation, then the controls."""
+    import pandas as pd
+
+    labels = np.concatenate([np.repeat(pert_counts["target_gene"].to_numpy(str), pert_counts["n_cells"]),
+                             np.full(n_control, control_label)])
+    return pd.DataFrame({"target_gene": pd.Categorical(labels)}, index=np.arange(len(labels)).astype(str))
+
+
+def check_log1p_chunk(x_cg: np.ndarray, where: str) -> None:
+    """One clear error for values a scorer would reject or silently misread."""
+    if not np.all(np.isfinite(x_cg)):
+        raise ValueError(f"{where}: NaN or inf in predictions; check the model's output (clip, or fix a diverged run).")
+    if x_cg.size and x_cg.min() < 0:
+        raise ValueError(f"{where}: negative values (min {x_cg.min():.3g}); predictions must be log1p(CP10K) >= 0: clip at 0.")
+    if x_cg.size and x_cg.max() >= 15:
+        raise ValueError(f"{where}: values >= 15 (max {x_cg.max():.3g}) look like raw counts or CP10K, not log1p: apply lib.normalise first.")
+
+
+def write_submission(
+    path: str | os.PathLike,
+    *,
+    gene_names: list[str],
+    obs: "pd.DataFrame",
+    predict_chunk,
+    chunk_cells: int = 4_096,
+    max_cells: int = MAX_SUBMISSION_CELLS,
+    control_label: str = "non-targeting",
+) -> pathlib.Path:
+    """Validate and stream a submission h5ad to `path` (atomically).
+
+    `predict_chunk(start, stop)` returns the log1p rows `start:stop` of `obs`, all
+    genes in `gene_names` order. Checks: control cells present, no more than
+    `max_cells`, gene list unique, every chunk the right shape and in log1p range.
+    """
+    import pandas as pd
+
+    path = pathlib.Path(path)
+    if control_label not in set(obs["target_gene"]):
+        raise ValueError(f"no control cells ({control_label!r}) in the submission: the scorer needs them; add them to obs.")
+    if len(obs) > max_cells:
+        raise ValueError(f"{len(obs):,} cells exceed the limit of {max_cells:,}: request fewer cells per perturbation.")
+    if len(set(gene_names)) != len(gene_names):
+        raise ValueError("gene_names has duplicates: pass the gene_names.csv list unchanged.")
+    var = pd.DataFrame(index=pd.Index(gene_names, dtype=str))
+
+    def checked_chunk(start: int, stop: int) -> np.ndarray:
+        x_cg = np.asarray(predict_chunk(start, stop), dtype=np.float32)
+        if x_cg.shape != (stop - start, len(gene_names)):
+            raise ValueError(f"cells {start}:{stop}: prediction has shape {x_cg.shape}, expected {(stop - start, len(gene_names))} "
+                             "(cells × genes in gene_names.csv order)")
+        check_log1p_chunk(x_cg, f"cells {start}:{stop}")
+        return x_cg
+
+    write_h5ad_chunked(path, obs, var, checked_chunk, len(obs), chunk_cells, desc=f"writing {path.name}")
+    return path
+
+
+def pack_vcc(h5ad_path: str | os.PathLike, vcc_path: str | os.PathLike | None = None) -> pathlib.Path:
+    """Pack a submission h5ad as `cell-eval prep` does: tar of `pred.h5ad.zst` + `watermark.txt`.
+
+    Run `write_submission` first: it already writes prep's minimal float32 CSR layout.
+    Compresses with the zstandard library (streaming, so memory stays small) rather than
+    prep's `zstd` program, which a fresh machine may not have.
+    """
+    import tarfile
+    import tempfile
+
+    import zstandard
+
+    h5ad_path = pathlib.Path(h5ad_path)
+    vcc_path = pathlib.Path(vcc_path) if vcc_path else h5ad_path.with_suffix(".prep.vcc")
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = pathlib.Path(tmp_dir)
+        with open(h5ad_path, "rb") as src, open(tmp / "pred.h5ad.zst", "wb") as dst:
+            zstandard.ZstdCompressor(level=3, threads=-1).copy_stream(src, dst)
+        (tmp / "watermark.txt").write_text("vcc-prep")
+        with atomic_path(vcc_path) as tmp_vcc, tarfile.open(tmp_vcc, "w", format=tarfile.GNU_FORMAT) as tar:
+            for name in ["pred.h5ad.zst", "watermark.txt"]:
+                tar.add(tmp / name, arcname=name)
+    return vcc_path
