@@ -57,6 +57,8 @@ from jaxtyping import Float, Int
 
 # Shapes on signatures are checked at call time where this decorator is applied.
 typechecked = jaxtyping.jaxtyped(typechecker=beartype.beartype)
+import zlib
+from collections.abc import Callable, Sequence
 
 REPO_DIR = pathlib.Path(__file__).resolve().parent
 MANIFEST_PATH = REPO_DIR / "data_manifest.toml"
@@ -3817,3 +3819,1105 @@ def pack_vcc(h5ad_path: str | os.PathLike, vcc_path: str | os.PathLike | None = 
             for name in ["pred.h5ad.zst", "watermark.txt"]:
                 tar.add(tmp / name, arcname=name)
     return vcc_path
+
+
+# ----------------------------------------------------------------------------
+# baselines · fake-val harness (06) · submission from a predictor (07)
+# ----------------------------------------------------------------------------
+# evaluate: predictors, baselines, the fake-val harness (06) and submissions (07).
+#
+# Pasted into lib.py after "infer" (the merge rewrites `lib.x` -> `x`).
+#
+# The predictor interface, shared by baselines and trained models:
+#
+#     predictor.gene_names                      the output columns: the target's gene_names.csv, in order
+#     predictor.predict(perturbation, ctrl_cg)  -> pred_cg
+#
+# `ctrl_cg` holds log1p control cells of the target in that same full gene space (one row per
+# cell); `pred_cg` holds one predicted perturbed cell per control cell given, log1p in [0, 15).
+# A trained model predicts only the store's HVGs (`predict(perturbation, ctrl_ch)` on
+# n × n_hvg): `HvgAdapter` lifts it to the full gene space, filling the other genes either
+# from the control cells' own values (`fill="control"`, default) or from the target's
+# control means in the store (`fill="mean"`). Why control is the default: a constant fill
+# makes a gene look differentially expressed against varied control cells under the
+# Wilcoxon test (see `nb/06_eval.py --fill-study` and logbook.md for the measurement).
+#
+# Cells are predicted from a canonical control pool: a seeded set of the target's control
+# cells, listed in a CSV (cell ids and the pool each belongs to) that is written once and
+# reused, and materialised as a dense float32 .npy read row by row (`ControlPool`), so a
+# submission never holds more than one chunk of cells in memory.
+#
+# On-disk outputs under the data root:
+#
+#     eval/<world>/control_pool_seed<S>_n<N>.csv        harness pools: `real` (controls of the real side), `pred`
+#                                                       (inputs and controls of every prediction), disjoint
+#     eval/<world>/results.csv, per_perturbation.csv    the harness's tables (mode in every row)
+#     eval/<world>/06_*.png                             the harness's figures
+#     submissions/<world>/control_pool_seed<S>_n<N>.csv the submission's control pool
+#     submissions/<world>/<name>.h5ad, <name>.prep.vcc  a submission and its packed form
+
+
+BASELINES: tuple[str, ...] = ("control", "cell_mean", "pert_mean_transfer", "linear")
+"""Predictors that need no training, in the order tables list them."""
+FILL_MODES: tuple[str, ...] = ("control", "mean")
+POOL_REAL, POOL_PRED = "real", "pred"
+
+
+# ----------------------------------------------------------------------------
+# the predictor interface
+# ----------------------------------------------------------------------------
+
+
+@typing.runtime_checkable
+class Predictor(typing.Protocol):
+    """Predicts perturbed cells of the target in its full gene space (gene_names.csv order)."""
+
+    gene_names: list[str]
+
+    def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]: ...
+
+
+class HvgPredictor(typing.Protocol):
+    """A model in the store's HVG space (e.g. `load_model_predictor(checkpoint_dir)`)."""
+
+    def predict(self, perturbation: str, ctrl_ch: Float[np.ndarray, "cell hvg"]) -> Float[np.ndarray, "cell hvg"]: ...
+
+
+@dataclasses.dataclass
+class ControlPredictor:
+    """Predicts no effect: every predicted cell is the control cell it was given."""
+
+    gene_names: list[str]
+
+    def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]:
+        return np.array(ctrl_cg, dtype=np.float32, copy=True)
+
+
+@dataclasses.dataclass
+class ConstantPredictor:
+    """Every predicted cell is one vector: the cell-mean baseline when that vector is
+    `make_cell_mean_vector` of the training data (what `cell-eval baseline` builds)."""
+
+    gene_names: list[str]
+    mean_g: Float[np.ndarray, " gene"]
+
+    def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]:
+        return np.broadcast_to(self.mean_g.astype(np.float32), (len(ctrl_cg), len(self.mean_g))).copy()
+
+
+@dataclasses.dataclass
+class EffectPredictor:
+    """Adds a perturbation's mean log1p effect to each control cell, clipped to [0, 14].
+
+    `effect_of(perturbation) -> effect_g` (full gene space); results are cached.
+    """
+
+    gene_names: list[str]
+    effect_of: Callable[[str], np.ndarray]
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def effect(self, perturbation: str) -> Float[np.ndarray, " gene"]:
+        if perturbation not in self._cache:
+            effect_g = np.asarray(self.effect_of(perturbation), dtype=np.float32)
+            assert effect_g.shape == (len(self.gene_names),), f"effect of {perturbation} has shape {effect_g.shape}"
+            self._cache[perturbation] = effect_g
+        return self._cache[perturbation]
+
+    def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]:
+        return np.clip(ctrl_cg + self.effect(perturbation), 0.0, MAX_LOG1P_EXPRESSION).astype(np.float32)
+
+
+@dataclasses.dataclass
+class HvgAdapter:
+    """Lifts an HVG-space predictor to the full gene space.
+
+    HVG columns come from the model; the other genes from the control cells themselves
+    (`fill="control"`: the honest "no effect" assumption) or from `fill_mean_g` (`fill="mean"`).
+    """
+
+    hvg_predictor: HvgPredictor
+    gene_names: list[str]
+    hvg_cols_h: Int[np.ndarray, " hvg"]
+    """Target column of each HVG, in the store's HVG order."""
+    fill: str = "control"
+    fill_mean_g: Float[np.ndarray, " gene"] | None = None
+
+    def __post_init__(self):
+        if self.fill not in FILL_MODES:
+            raise ValueError(f"fill={self.fill!r}; use one of {FILL_MODES}")
+        if self.fill == "mean" and (self.fill_mean_g is None or len(self.fill_mean_g) != len(self.gene_names)):
+            raise ValueError("fill='mean' needs fill_mean_g with one value per gene of gene_names")
+        assert len(set(self.hvg_cols_h.tolist())) == len(self.hvg_cols_h), "two HVGs map to one target column"
+        assert self.hvg_cols_h.min() >= 0 and self.hvg_cols_h.max() < len(self.gene_names), "HVG column outside gene_names"
+
+    def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]:
+        pred_ch = np.asarray(self.hvg_predictor.predict(perturbation, np.ascontiguousarray(ctrl_cg[:, self.hvg_cols_h])))
+        if pred_ch.shape != (len(ctrl_cg), len(self.hvg_cols_h)):
+            raise ValueError(f"{perturbation}: HVG predictor returned {pred_ch.shape}, expected {(len(ctrl_cg), len(self.hvg_cols_h))}")
+        if self.fill == "control":
+            pred_cg = np.array(ctrl_cg, dtype=np.float32, copy=True)
+        else:
+            pred_cg = np.broadcast_to(self.fill_mean_g.astype(np.float32), ctrl_cg.shape).copy()
+        pred_cg[:, self.hvg_cols_h] = pred_ch
+        return pred_cg
+
+
+# ----------------------------------------------------------------------------
+# the target's files and gene tables
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetFiles:
+    """The target's files, laid out like the VCC 2025 download (truths: synthetic world only)."""
+
+    spec: DatasetSpec
+    training_path: pathlib.Path
+    gene_names_path: pathlib.Path
+    pert_counts_paths: dict[str, pathlib.Path]
+    """split ("validation", "test") -> pert_counts_<Split>.csv"""
+    truth_paths: dict[str, pathlib.Path]
+    """split -> adata_<Split>_truth.h5ad, for the splits whose truth exists."""
+
+
+def get_target_files(data_root: str | os.PathLike | None, world: str) -> TargetFiles:
+    spec = get_datasets(world)[0]
+    if spec.role != "target":
+        raise ValueError(f"the first dataset of world {world!r} is {spec.name} (role {spec.role!r}); the manifest lists the target first")
+    training_path = get_dataset_path(spec, data_root)
+    if not training_path.exists():
+        raise FileNotFoundError(f"{training_path} is missing: run nb/01_download.py --world {world} first")
+    vcc_dir = training_path.parent
+    splits = {"validation": "Validation", "test": "Test"}
+    truths = {s: vcc_dir / f"adata_{S}_truth.h5ad" for s, S in splits.items()}
+    return TargetFiles(
+        spec=spec,
+        training_path=training_path,
+        gene_names_path=vcc_dir / "gene_names.csv",
+        pert_counts_paths={s: vcc_dir / f"pert_counts_{S}.csv" for s, S in splits.items()},
+        truth_paths={s: p for s, p in truths.items() if p.exists()},
+    )
+
+
+def read_gene_names(path: str | os.PathLike) -> list[str]:
+    """gene_names.csv: no header, one symbol a line, the submission's column order."""
+    names = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)[0].tolist()
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path} has duplicate gene names")
+    return names
+
+
+def read_pert_counts(path: str | os.PathLike) -> pd.DataFrame:
+    pert_counts = pd.read_csv(path, dtype={"target_gene": str})
+    missing = {"target_gene", "n_cells"} - set(pert_counts.columns)
+    if missing:
+        raise ValueError(f"{path}: missing columns {sorted(missing)}; expected target_gene,n_cells,median_umi_per_cell")
+    return pert_counts
+
+
+def get_target_gene_table(store: CellStore, target: str, gene_names: list[str]) -> pd.DataFrame:
+    """symbol (gene_names order), ensembl_id ("" if unmapped), mean_control: from the store's means."""
+    means = store.means[store.means["dataset"] == target].set_index("var_name")
+    if list(means.index) != list(gene_names):
+        raise ValueError(f"the store's gene table of {target} is not gene_names.csv in order: rerun nb/03_hvg.py and nb/04_normalise.py")
+    return pd.DataFrame(
+        {"symbol": gene_names, "ensembl_id": means["ensembl_id"].to_numpy(str), "mean_control": means["mean_control"].to_numpy()}
+    )
+
+
+def get_hvg_columns(store: CellStore, target_genes: pd.DataFrame, hvgs: pd.DataFrame | None = None) -> Int[np.ndarray, " hvg"]:
+    """Target column (gene_names order) of each HVG (the store's, or `hvgs`: a model's own
+    gene table), matched by Ensembl id."""
+    hvg_ids = (store.genes if hvgs is None else hvgs)["ensembl_id"].to_numpy(str)
+    col_of_id = pd.Series(np.arange(len(target_genes)), index=target_genes["ensembl_id"].to_numpy())
+    col_of_id = col_of_id[col_of_id.index != ""]
+    cols_h = col_of_id.reindex(hvg_ids).to_numpy(dtype=float)
+    if np.isnan(cols_h).any():
+        missing = hvg_ids[np.isnan(cols_h)][:5]
+        raise ValueError(f"HVGs not measured in the target (e.g. {list(missing)}): the HVG list must come from 03 on this world")
+    return cols_h.astype(np.int64)
+
+
+# ----------------------------------------------------------------------------
+# control pools
+# ----------------------------------------------------------------------------
+
+
+def get_control_pools(
+    path: str | os.PathLike, control_ids_c: Sequence[str], sizes: dict[str, int], seed: int
+) -> pd.DataFrame:
+    """The canonical control pools (cell_id, pool): read from `path`, or drawn with `seed`
+    (disjoint, in `sizes` order) and written there. Reused runs check the cells still exist."""
+    path = pathlib.Path(path)
+    ids = pd.Index(np.asarray(control_ids_c, dtype=str))
+    if path.exists():
+        pools = pd.read_csv(path, dtype=str, keep_default_na=False)
+        missing = ~pools["cell_id"].isin(ids)
+        if missing.any():
+            raise ValueError(f"{path}: {int(missing.sum())} pool cells are not control cells of the target (e.g. "
+                             f"{pools['cell_id'][missing].iloc[0]}); the data changed: delete the file to draw new pools")
+        return pools
+    if sum(sizes.values()) > len(ids):
+        raise ValueError(f"control pools of {sizes} need {sum(sizes.values())} control cells; the target has {len(ids)}: ask for fewer")
+    # Sorted first, so the pools depend only on the set of cells and the seed.
+    order = np.random.default_rng(seed).permutation(len(ids))
+    chosen = np.sort(ids.to_numpy())[order][: sum(sizes.values())]
+    pools = pd.DataFrame({"cell_id": chosen, "pool": np.repeat(list(sizes), list(sizes.values()))})
+    with atomic_path(path) as tmp_path:
+        pools.to_csv(tmp_path, index=False)
+    return pools
+
+
+class ControlPool:
+    """log1p control cells in the full gene space, a dense float32 .npy on disk, read by rows.
+
+    Rows are read with pread, not a memmap: mapped pages count towards RSS, and a 38k-cell
+    pool of 18,080 genes is 2.8 GB.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        header = np.load(self.path, mmap_mode="r")
+        self.n_cells, self.n_genes = header.shape
+        self.offset = header.offset
+        assert header.dtype == np.float32 and header.flags.c_contiguous, f"{path}: expected a C-ordered float32 matrix"
+        del header
+
+    def read(self, rows_c: Int[np.ndarray, " cell"]) -> Float[np.ndarray, "cell gene"]:
+        rows_c = np.asarray(rows_c, dtype=np.int64)
+        uniq, inverse = np.unique(rows_c, return_inverse=True)
+        out = np.empty((len(uniq), self.n_genes), dtype=np.float32)
+        row_bytes = self.n_genes * 4
+        breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
+        with open(self.path, "rb", buffering=0) as fh:
+            for a, b in zip([0, *breaks], [*breaks, len(uniq)]):  # one read per run of consecutive rows
+                view = memoryview(out[a:b]).cast("B")
+                pos, done = self.offset + int(uniq[a]) * row_bytes, 0
+                while done < len(view):
+                    n = os.preadv(fh.fileno(), [view[done:]], pos + done)
+                    if n == 0:
+                        raise EOFError(f"{self.path} is truncated: delete it so it is rebuilt")
+                    done += n
+        return out[inverse]
+
+
+def write_dense_rows_npy(path: pathlib.Path, n_rows: int, n_genes: int) -> tuple[pathlib.Path, int]:
+    """Create a float32 .npy of n_rows × n_genes (zeros) and return (path, data offset) for pwrites."""
+    with open(path, "wb") as fh:  # np.save on a path would append ".npy" to a temporary name
+        np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (n_rows, n_genes)})
+        offset = fh.tell()
+        fh.truncate(offset + n_rows * n_genes * 4)
+    return path, offset
+
+
+# ----------------------------------------------------------------------------
+# one streaming pass over a target file
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ScanResult:
+    sum_kg: Float[np.ndarray, "group gene"]
+    """Sum of log1p values per group (float64)."""
+    n_k: Int[np.ndarray, " group"]
+    collected_cg: scipy.sparse.csr_matrix
+    """The rows of `collect_rows_c`, log1p, float32 CSR, in that order."""
+
+
+def scan_h5ad(
+    path: pathlib.Path,
+    *,
+    counts: str,
+    group_c: Int[np.ndarray, " cell"],
+    n_groups: int,
+    collect_rows_c: Int[np.ndarray, " collected"] | None = None,
+    pool_rows_c: Int[np.ndarray, " pooled"] | None = None,
+    pool_path: pathlib.Path | None = None,
+    chunk_cells: int = 2_000,
+) -> ScanResult:
+    """Read an h5ad in row chunks, normalised with normalise_log1p: per-group sums
+    (group_c = -1 leaves a row out), the rows `collect_rows_c` (sorted) kept as CSR, and
+    the rows `pool_rows_c` written densely, in that order, to `pool_path` (atomically)."""
+    collect_rows_c = np.array([], dtype=np.int64) if collect_rows_c is None else np.asarray(collect_rows_c)
+    assert np.all(np.diff(collect_rows_c) > 0), "collect_rows_c must be sorted and unique"
+    parts = []
+    with open_h5ad_backed(path) as (_obs, var, x), (atomic_path(pool_path) if pool_path is not None else contextlib.nullcontext()) as tmp_pool:
+        n_cells, n_genes = x.shape
+        assert len(group_c) == n_cells, f"{path}: group_c has {len(group_c)} rows, the file {n_cells}"
+        sum_kg = np.zeros((n_groups, n_genes))
+        n_k = np.bincount(group_c[group_c >= 0], minlength=n_groups)
+        pool_dest_c = np.full(n_cells, -1)
+        if pool_path is not None:
+            pool_dest_c[np.asarray(pool_rows_c)] = np.arange(len(pool_rows_c))
+            _, offset = write_dense_rows_npy(tmp_pool, len(pool_rows_c), n_genes)
+            pool_fd = os.open(tmp_pool, os.O_RDWR)
+        try:
+            for start in progress(range(0, n_cells, chunk_cells), desc=f"reading {path.name}"):
+                stop = min(start + chunk_cells, n_cells)
+                x_cg = scipy.sparse.csr_matrix(normalise_log1p(read_rows(x, start, stop), counts, where=f"{path.name} rows {start}:{stop}"))
+                g_c = group_c[start:stop]
+                keep = g_c >= 0
+                member_kc = scipy.sparse.csr_matrix((np.ones(keep.sum()), (g_c[keep], np.flatnonzero(keep))), shape=(n_groups, stop - start))
+                sum_kg += (member_kc @ x_cg.astype(np.float64)).toarray()
+                lo, hi = np.searchsorted(collect_rows_c, [start, stop])
+                if hi > lo:
+                    parts.append(x_cg[collect_rows_c[lo:hi] - start])
+                dest_c = pool_dest_c[start:stop]
+                if pool_path is not None and (dest_c >= 0).any():
+                    rows = np.flatnonzero(dest_c >= 0)
+                    _pwrite_rows(pool_fd, offset, x_cg[rows].toarray(), dest_c[rows])
+        finally:
+            if pool_path is not None:
+                os.fsync(pool_fd)
+                os.close(pool_fd)
+    collected = scipy.sparse.vstack(parts, format="csr") if parts else scipy.sparse.csr_matrix((0, n_genes), dtype=np.float32)
+    return ScanResult(sum_kg=sum_kg, n_k=n_k, collected_cg=collected.astype(np.float32))
+
+
+def subsample_rows(rows_c: np.ndarray, max_cells: int, seed: int, label: str) -> np.ndarray:
+    """Sorted rows: all of them, or `max_cells` drawn with (seed, label) (0 = no cap)."""
+    if max_cells <= 0 or len(rows_c) <= max_cells:
+        return np.sort(rows_c)
+    rng = np.random.default_rng([seed, zlib.crc32(label.encode())])
+    return np.sort(rng.choice(rows_c, max_cells, replace=False))
+
+
+# ----------------------------------------------------------------------------
+# what the baselines are fitted on
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FitData:
+    """Training pseudobulks of the target over all its genes (log1p means)."""
+
+    gene_names: list[str]
+    perturbations: list[str]
+    """The perturbations the fit may use (the fake-val `train` split, or all of them)."""
+    pert_mean_pg: Float[np.ndarray, "pert gene"]
+    n_cells_p: Int[np.ndarray, " pert"]
+    control_mean_g: Float[np.ndarray, " gene"]
+    n_control: int
+
+
+def make_fit_data(gene_names: list[str], labels_k: Sequence[str], sum_kg: np.ndarray, n_k: np.ndarray,
+                  perturbations: Sequence[str], control_groups: Sequence[str]) -> FitData:
+    """Means of the given perturbation groups, and of the control groups pooled."""
+    pos = {label: k for k, label in enumerate(labels_k)}
+    missing = [p for p in perturbations if p not in pos]
+    if missing:
+        raise ValueError(f"perturbations {missing[:5]} have no training cells")
+    ks = [pos[p] for p in perturbations]
+    ctrl_ks = [pos[c] for c in control_groups]
+    n_control = int(n_k[ctrl_ks].sum())
+    if n_control == 0:
+        raise ValueError("no control cells to fit on")
+    return FitData(
+        gene_names=list(gene_names),
+        perturbations=list(perturbations),
+        pert_mean_pg=sum_kg[ks] / n_k[ks, None],
+        n_cells_p=n_k[ks],
+        control_mean_g=sum_kg[ctrl_ks].sum(0) / n_control,
+        n_control=n_control,
+    )
+
+
+def make_cell_mean_vector(fit: FitData) -> Float[np.ndarray, " gene"]:
+    """cell-eval baseline's m: the mean over groups (each perturbation and control) of each
+    group's mean. Float32 group means and numpy's mean over a Fortran-ordered matrix, as
+    make_cell_mean_baseline (which copies cell-eval's polars arithmetic)."""
+    group_means_kg = np.concatenate([fit.pert_mean_pg, fit.control_mean_g[None]]).astype(np.float32)
+    return np.asfortranarray(group_means_kg).mean(axis=0)
+
+
+# ----------------------------------------------------------------------------
+# baselines
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearModel:
+    """Ahlmann-Eltze, Huber & Anders 2025's linear model: effect_p = b + G W G[gene(p)]^T."""
+
+    gene_names: list[str]
+    g_gk: Float[np.ndarray, "gene k"]
+    """Gene embeddings: the top principal components (left singular vectors) of the
+    centred training effects (genes × perturbations)."""
+    w_kk: Float[np.ndarray, "k k"]
+    b_g: Float[np.ndarray, " gene"]
+    """Mean training effect per gene."""
+
+    def effect(self, perturbation: str) -> Float[np.ndarray, " gene"]:
+        # An unseen perturbation is embedded by its gene's row of G; a gene outside the
+        # table gets the zero embedding (the mean effect b).
+        col = {g: i for i, g in enumerate(self.gene_names)}.get(perturbation)
+        p_k = self.g_gk[col] if col is not None else np.zeros(self.g_gk.shape[1])
+        return self.b_g + self.g_gk @ (self.w_kk @ p_k)
+
+
+@typechecked
+def fit_linear_model(
+    gene_names: list[str],
+    effect_pg: Float[np.ndarray, "pert gene"],
+    perturbations: list[str],
+    n_components: int = 10,
+    ridge: float = 0.1,
+) -> LinearModel:
+    """Ridge fit of W in  Y - b ≈ G W P^T  with P = G[rows of the perturbed genes]
+    (closed form: W = (G'G + λI)^-1 G'(Y - b) P (P'P + λI)^-1)."""
+    y_gp = np.asarray(effect_pg, dtype=np.float64).T
+    b_g = y_gp.mean(axis=1)
+    yc_gp = y_gp - b_g[:, None]
+    u_gk, _, _ = np.linalg.svd(yc_gp, full_matrices=False)
+    k = min(n_components, u_gk.shape[1])
+    g_gk = u_gk[:, :k]
+    col = {g: i for i, g in enumerate(gene_names)}
+    p_pk = np.stack([g_gk[col[p]] if p in col else np.zeros(k) for p in perturbations])
+    eye = np.eye(k)
+    w_kk = np.linalg.solve(g_gk.T @ g_gk + ridge * eye, g_gk.T @ yc_gp @ p_pk) @ np.linalg.inv(p_pk.T @ p_pk + ridge * eye)
+    return LinearModel(gene_names=list(gene_names), g_gk=g_gk, w_kk=w_kk, b_g=b_g)
+
+
+def _perturbation_key(label: str, id_of_symbol: dict[str, str]) -> str:
+    """Match perturbations across datasets by the target gene's Ensembl id when known."""
+    if ENSEMBL_GENE_RE.match(strip_ensembl_version(label)):
+        return strip_ensembl_version(label)
+    return id_of_symbol.get(label) or label
+
+
+class TransferEffects:
+    """A perturbation's mean effect measured in the store's other cell types, on the HVGs,
+    mapped to the target's genes by Ensembl id.
+
+    Per other dataset: mean log1p of the perturbation's cells minus the dataset's control
+    mean, on the genes it measures; averaged over the datasets that have the perturbation
+    (per gene, over those measuring it). Genes outside the HVGs, and perturbations no other
+    cell type measured, get no effect (0).
+    """
+
+    def __init__(self, store: CellStore, target: str, target_genes: pd.DataFrame, chunk_rows: int = 20_000):
+        self.store, self.chunk_rows = store, chunk_rows
+        self.hvg_cols_h = get_hvg_columns(store, target_genes)
+        self.n_genes = len(target_genes)
+        self.others = [d for d in store.datasets if d != target]
+        ids = store.means[store.means["ensembl_id"] != ""]
+        self.id_of_symbol = {d: dict(zip(t["symbol"], t["ensembl_id"])) for d, t in ids.groupby("dataset")}
+        target_ids = dict(zip(target_genes["symbol"], target_genes["ensembl_id"]))
+        self.target_id_of_symbol = {s: i for s, i in target_ids.items() if i}
+        self._control_mean = {}
+
+    def _group_mean(self, groups: pd.DataFrame) -> np.ndarray:
+        total_h, n = np.zeros(self.store.x_cg.shape[1]), 0
+        for start, stop in zip(groups["start"], groups["stop"]):
+            for a in range(start, stop, self.chunk_rows):  # bounded memory for large control groups
+                total_h += self.store.x_cg[a : min(a + self.chunk_rows, stop)].sum(axis=0, dtype=np.float64)
+            n += stop - start
+        return total_h / n
+
+    def effect(self, perturbation: str) -> Float[np.ndarray, " gene"]:
+        key = _perturbation_key(perturbation, self.target_id_of_symbol)
+        sum_h, n_h = np.zeros(self.store.x_cg.shape[1]), np.zeros(self.store.x_cg.shape[1])
+        for d in self.others:
+            index = self.store.index[self.store.index["dataset"] == d]
+            keys = np.array([_perturbation_key(p, self.id_of_symbol.get(d, {})) for p in index["perturbation"]])
+            groups = index[(keys == key) & ~index["is_control"].to_numpy(bool)]
+            if groups.empty:
+                continue
+            if d not in self._control_mean:
+                self._control_mean[d] = self._group_mean(index[index["is_control"].to_numpy(bool)])
+            measured_h = self.store.measured_dg[self.store.datasets.index(d)]
+            sum_h += np.where(measured_h, self._group_mean(groups) - self._control_mean[d], 0.0)
+            n_h += measured_h
+        effect_g = np.zeros(self.n_genes)
+        effect_g[self.hvg_cols_h] = np.divide(sum_h, n_h, out=np.zeros_like(sum_h), where=n_h > 0)
+        return effect_g
+
+
+def make_baseline(name: str, fit: FitData, *, store: CellStore | None = None, target: str = "",
+                  target_genes: pd.DataFrame | None = None, n_components: int = 10, ridge: float = 0.1) -> Predictor:
+    """One of BASELINES, fitted on `fit` (pert_mean_transfer reads the store instead)."""
+    genes = fit.gene_names
+    if name == "control":
+        return ControlPredictor(genes)
+    if name == "cell_mean":
+        return ConstantPredictor(genes, make_cell_mean_vector(fit))
+    if name == "linear":
+        model = fit_linear_model(genes, fit.pert_mean_pg - fit.control_mean_g, fit.perturbations, n_components, ridge)
+        return EffectPredictor(genes, model.effect)
+    if name == "pert_mean_transfer":
+        if store is None or target_genes is None:
+            raise ValueError("pert_mean_transfer needs the store: run nb/04_normalise.py first")
+        return EffectPredictor(genes, TransferEffects(store, target, target_genes).effect)
+    raise ValueError(f"unknown baseline {name!r}; use one of {BASELINES}")
+
+
+# ----------------------------------------------------------------------------
+# trained models
+# ----------------------------------------------------------------------------
+
+
+def get_latest_checkpoint(data_root: str | os.PathLike | None) -> pathlib.Path | None:
+    """`<data_root>/checkpoints/` when training (05) has written one (its `latest` pointer
+    names the newest run; load_model_predictor resolves it to that run's best step), else None."""
+    ckpt_dir = get_data_root(data_root) / "checkpoints"
+    return ckpt_dir if (ckpt_dir / "latest").exists() else None
+
+
+def make_model_predictor(checkpoint_dir: str | os.PathLike, store: CellStore, target_genes: pd.DataFrame,
+                         fill: str = "control") -> HvgAdapter:
+    """A trained model (HVG space) lifted to the target's full gene space (see HvgAdapter)."""
+    model = load_model_predictor(checkpoint_dir)
+    return HvgAdapter(
+        model,
+        gene_names=target_genes["symbol"].tolist(),
+        # The model's own gene table when it has one (05 saves it with the checkpoint).
+        hvg_cols_h=get_hvg_columns(store, target_genes, getattr(model, "genes", None)),
+        fill=fill,
+        fill_mean_g=target_genes["mean_control"].to_numpy(np.float32),
+    )
+
+
+# ----------------------------------------------------------------------------
+# predicting cells from a control pool
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictionPlan:
+    """Which cells to predict: a perturbation label per output row (each perturbation's rows
+    together, controls last) and the control-pool row each is predicted from (control rows:
+    the pool cell itself)."""
+
+    labels_c: np.ndarray
+    pool_rows_c: Int[np.ndarray, " cell"]
+    control_label: str
+
+    def runs(self, start: int, stop: int) -> list[tuple[int, int, str]]:
+        """(a, b, label) runs of one label within rows [start, stop)."""
+        labels = self.labels_c[start:stop]
+        breaks = np.flatnonzero(labels[1:] != labels[:-1]) + 1
+        return [(start + a, start + b, str(labels[a])) for a, b in zip([0, *breaks], [*breaks, len(labels)])]
+
+
+def make_prediction_plan(pert_counts: Sequence[tuple[str, int]], n_pool: int, control_rows: Sequence[int], seed: int,
+                         control_label: str = "non-targeting") -> PredictionPlan:
+    """Each perturbation's cells get control cells drawn from the pool with (seed, name), so
+    every predictor sees the same inputs and a perturbation's inputs do not depend on the
+    others (without replacement when the pool is big enough)."""
+    labels, rows = [], []
+    for p, n in pert_counts:
+        rng = np.random.default_rng([seed, zlib.crc32(str(p).encode())])
+        rows.append(np.sort(rng.choice(n_pool, int(n), replace=int(n) > n_pool)))
+        labels.append(np.full(int(n), p, dtype=object))
+    labels.append(np.full(len(control_rows), control_label, dtype=object))
+    rows.append(np.asarray(control_rows, dtype=np.int64))
+    return PredictionPlan(np.concatenate(labels), np.concatenate(rows).astype(np.int64), control_label)
+
+
+PSEUDOBULK_CELLS = 2_048
+"""Pool cells a fixed pseudobulk averages over (all of a small pool)."""
+
+
+def make_predict_chunk(predictor: Predictor, plan: PredictionPlan, pool: ControlPool, *, fixed_pseudobulk: bool = False,
+                       block_cells: int = 1_024, seed: int = 0) -> Callable[[int, int], np.ndarray]:
+    """predict_chunk(start, stop) -> log1p rows of the plan (for write_submission).
+
+    fixed_pseudobulk: every cell of a perturbation is that perturbation's mean predicted
+    cell, computed once (in blocks, cached) over PSEUDOBULK_CELLS pool cells drawn with
+    (seed, perturbation), not only over the perturbation's own planned inputs: with ~30
+    inputs the sampling noise of the inputs' mean alone adds ~40% to a no-effect MAE.
+    """
+    n_genes = len(predictor.gene_names)
+    means = {}
+
+    def predict_rows(p: str, rows_c: np.ndarray) -> np.ndarray:
+        pred_cg = np.asarray(predictor.predict(p, pool.read(rows_c)), dtype=np.float32)
+        if pred_cg.shape != (len(rows_c), n_genes):
+            raise ValueError(f"{p}: predictor returned {pred_cg.shape}, expected {(len(rows_c), n_genes)} (one cell per control cell, all genes)")
+        return pred_cg
+
+    def pseudobulk(p: str) -> np.ndarray:
+        if p not in means:
+            rng = np.random.default_rng([seed, zlib.crc32(p.encode()), 1])
+            rows_c = np.sort(rng.choice(pool.n_cells, min(pool.n_cells, PSEUDOBULK_CELLS), replace=False))
+            total_g = np.zeros(n_genes)
+            for s in range(0, len(rows_c), block_cells):
+                total_g += predict_rows(p, rows_c[s : s + block_cells]).sum(axis=0, dtype=np.float64)
+            means[p] = (total_g / len(rows_c)).astype(np.float32)
+        return means[p]
+
+    def predict_chunk(start: int, stop: int) -> np.ndarray:
+        out_cg = np.empty((stop - start, n_genes), dtype=np.float32)
+        for a, b, p in plan.runs(start, stop):
+            if p == plan.control_label:
+                out_cg[a - start : b - start] = pool.read(plan.pool_rows_c[a:b])
+            elif fixed_pseudobulk:
+                out_cg[a - start : b - start] = pseudobulk(p)
+            else:
+                out_cg[a - start : b - start] = predict_rows(p, plan.pool_rows_c[a:b])
+        return out_cg
+
+    return predict_chunk
+
+
+def make_prediction_anndata(predictor: Predictor, plan: PredictionPlan, pool: ControlPool, *, fixed_pseudobulk: bool = False,
+                            seed: int = 0, chunk_cells: int = 2_048, pert_col: str = "target_gene"):
+    """The plan's predictions as an in-memory AnnData (float32 CSR), each chunk checked."""
+    import anndata
+
+    predict_chunk = make_predict_chunk(predictor, plan, pool, fixed_pseudobulk=fixed_pseudobulk, seed=seed)
+    parts = []
+    for start in range(0, len(plan.labels_c), chunk_cells):
+        stop = min(start + chunk_cells, len(plan.labels_c))
+        x_cg = predict_chunk(start, stop)
+        check_log1p_chunk(x_cg, f"cells {start}:{stop}")
+        parts.append(scipy.sparse.csr_matrix(x_cg))
+    obs = pd.DataFrame({pert_col: pd.Categorical(plan.labels_c.astype(str))}, index=np.arange(len(plan.labels_c)).astype(str))
+    var = pd.DataFrame(index=pd.Index(predictor.gene_names, dtype=str))
+    return anndata.AnnData(X=scipy.sparse.vstack(parts, format="csr"), obs=obs, var=var)
+
+
+# ----------------------------------------------------------------------------
+# 06 eval: the fake-val harness
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(DataConfig):
+    """Flags of nb/06_eval.py: score predictors on held-out perturbations of the target."""
+
+    seed: int = 0
+    """Seed of the fake-val split, the control pools, the cell subsamples and the inputs."""
+    predictors: tuple[str, ...] = BASELINES
+    """Baselines to score (any of control cell_mean pert_mean_transfer linear); cell_mean is always scored: it is the reference."""
+    checkpoint: str = ""
+    """Model checkpoint directory to score too; empty = the newest under <data_root>/checkpoints/ if any; `none` = no model."""
+    fill: typing.Literal["control", "mean"] = "control"
+    """How a model's non-HVG genes are filled: the control cells' own values, or the target's control means."""
+    fill_study: bool = False
+    """Also score the linear baseline restricted to the HVGs under both fills (measures the fill choice)."""
+    fixed_pseudobulk: bool = False
+    """Score every predictor with each perturbation's cells replaced by their mean predicted cell."""
+    n_control: int = 1_000
+    """Cells in each control pool (`real` and `pred`, disjoint; capped at half the target's controls)."""
+    max_cells_per_pert: int = 256
+    """Real cells scored per perturbation at most (a seeded subsample; 0 = all): bounds memory and DE time."""
+    truth: bool = True
+    """On the synthetic world, also score the true validation/test answers (baselines fitted on all training perturbations)."""
+    mode: typing.Literal["vcc2025", "current"] = "vcc2025"
+    """Scorer generation (score): vcc2025 scored the challenge."""
+    linear_components: int = 10
+    """Gene-embedding dimension K of the linear baseline (Ahlmann-Eltze et al. use 10)."""
+    linear_ridge: float = 0.1
+    """Ridge penalty λ of the linear baseline (Ahlmann-Eltze et al. use 0.1)."""
+    chunk_cells: int = 2_000
+    """Rows read from the target files at once."""
+    threads: int = 1
+    """Threads of the DE pass."""
+
+
+def get_eval_dir(data_root: str | os.PathLike | None, world: str) -> pathlib.Path:
+    return get_data_root(data_root) / "eval" / world
+
+
+def _real_anndata(x_cg, labels_c, gene_names, pert_col="target_gene"):
+    import anndata
+
+    obs = pd.DataFrame({pert_col: pd.Categorical(np.asarray(labels_c, dtype=str))}, index=np.arange(len(labels_c)).astype(str))
+    return anndata.AnnData(X=scipy.sparse.csr_matrix(x_cg, dtype=np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(gene_names, dtype=str)))
+
+
+def _scenario_real_from_truth(path: pathlib.Path, spec: DatasetSpec, gene_names, cfg: EvalConfig):
+    """Real side of a truth scenario: the truth file's cells (capped per perturbation) and controls."""
+    with open_h5ad_backed(path) as (obs, var, _x):
+        labels_c = obs[spec.perturbation_key].astype(str).to_numpy()
+        if list(var.index.astype(str)) != list(gene_names):
+            raise ValueError(f"{path}: genes differ from gene_names.csv")
+    rows = []
+    for label in np.unique(labels_c):
+        cap = cfg.n_control if label == spec.control_label else cfg.max_cells_per_pert
+        rows.append(subsample_rows(np.flatnonzero(labels_c == label), cap, cfg.seed, label))
+    rows_c = np.sort(np.concatenate(rows))
+    scan = scan_h5ad(path, counts=spec.counts, group_c=np.full(len(labels_c), -1), n_groups=0, collect_rows_c=rows_c,
+                     chunk_cells=cfg.chunk_cells)
+    return _real_anndata(scan.collected_cg, labels_c[rows_c], gene_names)
+
+
+def score_predictors(real, predictors: dict[str, Predictor], pool: ControlPool, *, seed: int, fixed_pseudobulk: bool,
+                     mode: str, threads: int = 1, control_label: str = "non-targeting", hvg_cols_h=None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Score each predictor against `real` (control_label cells = the real controls) with score,
+    predictions from `pool` (all pool cells are the predicted controls), normalised against the
+    `cell_mean` predictor (which must be among them). Returns (summary, per-perturbation, effects)."""
+    if "cell_mean" not in predictors:
+        raise ValueError("score_predictors needs the cell_mean predictor: it is the normalisation reference")
+    labels = np.asarray(real.obs["target_gene"], dtype=str)
+    perts, counts = np.unique(labels[labels != control_label], return_counts=True)
+    plan = make_prediction_plan(list(zip(perts, counts)), pool.n_cells, np.arange(pool.n_cells), seed, control_label)
+    results, real_de = {}, None
+    for name in ["cell_mean", *[n for n in predictors if n != "cell_mean"]]:
+        pred = make_prediction_anndata(predictors[name], plan, pool, fixed_pseudobulk=fixed_pseudobulk, seed=seed)
+        results[name] = score(real, pred, mode=mode, real_de=real_de, threads=threads, control_label=control_label)
+        real_de = results[name]["real_de"]
+    rows, per_pert, effects = [], [], {}
+    non_hvg_g = None
+    if hvg_cols_h is not None:
+        non_hvg_g = np.ones(real.n_vars, bool)
+        non_hvg_g[hvg_cols_h] = False
+    for name in predictors:
+        result = results[name]
+        norm = normalised_score(result, results["cell_mean"])
+        table = result["per_perturbation"].reset_index()
+        table.insert(0, "predictor", name)
+        if non_hvg_g is not None:
+            # The fill measurement: how many genes outside the HVGs the scorer calls DE in the prediction.
+            table["n_de_pred_non_hvg"] = result["pred_de"].significant_pg[:, non_hvg_g].sum(axis=1)
+        per_pert.append(table)
+        rows.append({"predictor": name, "mode": result["mode"], "des": result["des"], "pds": result["pds"], "mae": result["mae"],
+                     **{k: norm[k] for k in ("s_des", "s_pds", "s_mae", "score")},
+                     "n_perts": len(perts), "n_cells_real": int(real.n_obs), "n_control_pred": pool.n_cells,
+                     "mean_n_de_pred": float(table["n_de_pred"].mean()), "mean_n_de_real": float(table["n_de_real"].mean())})
+        pred_de = result["pred_de"]
+        effects[name] = (real_de.pseudobulk_pg - real_de.pseudobulk_control_g, pred_de.pseudobulk_pg - pred_de.pseudobulk_control_g)
+    return pd.DataFrame(rows), pd.concat(per_pert, ignore_index=True), effects
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, typing.Any]:
+    """06 eval: the fake-val harness. Returns results (one row per scenario × predictor, with
+    `mode`), per_perturbation, effects (for plots) and the paths written."""
+    files = get_target_files(cfg.data_root, cfg.world)
+    spec = files.spec
+    gene_names = read_gene_names(files.gene_names_path)
+    eval_dir = get_eval_dir(cfg.data_root, cfg.world)
+    with open_h5ad_backed(files.training_path) as (obs, var, _x):
+        labels_c = obs[spec.perturbation_key].astype(str).to_numpy()
+        cell_ids_c = obs.index.astype(str).to_numpy()
+        if list(var.index.astype(str)) != gene_names:
+            raise ValueError(f"{files.training_path}: var differs from gene_names.csv")
+    is_ctrl_c = labels_c == spec.control_label
+    training_perts = sorted(set(labels_c[~is_ctrl_c]))
+    split = make_fake_val_split(training_perts, cfg.seed)
+    held_out = set(split["val"]) | set(split["test"])
+
+    # Canonical control pools: `real` controls for the real side, disjoint `pred` controls for
+    # every prediction (inputs and predicted controls), so no predictor sees a real control.
+    n_pool = min(cfg.n_control, int(is_ctrl_c.sum()) // 2)
+    pools = get_control_pools(eval_dir / f"control_pool_seed{cfg.seed}_n{n_pool}.csv", cell_ids_c[is_ctrl_c],
+                              {POOL_REAL: n_pool, POOL_PRED: n_pool}, cfg.seed)
+    row_of_id = pd.Series(np.arange(len(cell_ids_c)), index=cell_ids_c)
+    pool_of_row = pd.Series(pools["pool"].to_numpy(), index=row_of_id[pools["cell_id"]].to_numpy())
+
+    # Groups of the pass: each perturbation, then controls by pool (`rest`: in no pool).
+    group_labels = [*training_perts, "control:real", "control:pred", "control:rest"]
+    k_of = {g: k for k, g in enumerate(group_labels)}
+    group_c = np.array([k_of.get(l, -1) for l in labels_c])
+    group_c[is_ctrl_c] = k_of["control:rest"]
+    group_c[pool_of_row.index.to_numpy()] = [k_of[f"control:{p}"] for p in pool_of_row]
+    held_rows = {p: subsample_rows(np.flatnonzero(labels_c == p), cfg.max_cells_per_pert, cfg.seed, p) for p in sorted(held_out)}
+    real_ctrl_rows = np.sort(pool_of_row.index[pool_of_row.to_numpy() == POOL_REAL].to_numpy())
+    collect_rows_c = np.sort(np.concatenate([*held_rows.values(), real_ctrl_rows]))
+    pred_pool_rows = row_of_id[pools.loc[pools["pool"] == POOL_PRED, "cell_id"]].to_numpy()
+    pool_path = eval_dir / f"control_pool_seed{cfg.seed}_n{n_pool}_pred_x.npy"
+    scan = scan_h5ad(files.training_path, counts=spec.counts, group_c=group_c, n_groups=len(group_labels),
+                     collect_rows_c=collect_rows_c, pool_rows_c=pred_pool_rows, pool_path=pool_path, chunk_cells=cfg.chunk_cells)
+    pool = ControlPool(pool_path)
+    collected_labels = labels_c[collect_rows_c]
+    collected_labels = np.where(is_ctrl_c[collect_rows_c], spec.control_label, collected_labels)
+
+    checkpoint = None
+    if cfg.checkpoint.lower() != "none":
+        checkpoint = pathlib.Path(cfg.checkpoint) if cfg.checkpoint else get_latest_checkpoint(cfg.data_root)
+    # The store gives the HVGs (model, fill study, the non-HVG DE count) and the other cell types.
+    store = target_genes = hvg_cols_h = None
+    try:
+        store = load_store(cfg.data_root, cfg.world)
+        target_genes = get_target_gene_table(store, spec.name, gene_names)
+        hvg_cols_h = get_hvg_columns(store, target_genes)
+    except FileNotFoundError:
+        if "pert_mean_transfer" in cfg.predictors or cfg.fill_study or checkpoint is not None:
+            raise
+
+    fake_fit = split["train"]
+    scenarios = [(f"fake_{s}", fake_fit, lambda s=s: _select(scan.collected_cg, collected_labels, set(split[s]), spec.control_label, gene_names))
+                 for s in ("val", "test")]
+    if cfg.truth and cfg.world == "synthetic":
+        scenarios += [(f"truth_{s}", training_perts, lambda p=p: _scenario_real_from_truth(p, spec, gene_names, cfg))
+                      for s, p in files.truth_paths.items()]
+
+    tables, per_pert_tables, effects = [], [], {}
+    for scenario, fit_perts, get_real in scenarios:
+        fit = make_fit_data(gene_names, group_labels, scan.sum_kg, scan.n_k, fit_perts, ["control:pred", "control:rest"])
+        predictors = {}
+        for name in dict.fromkeys(["cell_mean", *cfg.predictors]):
+            predictors[name] = make_baseline(name, fit, store=store, target=spec.name, target_genes=target_genes,
+                                             n_components=cfg.linear_components, ridge=cfg.linear_ridge)
+        if cfg.fill_study:
+            linear = make_baseline("linear", fit, n_components=cfg.linear_components, ridge=cfg.linear_ridge)
+            hvg_linear = _HvgSlice(linear, hvg_cols_h)
+            for fill in FILL_MODES:
+                predictors[f"linear_hvg_fill_{fill}"] = HvgAdapter(hvg_linear, gene_names, hvg_cols_h, fill,
+                                                                    target_genes["mean_control"].to_numpy(np.float32))
+        if checkpoint is not None:
+            predictors["model"] = make_model_predictor(checkpoint, store, target_genes, cfg.fill)
+        real = get_real()
+        summary, per_pert, eff = score_predictors(real, predictors, pool, seed=cfg.seed, fixed_pseudobulk=cfg.fixed_pseudobulk,
+                                                  mode=cfg.mode, threads=cfg.threads, control_label=spec.control_label,
+                                                  hvg_cols_h=hvg_cols_h)
+        fit_label = "fake_train" if fit_perts is fake_fit else "all_train"
+        for table in (summary, per_pert):
+            table.insert(0, "scenario", scenario)
+            table.insert(1, "fit_on", fit_label)
+            table.insert(2, "fixed_pseudobulk", cfg.fixed_pseudobulk)
+        if checkpoint is not None:  # the model was trained on the fake-val train split whatever the scenario
+            summary.loc[summary["predictor"] == "model", "fit_on"] = "fake_train"
+        tables.append(summary)
+        per_pert_tables.append(per_pert)
+        effects[scenario] = eff
+    results = pd.concat(tables, ignore_index=True)
+    per_perturbation = pd.concat(per_pert_tables, ignore_index=True)
+    paths = {"results": eval_dir / "results.csv", "per_perturbation": eval_dir / "per_perturbation.csv"}
+    for key, table in (("results", results), ("per_perturbation", per_perturbation)):
+        with atomic_path(paths[key]) as tmp_path:
+            table.to_csv(tmp_path, index=False, float_format="%.6g")
+    return {"results": results, "per_perturbation": per_perturbation, "effects": effects, "split": split, "paths": paths,
+            "checkpoint": checkpoint}
+
+
+@dataclasses.dataclass
+class _HvgSlice:
+    """A full-gene predictor seen only on the HVG columns (for the fill study)."""
+
+    predictor: Predictor
+    hvg_cols_h: np.ndarray
+
+    def predict(self, perturbation: str, ctrl_ch: np.ndarray) -> np.ndarray:
+        # The wrapped baseline adds a mean effect per gene, so the HVG columns of its output
+        # depend only on the HVG columns of the input; fill the rest with zeros.
+        full_cg = np.zeros((len(ctrl_ch), len(self.predictor.gene_names)), dtype=np.float32)
+        full_cg[:, self.hvg_cols_h] = ctrl_ch
+        return self.predictor.predict(perturbation, full_cg)[:, self.hvg_cols_h]
+
+
+def _select(x_cg, labels_c, perts: set[str], control_label: str, gene_names):
+    keep = np.isin(labels_c, list(perts)) | (labels_c == control_label)
+    return _real_anndata(x_cg[np.flatnonzero(keep)], labels_c[keep], gene_names)
+
+
+def plot_metric_distributions(per_perturbation: pd.DataFrame, scenario: str):
+    """Per-perturbation DES, PDS and MAE of each predictor (one box per predictor)."""
+    from matplotlib.figure import Figure
+
+    table = per_perturbation[per_perturbation["scenario"] == scenario]
+    names = list(dict.fromkeys(table["predictor"]))
+    fig = Figure(figsize=(4 * 3, 0.45 * len(names) + 1.5))
+    for ax, metric in zip(fig.subplots(1, 3), ("des", "pds", "mae")):
+        ax.boxplot([table.loc[table["predictor"] == n, metric] for n in names], vert=False, tick_labels=names)
+        ax.set_title(metric)
+        ax.invert_yaxis()
+    fig.suptitle(f"{scenario}: per-perturbation metrics")
+    return fig
+
+
+def plot_effects(effects: dict[str, tuple[np.ndarray, np.ndarray]], scenario: str, top_genes: int = 20):
+    """Predicted vs true pseudobulk effect, per predictor, on each perturbation's `top_genes`
+    genes with the largest true |effect| (Pearson r over those points)."""
+    from matplotlib.figure import Figure
+
+    names = list(effects)
+    fig = Figure(figsize=(3.2 * len(names), 3.4))
+    axes = np.atleast_1d(fig.subplots(1, len(names), sharex=True, sharey=True))
+    for ax, name in zip(axes, names):
+        real_pg, pred_pg = effects[name]
+        top = np.argsort(-np.abs(real_pg), axis=1)[:, :top_genes]
+        x, y = np.take_along_axis(real_pg, top, 1).ravel(), np.take_along_axis(pred_pg, top, 1).ravel()
+        r = np.corrcoef(x, y)[0, 1] if x.std() > 0 and y.std() > 0 else float("nan")
+        ax.scatter(x, y, s=3, alpha=0.4)
+        lim = np.abs(x).max()
+        ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.5)
+        ax.set_title(f"{name}\nr = {r:.2f}", fontsize=8)
+        ax.set_xlabel("true effect (log1p)")
+    axes[0].set_ylabel("predicted effect")
+    fig.suptitle(f"{scenario}: top-{top_genes} genes per perturbation", y=1.1)
+    return fig
+
+
+def plot_scores(results: pd.DataFrame):
+    """Normalised score parts per predictor and scenario (0 = the cell-mean baseline)."""
+    from matplotlib.figure import Figure
+
+    scenarios = list(dict.fromkeys(results["scenario"]))
+    fig = Figure(figsize=(4.5 * len(scenarios), 3.5))
+    axes = np.atleast_1d(fig.subplots(1, len(scenarios), sharey=True))
+    parts = ("s_des", "s_pds", "s_mae", "score")
+    for ax, scenario in zip(axes, scenarios):
+        table = results[results["scenario"] == scenario]
+        x = np.arange(len(table))
+        for i, part in enumerate(parts):
+            ax.bar(x + (i - 1.5) * 0.2, table[part], width=0.2, label=part)
+        ax.set_xticks(x, table["predictor"], rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{scenario} (mode {table['mode'].iloc[0]})")
+    axes[0].set_ylabel("normalised vs cell_mean")
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+# ----------------------------------------------------------------------------
+# 07 submit
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class SubmitConfig(DataConfig):
+    """Flags of nb/07_submit.py: a predictor's submission, validated and packed as .vcc."""
+
+    split: typing.Literal["validation", "test"] = "validation"
+    """Which perturbations: pert_counts_Validation.csv or pert_counts_Test.csv."""
+    predictor: str = "linear"
+    """A baseline (control cell_mean pert_mean_transfer linear) or `model` (a checkpoint)."""
+    checkpoint: str = ""
+    """With --predictor model: the checkpoint directory; empty = the newest under <data_root>/checkpoints/."""
+    fill: typing.Literal["control", "mean"] = "control"
+    """How a model's non-HVG genes are filled (see nb/06_eval.py)."""
+    fixed_pseudobulk: bool = False
+    """Every predicted cell of a perturbation = that perturbation's mean predicted cell."""
+    n_control: int = 0
+    """Control cells in the submission (also the prediction inputs); 0 = every training control that fits under --max-cells."""
+    max_cells: int = MAX_SUBMISSION_CELLS
+    """Cell cap of the submission (100,000 in the 2025 validation phase)."""
+    seed: int = 0
+    """Seed of the control pool and of each perturbation's input cells."""
+    chunk_cells: int = 1_024
+    """Cells predicted and written at once (memory ~ 3 × chunk_cells × genes × 4 bytes)."""
+    score: bool = True
+    """On the synthetic world, score the submission against the synthetic truth."""
+    mode: typing.Literal["vcc2025", "current"] = "vcc2025"
+    """Scorer generation for that score."""
+    linear_components: int = 10
+    """K of the linear baseline."""
+    linear_ridge: float = 0.1
+    """λ of the linear baseline."""
+
+
+def get_submission_dir(data_root: str | os.PathLike | None, world: str) -> pathlib.Path:
+    return get_data_root(data_root) / "submissions" / world
+
+
+def check_submission_request(predictor: Predictor, gene_names: list[str], pert_counts: pd.DataFrame,
+                             control_label: str = "non-targeting") -> None:
+    """One clear error, before anything is written, for a request that cannot make a valid file."""
+    genes = list(predictor.gene_names)
+    if genes != list(gene_names):
+        if len(genes) == len(gene_names) and set(genes) == set(gene_names):
+            first = next(i for i, (a, b) in enumerate(zip(genes, gene_names)) if a != b)
+            raise ValueError(f"gene-order trap: the predictor's genes are gene_names.csv in another order (column {first}: "
+                             f"{genes[first]!r} instead of {gene_names[first]!r}); build it from gene_names.csv's order")
+        raise ValueError(f"the predictor predicts {len(genes)} genes, gene_names.csv lists {len(gene_names)}: "
+                         "predict every gene of gene_names.csv (an HVG model goes through HvgAdapter)")
+    perts = pert_counts["target_gene"].astype(str)
+    if perts.duplicated().any():
+        raise ValueError(f"pert_counts lists {sorted(set(perts[perts.duplicated()]))[:5]} twice; one row per perturbation")
+    if (perts == control_label).any():
+        raise ValueError(f"pert_counts requests {control_label!r}: control cells are added separately, drop that row")
+    unknown = sorted(set(perts) - set(gene_names))
+    if unknown:
+        raise ValueError(f"unknown perturbations {unknown[:5]}: a CRISPRi target must be a gene of gene_names.csv; "
+                         "check pert_counts for typos or Ensembl ids instead of symbols")
+    n_cells = pd.to_numeric(pert_counts["n_cells"], errors="coerce")
+    if n_cells.isna().any() or (n_cells < 1).any() or (n_cells != n_cells.round()).any():
+        raise ValueError("pert_counts n_cells must be positive integers")
+
+
+def write_predictor_submission(path: str | os.PathLike, predictor: Predictor, *, gene_names: list[str], pert_counts: pd.DataFrame,
+                               pool: ControlPool, n_control: int, seed: int = 0, fixed_pseudobulk: bool = False,
+                               chunk_cells: int = 1_024, max_cells: int = MAX_SUBMISSION_CELLS,
+                               control_label: str = "non-targeting") -> pathlib.Path:
+    """Stream `predictor`'s submission to `path` through write_submission: pert_counts' cells
+    per perturbation (inputs drawn from `pool`), then the first `n_control` pool cells as controls."""
+    check_submission_request(predictor, gene_names, pert_counts, control_label)
+    if pool.n_genes != len(gene_names):
+        raise ValueError(f"the control pool has {pool.n_genes} genes, gene_names.csv {len(gene_names)}: rebuild the pool")
+    if not 0 < n_control <= pool.n_cells:
+        raise ValueError(f"n_control={n_control} must be in 1..{pool.n_cells} (the pool's cells)")
+    counts = list(zip(pert_counts["target_gene"].astype(str), pert_counts["n_cells"].astype(int)))
+    plan = make_prediction_plan(counts, pool.n_cells, np.arange(n_control), seed, control_label)
+    obs = make_submission_obs(pert_counts, n_control, control_label)
+    assert np.array_equal(obs["target_gene"].astype(str).to_numpy(), plan.labels_c.astype(str)), "plan and obs disagree"
+    predict_chunk = make_predict_chunk(predictor, plan, pool, fixed_pseudobulk=fixed_pseudobulk, block_cells=chunk_cells, seed=seed)
+    return write_submission(path, gene_names=gene_names, obs=obs, predict_chunk=predict_chunk, chunk_cells=chunk_cells,
+                                max_cells=max_cells, control_label=control_label)
+
+
+def make_submission(cfg: SubmitConfig) -> dict[str, typing.Any]:
+    """07 submit: predictor -> validated submission h5ad -> .vcc; on the synthetic world also
+    scored against the truth (normalised against cell_mean built the same way)."""
+    files = get_target_files(cfg.data_root, cfg.world)
+    spec = files.spec
+    gene_names = read_gene_names(files.gene_names_path)
+    pert_counts = read_pert_counts(files.pert_counts_paths[cfg.split])
+    names = (*BASELINES, "model")
+    if cfg.predictor not in names:
+        raise ValueError(f"--predictor {cfg.predictor!r}; use one of {names}")
+    with open_h5ad_backed(files.training_path) as (obs, var, _x):
+        labels_c = obs[spec.perturbation_key].astype(str).to_numpy()
+        cell_ids_c = obs.index.astype(str).to_numpy()
+    is_ctrl_c = labels_c == spec.control_label
+    n_budget = cfg.max_cells - int(pert_counts["n_cells"].sum())
+    n_control = cfg.n_control or min(int(is_ctrl_c.sum()), n_budget)
+    if n_control < 1:
+        raise ValueError(f"pert_counts asks for {int(pert_counts['n_cells'].sum()):,} cells: no room for controls under --max-cells {cfg.max_cells:,}")
+
+    out_dir = get_submission_dir(cfg.data_root, cfg.world)
+    pools = get_control_pools(out_dir / f"control_pool_seed{cfg.seed}_n{n_control}.csv", cell_ids_c[is_ctrl_c], {POOL_PRED: n_control}, cfg.seed)
+    row_of_id = pd.Series(np.arange(len(cell_ids_c)), index=cell_ids_c)
+    perts = sorted(set(labels_c[~is_ctrl_c]))
+    group_labels = [*perts, "control"]
+    k_of = {g: k for k, g in enumerate(group_labels)}
+    group_c = np.array([k_of.get(l, k_of["control"]) if not c else k_of["control"] for l, c in zip(labels_c, is_ctrl_c)])
+    pool_path = out_dir / f"control_pool_seed{cfg.seed}_n{n_control}_x.npy"
+    scan = scan_h5ad(files.training_path, counts=spec.counts, group_c=group_c, n_groups=len(group_labels),
+                     pool_rows_c=row_of_id[pools["cell_id"]].to_numpy(), pool_path=pool_path, chunk_cells=cfg.chunk_cells)
+    pool = ControlPool(pool_path)
+    fit = make_fit_data(gene_names, group_labels, scan.sum_kg, scan.n_k, perts, ["control"])
+
+    store = target_genes = None
+    if cfg.predictor in ("pert_mean_transfer", "model"):
+        store = load_store(cfg.data_root, cfg.world)
+        target_genes = get_target_gene_table(store, spec.name, gene_names)
+    if cfg.predictor == "model":
+        checkpoint = pathlib.Path(cfg.checkpoint) if cfg.checkpoint else get_latest_checkpoint(cfg.data_root)
+        if checkpoint is None:
+            raise FileNotFoundError(f"no checkpoint under {get_data_root(cfg.data_root) / 'checkpoints'}: train with nb/05_train.py or pass --checkpoint")
+        predictor, name = make_model_predictor(checkpoint, store, target_genes, cfg.fill), "model"
+    else:
+        predictor, name = make_baseline(cfg.predictor, fit, store=store, target=spec.name, target_genes=target_genes,
+                                        n_components=cfg.linear_components, ridge=cfg.linear_ridge), cfg.predictor
+    name = f"{name}{'_pseudobulk' if cfg.fixed_pseudobulk else ''}_{cfg.split}"
+    h5ad_path = write_predictor_submission(
+        out_dir / f"{name}.h5ad", predictor, gene_names=gene_names, pert_counts=pert_counts, pool=pool, n_control=n_control,
+        seed=cfg.seed, fixed_pseudobulk=cfg.fixed_pseudobulk, chunk_cells=cfg.chunk_cells, max_cells=cfg.max_cells,
+        control_label=spec.control_label)
+    vcc_path = pack_vcc(h5ad_path)
+    out = {"h5ad": h5ad_path, "vcc": vcc_path, "n_control": n_control, "score": None}
+    if cfg.score and cfg.split in files.truth_paths:
+        out["score"] = score_submission(h5ad_path, files.truth_paths[cfg.split], spec, gene_names, fit, pool, n_control, cfg)
+    return out
+
+
+def score_submission(h5ad_path, truth_path, spec, gene_names, fit: FitData, pool: ControlPool, n_control: int,
+                     cfg: SubmitConfig) -> dict[str, typing.Any]:
+    """Score a written submission against a truth file (synthetic world), and the cell-mean
+    baseline built from the same training data and control cells; both with score."""
+    import anndata
+
+    with open_h5ad_backed(truth_path) as (obs, _var, _x):
+        labels_c = obs[spec.perturbation_key].astype(str).to_numpy()
+    scan = scan_h5ad(truth_path, counts=spec.counts, group_c=np.full(len(labels_c), -1), n_groups=0,
+                     collect_rows_c=np.arange(len(labels_c)), chunk_cells=cfg.chunk_cells)
+    real = _real_anndata(scan.collected_cg, labels_c, gene_names)
+    pred = anndata.read_h5ad(h5ad_path)
+    result = score(real, pred, mode=cfg.mode, control_label=spec.control_label)
+    labels = np.asarray(pred.obs["target_gene"], dtype=str)
+    perts, counts = np.unique(labels[labels != spec.control_label], return_counts=True)
+    plan = make_prediction_plan(list(zip(perts, counts)), pool.n_cells, np.arange(n_control), cfg.seed, spec.control_label)
+    baseline = make_prediction_anndata(ConstantPredictor(gene_names, make_cell_mean_vector(fit)), plan, pool)
+    baseline_result = score(real, baseline, mode=cfg.mode, real_de=result["real_de"], control_label=spec.control_label)
+    return {"result": result, "baseline": baseline_result, "normalised": normalised_score(result, baseline_result)}

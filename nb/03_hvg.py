@@ -35,12 +35,11 @@ def _():
 
 @app.cell
 def _():
-    import sys
 
     import lib
 
     cfg = lib.parse_config(lib.HvgConfig, description="03 HVG: per-dataset HVGs and the shared gene space")
-    return cfg, corelib, lib
+    return cfg, lib
 
 
 @app.cell
@@ -81,7 +80,7 @@ def _(mo):
 
 
 @app.cell
-def _(cfg, corelib, lib, mo, run_button):
+def _(cfg, lib, mo, run_button):
     mo.stop(lib.in_marimo_notebook() and not run_button.value, mo.md("Press **Run** to start."))
     hvgs = lib.write_hvgs(cfg)
     hvg_dir = lib.get_hvg_dir(cfg.data_root, cfg.world)
@@ -105,7 +104,7 @@ def _(mo):
 
 
 @app.cell
-def _(cfg, corelib, hvg_dir, hvgs, lib):
+def _(cfg, hvg_dir, hvgs, lib):
     import json
 
     _datasets = json.loads((hvg_dir / "hvg.json").read_text())["datasets"]

@@ -34,12 +34,11 @@ def _():
 
 @app.cell
 def _():
-    import sys
 
     import lib
 
     cfg = lib.parse_config(lib.NormaliseConfig, description="04 normalise: log1p CP10K store of the shared genes")
-    return cfg, corelib, lib
+    return cfg, lib
 
 
 @app.cell
@@ -82,7 +81,7 @@ def _(mo):
 
 
 @app.cell
-def _(cfg, corelib, lib, mo, run_button):
+def _(cfg, lib, mo, run_button):
     mo.stop(lib.in_marimo_notebook() and not run_button.value, mo.md("Press **Run** to start."))
     store_dir = lib.write_store(cfg)
     store = lib.load_store(cfg.data_root, cfg.world)
@@ -105,7 +104,7 @@ def _(mo):
 
 
 @app.cell
-def _(cfg, corelib, lib, store):
+def _(cfg, lib, store):
     overview_fig = lib.plot_store_overview(store)
     _path = lib.write_figure(overview_fig, lib.get_data_root(cfg.data_root) / "figures" / f"04_normalise_{cfg.world}.png")
     print(f"wrote {_path}")

@@ -1,0 +1,164 @@
+import marimo
+
+__generated_with = "0.25.2"
+app = marimo.App(width="medium")
+
+
+@app.cell
+def _():
+    import marimo as mo
+
+    mo.md(
+        r"""
+        # 05 · Train the ST set transformer
+
+        **What ST is.** STATE's "ST" model (SPEC §4): a *set* of S control cells of the target
+        cell type (log1p, the shared HVGs) and one perturbation go in; S predicted perturbed cells
+        come out. A basal MLP encodes each cell, a perturbation MLP encodes the perturbation's
+        feature vector and is added to every cell, a bidirectional transformer (no positions, so
+        the set's order does not matter) mixes the cells, and a decoder maps back to genes.
+
+        **What the loader yields.** Batches of `sets_per_batch` sets: `ctrl_bsg` (S control cells
+        of a dataset/cell type/batch), `pert_bsg` (S cells of one perturbation there) and
+        `pert_id_b` (the vocabulary id; 0 = control, 1 = out of vocabulary). Every dataset in the
+        store trains, except the target's fake-val `val` and `test` perturbations
+        (`lib.make_fake_val_split`), which are held out and used to validate.
+
+        **Perturbation features.** `--features gene` (default): the target gene's co-expression
+        loadings in the target's control cells, plus its mean effect in the *other* cell types
+        (leave-the-example's-dataset-out), so an unseen knockdown is not blind. `onehot` is a
+        learned id embedding (blind to unseen ones: they get the OOV row); `random` is the control
+        experiment. No feature ever reads a target perturbation's cells.
+
+        **Losses.** Energy distance between the predicted and the real set (STATE's distributional
+        loss) + `pseudobulk_mse_weight` × MSE of the set means (the MAE metric's quantity).
+
+        **Reads** `<data_root>/store/<world>/` (nb/04). **Writes** `<data_root>/checkpoints/<run>/`
+        (checkpoints `step_*/`, pointers `latest` and `best`, `history.jsonl`, `config.toml`,
+        `status.json`), `<data_root>/checkpoints/latest` (the newest run's name; nb/06 loads
+        it), one line in `<data_root>/runs/runs.jsonl`, and `<data_root>/figures/05_train_<run>.png`.
+
+        ```
+        python nb/05_train.py --help                                  # every flag, with its default
+        python nb/05_train.py                                         # ~2-3 min on 2 CPU cores (small world)
+        python nb/05_train.py --steps 100 --features onehot           # flags
+        python nb/05_train.py --config my.toml --learning-rate 3e-4   # TOML sets defaults, flags win
+        python nb/05_train.py --resume                                # continue the latest run
+        python nb/05_train.py --config <data_root>/checkpoints/<run>/config.toml --resume
+        marimo edit nb/05_train.py -- --steps 100
+        ```
+
+        **TPU / spot VMs.** The loop is multi-host ready (data sharded over every device, model
+        replicated, only process 0 logs and writes). On SIGTERM (preemption) it finishes the step,
+        checkpoints, writes `status.json` = `preempted` and exits 0; restart with the same
+        `--run-name ... --resume` (a named run with no checkpoint yet starts fresh, so a
+        startup script can always pass `--resume`). wandb: offline unless `WANDB_API_KEY` is set.
+        """
+    )
+    return (mo,)
+
+
+@app.cell
+def _():
+    import lib
+    import wip.train as train_lib  # MERGE: becomes lib (train/infer live in lib.py after the merge)
+
+    cfg = train_lib.parse_train_config()
+    print(cfg)
+    return cfg, lib, train_lib
+
+
+@app.cell
+def _(mo):
+    # Heavy work waits for a click in the editor; script and nbmake runs go straight on.
+    run_button = mo.ui.run_button(label="Train")
+    run_button
+    return (run_button,)
+
+
+@app.cell
+def _(mo):
+    mo.md(r"""
+    ## Train
+
+    One flat loop (`lib.train`): next batch → feature rows → one jitted step (loss, gradients,
+    clipped Adam(W) update). Every `log_every` steps the metrics come to the host and a NaN stops
+    the run; every `eval_every` steps the model predicts the held-out perturbations from the
+    canonical control pool and is scored with `lib.score`; every `ckpt_every` steps (and at the
+    end, and at the best validation MAE) it checkpoints.
+    """)
+    return
+
+
+@app.cell
+def _(cfg, lib, mo, run_button, train_lib):
+    mo.stop(lib.in_marimo_notebook() and not run_button.value, mo.md("Press **Train** to start."))
+    result = train_lib.train(cfg)
+    print(f"run {result['run_id']} {result['status']} at step {result['step']}: {result['run_dir']}")
+    print(f"parameters: {result['n_params']:,}")
+    return (result,)
+
+
+@app.cell
+def _(mo):
+    mo.md(r"""
+    ## Reading the curves
+
+    * **loss / energy / pseudobulk_mse** fall fast, then slowly; a flat line from step 0 means
+      the learning rate is too small, spikes mean too large.
+    * **grad_norm** (before clipping at `grad_clip`) and **update_norm**: ≈0 means frozen; a
+      growing grad norm with a flat loss means instability. **param_norm** should drift slowly.
+    * **effect_l1** = mean |predicted − control input|: how far the model moves cells. ≈0: it
+      ignores the perturbation and copies the control.
+    * **validation** (held-out target perturbations): `val/mae` should go below
+      `val/control_mae` (predicting "no effect") — that is the bar; `val/pds` ≈ 0.5 means the
+      model does not tell perturbations apart; `val/score` is normalised against the cell-mean
+      baseline (0 = no better).
+    """)
+    return
+
+
+@app.cell
+def _(cfg, lib, result, train_lib):
+    import matplotlib
+
+    matplotlib.use("Agg")  # headless: the figure is written to a PNG as well as shown
+    import matplotlib.pyplot as plt
+    import pathlib
+
+    history = train_lib.read_history(result["run_dir"])
+    _panels = [
+        ("loss", ["train/loss", "train/energy", "train/pseudobulk_mse"]),
+        ("norms", ["train/grad_norm", "train/update_norm"]),
+        ("effect L1", ["train/effect_l1"]),
+        ("validation MAE", ["val/mae", "val/control_mae", "val/cell_mean_mae"]),
+        ("validation PDS / DES", ["val/pds", "val/des"]),
+        ("throughput (cells/s)", ["perf/cells_per_s"]),
+    ]
+    fig, _axes = plt.subplots(2, 3, figsize=(13, 6.5))
+    for _ax, (_title, _columns) in zip(_axes.flat, _panels):
+        for _column in _columns:
+            if _column in history:
+                _rows = history[["step", _column]].dropna()
+                _ax.plot(_rows["step"], _rows[_column], marker="." if _column.startswith("val/") else None, label=_column)
+        _ax.set_title(_title)
+        _ax.set_xlabel("step")
+        _ax.legend(fontsize=7)
+    for _ax in _axes.flat[:2]:
+        _ax.set_yscale("log")
+    fig.tight_layout()
+    _path = lib.write_figure(fig, lib.get_data_root(cfg.data_root) / "figures" / f"05_train_{pathlib.Path(result['run_dir']).name}.png")
+    print(f"wrote {_path}")
+    fig
+    return (history,)
+
+
+@app.cell
+def _(history, mo):
+    _val = history.filter(regex="^(step|val/)").dropna(subset=["val/mae"]) if "val/mae" in history else history.iloc[:0]
+    mo.md("## Validation at each evaluation\n\n" + ("```\n" + _val.round(4).to_string(index=False) + "\n```" if len(_val) else "(validation off)"))
+    return
+
+
+if __name__ == "__main__":
+    app.run()

@@ -1,0 +1,195 @@
+import shutil
+
+import anndata
+import numpy as np
+import pandas as pd
+import pytest
+import lib
+
+
+def _eval_cfg(data_root, **kw):
+    return lib.EvalConfig(data_root=str(data_root), n_control=100, max_cells_per_pert=40, **kw)
+
+
+@pytest.fixture(scope="module")
+def baseline_run(tiny_store):
+    return lib.evaluate(_eval_cfg(tiny_store, truth=False, predictors=("control", "cell_mean")))
+
+
+def test_cell_mean_scores_exactly_zero_and_control_about_zero(baseline_run):
+    results = baseline_run["results"].set_index(["scenario", "predictor"])
+    assert set(results["mode"]) == {"vcc2025"}
+    for scenario in ("fake_val", "fake_test"):
+        assert results.loc[(scenario, "cell_mean"), ["s_des", "s_pds", "s_mae", "score"]].tolist() == [0, 0, 0, 0]
+        assert results.loc[(scenario, "control"), "score"] < 0.1
+        assert results.loc[(scenario, "control"), "des"] < 0.05  # no effect predicted: (almost) no DE genes found
+
+
+def test_cell_mean_predictor_is_what_cell_eval_baseline_builds():
+    rng = np.random.default_rng(0)
+    genes = [f"G{i}" for i in range(30)]
+    labels = np.array(["non-targeting"] * 40 + ["A"] * 7 + ["B"] * 13 + ["C"] * 3)
+    x_cg = np.log1p(rng.poisson(rng.uniform(0.1, 5, 30), (len(labels), 30)) * rng.uniform(0.5, 2, (len(labels), 1))).astype(np.float32)
+    real = anndata.AnnData(X=x_cg, obs=pd.DataFrame({"target_gene": labels}, index=np.arange(len(labels)).astype(str)), var=pd.DataFrame(index=genes))
+    reference_g = lib.make_cell_mean_baseline(real).X[0]
+    groups = ["A", "B", "C", "non-targeting"]
+    sum_kg = np.stack([x_cg[labels == g].sum(0, dtype=np.float64) for g in groups])
+    n_k = np.array([(labels == g).sum() for g in groups])
+    fit = lib.make_fit_data(genes, groups, sum_kg, n_k, ["A", "B", "C"], ["non-targeting"])
+    np.testing.assert_allclose(lib.make_cell_mean_vector(fit), reference_g, rtol=1e-6)
+
+
+def test_fake_val_split_excludes_held_out_perturbations_everywhere(tiny_store, monkeypatch):
+    fits, scored = [], {}
+    make_fit_data, score_predictors = lib.make_fit_data, lib.score_predictors
+
+    def spy_fit(*args, **kwargs):
+        fits.append(args[4])
+        return make_fit_data(*args, **kwargs)
+
+    def spy_score(real, predictors, pool, **kwargs):
+        scored[len(scored)] = set(np.asarray(real.obs["target_gene"], str))
+        return score_predictors(real, predictors, pool, **kwargs)
+
+    monkeypatch.setattr(lib, "make_fit_data", spy_fit)
+    monkeypatch.setattr(lib, "score_predictors", spy_score)
+    out = lib.evaluate(_eval_cfg(tiny_store, truth=False, predictors=("cell_mean", "linear")))
+    split = out["split"]
+    held_out = set(split["val"]) | set(split["test"])
+    assert held_out and len(fits) == 2
+    for fit_perts in fits:  # the baselines never see a held-out perturbation
+        assert set(fit_perts) == set(split["train"]) and not set(fit_perts) & held_out
+    assert scored[0] - {"non-targeting"} == set(split["val"]) and scored[1] - {"non-targeting"} == set(split["test"])
+    pools = pd.read_csv(next(lib.get_eval_dir(str(tiny_store), "synthetic").glob("control_pool_seed0_n*.csv")))
+    real_ids, pred_ids = (set(pools.loc[pools["pool"] == p, "cell_id"]) for p in ("real", "pred"))
+    assert real_ids and pred_ids and not real_ids & pred_ids  # predictions never see a real control
+
+
+def test_harness_is_deterministic(tiny_store, baseline_run):
+    shutil.rmtree(lib.get_eval_dir(str(tiny_store), "synthetic"))  # the pools are drawn again, from the seed
+    again = lib.evaluate(_eval_cfg(tiny_store, truth=False, predictors=("control", "cell_mean")))
+    pd.testing.assert_frame_equal(again["results"], baseline_run["results"])
+    pd.testing.assert_frame_equal(again["per_perturbation"], baseline_run["per_perturbation"])
+
+
+def _toy_store(tmp_path, effect_h, n_hvg=6):
+    """Two other cell types sharing one effect of perturbation P on 6 HVGs; the target has 9 genes."""
+    rng = np.random.default_rng(0)
+    rows, index = [], []
+    for dataset in ("t", "a", "b"):
+        base_h = rng.uniform(1, 3, n_hvg)
+        for pert, n in (("non-targeting", 50), ("P", 20), ("Q", 10)):
+            if dataset == "t" and pert != "non-targeting":
+                continue
+            shift_h = effect_h if pert == "P" else 0.0
+            start = sum(len(r) for r in rows)
+            rows.append(base_h + shift_h + rng.normal(0, 0.01, (n, n_hvg)))
+            index.append(dict(dataset=dataset, cell_type=dataset, batch="", perturbation=pert, is_control=pert == "non-targeting",
+                              start=start, stop=start + n, n_cells=n))
+    x_cg = np.concatenate(rows).astype(np.float32)
+    ids = [f"ENSG{i:011d}" for i in range(9)]
+    symbols = ["P", "Q", "R", "S", "T", "U", "V", "W", "X"]
+    hvg_ids = ids[3:]  # the target's genes 3..8 are the HVGs
+    means = pd.concat([pd.DataFrame({"dataset": d, "cell_type": d, "ensembl_id": ids, "symbol": symbols, "var_name": symbols,
+                                     "mean_all": 1.0, "mean_control": 1.0}) for d in ("t", "a", "b")])
+    return lib.CellStore(store_dir=tmp_path, x_cg=x_cg, index=pd.DataFrame(index),
+                             obs=pd.DataFrame({"group": np.zeros(len(x_cg), int)}),
+                             genes=pd.DataFrame({"ensembl_id": hvg_ids, "symbol": symbols[3:]}),
+                             measured_dg=np.ones((3, n_hvg), bool), datasets=["t", "a", "b"], means=means, meta={}), symbols
+
+
+def test_pert_mean_transfer_recovers_an_effect_shared_across_cell_types(tmp_path):
+    effect_h = np.array([1.0, -0.5, 0.0, 0.3, 0.0, -1.2])
+    store, symbols = _toy_store(tmp_path, effect_h)
+    target_genes = lib.get_target_gene_table(store, "t", symbols)
+    transfer = lib.TransferEffects(store, "t", target_genes)
+    np.testing.assert_allclose(transfer.effect("P")[3:], effect_h, atol=0.02)
+    assert np.all(transfer.effect("P")[:3] == 0)  # genes outside the HVGs: no effect
+    np.testing.assert_allclose(transfer.effect("Q"), 0, atol=0.02)
+    assert np.all(transfer.effect("R") == 0)  # measured in no other cell type: no effect
+
+
+def test_linear_baseline_is_exact_on_noise_free_linear_data():
+    rng = np.random.default_rng(0)
+    n_genes, k = 60, 4
+    genes = [f"G{i}" for i in range(n_genes)]
+    g0_gk = rng.normal(size=(n_genes, k))
+    train, test = list(range(0, 30)), list(range(30, 40))
+    g0_gk[train] -= g0_gk[train].mean(0)  # the model's b is the mean training effect: make the true one exactly that
+    w0_kk, b0_g = rng.normal(size=(k, k)), rng.normal(size=n_genes)
+    effect_pg = (g0_gk @ w0_kk @ g0_gk.T).T + b0_g  # row p: effect of knocking down gene p
+    model = lib.fit_linear_model(genes, effect_pg[train], [genes[i] for i in train], n_components=k, ridge=1e-9)
+    for i in test:  # unseen perturbations, embedded by their gene's row
+        np.testing.assert_allclose(model.effect(genes[i]), effect_pg[i], atol=1e-6)
+
+
+class _HvgShift:
+    def predict(self, perturbation, ctrl_ch):
+        return ctrl_ch + 1.0
+
+
+def test_hvg_adapter_fills_the_other_genes():
+    ctrl_cg = np.arange(12, dtype=np.float32).reshape(3, 4) / 10
+    cols = np.array([2, 0])
+    kept = lib.HvgAdapter(_HvgShift(), ["a", "b", "c", "d"], cols, "control").predict("p", ctrl_cg)
+    np.testing.assert_allclose(kept[:, [1, 3]], ctrl_cg[:, [1, 3]])
+    np.testing.assert_allclose(kept[:, cols], ctrl_cg[:, cols] + 1)
+    mean_g = np.array([5, 6, 7, 8], np.float32)
+    filled = lib.HvgAdapter(_HvgShift(), ["a", "b", "c", "d"], cols, "mean", mean_g).predict("p", ctrl_cg)
+    assert np.all(filled[:, [1, 3]] == mean_g[[1, 3]])
+
+
+@pytest.fixture(scope="module")
+def submission(tiny_store):
+    cfg = lib.SubmitConfig(data_root=str(tiny_store), predictor="linear", fixed_pseudobulk=True, chunk_cells=64)
+    return cfg, lib.make_submission(cfg)
+
+
+def test_submission_matches_pert_counts_gene_names_and_is_scored(tiny_store, submission):
+    cfg, out = submission
+    files = lib.get_target_files(str(tiny_store), "synthetic")
+    adata = anndata.read_h5ad(out["h5ad"])
+    assert list(adata.var_names) == lib.read_gene_names(files.gene_names_path)
+    pert_counts = lib.read_pert_counts(files.pert_counts_paths["validation"])
+    counts = adata.obs["target_gene"].value_counts()
+    assert counts.drop("non-targeting").sort_index().to_dict() == dict(sorted(zip(pert_counts["target_gene"], pert_counts["n_cells"])))
+    assert counts["non-targeting"] == out["n_control"] > 0
+    assert out["vcc"].exists() and out["score"]["normalised"]["mode"] == "vcc2025"
+    assert 0 <= out["score"]["normalised"]["score"] <= 1
+
+
+def test_fixed_pseudobulk_gives_identical_cells_within_a_perturbation(submission):
+    adata = anndata.read_h5ad(submission[1]["h5ad"])
+    x_cg = adata.X.toarray()
+    labels = np.asarray(adata.obs["target_gene"], str)
+    for p in np.unique(labels[labels != "non-targeting"]):
+        rows = x_cg[labels == p]
+        assert np.all(rows == rows[0])
+    assert not np.all(x_cg[labels == "non-targeting"] == x_cg[labels == "non-targeting"][0])
+
+
+class _Constant:
+    def __init__(self, genes, value=1.0):
+        self.gene_names, self.value = list(genes), value
+
+    def predict(self, perturbation, ctrl_cg):
+        return np.full((len(ctrl_cg), len(self.gene_names)), self.value, np.float32)
+
+
+@pytest.mark.parametrize("kind, message", [("order", "gene-order trap"), ("unknown", "unknown perturbations"), ("nan", "NaN")])
+def test_bad_submission_raises_one_clear_error_before_writing(tmp_path, kind, message):
+    genes = [f"G{i}" for i in range(8)]
+    pool_path, _ = lib.write_dense_rows_npy(tmp_path / "pool.npy", 10, len(genes))
+    pert_counts = pd.DataFrame({"target_gene": ["G1", "G2"], "n_cells": [3, 4]})
+    predictor = _Constant(genes)
+    if kind == "order":
+        predictor = _Constant(genes[::-1])
+    elif kind == "unknown":
+        pert_counts.loc[1, "target_gene"] = "NOTAGENE"
+    else:
+        predictor = _Constant(genes, np.nan)
+    out = tmp_path / "sub.h5ad"
+    with pytest.raises(ValueError, match=message):
+        lib.write_predictor_submission(out, predictor, gene_names=genes, pert_counts=pert_counts,
+                                       pool=lib.ControlPool(pool_path), n_control=5)
+    assert not out.exists() and not list(tmp_path.glob(".sub.h5ad*"))
