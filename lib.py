@@ -16,6 +16,7 @@ import json
 import os
 import pathlib
 import sys
+import threading
 import tomllib
 from collections.abc import Iterable, Iterator
 import typing
@@ -59,6 +60,10 @@ from jaxtyping import Float, Int
 typechecked = jaxtyping.jaxtyped(typechecker=beartype.beartype)
 import zlib
 from collections.abc import Callable, Sequence
+import signal
+import subprocess
+import uuid
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
 
 REPO_DIR = pathlib.Path(__file__).resolve().parent
 MANIFEST_PATH = REPO_DIR / "data_manifest.toml"
@@ -3045,15 +3050,20 @@ def check_expression_matrix(x, *, which: str) -> None:
     dtype = x.dtype
     if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
         raise ValueError(f"{which}: X has dtype {dtype}; store expression as float32 log1p values.")
-    n_bad, lo, hi, has_fraction = 0, np.inf, -np.inf, False
-    for values in _value_chunks(x):  # bounded memory: np.modf on all of X would copy it twice
-        finite = np.isfinite(values)
-        n_bad += int(values.size - finite.sum())
-        if values.size:
-            lo, hi = min(lo, float(values[finite].min(initial=np.inf))), max(hi, float(values[finite].max(initial=-np.inf)))
-        if not has_fraction and np.issubdtype(dtype, np.floating):
-            # cell-eval's rule: no fractional part above 1e-3 anywhere means raw counts.
-            has_fraction = bool((np.modf(values[finite])[0] > 1e-3).any())
+    values = x.data if scipy.sparse.issparse(x) else np.asarray(x)
+    if np.issubdtype(dtype, np.floating):
+        _de_kernels()
+        # cell-eval's rule: no fractional part above 1e-3 anywhere means raw counts
+        # (compared in X's dtype, as numpy compares an array with a Python float).
+        threshold = dtype.type(1e-3)
+        if dtype not in (np.float32, np.float64):  # float16: exact in float32
+            values, threshold = values.astype(np.float32), np.float32(threshold)
+        values = values if values.ndim == 2 else values.reshape(1, -1)
+        n_bad, lo, hi, has_fraction = _de_value_summary(values, threshold)
+        n_bad, lo, hi, has_fraction = int(n_bad), float(lo), float(hi), bool(has_fraction)
+    else:  # integer X: always integer-valued (lib's numpy path raised OverflowError here)
+        n_bad, hi, has_fraction = 0, -np.inf, False
+        lo = float(values.min()) if values.size else np.inf
     if n_bad:
         raise ValueError(
             f"{which}: X holds {n_bad} NaN/inf values; fix the model output (e.g. np.nan_to_num, then clip) before scoring."
@@ -3256,118 +3266,306 @@ class _GroupGeneStats:
     pseudobulk_kg: np.ndarray  # float64 mean, rounded to X's dtype like cell-eval's polars means
 
 
-def _dense_gene_block(x, rows_c: np.ndarray, g0: int, g1: int) -> np.ndarray:
-    """X[rows, g0:g1] as a dense C-ordered (cell, gene) array in X's dtype."""
-    if scipy.sparse.issparse(x):
-        return np.asarray(x[:, g0:g1].toarray()[rows_c], order="C")
-    return np.ascontiguousarray(x[rows_c, g0:g1])
 
 
-def _value_order_keys(values: np.ndarray) -> np.ndarray:
-    """int64 codes < 2^31 whose order equals the order of the (nonnegative) values."""
-    if values.dtype == np.float32:
-        return values.view(np.int32).astype(np.int64)  # bit patterns of floats >= 0 sort like the floats
-    as32 = values.astype(np.float32)
-    if np.array_equal(as32.astype(values.dtype), values):
-        return as32.view(np.int32).astype(np.int64)
-    return np.unique(values, return_inverse=True)[1].astype(np.int64)  # rare: true float64 data
 
 
-def _cubic_ties(c: np.ndarray) -> np.ndarray:
-    c = c.astype(np.int64)
-    return c * c * c - c
 
 
-def _group_gene_stats_chunk(
-    block_cg: np.ndarray, starts_k: np.ndarray, n_k: np.ndarray, ctrl: int, mode: ScoreMode
-) -> tuple[np.ndarray, ...]:
-    """Rank sums, tie terms and means for one gene chunk; rows of block_cg grouped by group."""
-    n_cells, n_genes = block_cg.shape
+
+
+_PAIRWISE_BLOCK = 128  # numpy's PW_BLOCKSIZE
+
+
+def _de_leaf_sum(a, lo, n, zero):
+    """numpy's pairwise_sum base case for n <= 128, accumulating in type(zero)."""
+    if n < 8:
+        res = zero
+        for i in range(n):
+            res += a[lo + i]
+        return res
+    r0 = zero + a[lo]
+    r1 = zero + a[lo + 1]
+    r2 = zero + a[lo + 2]
+    r3 = zero + a[lo + 3]
+    r4 = zero + a[lo + 4]
+    r5 = zero + a[lo + 5]
+    r6 = zero + a[lo + 6]
+    r7 = zero + a[lo + 7]
+    m = n - n % 8
+    i = 8
+    while i < m:
+        r0 += a[lo + i]
+        r1 += a[lo + i + 1]
+        r2 += a[lo + i + 2]
+        r3 += a[lo + i + 3]
+        r4 += a[lo + i + 4]
+        r5 += a[lo + i + 5]
+        r6 += a[lo + i + 6]
+        r7 += a[lo + i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
+
+
+def _de_pairwise_sum(a, lo, n, zero, stack_lo, stack_n, stack_state, stack_val):
+    """numpy's pairwise_sum of a[lo:lo+n] (its recursion, run on an explicit stack).
+
+    stack_* are scratch arrays of length >= 64; stack_val has the accumulator's dtype.
+    """
+    if n <= _PAIRWISE_BLOCK:
+        return _de_leaf_sum(a, lo, n, zero)
+    sp = 0
+    stack_lo[0] = lo
+    stack_n[0] = n
+    stack_state[0] = 0
+    ret = zero
+    while True:
+        m = stack_n[sp]
+        if m > _PAIRWISE_BLOCK and stack_state[sp] == 0:  # descend into the left half
+            half = m // 2
+            half -= half % 8
+            stack_state[sp] = 1
+            stack_lo[sp + 1] = stack_lo[sp]
+            stack_n[sp + 1] = half
+            stack_state[sp + 1] = 0
+            sp += 1
+            continue
+        ret = _de_leaf_sum(a, stack_lo[sp], m, zero)
+        sp -= 1
+        while sp >= 0:  # hand `ret` up until some node still needs its right half
+            if stack_state[sp] == 1:
+                half = stack_n[sp] // 2
+                half -= half % 8
+                stack_val[sp] = ret
+                stack_state[sp] = 2
+                stack_lo[sp + 1] = stack_lo[sp] + half
+                stack_n[sp + 1] = stack_n[sp] - half
+                stack_state[sp + 1] = 0
+                sp += 1
+                break
+            ret = stack_val[sp] + ret
+            sp -= 1
+        if sp < 0:
+            return ret
+
+
+def _de_gather_dense(x_cg, pos_c, out_gc):
+    """out_gc[g, pos_c[c]] = x_cg[c, g]: group-ordered, gene-major copy of a dense block."""
+    n_cells, n_genes = x_cg.shape
+    for c0 in range(0, n_cells, 256):  # tiles of cells: reads stay in cache, writes mostly sequential
+        c1 = min(c0 + 256, n_cells)
+        for g in range(n_genes):
+            for c in range(c0, c1):
+                out_gc[g, pos_c[c]] = x_cg[c, g]
+
+
+def _de_gather_csc(data, indices, indptr, g0, pos_c, out_gc):
+    """The same from CSC columns g0.. (out_gc must be zero-filled)."""
+    n_genes = out_gc.shape[0]
+    for g in range(n_genes):
+        for i in range(indptr[g0 + g], indptr[g0 + g + 1]):
+            out_gc[g, pos_c[indices[i]]] += data[i]  # += sums duplicate entries like toarray()
+
+
+def _de_column_pass(
+    block_gc, vkey_gc, starts_k, n_k, n_k_x, zero_x, pairwise_mean, code_bits, gene_shift,
+    mean_kg, pseudobulk_kg, nnz_kg, keys,
+):
+    """Per gene: group means (X's dtype), pseudobulks, nonzero counts; sort keys of nonzeros.
+
+    zero_x is 0 in X's dtype (the accumulator of the means). Returns the number of keys written.
+    """
+    n_genes = block_gc.shape[0]
     n_groups = n_k.size
-    # Means first, in the reference's summation order (float32 results differ by order).
-    ends_k = starts_k + n_k
-    if mode == "vcc2025":  # pdex 0.1.2x: np.mean of each contiguous column copy (pairwise sum)
-        block_gc = np.ascontiguousarray(block_cg.T)
-        log1p_mean = np.stack([block_gc[:, s:e].mean(axis=1) for s, e in zip(starts_k, ends_k)])
-    else:  # pdex >= 0.2: X[group].mean(axis=0), a sequential sum over cells
-        log1p_mean = np.stack([block_cg[s:e].mean(axis=0) for s, e in zip(starts_k, ends_k)])
-        block_gc = np.ascontiguousarray(block_cg.T)
-    sums = np.add.reduceat(block_cg, starts_k, axis=0, dtype=np.float64)
-    pseudobulk = (sums / n_k[:, None]).astype(block_cg.dtype)
+    stack_lo = np.empty(64, np.int64)
+    stack_n = np.empty(64, np.int64)
+    stack_state = np.empty(64, np.int64)
+    stack_x = np.empty(64, block_gc.dtype)
+    stack_64 = np.empty(64, np.float64)
+    n_keys = 0
+    for g in range(n_genes):
+        col = block_gc[g]
+        vkey = vkey_gc[g]
+        for k in range(n_groups):
+            s = starts_k[k]
+            n = n_k[k]
+            if pairwise_mean:  # np.mean over a row slice: identity 0 + pairwise sum
+                total = zero_x + _de_pairwise_sum(col, s, n, zero_x, stack_lo, stack_n, stack_state, stack_x)
+            else:  # np.mean over axis 0 of a (cell, gene) block: sequential
+                total = zero_x
+                for i in range(s, s + n):
+                    total += col[i]
+            mean_kg[k, g] = total / n_k_x[k]
+            # np.add.reduceat(dtype=float64): first value, then the pairwise sum of the rest
+            sum64 = np.float64(col[s]) + _de_pairwise_sum(col, s + 1, n - 1, 0.0, stack_lo, stack_n, stack_state, stack_64)
+            pseudobulk_kg[k, g] = sum64 / n
+        gene_bits = np.int64(g) << gene_shift
+        for k in range(n_groups):
+            count = 0
+            for i in range(starts_k[k], starts_k[k] + n_k[k]):  # branch-free: write, then keep if nonzero
+                keys[n_keys] = gene_bits | (np.int64(vkey[i]) << code_bits) | k
+                nonzero = col[i] != 0
+                n_keys += nonzero
+                count += nonzero
+            nnz_kg[k, g] = count
+    return n_keys
 
-    # Keys (gene, value, group) of the nonzero values only; zeros are one tie block per gene.
-    nonzero_gc = block_gc != 0
-    nnz_gk = np.add.reduceat(nonzero_gc, starts_k, axis=1, dtype=np.int64)
-    zeros_gk = n_k[None, :] - nnz_gk
-    zc_g = zeros_gk[:, ctrl]
+
+def _de_cubic(t):
+    return t * t * t - t
+
+
+def _de_sorted_pass(keys, n_genes, n_k, nnz_kg, ctrl, code_bits, gene_shift, twice_u1_kg, tie_kg):
+    """Rank sums (doubled) and tie terms vs control per (group, gene) from the sorted keys."""
+    n_groups = n_k.size
+    code_mask = (np.int64(1) << code_bits) - 1
+    n_keys = keys.size
+    i = 0
+    for g in range(n_genes):
+        zc = n_k[ctrl] - nnz_kg[ctrl, g]  # control zeros: below every nonzero value
+        ctrl_less = zc
+        ctrl_tie = _de_cubic(zc)
+        while i < n_keys and (keys[i] >> gene_shift) == g:
+            value = keys[i] >> code_bits
+            b0 = i
+            c_in = 0
+            while i < n_keys and (keys[i] >> code_bits) == value:
+                if (keys[i] & code_mask) == ctrl:
+                    c_in += 1
+                i += 1
+            # each target value adds (#control below) + (#control equal)/2 to U1
+            weight = 2 * ctrl_less + c_in
+            if i - b0 == 1:
+                code = keys[b0] & code_mask
+                if code != ctrl:
+                    twice_u1_kg[code, g] += weight
+            else:
+                r = b0
+                while r < i:  # runs of one group inside the tie block
+                    code = keys[r] & code_mask
+                    t = 0
+                    while r < i and (keys[r] & code_mask) == code:
+                        t += 1
+                        r += 1
+                    if code == ctrl:
+                        ctrl_tie += _de_cubic(t)
+                    else:
+                        twice_u1_kg[code, g] += weight * t
+                        tie_kg[code, g] += _de_cubic(c_in + t) - _de_cubic(c_in)
+            ctrl_less += c_in
+        # zeros: each target zero ties with every control zero (half a win each)
+        for k in range(n_groups):
+            if k == ctrl:
+                continue
+            zk = n_k[k] - nnz_kg[k, g]
+            twice_u1_kg[k, g] += zk * zc
+            tie_kg[k, g] += ctrl_tie + _de_cubic(zc + zk) - _de_cubic(zc)
+
+
+_DE_KERNEL_NAMES = (
+    "_de_leaf_sum",
+    "_de_pairwise_sum",
+    "_de_gather_dense",
+    "_de_gather_csc",
+    "_de_column_pass",
+    "_de_cubic",
+    "_de_sorted_pass",
+    "_de_value_summary",  # defined below, with check_expression_matrix
+)
+
+
+_DE_KERNELS_LOCK = threading.Lock()
+
+
+@functools.cache
+def _de_kernels() -> None:
+    """Compile the kernels once per process (numba's on-disk cache makes later processes fast)."""
+    with _DE_KERNELS_LOCK:
+        import numba
+
+        module = sys.modules[__name__]
+        for name in _DE_KERNEL_NAMES:
+            func = getattr(module, name)
+            if not isinstance(func, numba.core.dispatcher.Dispatcher):
+                setattr(module, name, numba.njit(cache=True, nogil=True)(func))
+
+
+def _value_order_codes(block_gc: np.ndarray) -> np.ndarray:
+    """Integer codes < 2^31 whose order equals the order of the (nonnegative) values."""
+    if block_gc.dtype == np.float32:
+        return block_gc.view(np.int32)  # bit patterns of floats >= 0 sort like the floats
+    as32 = block_gc.astype(np.float32)
+    if np.array_equal(as32.astype(block_gc.dtype), block_gc):
+        return as32.view(np.int32)
+    return np.unique(block_gc, return_inverse=True)[1].reshape(block_gc.shape).astype(np.int64)  # rare
+
+
+def _group_gene_stats_chunk_fast(x, g0: int, g1: int, pos_c, starts_k, n_k, ctrl: int, mode: str):
+    """Rank sums, tie terms and means, (group, gene) arrays, for genes g0:g1 of X."""
+    n_cells = pos_c.size
+    n_genes = g1 - g0
+    n_groups = n_k.size
+    dtype = x.dtype
+    if scipy.sparse.issparse(x):
+        block_gc = np.zeros((n_genes, n_cells), dtype=dtype)
+        _de_gather_csc(x.data, x.indices, x.indptr, g0, pos_c, block_gc)
+    else:
+        block_gc = np.empty((n_genes, n_cells), dtype=dtype)
+        _de_gather_dense(x[:, g0:g1], pos_c, block_gc)
     code_bits = max(1, int(n_groups - 1).bit_length())
     gene_shift = 31 + code_bits
-    code_c = np.repeat(np.arange(n_groups, dtype=np.int64), n_k)
-    flat = np.flatnonzero(nonzero_gc)
-    gene_e = flat // n_cells
-    keys = (gene_e << gene_shift) | (_value_order_keys(block_gc.ravel()[flat]) << code_bits) | code_c[flat - gene_e * n_cells]
-    del flat, gene_e
+    mean_kg = np.empty((n_groups, n_genes), dtype=dtype)
+    pseudobulk_kg = np.empty((n_groups, n_genes), dtype=dtype)
+    nnz_kg = np.empty((n_groups, n_genes), dtype=np.int64)
+    keys = np.empty(n_genes * n_cells, dtype=np.int64)
+    n_keys = _de_column_pass(
+        block_gc, _value_order_codes(block_gc), starts_k, n_k, n_k.astype(dtype), dtype.type(0),
+        mode == "vcc2025", code_bits, gene_shift, mean_kg, pseudobulk_kg, nnz_kg, keys,
+    )
+    del block_gc
+    keys = keys[:n_keys]
     keys.sort()
+    twice_u1_kg = np.zeros((n_groups, n_genes), dtype=np.int64)
+    tie_kg = np.zeros((n_groups, n_genes), dtype=np.int64)
+    _de_sorted_pass(keys, n_genes, n_k, nnz_kg, ctrl, code_bits, gene_shift, twice_u1_kg, tie_kg)
+    return twice_u1_kg.astype(np.float64), tie_kg, mean_kg, pseudobulk_kg
 
-    twice_u1_gk = np.zeros((n_genes, n_groups), dtype=np.float64)
-    tie_gk = np.zeros((n_genes, n_groups), dtype=np.int64)
-    ctrl_tie_g = _cubic_ties(zc_g)
-    if keys.size:
-        code = keys & ((1 << code_bits) - 1)
-        gene = keys >> gene_shift
-        gene_value = keys >> code_bits
-        new_block = np.empty(keys.size, dtype=bool)
-        new_block[0] = True
-        np.not_equal(gene_value[1:], gene_value[:-1], out=new_block[1:])
-        del gene_value
-        block_start = np.flatnonzero(new_block)
-        block_end = np.append(block_start[1:], keys.size)
-        block_id = np.cumsum(new_block) - 1
-        del new_block
-        is_ctrl = code == ctrl
-        ctrl_before = np.zeros(keys.size + 1, dtype=np.int64)  # control values before position i
-        np.cumsum(is_ctrl, out=ctrl_before[1:])
-        gene_start = np.searchsorted(gene, np.arange(n_genes))
-        block_gene = gene[block_start]
-        ctrl_in_block = ctrl_before[block_end] - ctrl_before[block_start]
-        ctrl_less = zc_g[block_gene] + ctrl_before[block_start] - ctrl_before[gene_start][block_gene]
-        # Each target value adds (#control below) + (#control equal)/2 to U1; doubled to stay integral.
-        weight_block = 2 * ctrl_less + ctrl_in_block
-        target = ~is_ctrl
-        twice_u1_gk += np.bincount(
-            gene[target] * n_groups + code[target],
-            weights=weight_block[block_id[target]],
-            minlength=n_genes * n_groups,
-        ).reshape(n_genes, n_groups)
-        # Ties among nonzero values: only blocks of size >= 2 can add to sum(t^3 - t).
-        in_tied_block = (block_end - block_start >= 2)[block_id]
-        if in_tied_block.any():
-            tied_keys = keys[in_tied_block]
-            run_start = np.flatnonzero(np.r_[True, tied_keys[1:] != tied_keys[:-1]])
-            run_len = np.diff(np.append(run_start, tied_keys.size))
-            run_code = code[in_tied_block][run_start]
-            run_gene = gene[in_tied_block][run_start]
-            run_ctrl = ctrl_in_block[block_id[in_tied_block][run_start]]
-            ctrl_run = run_code == ctrl
-            np.add.at(ctrl_tie_g, run_gene[ctrl_run], _cubic_ties(run_len[ctrl_run]))
-            t, r = run_len[~ctrl_run], run_ctrl[~ctrl_run]
-            np.add.at(tie_gk, (run_gene[~ctrl_run], run_code[~ctrl_run]), _cubic_ties(r + t) - _cubic_ties(r))
-    # Zeros: each target zero sees all control zeros as ties (half a win each).
-    twice_u1_gk += zeros_gk * zc_g[:, None]
-    tie_gk += ctrl_tie_g[:, None] + _cubic_ties(zc_g[:, None] + zeros_gk) - _cubic_ties(zc_g)[:, None]
-    return twice_u1_gk.T, tie_gk.T, log1p_mean, pseudobulk
+
+def _de_value_summary(x2d, fraction_threshold):
+    """(non-finite count, min and max of finite values, any fractional part > threshold)."""
+    n_bad = 0
+    lo = np.inf
+    hi = -np.inf
+    has_fraction = False
+    n_rows, n_cols = x2d.shape
+    for i in range(n_rows):
+        for j in range(n_cols):
+            v = x2d[i, j]
+            if not (v - v == 0):  # NaN or +-inf
+                n_bad += 1
+                continue
+            lo = min(lo, v)
+            hi = max(hi, v)
+            if not has_fraction and v - np.trunc(v) > fraction_threshold:  # np.modf(v)[0], in X's dtype
+                has_fraction = True
+    return n_bad, lo, hi, has_fraction
+
 
 
 def _group_gene_stats(
     x,
-    labels_c: Shaped[np.ndarray, " cell"],
+    labels_c,
     *,
     control_label: str,
-    mode: ScoreMode,
+    mode,
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     threads: int = 1,
     desc: str = "DE",
-) -> _GroupGeneStats:
+):
     """Stream over gene chunks of X (cells x genes) and collect per (group, gene) statistics."""
     labels_c = np.asarray(labels_c, dtype=str)
     groups, codes_c = np.unique(labels_c, return_inverse=True)
@@ -3378,22 +3576,26 @@ def _group_gene_stats(
     if groups.size > 1 << 20:
         raise ValueError(f"{groups.size} groups is more than the 2^20 the sort keys can hold.")
     order_c = np.argsort(codes_c, kind="stable")  # groups contiguous, cells in original order inside
+    pos_c = np.empty_like(order_c)
+    pos_c[order_c] = np.arange(order_c.size)
     n_k = np.bincount(codes_c, minlength=groups.size).astype(np.int64)
     starts_k = np.concatenate([[0], np.cumsum(n_k)[:-1]]).astype(np.int64)
     if scipy.sparse.issparse(x):
         x = x.tocsc()  # column chunks of a CSR matrix would rescan every value per chunk
     else:
         x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):  # integer or float16 X (never log1p data): as float64
+        x = x.astype(np.float64)
+    _de_kernels()
     n_cells, n_genes = x.shape
     code_bits = max(1, int(groups.size - 1).bit_length())
     genes_per_chunk = int(np.clip(chunk_elements // max(n_cells, 1), 1, 1 << (32 - code_bits)))
     bounds = [(g0, min(g0 + genes_per_chunk, n_genes)) for g0 in range(0, n_genes, genes_per_chunk)]
 
     def run(bound):
-        g0, g1 = bound
-        return _group_gene_stats_chunk(_dense_gene_block(x, order_c, g0, g1), starts_k, n_k, ctrl, mode)
+        return _group_gene_stats_chunk_fast(x, *bound, pos_c, starts_k, n_k, ctrl, mode)
 
-    if threads > 1:  # numpy releases the GIL in sort and most array ops
+    if threads > 1:  # the kernels release the GIL, numpy's sort too
         with concurrent.futures.ThreadPoolExecutor(threads) as pool:
             parts = list(progress(pool.map(run, bounds), total=len(bounds), desc=desc))
     else:
@@ -4921,3 +5123,1086 @@ def score_submission(h5ad_path, truth_path, spec, gene_names, fit: FitData, pool
     baseline = make_prediction_anndata(ConstantPredictor(gene_names, make_cell_mean_vector(fit)), plan, pool)
     baseline_result = score(real, baseline, mode=cfg.mode, real_de=result["real_de"], control_label=spec.control_label)
     return {"result": result, "baseline": baseline_result, "normalised": normalised_score(result, baseline_result)}
+
+
+# ----------------------------------------------------------------------------
+# train · checkpoints · inference (05)
+# ----------------------------------------------------------------------------
+# Issue 5 (train): perturbation features, the training loop, checkpoints, inference.
+#
+# Pasted into lib.py's "train" and "infer" sections (the merge rewrites `lib.x` -> `x`).
+#
+#     make_pert_features(store, vocab, kind, ...)  -> PertFeatures (the table the model reads)
+#     TrainConfig / parse_train_config(argv)       -> one flat config: flags over an optional TOML
+#     train(cfg)                                   -> flat loop, canonical jitted step, validation,
+#                                                     checkpoints, SIGTERM, wandb, runs.jsonl
+#     load_model_predictor(checkpoint_dir)         -> .predict(perturbation, ctrl_cg) for 06/07
+#
+# On disk, under `<data_root>/checkpoints/` (or `--checkpoint-dir`):
+#
+#     latest                      text: the most recent run's name
+#     <run_name>/latest           text: that run's newest checkpoint directory name
+#     <run_name>/best             text: the checkpoint with the best validation MAE
+#     <run_name>/status.json      running | done | preempted | failed, with the step
+#     <run_name>/history.jsonl    every logged metric, one JSON line per log step
+#     <run_name>/config.toml      the run's full config (pass it back with --config to resume)
+#     <run_name>/step_00000400/   one self-contained checkpoint (written atomically):
+#         model.eqx, opt_state.eqx   equinox leaves (eqx.tree_serialise_leaves)
+#         state.json                 step, RNG key data, loader iterator state, run id, metrics
+#         config.json, model_config.json, vocab.json, features.npz, control_pool.npy
+#
+# Shape suffixes: b batch of sets, s set, g gene, p perturbation (vocab id), d dataset,
+# f perturbation feature, k component, c cell.
+
+
+FEATURE_KINDS = ("onehot", "gene", "random")
+FEATURE_FLAGS = ("is_control", "is_oov", "has_coexpr", "has_effect")
+
+
+@dataclasses.dataclass(frozen=True)
+class PertFeatures:
+    """The perturbation feature table and how to read it (saved in every checkpoint)."""
+
+    kind: str
+    """One of FEATURE_KINDS."""
+    n_perts: int
+    """Vocabulary size; ids are rows."""
+    datasets: tuple[str, ...]
+    """Store datasets in table order (the dataset axis of `table_dpf`)."""
+    target: str
+    """The target dataset: its rows are the ones inference uses."""
+    table_dpf: np.ndarray | None
+    """float32 (datasets, perts, features); None for onehot (built per batch, not stored:
+    a 12k-entry vocabulary would make a 12k x 12k table)."""
+    seen_p: np.ndarray | None = None
+    """bool (perts,): ids that occur in the training examples (set by `train`)."""
+
+    @property
+    def width(self) -> int:
+        return self.n_perts if self.table_dpf is None else self.table_dpf.shape[2]
+
+    def get(self, pert_id_b: Int[np.ndarray, " b"], dataset_b: Int[np.ndarray, " b"]) -> Float[np.ndarray, "b f"]:
+        """Feature rows of (perturbation id, dataset index) pairs, range-checked in numpy."""
+        if self.table_dpf is None:
+            return make_onehot_features(np.asarray(pert_id_b, np.int64), self.n_perts)
+        bad = (dataset_b < 0) | (dataset_b >= len(self.datasets))
+        if bad.any():
+            raise IndexError(f"dataset indices {np.unique(dataset_b[bad])} outside the {len(self.datasets)}-dataset table")
+        out_bf = np.empty((len(pert_id_b), self.width), np.float32)
+        for d in np.unique(dataset_b):
+            rows = dataset_b == d
+            out_bf[rows] = get_pert_features(self.table_dpf[d], np.asarray(pert_id_b[rows], np.int64))
+        return out_bf
+
+    def get_target(self, pert_id_b: Int[np.ndarray, " b"]) -> Float[np.ndarray, "b f"]:
+        return self.get(pert_id_b, np.full(len(pert_id_b), self.datasets.index(self.target)))
+
+    def save(self, path: str | os.PathLike) -> None:
+        arrays = {"table_dpf": self.table_dpf} if self.table_dpf is not None else {}
+        if self.seen_p is not None:
+            arrays["seen_p"] = self.seen_p
+        meta = json.dumps({"kind": self.kind, "n_perts": self.n_perts, "datasets": list(self.datasets), "target": self.target})
+        with open(path, "wb") as f:
+            np.savez(f, meta=np.array(meta), **arrays)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PertFeatures":
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            return cls(meta["kind"], meta["n_perts"], tuple(meta["datasets"]), meta["target"],
+                       z["table_dpf"] if "table_dpf" in z else None, z["seen_p"] if "seen_p" in z else None)
+
+
+def _group_rows(groups: pd.DataFrame, max_rows: int) -> np.ndarray:
+    """Store rows of `groups` (index rows), at most `max_rows`, taken group by group from each
+    group's start (contiguous reads; a deterministic, not random, subset)."""
+    rows, n = [], 0
+    for start, stop in groups[["start", "stop"]].to_numpy():
+        take = min(stop - start, max_rows - n)
+        rows.append(np.arange(start, start + take))
+        n += take
+        if n >= max_rows:
+            break
+    return np.concatenate(rows) if rows else np.zeros(0, np.int64)
+
+
+def get_top_components(x_ng: Float[np.ndarray, "n g"], k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Top-k singular values and right singular vectors (k, g) of x by a randomized SVD (Halko et
+    al.: a few power iterations): seconds -> ~0.1 s for 4,000 x 2,000, same leading components."""
+    k = min(k, *x_ng.shape)
+    rng = np.random.default_rng(seed)
+    q_nl, _ = np.linalg.qr(x_ng @ rng.standard_normal((x_ng.shape[1], min(k + 10, x_ng.shape[1]))))
+    for _ in range(4):
+        q_nl, _ = np.linalg.qr(x_ng @ (x_ng.T @ q_nl))
+    _, s_l, vt_lg = np.linalg.svd(q_nl.T @ x_ng, full_matrices=False)
+    return s_l[:k], vt_lg[:k]
+
+
+def get_coexpression_loadings(store, target: str, n_components: int, max_cells: int = 4000) -> Float[np.ndarray, "g k"]:
+    """Each HVG's loadings on the top principal components of the target's control cells
+    (genes standardised, so a loading is the gene's correlation with the component)."""
+    index = store.index
+    rows = _group_rows(index[(index["dataset"] == target) & index["is_control"]], max_cells)
+    if len(rows) < 2:
+        raise ValueError(f"target {target} has {len(rows)} control cells in the store; co-expression needs some")
+    x_cg = np.asarray(store.x_cg[np.sort(rows)], np.float64)
+    x_cg -= x_cg.mean(0)
+    x_cg /= np.maximum(x_cg.std(0), 1e-6)  # constant genes stay 0 instead of dividing by 0
+    s_k, vt_kg = get_top_components(x_cg, n_components)
+    k = len(s_k)
+    loadings_gk = np.zeros((x_cg.shape[1], n_components))
+    loadings_gk[:, :k] = vt_kg[:k].T * s_k[:k] / math.sqrt(len(x_cg))
+    return loadings_gk.astype(np.float32)
+
+
+def get_context_effects(store, target: str, max_cells: int = 256) -> tuple[pd.DataFrame, Float[np.ndarray, "r g"]]:
+    """Pseudobulk effects (mean perturbed - mean control, log1p HVG space) of every perturbation
+    of every NON-target dataset; rows (dataset, perturbation). At most `max_cells` cells each."""
+    index = store.index
+    rows_out, effects = [], []
+    for dataset in store.datasets:
+        if dataset == target:
+            continue  # the target's perturbed cells never become features (held-out leakage)
+        in_d = index[index["dataset"] == dataset]
+        ctrl_g = np.asarray(store.x_cg[_group_rows(in_d[in_d["is_control"]], 4 * max_cells)], np.float64).mean(0)
+        for pert, groups in in_d[~in_d["is_control"]].groupby("perturbation", sort=True):
+            rows = _group_rows(groups, max_cells)
+            effects.append(np.asarray(store.x_cg[rows], np.float64).mean(0) - ctrl_g)
+            rows_out.append((dataset, pert))
+    if not effects:
+        return pd.DataFrame(columns=["dataset", "perturbation"]), np.zeros((0, store.x_cg.shape[1]))
+    return pd.DataFrame(rows_out, columns=["dataset", "perturbation"]), np.stack(effects)
+
+
+def make_pert_features(
+    store,
+    vocab: PerturbationVocab,
+    kind: str,
+    *,
+    target_dataset: str = "",
+    n_coexpr_components: int = 16,
+    n_effect_components: int = 16,
+    seed: int = 0,
+) -> PertFeatures:
+    """Perturbation features for every vocab id (see the section comment for the choice).
+
+    Uses the target's control cells and the other datasets' cells only: never a target
+    perturbation's cells, so the fake-val split's held-out perturbations stay unseen.
+    """
+    if kind not in FEATURE_KINDS:
+        raise ValueError(f"unknown features kind {kind!r}; use one of {FEATURE_KINDS}")
+    target = target_dataset or store.datasets[0]
+    datasets = tuple(store.datasets)
+    if target not in datasets:
+        raise ValueError(f"target dataset {target!r} is not in the store ({datasets})")
+    if kind == "onehot":
+        return PertFeatures(kind, len(vocab), datasets, target, None)
+
+    n_p, n_d = len(vocab), len(datasets)
+    flags_pf = np.zeros((n_p, len(FEATURE_FLAGS)), np.float32)
+    flags_pf[0, 0] = 1.0  # id 0: control
+    flags_pf[1, 1] = 1.0  # id 1: out of vocabulary
+
+    # (a) co-expression loadings of the target gene, matched by symbol (the perturbation label).
+    loadings_gk = get_coexpression_loadings(store, target, n_coexpr_components)
+    column_of = {s: j for j, s in enumerate(store.genes["symbol"].astype(str))}
+    coexpr_pk = np.zeros((n_p, n_coexpr_components), np.float32)
+    for p, label in enumerate(vocab.labels[2:], start=2):
+        if label in column_of:
+            coexpr_pk[p] = loadings_gk[column_of[label]]
+            flags_pf[p, 2] = 1.0
+
+    # (b) other cell types' effects, reduced by an uncentred PCA (the zero effect stays at 0).
+    effect_rows, effect_rg = get_context_effects(store, target)
+    effect_dpk = np.zeros((n_d, n_p, n_effect_components), np.float32)
+    has_effect_dp = np.zeros((n_d, n_p), bool)
+    if len(effect_rg):
+        _, vt_kg = get_top_components(effect_rg, n_effect_components, seed)
+        k = len(vt_kg)
+        z_rk = np.zeros((len(effect_rg), n_effect_components))
+        z_rk[:, :k] = effect_rg @ vt_kg[:k].T
+        z_rk /= max(np.sqrt((z_rk**2).sum(1).mean()), 1e-12)  # one global scale: rows ~unit norm
+        ids_r = vocab.ids(effect_rows["perturbation"])
+        source_r = effect_rows["dataset"].map(datasets.index).to_numpy()
+        for d in range(n_d):
+            others = source_r != d  # leave the example's own dataset out
+            sums_pk = np.zeros((n_p, n_effect_components))
+            np.add.at(sums_pk, ids_r[others], z_rk[others])
+            counts_p = np.bincount(ids_r[others], minlength=n_p)
+            has_effect_dp[d] = counts_p > 0
+            effect_dpk[d] = sums_pk / np.maximum(counts_p, 1)[:, None]
+        has_effect_dp[:, :2] = False  # control and OOV carry no effect
+        effect_dpk[:, :2] = 0.0
+
+    table_dpf = np.concatenate(
+        [np.broadcast_to(flags_pf, (n_d, *flags_pf.shape)).copy(), np.broadcast_to(coexpr_pk, (n_d, *coexpr_pk.shape)), effect_dpk],
+        axis=2,
+    ).astype(np.float32)
+    table_dpf[:, :, 3] = has_effect_dp
+    if kind == "random":
+        # Same flags and width, but the informative part is noise fixed per vocab id.
+        noise_pf = np.random.default_rng(seed).standard_normal((n_p, table_dpf.shape[2] - len(FEATURE_FLAGS))).astype(np.float32)
+        noise_pf[:2] = 0.0
+        table_dpf[:, :, len(FEATURE_FLAGS):] = noise_pf[None]
+        table_dpf[:, 2:, 2:4] = 1.0
+    return PertFeatures(kind, n_p, datasets, target, table_dpf)
+
+
+def get_pert_count_names(data_root, world: str) -> list[str]:
+    """Perturbation names (no cells) of the target's validation/test lists (`pert_counts_*.csv`
+    next to the target file), so the vocabulary and features cover what 07 must predict."""
+    spec = get_datasets(world)[0]
+    directory = get_dataset_path(spec, data_root).parent
+    names = set()
+    for path in sorted(directory.glob("pert_counts_*.csv")):
+        names |= set(pd.read_csv(path)["target_gene"].astype(str))
+    return sorted(names)
+
+
+def make_train_vocab(store, extra_perturbations=()) -> PerturbationVocab:
+    """The store's vocabulary, then names with no cells in the store appended (sorted), so ids
+    of the store's perturbations are the same with or without extras."""
+    vocab = make_vocab(store.index)
+    extra = sorted(set(map(str, extra_perturbations)) - set(vocab.labels))
+    return PerturbationVocab((*vocab.labels, *extra))
+
+
+# ----------------------------------------------------------------------------
+# train config
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Flags of nb/05_train.py (one flat config; the loader/model/loss/optimizer configs are built
+    from it). Defaults train a small model on the small synthetic world in ~2 minutes on 2 CPU cores."""
+
+    config: str = ""
+    """TOML file whose keys (these field names) set the defaults; every flag given overrides it."""
+    data_root: str = ""
+    """Data root; empty means $VCELL_DATA_ROOT, else ./data."""
+    world: Literal["synthetic", "real"] = "synthetic"
+    """Which store to train on (nb/04_normalise.py writes it)."""
+    target_dataset: str = ""
+    """The cell type to predict; empty = the manifest's target (the store's first dataset)."""
+    datasets: tuple[str, ...] = ()
+    """Store datasets to train on; empty = all."""
+    features: Literal["onehot", "gene", "random"] = "gene"
+    """Perturbation features: onehot (learned id embedding), gene (target-gene co-expression +
+    other cell types' effects: unseen knockdowns are not blind), random (control experiment)."""
+    n_coexpr_components: int = 16
+    """gene features: principal components of the target's control cells (co-expression loadings)."""
+    n_effect_components: int = 16
+    """gene features: principal axes of the other cell types' pseudobulk effects."""
+    oov_dropout: float = 0.1
+    """Probability that a perturbed example's features are replaced by the OOV row, so the OOV
+    row learns "an unknown perturbation" instead of staying at its random init."""
+    vocab_from_pert_counts: bool = True
+    """Add the target's validation/test perturbation NAMES (pert_counts_*.csv) to the vocabulary,
+    so their features exist for 07; no cells of theirs are used."""
+    set_size: int = 32
+    """S: cells per set (perturbed cells, and as many control cells)."""
+    sets_per_batch: int = 8
+    """Sets per global step (split across processes and devices)."""
+    control_sets: bool = True
+    """Also train on control groups as identity examples (control in, control out)."""
+    worker_count: int = 0
+    """grain worker processes; 0 reads in the training process (on 2 cores workers never paid off)."""
+    hidden: int = 64
+    """Transformer width (the researcher's config: 128)."""
+    n_layers: int = 2
+    """Transformer blocks (researcher: 4)."""
+    n_heads: int = 4
+    """Attention heads; must divide hidden (researcher: 8)."""
+    mlp_ratio: int = 4
+    """SwiGLU inner width = mlp_ratio * hidden (researcher: 8)."""
+    n_encoder_layers: int = 2
+    """Linear layers in the basal encoder, perturbation encoder and decoder."""
+    energy_weight: float = 1.0
+    """Weight of the energy distance (STATE's loss)."""
+    mmd_weight: float = 0.0
+    """Weight of the RBF MMD."""
+    pseudobulk_mse_weight: float = 10.0
+    """Weight of the pseudobulk MSE (set means): the MAE metric's own quantity. Its values are
+    ~100x smaller than the energy's; at weight 1 a 1,500-step run stayed worse than control."""
+    optimizer: Literal["adam", "adamw"] = "adamw"
+    """Adam, or AdamW with decoupled weight decay."""
+    learning_rate: float = 1e-3
+    """Peak learning rate (STATE: 1e-4 for 40k steps; short runs need more)."""
+    weight_decay: float = 1e-4
+    """AdamW weight decay (ignored by adam)."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate schedule after the linear warmup."""
+    warmup_steps: int = 50
+    """Linear warmup from 0 to learning_rate."""
+    min_lr_ratio: float = 0.1
+    """Cosine decays to learning_rate * min_lr_ratio at the last step."""
+    grad_clip: float = 10.0
+    """Clip the global gradient norm to this (STATE: 10); 0 disables."""
+    steps: int = 1000
+    """Optimiser steps in total (a resumed run continues up to this)."""
+    log_every: int = 25
+    """Pull metrics to the host, check for NaN and log every this many steps."""
+    eval_every: int = 250
+    """Validate on the fake-val split every this many steps (and at the end); 0 = never."""
+    ckpt_every: int = 500
+    """Checkpoint every this many steps (and at the end, and on SIGTERM); 0 = only those."""
+    keep_last_n: int = 2
+    """Checkpoints kept besides the best one."""
+    seed: int = 0
+    """Seed of the model init, the loader and the per-step keys."""
+    fake_val_seed: int = 0
+    """Seed of the target's train/val/test perturbation split (make_fake_val_split)."""
+    val_perturbations: int = 8
+    """Held-out (fake-val `val`) perturbations scored at each validation."""
+    val_cells: int = 64
+    """At most this many real cells per validation perturbation."""
+    val_control_cells: int = 128
+    """Size of the canonical control pool the predictions start from (rounded down to a
+    multiple of set_size); saved with every checkpoint for inference."""
+    checkpoint_dir: str = ""
+    """Where runs live; empty = <data_root>/checkpoints."""
+    run_name: str = ""
+    """Run directory name; empty = a new time-stamped name (with --resume: the latest run)."""
+    resume: bool = False
+    """Continue run_name (or the latest run) from its latest checkpoint; a named run without
+    checkpoints starts fresh (so a preempted VM can always pass --resume)."""
+    wandb_project: str = "vcell"
+    """wandb project."""
+    wandb_entity: str = ""
+    """wandb entity (team/user); empty = your default."""
+    wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
+    """auto: $WANDB_MODE if set, else online when WANDB_API_KEY is set, else offline."""
+
+    def __post_init__(self):
+        if self.hidden % self.n_heads:
+            raise ValueError(f"hidden={self.hidden} is not divisible by n_heads={self.n_heads}")
+        if not 0 <= self.oov_dropout < 1:
+            raise ValueError(f"oov_dropout={self.oov_dropout} must be in [0, 1)")
+        if min(self.steps, self.log_every, self.set_size, self.sets_per_batch) < 1:
+            raise ValueError("steps, log_every, set_size and sets_per_batch must be >= 1")
+        if self.val_control_cells < self.set_size:
+            raise ValueError(f"val_control_cells={self.val_control_cells} < set_size={self.set_size}: the pool needs one set")
+
+
+# Fields a resumed run may change; any other difference from the checkpoint's config raises.
+RESUMABLE_FIELDS = frozenset({
+    "config", "data_root", "checkpoint_dir", "run_name", "resume", "steps", "log_every", "eval_every",
+    "ckpt_every", "keep_last_n", "wandb_project", "wandb_entity", "wandb_mode", "worker_count",
+})
+
+
+def _find_flag(argv: list[str], flag: str) -> str:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return ""
+
+
+def _coerce(name: str, hint, value):
+    """A TOML value checked against the field's type (TOML has no tuples: lists become tuples)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    ok = True
+    if origin is Literal:
+        ok = value in args
+    elif hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif origin is tuple:
+        ok = isinstance(value, list)
+        value = tuple(value) if ok else value
+    if not ok:
+        raise ValueError(f"config key {name!r}: {value!r} is not a valid {hint}")
+    return value
+
+
+def read_train_toml(path: str | os.PathLike) -> TrainConfig:
+    """TrainConfig with the TOML file's values (keys: field names, `-` or `_`); unknown keys raise."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    values = {k.replace("-", "_"): v for k, v in tomllib.loads(path.read_text()).items()}
+    hints = typing.get_type_hints(TrainConfig)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ValueError(f"{path}: unknown keys {unknown}; valid keys are the flags of `python nb/05_train.py --help`: {sorted(hints)}")
+    values = {k: _coerce(k, hints[k], v) for k, v in values.items()}
+    return dataclasses.replace(TrainConfig(), **{**values, "config": str(path)})
+
+
+def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
+    """Flags over an optional `--config file.toml` over the defaults. Every flag given wins, even
+    one equal to the built-in default (tyro applies flags on top of a default instance)."""
+    import tyro
+
+    argv = notebook_argv() if argv is None else list(argv)
+    config_path = _find_flag(argv, "--config")
+    default = read_train_toml(config_path) if config_path else TrainConfig()
+    return tyro.cli(TrainConfig, args=argv, default=default, description="05 train: the ST set transformer on cell sets")
+
+
+def write_train_toml(path: str | os.PathLike, cfg: TrainConfig) -> None:
+    """The config as TOML that `--config` reads back (strings, numbers, bools, lists only)."""
+    lines = []
+    for field in dataclasses.fields(cfg):
+        value = getattr(cfg, field.name)
+        if field.name == "config":
+            continue
+        lines.append(f"{field.name} = {json.dumps(list(value) if isinstance(value, tuple) else value)}")
+    with atomic_path(path) as tmp_path:
+        tmp_path.write_text("\n".join(lines) + "\n")
+
+
+def make_loader_config(cfg: TrainConfig) -> LoaderConfig:
+    return LoaderConfig(set_size=cfg.set_size, sets_per_batch=cfg.sets_per_batch, seed=cfg.seed,
+                            datasets=cfg.datasets, control_sets=cfg.control_sets, worker_count=cfg.worker_count)
+
+
+def make_model_config(cfg: TrainConfig, n_genes: int, n_pert_features: int) -> ModelConfig:
+    return ModelConfig(n_genes=n_genes, n_pert_features=n_pert_features, hidden=cfg.hidden, n_layers=cfg.n_layers,
+                           n_heads=cfg.n_heads, mlp_ratio=cfg.mlp_ratio, n_encoder_layers=cfg.n_encoder_layers)
+
+
+def make_loss_config(cfg: TrainConfig) -> LossConfig:
+    return LossConfig(energy_weight=cfg.energy_weight, mmd_weight=cfg.mmd_weight, pseudobulk_mse_weight=cfg.pseudobulk_mse_weight)
+
+
+def make_schedule(cfg: TrainConfig) -> optax.Schedule:
+    """Linear warmup to learning_rate, then constant or cosine down to learning_rate * min_lr_ratio."""
+    warmup = max(cfg.warmup_steps, 1)
+    if cfg.schedule == "constant":
+        return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), optax.constant_schedule(cfg.learning_rate)], [warmup])
+    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(cfg.steps, warmup + 1), cfg.learning_rate * cfg.min_lr_ratio)
+
+
+def make_train_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
+    """Clip the global grad norm, then Adam(W) on the schedule (make_optimizer is the constant-lr Adam special case).
+
+    Cached per setting: the optimizer is a static argument of the jitted step, so an equal but
+    new optimizer object would recompile it (a resumed run in the same process, tests)."""
+    steps = cfg.steps if cfg.schedule == "cosine" else 0  # a constant schedule does not depend on steps
+    return _make_train_optimizer(cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.schedule, cfg.warmup_steps,
+                                 cfg.min_lr_ratio, steps, cfg.grad_clip)
+
+
+@functools.lru_cache(maxsize=32)
+def _make_train_optimizer(name, learning_rate, weight_decay, schedule_name, warmup_steps, min_lr_ratio, steps, grad_clip):
+    schedule = make_schedule(TrainConfig(learning_rate=learning_rate, schedule=schedule_name, warmup_steps=warmup_steps,
+                                         min_lr_ratio=min_lr_ratio, steps=max(steps, 1)))
+    opt = optax.adamw(schedule, weight_decay=weight_decay) if name == "adamw" else optax.adam(schedule)
+    return optax.chain(optax.clip_by_global_norm(grad_clip), opt) if grad_clip > 0 else opt
+
+
+# ----------------------------------------------------------------------------
+# train step
+# ----------------------------------------------------------------------------
+
+
+@eqx.filter_jit
+def train_step(
+    model: SetTransformer,
+    opt_state: PyTree,
+    optimizer: optax.GradientTransformation,
+    ctrl_bsg: Float[Array, "batch set gene"],
+    pert_bf: Float[Array, "batch feat"],
+    target_bsg: Float[Array, "batch set gene"],
+    is_perturbed_b: Bool[Array, " batch"],
+    oov_f: Float[Array, " feat"],
+    oov_dropout: Float[Array, ""],
+    key: PRNGKeyArray,
+    loss_cfg: LossConfig,
+) -> tuple[SetTransformer, PyTree, dict[str, Float[Array, ""]]]:
+    """make_step plus OOV dropout (the step's only randomness, from `key`) and the
+    parameter norm, in one jitted region."""
+    drop_b = jax.random.bernoulli(key, oov_dropout, is_perturbed_b.shape) & is_perturbed_b
+    pert_bf = jnp.where(drop_b[:, None], oov_f[None, :], pert_bf)
+    model, opt_state, metrics = make_step(model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg)
+    metrics["param_norm"] = optax.tree.norm(eqx.filter(model, eqx.is_inexact_array))
+    return model, opt_state, metrics
+
+
+@eqx.filter_jit
+def get_effect_l1(model: SetTransformer, ctrl_bsg: Float[Array, "batch set gene"], pert_bf: Float[Array, "batch feat"]) -> Float[Array, ""]:
+    """Mean |predicted - control input| per gene and cell: how far the model moves cells (≈0: it ignores
+    the perturbation; growing without bound: it is inventing effects)."""
+    return jnp.abs(predict_sets(model, ctrl_bsg, pert_bf) - ctrl_bsg).mean()
+
+
+# ----------------------------------------------------------------------------
+# validation on the fake-val split
+# ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass
+class ValidationSet:
+    """A fixed, small slice of held-out target perturbations and a canonical control pool."""
+
+    perturbations: list[str]
+    pert_id_p: np.ndarray
+    real_cells: list[np.ndarray]
+    """Per perturbation, its real cells (<= val_cells, n x genes)."""
+    real_psg: np.ndarray
+    """Per perturbation, val_cells real cells (resampled to a fixed count) for the loss."""
+    pool_cg: np.ndarray
+    """The canonical control pool (a multiple of set_size cells)."""
+    pool_rows: np.ndarray
+    genes: list[str]
+    real_de: Any = None
+    baselines: dict[str, float] = dataclasses.field(default_factory=dict)
+
+
+def make_control_pool(store, target: str, n_cells: int, set_size: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Seeded control cells of the target (store rows sorted), a multiple of set_size; the inference
+    pool saved with the checkpoints (same seed, same pool: predictions are replayable)."""
+    index = store.index
+    ctrl = index[(index["dataset"] == target) & index["is_control"]]
+    rows = np.concatenate([np.arange(a, b) for a, b in ctrl[["start", "stop"]].to_numpy()])
+    n = (min(n_cells, len(rows)) // set_size) * set_size
+    if n == 0:
+        raise ValueError(f"{target} has {len(rows)} control cells, fewer than one set of {set_size}")
+    rows = np.sort(np.random.default_rng(seed).choice(rows, n, replace=False))
+    return rows, np.asarray(store.x_cg[rows], np.float32)
+
+
+def make_validation_set(store, perturbations, target: str, cfg: TrainConfig, vocab: PerturbationVocab) -> ValidationSet:
+    index = store.index
+    rng = np.random.default_rng(cfg.seed + 1)
+    perts = sorted(perturbations)[: cfg.val_perturbations]
+    real_cells, real_psg = [], []
+    for pert in perts:
+        mask = ((index["dataset"] == target) & (index["perturbation"] == pert) & ~index["is_control"]).to_numpy()
+        rows = _group_rows(index[mask], 10**9)
+        rows = np.sort(rng.choice(rows, min(len(rows), cfg.val_cells), replace=False))
+        cells = np.asarray(store.x_cg[rows], np.float32)
+        real_cells.append(cells)
+        real_psg.append(cells[rng.choice(len(cells), cfg.val_cells, replace=len(cells) < cfg.val_cells)])
+    pool_rows, pool_cg = make_control_pool(store, target, cfg.val_control_cells, cfg.set_size, cfg.seed)
+    return ValidationSet(perts, vocab.ids(perts), real_cells, np.stack(real_psg), pool_cg, pool_rows,
+                         store.genes["symbol"].astype(str).tolist())
+
+
+def _scoring_anndata(cells_by_pert: list[np.ndarray], perts: list[str], pool_cg: np.ndarray, genes: list[str]):
+    import anndata
+
+    labels = [p for p, cells in zip(perts, cells_by_pert) for _ in range(len(cells))] + ["non-targeting"] * len(pool_cg)
+    x_cg = np.concatenate([*cells_by_pert, pool_cg]).astype(np.float32)
+    obs = pd.DataFrame({"target_gene": pd.Categorical(labels)}, index=[f"c{i}" for i in range(len(labels))])
+    return anndata.AnnData(X=x_cg, obs=obs, var=pd.DataFrame(index=genes))
+
+
+def predict_pool(model, features: PertFeatures, pert_id_p: np.ndarray, pool_cg: np.ndarray, set_size: int) -> np.ndarray:
+    """Each perturbation's predicted cells from the control pool: (perts, pool cells, genes)."""
+    n_sets = len(pool_cg) // set_size
+    pool_bsg = np.broadcast_to(pool_cg.reshape(n_sets, set_size, -1), (len(pert_id_p), n_sets, set_size, pool_cg.shape[1]))
+    pert_pf = features.get_target(get_inference_ids(features, pert_id_p))
+    pert_bf = np.repeat(pert_pf, n_sets, axis=0)
+    pred_bsg = predict_sets(model, jnp.asarray(pool_bsg.reshape(-1, set_size, pool_cg.shape[1])), jnp.asarray(pert_bf))
+    return np.asarray(pred_bsg).reshape(len(pert_id_p), n_sets * set_size, -1)
+
+
+def get_inference_ids(features: PertFeatures, pert_id_p: np.ndarray) -> np.ndarray:
+    """onehot rows never trained are random-init noise: map those ids to OOV (id 1), which OOV
+    dropout trained. Gene/random features keep their ids (their rows carry the features)."""
+    if features.kind != "onehot" or features.seen_p is None:
+        return pert_id_p
+    return np.where(features.seen_p[pert_id_p], pert_id_p, 1).astype(pert_id_p.dtype)
+
+
+@eqx.filter_jit
+def get_val_losses(pred_pcg: Float[Array, "pert cell gene"], real_pcg: Float[Array, "pert cell2 gene"], loss_cfg: LossConfig) -> dict[str, Float[Array, " pert"]]:
+    return jax.vmap(functools.partial(get_set_losses, cfg=loss_cfg))(pred_pcg, real_pcg)
+
+
+def validate(model, features: PertFeatures, val: ValidationSet, loss_cfg: LossConfig, set_size: int) -> dict[str, float]:
+    """Held-out metrics: set losses of the pool predictions vs real cells, and score (DES, PDS,
+    MAE in HVG space), plus the normalised score against the cell-mean baseline."""
+    pred_pcg = predict_pool(model, features, val.pert_id_p, val.pool_cg, set_size)
+    terms = get_val_losses(jnp.asarray(pred_pcg), jnp.asarray(val.real_psg), loss_cfg)
+    out = {f"val/{k}": float(v.mean()) for k, v in terms.items()}
+    pred = _scoring_anndata(list(pred_pcg), val.perturbations, val.pool_cg, val.genes)
+    result = score(_scoring_anndata(val.real_cells, val.perturbations, val.pool_cg, val.genes), pred, real_de=val.real_de)
+    out.update({"val/mae": float(result["mae"]), "val/pds": float(result["pds"]), "val/des": float(result["des"])})
+    if "cell_mean" in val.baselines:
+        out["val/score"] = normalised_score(result, val.baselines["cell_mean"])["score"]
+    return out
+
+
+def score_validation_baselines(val: ValidationSet) -> dict[str, float]:
+    """Score the control baseline (predict the pool itself: "no effect") and the cell-mean baseline
+    once; cache the real side's DE for every later validation."""
+    real = _scoring_anndata(val.real_cells, val.perturbations, val.pool_cg, val.genes)
+    control = score(real, _scoring_anndata([val.pool_cg] * len(val.perturbations), val.perturbations, val.pool_cg, val.genes))
+    val.real_de = control["real_de"]
+    cell_mean = score(real, make_cell_mean_baseline(real), real_de=val.real_de)
+    val.baselines = {"cell_mean": cell_mean}
+    return {"val/control_mae": float(control["mae"]), "val/control_pds": float(control["pds"]), "val/control_des": float(control["des"]),
+            "val/cell_mean_mae": float(cell_mean["mae"]), "val/cell_mean_pds": float(cell_mean["pds"])}
+
+
+# ----------------------------------------------------------------------------
+# checkpoints
+# ----------------------------------------------------------------------------
+# Equinox serialisation (eqx.tree_serialise_leaves) of the model and optimiser state, JSON/npz
+# for the rest, in one directory per step written to a temporary sibling and renamed into place
+# (atomic_dir): a reader sees a whole checkpoint or none. Pointers (`latest`, `best`) are
+# small text files replaced atomically (no symlinks: gs:// has none). Only process 0 writes.
+
+
+def get_checkpoint_root(cfg: TrainConfig) -> pathlib.Path:
+    return pathlib.Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else get_data_root(cfg.data_root) / "checkpoints"
+
+
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+    with atomic_path(path) as tmp_path:
+        tmp_path.write_text(text)
+
+
+def save_checkpoint(run_dir: pathlib.Path, step: int, *, model, opt_state, state: dict, static_files: dict[str, Any]) -> pathlib.Path:
+    """Write `step_XXXXXXXX/` atomically and point `latest` at it."""
+    step_dir = run_dir / f"step_{step:08d}"
+    with atomic_dir(step_dir) as tmp_dir:
+        eqx.tree_serialise_leaves(tmp_dir / "model.eqx", model)
+        eqx.tree_serialise_leaves(tmp_dir / "opt_state.eqx", opt_state)
+        (tmp_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
+        for name, write in static_files.items():
+            write(tmp_dir / name)
+    write_text_atomic(run_dir / "latest", step_dir.name)
+    return step_dir
+
+
+def prune_checkpoints(run_dir: pathlib.Path, keep_last_n: int) -> None:
+    """Delete all but the newest `keep_last_n` step directories and the one `best` names."""
+    keep = {_read_pointer(run_dir / "best"), _read_pointer(run_dir / "latest")}
+    step_dirs = sorted(p for p in run_dir.glob("step_*") if p.is_dir())
+    for path in step_dirs[: max(len(step_dirs) - keep_last_n, 0)]:
+        if path.name not in keep:
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _read_pointer(path: pathlib.Path) -> str:
+    return path.read_text().strip() if path.exists() else ""
+
+
+def resolve_checkpoint(path: str | os.PathLike, which: Literal["best", "latest"] = "best") -> pathlib.Path:
+    """A step directory from a step directory, a run directory (its `best`, else `latest`), or the
+    checkpoint root (its `latest` run)."""
+    path = pathlib.Path(path)
+    if path.is_file():  # a pointer file (`<root>/latest`, `<run>/best`): resolve it beside itself
+        path = path.parent / _read_pointer(path)
+    if (path / "model.eqx").exists():
+        return path
+    if (path / "latest").exists() and not any(path.glob("step_*")):  # a checkpoint root
+        path = path / _read_pointer(path / "latest")
+    name = _read_pointer(path / which) or _read_pointer(path / "latest")
+    if not name or not (path / name / "model.eqx").exists():
+        raise FileNotFoundError(f"no checkpoint under {path}: train one with `python nb/05_train.py` (writes <data_root>/checkpoints/<run>/)")
+    return path / name
+
+
+def load_checkpoint(step_dir: pathlib.Path) -> dict[str, Any]:
+    """Everything a checkpoint holds, with the model and optimiser state rebuilt from their configs."""
+    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads((step_dir / "config.json").read_text()).items()})
+    model_cfg = ModelConfig(**json.loads((step_dir / "model_config.json").read_text()))
+    like = eqx.filter_eval_shape(make_model, model_cfg, key=jax.random.key(0))
+    model = eqx.tree_deserialise_leaves(step_dir / "model.eqx", like)
+    optimizer = make_train_optimizer(cfg)
+    opt_like = eqx.filter_eval_shape(init_opt_state, model, optimizer)
+    opt_state = eqx.tree_deserialise_leaves(step_dir / "opt_state.eqx", opt_like)
+    return {
+        "cfg": cfg, "model_cfg": model_cfg, "model": model, "optimizer": optimizer, "opt_state": opt_state,
+        "state": json.loads((step_dir / "state.json").read_text()),
+        "vocab": PerturbationVocab.read(step_dir / "vocab.json"),
+        "features": PertFeatures.load(step_dir / "features.npz"),
+        "control_pool_cg": np.load(step_dir / "control_pool.npy"),
+        "genes": pd.read_csv(step_dir / "genes.csv", dtype=str, keep_default_na=False),
+    }
+
+
+# ----------------------------------------------------------------------------
+# run records and logging
+# ----------------------------------------------------------------------------
+
+
+def get_git_state(repo_dir: pathlib.Path = REPO_DIR) -> dict[str, Any]:
+    """Commit and dirty flag of the code that ran ("unknown" outside a git checkout)."""
+    def git(*args):
+        return subprocess.run(["git", "-C", str(repo_dir), *args], capture_output=True, text=True, timeout=30)
+
+    try:
+        sha = git("rev-parse", "HEAD")
+        if sha.returncode:
+            return {"git_sha": "unknown", "git_dirty": None}
+        dirty = bool(git("status", "--porcelain", "--untracked-files=no").stdout.strip())
+        return {"git_sha": sha.stdout.strip(), "git_dirty": dirty}
+    except (OSError, subprocess.TimeoutExpired):
+        return {"git_sha": "unknown", "git_dirty": None}
+
+
+def append_run_record(data_root, record: dict[str, Any]) -> pathlib.Path:
+    """Append one JSON line to <data_root>/runs/runs.jsonl (locked: concurrent runs never interleave)."""
+    import fcntl
+
+    path = get_data_root(data_root) / "runs" / "runs.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        f.write(json.dumps(record, sort_keys=True, default=str) + "\n")
+        f.flush()
+        os.fsync(f.fileno())
+    return path
+
+
+def get_wandb_mode(cfg: TrainConfig) -> str:
+    if cfg.wandb_mode != "auto":
+        return cfg.wandb_mode
+    if os.environ.get("WANDB_MODE"):
+        return os.environ["WANDB_MODE"]
+    return "online" if os.environ.get("WANDB_API_KEY") else "offline"
+
+
+class RunLog:
+    """Process 0's metric sinks: history.jsonl in the run directory (what the notebook plots) and wandb."""
+
+    def __init__(self, run_dir: pathlib.Path, cfg: TrainConfig, run_id: str, start_step: int):
+        self.history_path = run_dir / "history.jsonl"
+        # A preempted run may have logged past its last checkpoint: drop those lines.
+        if self.history_path.exists():
+            kept = [line for line in self.history_path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
+            write_text_atomic(self.history_path, "".join(line + "\n" for line in kept))
+        self.run = None
+        mode = get_wandb_mode(cfg)
+        if mode != "disabled":
+            import wandb
+
+            self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity or None, dir=str(run_dir), id=run_id,
+                                  name=run_dir.name, config=dataclasses.asdict(cfg), mode=mode, resume="allow")
+
+    def log(self, metrics: dict[str, float], step: int) -> None:
+        with open(self.history_path, "a") as f:
+            f.write(json.dumps({"step": step, **metrics}) + "\n")
+        if self.run is not None:
+            self.run.log(metrics, step=step)
+
+    def finish(self) -> None:
+        if self.run is not None:
+            self.run.finish()
+
+
+def read_history(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """A run's logged metrics, one row per logged step (columns: step and every metric; NaN where a
+    metric was not logged at that step)."""
+    path = pathlib.Path(run_dir) / "history.jsonl"
+    rows = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line])
+    return rows.groupby("step", as_index=False).first()  # train and val lines of one step -> one row
+
+
+class PreemptionFlag:
+    """SIGTERM (spot preemption) sets a flag the loop reads after each step; the step in flight
+    finishes, a checkpoint is written, and train() returns normally (exit code 0)."""
+
+    def __init__(self):
+        self.requested = False
+        self._previous = None
+
+    def __enter__(self):
+        import threading
+
+        if threading.current_thread() is threading.main_thread():  # signal handlers live there only
+            self._previous = signal.signal(signal.SIGTERM, self._handle)
+        return self
+
+    def _handle(self, signum, frame):
+        self.requested = True
+        print("SIGTERM: finishing this step, then checkpoint and exit", file=sys.stderr, flush=True)
+
+    def __exit__(self, *exc):
+        if self._previous is not None:
+            signal.signal(signal.SIGTERM, self._previous)
+
+
+# ----------------------------------------------------------------------------
+# train
+# ----------------------------------------------------------------------------
+
+
+def _check_resumable(saved: TrainConfig, cfg: TrainConfig, run_dir: pathlib.Path) -> None:
+    diff = {f.name: (getattr(saved, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
+            if f.name not in RESUMABLE_FIELDS and getattr(saved, f.name) != getattr(cfg, f.name)}
+    if diff:
+        detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
+        raise ValueError(f"--resume with a different config ({detail}); resume with the run's own config: "
+                         f"python nb/05_train.py --config {run_dir / 'config.toml'} --resume")
+
+
+def get_run_dir(cfg: TrainConfig) -> pathlib.Path:
+    root = get_checkpoint_root(cfg)
+    if cfg.run_name:
+        return root / cfg.run_name
+    if cfg.resume:
+        name = _read_pointer(root / "latest")
+        if not name:
+            raise FileNotFoundError(f"--resume: no run to resume under {root} (no `latest` pointer); pass --run-name")
+        return root / name
+    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
+    return root / f"{stamp}-{cfg.features}-{uuid.uuid4().hex[:4]}"
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train the ST model; returns {run_id, run_dir, status, step, final metrics, ...}.
+
+    Flat loop: batch -> features -> jitted step; every log_every pull metrics, stop on NaN;
+    every eval_every validate; every ckpt_every checkpoint (+ best by val/mae); SIGTERM ->
+    checkpoint and return. Only process 0 logs and writes.
+    """
+    t_start = time.time()
+    is_main = jax.process_index() == 0
+    data_root = get_data_root(cfg.data_root)
+    store = load_store(data_root, cfg.world)
+    target = cfg.target_dataset or store.datasets[0]
+    target_perts = store.index.loc[(store.index["dataset"] == target) & ~store.index["is_control"], "perturbation"]
+    split = make_fake_val_split(target_perts, cfg.fake_val_seed)
+    run_dir = get_run_dir(cfg)
+    step_dir = resolve_checkpoint(run_dir, "latest") if cfg.resume and _read_pointer(run_dir / "latest") else None
+
+    if step_dir is not None:
+        ckpt = load_checkpoint(step_dir)
+        _check_resumable(ckpt["cfg"], cfg, run_dir)
+        vocab, features, model, opt_state = ckpt["vocab"], ckpt["features"], ckpt["model"], ckpt["opt_state"]
+        optimizer, model_cfg = make_train_optimizer(cfg), ckpt["model_cfg"]
+        # The schedule's length is a function of cfg.steps: it may not change on resume.
+        if cfg.steps != ckpt["cfg"].steps and cfg.schedule == "cosine":
+            warnings.warn(f"steps changed from {ckpt['cfg'].steps} to {cfg.steps}: the cosine schedule is re-stretched from here")
+        state = ckpt["state"]
+        start_step, run_id = state["step"], state["run_id"]
+        key = jax.random.wrap_key_data(jnp.asarray(state["key_data"], jnp.uint32))
+        best = state.get("best_val_mae", math.inf)
+        print(f"resuming {run_dir.name} from {step_dir.name}")
+    else:
+        extra = get_pert_count_names(data_root, cfg.world) if cfg.vocab_from_pert_counts and target == store.datasets[0] else ()
+        vocab = make_train_vocab(store, extra)
+        features = make_pert_features(store, vocab, cfg.features, target_dataset=target, n_coexpr_components=cfg.n_coexpr_components,
+                                      n_effect_components=cfg.n_effect_components, seed=cfg.seed)
+        model_cfg = make_model_config(cfg, store.x_cg.shape[1], features.width)
+        init_key, key = jax.random.split(jax.random.key(cfg.seed))
+        means = store.means[store.means["dataset"] == target].drop_duplicates("ensembl_id").set_index("ensembl_id")["mean_all"]
+        gene_mean_g = means.reindex(store.genes["ensembl_id"]).fillna(0.0).to_numpy(np.float32)
+        model = make_model(model_cfg, key=init_key, gene_mean_g=gene_mean_g)
+        optimizer = make_train_optimizer(cfg)
+        opt_state = init_opt_state(model, optimizer)
+        start_step, run_id, best = 0, uuid.uuid4().hex[:12], math.inf
+
+    loss_cfg = make_loss_config(cfg)
+    loader, examples = make_loader(store, make_loader_config(cfg), vocab=vocab, exclude_perturbations=[*split["val"], *split["test"]],
+                                       target_dataset=target, process_index=jax.process_index(), process_count=jax.process_count())
+    iterator = iter(loader.to_iter_dataset())
+    if step_dir is not None:
+        iterator.set_state(state["loader_state"])
+    dataset_k = examples["dataset"].map(list(features.datasets).index).to_numpy()
+    if features.seen_p is None:
+        seen_p = np.zeros(len(vocab), bool)
+        seen_p[vocab.ids(examples["perturbation"], is_control=examples["is_control"])] = True
+        features = dataclasses.replace(features, seen_p=seen_p)
+    oov_f = jnp.asarray(features.get_target(np.array([1]))[0])
+
+    # Data parallel over every device of every process; the model is replicated.
+    mesh = jax.make_mesh((jax.device_count(),), ("batch",))
+    data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+    if cfg.sets_per_batch % jax.device_count():
+        raise ValueError(f"sets_per_batch={cfg.sets_per_batch} must divide over {jax.device_count()} devices")
+    model, opt_state = eqx.filter_shard(model, replicated), eqx.filter_shard(opt_state, replicated)
+
+    def to_global(x):
+        return jax.make_array_from_process_local_data(data_sharding, np.asarray(x))
+
+    val = make_validation_set(store, split["val"], target, cfg, vocab) if cfg.eval_every and split["val"] else None
+    pool_rows, pool_cg = (val.pool_rows, val.pool_cg) if val else make_control_pool(store, target, cfg.val_control_cells, cfg.set_size, cfg.seed)
+    genes = store.genes[["ensembl_id", "symbol"]].astype(str)
+    static_files = {
+        "config.json": lambda p: p.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"),
+        "model_config.json": lambda p: p.write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n"),
+        "vocab.json": vocab.write,
+        "features.npz": features.save,
+        "control_pool.npy": lambda p: np.save(p, pool_cg),
+        "genes.csv": lambda p: genes.to_csv(p, index=False),
+    }
+
+    n_params = count_params(model)
+    log = None
+    if is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        write_train_toml(run_dir / "config.toml", dataclasses.replace(cfg, run_name=run_dir.name))
+        write_text_atomic(get_checkpoint_root(cfg) / "latest", run_dir.name)
+        write_json(run_dir / "status.json", {"status": "running", "step": start_step, "run_id": run_id})
+        log = RunLog(run_dir, cfg, run_id, start_step)
+        print(f"run {run_dir.name} (id {run_id}): {n_params:,} parameters, {len(examples)} training groups, "
+              f"features {cfg.features} ({features.width} wide), steps {start_step} -> {cfg.steps}")
+
+    def checkpoint(step: int, metrics: dict) -> None:
+        if not is_main:
+            return
+        state = {"step": step, "run_id": run_id, "key_data": np.asarray(jax.random.key_data(key)).tolist(),
+                 "loader_state": iterator.get_state(), "best_val_mae": best, "metrics": metrics}
+        save_checkpoint(run_dir, step, model=model, opt_state=opt_state, state=state, static_files=static_files)
+
+    schedule = make_schedule(cfg)
+    status, last_metrics, val_metrics = "done", {}, {}
+    if val is not None:  # every process validates (the model is a global array); process 0 logs
+        val_baselines = score_validation_baselines(val)
+        if is_main:
+            print("validation baselines: " + ", ".join(f"{k}={v:.4f}" for k, v in val_baselines.items()))
+        if start_step == 0:  # where the curves start: the initialised model (≈ the mean, by the bias init)
+            val_metrics = validate(model, features, val, loss_cfg, cfg.set_size)
+            if is_main:
+                log.log({**val_metrics, **val_baselines}, 0)
+    t_log, steps_since_log, data_s = time.perf_counter(), 0, 0.0
+    step = start_step
+    try:
+        with PreemptionFlag() as preemption:
+            for step in range(start_step + 1, cfg.steps + 1):  # `step` = optimiser steps done after this one
+                t_data = time.perf_counter()
+                batch = next(iterator)
+                pert_bf = features.get(batch["pert_id_b"], dataset_k[batch["example_b"]])
+                ctrl_bsg, target_bsg = to_global(batch["ctrl_bsg"]), to_global(batch["pert_bsg"])
+                pert_bf, is_perturbed_b = to_global(pert_bf), to_global(batch["pert_id_b"] != 0)
+                data_s += time.perf_counter() - t_data
+                model, opt_state, metrics = train_step(
+                    model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, is_perturbed_b, oov_f,
+                    jnp.float32(cfg.oov_dropout), jax.random.fold_in(key, step), loss_cfg)
+                steps_since_log += 1
+                is_last = step == cfg.steps or preemption.requested
+                is_ckpt = bool(cfg.ckpt_every) and step % cfg.ckpt_every == 0
+                if step % cfg.log_every == 0 or is_last or is_ckpt:  # never checkpoint unchecked (NaN) parameters
+                    metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+                    if not all(math.isfinite(v) for v in metrics.values()):
+                        raise FloatingPointError(f"non-finite metrics at step {step}: {metrics}. Lower --learning-rate or --grad-clip, "
+                                                 f"or resume from the last checkpoint ({_read_pointer(run_dir / 'latest') or 'none'})")
+                    dt = time.perf_counter() - t_log
+                    metrics.update({
+                        "train/effect_l1": float(get_effect_l1(model, ctrl_bsg, pert_bf)),
+                        "train/learning_rate": float(schedule(step - 1)),
+                        "perf/step_s": dt / steps_since_log,
+                        "perf/data_s": data_s / steps_since_log,
+                        "perf/cells_per_s": steps_since_log * cfg.sets_per_batch * cfg.set_size / dt,
+                    })
+                    last_metrics = metrics
+                    if is_main:
+                        log.log(metrics, step)
+                        print(f"step {step}: loss {metrics['train/loss']:.4f} grad {metrics['train/grad_norm']:.3f} "
+                              f"effect {metrics['train/effect_l1']:.4f} {metrics['perf/step_s'] * 1e3:.0f} ms/step", flush=True)
+                    t_log, steps_since_log, data_s = time.perf_counter(), 0, 0.0
+                is_best = False
+                if val is not None and (step % cfg.eval_every == 0 or is_last):
+                    val_metrics = validate(model, features, val, loss_cfg, cfg.set_size)
+                    is_best = val_metrics["val/mae"] < best
+                    best = min(best, val_metrics["val/mae"])
+                    if is_main:
+                        log.log({**val_metrics, **val_baselines}, step)
+                        print("  " + ", ".join(f"{k}={v:.4f}" for k, v in val_metrics.items()), flush=True)
+                    t_log = time.perf_counter()  # validation time is not step time
+                if is_ckpt or is_last or is_best:
+                    checkpoint(step, {**last_metrics, **val_metrics})
+                    if is_main:
+                        if is_best:
+                            write_text_atomic(run_dir / "best", f"step_{step:08d}")
+                        prune_checkpoints(run_dir, cfg.keep_last_n)
+                if preemption.requested:
+                    status = "preempted"
+                    break
+    except BaseException as err:
+        status = "failed"
+        if is_main:
+            write_json(run_dir / "status.json", {"status": status, "step": step, "run_id": run_id, "error": repr(err)})
+        raise
+    finally:
+        if log is not None:
+            log.finish()
+
+    result = {"run_id": run_id, "run_dir": str(run_dir), "status": status, "step": step, "n_params": n_params,
+              "metrics": {**last_metrics, **val_metrics}, "best_val_mae": best}
+    if is_main:
+        write_json(run_dir / "status.json", {"status": status, "step": step, "run_id": run_id})
+        append_run_record(data_root, {
+            "run_id": run_id, "run_name": run_dir.name, "argv": sys.argv, **get_git_state(), "host": socket.gethostname(),
+            "started": datetime.datetime.fromtimestamp(t_start).isoformat(timespec="seconds"),
+            "finished": datetime.datetime.now().isoformat(timespec="seconds"), "seconds": round(time.time() - t_start, 1),
+            "config": dataclasses.asdict(cfg), "status": status, "step": step, "resumed_from": step_dir.name if step_dir else None,
+            "final_metrics": result["metrics"], "best_val_mae": best, "checkpoint_dir": str(run_dir),
+        })
+        if status == "preempted":
+            print(f"preempted at step {step}: checkpoint {run_dir / _read_pointer(run_dir / 'latest')}; "
+                  f"resume with: python nb/05_train.py --config {run_dir / 'config.toml'} --resume")
+    return result
+
+
+# ----------------------------------------------------------------------------
+# infer
+# ----------------------------------------------------------------------------
+
+
+class ModelPredictor:
+    """A trained model and everything it needs (vocabulary, feature table, gene list, control pool),
+    loaded from one checkpoint directory."""
+
+    def __init__(self, ckpt: dict[str, Any], step_dir: pathlib.Path):
+        self.step_dir = step_dir
+        self.model = ckpt["model"]
+        self.vocab: PerturbationVocab = ckpt["vocab"]
+        self.features: PertFeatures = ckpt["features"]
+        self.set_size: int = ckpt["cfg"].set_size
+        self.genes: pd.DataFrame = ckpt["genes"]
+        """The model's gene columns (ensembl_id, symbol), in order."""
+        self.control_pool_cg: np.ndarray = ckpt["control_pool_cg"]
+        """The canonical control pool saved at training (log1p, target cell type)."""
+
+    def get_pert_id(self, perturbation: str) -> int:
+        """The perturbation's id; unknown (or, for onehot, never trained) -> OOV id 1, with a warning."""
+        if perturbation == CONTROL_TOKEN:
+            return 0
+        pert_id = int(self.vocab.ids([perturbation])[0])
+        if pert_id == 1:
+            warnings.warn(f"perturbation {perturbation!r} is not in the model's vocabulary: predicting it as out-of-vocabulary (id 1)")
+            return 1
+        inference_id = int(get_inference_ids(self.features, np.array([pert_id]))[0])
+        if inference_id != pert_id:
+            warnings.warn(f"perturbation {perturbation!r} never occurred in training and onehot features know nothing "
+                          f"about it: predicting it as out-of-vocabulary (id 1)")
+        return inference_id
+
+    def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]:
+        """Predicted perturbed cells, one per control cell (log1p, the store's HVG columns), in
+        sets of S (the last set padded by wrapping around its own cells), clipped to [0, 14]."""
+        ctrl_cg = np.asarray(ctrl_cg, np.float32)
+        if ctrl_cg.ndim != 2 or ctrl_cg.shape[1] != len(self.genes):
+            raise ValueError(f"ctrl_cg has shape {ctrl_cg.shape}; expected (cells, {len(self.genes)}) in the model's gene order (predictor.genes)")
+        n, s = len(ctrl_cg), self.set_size
+        if n == 0:
+            return np.zeros_like(ctrl_cg)
+        # Wrap-around padding keeps the padded set's cells real control cells: attention mixes a
+        # set's cells, so zeros would distort the predictions of the real ones.
+        n_sets = -(-n // s)
+        padded_cg = ctrl_cg[np.arange(n_sets * s) % n]
+        pert_id = self.get_pert_id(perturbation)
+        pert_f = self.features.get_target(np.array([pert_id]))
+        out = []
+        for start in range(0, n_sets, 64):  # bounded device memory for large n
+            chunk_bsg = padded_cg[start * s:(start + 64) * s].reshape(-1, s, ctrl_cg.shape[1])
+            pred_bsg = predict_sets(self.model, jnp.asarray(chunk_bsg), jnp.asarray(np.repeat(pert_f, len(chunk_bsg), 0)))
+            out.append(np.asarray(pred_bsg).reshape(-1, ctrl_cg.shape[1]))
+        return np.concatenate(out)[:n]
+
+
+def load_model_predictor(checkpoint_dir: str | os.PathLike, which: Literal["best", "latest"] = "best") -> ModelPredictor:
+    """A predictor from a step directory, a run directory (its best checkpoint, else latest) or the
+    checkpoint root (its latest run)."""
+    step_dir = resolve_checkpoint(checkpoint_dir, which)
+    return ModelPredictor(load_checkpoint(step_dir), step_dir)
+

@@ -61,11 +61,10 @@ def _():
 @app.cell
 def _():
     import lib
-    import wip.train as train_lib  # MERGE: becomes lib (train/infer live in lib.py after the merge)
 
-    cfg = train_lib.parse_train_config()
+    cfg = lib.parse_train_config()
     print(cfg)
-    return cfg, lib, train_lib
+    return cfg, lib
 
 
 @app.cell
@@ -91,9 +90,9 @@ def _(mo):
 
 
 @app.cell
-def _(cfg, lib, mo, run_button, train_lib):
+def _(cfg, lib, mo, run_button):
     mo.stop(lib.in_marimo_notebook() and not run_button.value, mo.md("Press **Train** to start."))
-    result = train_lib.train(cfg)
+    result = lib.train(cfg)
     print(f"run {result['run_id']} {result['status']} at step {result['step']}: {result['run_dir']}")
     print(f"parameters: {result['n_params']:,}")
     return (result,)
@@ -119,14 +118,14 @@ def _(mo):
 
 
 @app.cell
-def _(cfg, lib, result, train_lib):
+def _(cfg, lib, result):
     import matplotlib
 
     matplotlib.use("Agg")  # headless: the figure is written to a PNG as well as shown
     import matplotlib.pyplot as plt
     import pathlib
 
-    history = train_lib.read_history(result["run_dir"])
+    history = lib.read_history(result["run_dir"])
     _panels = [
         ("loss", ["train/loss", "train/energy", "train/pseudobulk_mse"]),
         ("norms", ["train/grad_norm", "train/update_norm"]),

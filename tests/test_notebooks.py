@@ -21,6 +21,8 @@ NB_FLAGS = {
     "02_eda": [],
     "03_hvg": ["--n-hvg", "200", "--n-hvg-per-dataset", "200", "--offline"],
     "04_normalise": ["--chunk-cells", "500"],
+    "05_train": ["--steps", "20", "--eval-every", "10", "--hidden", "32", "--n-heads", "2", "--set-size", "8",
+                 "--sets-per-batch", "4", "--val-control-cells", "32", "--wandb-mode", "offline"],
     "06_eval": ["--n-control", "100", "--max-cells-per-pert", "40"],
     "07_submit": ["--chunk-cells", "256"],
 }
