@@ -40,8 +40,12 @@ def pytest_runtest_makereport(item, call):
     outcome = yield
     report = outcome.get_result()
     if os.environ.get("VCELL_CI") and report.skipped:
+        # An xfail counts as skipped too; pytest only counts a failure towards the exit
+        # status if it carries no `wasxfail`, so drop it.
+        if hasattr(report, "wasxfail"):
+            del report.wasxfail
         report.outcome = "failed"
-        report.longrepr = f"skipped in CI (set up what it needs instead): {report.longrepr}"
+        report.longrepr = f"skipped or xfailed in CI (set up what it needs instead): {report.longrepr}"
 
 
 def get_uv() -> str:
