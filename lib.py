@@ -2549,6 +2549,11 @@ def make_loader(
     )
     pert_ids = vocab.ids(examples["perturbation"], is_control=examples["is_control"])
     source = CellSetSource(store.store_dir, store.index, examples, pert_ids, cfg.set_size)
+    # Open the memmap here, in the calling thread: np.load parses the .npy header with
+    # ast.literal_eval, and CPython 3.11 < 3.11.8 can fail with "SystemError: AST constructor
+    # recursion depth mismatch" when grain's prefetch threads do that while another thread compiles
+    # (seen in a multi-process training run). Workers still reopen it (see __getstate__).
+    source.x_cg
 
     dataset = (
         grain.MapDataset.source(source)
@@ -2557,8 +2562,12 @@ def make_loader(
         .repeat()
         .random_map(lambda i, rng: source.draw(i, rng))
     )
-    # Shard after the global order is fixed: process p takes every process_count-th set.
-    dataset = dataset[process_index::process_count].batch(cfg.sets_per_batch // process_count, drop_remainder=True)
+    # Shard after the global order is fixed: global batch t is sets [t*B, (t+1)*B) of that order and
+    # process p takes the contiguous block p of it (batch lazily, then every process_count-th local
+    # batch from p: only this process's sets are ever read). Contiguous, not strided, so the
+    # processes' slices stacked in process order are exactly the single-process batch (train()
+    # assembles them in that order, so results do not depend on the number of hosts).
+    dataset = dataset.batch(cfg.sets_per_batch // process_count, drop_remainder=True)[process_index::process_count]
     rename = {"ctrl_sg": "ctrl_bsg", "pert_sg": "pert_bsg", "pert_id": "pert_id_b", "example": "example_b"}
     dataset = dataset.map(lambda batch: {rename[k]: v for k, v in batch.items()})
     return dataset, examples
@@ -2609,6 +2618,17 @@ class ModelConfig:
     """Output ReLU with an identity gradient: the forward is STATE's ReLU, but a gene whose
     predictions all fell below 0 still gets a gradient. With a plain ReLU such genes stay
     at 0 for good: on a toy batch 5 of 96 (set, gene) pseudobulks died while overfitting."""
+    residual_output: bool = False
+    """Predict the change, not the cells: pred = relu(ctrl + decoder(...)), the decoder's last
+    layer zero-initialised, so a fresh model is exactly the control baseline ("no effect") and
+    only has to learn the effect. False (the default here, so checkpoints written before this
+    option load unchanged) is STATE's plain head, pred = relu(decoder(...)). Training turns it
+    on (`TrainConfig.residual_output`)."""
+    center_control: bool = False
+    """With residual_output: add the change to each control cell minus its set's mean, and
+    start the decoder's last bias at `make_model`'s gene_mean_g, so the predicted pseudobulk
+    starts at that mean instead of the input set's mean (whose sampling noise carries no
+    information about the perturbation) while each cell keeps its own deviation."""
 
     def __post_init__(self):
         if self.hidden % self.n_heads:
@@ -2714,7 +2734,8 @@ class SetTransformer(eqx.Module):
     h_sh = transformer(h_sh) (bidirectional, no positions: permutation-equivariant);
     pred_sg = relu(decoder(norm(h_sh) + basal_sh)). The ReLU keeps log1p expression >= 0
     (see `ModelConfig.straight_through_relu` for its gradient); `predict_sets` also clips
-    the top at inference.
+    the top at inference. With `ModelConfig.residual_output` the decoder gives the change:
+    pred_sg = relu(ctrl_sg + decoder(...)), starting at exactly ctrl_sg (zero last layer).
     """
 
     basal_encoder: eqx.nn.MLP
@@ -2724,6 +2745,8 @@ class SetTransformer(eqx.Module):
     decoder: eqx.nn.MLP
     n_genes: int = eqx.field(static=True)
     straight_through_relu: bool = eqx.field(static=True)
+    residual_output: bool = eqx.field(static=True)
+    center_control: bool = eqx.field(static=True)
 
     def __init__(self, cfg: ModelConfig, *, key: PRNGKeyArray):
         basal_key, pert_key, decoder_key, *block_keys = jax.random.split(key, 3 + cfg.n_layers)
@@ -2732,9 +2755,16 @@ class SetTransformer(eqx.Module):
         self.pert_encoder = PertEncoder(cfg.n_pert_features, h, cfg.n_encoder_layers, key=pert_key)
         self.blocks = [TransformerBlock(h, cfg.n_heads, cfg.mlp_ratio * h, key=k) for k in block_keys]
         self.final_norm = eqx.nn.RMSNorm(h, eps=1e-6, use_bias=False)
-        self.decoder = make_mlp(h, cfg.n_genes, h, cfg.n_encoder_layers, key=decoder_key)
+        decoder = make_mlp(h, cfg.n_genes, h, cfg.n_encoder_layers, key=decoder_key)
+        if cfg.residual_output:  # the change starts at 0: a fresh model is the control baseline
+            last = decoder.layers[-1]
+            decoder = eqx.tree_at(lambda d: (d.layers[-1].weight, d.layers[-1].bias), decoder,
+                                  (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)))
+        self.decoder = decoder
         self.n_genes = cfg.n_genes
         self.straight_through_relu = cfg.straight_through_relu
+        self.residual_output = cfg.residual_output
+        self.center_control = cfg.center_control
 
     @typechecked
     def __call__(self, ctrl_sg: Float[Array, "set gene"], pert_f: Float[Array, "feat"]) -> Float[Array, "set gene"]:
@@ -2746,6 +2776,8 @@ class SetTransformer(eqx.Module):
         # Skip from the basal encoding around the whole backbone (SPEC §4).
         out_sh = jax.vmap(self.final_norm)(h_sh) + basal_sh
         z_sg = jax.vmap(self.decoder)(out_sh)
+        if self.residual_output:
+            z_sg = (ctrl_sg - ctrl_sg.mean(0) if self.center_control else ctrl_sg) + z_sg
         if self.straight_through_relu:
             return z_sg + jax.lax.stop_gradient(jax.nn.relu(z_sg) - z_sg)
         return jax.nn.relu(z_sg)
@@ -2756,6 +2788,7 @@ def make_model(
 ) -> SetTransformer:
     """A freshly initialised model; with `gene_mean_g` (mean log1p expression of the training
     cells) the decoder's last bias starts there, so step 0 predicts about the mean baseline.
+    With `cfg.residual_output` it is ignored: that model starts at the control cells themselves.
 
     Why: with the default init the pre-ReLU outputs are centred on 0, so about half the
     predictions start at exactly 0 (61% on a toy batch); with a plain ReLU those get no
@@ -2763,7 +2796,7 @@ def make_model(
     """
     # Jitted: eager init compiles every random op on its own (~7 s on this CPU, vs ~1 s).
     model = eqx.filter_jit(SetTransformer)(cfg, key=key)
-    if gene_mean_g is None:
+    if gene_mean_g is None or (cfg.residual_output and not cfg.center_control):  # a change, starting at 0
         return model
     if gene_mean_g.shape != (cfg.n_genes,):
         raise ValueError(f"gene_mean_g has shape {gene_mean_g.shape}, expected ({cfg.n_genes},)")
@@ -5418,6 +5451,14 @@ class TrainConfig:
     """SwiGLU inner width = mlp_ratio * hidden (researcher: 8)."""
     n_encoder_layers: int = 2
     """Linear layers in the basal encoder, perturbation encoder and decoder."""
+    residual_output: bool = True
+    """Predict the change: pred = relu(control cell + decoder output), the decoder's last layer
+    zero-initialised, so training starts at the control baseline ("no effect"). False: STATE's
+    plain head (pred = relu(decoder output), last bias at the target's gene means)."""
+    center_control: bool = True
+    """With residual_output: each predicted cell is (control cell - its set's mean) + the target's
+    control-cell gene means + the change, so the prediction's pseudobulk does not inherit the
+    input set's sampling noise (ModelConfig.center_control)."""
     energy_weight: float = 1.0
     """Weight of the energy distance (STATE's loss)."""
     mmd_weight: float = 0.0
@@ -5473,6 +5514,13 @@ class TrainConfig:
     """wandb entity (team/user); empty = your default."""
     wandb_mode: Literal["auto", "online", "offline", "disabled"] = "auto"
     """auto: $WANDB_MODE if set, else online when WANDB_API_KEY is set, else offline."""
+    coordinator_address: str = ""
+    """Multi-process runs off TPU: process 0's host:port (also $JAX_COORDINATOR_ADDRESS). Empty and no
+    env: a single process, or a multi-host Cloud TPU slice (detected; see init_distributed)."""
+    num_processes: int = 0
+    """Multi-process runs off TPU: how many processes (also $JAX_NUM_PROCESSES); 0 = not given."""
+    process_id: int = -1
+    """Multi-process runs off TPU: this process's index, 0..num_processes-1 (also $JAX_PROCESS_ID); -1 = not given."""
 
     def __post_init__(self):
         if self.hidden % self.n_heads:
@@ -5485,10 +5533,14 @@ class TrainConfig:
             raise ValueError(f"val_control_cells={self.val_control_cells} < set_size={self.set_size}: the pool needs one set")
 
 
+# How this process joins a multi-process run: per process and per launch, so never written to
+# config.toml (process 1 resuming with process 0's config.toml must not become process 0).
+LAUNCH_FIELDS = ("coordinator_address", "num_processes", "process_id")
 # Fields a resumed run may change; any other difference from the checkpoint's config raises.
 RESUMABLE_FIELDS = frozenset({
     "config", "data_root", "checkpoint_dir", "run_name", "resume", "steps", "log_every", "eval_every",
     "ckpt_every", "keep_last_n", "wandb_project", "wandb_entity", "wandb_mode", "worker_count",
+    *LAUNCH_FIELDS,
 })
 
 
@@ -5554,11 +5606,10 @@ def write_train_toml(path: str | os.PathLike, cfg: TrainConfig) -> None:
     lines = []
     for field in dataclasses.fields(cfg):
         value = getattr(cfg, field.name)
-        if field.name == "config":
+        if field.name == "config" or field.name in LAUNCH_FIELDS:
             continue
         lines.append(f"{field.name} = {json.dumps(list(value) if isinstance(value, tuple) else value)}")
-    with atomic_path(path) as tmp_path:
-        tmp_path.write_text("\n".join(lines) + "\n")
+    write_text_url(path, "\n".join(lines) + "\n")
 
 
 def make_loader_config(cfg: TrainConfig) -> LoaderConfig:
@@ -5568,7 +5619,8 @@ def make_loader_config(cfg: TrainConfig) -> LoaderConfig:
 
 def make_model_config(cfg: TrainConfig, n_genes: int, n_pert_features: int) -> ModelConfig:
     return ModelConfig(n_genes=n_genes, n_pert_features=n_pert_features, hidden=cfg.hidden, n_layers=cfg.n_layers,
-                           n_heads=cfg.n_heads, mlp_ratio=cfg.mlp_ratio, n_encoder_layers=cfg.n_encoder_layers)
+                           n_heads=cfg.n_heads, mlp_ratio=cfg.mlp_ratio, n_encoder_layers=cfg.n_encoder_layers,
+                           residual_output=cfg.residual_output, center_control=cfg.center_control)
 
 
 def make_loss_config(cfg: TrainConfig) -> LossConfig:
@@ -5619,14 +5671,47 @@ def train_step(
     oov_dropout: Float[Array, ""],
     key: PRNGKeyArray,
     loss_cfg: LossConfig,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[SetTransformer, PyTree, dict[str, Float[Array, ""]]]:
     """make_step plus OOV dropout (the step's only randomness, from `key`) and the
-    parameter norm, in one jitted region."""
+    parameter norm, in one jitted region. With a `mesh` (the batch sharded on its "batch" axis,
+    the model replicated), the gradient mean over the global batch is taken in a fixed order
+    (_make_step_ordered), so 1 host x 4 devices and 2 hosts x 2 devices give the same numbers."""
     drop_b = jax.random.bernoulli(key, oov_dropout, is_perturbed_b.shape) & is_perturbed_b
     pert_bf = jnp.where(drop_b[:, None], oov_f[None, :], pert_bf)
-    model, opt_state, metrics = make_step(model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg)
+    if mesh is None:
+        model, opt_state, metrics = make_step(model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg)
+    else:
+        model, opt_state, metrics = _make_step_ordered(model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg, mesh)
     metrics["param_norm"] = optax.tree.norm(eqx.filter(model, eqx.is_inexact_array))
     return model, opt_state, metrics
+
+
+def _make_step_ordered(model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg: LossConfig, mesh: jax.sharding.Mesh):
+    """make_step for a batch sharded over mesh axis "batch" (call inside jit). Each device takes
+    the loss and gradients of its own sets; the devices' results are all-gathered and averaged in
+    device order, the same arithmetic whatever the number of hosts. (Left to XLA, the gradient
+    sum is an all-reduce whose summation order depends on the collective implementation: in-process
+    on one host, gloo/ICI across hosts. The last-bit differences it leaves are then amplified by
+    Adam where a gradient is ~0, up to ~1e-5 in the loss within 8 steps.) Costs devices x gradient
+    memory and traffic instead of an all-reduce: negligible for ST's few million parameters."""
+    params, static = eqx.partition(model, eqx.is_inexact_array)
+    spec, batch = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec("batch")
+
+    def local(params, ctrl_bsg, pert_bf, target_bsg):
+        def loss_of_params(params):
+            return compute_loss(eqx.combine(params, static), ctrl_bsg, pert_bf, target_bsg, loss_cfg)
+
+        out = jax.value_and_grad(loss_of_params, has_aux=True)(params)
+        return jax.tree.map(lambda x: jax.lax.all_gather(x, "batch").mean(0), out)
+
+    # check_vma=False: no automatic psum of the replicated parameters' gradients (we reduce them).
+    (loss, terms), grads = jax.shard_map(local, mesh=mesh, in_specs=(spec, batch, batch, batch), out_specs=spec,
+                                         check_vma=False)(params, ctrl_bsg, pert_bf, target_bsg)
+    updates, opt_state = optimizer.update(grads, opt_state, params)
+    params = optax.apply_updates(params, updates)
+    metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates)}
+    return eqx.combine(params, static), opt_state, metrics
 
 
 @eqx.filter_jit
@@ -5751,64 +5836,155 @@ def score_validation_baselines(val: ValidationSet) -> dict[str, float]:
 # checkpoints
 # ----------------------------------------------------------------------------
 # Equinox serialisation (eqx.tree_serialise_leaves) of the model and optimiser state, JSON/npz
-# for the rest, in one directory per step written to a temporary sibling and renamed into place
-# (atomic_dir): a reader sees a whole checkpoint or none. Pointers (`latest`, `best`) are
-# small text files replaced atomically (no symlinks: gs:// has none). Only process 0 writes.
+# for the rest, one directory per step. Only process 0 writes; every process reads.
+#
+# A run directory is a local path or a bucket URL (`gs://bucket/run`, any fsspec URL): both go
+# through fsspec (gcsfs serves gs://, from the `tpu` extra), one code path. GCS has no directory
+# rename and no append, so "atomic" works like this everywhere:
+#   * a checkpoint is written to a local temporary directory, then uploaded file by file into
+#     `step_XXXXXXXX/` (state.json last: a step directory without it is incomplete);
+#   * only then is the `latest` pointer rewritten to name it. Readers go through the pointers
+#     (resolve_checkpoint), so they see the new checkpoint or the previous one, never half of one.
+#     The pointer is the commit;
+#   * a pointer (small text file) is written to a temporary sibling and moved onto its name: a
+#     rename on a local disk (atomic); on GCS a server-side copy, and an object appears whole or
+#     not at all. No symlinks (gs:// has none).
+# A crash mid-upload leaves a step directory no pointer names; the next save of that step deletes
+# it first, and pruning removes it. (orbax would do the same with more machinery and a second
+# checkpoint format; equinox leaves + fsspec keep one small format that load_checkpoint reads.)
 
 
-def get_checkpoint_root(cfg: TrainConfig) -> pathlib.Path:
-    return pathlib.Path(cfg.checkpoint_dir) if cfg.checkpoint_dir else get_data_root(cfg.data_root) / "checkpoints"
+def get_fs(url: str | os.PathLike):
+    """(fsspec filesystem, path inside it) of a local path, `file://`, `memory://` or `gs://` URL."""
+    import fsspec
+
+    return fsspec.core.url_to_fs(str(url))
 
 
-def write_text_atomic(path: pathlib.Path, text: str) -> None:
-    with atomic_path(path) as tmp_path:
-        tmp_path.write_text(text)
+def join_url(base: str | os.PathLike, *names: str) -> str:
+    return "/".join([str(base).rstrip("/"), *names])
 
 
-def save_checkpoint(run_dir: pathlib.Path, step: int, *, model, opt_state, state: dict, static_files: dict[str, Any]) -> pathlib.Path:
-    """Write `step_XXXXXXXX/` atomically and point `latest` at it."""
-    step_dir = run_dir / f"step_{step:08d}"
-    with atomic_dir(step_dir) as tmp_dir:
+def url_name(url: str | os.PathLike) -> str:
+    return str(url).rstrip("/").rsplit("/", 1)[-1]
+
+
+def is_local_url(url: str | os.PathLike) -> bool:
+    import fsspec.implementations.local
+
+    return isinstance(get_fs(url)[0], fsspec.implementations.local.LocalFileSystem)
+
+
+def read_text_url(url: str | os.PathLike) -> str:
+    """The file's text, "" if it does not exist."""
+    fs, path = get_fs(url)
+    try:
+        return fs.cat_file(path).decode()
+    except FileNotFoundError:
+        return ""
+
+
+def write_text_url(url: str | os.PathLike, text: str) -> None:
+    """Replace the file atomically: write a temporary sibling, then move it onto the name."""
+    fs, path = get_fs(url)
+    parent, name = path.rstrip("/").rsplit("/", 1) if "/" in path.rstrip("/") else (".", path)
+    fs.makedirs(parent, exist_ok=True)
+    tmp_path = f"{parent}/.{name}.tmp-{uuid.uuid4().hex[:8]}"
+    fs.pipe_file(tmp_path, text.encode())
+    fs.mv(tmp_path, path)
+
+
+def get_checkpoint_root(cfg: TrainConfig) -> str:
+    """Where runs live: --checkpoint-dir (a path or gs:// URL), else <data_root>/checkpoints."""
+    return cfg.checkpoint_dir.rstrip("/") if cfg.checkpoint_dir else str(get_data_root(cfg.data_root) / "checkpoints")
+
+
+def get_local_run_dir(cfg: TrainConfig, run_dir: str) -> pathlib.Path:
+    """Files that must be on a local disk (wandb's directory, the history being appended): the run
+    directory itself when it is local, else <data_root>/runs/<run name>."""
+    return pathlib.Path(get_fs(run_dir)[1]) if is_local_url(run_dir) else get_data_root(cfg.data_root) / "runs" / url_name(run_dir)
+
+
+def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, opt_state, state: dict, static_files: dict[str, Any]) -> str:
+    """Write `step_XXXXXXXX/` (local staging, then upload, state.json last) and then point `latest` at it."""
+    import tempfile
+
+    name = f"step_{step:08d}"
+    fs, step_path = get_fs(join_url(run_dir, name))
+    with tempfile.TemporaryDirectory(prefix="vcell-ckpt-") as tmp:
+        tmp_dir = pathlib.Path(tmp)
         eqx.tree_serialise_leaves(tmp_dir / "model.eqx", model)
         eqx.tree_serialise_leaves(tmp_dir / "opt_state.eqx", opt_state)
+        for file_name, write in static_files.items():
+            write(tmp_dir / file_name)
         (tmp_dir / "state.json").write_text(json.dumps(state, indent=2, sort_keys=True) + "\n")
-        for name, write in static_files.items():
-            write(tmp_dir / name)
-    write_text_atomic(run_dir / "latest", step_dir.name)
-    return step_dir
+        if fs.exists(step_path):  # an earlier, unfinished attempt at this step
+            fs.rm(step_path, recursive=True)
+        fs.makedirs(step_path, exist_ok=True)
+        for path in sorted(tmp_dir.iterdir(), key=lambda p: (p.name == "state.json", p.name)):
+            fs.put_file(str(path), f"{step_path}/{path.name}")
+    write_text_url(join_url(run_dir, "latest"), name)
+    return join_url(run_dir, name)
 
 
-def prune_checkpoints(run_dir: pathlib.Path, keep_last_n: int) -> None:
-    """Delete all but the newest `keep_last_n` step directories and the one `best` names."""
-    keep = {_read_pointer(run_dir / "best"), _read_pointer(run_dir / "latest")}
-    step_dirs = sorted(p for p in run_dir.glob("step_*") if p.is_dir())
-    for path in step_dirs[: max(len(step_dirs) - keep_last_n, 0)]:
-        if path.name not in keep:
-            shutil.rmtree(path, ignore_errors=True)
+def _list_step_names(run_dir: str | os.PathLike) -> list[str]:
+    fs, path = get_fs(run_dir)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    return sorted(url_name(e["name"]) for e in entries if e["type"] == "directory" and url_name(e["name"]).startswith("step_"))
 
 
-def _read_pointer(path: pathlib.Path) -> str:
-    return path.read_text().strip() if path.exists() else ""
+def prune_checkpoints(run_dir: str | os.PathLike, keep_last_n: int) -> None:
+    """Delete all but the newest `keep_last_n` step directories and the ones `best` and `latest` name."""
+    keep = {_read_pointer(join_url(run_dir, "best")), _read_pointer(join_url(run_dir, "latest"))}
+    names = _list_step_names(run_dir)
+    fs, path = get_fs(run_dir)
+    for name in names[: max(len(names) - keep_last_n, 0)]:
+        if name not in keep:
+            fs.rm(f"{path.rstrip('/')}/{name}", recursive=True)
 
 
-def resolve_checkpoint(path: str | os.PathLike, which: Literal["best", "latest"] = "best") -> pathlib.Path:
+def _read_pointer(url: str | os.PathLike) -> str:
+    return read_text_url(url).strip()
+
+
+def _is_step_dir(url: str) -> bool:
+    fs, path = get_fs(join_url(url, "state.json"))  # written last: its presence means complete
+    return fs.isfile(path)
+
+
+def resolve_checkpoint(path: str | os.PathLike, which: Literal["best", "latest"] = "best") -> str:
     """A step directory from a step directory, a run directory (its `best`, else `latest`), or the
-    checkpoint root (its `latest` run)."""
-    path = pathlib.Path(path)
-    if path.is_file():  # a pointer file (`<root>/latest`, `<run>/best`): resolve it beside itself
-        path = path.parent / _read_pointer(path)
-    if (path / "model.eqx").exists():
-        return path
-    if (path / "latest").exists() and not any(path.glob("step_*")):  # a checkpoint root
-        path = path / _read_pointer(path / "latest")
-    name = _read_pointer(path / which) or _read_pointer(path / "latest")
-    if not name or not (path / name / "model.eqx").exists():
-        raise FileNotFoundError(f"no checkpoint under {path}: train one with `python nb/05_train.py` (writes <data_root>/checkpoints/<run>/)")
-    return path / name
+    checkpoint root (its `latest` run); paths or URLs (gs://...) in, the same kind out."""
+    url = str(path).rstrip("/")
+    fs, fs_path = get_fs(url)
+    if fs.isfile(fs_path):  # a pointer file (`<root>/latest`, `<run>/best`): resolve it beside itself
+        url = join_url(url.rsplit("/", 1)[0], _read_pointer(url))
+    if _is_step_dir(url):
+        return url
+    if _read_pointer(join_url(url, "latest")) and not _list_step_names(url):  # a checkpoint root
+        url = join_url(url, _read_pointer(join_url(url, "latest")))
+    name = _read_pointer(join_url(url, which)) or _read_pointer(join_url(url, "latest"))
+    if not name or not _is_step_dir(join_url(url, name)):
+        raise FileNotFoundError(f"no checkpoint under {url}: train one with `python nb/05_train.py` (writes <data_root>/checkpoints/<run>/)")
+    return join_url(url, name)
 
 
-def load_checkpoint(step_dir: pathlib.Path) -> dict[str, Any]:
-    """Everything a checkpoint holds, with the model and optimiser state rebuilt from their configs."""
+def load_checkpoint(step_dir: str | os.PathLike) -> dict[str, Any]:
+    """Everything a checkpoint holds, with the model and optimiser state rebuilt from their configs.
+    The step directory (path or URL) is copied to a local temporary directory first (one code path)."""
+    import tempfile
+
+    fs, path = get_fs(step_dir)
+    with tempfile.TemporaryDirectory(prefix="vcell-ckpt-") as tmp:
+        for remote in fs.ls(path, detail=False):
+            fs.get_file(remote, str(pathlib.Path(tmp) / url_name(remote)))
+        return _load_checkpoint_files(pathlib.Path(tmp))
+
+
+def _load_checkpoint_files(step_dir: pathlib.Path) -> dict[str, Any]:
     cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads((step_dir / "config.json").read_text()).items()})
     model_cfg = ModelConfig(**json.loads((step_dir / "model_config.json").read_text()))
     like = eqx.filter_eval_shape(make_model, model_cfg, key=jax.random.key(0))
@@ -5869,21 +6045,25 @@ def get_wandb_mode(cfg: TrainConfig) -> str:
 
 
 class RunLog:
-    """Process 0's metric sinks: history.jsonl in the run directory (what the notebook plots) and wandb."""
+    """Process 0's metric sinks: history.jsonl (what the notebook plots) and wandb. Both live in the
+    local run directory (get_local_run_dir); for a bucket run the history is copied to the bucket
+    at every checkpoint and at the end (GCS objects cannot be appended to)."""
 
-    def __init__(self, run_dir: pathlib.Path, cfg: TrainConfig, run_id: str, start_step: int):
-        self.history_path = run_dir / "history.jsonl"
+    def __init__(self, run_dir: str, cfg: TrainConfig, run_id: str, start_step: int):
+        self.run_dir, self.local_dir = run_dir, get_local_run_dir(cfg, run_dir)
+        self.local_dir.mkdir(parents=True, exist_ok=True)
+        self.history_path = self.local_dir / "history.jsonl"
         # A preempted run may have logged past its last checkpoint: drop those lines.
-        if self.history_path.exists():
-            kept = [line for line in self.history_path.read_text().splitlines() if line and json.loads(line)["step"] <= start_step]
-            write_text_atomic(self.history_path, "".join(line + "\n" for line in kept))
+        text = read_text_url(join_url(run_dir, "history.jsonl"))
+        kept = [line for line in text.splitlines() if line and json.loads(line)["step"] <= start_step]
+        write_text_url(self.history_path, "".join(line + "\n" for line in kept))
         self.run = None
         mode = get_wandb_mode(cfg)
         if mode != "disabled":
             import wandb
 
-            self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity or None, dir=str(run_dir), id=run_id,
-                                  name=run_dir.name, config=dataclasses.asdict(cfg), mode=mode, resume="allow")
+            self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity or None, dir=str(self.local_dir), id=run_id,
+                                  name=url_name(run_dir), config=dataclasses.asdict(cfg), mode=mode, resume="allow")
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         with open(self.history_path, "a") as f:
@@ -5891,7 +6071,13 @@ class RunLog:
         if self.run is not None:
             self.run.log(metrics, step=step)
 
+    def sync(self) -> None:
+        """Copy the history to a run directory that is not on this disk."""
+        if not is_local_url(self.run_dir):
+            write_text_url(join_url(self.run_dir, "history.jsonl"), self.history_path.read_text())
+
     def finish(self) -> None:
+        self.sync()
         if self.run is not None:
             self.run.finish()
 
@@ -5899,8 +6085,8 @@ class RunLog:
 def read_history(run_dir: str | os.PathLike) -> pd.DataFrame:
     """A run's logged metrics, one row per logged step (columns: step and every metric; NaN where a
     metric was not logged at that step)."""
-    path = pathlib.Path(run_dir) / "history.jsonl"
-    rows = pd.DataFrame([json.loads(line) for line in path.read_text().splitlines() if line])
+    text = read_text_url(join_url(run_dir, "history.jsonl"))
+    rows = pd.DataFrame([json.loads(line) for line in text.splitlines() if line])
     return rows.groupby("step", as_index=False).first()  # train and val lines of one step -> one row
 
 
@@ -5933,26 +6119,117 @@ class PreemptionFlag:
 # ----------------------------------------------------------------------------
 
 
-def _check_resumable(saved: TrainConfig, cfg: TrainConfig, run_dir: pathlib.Path) -> None:
+def _get_tpu_worker_count(timeout_s: float = 2.0) -> int:
+    """Hosts of this Cloud TPU slice: $TPU_WORKER_HOSTNAMES / $TPU_PROCESS_ADDRESSES (GKE), else the
+    GCE metadata server's `worker-network-endpoints` (TPU VMs). Asked only where libtpu is installed
+    (the `tpu` extra), so other machines never touch the network; anything unanswered counts as 1."""
+    import importlib.util
+
+    hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES")
+    if hosts:
+        return len(hosts.split(","))
+    if importlib.util.find_spec("libtpu") is None:
+        return 1
+    url = "http://metadata.google.internal/computeMetadata/v1/instance/attributes/worker-network-endpoints"
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, headers={"Metadata-Flavor": "Google"}), timeout=timeout_s) as response:
+            return max(len(response.read().decode().strip().split(",")), 1)
+    except (OSError, ValueError):
+        return 1
+
+
+def get_distributed_args(cfg: TrainConfig) -> dict[str, Any] | None:
+    """Arguments for jax.distributed.initialize, or None for a single-process run. In order:
+    1. --coordinator-address / --num-processes / --process-id, each falling back to
+       $JAX_COORDINATOR_ADDRESS / $JAX_NUM_PROCESSES / $JAX_PROCESS_ID (any cluster, CPU tests);
+    2. a multi-host Cloud TPU slice, a Slurm job or an Open MPI launch with more than one process:
+       {} (initialize() detects the rest itself, the documented way on TPU);
+    3. otherwise None: no flag, no initialize (laptops, one TPU host such as a v2-8)."""
+    env = os.environ
+    address = cfg.coordinator_address or env.get("JAX_COORDINATOR_ADDRESS", "")
+    n = cfg.num_processes or int(env.get("JAX_NUM_PROCESSES", 0))
+    pid = cfg.process_id if cfg.process_id >= 0 else int(env.get("JAX_PROCESS_ID", -1))
+    if address or n or pid >= 0:
+        if not (address and n >= 1 and 0 <= pid < n):
+            raise ValueError(f"a multi-process run needs --coordinator-address HOST:PORT, --num-processes N and "
+                             f"--process-id 0..N-1 (or $JAX_COORDINATOR_ADDRESS etc.); got {address!r}, {n}, {pid}")
+        return {"coordinator_address": address, "num_processes": n, "process_id": pid} if n > 1 else None
+    if int(env.get("SLURM_NTASKS", 1)) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", 1)) > 1 or _get_tpu_worker_count() > 1:
+        return {}
+    return None
+
+
+def init_distributed(cfg: TrainConfig) -> bool:
+    """Join the multi-process run if this is one (see get_distributed_args); True if it did. Must run
+    before any other JAX call: train() calls it first. Calling it again is a no-op."""
+    args = get_distributed_args(cfg)
+    if args is None or jax.distributed.is_initialized():
+        return False
+    jax.distributed.initialize(**args)
+    return True
+
+
+def broadcast_text(text: str, max_bytes: int = 512) -> str:
+    """Process 0's `text` on every process (a name drawn from the clock or uuid must be the same on all)."""
+    if jax.process_count() == 1:
+        return text
+    from jax.experimental import multihost_utils
+
+    data = text.encode()
+    assert len(data) <= max_bytes, text
+    buf = np.zeros(max_bytes + 1, np.uint8)  # last byte: length is implied by the first zero
+    buf[:len(data)] = np.frombuffer(data, np.uint8)
+    return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).split(b"\0", 1)[0].decode()
+
+
+class StopVote:
+    """Every process stops at the same step when SIGTERM reached any of them (hosts of a slice get it
+    at different moments; a process leaving the loop alone would hang the others in the next
+    collective). Each step launches a max over the processes' flags and reads the previous step's
+    result, so the host never waits for the step it just dispatched; a stop comes one step late."""
+
+    def __init__(self, sharding: jax.sharding.NamedSharding):
+        self.sharding, self.pending = sharding, None
+
+    def __call__(self, requested: bool) -> bool:
+        if jax.process_count() == 1:
+            return requested
+        agreed = self.pending is not None and bool(self.pending)
+        local = np.full(len(self.sharding.addressable_devices), int(requested), np.int32)
+        self.pending = _max_vote(jax.make_array_from_process_local_data(self.sharding, local))
+        return agreed
+
+
+@jax.jit
+def _max_vote(flags):
+    return flags.max()
+
+
+def _check_resumable(saved: TrainConfig, cfg: TrainConfig, run_dir: str) -> None:
     diff = {f.name: (getattr(saved, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
             if f.name not in RESUMABLE_FIELDS and getattr(saved, f.name) != getattr(cfg, f.name)}
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
         raise ValueError(f"--resume with a different config ({detail}); resume with the run's own config: "
-                         f"python nb/05_train.py --config {run_dir / 'config.toml'} --resume")
+                         f"python nb/05_train.py --config {join_url(run_dir, 'config.toml')} --resume")
 
 
-def get_run_dir(cfg: TrainConfig) -> pathlib.Path:
+def get_run_dir(cfg: TrainConfig) -> str:
+    """The run directory (path or URL). Decided by process 0 and broadcast: a name drawn from the
+    clock, or a `latest` pointer read at a slightly different moment, could differ between hosts."""
     root = get_checkpoint_root(cfg)
     if cfg.run_name:
-        return root / cfg.run_name
-    if cfg.resume:
-        name = _read_pointer(root / "latest")
-        if not name:
-            raise FileNotFoundError(f"--resume: no run to resume under {root} (no `latest` pointer); pass --run-name")
-        return root / name
-    stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
-    return root / f"{stamp}-{cfg.features}-{uuid.uuid4().hex[:4]}"
+        return join_url(root, cfg.run_name)
+    name = ""
+    if jax.process_index() == 0:
+        if cfg.resume:
+            name = _read_pointer(join_url(root, "latest"))
+        else:
+            name = f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.features}-{uuid.uuid4().hex[:4]}"
+    name = broadcast_text(name)
+    if not name:
+        raise FileNotFoundError(f"--resume: no run to resume under {root} (no `latest` pointer); pass --run-name")
+    return join_url(root, name)
 
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
@@ -5961,7 +6238,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     Flat loop: batch -> features -> jitted step; every log_every pull metrics, stop on NaN;
     every eval_every validate; every ckpt_every checkpoint (+ best by val/mae); SIGTERM ->
     checkpoint and return. Only process 0 logs and writes.
+
+    Multi-process (several hosts, or CPU processes in tests): init_distributed joins them first;
+    every process loads its own slice of each global batch (make_loader shards by process) and
+    the slices become one global array over a Mesh of every device (data parallel); parameters
+    and optimiser state are replicated. Every process reads the same checkpoint at resume.
     """
+    init_distributed(cfg)  # before any other JAX call
     t_start = time.time()
     is_main = jax.process_index() == 0
     data_root = get_data_root(cfg.data_root)
@@ -5970,7 +6253,12 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     target_perts = store.index.loc[(store.index["dataset"] == target) & ~store.index["is_control"], "perturbation"]
     split = make_fake_val_split(target_perts, cfg.fake_val_seed)
     run_dir = get_run_dir(cfg)
-    step_dir = resolve_checkpoint(run_dir, "latest") if cfg.resume and _read_pointer(run_dir / "latest") else None
+    # Process 0 picks the checkpoint; every process then reads that same one.
+    resume_name = ""
+    if is_main and cfg.resume and _read_pointer(join_url(run_dir, "latest")):
+        resume_name = url_name(resolve_checkpoint(run_dir, "latest"))
+    resume_name = broadcast_text(resume_name)
+    step_dir = join_url(run_dir, resume_name) if resume_name else None
 
     if step_dir is not None:
         ckpt = load_checkpoint(step_dir)
@@ -5984,7 +6272,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         start_step, run_id = state["step"], state["run_id"]
         key = jax.random.wrap_key_data(jnp.asarray(state["key_data"], jnp.uint32))
         best = state.get("best_val_mae", math.inf)
-        print(f"resuming {run_dir.name} from {step_dir.name}")
+        if is_main:
+            print(f"resuming {url_name(run_dir)} from {resume_name}")
     else:
         extra = get_pert_count_names(data_root, cfg.world) if cfg.vocab_from_pert_counts and target == store.datasets[0] else ()
         vocab = make_train_vocab(store, extra)
@@ -5992,12 +6281,13 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                                       n_effect_components=cfg.n_effect_components, seed=cfg.seed)
         model_cfg = make_model_config(cfg, store.x_cg.shape[1], features.width)
         init_key, key = jax.random.split(jax.random.key(cfg.seed))
-        means = store.means[store.means["dataset"] == target].drop_duplicates("ensembl_id").set_index("ensembl_id")["mean_all"]
+        means = store.means[store.means["dataset"] == target].drop_duplicates("ensembl_id").set_index("ensembl_id")[
+            "mean_control" if cfg.residual_output else "mean_all"]  # residual: start at the control baseline
         gene_mean_g = means.reindex(store.genes["ensembl_id"]).fillna(0.0).to_numpy(np.float32)
         model = make_model(model_cfg, key=init_key, gene_mean_g=gene_mean_g)
         optimizer = make_train_optimizer(cfg)
         opt_state = init_opt_state(model, optimizer)
-        start_step, run_id, best = 0, uuid.uuid4().hex[:12], math.inf
+        start_step, run_id, best = 0, broadcast_text(uuid.uuid4().hex[:12]), math.inf
 
     loss_cfg = make_loss_config(cfg)
     loader, examples = make_loader(store, make_loader_config(cfg), vocab=vocab, exclude_perturbations=[*split["val"], *split["test"]],
@@ -6010,20 +6300,39 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         seen_p = np.zeros(len(vocab), bool)
         seen_p[vocab.ids(examples["perturbation"], is_control=examples["is_control"])] = True
         features = dataclasses.replace(features, seen_p=seen_p)
-    oov_f = jnp.asarray(features.get_target(np.array([1]))[0])
-
-    # Data parallel over every device of every process; the model is replicated.
+    # Data parallel over every device of every process. Process p's loader slice is rows
+    # [p*B/P, (p+1)*B/P) of the global batch (make_loader), i.e. exactly the rows of the mesh's
+    # devices of process p (devices are ordered by process), so the global array equals the one a
+    # single process would build: same rows on the same device positions, same OOV-dropout draws.
+    # Parameters and optimiser state are replicated: every device holds them and XLA all-reduces
+    # the gradients. To shard them later (FSDP), give the model leaves a
+    # NamedSharding(mesh, P("batch")) along a large axis via eqx.filter_shard inside the jitted
+    # step, and checkpoint the shards (orbax) instead of local_copy.
     mesh = jax.make_mesh((jax.device_count(),), ("batch",))
     data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
     replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
     if cfg.sets_per_batch % jax.device_count():
         raise ValueError(f"sets_per_batch={cfg.sets_per_batch} must divide over {jax.device_count()} devices")
-    model, opt_state = eqx.filter_shard(model, replicated), eqx.filter_shard(opt_state, replicated)
 
     def to_global(x):
         return jax.make_array_from_process_local_data(data_sharding, np.asarray(x))
 
-    val = make_validation_set(store, split["val"], target, cfg, vocab) if cfg.eval_every and split["val"] else None
+    def to_replicated(tree):
+        # Every process holds the same host values (same seed, or the same checkpoint): each one
+        # places its own copies; nothing is communicated.
+        def put(x):
+            x = np.asarray(x)
+            return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
+        return jax.tree.map(lambda x: put(x) if eqx.is_array(x) else x, tree)
+
+    model, opt_state = to_replicated(model), to_replicated(opt_state)
+    oov_f = to_replicated(features.get_target(np.array([1]))[0])
+    key = jax.random.wrap_key_data(to_replicated(jax.random.key_data(key)))
+    oov_dropout = to_replicated(np.float32(cfg.oov_dropout))
+    stop_vote = StopVote(data_sharding)
+
+    # Validation is host work on process 0, with its own copy of the replicated parameters.
+    val = make_validation_set(store, split["val"], target, cfg, vocab) if is_main and cfg.eval_every and split["val"] else None
     pool_rows, pool_cg = (val.pool_rows, val.pool_cg) if val else make_control_pool(store, target, cfg.val_control_cells, cfg.set_size, cfg.seed)
     genes = store.genes[["ensembl_id", "symbol"]].astype(str)
     static_files = {
@@ -6037,32 +6346,36 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     n_params = count_params(model)
     log = None
+    def write_status(status: str, step: int, **extra) -> None:
+        write_text_url(join_url(run_dir, "status.json"), json.dumps({"status": status, "step": step, "run_id": run_id, **extra}, indent=2) + "\n")
+
     if is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        write_train_toml(run_dir / "config.toml", dataclasses.replace(cfg, run_name=run_dir.name))
-        write_text_atomic(get_checkpoint_root(cfg) / "latest", run_dir.name)
-        write_json(run_dir / "status.json", {"status": "running", "step": start_step, "run_id": run_id})
+        write_train_toml(join_url(run_dir, "config.toml"), dataclasses.replace(cfg, run_name=url_name(run_dir)))
+        write_text_url(join_url(get_checkpoint_root(cfg), "latest"), url_name(run_dir))
+        write_status("running", start_step)
         log = RunLog(run_dir, cfg, run_id, start_step)
-        print(f"run {run_dir.name} (id {run_id}): {n_params:,} parameters, {len(examples)} training groups, "
-              f"features {cfg.features} ({features.width} wide), steps {start_step} -> {cfg.steps}")
+        print(f"run {url_name(run_dir)} (id {run_id}): {n_params:,} parameters, {len(examples)} training groups, "
+              f"features {cfg.features} ({features.width} wide), steps {start_step} -> {cfg.steps}, "
+              f"{jax.process_count()} process(es), {jax.device_count()} device(s)")
 
     def checkpoint(step: int, metrics: dict) -> None:
         if not is_main:
             return
-        state = {"step": step, "run_id": run_id, "key_data": np.asarray(jax.random.key_data(key)).tolist(),
+        # The loader state is process 0's; every process's iterator is at the same position of its
+        # own slice, so all of them restore from it.
+        state = {"step": step, "run_id": run_id, "key_data": np.asarray(local_copy(jax.random.key_data(key))).tolist(),
                  "loader_state": iterator.get_state(), "best_val_mae": best, "metrics": metrics}
-        save_checkpoint(run_dir, step, model=model, opt_state=opt_state, state=state, static_files=static_files)
+        save_checkpoint(run_dir, step, model=local_copy(model), opt_state=local_copy(opt_state), state=state, static_files=static_files)
+        log.sync()
 
     schedule = make_schedule(cfg)
     status, last_metrics, val_metrics = "done", {}, {}
-    if val is not None:  # every process validates (the model is a global array); process 0 logs
+    if val is not None:  # process 0 only
         val_baselines = score_validation_baselines(val)
-        if is_main:
-            print("validation baselines: " + ", ".join(f"{k}={v:.4f}" for k, v in val_baselines.items()))
+        print("validation baselines: " + ", ".join(f"{k}={v:.4f}" for k, v in val_baselines.items()))
         if start_step == 0:  # where the curves start: the initialised model (≈ the mean, by the bias init)
-            val_metrics = validate(model, features, val, loss_cfg, cfg.set_size)
-            if is_main:
-                log.log({**val_metrics, **val_baselines}, 0)
+            val_metrics = validate(local_copy(model), features, val, loss_cfg, cfg.set_size)
+            log.log({**val_metrics, **val_baselines}, 0)
     t_log, steps_since_log, data_s = time.perf_counter(), 0, 0.0
     step = start_step
     try:
@@ -6076,15 +6389,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 data_s += time.perf_counter() - t_data
                 model, opt_state, metrics = train_step(
                     model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, is_perturbed_b, oov_f,
-                    jnp.float32(cfg.oov_dropout), jax.random.fold_in(key, step), loss_cfg)
+                    oov_dropout, jax.random.fold_in(key, step), loss_cfg, mesh)
                 steps_since_log += 1
-                is_last = step == cfg.steps or preemption.requested
+                stop = stop_vote(preemption.requested)  # the same answer on every process
+                is_last = step == cfg.steps or stop
                 is_ckpt = bool(cfg.ckpt_every) and step % cfg.ckpt_every == 0
                 if step % cfg.log_every == 0 or is_last or is_ckpt:  # never checkpoint unchecked (NaN) parameters
                     metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
                     if not all(math.isfinite(v) for v in metrics.values()):
                         raise FloatingPointError(f"non-finite metrics at step {step}: {metrics}. Lower --learning-rate or --grad-clip, "
-                                                 f"or resume from the last checkpoint ({_read_pointer(run_dir / 'latest') or 'none'})")
+                                                 f"or resume from the last checkpoint ({_read_pointer(join_url(run_dir, 'latest')) or 'none'})")
                     dt = time.perf_counter() - t_log
                     metrics.update({
                         "train/effect_l1": float(get_effect_l1(model, ctrl_bsg, pert_bf)),
@@ -6100,47 +6414,52 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                               f"effect {metrics['train/effect_l1']:.4f} {metrics['perf/step_s'] * 1e3:.0f} ms/step", flush=True)
                     t_log, steps_since_log, data_s = time.perf_counter(), 0, 0.0
                 is_best = False
-                if val is not None and (step % cfg.eval_every == 0 or is_last):
-                    val_metrics = validate(model, features, val, loss_cfg, cfg.set_size)
+                if val is not None and (step % cfg.eval_every == 0 or is_last):  # process 0 only
+                    val_metrics = validate(local_copy(model), features, val, loss_cfg, cfg.set_size)
                     is_best = val_metrics["val/mae"] < best
                     best = min(best, val_metrics["val/mae"])
-                    if is_main:
-                        log.log({**val_metrics, **val_baselines}, step)
-                        print("  " + ", ".join(f"{k}={v:.4f}" for k, v in val_metrics.items()), flush=True)
+                    log.log({**val_metrics, **val_baselines}, step)
+                    print("  " + ", ".join(f"{k}={v:.4f}" for k, v in val_metrics.items()), flush=True)
                     t_log = time.perf_counter()  # validation time is not step time
                 if is_ckpt or is_last or is_best:
                     checkpoint(step, {**last_metrics, **val_metrics})
                     if is_main:
                         if is_best:
-                            write_text_atomic(run_dir / "best", f"step_{step:08d}")
+                            write_text_url(join_url(run_dir, "best"), f"step_{step:08d}")
                         prune_checkpoints(run_dir, cfg.keep_last_n)
-                if preemption.requested:
+                if stop:
                     status = "preempted"
                     break
     except BaseException as err:
         status = "failed"
         if is_main:
-            write_json(run_dir / "status.json", {"status": status, "step": step, "run_id": run_id, "error": repr(err)})
+            write_status(status, step, error=repr(err))
         raise
     finally:
         if log is not None:
             log.finish()
 
-    result = {"run_id": run_id, "run_dir": str(run_dir), "status": status, "step": step, "n_params": n_params,
-              "metrics": {**last_metrics, **val_metrics}, "best_val_mae": best}
+    result = {"run_id": run_id, "run_dir": run_dir, "status": status, "step": step, "n_params": n_params,
+              "metrics": {**last_metrics, **val_metrics}, "best_val_mae": best, "process_index": jax.process_index()}
     if is_main:
-        write_json(run_dir / "status.json", {"status": status, "step": step, "run_id": run_id})
+        write_status(status, step)
         append_run_record(data_root, {
-            "run_id": run_id, "run_name": run_dir.name, "argv": sys.argv, **get_git_state(), "host": socket.gethostname(),
+            "run_id": run_id, "run_name": url_name(run_dir), "argv": sys.argv, **get_git_state(), "host": socket.gethostname(),
+            "processes": jax.process_count(), "devices": jax.device_count(),
             "started": datetime.datetime.fromtimestamp(t_start).isoformat(timespec="seconds"),
             "finished": datetime.datetime.now().isoformat(timespec="seconds"), "seconds": round(time.time() - t_start, 1),
-            "config": dataclasses.asdict(cfg), "status": status, "step": step, "resumed_from": step_dir.name if step_dir else None,
-            "final_metrics": result["metrics"], "best_val_mae": best, "checkpoint_dir": str(run_dir),
+            "config": dataclasses.asdict(cfg), "status": status, "step": step, "resumed_from": resume_name or None,
+            "final_metrics": result["metrics"], "best_val_mae": best, "checkpoint_dir": run_dir,
         })
         if status == "preempted":
-            print(f"preempted at step {step}: checkpoint {run_dir / _read_pointer(run_dir / 'latest')}; "
-                  f"resume with: python nb/05_train.py --config {run_dir / 'config.toml'} --resume")
+            print(f"preempted at step {step}: checkpoint {join_url(run_dir, _read_pointer(join_url(run_dir, 'latest')))}; "
+                  f"resume with: python nb/05_train.py --config {join_url(run_dir, 'config.toml')} --resume")
     return result
+
+
+def local_copy(tree: PyTree) -> PyTree:
+    """This process's copy of replicated global arrays (what process 0 saves and validates with)."""
+    return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
 
 
 # ----------------------------------------------------------------------------

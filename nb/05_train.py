@@ -48,8 +48,22 @@ def _():
         marimo edit nb/05_train.py -- --steps 100
         ```
 
-        **TPU / spot VMs.** The loop is multi-host ready (data sharded over every device, model
-        replicated, only process 0 logs and writes). On SIGTERM (preemption) it finishes the step,
+        **Several hosts.** Every host runs the same command. On a multi-host Cloud TPU slice
+        `jax.distributed.initialize()` is called with no arguments (the slice is detected); on
+        other clusters pass `--coordinator-address HOST:PORT --num-processes N --process-id I`
+        (or `$JAX_COORDINATOR_ADDRESS`, `$JAX_NUM_PROCESSES`, `$JAX_PROCESS_ID`); one process
+        needs nothing. Each process loads only its contiguous slice of every global batch; the
+        slices form one array over a mesh of all devices (data parallel, model replicated, the
+        gradient mean taken in device order so 1 or N hosts give the same numbers). Only process
+        0 logs (wandb, stdout), checkpoints and writes records; every process reads the same
+        checkpoint at `--resume`. `--checkpoint-dir` may be a bucket (`gs://B/run`, via fsspec +
+        gcsfs from the `tpu` extra). Two CPU processes on one machine (what tests/test_multihost.py runs):
+        ```
+        XLA_FLAGS=--xla_force_host_platform_device_count=2 python nb/05_train.py --coordinator-address 127.0.0.1:12355 --num-processes 2 --process-id 0 &
+        XLA_FLAGS=--xla_force_host_platform_device_count=2 python nb/05_train.py --coordinator-address 127.0.0.1:12355 --num-processes 2 --process-id 1
+        ```
+
+        **TPU / spot VMs.** On SIGTERM (preemption; the hosts agree on the step) it finishes the step,
         checkpoints, writes `status.json` = `preempted` and exits 0; restart with the same
         `--run-name ... --resume` (a named run with no checkpoint yet starts fresh, so a
         startup script can always pass `--resume`). wandb: offline unless `WANDB_API_KEY` is set.
@@ -118,7 +132,9 @@ def _(mo):
 
 
 @app.cell
-def _(cfg, lib, result):
+def _(cfg, lib, mo, result):
+    # Multi-host: only process 0 reads the history and writes the figure.
+    mo.stop(result["process_index"] != 0)
     import matplotlib
 
     matplotlib.use("Agg")  # headless: the figure is written to a PNG as well as shown

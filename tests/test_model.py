@@ -1,5 +1,7 @@
 """Properties of the ST set transformer and its losses (CPU, small shapes, < 60 s in total)."""
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -211,3 +213,29 @@ def test_gene_mean_init_starts_at_the_mean():
     assert np.abs(np.asarray(pred_bsg.mean((0, 1))) - mean_g).mean() < 0.5 * mean_g.mean()
     with pytest.raises(ValueError):
         lib.make_model(SMALL, key=jax.random.key(1, impl="unsafe_rbg"), gene_mean_g=mean_g[:-1])
+
+
+def test_residual_output_starts_at_the_control_cells():
+    """residual_output: a fresh model predicts "no effect" exactly (the control baseline); with
+    center_control the pseudobulk starts at gene_mean_g and every cell keeps its own deviation."""
+    ctrl_bsg = jnp.asarray(make_cells(17, 2 * 6, SMALL.n_genes).reshape(2, 6, -1))
+    pert_bf = jnp.ones((2, SMALL.n_pert_features))
+    key = jax.random.key(3, impl="unsafe_rbg")
+    residual = lib.make_model(dataclasses.replace(SMALL, residual_output=True), key=key, gene_mean_g=np.ones(SMALL.n_genes, np.float32))
+    np.testing.assert_allclose(np.asarray(lib.predict_sets(residual, ctrl_bsg, pert_bf)), np.asarray(ctrl_bsg), atol=1e-6)
+    mean_g = np.asarray(ctrl_bsg.mean((0, 1)))
+    centred = lib.make_model(dataclasses.replace(SMALL, residual_output=True, center_control=True), key=key, gene_mean_g=mean_g)
+    raw_bsg = np.asarray(lib.predict_sets(centred, ctrl_bsg, pert_bf, max_expression=np.inf))
+    want_bsg = np.maximum(np.asarray(ctrl_bsg - ctrl_bsg.mean(1, keepdims=True)) + mean_g, 0.0)
+    np.testing.assert_allclose(raw_bsg, want_bsg, atol=1e-5)
+    # Same parameter count as STATE's head: the option changes the wiring, not the shapes.
+    assert lib.count_params(residual) == lib.count_params(centred) == hand_param_count(SMALL)
+
+
+def test_residual_model_overfits_one_batch():
+    model = lib.make_model(dataclasses.replace(SMALL, residual_output=True), key=jax.random.key(4, impl="unsafe_rbg"))
+    ctrl_bsg, pert_bf, target_bsg = make_overfit_batch()
+    opt_state = lib.init_opt_state(model, OPTIMIZER)
+    for _ in range(200):
+        model, opt_state, metrics = lib.make_step(model, opt_state, OPTIMIZER, ctrl_bsg, pert_bf, target_bsg, PSEUDOBULK_LOSS)
+    assert float(metrics["pseudobulk_mse"]) < 1e-3, float(metrics["pseudobulk_mse"])

@@ -132,7 +132,8 @@ def test_written_config_round_trips_through_toml(tmp_path):
 def test_control_only_training_reaches_the_noise_floor(store):
     """Control in, another draw of the same control group out: the best possible pseudobulk MSE is
     the gap between two random draws' means (the floor); training must get near it."""
-    cfg = lib.TrainConfig(**{**TINY, "energy_weight": 0.0, "pseudobulk_mse_weight": 1.0, "oov_dropout": 0.0, "steps": 300, "set_size": 32})
+    cfg = lib.TrainConfig(**{**TINY, "energy_weight": 0.0, "pseudobulk_mse_weight": 1.0, "oov_dropout": 0.0, "steps": 300, "set_size": 32,
+                             "residual_output": False})  # STATE's head learning from scratch (a residual model starts near the floor)
     model_cfg = lib.make_model_config(cfg, store.x_cg.shape[1], 3)
     model = lib.make_model(model_cfg, key=jax.random.key(0))
     optimizer = lib.make_train_optimizer(cfg)
@@ -172,16 +173,19 @@ def test_random_features_give_no_gain_on_held_out_perturbations(trained, tiny_st
     assert own_mse > 0.9 * other_mse, (own_mse, other_mse)
 
 
-@pytest.mark.xfail(strict=False, reason="open: on the tiny world (200 HVGs, 300 steps, hidden 32) val/mae ends ~0.16 vs "
-                   "cell-mean 0.115; on the small world the default run reaches 0.066 < control 0.069. Tune, then drop this mark.")
+def check_beats_control(history, steps):
+    """The bar (issue 5): on held-out fake-val perturbations, lower MAE than predicting "no effect"
+    (the control pool itself), and lower than where training started."""
+    final, start = history.loc[steps], history.loc[0]
+    assert final["val/mae"] < final["val/control_mae"], final.filter(like="val/")
+    assert final["val/mae"] < start["val/mae"], (start["val/mae"], final["val/mae"])  # training got it there
+
+
 def test_trained_model_beats_the_control_baseline_on_fake_val(trained):
     cfg, result = trained
     history = lib.read_history(result["run_dir"]).set_index("step")
-    final = history.loc[cfg.steps]
-    print(final.filter(like="val/").to_string())
-    # Predicting "no effect" (the control pool itself) is the bar; lower MAE on held-out perturbations.
-    assert final["val/mae"] < final["val/control_mae"], final.filter(like="val/")
-    assert final["val/mae"] < history.loc[0, "val/mae"]  # and training is what got it there
+    print(history.filter(like="val/").dropna(how="all").to_string())
+    check_beats_control(history, cfg.steps)
 
 
 def test_nan_stops_training_with_a_clear_message(tiny_store, tmp_path):
@@ -236,7 +240,7 @@ def test_sigterm_checkpoints_and_exits_zero_then_resume_continues(tiny_store, tm
     assert proc.returncode == 0, err[-3000:]
     status = json.loads((ckpt_dir / "spot" / "status.json").read_text())
     assert status["status"] == "preempted" and status["step"] >= 3
-    step_dir = lib.resolve_checkpoint(ckpt_dir / "spot", "latest")
+    step_dir = pathlib.Path(lib.resolve_checkpoint(ckpt_dir / "spot", "latest"))  # paths in, a path string out
     assert step_dir.name == f"step_{status['step']:08d}"
     assert json.loads((step_dir / "state.json").read_text())["loader_state"]
     result = lib.train(tiny_cfg(tiny_store, ckpt_dir, run_name="spot", resume=True, steps=status["step"] + 3, log_every=1))
@@ -308,7 +312,7 @@ def test_every_run_leaves_a_record(trained, tiny_store):
 def test_predictor_streams_sets_and_marks_unknown_perturbations(trained, store):
     cfg, result = trained
     predictor = lib.load_model_predictor(result["run_dir"])
-    assert predictor.step_dir.name == (pathlib.Path(result["run_dir"]) / "best").read_text()
+    assert pathlib.Path(predictor.step_dir).name == (pathlib.Path(result["run_dir"]) / "best").read_text()
     ctrl_cg = predictor.control_pool_cg[: cfg.set_size * 2 + 3]  # two full sets and a padded one
     known = _target_perturbations(store)[0]
     pred_cg = predictor.predict(known, ctrl_cg)
@@ -327,7 +331,7 @@ def test_predictor_streams_sets_and_marks_unknown_perturbations(trained, store):
 
 def test_predictor_loads_from_the_checkpoint_root_pointer(trained):
     cfg, result = trained
-    root = lib.get_checkpoint_root(cfg)
+    root = pathlib.Path(lib.get_checkpoint_root(cfg))
     assert (root / "latest").read_text() == pathlib.Path(result["run_dir"]).name
-    assert lib.load_model_predictor(root).step_dir.parent == pathlib.Path(result["run_dir"])
-    assert lib.load_model_predictor(root / "latest").step_dir.parent == pathlib.Path(result["run_dir"])
+    assert pathlib.Path(lib.load_model_predictor(root).step_dir).parent == pathlib.Path(result["run_dir"])
+    assert pathlib.Path(lib.load_model_predictor(root / "latest").step_dir).parent == pathlib.Path(result["run_dir"])
