@@ -3064,18 +3064,6 @@ DEFAULT_CHUNK_ELEMENTS = 4_000_000
 # ----------------------------------------------------------------------------
 
 
-def _value_chunks(x, chunk_elements: int = 1 << 24):
-    """The stored values of a dense or sparse matrix, a bounded piece at a time."""
-    if scipy.sparse.issparse(x):
-        for i in range(0, x.data.size, chunk_elements):
-            yield x.data[i : i + chunk_elements]
-        return
-    x = np.asarray(x)
-    rows = max(1, chunk_elements // max(x.shape[1], 1)) if x.ndim == 2 else x.shape[0]
-    for i in range(0, x.shape[0], rows):
-        yield np.asarray(x[i : i + rows]).ravel()
-
-
 def check_expression_matrix(x, *, which: str) -> None:
     """Raise ValueError unless `x` (dense or sparse, cells x genes) is finite log1p data in [0, 15)."""
     if x is None or 0 in x.shape:
