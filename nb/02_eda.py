@@ -35,7 +35,6 @@ def _():
 
 @app.cell
 def _():
-
     import numpy as np
     import pandas as pd
     from matplotlib.figure import Figure

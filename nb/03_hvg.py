@@ -35,7 +35,6 @@ def _():
 
 @app.cell
 def _():
-
     import lib
 
     cfg = lib.parse_config(lib.HvgConfig, description="03 HVG: per-dataset HVGs and the shared gene space")

@@ -34,7 +34,6 @@ def _():
 
 @app.cell
 def _():
-
     import lib
 
     cfg = lib.parse_config(lib.NormaliseConfig, description="04 normalise: log1p CP10K store of the shared genes")
