@@ -2443,7 +2443,11 @@ class LoaderConfig:
     control_sets: bool = True
     """Also yield control groups as identity examples (control in, control out)."""
     worker_count: int = 0
-    """grain worker processes; 0 reads in the training process (on 2 cores workers never paid off)."""
+    """grain worker processes reading batches; 0 reads in a thread of the training process
+    (on 2 cores the XLA step already uses both: workers only add copies there)."""
+    prefetch_batches: int = 2
+    """Batches read ahead of the train step. grain's default (500 elements) would hold 500
+    whole batches, gigabytes at S=64, B=16, 2,000 genes."""
 
 
 def make_example_groups(
@@ -2474,24 +2478,32 @@ def make_example_groups(
     return examples.reset_index(drop=True)
 
 
-class CellSetSource:
-    """grain random-access source: example i is one group's cell set and its control set.
+class CellSetBatches:
+    """grain random-access source whose element t is this process's block of global batch t.
 
-    Opens the store lazily (so it pickles into grain workers) and reads each set as one
-    sorted fancy index into a contiguous group of the memmap: rows of a group are
-    adjacent on disk, so a set costs a few page reads, never one read per cell.
+    Global batch t is positions [t*B, (t+1)*B) of the example stream: every epoch a fresh
+    permutation of the examples (seeded by seed and epoch). Its cells are drawn with one rng
+    seeded by (seed, t) for all B sets in order, so process p's block (sets
+    [p*B/P, (p+1)*B/P)) has exactly the cells a single process would draw; each process then
+    reads only its own block. Each side is one fancy index into the memmap (rows of a group
+    are adjacent on disk, so a set costs a few page reads, never one read per cell). Whole
+    batches as elements, drawn in numpy, cost ~1/3 of a per-set grain pipeline's Python
+    (logbook 2026-11-26, loader). Opens the store lazily, so it pickles into grain workers.
     """
 
-    def __init__(self, store_dir: str | os.PathLike, index: pd.DataFrame, examples: pd.DataFrame, pert_ids: np.ndarray, set_size: int):
+    def __init__(self, store_dir: str | os.PathLike, index: pd.DataFrame, examples: pd.DataFrame, pert_ids: np.ndarray,
+                 cfg: LoaderConfig, process_index: int = 0, process_count: int = 1):
         self.store_dir = str(store_dir)
-        self.set_size = set_size
+        self.cfg = cfg
         self.pert_ids = np.asarray(pert_ids, np.int32)
         self.rows_k2 = examples[["start", "stop"]].to_numpy(np.int64)
         self.control_rows_k2 = index.loc[examples["control_group"], ["start", "stop"]].to_numpy(np.int64)
+        self.local = slice(process_index * cfg.sets_per_batch // process_count, (process_index + 1) * cfg.sets_per_batch // process_count)
         self._x_cg = None
+        self._epoch_order = (-1, np.empty(0, np.int64))
 
     def __len__(self) -> int:
-        return len(self.rows_k2)
+        return 2**40  # the stream is infinite; grain needs a length (~1e12 steps)
 
     def __getstate__(self):
         return {**self.__dict__, "_x_cg": None}
@@ -2502,24 +2514,34 @@ class CellSetSource:
             self._x_cg = np.load(pathlib.Path(self.store_dir) / "x_cg.npy", mmap_mode="r")
         return self._x_cg
 
-    def __getitem__(self, i: int) -> int:
-        return i  # the draw needs an rng, so reading happens in `draw`
+    def get_examples(self, positions: Int[np.ndarray, " b"]) -> Int[np.ndarray, " b"]:
+        """Examples at stream positions: position e*K + i is the i-th of epoch e's permutation."""
+        n = len(self.rows_k2)
+        out = np.empty(len(positions), np.int64)
+        for i, position in enumerate(positions):
+            epoch = int(position // n)
+            if self._epoch_order[0] != epoch:
+                self._epoch_order = (epoch, np.random.default_rng([self.cfg.seed, epoch]).permutation(n))
+            out[i] = self._epoch_order[1][position % n]
+        return out
 
     def _sample_rows(self, start: int, stop: int, rng: np.random.Generator) -> np.ndarray:
         # Small groups are up-sampled with replacement to S; sorted for sequential reads.
         n = stop - start
-        rows = rng.choice(n, self.set_size, replace=n < self.set_size)
+        rows = rng.choice(n, self.cfg.set_size, replace=n < self.cfg.set_size)
         return np.sort(rows) + start
 
-    def draw(self, i: int, rng: np.random.Generator) -> dict[str, np.ndarray]:
-        pert_rows = self._sample_rows(*self.rows_k2[i], rng)
-        ctrl_rows = self._sample_rows(*self.control_rows_k2[i], rng)
-        return {
-            "ctrl_sg": np.asarray(self.x_cg[ctrl_rows]),
-            "pert_sg": np.asarray(self.x_cg[pert_rows]),
-            "pert_id": self.pert_ids[i],
-            "example": np.int64(i),
-        }
+    def __getitem__(self, t: int) -> dict[str, np.ndarray]:
+        b = self.cfg.sets_per_batch
+        examples_b = self.get_examples(np.arange(t * b, (t + 1) * b))
+        rng = np.random.default_rng([self.cfg.seed, t, 1])
+        rows = [(self._sample_rows(*self.control_rows_k2[k], rng), self._sample_rows(*self.rows_k2[k], rng)) for k in examples_b]
+        examples_b, rows = examples_b[self.local], rows[self.local]
+        ctrl_rows = np.concatenate([ctrl for ctrl, _ in rows])
+        pert_rows = np.concatenate([pert for _, pert in rows])
+        shape = (len(examples_b), self.cfg.set_size, -1)
+        return {"ctrl_bsg": self.x_cg[ctrl_rows].reshape(shape), "pert_bsg": self.x_cg[pert_rows].reshape(shape),
+                "pert_id_b": self.pert_ids[examples_b], "example_b": examples_b}
 
 
 def make_loader(
@@ -2532,12 +2554,15 @@ def make_loader(
     process_index: int = 0,
     process_count: int = 1,
 ):
-    """A grain dataset of batches of cell sets: dict of `ctrl_bsg`, `pert_bsg`, `pert_id_b`.
+    """A grain dataset of batches of cell sets: dict of `ctrl_bsg`, `pert_bsg`, `pert_id_b`,
+    `example_b` (rows of the returned examples table). Iterate it with `iter_batches`.
 
     Infinite, shuffled per epoch, deterministic for `cfg.seed`, sharded by process (each
-    process gets `sets_per_batch / process_count` sets of every global batch). Its
-    iterator's `get_state()`/`set_state()` go into checkpoints so a resumed run sees
-    exactly the batches it would have seen.
+    process gets its contiguous `sets_per_batch / process_count` sets of every global batch,
+    so the processes' slices stacked in process order are exactly the single-process batch
+    and results do not depend on the number of hosts). Its iterator's
+    `get_state()`/`set_state()` go into checkpoints so a resumed run sees exactly the batches
+    it would have seen.
     """
     import grain
 
@@ -2548,29 +2573,28 @@ def make_loader(
         target_dataset=target_dataset, control_sets=cfg.control_sets,
     )
     pert_ids = vocab.ids(examples["perturbation"], is_control=examples["is_control"])
-    source = CellSetSource(store.store_dir, store.index, examples, pert_ids, cfg.set_size)
+    source = CellSetBatches(store.store_dir, store.index, examples, pert_ids, cfg, process_index, process_count)
     # Open the memmap here, in the calling thread: np.load parses the .npy header with
     # ast.literal_eval, and CPython 3.11 < 3.11.8 can fail with "SystemError: AST constructor
     # recursion depth mismatch" when grain's prefetch threads do that while another thread compiles
     # (seen in a multi-process training run). Workers still reopen it (see __getstate__).
     source.x_cg
+    return grain.MapDataset.source(source), examples
 
-    dataset = (
-        grain.MapDataset.source(source)
-        .seed(cfg.seed)
-        .shuffle()
-        .repeat()
-        .random_map(lambda i, rng: source.draw(i, rng))
-    )
-    # Shard after the global order is fixed: global batch t is sets [t*B, (t+1)*B) of that order and
-    # process p takes the contiguous block p of it (batch lazily, then every process_count-th local
-    # batch from p: only this process's sets are ever read). Contiguous, not strided, so the
-    # processes' slices stacked in process order are exactly the single-process batch (train()
-    # assembles them in that order, so results do not depend on the number of hosts).
-    dataset = dataset.batch(cfg.sets_per_batch // process_count, drop_remainder=True)[process_index::process_count]
-    rename = {"ctrl_sg": "ctrl_bsg", "pert_sg": "pert_bsg", "pert_id": "pert_id_b", "example": "example_b"}
-    dataset = dataset.map(lambda batch: {rename[k]: v for k, v in batch.items()})
-    return dataset, examples
+
+def iter_batches(dataset, cfg: LoaderConfig):
+    """The loader's iterator: `cfg.prefetch_batches` read ahead by one thread, or by
+    `cfg.worker_count` processes. Has get_state()/set_state() for checkpoints."""
+    import grain
+
+    if cfg.worker_count == 0:
+        return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=cfg.prefetch_batches)))
+    import absl.flags  # grain 0.2.18 workers read an absl flag nobody parsed (google/grain#1355)
+
+    absl.flags.FLAGS.mark_as_parsed()
+    read = grain.ReadOptions(num_threads=0, prefetch_buffer_size=0)
+    options = grain.MultiprocessingOptions(num_workers=cfg.worker_count, per_worker_buffer_size=cfg.prefetch_batches)
+    return iter(dataset.to_iter_dataset(read).mp_prefetch(options))
 
 
 # ----------------------------------------------------------------------------
@@ -2629,6 +2653,11 @@ class ModelConfig:
     start the decoder's last bias at `make_model`'s gene_mean_g, so the predicted pseudobulk
     starts at that mean instead of the input set's mean (whose sampling noise carries no
     information about the perturbation) while each cell keeps its own deviation."""
+    direct_effect: bool = False
+    """The perturbation feature vector ends with n_genes more values, a gene-space effect (the
+    other cell types' mean effect: `make_pert_features(direct_effect=True)`), added to the
+    output through a learned per-gene gain that starts at 0 (a fresh model still predicts
+    "no effect"). n_pert_features counts the other features only."""
 
     def __post_init__(self):
         if self.hidden % self.n_heads:
@@ -2743,6 +2772,7 @@ class SetTransformer(eqx.Module):
     blocks: list[TransformerBlock]
     final_norm: eqx.nn.RMSNorm
     decoder: eqx.nn.MLP
+    effect_gain_g: Float[Array, " gene"] | None
     n_genes: int = eqx.field(static=True)
     straight_through_relu: bool = eqx.field(static=True)
     residual_output: bool = eqx.field(static=True)
@@ -2761,6 +2791,7 @@ class SetTransformer(eqx.Module):
             decoder = eqx.tree_at(lambda d: (d.layers[-1].weight, d.layers[-1].bias), decoder,
                                   (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)))
         self.decoder = decoder
+        self.effect_gain_g = jnp.zeros(cfg.n_genes) if cfg.direct_effect else None
         self.n_genes = cfg.n_genes
         self.straight_through_relu = cfg.straight_through_relu
         self.residual_output = cfg.residual_output
@@ -2769,6 +2800,8 @@ class SetTransformer(eqx.Module):
     @typechecked
     def __call__(self, ctrl_sg: Float[Array, "set gene"], pert_f: Float[Array, "feat"]) -> Float[Array, "set gene"]:
         assert ctrl_sg.shape[1] == self.n_genes, f"control cells have {ctrl_sg.shape[1]} genes, model {self.n_genes}"
+        if self.effect_gain_g is not None:  # the feature vector's tail is the gene-space effect
+            pert_f, direct_g = pert_f[: -self.n_genes], pert_f[-self.n_genes:]
         basal_sh = jax.vmap(self.basal_encoder)(ctrl_sg)
         h_sh = basal_sh + self.pert_encoder(pert_f)[None, :]
         for block in self.blocks:
@@ -2776,6 +2809,8 @@ class SetTransformer(eqx.Module):
         # Skip from the basal encoding around the whole backbone (SPEC §4).
         out_sh = jax.vmap(self.final_norm)(h_sh) + basal_sh
         z_sg = jax.vmap(self.decoder)(out_sh)
+        if self.effect_gain_g is not None:
+            z_sg = z_sg + self.effect_gain_g * direct_g
         if self.residual_output:
             z_sg = (ctrl_sg - ctrl_sg.mean(0) if self.center_control else ctrl_sg) + z_sg
         if self.straight_through_relu:
@@ -5197,6 +5232,9 @@ class PertFeatures:
     a 12k-entry vocabulary would make a 12k x 12k table)."""
     seen_p: np.ndarray | None = None
     """bool (perts,): ids that occur in the training examples (set by `train`)."""
+    n_direct: int = 0
+    """The table's last n_direct columns are a gene-space effect (one per HVG) that the model
+    adds through a learned per-gene gain (`ModelConfig.direct_effect`); 0 = none."""
 
     @property
     def width(self) -> int:
@@ -5222,7 +5260,8 @@ class PertFeatures:
         arrays = {"table_dpf": self.table_dpf} if self.table_dpf is not None else {}
         if self.seen_p is not None:
             arrays["seen_p"] = self.seen_p
-        meta = json.dumps({"kind": self.kind, "n_perts": self.n_perts, "datasets": list(self.datasets), "target": self.target})
+        meta = json.dumps({"kind": self.kind, "n_perts": self.n_perts, "datasets": list(self.datasets), "target": self.target,
+                           "n_direct": self.n_direct})
         with open(path, "wb") as f:
             np.savez(f, meta=np.array(meta), **arrays)
 
@@ -5231,7 +5270,8 @@ class PertFeatures:
         with np.load(path) as z:
             meta = json.loads(str(z["meta"]))
             return cls(meta["kind"], meta["n_perts"], tuple(meta["datasets"]), meta["target"],
-                       z["table_dpf"] if "table_dpf" in z else None, z["seen_p"] if "seen_p" in z else None)
+                       z["table_dpf"] if "table_dpf" in z else None, z["seen_p"] if "seen_p" in z else None,
+                       meta.get("n_direct", 0))
 
 
 def _group_rows(groups: pd.DataFrame, max_rows: int) -> np.ndarray:
@@ -5303,12 +5343,16 @@ def make_pert_features(
     target_dataset: str = "",
     n_coexpr_components: int = 16,
     n_effect_components: int = 16,
+    direct_effect: bool = False,
     seed: int = 0,
 ) -> PertFeatures:
     """Perturbation features for every vocab id (see the section comment for the choice).
 
     Uses the target's control cells and the other datasets' cells only: never a target
     perturbation's cells, so the fake-val split's held-out perturbations stay unseen.
+    With `direct_effect`, each row also ends with the other datasets' mean effect in gene
+    space (one column per HVG, leave-own-dataset-out like the components): the compressed
+    components keep only about half of its correlation with the true effect (logbook).
     """
     if kind not in FEATURE_KINDS:
         raise ValueError(f"unknown features kind {kind!r}; use one of {FEATURE_KINDS}")
@@ -5337,6 +5381,8 @@ def make_pert_features(
     effect_rows, effect_rg = get_context_effects(store, target)
     effect_dpk = np.zeros((n_d, n_p, n_effect_components), np.float32)
     has_effect_dp = np.zeros((n_d, n_p), bool)
+    n_direct = effect_rg.shape[1] if direct_effect else 0
+    direct_dpg = np.zeros((n_d, n_p, n_direct), np.float32)
     if len(effect_rg):
         _, vt_kg = get_top_components(effect_rg, n_effect_components, seed)
         k = len(vt_kg)
@@ -5352,11 +5398,17 @@ def make_pert_features(
             counts_p = np.bincount(ids_r[others], minlength=n_p)
             has_effect_dp[d] = counts_p > 0
             effect_dpk[d] = sums_pk / np.maximum(counts_p, 1)[:, None]
+            if direct_effect:
+                sums_pg = np.zeros((n_p, n_direct))
+                np.add.at(sums_pg, ids_r[others], effect_rg[others])
+                direct_dpg[d] = sums_pg / np.maximum(counts_p, 1)[:, None]
         has_effect_dp[:, :2] = False  # control and OOV carry no effect
         effect_dpk[:, :2] = 0.0
+        direct_dpg[:, :2] = 0.0
 
     table_dpf = np.concatenate(
-        [np.broadcast_to(flags_pf, (n_d, *flags_pf.shape)).copy(), np.broadcast_to(coexpr_pk, (n_d, *coexpr_pk.shape)), effect_dpk],
+        [np.broadcast_to(flags_pf, (n_d, *flags_pf.shape)).copy(), np.broadcast_to(coexpr_pk, (n_d, *coexpr_pk.shape)), effect_dpk,
+         direct_dpg],
         axis=2,
     ).astype(np.float32)
     table_dpf[:, :, 3] = has_effect_dp
@@ -5364,9 +5416,11 @@ def make_pert_features(
         # Same flags and width, but the informative part is noise fixed per vocab id.
         noise_pf = np.random.default_rng(seed).standard_normal((n_p, table_dpf.shape[2] - len(FEATURE_FLAGS))).astype(np.float32)
         noise_pf[:2] = 0.0
+        if n_direct:  # noise of the real effects' scale, so the gain path is equally usable
+            noise_pf[:, -n_direct:] *= np.abs(direct_dpg).mean()
         table_dpf[:, :, len(FEATURE_FLAGS):] = noise_pf[None]
         table_dpf[:, 2:, 2:4] = 1.0
-    return PertFeatures(kind, n_p, datasets, target, table_dpf)
+    return PertFeatures(kind, n_p, datasets, target, table_dpf, n_direct=n_direct)
 
 
 def get_pert_count_names(data_root, world: str) -> list[str]:
@@ -5415,6 +5469,9 @@ class TrainConfig:
     """gene features: principal components of the target's control cells (co-expression loadings)."""
     n_effect_components: int = 16
     """gene features: principal axes of the other cell types' pseudobulk effects."""
+    direct_effect: bool = False
+    """gene/random features: also pass the other cell types' mean effect in gene space, added to
+    the prediction through a learned per-gene gain (ModelConfig.direct_effect)."""
     oov_dropout: float = 0.1
     """Probability that a perturbed example's features are replaced by the OOV row, so the OOV
     row learns "an unknown perturbation" instead of staying at its random init."""
@@ -5519,6 +5576,8 @@ class TrainConfig:
             raise ValueError("steps, log_every, set_size and sets_per_batch must be >= 1")
         if self.val_control_cells < self.set_size:
             raise ValueError(f"val_control_cells={self.val_control_cells} < set_size={self.set_size}: the pool needs one set")
+        if self.direct_effect and self.features == "onehot":
+            raise ValueError("--direct-effect needs gene or random features (one-hot ids carry no effect): add --features gene")
 
 
 # How this process joins a multi-process run: per process and per launch, so never written to
@@ -5605,10 +5664,10 @@ def make_loader_config(cfg: TrainConfig) -> LoaderConfig:
                             datasets=cfg.datasets, control_sets=cfg.control_sets, worker_count=cfg.worker_count)
 
 
-def make_model_config(cfg: TrainConfig, n_genes: int, n_pert_features: int) -> ModelConfig:
+def make_model_config(cfg: TrainConfig, n_genes: int, n_pert_features: int, direct_effect: bool = False) -> ModelConfig:
     return ModelConfig(n_genes=n_genes, n_pert_features=n_pert_features, hidden=cfg.hidden, n_layers=cfg.n_layers,
-                           n_heads=cfg.n_heads, mlp_ratio=cfg.mlp_ratio, n_encoder_layers=cfg.n_encoder_layers,
-                           residual_output=cfg.residual_output, center_control=cfg.center_control)
+                       n_heads=cfg.n_heads, mlp_ratio=cfg.mlp_ratio, n_encoder_layers=cfg.n_encoder_layers,
+                       residual_output=cfg.residual_output, center_control=cfg.center_control, direct_effect=direct_effect)
 
 
 def make_loss_config(cfg: TrainConfig) -> LossConfig:
@@ -6266,8 +6325,8 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         extra = get_pert_count_names(data_root, cfg.world) if cfg.vocab_from_pert_counts and target == store.datasets[0] else ()
         vocab = make_train_vocab(store, extra)
         features = make_pert_features(store, vocab, cfg.features, target_dataset=target, n_coexpr_components=cfg.n_coexpr_components,
-                                      n_effect_components=cfg.n_effect_components, seed=cfg.seed)
-        model_cfg = make_model_config(cfg, store.x_cg.shape[1], features.width)
+                                      n_effect_components=cfg.n_effect_components, direct_effect=cfg.direct_effect, seed=cfg.seed)
+        model_cfg = make_model_config(cfg, store.x_cg.shape[1], features.width - features.n_direct, direct_effect=features.n_direct > 0)
         init_key, key = jax.random.split(jax.random.key(cfg.seed))
         means = store.means[store.means["dataset"] == target].drop_duplicates("ensembl_id").set_index("ensembl_id")[
             "mean_control" if cfg.residual_output else "mean_all"]  # residual: start at the control baseline
@@ -6278,9 +6337,10 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         start_step, run_id, best = 0, broadcast_text(uuid.uuid4().hex[:12]), math.inf
 
     loss_cfg = make_loss_config(cfg)
-    loader, examples = make_loader(store, make_loader_config(cfg), vocab=vocab, exclude_perturbations=[*split["val"], *split["test"]],
-                                       target_dataset=target, process_index=jax.process_index(), process_count=jax.process_count())
-    iterator = iter(loader.to_iter_dataset())
+    loader_cfg = make_loader_config(cfg)
+    loader, examples = make_loader(store, loader_cfg, vocab=vocab, exclude_perturbations=[*split["val"], *split["test"]],
+                                   target_dataset=target, process_index=jax.process_index(), process_count=jax.process_count())
+    iterator = iter_batches(loader, loader_cfg)
     if step_dir is not None:
         iterator.set_state(state["loader_state"])
     dataset_k = examples["dataset"].map(list(features.datasets).index).to_numpy()

@@ -5,7 +5,10 @@ fed by the loader vs fed from memory. Not a test: a measurement.
 
 Both sides run interleaved in one process (A B A B ...), so machine load hits both alike; each
 repeat times `--batches` batches. Prints the median with min/max per side, the ratio of medians,
-and /proc/loadavg. The store must exist (nb/04_normalise.py).
+and /proc/loadavg. "Fed from memory" steps through `--batches` distinct batches drawn by the
+loader beforehand and held in RAM (not one batch reused: that one would sit in the CPU caches).
+The loader is first run through `--warm-batches` batches so the store's pages are mapped in this
+process, as they are after the first minutes of training. The store must exist (nb/04_normalise.py).
 """
 
 import argparse
@@ -34,6 +37,9 @@ def main(argv=None) -> None:
     parser.add_argument("--sets-per-batch", type=int, default=8)
     parser.add_argument("--batches", type=int, default=50, help="batches timed per repeat")
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--warm-batches", type=int, default=300)
+    parser.add_argument("--worker-count", type=int, default=0, help="LoaderConfig.worker_count")
+    parser.add_argument("--prefetch-batches", type=int, default=2, help="LoaderConfig.prefetch_batches")
     args = parser.parse_args(argv)
 
     import jax
@@ -43,9 +49,10 @@ def main(argv=None) -> None:
 
     store = lib.load_store(args.data_root or None, args.world)
     vocab = lib.make_vocab(store.index)
-    loader_cfg = lib.LoaderConfig(set_size=args.set_size, sets_per_batch=args.sets_per_batch)
+    loader_cfg = lib.LoaderConfig(set_size=args.set_size, sets_per_batch=args.sets_per_batch, worker_count=args.worker_count,
+                                  prefetch_batches=args.prefetch_batches)
     dataset, examples = lib.make_loader(store, loader_cfg, vocab=vocab)
-    iterator = iter(dataset.to_iter_dataset())
+    iterator = lib.iter_batches(dataset, loader_cfg)
     # In memory: the whole matrix as one numpy array and the same sampling rule (uniform rows of
     # the group, sorted), with no grain, no memmap.
     x_cg = np.asarray(store.x_cg)
@@ -61,8 +68,9 @@ def main(argv=None) -> None:
                 "pert_id_b": vocab.ids(examples["perturbation"].to_numpy()[ks], is_control=examples["is_control"].to_numpy()[ks])}
 
     print(f"store {store.x_cg.shape}, B={args.sets_per_batch} S={args.set_size}; loadavg before: {load_avg()}")
-    for _ in range(5):
-        next(iterator), memory_batch()  # warm the page cache and grain's pipeline
+    for _ in range(args.warm_batches):
+        next(iterator)  # map the store's pages and warm grain's pipeline
+    memory_batch()
     loader_rate, memory_rate = [], []
     for _ in range(args.repeats):
         t = time.perf_counter()
@@ -77,7 +85,7 @@ def main(argv=None) -> None:
     print(summary("in-memory numpy gather     ", memory_rate, "sets/s"))
     print(f"ratio loader / memory (medians): {statistics.median(loader_rate) / statistics.median(memory_rate):.2f}; loadavg: {load_avg()}")
 
-    # A train step (the defaults' model) fed by the loader vs fed one fixed in-memory batch.
+    # A train step (the defaults' model) fed by the loader vs fed from batches held in memory.
     cfg = lib.TrainConfig(set_size=args.set_size, sets_per_batch=args.sets_per_batch)
     features = lib.make_pert_features(store, vocab, "onehot")
     model = lib.make_model(lib.make_model_config(cfg, store.x_cg.shape[1], features.width), key=jax.random.key(0))
@@ -85,7 +93,7 @@ def main(argv=None) -> None:
     opt_state = lib.init_opt_state(model, optimizer)
     loss_cfg = lib.make_loss_config(cfg)
     oov_f, dropout = jnp.asarray(features.get_target(np.array([1]))[0]), jnp.float32(cfg.oov_dropout)
-    fixed = next(iterator)
+    in_memory = [next(iterator) for _ in range(args.batches)]
 
     def step(batch, i):
         nonlocal model, opt_state
@@ -95,7 +103,7 @@ def main(argv=None) -> None:
             jnp.asarray(batch["pert_id_b"] != 0), oov_f, dropout, jax.random.key(i), loss_cfg)
         return metrics
 
-    jax.block_until_ready(step(fixed, 0))  # compile
+    jax.block_until_ready(step(in_memory[0], 0))  # compile
     fed, memory = [], []
     for r in range(args.repeats):
         t = time.perf_counter()
@@ -105,7 +113,7 @@ def main(argv=None) -> None:
         fed.append((time.perf_counter() - t) / args.batches * 1e3)
         t = time.perf_counter()
         for i in range(args.batches):
-            metrics = step(fixed, i)
+            metrics = step(in_memory[i], i)
         jax.block_until_ready(metrics)
         memory.append((time.perf_counter() - t) / args.batches * 1e3)
     print(summary("train step fed by the loader", fed, "ms"))

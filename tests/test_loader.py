@@ -12,7 +12,7 @@ def store(tiny_store):
 def _first_batches(store, cfg, n, **kw):
     vocab = lib.make_vocab(store.index)
     dataset, _ = lib.make_loader(store, cfg, vocab=vocab, **kw)
-    iterator = iter(dataset.to_iter_dataset())
+    iterator = lib.iter_batches(dataset, cfg)
     return [next(iterator) for _ in range(n)], iterator
 
 
@@ -55,7 +55,7 @@ def test_perturbed_set_rows_come_from_their_group(store):
     cfg = lib.LoaderConfig(set_size=8, sets_per_batch=4)
     vocab = lib.make_vocab(store.index)
     dataset, examples = lib.make_loader(store, cfg, vocab=vocab)
-    batch = next(iter(dataset.to_iter_dataset()))
+    batch = next(lib.iter_batches(dataset, cfg))
     for b, k in enumerate(batch["example_b"]):
         start, stop = examples.loc[k, ["start", "stop"]]
         group_rows = np.asarray(store.x_cg[start:stop])
@@ -78,7 +78,7 @@ def test_resumed_iterator_yields_exactly_the_next_batches(store):
     state = iterator.get_state()
     expected = [next(iterator) for _ in range(3)]
     dataset, _ = lib.make_loader(store, cfg, vocab=lib.make_vocab(store.index))
-    resumed = iter(dataset.to_iter_dataset())
+    resumed = lib.iter_batches(dataset, cfg)
     resumed.set_state(state)
     for want in expected:
         got = next(resumed)
@@ -101,3 +101,21 @@ def test_held_out_perturbations_never_appear(store):
     examples = lib.make_example_groups(store.index, exclude_perturbations=held_out, target_dataset=target)
     target_examples = examples[examples["dataset"] == target]
     assert not set(held_out) & set(target_examples["perturbation"])
+
+
+def test_every_example_appears_once_per_epoch(store):
+    cfg = lib.LoaderConfig(set_size=8, sets_per_batch=4)
+    dataset, examples = lib.make_loader(store, cfg, vocab=lib.make_vocab(store.index))
+    n_batches = -(-2 * len(examples) // cfg.sets_per_batch)  # two epochs and a bit
+    iterator = lib.iter_batches(dataset, cfg)
+    stream = np.concatenate([next(iterator)["example_b"] for _ in range(n_batches)])
+    first, second = stream[: len(examples)], stream[len(examples): 2 * len(examples)]
+    assert sorted(first) == sorted(second) == list(range(len(examples)))
+    assert not np.array_equal(first, second)  # a fresh shuffle every epoch
+
+
+def test_worker_processes_yield_the_same_batches_as_the_thread(store):
+    in_thread, _ = _first_batches(store, lib.LoaderConfig(set_size=8, sets_per_batch=4), 2)
+    in_worker, _ = _first_batches(store, lib.LoaderConfig(set_size=8, sets_per_batch=4, worker_count=1), 2)
+    for want, got in zip(in_thread, in_worker):
+        assert all(np.array_equal(want[k], got[k]) for k in want)
