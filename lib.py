@@ -1239,7 +1239,10 @@ class HvgConfig(DataConfig):
     chunk_cells: int = 10_000
     """Cells read from disk at a time."""
     seed: int = 0
-    """Seed of the cell subsample."""
+    """Seed of the cell subsample (and of the genes, with --selection random)."""
+    selection: typing.Literal["hvg", "random"] = "hvg"
+    """hvg: the shared-HVG rule. random: n_hvg target genes drawn at random (seeded): the
+    control experiment for "do HVGs matter" (logbook); never for a submission."""
 
 
 def get_hvg_dir(data_root: str | os.PathLike | None, world: str) -> pathlib.Path:
@@ -1461,9 +1464,16 @@ def write_hvgs(cfg: HvgConfig, specs: Sequence[DatasetSpec] | None = None) -> pd
 
     target = tables[specs[0].name]
     target_genes = target.loc[target["in_gene_space"]].sort_values("variances_norm", ascending=False)
-    shared = select_shared_hvgs(
-        {name: hvg_ranks_of(t) for name, t in tables.items()}, target_genes["ensembl_id"].tolist(), cfg.n_hvg
-    )
+    ranks = {name: hvg_ranks_of(t) for name, t in tables.items()}
+    candidates = target_genes["ensembl_id"].tolist()
+    if cfg.selection == "random":  # the rule's fill-up path over a random order, with no HVG ranks
+        candidates = list(np.random.default_rng(cfg.seed).permutation(candidates))
+        with warnings.catch_warnings(action="ignore"):  # "only 0 target genes are HVG": by design here
+            shared = select_shared_hvgs({name: r.iloc[:0] for name, r in ranks.items()}, candidates, cfg.n_hvg)
+        for name, r in ranks.items():
+            shared[f"is_hvg_{name}"] = shared["ensembl_id"].isin(r.index)
+    else:
+        shared = select_shared_hvgs(ranks, candidates, cfg.n_hvg)
     symbols = target.set_index("ensembl_id").loc[target["in_gene_space"].to_numpy()]["symbol"]
     shared.insert(0, "rank", np.arange(len(shared)))
     shared.insert(2, "symbol", symbols.reindex(shared["ensembl_id"]).to_numpy())

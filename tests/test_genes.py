@@ -1,5 +1,6 @@
 """Gene ids, the shared-HVG rule and the one normalisation function (issue 3)."""
 
+import dataclasses
 import json
 import pathlib
 import sys
@@ -182,3 +183,19 @@ def test_normalise_rejects_raw_counts_declared_as_log1p():
 def test_log1p_input_passes_through_unchanged():
     x_cg = lib.normalise_log1p(make_counts_cg())
     np.testing.assert_array_equal(lib.normalise_log1p(x_cg, counts="log1p").toarray(), x_cg.toarray())
+
+
+def test_random_gene_selection_is_seeded_and_not_the_hvgs(tiny_store, tmp_path):
+    """--selection random (the "do HVGs matter" control): n_hvg target genes, reproducible,
+    not the HVG list, with each gene's HVG membership still recorded."""
+    (tmp_path / "raw").symlink_to(tiny_store / "raw")
+    hvg = pd.read_csv(tiny_store / "hvg" / "synthetic" / "hvg.csv")
+    cfg = lib.HvgConfig(data_root=str(tmp_path), n_hvg=200, n_hvg_per_dataset=200, offline=True, selection="random")
+    first = lib.write_hvgs(cfg)
+    again = lib.write_hvgs(cfg)
+    other_seed = lib.write_hvgs(dataclasses.replace(cfg, seed=1))
+    assert len(first) == 200 and first["ensembl_id"].is_unique
+    assert first["ensembl_id"].tolist() == again["ensembl_id"].tolist() != other_seed["ensembl_id"].tolist()
+    overlap = len(set(first["ensembl_id"]) & set(hvg["ensembl_id"])) / 200
+    assert overlap < 0.6, overlap  # HVGs are 200 of the target's 600 genes: chance overlap is ~1/3
+    assert first.filter(like="is_hvg_").to_numpy().any()
