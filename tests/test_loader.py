@@ -119,3 +119,14 @@ def test_worker_processes_yield_the_same_batches_as_the_thread(store):
     in_worker, _ = _first_batches(store, lib.LoaderConfig(set_size=8, sets_per_batch=4, worker_count=1), 2)
     for want, got in zip(in_thread, in_worker):
         assert all(np.array_equal(want[k], got[k]) for k in want)
+
+
+def test_set_rows_are_distinct_when_the_group_is_big_enough(store):
+    cfg = lib.LoaderConfig(set_size=8, sets_per_batch=4)
+    examples = lib.make_example_groups(store.index)
+    source = lib.CellSetBatches(store.store_dir, store.index, examples, np.zeros(len(examples)), cfg)
+    start_k, stop_k = np.array([100, 0, 50, 7]), np.array([105, 1000, 58, 9])  # n = 5, 1000, 8 (= S), 2
+    rows_ks = source.sample_rows(start_k, stop_k, np.random.default_rng(0))
+    assert ((rows_ks >= start_k[:, None]) & (rows_ks < stop_k[:, None])).all()
+    assert len(set(rows_ks[1])) == 8 and sorted(rows_ks[2]) == list(range(50, 58))  # without replacement
+    assert set(rows_ks[3]) <= {7, 8} and (np.diff(rows_ks, axis=1) >= 0).all()  # up-sampled; sorted
