@@ -301,8 +301,10 @@ RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 class DownloadConfig(DataConfig):
     """Flags of nb/01_download.py."""
 
-    size: typing.Literal["tiny", "small", "vcc"] = "small"
-    """Synthetic world size: `tiny` for unit tests, `small` for quick runs, `vcc` for VCC-like scale."""
+    size: typing.Literal["tiny", "small", "medium", "vcc"] = "small"
+    """Synthetic world size: `tiny` for unit tests, `small` for quick runs, `medium` to compare
+    models (5x the cells per perturbation: effects rise above the sampling noise), `vcc` for
+    VCC-like scale."""
     seed: int = 0
     """Seed of the synthetic world (same seed, same files)."""
     sources: tuple[str, ...] = ()
@@ -776,6 +778,7 @@ class SyntheticSize:
 SYNTHETIC_SIZES = {
     "tiny": SyntheticSize(800, 600, (24, 8, 16), 30, 240, 60, 20, 160, 6_000, 16),
     "small": SyntheticSize(5_000, 4_000, (150, 50, 100), 30, 1_500, 200, 16, 600, 12_000, 100),
+    "medium": SyntheticSize(5_000, 4_000, (150, 50, 100), 150, 6_000, 200, 80, 3_000, 12_000, 100),
     "vcc": SyntheticSize(20_000, 18_080, (150, 50, 100), 1_220, 38_176, 2_000, 40, 8_000, 50_000, 400),
 }
 
