@@ -77,6 +77,28 @@ def test_gene_features_leave_the_examples_own_dataset_out(store):
     assert features.table_dpf[target, p, has_effect] == 1 and features.table_dpf[target, p, -4:].any()
 
 
+def test_direct_effect_tail_is_the_other_cell_types_mean_effect(store):
+    """The gene-space tail for the target's row of a K562-only perturbation is K562's pseudobulk
+    effect (mean perturbed - mean control, computed here from the store directly); the K562
+    row itself (its own dataset left out) has none."""
+    vocab = lib.make_vocab(store.index)
+    features = lib.make_pert_features(store, vocab, "gene", n_coexpr_components=4, n_effect_components=4, direct_effect=True)
+    n_genes = store.x_cg.shape[1]
+    assert features.n_direct == n_genes and features.width == len(lib.FEATURE_FLAGS) + 8 + n_genes
+    index = store.index[store.index["dataset"] == "synthetic_k562"]
+    only_k562 = [p for p, ds in store.index[~store.index["is_control"]].groupby("perturbation")["dataset"].agg(set).items()
+                 if ds == {"synthetic_k562"}]
+    p = int(vocab.ids(only_k562[:1])[0])
+
+    def mean_of(groups):
+        return np.concatenate([np.asarray(store.x_cg[a:b]) for a, b in groups[["start", "stop"]].to_numpy()]).mean(0)
+
+    want_g = mean_of(index[index["perturbation"] == only_k562[0]]) - mean_of(index[index["is_control"]])
+    k562 = store.datasets.index("synthetic_k562")
+    np.testing.assert_allclose(features.table_dpf[0, p, -n_genes:], want_g, atol=1e-5)
+    assert not features.table_dpf[k562, p, -n_genes:].any()
+
+
 def test_unseen_target_perturbations_are_not_blind_with_gene_features(store):
     vocab = lib.make_vocab(store.index)
     features = lib.make_pert_features(store, vocab, "gene", n_coexpr_components=4, n_effect_components=4)
