@@ -2673,10 +2673,12 @@ class ModelConfig:
     starts at that mean instead of the input set's mean (whose sampling noise carries no
     information about the perturbation) while each cell keeps its own deviation."""
     direct_effect: bool = False
-    """The perturbation feature vector ends with n_genes more values, a gene-space effect (the
-    other cell types' mean effect: `make_pert_features(direct_effect=True)`), added to the
-    output through a learned per-gene gain that starts at 0 (a fresh model still predicts
-    "no effect"). n_pert_features counts the other features only."""
+    """The perturbation feature vector ends with 2 x n_genes more values
+    (`make_pert_features(direct_effect=True)`): a gene-space effect (the other cell types' mean
+    effect), added to the output through a learned per-gene gain, and the 0/1 indicator of
+    the knocked-down gene, whose value in each cell is scaled down by a learned fraction
+    shared by all genes (so it transfers to perturbations never seen). Both start at 0: a
+    fresh model still predicts "no effect". n_pert_features counts the other features only."""
 
     def __post_init__(self):
         if self.hidden % self.n_heads:
@@ -2792,6 +2794,7 @@ class SetTransformer(eqx.Module):
     final_norm: eqx.nn.RMSNorm
     decoder: eqx.nn.MLP
     effect_gain_g: Float[Array, " gene"] | None
+    knockdown: Float[Array, ""] | None
     n_genes: int = eqx.field(static=True)
     straight_through_relu: bool = eqx.field(static=True)
     residual_output: bool = eqx.field(static=True)
@@ -2811,6 +2814,7 @@ class SetTransformer(eqx.Module):
                                   (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)))
         self.decoder = decoder
         self.effect_gain_g = jnp.zeros(cfg.n_genes) if cfg.direct_effect else None
+        self.knockdown = jnp.zeros(()) if cfg.direct_effect else None
         self.n_genes = cfg.n_genes
         self.straight_through_relu = cfg.straight_through_relu
         self.residual_output = cfg.residual_output
@@ -2819,8 +2823,9 @@ class SetTransformer(eqx.Module):
     @typechecked
     def __call__(self, ctrl_sg: Float[Array, "set gene"], pert_f: Float[Array, "feat"]) -> Float[Array, "set gene"]:
         assert ctrl_sg.shape[1] == self.n_genes, f"control cells have {ctrl_sg.shape[1]} genes, model {self.n_genes}"
-        if self.effect_gain_g is not None:  # the feature vector's tail is the gene-space effect
-            pert_f, direct_g = pert_f[: -self.n_genes], pert_f[-self.n_genes:]
+        if self.effect_gain_g is not None:  # the feature vector's tail: gene-space effect, target indicator
+            g = self.n_genes
+            pert_f, effect_g, target_g = pert_f[: -2 * g], pert_f[-2 * g: -g], pert_f[-g:]
         basal_sh = jax.vmap(self.basal_encoder)(ctrl_sg)
         h_sh = basal_sh + self.pert_encoder(pert_f)[None, :]
         for block in self.blocks:
@@ -2829,7 +2834,7 @@ class SetTransformer(eqx.Module):
         out_sh = jax.vmap(self.final_norm)(h_sh) + basal_sh
         z_sg = jax.vmap(self.decoder)(out_sh)
         if self.effect_gain_g is not None:
-            z_sg = z_sg + self.effect_gain_g * direct_g
+            z_sg = z_sg + self.effect_gain_g * effect_g - self.knockdown * target_g * ctrl_sg
         if self.residual_output:
             z_sg = (ctrl_sg - ctrl_sg.mean(0) if self.center_control else ctrl_sg) + z_sg
         if self.straight_through_relu:
@@ -5252,8 +5257,9 @@ class PertFeatures:
     seen_p: np.ndarray | None = None
     """bool (perts,): ids that occur in the training examples (set by `train`)."""
     n_direct: int = 0
-    """The table's last n_direct columns are a gene-space effect (one per HVG) that the model
-    adds through a learned per-gene gain (`ModelConfig.direct_effect`); 0 = none."""
+    """The table's last n_direct = 2 x genes columns are gene-space inputs of
+    `ModelConfig.direct_effect`: the other cell types' mean effect, then a 0/1 indicator of the
+    knocked-down gene (0 everywhere if it is not among the genes); 0 = none."""
 
     @property
     def width(self) -> int:
@@ -5369,9 +5375,10 @@ def make_pert_features(
 
     Uses the target's control cells and the other datasets' cells only: never a target
     perturbation's cells, so the fake-val split's held-out perturbations stay unseen.
-    With `direct_effect`, each row also ends with the other datasets' mean effect in gene
-    space (one column per HVG, leave-own-dataset-out like the components): the compressed
-    components keep only about half of its correlation with the true effect (logbook).
+    With `direct_effect`, each row also ends with two gene-space vectors (one column per HVG
+    each): the other datasets' mean effect (leave-own-dataset-out like the components; the
+    compressed components keep only about half of its correlation with the true effect,
+    logbook), and the indicator of the perturbed gene itself, which CRISPRi knocks down.
     """
     if kind not in FEATURE_KINDS:
         raise ValueError(f"unknown features kind {kind!r}; use one of {FEATURE_KINDS}")
@@ -5391,17 +5398,20 @@ def make_pert_features(
     loadings_gk = get_coexpression_loadings(store, target, n_coexpr_components)
     column_of = {s: j for j, s in enumerate(store.genes["symbol"].astype(str))}
     coexpr_pk = np.zeros((n_p, n_coexpr_components), np.float32)
+    target_pg = np.zeros((n_p, store.x_cg.shape[1] if direct_effect else 0), np.float32)
     for p, label in enumerate(vocab.labels[2:], start=2):
         if label in column_of:
             coexpr_pk[p] = loadings_gk[column_of[label]]
             flags_pf[p, 2] = 1.0
+            if direct_effect:
+                target_pg[p, column_of[label]] = 1.0
 
     # (b) other cell types' effects, reduced by an uncentred PCA (the zero effect stays at 0).
     effect_rows, effect_rg = get_context_effects(store, target)
     effect_dpk = np.zeros((n_d, n_p, n_effect_components), np.float32)
     has_effect_dp = np.zeros((n_d, n_p), bool)
-    n_direct = effect_rg.shape[1] if direct_effect else 0
-    direct_dpg = np.zeros((n_d, n_p, n_direct), np.float32)
+    n_direct = 2 * target_pg.shape[1]
+    direct_dpg = np.zeros((n_d, n_p, target_pg.shape[1]), np.float32)
     if len(effect_rg):
         _, vt_kg = get_top_components(effect_rg, n_effect_components, seed)
         k = len(vt_kg)
@@ -5418,7 +5428,7 @@ def make_pert_features(
             has_effect_dp[d] = counts_p > 0
             effect_dpk[d] = sums_pk / np.maximum(counts_p, 1)[:, None]
             if direct_effect:
-                sums_pg = np.zeros((n_p, n_direct))
+                sums_pg = np.zeros((n_p, target_pg.shape[1]))
                 np.add.at(sums_pg, ids_r[others], effect_rg[others])
                 direct_dpg[d] = sums_pg / np.maximum(counts_p, 1)[:, None]
         has_effect_dp[:, :2] = False  # control and OOV carry no effect
@@ -5427,7 +5437,7 @@ def make_pert_features(
 
     table_dpf = np.concatenate(
         [np.broadcast_to(flags_pf, (n_d, *flags_pf.shape)).copy(), np.broadcast_to(coexpr_pk, (n_d, *coexpr_pk.shape)), effect_dpk,
-         direct_dpg],
+         direct_dpg, np.broadcast_to(target_pg, (n_d, *target_pg.shape))],
         axis=2,
     ).astype(np.float32)
     table_dpf[:, :, 3] = has_effect_dp
@@ -5435,8 +5445,9 @@ def make_pert_features(
         # Same flags and width, but the informative part is noise fixed per vocab id.
         noise_pf = np.random.default_rng(seed).standard_normal((n_p, table_dpf.shape[2] - len(FEATURE_FLAGS))).astype(np.float32)
         noise_pf[:2] = 0.0
-        if n_direct:  # noise of the real effects' scale, so the gain path is equally usable
-            noise_pf[:, -n_direct:] *= np.abs(direct_dpg).mean()
+        if n_direct:  # noise of the real inputs' scale, so the gene-space path is equally usable
+            noise_pf[:, -n_direct: -n_direct // 2] *= np.abs(direct_dpg).mean()
+            noise_pf[:, -n_direct // 2:] = np.abs(noise_pf[:, -n_direct // 2:]) > 3.0  # ~0.3% ones, like one gene
         table_dpf[:, :, len(FEATURE_FLAGS):] = noise_pf[None]
         table_dpf[:, 2:, 2:4] = 1.0
     return PertFeatures(kind, n_p, datasets, target, table_dpf, n_direct=n_direct)

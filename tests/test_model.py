@@ -241,20 +241,24 @@ def test_residual_model_overfits_one_batch():
     assert float(metrics["pseudobulk_mse"]) < 1e-3, float(metrics["pseudobulk_mse"])
 
 
-def test_direct_effect_starts_at_zero_and_its_gain_learns_the_transfer():
-    """direct_effect: the feature tail (a gene-space effect) enters through a per-gene gain that
-    starts at 0 (a fresh model is the control baseline) and is learned: here the target is the
-    control shifted by exactly that effect, so the gain must move towards 1."""
+def test_direct_path_starts_at_zero_and_learns_transfer_and_knockdown():
+    """direct_effect: the feature tail (a gene-space effect, then the knocked-down gene's
+    indicator) enters through a per-gene gain and a shared knockdown fraction, both 0 at init (a
+    fresh model is the control baseline) and learned: here the target is the control shifted
+    by exactly that effect, with the indicated gene at half its value."""
     cfg = dataclasses.replace(SMALL, residual_output=True, direct_effect=True)
     model = lib.make_model(cfg, key=jax.random.key(5, impl="unsafe_rbg"))
-    ctrl_bsg = jnp.asarray(make_cells(18, 4 * 6, SMALL.n_genes).reshape(4, 6, -1))
-    effect_bg = jnp.asarray(np.random.default_rng(0).normal(0, 1.0, (4, SMALL.n_genes)), jnp.float32)
-    pert_bf = jnp.concatenate([jnp.zeros((4, SMALL.n_pert_features)), effect_bg], axis=1)
+    b, g = 4, SMALL.n_genes
+    ctrl_bsg = jnp.asarray(make_cells(18, b * 6, g).reshape(b, 6, -1)) + 1.0
+    effect_bg = jnp.asarray(np.random.default_rng(0).normal(0, 1.0, (b, g)), jnp.float32)
+    target_bg = jnp.eye(g)[jnp.arange(b)]
+    pert_bf = jnp.concatenate([jnp.zeros((b, SMALL.n_pert_features)), effect_bg, target_bg], axis=1)
     np.testing.assert_allclose(np.asarray(lib.predict_sets(model, ctrl_bsg, pert_bf)), np.asarray(ctrl_bsg), atol=1e-6)
-    target_bsg = jnp.maximum(ctrl_bsg + effect_bg[:, None, :], 0.0)
+    want_bsg = jnp.maximum(ctrl_bsg + effect_bg[:, None, :] - 0.5 * target_bg[:, None, :] * ctrl_bsg, 0.0)
     optimizer = lib.make_optimizer(learning_rate=3e-2)
     opt_state = lib.init_opt_state(model, optimizer)
-    for _ in range(100):
-        model, opt_state, _ = lib.make_step(model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, PSEUDOBULK_LOSS)
+    for _ in range(150):
+        model, opt_state, _ = lib.make_step(model, opt_state, optimizer, ctrl_bsg, pert_bf, want_bsg, PSEUDOBULK_LOSS)
     assert float(jnp.median(model.effect_gain_g)) > 0.5, model.effect_gain_g
-    assert lib.count_params(model) == hand_param_count(SMALL) + SMALL.n_genes
+    assert 0.25 < float(model.knockdown) < 0.75, model.knockdown
+    assert lib.count_params(model) == hand_param_count(SMALL) + g + 1

@@ -77,14 +77,14 @@ def test_gene_features_leave_the_examples_own_dataset_out(store):
     assert features.table_dpf[target, p, has_effect] == 1 and features.table_dpf[target, p, -4:].any()
 
 
-def test_direct_effect_tail_is_the_other_cell_types_mean_effect(store):
+def test_direct_effect_tail_is_the_other_cell_types_mean_effect_and_the_target(store):
     """The gene-space tail for the target's row of a K562-only perturbation is K562's pseudobulk
     effect (mean perturbed - mean control, computed here from the store directly); the K562
-    row itself (its own dataset left out) has none."""
+    row itself (its own dataset left out) has none. Then the perturbed gene's indicator."""
     vocab = lib.make_vocab(store.index)
     features = lib.make_pert_features(store, vocab, "gene", n_coexpr_components=4, n_effect_components=4, direct_effect=True)
     n_genes = store.x_cg.shape[1]
-    assert features.n_direct == n_genes and features.width == len(lib.FEATURE_FLAGS) + 8 + n_genes
+    assert features.n_direct == 2 * n_genes and features.width == len(lib.FEATURE_FLAGS) + 8 + 2 * n_genes
     index = store.index[store.index["dataset"] == "synthetic_k562"]
     only_k562 = [p for p, ds in store.index[~store.index["is_control"]].groupby("perturbation")["dataset"].agg(set).items()
                  if ds == {"synthetic_k562"}]
@@ -95,8 +95,16 @@ def test_direct_effect_tail_is_the_other_cell_types_mean_effect(store):
 
     want_g = mean_of(index[index["perturbation"] == only_k562[0]]) - mean_of(index[index["is_control"]])
     k562 = store.datasets.index("synthetic_k562")
-    np.testing.assert_allclose(features.table_dpf[0, p, -n_genes:], want_g, atol=1e-5)
-    assert not features.table_dpf[k562, p, -n_genes:].any()
+    np.testing.assert_allclose(features.table_dpf[0, p, -2 * n_genes: -n_genes], want_g, atol=1e-5)
+    assert not features.table_dpf[k562, p, -2 * n_genes: -n_genes].any()
+    # ... and the last n_genes columns flag the perturbed gene itself, in every dataset's row.
+    symbols = store.genes["symbol"].astype(str).tolist()
+    measured = [label for label in vocab.labels[2:] if label in symbols]
+    assert measured, "no perturbed gene among the tiny store's genes"
+    for label in measured[:5]:
+        want_target_g = np.eye(n_genes)[symbols.index(label)]
+        got_dg = features.table_dpf[:, int(vocab.ids([label])[0]), -n_genes:]
+        np.testing.assert_array_equal(got_dg, np.broadcast_to(want_target_g, got_dg.shape))
 
 
 def test_unseen_target_perturbations_are_not_blind_with_gene_features(store):
