@@ -5398,7 +5398,8 @@ def make_pert_features(
     loadings_gk = get_coexpression_loadings(store, target, n_coexpr_components)
     column_of = {s: j for j, s in enumerate(store.genes["symbol"].astype(str))}
     coexpr_pk = np.zeros((n_p, n_coexpr_components), np.float32)
-    target_pg = np.zeros((n_p, store.x_cg.shape[1] if direct_effect else 0), np.float32)
+    n_tail = store.x_cg.shape[1] if direct_effect else 0  # genes in each gene-space input
+    target_pg = np.zeros((n_p, n_tail), np.float32)
     for p, label in enumerate(vocab.labels[2:], start=2):
         if label in column_of:
             coexpr_pk[p] = loadings_gk[column_of[label]]
@@ -5410,8 +5411,7 @@ def make_pert_features(
     effect_rows, effect_rg = get_context_effects(store, target)
     effect_dpk = np.zeros((n_d, n_p, n_effect_components), np.float32)
     has_effect_dp = np.zeros((n_d, n_p), bool)
-    n_direct = 2 * target_pg.shape[1]
-    direct_dpg = np.zeros((n_d, n_p, target_pg.shape[1]), np.float32)
+    direct_dpg = np.zeros((n_d, n_p, n_tail), np.float32)
     if len(effect_rg):
         _, vt_kg = get_top_components(effect_rg, n_effect_components, seed)
         k = len(vt_kg)
@@ -5428,7 +5428,7 @@ def make_pert_features(
             has_effect_dp[d] = counts_p > 0
             effect_dpk[d] = sums_pk / np.maximum(counts_p, 1)[:, None]
             if direct_effect:
-                sums_pg = np.zeros((n_p, target_pg.shape[1]))
+                sums_pg = np.zeros((n_p, n_tail))
                 np.add.at(sums_pg, ids_r[others], effect_rg[others])
                 direct_dpg[d] = sums_pg / np.maximum(counts_p, 1)[:, None]
         has_effect_dp[:, :2] = False  # control and OOV carry no effect
@@ -5445,12 +5445,12 @@ def make_pert_features(
         # Same flags and width, but the informative part is noise fixed per vocab id.
         noise_pf = np.random.default_rng(seed).standard_normal((n_p, table_dpf.shape[2] - len(FEATURE_FLAGS))).astype(np.float32)
         noise_pf[:2] = 0.0
-        if n_direct:  # noise of the real inputs' scale, so the gene-space path is equally usable
-            noise_pf[:, -n_direct: -n_direct // 2] *= np.abs(direct_dpg).mean()
-            noise_pf[:, -n_direct // 2:] = np.abs(noise_pf[:, -n_direct // 2:]) > 3.0  # ~0.3% ones, like one gene
+        if n_tail:  # noise of the real inputs' scale, so the gene-space path is equally usable
+            noise_pf[:, -2 * n_tail: -n_tail] *= np.abs(direct_dpg).mean()
+            noise_pf[:, -n_tail:] = np.abs(noise_pf[:, -n_tail:]) > 3.0  # ~0.3% ones, like one gene
         table_dpf[:, :, len(FEATURE_FLAGS):] = noise_pf[None]
         table_dpf[:, 2:, 2:4] = 1.0
-    return PertFeatures(kind, n_p, datasets, target, table_dpf, n_direct=n_direct)
+    return PertFeatures(kind, n_p, datasets, target, table_dpf, n_direct=2 * n_tail)
 
 
 def get_pert_count_names(data_root, world: str) -> list[str]:
