@@ -1,78 +1,90 @@
-"""vcell: everything the notebooks share, in pipeline order.
+"""vcell: everything the notebooks share, in the order the pipeline runs.
 
-Sections: paths & io · manifest · download · synthetic world · gene ids · HVG ·
-normalise & store · (loader · model · losses · metrics · train · infer: later issues).
+Read it top to bottom. Each banner names the notebook it serves:
 
-Shape suffixes on array names: c cell, g gene, p perturbation, b batch, s set,
-h hidden, k group. `x_cg` is a cells × genes matrix.
+    paths & io                    every notebook: data root, atomic writes, flags, progress, h5ad
+                                  row chunks, THE normalisation (log1p CP10K) and its checks
+    manifest                      data_manifest.toml: sources and the keys each dataset file uses
+    download              (01)    resumable, verified, atomic fetch of the manifest's sources
+    synthetic world       (01)    a seeded stand-in for the real sources, in their file layouts
+    EDA                   (02)    one pass per dataset: depth, knockdown, effect sizes, overlaps
+    gene ids & HVG        (03)    Ensembl ids (caches, then mygene), per-dataset HVGs, the shared list
+    normalise & store     (04)    the row-addressable log1p store of the shared genes
+    loader                (05)    grain batches of cell sets: perturbed cells and control cells
+    model                 (05)    the ST set transformer (equinox)
+    losses                (05)    energy distance, MMD, pseudobulk MSE
+    train & checkpoints   (05)    perturbation features, config, the train step and loop, checkpoints
+    metrics               (06/07) cell-eval's DES, PDS and MAE, and the normalised score, exactly
+    baselines & predictors(06/07) the predictor interface, baselines, trained models, cells from a pool
+    eval harness          (06)    the fake-val split, every predictor scored on held-out perturbations
+    submission            (07)    a streamed, validated submission h5ad and its .vcc
+
+Shape suffixes on array names, one legend for the whole file:
+    c cell · g gene (a file's genes, or the model's) · v HVG column where both gene spaces meet ·
+    p perturbation · k group of cells (a perturbation, control or null group) · d dataset ·
+    r a row subsample · e principal component · b batch (sets per step) · s set (cells per set) ·
+    h hidden width · f perturbation feature · i SwiGLU inner width · n, m cells of two sets
+so `x_cg` is a cells x genes matrix and `mean_pg` has one row per perturbation.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import dataclasses
-import hashlib
-import json
-import os
-import pathlib
-import sys
-import threading
-import tomllib
-from collections.abc import Iterable, Iterator
-import typing
-from typing import Any
-
-import numpy as np
 import datetime
 import fcntl
+import functools
+import hashlib
 import http.client
+import json
+import math
+import os
+import pathlib
 import re
+import shutil
+import signal
 import socket
+import subprocess
+import sys
+import threading
 import time
+import tomllib
+import typing
 import urllib.error
 import urllib.parse
 import urllib.request
-from collections.abc import Callable, Iterator, Sequence
-import functools
-import math
-from collections.abc import Sequence
+import uuid
+import warnings
+import zlib
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import Any, Literal
+
 import beartype
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import jaxtyping
+import numpy as np
 import optax
-from jaxtyping import Array, Float, Int, PRNGKeyArray, PyTree
-import concurrent.futures
-from typing import Any, Literal
 import pandas as pd
 import scipy.sparse
+import scipy.sparse.linalg
 import scipy.special
 import scipy.stats
-from jaxtyping import Bool, Float, Int, Shaped
-import shutil
-import warnings
-from collections.abc import Iterable, Iterator, Sequence
-import scipy.sparse.linalg
-from jaxtyping import Float, Int
-
-# Shapes on signatures are checked at call time where this decorator is applied.
-typechecked = jaxtyping.jaxtyped(typechecker=beartype.beartype)
-import zlib
-from collections.abc import Callable, Sequence
-import signal
-import subprocess
-import uuid
-from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree
+from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
 
 REPO_DIR = pathlib.Path(__file__).resolve().parent
 MANIFEST_PATH = REPO_DIR / "data_manifest.toml"
 DATA_ROOT_ENV = "VCELL_DATA_ROOT"
 
+# Shapes on signatures are checked at call time where this decorator is applied.
+typechecked = jaxtyping.jaxtyped(typechecker=beartype.beartype)
 
-# ----------------------------------------------------------------------------
-# paths & io
-# ----------------------------------------------------------------------------
+
+# ==================================================================================================
+# paths & io: every notebook
+# ==================================================================================================
 
 
 def get_data_root(data_root: str | os.PathLike | None = None) -> pathlib.Path:
@@ -104,6 +116,29 @@ def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
             tmp_path.unlink()
 
 
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Yield a temporary sibling directory; swap it in for `path` only on success.
+
+    A reader sees the old directory or the whole new one, never a half-written one (there
+    is a moment with neither, between two renames).
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp_dir = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    old_dir = path.with_name(f".{path.name}.old-{os.getpid()}")
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    tmp_dir.mkdir()
+    try:
+        yield tmp_dir
+        if path.exists():
+            os.replace(path, old_dir)
+        os.replace(tmp_dir, path)
+        shutil.rmtree(old_dir, ignore_errors=True)
+    finally:
+        shutil.rmtree(tmp_dir, ignore_errors=True)
+
+
 def write_json(path: str | os.PathLike, obj: Any) -> None:
     with atomic_path(path) as tmp_path:
         tmp_path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
@@ -114,15 +149,17 @@ def write_h5ad(path: str | os.PathLike, adata) -> None:
         adata.write_h5ad(tmp_path)
 
 
-def write_h5ad_chunked(path: str | os.PathLike, obs, var, make_chunk, n_cells: int, chunk_cells: int, desc: str) -> None:
+def write_h5ad_chunked(
+    path: str | os.PathLike, obs, var, make_chunk, n_cells: int, chunk_cells: int, desc: str
+) -> None:
     """Write an h5ad whose CSR X comes from `make_chunk(start, stop)` chunk by chunk.
 
     Memory stays at one chunk (anndata appends to the on-disk CSR), and the file
     appears atomically.
     """
-    import scipy.sparse
     import anndata
     import h5py
+    import scipy.sparse
 
     starts = list(range(0, n_cells, chunk_cells))
     with atomic_path(path) as tmp_path:
@@ -137,6 +174,14 @@ def write_h5ad_chunked(path: str | os.PathLike, obs, var, make_chunk, n_cells: i
             with h5py.File(tmp_path, "a") as f:
                 del f["obs"]
                 anndata.io.write_elem(f, "obs", obs)
+
+
+def write_figure(fig, path: str | os.PathLike) -> pathlib.Path:
+    """Save a matplotlib Figure as PNG atomically (works headless: no pyplot involved)."""
+    path = pathlib.Path(path)
+    with atomic_path(path) as tmp_path:
+        fig.savefig(tmp_path, format="png", dpi=120, bbox_inches="tight")
+    return path
 
 
 def in_marimo_notebook() -> bool:
@@ -183,11 +228,6 @@ def parse_config(config_cls, argv: list[str] | None = None, description: str = "
     return tyro.cli(config_cls, args=notebook_argv() if argv is None else argv, description=description)
 
 
-# ----------------------------------------------------------------------------
-# configs shared by the data notebooks
-# ----------------------------------------------------------------------------
-
-
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Flags every data notebook takes."""
@@ -198,9 +238,190 @@ class DataConfig:
     """`synthetic`: the locally generated world (default); `real`: the downloaded sources."""
 
 
-# ----------------------------------------------------------------------------
+# -------------------- h5ad files in row chunks ----------------------------------------------------
+
+
+@contextlib.contextmanager
+def open_h5ad_backed(path: str | os.PathLike) -> Iterator[tuple[pd.DataFrame, pd.DataFrame, Any]]:
+    """(obs, var, X) of an h5ad with X left on disk (rows are read by slicing X).
+
+    Reads only obs and var into memory (not layers/obsm, unlike anndata's backed mode).
+    X slices give scipy CSR for sparse files, numpy arrays for dense ones.
+    """
+    import anndata.io
+    import h5py
+
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run nb/01_download.py for this world first")
+    with h5py.File(path, "r") as f:
+        x = anndata.io.sparse_dataset(f["X"]) if isinstance(f["X"], h5py.Group) else f["X"]
+        if isinstance(f["X"], h5py.Group) and x.format != "csr":
+            raise ValueError(f"{path}: X is {x.format}; row chunks need CSR (rewrite it with X = X.tocsr())")
+        yield anndata.io.read_elem(f["obs"]), anndata.io.read_elem(f["var"]), x
+
+
+def read_rows(x, start: int, stop: int) -> scipy.sparse.csr_matrix:
+    """Rows [start, stop) of a backed X as float32 CSR."""
+    block = x[start:stop]
+    block = block if scipy.sparse.issparse(block) else scipy.sparse.csr_matrix(np.asarray(block))
+    return scipy.sparse.csr_matrix(block, dtype=np.float32)
+
+
+def _read_row_chunk(x, rows_c: np.ndarray) -> scipy.sparse.csr_matrix:
+    """Rows of a backed X (sparse or dense) as float32 CSR; a contiguous run is read as a slice."""
+    contiguous = rows_c[-1] - rows_c[0] + 1 == len(rows_c)
+    block = x[int(rows_c[0]) : int(rows_c[-1]) + 1] if contiguous else x[rows_c]
+    block = block if scipy.sparse.issparse(block) else scipy.sparse.csr_matrix(np.asarray(block))
+    block = scipy.sparse.csr_matrix(block, dtype=np.float32)
+    block.eliminate_zeros()  # stored zeros would count as detected genes
+    return block
+
+
+def make_cell_subsample(n_cells: int, max_cells: int, seed: int) -> np.ndarray:
+    """Sorted row indices: all rows, or `max_cells` of them drawn with `seed` (deterministic)."""
+    if n_cells <= max_cells:
+        return np.arange(n_cells)
+    return np.sort(np.random.default_rng(seed).choice(n_cells, size=max_cells, replace=False))
+
+
+def subsample_rows(rows_c: np.ndarray, max_cells: int, seed: int, label: str) -> np.ndarray:
+    """Sorted rows: all of them, or `max_cells` drawn with (seed, label) (0 = no cap)."""
+    if max_cells <= 0 or len(rows_c) <= max_cells:
+        return np.sort(rows_c)
+    rng = np.random.default_rng([seed, zlib.crc32(label.encode())])
+    return np.sort(rng.choice(rows_c, max_cells, replace=False))
+
+
+def write_dense_rows_npy(path: pathlib.Path, n_rows: int, n_genes: int) -> tuple[pathlib.Path, int]:
+    """Create a float32 .npy of n_rows × n_genes (zeros) and return (path, data offset) for pwrites."""
+    with open(path, "wb") as fh:  # np.save on a path would append ".npy" to a temporary name
+        np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (n_rows, n_genes)})
+        offset = fh.tell()
+        fh.truncate(offset + n_rows * n_genes * 4)
+    return path, offset
+
+
+def _pwrite_rows(fd: int, offset: int, rows_cg: np.ndarray, dest_c: np.ndarray) -> None:
+    """Write rows to their store rows with pwrite, one call per run of consecutive rows.
+
+    pwrite, not a writable memmap: pages written through a mapping count towards the
+    process's RSS until the kernel evicts them, which would hide the memory bound.
+    """
+    order = np.argsort(dest_c, kind="stable")
+    rows_cg, dest_c = np.ascontiguousarray(rows_cg[order]), dest_c[order]
+    row_bytes = rows_cg.shape[1] * rows_cg.itemsize
+    breaks = np.flatnonzero(np.diff(dest_c) != 1) + 1
+    for a, b in zip([0, *breaks], [*breaks, len(dest_c)]):
+        buf = memoryview(rows_cg[a:b]).cast("B")
+        pos = offset + int(dest_c[a]) * row_bytes
+        while len(buf):
+            n = os.pwrite(fd, buf, pos)
+            buf, pos = buf[n:], pos + n
+
+
+def _column_sums(x_cg: scipy.sparse.csr_matrix) -> np.ndarray:
+    """Column sums accumulated in float64 (scipy's .sum accumulates float32 in float32)."""
+    return np.bincount(x_cg.indices, weights=x_cg.data, minlength=x_cg.shape[1])
+
+
+def _anndata(x_cg, obs_batch: np.ndarray | None = None):
+    import anndata
+
+    obs = pd.DataFrame(index=[f"c{i}" for i in range(x_cg.shape[0])])
+    if obs_batch is not None:
+        obs["batch"] = pd.Categorical(obs_batch)
+    var = pd.DataFrame(index=[f"g{j}" for j in range(x_cg.shape[1])])
+    return anndata.AnnData(x_cg, obs=obs, var=var)
+
+
+# -------------------- the one normalisation: log1p CP10K ------------------------------------------
+
+
+TARGET_SUM = 1e4
+"""Counts per cell after normalize_total (CP10K), as in cell-eval."""
+
+
+LOG1P_MAX = 15.0
+"""cell-eval rejects log1p data with max >= 15; a log1p CP10K value can reach at most ~9.2."""
+
+
+def check_raw_counts(x_cg, where: str = "") -> None:
+    """Raise unless x is raw counts: non-negative integers."""
+    data = x_cg.data if scipy.sparse.issparse(x_cg) else np.asarray(x_cg)
+    if data.size == 0:
+        return
+    where = f"{where}: " if where else ""
+    if data.min() < 0:
+        raise ValueError(f"{where}negative values (min {data.min():.3g}): expected raw UMI counts")
+    if not np.array_equal(data, np.rint(data)):
+        raise ValueError(
+            f"{where}non-integer values (max {data.max():.3g}): looks already normalised, not raw counts. "
+            "If it is log1p CP10K, set counts = 'log1p' for this dataset in data_manifest.toml"
+        )
+
+
+def check_log1p(x_cg, where: str = "", check_row_sums: bool = True, rtol: float = 1e-3) -> None:
+    """Raise unless x looks like log1p(CP10K): non-negative, below LOG1P_MAX, and (over all
+    of a cell's genes) expm1 row sums ≈ TARGET_SUM. Empty cells (row sum 0) are allowed."""
+    where = f"{where}: " if where else ""
+    data = x_cg.data if scipy.sparse.issparse(x_cg) else np.asarray(x_cg)
+    if data.size == 0:
+        return
+    if data.min() < 0 or data.max() >= LOG1P_MAX:
+        raise ValueError(
+            f"{where}values in [{data.min():.3g}, {data.max():.3g}] are not log1p (expected 0 <= x < {LOG1P_MAX}): "
+            "if these are raw counts, set counts = 'raw' in data_manifest.toml"
+        )
+    if not check_row_sums:
+        return
+    if scipy.sparse.issparse(x_cg):
+        expm1 = x_cg.copy()
+        expm1.data = np.expm1(expm1.data.astype(np.float64))
+        sums_c = np.asarray(expm1.sum(axis=1)).ravel()
+    else:
+        sums_c = np.expm1(np.asarray(x_cg, dtype=np.float64)).sum(axis=1)
+    bad = (sums_c != 0) & ~np.isclose(sums_c, TARGET_SUM, rtol=rtol)
+    if bad.any():
+        looks_raw = np.array_equal(data, np.rint(data))
+        hint = (
+            "the values are integers: looks like raw counts, set counts = 'raw' in data_manifest.toml"
+            if looks_raw
+            else "normalise with normalise_log1p (counts per 10k, then log1p) over all genes before subsetting"
+        )
+        raise ValueError(
+            f"{where}{int(bad.sum())} cells have expm1 row sums != {TARGET_SUM:g} (e.g. {sums_c[bad][0]:.4g}): "
+            f"not log1p CP10K; {hint}"
+        )
+
+
+def normalise_log1p(x_cg, counts: str = "raw", where: str = ""):
+    """THE normalisation (training, evaluation, inference): counts per 10k, then log1p.
+
+    `counts`: what the input is, from the manifest: `raw` integer counts are checked,
+    normalised with scanpy (`normalize_total(target_sum=1e4)`, `log1p`) and the output is
+    checked; `log1p` input is checked and passed through. Each row is normalised on its own,
+    so chunks of rows give the same answer as the whole matrix. Returns float32, sparse in,
+    sparse out. Rows must hold ALL of a cell's genes (library size), not a subset.
+    """
+    if counts == "log1p":
+        check_log1p(x_cg, where=where)
+        return x_cg.astype(np.float32)
+    if counts != "raw":
+        raise ValueError(f"{where}: counts = {counts!r}; use 'raw' or 'log1p'")
+    import scanpy as sc
+
+    check_raw_counts(x_cg, where=where)
+    adata = _anndata(x_cg.astype(np.float32))
+    sc.pp.normalize_total(adata, target_sum=TARGET_SUM)
+    sc.pp.log1p(adata)
+    check_log1p(adata.X, where=where)
+    return adata.X
+
+
+# ==================================================================================================
 # manifest
-# ----------------------------------------------------------------------------
+# ==================================================================================================
 
 
 @dataclasses.dataclass(frozen=True)
@@ -276,9 +497,11 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
     return digest.hexdigest()
 
 
-# ----------------------------------------------------------------------------
-# download
-# ----------------------------------------------------------------------------
+# ==================================================================================================
+# download: nb/01_download.py
+# ==================================================================================================
+
+
 # Fetch the manifest's real sources: resumable, verified and atomic.
 #
 # Every file of `[sources.<name>]` lands in `<data_root>/raw/<name>/<file>`. A download streams
@@ -291,8 +514,12 @@ def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
 
 
 HASH_REGISTRY_NAME = ".vcell_hashes.json"
+
+
 # Some hosts (figshare) refuse urllib's default agent; a browser-like one is accepted.
 USER_AGENT = "Mozilla/5.0 (compatible; vcell-download/0.1; +https://github.com/)"
+
+
 # HTTP statuses worth retrying; anything else (404, 403, ...) will not fix itself.
 RETRY_STATUSES = frozenset({408, 425, 429, 500, 502, 503, 504})
 
@@ -323,9 +550,7 @@ class _Transient(Exception):
     """A failure worth retrying (dropped connection, timeout, 5xx); never escapes this module."""
 
 
-# ----------------------------------------------------------------------------
-# hash registry
-# ----------------------------------------------------------------------------
+# -------------------- hash registry ---------------------------------------------------------------
 
 
 def _read_registry(path: pathlib.Path) -> dict[str, Any]:
@@ -334,8 +559,10 @@ def _read_registry(path: pathlib.Path) -> dict[str, Any]:
     try:
         return json.loads(path.read_text())
     except json.JSONDecodeError as exc:
-        raise DownloadError(f"hash registry {path} is not valid JSON ({exc}); fix or delete it "
-                            "(deleting it forgets recorded hashes of unverified files)") from exc
+        raise DownloadError(
+            f"hash registry {path} is not valid JSON ({exc}); fix or delete it "
+            "(deleting it forgets recorded hashes of unverified files)"
+        ) from exc
 
 
 def _record(registry_path: pathlib.Path, dest: pathlib.Path, sha256: str, origin: str, url: str) -> None:
@@ -373,9 +600,7 @@ def _warn_unverified(dest: pathlib.Path, url: str, sha256: str, registry_path: p
     )
 
 
-# ----------------------------------------------------------------------------
-# progress and locking
-# ----------------------------------------------------------------------------
+# -------------------- progress and locking --------------------------------------------------------
 
 
 @contextlib.contextmanager
@@ -392,8 +617,16 @@ def _byte_progress(total: int | None, initial: int, desc: str) -> Iterator[Calla
         return
     import tqdm
 
-    with tqdm.tqdm(total=total, initial=initial, desc=desc, unit="B", unit_scale=True,
-                   unit_divisor=1024, mininterval=1.0, file=sys.stderr) as bar:
+    with tqdm.tqdm(
+        total=total,
+        initial=initial,
+        desc=desc,
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        mininterval=1.0,
+        file=sys.stderr,
+    ) as bar:
         yield bar.update
 
 
@@ -404,8 +637,9 @@ def _exclusive(lock_path: pathlib.Path) -> Iterator[None]:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            raise DownloadError(f"another process is downloading into {lock_path.with_suffix('')}; "
-                                "wait for it or stop it") from None
+            raise DownloadError(
+                f"another process is downloading into {lock_path.with_suffix('')}; wait for it or stop it"
+            ) from None
         try:
             yield
         finally:
@@ -413,9 +647,7 @@ def _exclusive(lock_path: pathlib.Path) -> Iterator[None]:
     lock_path.unlink(missing_ok=True)
 
 
-# ----------------------------------------------------------------------------
-# HTTP
-# ----------------------------------------------------------------------------
+# -------------------- HTTP ------------------------------------------------------------------------
 
 
 def _parse_content_range(value: str | None) -> tuple[int | None, int | None]:
@@ -466,8 +698,7 @@ def _open(url: str, offset: int, timeout: float) -> http.client.HTTPResponse:
         raise _Transient(f"connection failed: {exc!r}") from exc
 
 
-def _stream(url: str, part: pathlib.Path, *, size: int | None, timeout: float, chunk_bytes: int,
-            desc: str) -> str:
+def _stream(url: str, part: pathlib.Path, *, size: int | None, timeout: float, chunk_bytes: int, desc: str) -> str:
     """One HTTP attempt: append to `part` from its current length; return the full file's sha256.
 
     Raises _Transient for failures worth retrying; the bytes received so far stay in `part`.
@@ -491,14 +722,15 @@ def _stream(url: str, part: pathlib.Path, *, size: int | None, timeout: float, c
             # 200: the server ignored Range and sends the whole file, so start over instead of
             # appending it to the partial bytes (which would corrupt the file).
             if offset:
-                print(f"{desc}: server ignored the Range request; restarting from byte 0",
-                      file=sys.stderr, flush=True)
+                print(f"{desc}: server ignored the Range request; restarting from byte 0", file=sys.stderr, flush=True)
             offset = 0
             length = response.headers.get("Content-Length")
             total = int(length) if length and length.isdigit() else None
         if size is not None and total is not None and total != size:
-            raise DownloadError(f"the server says the file has {total:,} bytes, the manifest says {size:,}: "
-                                "the file changed upstream or the manifest is wrong (fix its size/sha256)")
+            raise DownloadError(
+                f"the server says the file has {total:,} bytes, the manifest says {size:,}: "
+                "the file changed upstream or the manifest is wrong (fix its size/sha256)"
+            )
         digest = _sha256_prefix(part, offset) if offset else hashlib.sha256()
         with open(part, "r+b" if offset else "wb") as f:
             f.seek(offset)
@@ -520,14 +752,11 @@ def _stream(url: str, part: pathlib.Path, *, size: int | None, timeout: float, c
         raise _Transient(f"connection closed at byte {received:,} of {expected_total:,}")
     if expected_total is not None and received > expected_total:
         part.unlink()
-        raise DownloadError(f"received {received:,} bytes but {expected_total:,} were announced; "
-                            "deleted the download")
+        raise DownloadError(f"received {received:,} bytes but {expected_total:,} were announced; deleted the download")
     return digest.hexdigest()
 
 
-# ----------------------------------------------------------------------------
-# public API
-# ----------------------------------------------------------------------------
+# -------------------- public API ------------------------------------------------------------------
 
 
 def download_file(
@@ -572,7 +801,8 @@ def download_file(
         raise DownloadError(
             f"{dest} is there but does not match: want {want}, found {got}. If it is a corrupt or "
             "partial copy, delete it and run again; if the upstream file changed, update "
-            "data_manifest.toml (and the recorded hash in " f"{registry_path})."
+            "data_manifest.toml (and the recorded hash in "
+            f"{registry_path})."
         )
 
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -590,18 +820,21 @@ def download_file(
             except _Transient as exc:
                 if attempt == retries:
                     kept = part.stat().st_size if part.exists() else 0
-                    raise DownloadError(f"gave up after {retries + 1} tries: {exc} "
-                                        f"({kept:,} bytes kept in {part}; running again resumes)") from exc
+                    raise DownloadError(
+                        f"gave up after {retries + 1} tries: {exc} "
+                        f"({kept:,} bytes kept in {part}; running again resumes)"
+                    ) from exc
                 wait = retry_wait * 2**attempt
-                print(f"{desc}: {exc}; retry {attempt + 1}/{retries} in {wait:g} s",
-                      file=sys.stderr, flush=True)
+                print(f"{desc}: {exc}; retry {attempt + 1}/{retries} in {wait:g} s", file=sys.stderr, flush=True)
                 time.sleep(wait)
 
         actual_size = part.stat().st_size
         if size is not None and actual_size != size:
             part.unlink()
-            raise DownloadError(f"downloaded {actual_size:,} bytes, the manifest says {size:,}; deleted "
-                                "the download. Run again; if it repeats, the manifest size is wrong.")
+            raise DownloadError(
+                f"downloaded {actual_size:,} bytes, the manifest says {size:,}; deleted "
+                "the download. Run again; if it repeats, the manifest size is wrong."
+            )
         if expected and actual != expected:
             part.unlink()
             source = "the manifest" if manifest_sha else f"the hash recorded in {registry_path}"
@@ -634,13 +867,16 @@ def _get_files(name: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
         raise ValueError(f"unknown source {name!r}; the manifest has {sorted(sources)}")
     files = sources[name].get("files")
     if not files:
-        raise ValueError(f"source {name!r} lists no files to download (the synthetic world is "
-                         "written by write_synthetic_world)")
+        raise ValueError(
+            f"source {name!r} lists no files to download (the synthetic world is written by write_synthetic_world)"
+        )
     for entry in files:
         unknown = set(entry) - {"name", "url", "size", "sha256"}
         if unknown or "name" not in entry or "url" not in entry:
-            raise ValueError(f"manifest source {name!r}: file entry {entry} needs name and url "
-                             f"(optional size, sha256); unknown keys {sorted(unknown)}")
+            raise ValueError(
+                f"manifest source {name!r}: file entry {entry} needs name and url "
+                f"(optional size, sha256); unknown keys {sorted(unknown)}"
+            )
     return files
 
 
@@ -655,13 +891,23 @@ def _fetch_sources(names: Sequence[str], data_root, manifest, **kwargs) -> tuple
             try:
                 if host in dead_hosts and not dest.exists():
                     raise DownloadError(f"not tried: {host} was unreachable ({dead_hosts[host]})")
-                paths.append(download_file(entry["url"], dest, sha256=entry.get("sha256", ""),
-                                           size=entry.get("size"), desc=f"{name}/{entry['name']}", **kwargs))
+                paths.append(
+                    download_file(
+                        entry["url"],
+                        dest,
+                        sha256=entry.get("sha256", ""),
+                        size=entry.get("size"),
+                        desc=f"{name}/{entry['name']}",
+                        **kwargs,
+                    )
+                )
             except DownloadError as exc:
                 if isinstance(exc, _HostUnreachable):
                     dead_hosts[host] = str(exc)
-                failures.append(f"  - {name}/{entry['name']}\n      url:   {entry['url']}\n"
-                                f"      error: {exc}\n      put it by hand at: {dest}")
+                failures.append(
+                    f"  - {name}/{entry['name']}\n      url:   {entry['url']}\n"
+                    f"      error: {exc}\n      put it by hand at: {dest}"
+                )
     return paths, failures
 
 
@@ -676,8 +922,9 @@ def _raise_failures(failures: list[str], n_files: int) -> None:
         )
 
 
-def download_source(name: str, data_root: str | os.PathLike | None = None,
-                    manifest: dict[str, Any] | None = None, **kwargs) -> list[pathlib.Path]:
+def download_source(
+    name: str, data_root: str | os.PathLike | None = None, manifest: dict[str, Any] | None = None, **kwargs
+) -> list[pathlib.Path]:
     """Fetch every file of one manifest source into `<data_root>/raw/<name>/`.
 
     Tries all files, then raises ONE DownloadError listing each failure (url, error, where to
@@ -689,8 +936,12 @@ def download_source(name: str, data_root: str | os.PathLike | None = None,
     return paths
 
 
-def download_sources(names: Sequence[str] = (), data_root: str | os.PathLike | None = None,
-                     manifest: dict[str, Any] | None = None, **kwargs) -> list[pathlib.Path]:
+def download_sources(
+    names: Sequence[str] = (),
+    data_root: str | os.PathLike | None = None,
+    manifest: dict[str, Any] | None = None,
+    **kwargs,
+) -> list[pathlib.Path]:
     """Fetch several sources (default: get_default_sources); one DownloadError for all failures."""
     manifest = read_manifest() if manifest is None else manifest
     names = list(names) or get_default_sources(manifest)
@@ -718,21 +969,25 @@ def get_source_table(manifest: dict[str, Any] | None = None) -> list[dict[str, A
         if not files:
             continue
         sizes = [f.get("size") for f in files]
-        rows.append({
-            "source": name,
-            "files": len(files),
-            "GB (known)": round(sum(s for s in sizes if isinstance(s, int)) / 1e9, 2),
-            "sizes unknown": sum(not isinstance(s, int) for s in sizes),
-            "sha256 pinned": sum(bool(f.get("sha256")) for f in files),
-            "default": bool(source.get("fetch_by_default", False)),
-            "datasets": ", ".join(d["name"] for d in source.get("datasets", [])),
-        })
+        rows.append(
+            {
+                "source": name,
+                "files": len(files),
+                "GB (known)": round(sum(s for s in sizes if isinstance(s, int)) / 1e9, 2),
+                "sizes unknown": sum(not isinstance(s, int) for s in sizes),
+                "sha256 pinned": sum(bool(f.get("sha256")) for f in files),
+                "default": bool(source.get("fetch_by_default", False)),
+                "datasets": ", ".join(d["name"] for d in source.get("datasets", [])),
+            }
+        )
     return rows
 
 
-# ----------------------------------------------------------------------------
-# synthetic world
-# ----------------------------------------------------------------------------
+# ==================================================================================================
+# synthetic world: nb/01_download.py
+# ==================================================================================================
+
+
 # A seeded stand-in for the real sources, written in their on-disk layouts so the
 # same code reads both. The biology is simple but has the structure that makes the
 # problem real (and that a model can exploit or fail to):
@@ -782,6 +1037,7 @@ SYNTHETIC_SIZES = {
     "vcc": SyntheticSize(20_000, 18_080, (150, 50, 100), 1_220, 38_176, 2_000, 40, 8_000, 50_000, 400),
 }
 
+
 # (dataset name, cell type, relative library size, number of batches); the layout of
 # each file (keys, gene id convention, control label) comes from the manifest.
 _SYNTHETIC_CELL_TYPES = [
@@ -809,7 +1065,7 @@ def _barcodes(rng: np.random.Generator, n: int, suffixes: np.ndarray) -> np.ndar
     codes = rng.permutation(codes)[:n]
     digits = (codes[:, None] // (4 ** np.arange(23, -1, -1))) % 4
     bases = np.array(list("ACGT"))[digits]
-    return np.char.add(np.char.add(bases.view(f"<U24").ravel(), "-"), suffixes.astype(str))
+    return np.char.add(np.char.add(bases.view("<U24").ravel(), "-"), suffixes.astype(str))
 
 
 def _make_gene_network(rng: np.random.Generator, size: SyntheticSize) -> dict[str, np.ndarray]:
@@ -969,8 +1225,12 @@ def write_synthetic_world(data_root: str | os.PathLike | None = None, size: str 
 
         def make_file(perts_of_file, cells_per_pert, n_control, file_rng, median_umi):
             """Per-cell perturbation rows (-1 control), batches, library sizes; shuffled."""
-            n_cells_p = np.maximum(3, file_rng.poisson(cells_per_pert * np.exp(file_rng.normal(0, 0.3, len(perts_of_file)))))
-            pert_c = np.concatenate([np.full(n_control, -1), np.repeat([pert_row[g] for g in perts_of_file], n_cells_p)])
+            n_cells_p = np.maximum(
+                3, file_rng.poisson(cells_per_pert * np.exp(file_rng.normal(0, 0.3, len(perts_of_file))))
+            )
+            pert_c = np.concatenate(
+                [np.full(n_control, -1), np.repeat([pert_row[g] for g in perts_of_file], n_cells_p)]
+            )
             pert_c = file_rng.permutation(pert_c)
             batch_c = file_rng.integers(0, n_batches, len(pert_c))
             library_c = median_umi * batch_scale_b[batch_c] * np.exp(file_rng.normal(0.0, 0.35, len(pert_c)))
@@ -980,28 +1240,48 @@ def write_synthetic_world(data_root: str | os.PathLike | None = None, size: str 
             symbols_c = np.where(pert_c >= 0, symbol_u[all_perts[np.maximum(pert_c, 0)]], spec.control_label)
             if is_target:
                 batch_names = np.array([f"Flex_{1 + b // 2}_{1 + b % 2:02d}" for b in range(n_batches)])
-                guides = np.where(pert_c >= 0, np.char.add(np.char.add(symbols_c, "_P1P2_A|"), np.char.add(symbols_c, "_P1P2_B")),
-                                  np.char.add("non-targeting_", np.char.zfill((file_rng.integers(1, 200, len(pert_c))).astype(str), 4)))
-                obs = pd.DataFrame({"target_gene": symbols_c, "guide_id": guides, "batch": batch_names[batch_c]},
-                                   index=_barcodes(file_rng, len(pert_c), batch_names[batch_c]))
+                guides = np.where(
+                    pert_c >= 0,
+                    np.char.add(np.char.add(symbols_c, "_P1P2_A|"), np.char.add(symbols_c, "_P1P2_B")),
+                    np.char.add(
+                        "non-targeting_", np.char.zfill((file_rng.integers(1, 200, len(pert_c))).astype(str), 4)
+                    ),
+                )
+                obs = pd.DataFrame(
+                    {"target_gene": symbols_c, "guide_id": guides, "batch": batch_names[batch_c]},
+                    index=_barcodes(file_rng, len(pert_c), batch_names[batch_c]),
+                )
             else:
-                obs = pd.DataFrame({"gene": symbols_c, "gem_group": batch_c + 1},
-                                   index=_barcodes(file_rng, len(pert_c), (batch_c + 1).astype(str)))
+                obs = pd.DataFrame(
+                    {"gene": symbols_c, "gem_group": batch_c + 1},
+                    index=_barcodes(file_rng, len(pert_c), (batch_c + 1).astype(str)),
+                )
             obs = obs.astype({c: "category" for c in obs.columns if obs[c].dtype == object})
 
             def make_chunk(start, stop):
                 chunk_rng = np.random.default_rng([seed, len(summary["files"]), start])
-                return _sample_counts(chunk_rng, log_mu_g=log_mu_g, net_g=net_g, batch_offset_bg=batch_offset_bg,
-                                      effect_pg=effect_pg, pert_c=pert_c[start:stop], target_col_p=target_col_p,
-                                      kd_p=kd_eff_p, batch_c=batch_c[start:stop], library_c=library_c[start:stop],
-                                      n_modules=sz.n_modules)
+                return _sample_counts(
+                    chunk_rng,
+                    log_mu_g=log_mu_g,
+                    net_g=net_g,
+                    batch_offset_bg=batch_offset_bg,
+                    effect_pg=effect_pg,
+                    pert_c=pert_c[start:stop],
+                    target_col_p=target_col_p,
+                    kd_p=kd_eff_p,
+                    batch_c=batch_c[start:stop],
+                    library_c=library_c[start:stop],
+                    n_modules=sz.n_modules,
+                )
 
             write_h5ad_chunked(path, obs, var, make_chunk, len(pert_c), sz.chunk_cells, desc=f"{name}: {path.name}")
             summary["files"][str(path.relative_to(out_dir))] = {"n_cells": len(pert_c), "n_genes": len(genes_g)}
 
         median_umi = sz.median_umi * library_scale
         if not is_target:
-            pert_c, batch_c, library_c = make_file(perts, sz.cells_per_pert_context, sz.n_control_context, ds_rng, median_umi)
+            pert_c, batch_c, library_c = make_file(
+                perts, sz.cells_per_pert_context, sz.n_control_context, ds_rng, median_umi
+            )
             write(get_dataset_path(spec, data_root), pert_c, batch_c, library_c, ds_rng)
             continue
         vcc_dir = get_dataset_path(spec, data_root).parent
@@ -1014,7 +1294,9 @@ def write_synthetic_world(data_root: str | os.PathLike | None = None, size: str 
             if split != "train":
                 # The challenge tells you how many cells to predict and their depth.
                 counts = pd.DataFrame({"target_gene": symbol_u[all_perts[pert_c]], "umi": library_c})[pert_c >= 0]
-                table = counts.groupby("target_gene", sort=False).agg(n_cells=("umi", "size"), median_umi_per_cell=("umi", "median"))
+                table = counts.groupby("target_gene", sort=False).agg(
+                    n_cells=("umi", "size"), median_umi_per_cell=("umi", "median")
+                )
                 table = table.loc[symbol_u[perts]].reset_index()
                 table["median_umi_per_cell"] = table["median_umi_per_cell"].round(0)
                 csv_name = "pert_counts_Validation.csv" if split == "val" else "pert_counts_Test.csv"
@@ -1026,17 +1308,461 @@ def write_synthetic_world(data_root: str | os.PathLike | None = None, size: str 
     # Generator internals, for tests and for checking that models find real signal.
     with atomic_path(out_dir / "truth.npz") as tmp_path:
         with open(tmp_path, "wb") as f:
-            np.savez_compressed(f, perts_u=all_perts, effect_pu=effect_pu, strength_p=strength_p, kd_efficiency_p=kd_eff_p,
-                                module_u=net["module_u"], loading_u=net["loading_u"])
-    summary["splits"] = {s: sorted(symbol_u[g] for g in target_perts if split_of[g] == s) for s in ("train", "val", "test")}
+            np.savez_compressed(
+                f,
+                perts_u=all_perts,
+                effect_pu=effect_pu,
+                strength_p=strength_p,
+                kd_efficiency_p=kd_eff_p,
+                module_u=net["module_u"],
+                loading_u=net["loading_u"],
+            )
+    summary["splits"] = {
+        s: sorted(symbol_u[g] for g in target_perts if split_of[g] == s) for s in ("train", "val", "test")
+    }
     summary["context_perturbations"] = {n: sorted(symbol_u[p]) for n, p in context_perts.items()}
     write_json(out_dir / "world.json", summary)
     return summary
 
 
-# ----------------------------------------------------------------------------
-# gene ids · HVG · normalise & store
-# ----------------------------------------------------------------------------
+SYNTHETIC_GENE_CACHE_PATH = REPO_DIR / "gene_cache" / "mygene_synthetic.json"
+
+
+def write_synthetic_gene_cache(path: str | os.PathLike = SYNTHETIC_GENE_CACHE_PATH) -> pathlib.Path:
+    """Write the committed symbol -> Ensembl cache of the synthetic world, from the generator's
+    own mapping (`SYN{i:05d}` <-> `ENSG9{i:010d}`) for the whole vcc-size universe, which
+    contains the tiny and small universes (genes are numbered from 1 in every size)."""
+    gene_u = np.arange(1, SYNTHETIC_SIZES["vcc"].n_genes_universe + 1)
+    write_json(path, dict(zip(synthetic_symbol(gene_u).tolist(), synthetic_ensembl_id(gene_u).tolist())))
+    return pathlib.Path(path)
+
+
+# ==================================================================================================
+# EDA: nb/02_eda.py
+# ==================================================================================================
+
+
+#
+# One pass per dataset (`get_dataset_eda`) reads X in row chunks from the backed h5ad, so
+# memory is bounded by one chunk plus one (group × gene) accumulator, and keeps what every
+# table and plot needs: per-cell UMIs and detected genes, and per-group means of log1p(CP10K)
+# expression (the pseudobulks cell-eval scores). Everything else is computed from those:
+#
+#     get_summary_table        one row per dataset (cells, genes, perturbations, controls, depth)
+#     get_knockdown_table      each perturbation's own target in perturbed vs control cells
+#     get_effect_size_table    L1/L2/number of moved genes of each pseudobulk effect (+ a null)
+#     get_perturbation_overlap / get_gene_overlap   dataset × dataset shared counts
+#     get_shared_gene_effects  effects of every dataset on the genes all datasets measure,
+#                              feeding get_effect_pca and get_same_perturbation_correlation
+#
+# Group labels: `ctrl` for control cells, the perturbed gene's symbol otherwise, `null:<i>`
+# for the random groups of control cells that give each dataset's noise floor.
+
+
+CONTROL_GROUP = "ctrl"
+
+
+NULL_GROUP_PREFIX = "null:"
+
+
+@dataclasses.dataclass(frozen=True)
+class EdaConfig(DataConfig):
+    """Flags of nb/02_eda.py: per-dataset summaries, knockdown, effect sizes, overlaps, PCA."""
+
+    datasets: tuple[str, ...] = ()
+    """Dataset names to look at (e.g. synthetic_h1 synthetic_k562); empty means all of the world."""
+    max_cells_per_dataset: int = 100_000
+    """Cells read per dataset at most; bigger files are subsampled uniformly at random (with
+    `seed`, so deterministic). Counts per perturbation always come from all cells (obs)."""
+    seed: int = 0
+    """Seed of the cell subsample and of the null groups."""
+    chunk_cells: int = 5_000
+    """Rows read from disk at once: bounds memory (a dense chunk is chunk_cells × genes floats)."""
+    effect_threshold: float = 0.25
+    """A gene counts as moved by a perturbation when |mean log1p(pert) - mean log1p(ctrl)| exceeds this."""
+    n_null_groups: int = 20
+    """Random groups of control cells (each the size of the median perturbation) whose 'effects'
+    against the other controls show the noise floor of the effect-size plots; 0 turns them off."""
+    pca_min_cells: int = 10
+    """Perturbations with fewer cells read are left out of the PCA and correlations (too noisy)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class DatasetEda:
+    """What one pass over a dataset's cells keeps (see `get_dataset_eda`)."""
+
+    spec: DatasetSpec
+    n_cells: int
+    """Cells in the file."""
+    groups_k: np.ndarray
+    """Group labels: CONTROL_GROUP first, then perturbations (sorted), then null groups."""
+    n_cells_k: Int[np.ndarray, " group"]
+    """Cells per group in the whole file (null groups: cells read)."""
+    n_read_k: Int[np.ndarray, " group"]
+    """Cells per group that were read (the subsample)."""
+    umis_c: Float[np.ndarray, " cell"]
+    """Total UMIs of each cell read (NaN when the file is not raw counts)."""
+    genes_c: Int[np.ndarray, " cell"]
+    """Genes with a nonzero value in each cell read."""
+    mean_log1p_kg: Float[np.ndarray, "group gene"]
+    """Mean log1p(CP10K) per group and gene over the cells read (NaN rows for unread groups)."""
+    symbols_g: np.ndarray
+    """Gene symbols in var order ("" when the file has none)."""
+    ensembl_ids_g: np.ndarray
+    """Ensembl ids without version in var order ("" when the file has none)."""
+
+    @property
+    def n_genes(self) -> int:
+        return len(self.symbols_g)
+
+    @property
+    def perturbations(self) -> np.ndarray:
+        """Perturbation labels (not control, not null groups)."""
+        is_pert_k = (self.groups_k != CONTROL_GROUP) & ~np.char.startswith(self.groups_k.astype(str), NULL_GROUP_PREFIX)
+        return self.groups_k[is_pert_k]
+
+    def group_index(self, label: str) -> int:
+        return int(np.flatnonzero(self.groups_k == label)[0])
+
+    def effects(self) -> tuple[np.ndarray, Float[np.ndarray, "group gene"]]:
+        """(labels_k, effect_kg): pseudobulk minus control pseudobulk, for perturbations and null
+        groups. A null group is compared with the controls outside it, so it is an honest null."""
+        ctrl = self.group_index(CONTROL_GROUP)
+        n_ctrl = self.n_read_k[ctrl]
+        effect_kg = self.mean_log1p_kg - self.mean_log1p_kg[ctrl]
+        is_null_k = np.char.startswith(self.groups_k.astype(str), NULL_GROUP_PREFIX)
+        for k in np.flatnonzero(is_null_k):
+            n = self.n_read_k[k]
+            rest_g = (self.mean_log1p_kg[ctrl] * n_ctrl - self.mean_log1p_kg[k] * n) / (n_ctrl - n)
+            effect_kg[k] = self.mean_log1p_kg[k] - rest_g
+        keep_k = np.arange(len(self.groups_k)) != ctrl
+        return self.groups_k[keep_k], effect_kg[keep_k]
+
+
+def get_eda_dir(data_root: str | os.PathLike | None) -> pathlib.Path:
+    """Where nb/02_eda.py writes its figures and CSVs."""
+    return get_data_root(data_root) / "figures" / "02_eda"
+
+
+# -------------------- the one pass over a dataset -------------------------------------------------
+
+
+def get_dataset_eda(spec: DatasetSpec, data_root: str | os.PathLike | None, cfg: EdaConfig) -> DatasetEda:
+    """Read one dataset in row chunks and keep per-cell depth and per-group log1p means."""
+    import anndata
+
+    path = get_dataset_path(spec, data_root)
+    if not path.exists():
+        raise FileNotFoundError(f"{path} is missing: run nb/01_download.py --world {cfg.world} first")
+    adata = anndata.read_h5ad(path, backed="r")
+    try:
+        labels_c = adata.obs[spec.perturbation_key].astype(str).to_numpy()
+        if not (labels_c == spec.control_label).any():
+            raise ValueError(f"{spec.name}: no cells with {spec.perturbation_key} == {spec.control_label!r}")
+        symbols_g, ensembl_ids_g = get_gene_keys(adata.var, spec)
+        perts = np.unique(labels_c[labels_c != spec.control_label])
+        groups = np.concatenate([[CONTROL_GROUP], perts]).astype(object)
+        group_c = np.searchsorted(perts, labels_c) + 1  # perts is sorted; control gets 0 below
+        group_c[labels_c == spec.control_label] = 0
+        n_cells_k = np.bincount(group_c, minlength=len(groups))
+
+        rows_r = make_cell_subsample(adata.n_obs, cfg.max_cells_per_dataset, cfg.seed)
+        group_r = group_c[rows_r]
+        # Null groups: random disjoint sets of read control cells, each as big as the median
+        # perturbation (read), so their spread is what noise alone gives a perturbation.
+        n_read_pert = np.bincount(group_r, minlength=len(groups))[1:]
+        null_size = int(np.median(n_read_pert[n_read_pert > 0])) if (n_read_pert > 0).any() else 0
+        ctrl_r = np.flatnonzero(group_r == 0)
+        n_null = min(cfg.n_null_groups, len(ctrl_r) // (2 * null_size)) if null_size else 0  # keep half as reference
+        null_group_r = np.full(len(rows_r), -1)
+        if n_null:
+            chosen = np.random.default_rng([cfg.seed, 1]).permutation(ctrl_r)[: n_null * null_size]
+            null_group_r[chosen] = len(groups) + np.arange(len(chosen)) // null_size
+        groups = np.concatenate([groups, [f"{NULL_GROUP_PREFIX}{i}" for i in range(n_null)]]).astype(object)
+        n_groups = len(groups)
+
+        sum_kg = np.zeros((n_groups, adata.n_vars))
+        n_read_k = np.zeros(n_groups, dtype=np.int64)
+        umis_parts, genes_parts = [], []
+        starts = range(0, len(rows_r), cfg.chunk_cells)
+        for start in progress(starts, desc=f"{spec.name}: reading cells"):
+            chunk = slice(start, start + cfg.chunk_cells)
+            x_cg = _read_row_chunk(adata.X, rows_r[chunk])
+            log1p_cg = normalise_log1p(x_cg, spec.counts, where=f"{spec.name} rows {start}+")
+            # Depth is only recoverable from raw counts.
+            umis_c = np.asarray(x_cg.sum(axis=1)).ravel() if spec.counts == "raw" else np.full(x_cg.shape[0], np.nan)
+            umis_parts.append(umis_c)
+            genes_parts.append(np.diff(x_cg.indptr))
+            # Each cell adds to its group, and a null-group control cell also to its null group.
+            cells_c = np.arange(x_cg.shape[0])
+            in_null = null_group_r[chunk] >= 0
+            rows_k = np.concatenate([group_r[chunk], null_group_r[chunk][in_null]])
+            cols_c = np.concatenate([cells_c, cells_c[in_null]])
+            member_kc = scipy.sparse.csr_matrix(
+                (np.ones(len(rows_k)), (rows_k, cols_c)), shape=(n_groups, x_cg.shape[0])
+            )
+            sum_kg += (member_kc @ log1p_cg).toarray()
+            n_read_k += np.bincount(rows_k, minlength=n_groups)
+    finally:
+        adata.file.close()
+
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_log1p_kg = sum_kg / n_read_k[:, None]
+    n_cells_k = np.concatenate([n_cells_k, n_read_k[len(n_cells_k) :]])
+    return DatasetEda(
+        spec=spec,
+        n_cells=int(adata.n_obs),
+        groups_k=groups,
+        n_cells_k=n_cells_k,
+        n_read_k=n_read_k,
+        umis_c=np.concatenate(umis_parts),
+        genes_c=np.concatenate(genes_parts).astype(np.int64),
+        mean_log1p_kg=mean_log1p_kg,
+        symbols_g=symbols_g,
+        ensembl_ids_g=ensembl_ids_g,
+    )
+
+
+# -------------------- tables from the pass --------------------------------------------------------
+
+
+def get_summary_table(edas: list[DatasetEda]) -> pd.DataFrame:
+    """One row per dataset: size, perturbations, control fraction, cells per perturbation, depth."""
+    rows = []
+    for e in edas:
+        is_pert_k = np.isin(e.groups_k, e.perturbations)
+        cells_per_pert = e.n_cells_k[is_pert_k]
+        n_ctrl = int(e.n_cells_k[e.group_index(CONTROL_GROUP)])
+        if e.spec.gene_index == "ensembl":
+            gene_ids = "ensembl"
+        else:
+            gene_ids = "symbol+ensembl" if e.spec.gene_id_column else "symbol only"
+        rows.append(
+            dict(
+                dataset=e.spec.name,
+                cell_type=e.spec.cell_type,
+                n_cells=e.n_cells,
+                n_genes=e.n_genes,
+                n_perturbations=int(is_pert_k.sum()),
+                n_control_cells=n_ctrl,
+                control_fraction=n_ctrl / e.n_cells,
+                median_cells_per_perturbation=float(np.median(cells_per_pert)) if len(cells_per_pert) else np.nan,
+                min_cells_per_perturbation=int(cells_per_pert.min()) if len(cells_per_pert) else 0,
+                n_cells_read=len(e.genes_c),
+                median_umis_per_cell=float(np.median(e.umis_c)),
+                median_genes_per_cell=float(np.median(e.genes_c)),
+                gene_ids=gene_ids,
+            )
+        )
+    return pd.DataFrame(rows)
+
+
+def get_cells_per_perturbation(e: DatasetEda) -> pd.Series:
+    """Cells per perturbation in the whole file (control and null groups excluded)."""
+    is_pert_k = np.isin(e.groups_k, e.perturbations)
+    return pd.Series(
+        e.n_cells_k[is_pert_k], index=pd.Index(e.groups_k[is_pert_k], name="perturbation"), name=e.spec.name
+    )
+
+
+def get_knockdown_table(e: DatasetEda) -> pd.DataFrame:
+    """Each perturbation's target gene in perturbed vs control cells (pseudobulk of log1p CP10K).
+
+    fraction_remaining = expm1(mean log1p pert) / expm1(mean log1p ctrl): pdex's fold change,
+    so 0.2 means 80% knockdown. log1p_delta = mean log1p pert - mean log1p ctrl. NaN with a
+    `reason` when the target is not measured (or not expressed in controls).
+    """
+    ctrl_g = e.mean_log1p_kg[e.group_index(CONTROL_GROUP)]
+    first_col = {}
+    for j, symbol in enumerate(e.symbols_g):
+        first_col.setdefault(symbol, j)  # duplicated symbols: the first column, like pandas' .loc
+    rows = []
+    for pert in e.perturbations:
+        k = e.group_index(pert)
+        row = dict(
+            dataset=e.spec.name,
+            perturbation=pert,
+            n_cells=int(e.n_cells_k[k]),
+            n_cells_read=int(e.n_read_k[k]),
+            ctrl_log1p=np.nan,
+            pert_log1p=np.nan,
+            log1p_delta=np.nan,
+            fraction_remaining=np.nan,
+            reason="",
+        )
+        if not e.symbols_g.any():
+            row["reason"] = "no gene symbols in this file"
+        elif pert not in first_col:
+            row["reason"] = "target not measured"
+        elif e.n_read_k[k] == 0:
+            row["reason"] = "no cells read (subsample)"
+        else:
+            j = first_col[pert]
+            ctrl, treated = ctrl_g[j], e.mean_log1p_kg[k, j]
+            row.update(ctrl_log1p=ctrl, pert_log1p=treated, log1p_delta=treated - ctrl)
+            if ctrl > 0:
+                row["fraction_remaining"] = np.expm1(treated) / np.expm1(ctrl)
+            else:
+                row["reason"] = "target not detected in control cells"
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def get_effect_size_table(e: DatasetEda, threshold: float) -> pd.DataFrame:
+    """Per perturbation (and null group): L1, L2 and genes moved beyond `threshold` of its effect.
+
+    The target gene itself is left out (its knockdown is not a downstream effect, and the
+    PDS score leaves it out too). `is_null` rows are random control groups: the noise floor.
+    """
+    labels_k, effect_kg = e.effects()
+    col_of = {s: j for j, s in reversed(list(enumerate(e.symbols_g)))} if e.symbols_g.any() else {}
+    target_col_k = np.array([col_of.get(label, -1) for label in labels_k])
+    has_target = target_col_k >= 0
+    effect_kg = effect_kg.copy()
+    effect_kg[np.flatnonzero(has_target), target_col_k[has_target]] = 0.0
+    valid_g = ~np.isnan(e.mean_log1p_kg[e.group_index(CONTROL_GROUP)])
+    abs_kg = np.abs(effect_kg[:, valid_g])
+    keep_k = np.isin(labels_k, e.groups_k[e.n_read_k > 0])
+    return pd.DataFrame(
+        dict(
+            dataset=e.spec.name,
+            perturbation=labels_k,
+            is_null=np.char.startswith(labels_k.astype(str), NULL_GROUP_PREFIX),
+            n_cells_read=e.n_read_k[[e.group_index(label) for label in labels_k]],
+            l1=abs_kg.sum(axis=1),
+            l2=np.sqrt((abs_kg**2).sum(axis=1)),
+            n_genes_above=(abs_kg > threshold).sum(axis=1),
+            target_excluded=has_target,
+        )
+    )[keep_k].reset_index(drop=True)
+
+
+def _overlap_matrix(names: list[str], sets: list[set]) -> pd.DataFrame:
+    counts = [[len(a & b) for b in sets] for a in sets]
+    return pd.DataFrame(counts, index=pd.Index(names, name="dataset"), columns=names)
+
+
+def get_perturbation_overlap(edas: list[DatasetEda]) -> pd.DataFrame:
+    """Perturbations (by symbol) shared by each pair of datasets; the diagonal is each one's own count."""
+    return _overlap_matrix([e.spec.name for e in edas], [set(e.perturbations) for e in edas])
+
+
+def get_gene_overlap(edas: list[DatasetEda]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """(shared gene counts, what each pair was matched on).
+
+    By Ensembl id when both files have ids, else by symbol (the EDA's stand-in: the proper
+    mapping, with a lookup for files without ids, is nb/03). The diagonal is each dataset's
+    own number of distinct genes (by id when it has ids).
+    """
+    names = [e.spec.name for e in edas]
+    has_ids = [bool(e.ensembl_ids_g.all()) for e in edas]
+    counts = pd.DataFrame(0, index=pd.Index(names, name="dataset"), columns=names)
+    matched_on = pd.DataFrame("", index=pd.Index(names, name="dataset"), columns=names)
+    for i, a in enumerate(edas):
+        for j, b in enumerate(edas):
+            key = "ensembl" if has_ids[i] and has_ids[j] else "symbol"
+            keys_a, keys_b = (a.ensembl_ids_g, b.ensembl_ids_g) if key == "ensembl" else (a.symbols_g, b.symbols_g)
+            shared = set(keys_a) & set(keys_b) - {""}
+            counts.iloc[i, j], matched_on.iloc[i, j] = len(shared), key
+    return counts, matched_on
+
+
+# -------------------- effects across datasets -----------------------------------------------------
+
+
+def get_shared_gene_effects(
+    edas: list[DatasetEda], min_cells: int
+) -> tuple[pd.DataFrame, Float[np.ndarray, "row gene"], np.ndarray]:
+    """Pseudobulk effects of every (dataset, perturbation) with >= `min_cells` cells read, on the
+    genes every dataset measures (matched by symbol: every file here names them).
+
+    Returns (rows: dataset, perturbation, n_cells_read), effect_rg, shared symbols (sorted).
+    """
+    with_symbols = [e for e in edas if e.symbols_g.any()]
+    if len(with_symbols) < len(edas):
+        skipped = [e.spec.name for e in edas if not e.symbols_g.any()]
+        raise ValueError(f"datasets without gene symbols cannot be matched here: {skipped}")
+    shared = sorted(set.intersection(*(set(e.symbols_g) for e in edas)) - {""})
+    rows, blocks = [], []
+    for e in edas:
+        col_of = {s: j for j, s in reversed(list(enumerate(e.symbols_g)))}
+        cols = np.array([col_of[s] for s in shared], dtype=np.int64)
+        labels_k, effect_kg = e.effects()
+        n_read_k = np.array([e.n_read_k[e.group_index(label)] for label in labels_k])
+        keep_k = np.isin(labels_k, e.perturbations) & (n_read_k >= max(min_cells, 1))
+        blocks.append(effect_kg[keep_k][:, cols])
+        rows.append(
+            pd.DataFrame(dict(dataset=e.spec.name, perturbation=labels_k[keep_k], n_cells_read=n_read_k[keep_k]))
+        )
+    return pd.concat(rows, ignore_index=True), np.concatenate(blocks).astype(np.float64), np.array(shared, dtype=object)
+
+
+@typechecked
+def get_pca(
+    effect_rg: Float[np.ndarray, "row gene"], n_components: int = 2
+) -> tuple[Float[np.ndarray, "row pc"], Float[np.ndarray, " pc"]]:
+    """(scores, explained variance ratio) of a PCA on centred rows; truncated SVD, deterministic."""
+    centred_rg = effect_rg - effect_rg.mean(axis=0)
+    v0 = np.ones(min(centred_rg.shape))  # ARPACK's start vector, fixed so reruns agree
+    u, s, _ = scipy.sparse.linalg.svds(centred_rg, k=n_components, v0=v0)
+    order = np.argsort(s)[::-1]
+    u, s = u[:, order], s[order]
+    sign = np.sign(u[np.abs(u).argmax(axis=0), np.arange(n_components)])  # fix the SVD's sign freedom
+    return u * s * sign, s**2 / (centred_rg**2).sum()
+
+
+def get_effect_pca(
+    edas: list[DatasetEda], min_cells: int, n_components: int = 2
+) -> tuple[pd.DataFrame, np.ndarray, int]:
+    """PCA of all datasets' pseudobulk effects together on their shared genes.
+
+    Returns (rows with pc1..pcN, explained variance ratio, number of shared genes).
+    """
+    rows, effect_rg, shared = get_shared_gene_effects(edas, min_cells)
+    scores_rp, explained_p = get_pca(effect_rg, n_components)
+    for i in range(n_components):
+        rows[f"pc{i + 1}"] = scores_rp[:, i]
+    return rows, explained_p, len(shared)
+
+
+def get_same_perturbation_correlation(edas: list[DatasetEda], min_cells: int) -> pd.DataFrame:
+    """Per pair of datasets: Pearson r of effects (shared genes) for the same perturbation vs
+    for different perturbations. Same > different means effects carry over across cell types;
+    by chance, frac_same_above_different_p95 would be 0.05."""
+    rows, effect_rg, _ = get_shared_gene_effects(edas, min_cells)
+    centred_rg = effect_rg - effect_rg.mean(axis=1, keepdims=True)
+    unit_rg = centred_rg / np.maximum(np.linalg.norm(centred_rg, axis=1, keepdims=True), 1e-12)
+    names = [e.spec.name for e in edas]
+    out = []
+    for i, a in enumerate(names):
+        for b in names[i + 1 :]:
+            rows_a, rows_b = rows.index[rows.dataset == a], rows.index[rows.dataset == b]
+            r_ab = unit_rg[rows_a] @ unit_rg[rows_b].T
+            same_ab = rows.perturbation.to_numpy()[rows_a][:, None] == rows.perturbation.to_numpy()[rows_b][None]
+            if not same_ab.any() or same_ab.all():
+                out.append(dict(dataset_a=a, dataset_b=b, n_shared=int(same_ab.sum())))
+                continue
+            # Most perturbations are weak, so medians sit near 0 either way; the share of
+            # same-perturbation pairs beyond what 95% of different pairs reach is the signal.
+            different_p95 = np.quantile(r_ab[~same_ab], 0.95)
+            out.append(
+                dict(
+                    dataset_a=a,
+                    dataset_b=b,
+                    n_shared=int(same_ab.sum()),
+                    median_r_same=float(np.median(r_ab[same_ab])),
+                    median_r_different=float(np.median(r_ab[~same_ab])),
+                    frac_same_above_different_p95=float((r_ab[same_ab] > different_p95).mean()),
+                )
+            )
+    return pd.DataFrame(out)
+
+
+# ==================================================================================================
+# gene ids & HVG: nb/03_hvg.py
+# ==================================================================================================
+
+
 #
 # On-disk outputs, all under the data root:
 #
@@ -1058,13 +1784,33 @@ def write_synthetic_world(data_root: str | os.PathLike | None = None, size: str 
 # `ENSG00000141510.16` -> `ENSG00000141510`; GENCODE's `ENSG00000182378.14_PAR_Y` keeps its
 # `_PAR_Y` tag, because without it the Y copy would collide with the X gene.
 ENSEMBL_VERSION_RE = re.compile(r"\.\d+(?=(_PAR_Y)?$)")
+
+
 ENSEMBL_GENE_RE = re.compile(r"^ENS[A-Z]*G\d+(_PAR_Y)?$")
-SYNTHETIC_GENE_CACHE_PATH = REPO_DIR / "gene_cache" / "mygene_synthetic.json"
 
 
 def strip_ensembl_version(gene_id: str) -> str:
     """`ENSG00000141510.16` -> `ENSG00000141510`; ids without a version pass unchanged."""
     return ENSEMBL_VERSION_RE.sub("", gene_id.strip())
+
+
+def get_gene_keys(var: pd.DataFrame, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
+    """(symbols_g, ensembl_ids_g) of a var table, "" where the file does not say.
+
+    Taken as the file states them: no lookup (that is nb/03's job), versions stripped.
+    """
+    index = var.index.astype(str).to_numpy()
+    blank = np.full(len(index), "", dtype=object)
+    if spec.gene_index == "symbol":
+        symbols = index
+        ids = var[spec.gene_id_column].astype(str).to_numpy() if spec.gene_id_column else blank
+    elif spec.gene_index == "ensembl":
+        ids = index
+        symbols = var[spec.gene_symbol_column].astype(str).to_numpy() if spec.gene_symbol_column else blank
+    else:
+        raise ValueError(f"{spec.name}: gene_index = {spec.gene_index!r}; use 'symbol' or 'ensembl'")
+    ids = np.array([strip_ensembl_version(i) for i in ids], dtype=object)
+    return np.asarray(symbols, dtype=object), ids
 
 
 def get_gene_cache_path(data_root: str | os.PathLike | None = None) -> pathlib.Path:
@@ -1220,9 +1966,7 @@ def report_unmapped(tables: dict[str, pd.DataFrame], path: str | os.PathLike) ->
     return report
 
 
-# ----------------------------------------------------------------------------
-# HVG
-# ----------------------------------------------------------------------------
+# -------------------- HVG -------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1250,40 +1994,6 @@ class HvgConfig(DataConfig):
 
 def get_hvg_dir(data_root: str | os.PathLike | None, world: str) -> pathlib.Path:
     return get_data_root(data_root) / "hvg" / world
-
-
-@contextlib.contextmanager
-def open_h5ad_backed(path: str | os.PathLike) -> Iterator[tuple[pd.DataFrame, pd.DataFrame, Any]]:
-    """(obs, var, X) of an h5ad with X left on disk (rows are read by slicing X).
-
-    Reads only obs and var into memory (not layers/obsm, unlike anndata's backed mode).
-    X slices give scipy CSR for sparse files, numpy arrays for dense ones.
-    """
-    import anndata.io
-    import h5py
-
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run nb/01_download.py for this world first")
-    with h5py.File(path, "r") as f:
-        x = anndata.io.sparse_dataset(f["X"]) if isinstance(f["X"], h5py.Group) else f["X"]
-        if isinstance(f["X"], h5py.Group) and x.format != "csr":
-            raise ValueError(f"{path}: X is {x.format}; row chunks need CSR (rewrite it with X = X.tocsr())")
-        yield anndata.io.read_elem(f["obs"]), anndata.io.read_elem(f["var"]), x
-
-
-def read_rows(x, start: int, stop: int) -> scipy.sparse.csr_matrix:
-    """Rows [start, stop) of a backed X as float32 CSR."""
-    block = x[start:stop]
-    block = block if scipy.sparse.issparse(block) else scipy.sparse.csr_matrix(np.asarray(block))
-    return scipy.sparse.csr_matrix(block, dtype=np.float32)
-
-
-def make_cell_subsample(n_cells: int, max_cells: int, seed: int) -> np.ndarray:
-    """Sorted row indices: all rows, or `max_cells` of them drawn with `seed` (deterministic)."""
-    if n_cells <= max_cells:
-        return np.arange(n_cells)
-    return np.sort(np.random.default_rng(seed).choice(n_cells, size=max_cells, replace=False))
 
 
 def compute_dataset_hvgs(
@@ -1338,7 +2048,9 @@ def compute_dataset_hvgs(
         except Exception as e:  # noqa: BLE001 - loess fails on batches too small to fit
             if batch_key is None:
                 raise
-            warnings.warn(f"{spec.name}: seurat_v3 with batch_key={spec.batch_key!r} failed ({e}); retrying without batches")
+            warnings.warn(
+                f"{spec.name}: seurat_v3 with batch_key={spec.batch_key!r} failed ({e}); retrying without batches"
+            )
             batch_key = None
             stats = sc.pp.highly_variable_genes(adata, flavor="seurat_v3", n_top_genes=n_top, inplace=False)
         info |= {"flavor": "seurat_v3", "batch_key": spec.batch_key if batch_key else ""}
@@ -1366,16 +2078,6 @@ def compute_dataset_hvgs(
     out["hvg_rank"] = rank
     out["highly_variable"] = rank >= 0
     return out, info
-
-
-def _anndata(x_cg, obs_batch: np.ndarray | None = None):
-    import anndata
-
-    obs = pd.DataFrame(index=[f"c{i}" for i in range(x_cg.shape[0])])
-    if obs_batch is not None:
-        obs["batch"] = pd.Categorical(obs_batch)
-    var = pd.DataFrame(index=[f"g{j}" for j in range(x_cg.shape[1])])
-    return anndata.AnnData(x_cg, obs=obs, var=var)
 
 
 def select_shared_hvgs(
@@ -1511,14 +2213,6 @@ def read_dataset_genes(data_root: str | os.PathLike | None, world: str, name: st
     return pd.read_csv(path, keep_default_na=False, dtype={"var_name": str, "symbol": str, "ensembl_id": str})
 
 
-def write_figure(fig, path: str | os.PathLike) -> pathlib.Path:
-    """Save a matplotlib Figure as PNG atomically (works headless: no pyplot involved)."""
-    path = pathlib.Path(path)
-    with atomic_path(path) as tmp_path:
-        fig.savefig(tmp_path, format="png", dpi=120, bbox_inches="tight")
-    return path
-
-
 def plot_hvg_overlap(hvg_sets: dict[str, set[str]], shared: set[str] | None = None, max_bars: int = 20):
     """UpSet-style chart: how many genes are HVG in exactly each combination of datasets.
 
@@ -1555,87 +2249,9 @@ def plot_hvg_overlap(hvg_sets: dict[str, set[str]], shared: set[str] | None = No
     return fig
 
 
-# ----------------------------------------------------------------------------
-# normalise & store
-# ----------------------------------------------------------------------------
-
-TARGET_SUM = 1e4
-"""Counts per cell after normalize_total (CP10K), as in cell-eval."""
-LOG1P_MAX = 15.0
-"""cell-eval rejects log1p data with max >= 15; a log1p CP10K value can reach at most ~9.2."""
-
-
-def check_raw_counts(x_cg, where: str = "") -> None:
-    """Raise unless x is raw counts: non-negative integers."""
-    data = x_cg.data if scipy.sparse.issparse(x_cg) else np.asarray(x_cg)
-    if data.size == 0:
-        return
-    where = f"{where}: " if where else ""
-    if data.min() < 0:
-        raise ValueError(f"{where}negative values (min {data.min():.3g}): expected raw UMI counts")
-    if not np.array_equal(data, np.rint(data)):
-        raise ValueError(
-            f"{where}non-integer values (max {data.max():.3g}): looks already normalised, not raw counts. "
-            "If it is log1p CP10K, set counts = 'log1p' for this dataset in data_manifest.toml"
-        )
-
-
-def check_log1p(x_cg, where: str = "", check_row_sums: bool = True, rtol: float = 1e-3) -> None:
-    """Raise unless x looks like log1p(CP10K): non-negative, below LOG1P_MAX, and (over all
-    of a cell's genes) expm1 row sums ≈ TARGET_SUM. Empty cells (row sum 0) are allowed."""
-    where = f"{where}: " if where else ""
-    data = x_cg.data if scipy.sparse.issparse(x_cg) else np.asarray(x_cg)
-    if data.size == 0:
-        return
-    if data.min() < 0 or data.max() >= LOG1P_MAX:
-        raise ValueError(
-            f"{where}values in [{data.min():.3g}, {data.max():.3g}] are not log1p (expected 0 <= x < {LOG1P_MAX}): "
-            "if these are raw counts, set counts = 'raw' in data_manifest.toml"
-        )
-    if not check_row_sums:
-        return
-    if scipy.sparse.issparse(x_cg):
-        expm1 = x_cg.copy()
-        expm1.data = np.expm1(expm1.data.astype(np.float64))
-        sums_c = np.asarray(expm1.sum(axis=1)).ravel()
-    else:
-        sums_c = np.expm1(np.asarray(x_cg, dtype=np.float64)).sum(axis=1)
-    bad = (sums_c != 0) & ~np.isclose(sums_c, TARGET_SUM, rtol=rtol)
-    if bad.any():
-        looks_raw = np.array_equal(data, np.rint(data))
-        hint = (
-            "the values are integers: looks like raw counts, set counts = 'raw' in data_manifest.toml"
-            if looks_raw
-            else "normalise with normalise_log1p (counts per 10k, then log1p) over all genes before subsetting"
-        )
-        raise ValueError(
-            f"{where}{int(bad.sum())} cells have expm1 row sums != {TARGET_SUM:g} (e.g. {sums_c[bad][0]:.4g}): "
-            f"not log1p CP10K; {hint}"
-        )
-
-
-def normalise_log1p(x_cg, counts: str = "raw", where: str = ""):
-    """THE normalisation (training, evaluation, inference): counts per 10k, then log1p.
-
-    `counts`: what the input is, from the manifest: `raw` integer counts are checked,
-    normalised with scanpy (`normalize_total(target_sum=1e4)`, `log1p`) and the output is
-    checked; `log1p` input is checked and passed through. Each row is normalised on its own,
-    so chunks of rows give the same answer as the whole matrix. Returns float32, sparse in,
-    sparse out. Rows must hold ALL of a cell's genes (library size), not a subset.
-    """
-    if counts == "log1p":
-        check_log1p(x_cg, where=where)
-        return x_cg.astype(np.float32)
-    if counts != "raw":
-        raise ValueError(f"{where}: counts = {counts!r}; use 'raw' or 'log1p'")
-    import scanpy as sc
-
-    check_raw_counts(x_cg, where=where)
-    adata = _anndata(x_cg.astype(np.float32))
-    sc.pp.normalize_total(adata, target_sum=TARGET_SUM)
-    sc.pp.log1p(adata)
-    check_log1p(adata.X, where=where)
-    return adata.X
+# ==================================================================================================
+# normalise & store: nb/04_normalise.py
+# ==================================================================================================
 
 
 @dataclasses.dataclass(frozen=True)
@@ -1653,29 +2269,6 @@ def get_store_dir(data_root: str | os.PathLike | None, world: str) -> pathlib.Pa
     return get_data_root(data_root) / "store" / world
 
 
-@contextlib.contextmanager
-def atomic_dir(path: str | os.PathLike) -> Iterator[pathlib.Path]:
-    """Yield a temporary sibling directory; swap it in for `path` only on success.
-
-    A reader sees the old directory or the whole new one, never a half-written one (there
-    is a moment with neither, between two renames).
-    """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    old_dir = path.with_name(f".{path.name}.old-{os.getpid()}")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    tmp_dir.mkdir()
-    try:
-        yield tmp_dir
-        if path.exists():
-            os.replace(path, old_dir)
-        os.replace(tmp_dir, path)
-        shutil.rmtree(old_dir, ignore_errors=True)
-    finally:
-        shutil.rmtree(tmp_dir, ignore_errors=True)
-
-
 def make_store_rows(obs: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFrame, np.ndarray]:
     """Group table and row order of one dataset: groups (cell_type, batch, perturbation)
     sorted by batch, controls first, then perturbation; source order kept within a group.
@@ -1689,7 +2282,9 @@ def make_store_rows(obs: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFrame,
         raise KeyError(f"{spec.name}: obs has no column {spec.batch_key!r} (batch_key in the manifest)")
     pert = obs[spec.perturbation_key].astype(str).to_numpy()
     if not (pert == spec.control_label).any():
-        raise ValueError(f"{spec.name}: no cells with {spec.perturbation_key} == {spec.control_label!r} (control_label)")
+        raise ValueError(
+            f"{spec.name}: no cells with {spec.perturbation_key} == {spec.control_label!r} (control_label)"
+        )
     batch = obs[spec.batch_key].to_numpy() if spec.batch_key else np.zeros(len(obs), dtype=int)
     frame = pd.DataFrame({"batch": batch, "is_control": pert == spec.control_label, "perturbation": pert})
     order_c = np.lexsort((np.arange(len(frame)), frame["perturbation"], ~frame["is_control"], frame["batch"]))
@@ -1706,29 +2301,6 @@ def make_store_rows(obs: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFrame,
     dest_c[order_c] = np.arange(len(frame))
     cols = ["dataset", "cell_type", "batch", "perturbation", "is_control", "start", "stop", "n_cells"]
     return groups[cols], dest_c
-
-
-def _pwrite_rows(fd: int, offset: int, rows_cg: np.ndarray, dest_c: np.ndarray) -> None:
-    """Write rows to their store rows with pwrite, one call per run of consecutive rows.
-
-    pwrite, not a writable memmap: pages written through a mapping count towards the
-    process's RSS until the kernel evicts them, which would hide the memory bound.
-    """
-    order = np.argsort(dest_c, kind="stable")
-    rows_cg, dest_c = np.ascontiguousarray(rows_cg[order]), dest_c[order]
-    row_bytes = rows_cg.shape[1] * rows_cg.itemsize
-    breaks = np.flatnonzero(np.diff(dest_c) != 1) + 1
-    for a, b in zip([0, *breaks], [*breaks, len(dest_c)]):
-        buf = memoryview(rows_cg[a:b]).cast("B")
-        pos = offset + int(dest_c[a]) * row_bytes
-        while len(buf):
-            n = os.pwrite(fd, buf, pos)
-            buf, pos = buf[n:], pos + n
-
-
-def _column_sums(x_cg: scipy.sparse.csr_matrix) -> np.ndarray:
-    """Column sums accumulated in float64 (scipy's .sum accumulates float32 in float32)."""
-    return np.bincount(x_cg.indices, weights=x_cg.data, minlength=x_cg.shape[1])
 
 
 def _store_inputs(specs, data_root, world) -> dict[str, Any]:
@@ -1776,14 +2348,26 @@ def write_store(cfg: NormaliseConfig, specs: Sequence[DatasetSpec] | None = None
         with open_h5ad_backed(get_dataset_path(spec, cfg.data_root)) as (obs, var, x):
             genes = read_dataset_genes(cfg.data_root, cfg.world, spec.name)
             if len(genes) != var.shape[0] or not np.array_equal(genes["var_name"].to_numpy(), var.index.astype(str)):
-                raise ValueError(f"{spec.name}: the gene table from 03 does not match the file's var: rerun nb/03_hvg.py")
+                raise ValueError(
+                    f"{spec.name}: the gene table from 03 does not match the file's var: rerun nb/03_hvg.py"
+                )
             groups, dest_c = make_store_rows(obs, spec)
             cell_ids = obs.index.astype(str).to_numpy()
-        col_of_id = pd.Series(np.flatnonzero(genes["in_gene_space"]), index=genes.loc[genes["in_gene_space"], "ensembl_id"])
+        col_of_id = pd.Series(
+            np.flatnonzero(genes["in_gene_space"]), index=genes.loc[genes["in_gene_space"], "ensembl_id"]
+        )
         cols_g = col_of_id.reindex(hvgs["ensembl_id"]).fillna(-1).astype(int).to_numpy()
         groups[["start", "stop"]] += n_cells
         plans.append(
-            dict(spec=spec, groups=groups, group_offset=n_groups, dest_c=dest_c + n_cells, cols_g=cols_g, genes=genes, cell_ids=cell_ids)
+            dict(
+                spec=spec,
+                groups=groups,
+                group_offset=n_groups,
+                dest_c=dest_c + n_cells,
+                cols_g=cols_g,
+                genes=genes,
+                cell_ids=cell_ids,
+            )
         )
         n_cells += len(dest_c)
         n_groups += len(groups)
@@ -1890,7 +2474,11 @@ def load_store(data_root: str | os.PathLike | None = None, world: str = "synthet
     if not (store_dir / "meta.json").exists():
         raise FileNotFoundError(f"{store_dir} has no store: run nb/04_normalise.py --world {world}")
     meta = json.loads((store_dir / "meta.json").read_text())
-    read = lambda name: pd.read_csv(store_dir / name, keep_default_na=False, na_values=[""], dtype={"batch": str, "symbol": str, "ensembl_id": str, "var_name": str, "cell_id": str})  # noqa: E731
+
+    def read(name: str) -> pd.DataFrame:
+        text_columns = {"batch": str, "symbol": str, "ensembl_id": str, "var_name": str, "cell_id": str}
+        return pd.read_csv(store_dir / name, keep_default_na=False, na_values=[""], dtype=text_columns)
+
     store = CellStore(
         store_dir=store_dir,
         x_cg=np.load(store_dir / "x_cg.npy", mmap_mode="r"),
@@ -1908,17 +2496,10 @@ def load_store(data_root: str | os.PathLike | None = None, world: str = "synthet
     assert store.measured_dg.shape == (len(store.datasets), n_genes), "measured_dg.npy has the wrong shape"
     assert len(store.obs) == n_cells, "obs.csv disagrees with x_cg's rows"
     starts, stops = store.index["start"].to_numpy(), store.index["stop"].to_numpy()
-    assert starts[0] == 0 and stops[-1] == n_cells and np.array_equal(starts[1:], stops[:-1]), "index.csv does not tile the rows"
+    assert starts[0] == 0 and stops[-1] == n_cells and np.array_equal(starts[1:], stops[:-1]), (
+        "index.csv does not tile the rows"
+    )
     return store
-
-
-def write_synthetic_gene_cache(path: str | os.PathLike = SYNTHETIC_GENE_CACHE_PATH) -> pathlib.Path:
-    """Write the committed symbol -> Ensembl cache of the synthetic world, from the generator's
-    own mapping (`SYN{i:05d}` <-> `ENSG9{i:010d}`) for the whole vcc-size universe, which
-    contains the tiny and small universes (genes are numbered from 1 in every size)."""
-    gene_u = np.arange(1, SYNTHETIC_SIZES["vcc"].n_genes_universe + 1)
-    write_json(path, dict(zip(synthetic_symbol(gene_u).tolist(), synthetic_ensembl_id(gene_u).tolist())))
-    return pathlib.Path(path)
 
 
 def plot_store_overview(store: CellStore, max_rows: int = 4_000, seed: int = 0):
@@ -1933,7 +2514,9 @@ def plot_store_overview(store: CellStore, max_rows: int = 4_000, seed: int = 0):
     for name in store.datasets:
         n_counts = store.obs["n_counts"].to_numpy()[group_dataset == name]
         if np.isfinite(n_counts).any():
-            ax_lib.hist(np.log10(n_counts[np.isfinite(n_counts) & (n_counts > 0)]), bins=60, histtype="step", label=name)
+            ax_lib.hist(
+                np.log10(n_counts[np.isfinite(n_counts) & (n_counts > 0)]), bins=60, histtype="step", label=name
+            )
         values = np.asarray(store.x_cg[rows[group_dataset[rows] == name]]).ravel()
         ax_log.hist(values[values > 0], bins=80, histtype="step", density=True, label=name)
     ax_lib.set(xlabel="log10 UMIs per cell (before)", ylabel="cells", title="Library sizes")
@@ -1943,7 +2526,9 @@ def plot_store_overview(store: CellStore, max_rows: int = 4_000, seed: int = 0):
     is_control = store.index["is_control"].to_numpy().astype(bool)
     bins = np.logspace(0, np.log10(max(sizes.max(), 2)), 40)
     ax_grp.hist([sizes[~is_control], sizes[is_control]], bins=bins, stacked=True, label=["perturbed", "control"])
-    ax_grp.set(xscale="log", xlabel="cells per (dataset, batch, perturbation) group", ylabel="groups", title="Store groups")
+    ax_grp.set(
+        xscale="log", xlabel="cells per (dataset, batch, perturbation) group", ylabel="groups", title="Store groups"
+    )
     ax_grp.legend(fontsize=7, frameon=False)
     return fig
 
@@ -1963,443 +2548,14 @@ def summarise_store(store: CellStore) -> pd.DataFrame:
     return table.reset_index()
 
 
-# ----------------------------------------------------------------------------
-# EDA
-# ----------------------------------------------------------------------------
-#
-# One pass per dataset (`get_dataset_eda`) reads X in row chunks from the backed h5ad, so
-# memory is bounded by one chunk plus one (group × gene) accumulator, and keeps what every
-# table and plot needs: per-cell UMIs and detected genes, and per-group means of log1p(CP10K)
-# expression (the pseudobulks cell-eval scores). Everything else is computed from those:
-#
-#     get_summary_table        one row per dataset (cells, genes, perturbations, controls, depth)
-#     get_knockdown_table      each perturbation's own target in perturbed vs control cells
-#     get_effect_size_table    L1/L2/number of moved genes of each pseudobulk effect (+ a null)
-#     get_perturbation_overlap / get_gene_overlap   dataset × dataset shared counts
-#     get_shared_gene_effects  effects of every dataset on the genes all datasets measure,
-#                              feeding get_effect_pca and get_same_perturbation_correlation
-#
-# Group labels: `ctrl` for control cells, the perturbed gene's symbol otherwise, `null:<i>`
-# for the random groups of control cells that give each dataset's noise floor.
-
-
-CONTROL_GROUP = "ctrl"
-NULL_GROUP_PREFIX = "null:"
-
-
-@dataclasses.dataclass(frozen=True)
-class EdaConfig(DataConfig):
-    """Flags of nb/02_eda.py: per-dataset summaries, knockdown, effect sizes, overlaps, PCA."""
-
-    datasets: tuple[str, ...] = ()
-    """Dataset names to look at (e.g. synthetic_h1 synthetic_k562); empty means all of the world."""
-    max_cells_per_dataset: int = 100_000
-    """Cells read per dataset at most; bigger files are subsampled uniformly at random (with
-    `seed`, so deterministic). Counts per perturbation always come from all cells (obs)."""
-    seed: int = 0
-    """Seed of the cell subsample and of the null groups."""
-    chunk_cells: int = 5_000
-    """Rows read from disk at once: bounds memory (a dense chunk is chunk_cells × genes floats)."""
-    effect_threshold: float = 0.25
-    """A gene counts as moved by a perturbation when |mean log1p(pert) - mean log1p(ctrl)| exceeds this."""
-    n_null_groups: int = 20
-    """Random groups of control cells (each the size of the median perturbation) whose 'effects'
-    against the other controls show the noise floor of the effect-size plots; 0 turns them off."""
-    pca_min_cells: int = 10
-    """Perturbations with fewer cells read are left out of the PCA and correlations (too noisy)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class DatasetEda:
-    """What one pass over a dataset's cells keeps (see `get_dataset_eda`)."""
-
-    spec: DatasetSpec
-    n_cells: int
-    """Cells in the file."""
-    groups_k: np.ndarray
-    """Group labels: CONTROL_GROUP first, then perturbations (sorted), then null groups."""
-    n_cells_k: Int[np.ndarray, " group"]
-    """Cells per group in the whole file (null groups: cells read)."""
-    n_read_k: Int[np.ndarray, " group"]
-    """Cells per group that were read (the subsample)."""
-    umis_c: Float[np.ndarray, " cell"]
-    """Total UMIs of each cell read (NaN when the file is not raw counts)."""
-    genes_c: Int[np.ndarray, " cell"]
-    """Genes with a nonzero value in each cell read."""
-    mean_log1p_kg: Float[np.ndarray, "group gene"]
-    """Mean log1p(CP10K) per group and gene over the cells read (NaN rows for unread groups)."""
-    symbols_g: np.ndarray
-    """Gene symbols in var order ("" when the file has none)."""
-    ensembl_ids_g: np.ndarray
-    """Ensembl ids without version in var order ("" when the file has none)."""
-
-    @property
-    def n_genes(self) -> int:
-        return len(self.symbols_g)
-
-    @property
-    def perturbations(self) -> np.ndarray:
-        """Perturbation labels (not control, not null groups)."""
-        is_pert_k = (self.groups_k != CONTROL_GROUP) & ~np.char.startswith(self.groups_k.astype(str), NULL_GROUP_PREFIX)
-        return self.groups_k[is_pert_k]
-
-    def group_index(self, label: str) -> int:
-        return int(np.flatnonzero(self.groups_k == label)[0])
-
-    def effects(self) -> tuple[np.ndarray, Float[np.ndarray, "group gene"]]:
-        """(labels_k, effect_kg): pseudobulk minus control pseudobulk, for perturbations and null
-        groups. A null group is compared with the controls outside it, so it is an honest null."""
-        ctrl = self.group_index(CONTROL_GROUP)
-        n_ctrl = self.n_read_k[ctrl]
-        effect_kg = self.mean_log1p_kg - self.mean_log1p_kg[ctrl]
-        is_null_k = np.char.startswith(self.groups_k.astype(str), NULL_GROUP_PREFIX)
-        for k in np.flatnonzero(is_null_k):
-            n = self.n_read_k[k]
-            rest_g = (self.mean_log1p_kg[ctrl] * n_ctrl - self.mean_log1p_kg[k] * n) / (n_ctrl - n)
-            effect_kg[k] = self.mean_log1p_kg[k] - rest_g
-        keep_k = np.arange(len(self.groups_k)) != ctrl
-        return self.groups_k[keep_k], effect_kg[keep_k]
-
-
-# ----------------------------------------------------------------------------
-# the one pass over a dataset
-# ----------------------------------------------------------------------------
-
-def get_gene_keys(var: pd.DataFrame, spec: DatasetSpec) -> tuple[np.ndarray, np.ndarray]:
-    """(symbols_g, ensembl_ids_g) of a var table, "" where the file does not say.
-
-    Taken as the file states them: no lookup (that is nb/03's job), versions stripped.
-    """
-    index = var.index.astype(str).to_numpy()
-    blank = np.full(len(index), "", dtype=object)
-    if spec.gene_index == "symbol":
-        symbols = index
-        ids = var[spec.gene_id_column].astype(str).to_numpy() if spec.gene_id_column else blank
-    elif spec.gene_index == "ensembl":
-        ids = index
-        symbols = var[spec.gene_symbol_column].astype(str).to_numpy() if spec.gene_symbol_column else blank
-    else:
-        raise ValueError(f"{spec.name}: gene_index = {spec.gene_index!r}; use 'symbol' or 'ensembl'")
-    ids = np.array([strip_ensembl_version(i) for i in ids], dtype=object)
-    return np.asarray(symbols, dtype=object), ids
-
-
-def _read_row_chunk(x, rows_c: np.ndarray) -> scipy.sparse.csr_matrix:
-    """Rows of a backed X (sparse or dense) as float32 CSR; a contiguous run is read as a slice."""
-    contiguous = rows_c[-1] - rows_c[0] + 1 == len(rows_c)
-    block = x[int(rows_c[0]) : int(rows_c[-1]) + 1] if contiguous else x[rows_c]
-    block = block if scipy.sparse.issparse(block) else scipy.sparse.csr_matrix(np.asarray(block))
-    block = scipy.sparse.csr_matrix(block, dtype=np.float32)
-    block.eliminate_zeros()  # stored zeros would count as detected genes
-    return block
-
-
-def get_dataset_eda(
-    spec: DatasetSpec, data_root: str | os.PathLike | None, cfg: EdaConfig
-) -> DatasetEda:
-    """Read one dataset in row chunks and keep per-cell depth and per-group log1p means."""
-    import anndata
-
-    path = get_dataset_path(spec, data_root)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run nb/01_download.py --world {cfg.world} first")
-    adata = anndata.read_h5ad(path, backed="r")
-    try:
-        labels_c = adata.obs[spec.perturbation_key].astype(str).to_numpy()
-        if not (labels_c == spec.control_label).any():
-            raise ValueError(f"{spec.name}: no cells with {spec.perturbation_key} == {spec.control_label!r}")
-        symbols_g, ensembl_ids_g = get_gene_keys(adata.var, spec)
-        perts = np.unique(labels_c[labels_c != spec.control_label])
-        groups = np.concatenate([[CONTROL_GROUP], perts]).astype(object)
-        group_c = np.searchsorted(perts, labels_c) + 1  # perts is sorted; control gets 0 below
-        group_c[labels_c == spec.control_label] = 0
-        n_cells_k = np.bincount(group_c, minlength=len(groups))
-
-        rows_r = make_cell_subsample(adata.n_obs, cfg.max_cells_per_dataset, cfg.seed)
-        group_r = group_c[rows_r]
-        # Null groups: random disjoint sets of read control cells, each as big as the median
-        # perturbation (read), so their spread is what noise alone gives a perturbation.
-        n_read_pert = np.bincount(group_r, minlength=len(groups))[1:]
-        null_size = int(np.median(n_read_pert[n_read_pert > 0])) if (n_read_pert > 0).any() else 0
-        ctrl_r = np.flatnonzero(group_r == 0)
-        n_null = min(cfg.n_null_groups, len(ctrl_r) // (2 * null_size)) if null_size else 0  # keep half as reference
-        null_group_r = np.full(len(rows_r), -1)
-        if n_null:
-            chosen = np.random.default_rng([cfg.seed, 1]).permutation(ctrl_r)[: n_null * null_size]
-            null_group_r[chosen] = len(groups) + np.arange(len(chosen)) // null_size
-        groups = np.concatenate([groups, [f"{NULL_GROUP_PREFIX}{i}" for i in range(n_null)]]).astype(object)
-        n_groups = len(groups)
-
-        sum_kg = np.zeros((n_groups, adata.n_vars))
-        n_read_k = np.zeros(n_groups, dtype=np.int64)
-        umis_parts, genes_parts = [], []
-        starts = range(0, len(rows_r), cfg.chunk_cells)
-        for start in progress(starts, desc=f"{spec.name}: reading cells"):
-            chunk = slice(start, start + cfg.chunk_cells)
-            x_cg = _read_row_chunk(adata.X, rows_r[chunk])
-            log1p_cg = normalise_log1p(x_cg, spec.counts, where=f"{spec.name} rows {start}+")
-            # Depth is only recoverable from raw counts.
-            umis_c = np.asarray(x_cg.sum(axis=1)).ravel() if spec.counts == "raw" else np.full(x_cg.shape[0], np.nan)
-            umis_parts.append(umis_c)
-            genes_parts.append(np.diff(x_cg.indptr))
-            # Each cell adds to its group, and a null-group control cell also to its null group.
-            cells_c = np.arange(x_cg.shape[0])
-            in_null = null_group_r[chunk] >= 0
-            rows_k = np.concatenate([group_r[chunk], null_group_r[chunk][in_null]])
-            cols_c = np.concatenate([cells_c, cells_c[in_null]])
-            member_kc = scipy.sparse.csr_matrix((np.ones(len(rows_k)), (rows_k, cols_c)), shape=(n_groups, x_cg.shape[0]))
-            sum_kg += (member_kc @ log1p_cg).toarray()
-            n_read_k += np.bincount(rows_k, minlength=n_groups)
-    finally:
-        adata.file.close()
-
-    with np.errstate(invalid="ignore", divide="ignore"):
-        mean_log1p_kg = sum_kg / n_read_k[:, None]
-    n_cells_k = np.concatenate([n_cells_k, n_read_k[len(n_cells_k) :]])
-    return DatasetEda(
-        spec=spec,
-        n_cells=int(adata.n_obs),
-        groups_k=groups,
-        n_cells_k=n_cells_k,
-        n_read_k=n_read_k,
-        umis_c=np.concatenate(umis_parts),
-        genes_c=np.concatenate(genes_parts).astype(np.int64),
-        mean_log1p_kg=mean_log1p_kg,
-        symbols_g=symbols_g,
-        ensembl_ids_g=ensembl_ids_g,
-    )
-
-
-# ----------------------------------------------------------------------------
-# tables from the pass
-# ----------------------------------------------------------------------------
-
-
-def get_summary_table(edas: list[DatasetEda]) -> pd.DataFrame:
-    """One row per dataset: size, perturbations, control fraction, cells per perturbation, depth."""
-    rows = []
-    for e in edas:
-        is_pert_k = np.isin(e.groups_k, e.perturbations)
-        cells_per_pert = e.n_cells_k[is_pert_k]
-        n_ctrl = int(e.n_cells_k[e.group_index(CONTROL_GROUP)])
-        if e.spec.gene_index == "ensembl":
-            gene_ids = "ensembl"
-        else:
-            gene_ids = "symbol+ensembl" if e.spec.gene_id_column else "symbol only"
-        rows.append(
-            dict(
-                dataset=e.spec.name,
-                cell_type=e.spec.cell_type,
-                n_cells=e.n_cells,
-                n_genes=e.n_genes,
-                n_perturbations=int(is_pert_k.sum()),
-                n_control_cells=n_ctrl,
-                control_fraction=n_ctrl / e.n_cells,
-                median_cells_per_perturbation=float(np.median(cells_per_pert)) if len(cells_per_pert) else np.nan,
-                min_cells_per_perturbation=int(cells_per_pert.min()) if len(cells_per_pert) else 0,
-                n_cells_read=len(e.genes_c),
-                median_umis_per_cell=float(np.median(e.umis_c)),
-                median_genes_per_cell=float(np.median(e.genes_c)),
-                gene_ids=gene_ids,
-            )
-        )
-    return pd.DataFrame(rows)
-
-
-def get_cells_per_perturbation(e: DatasetEda) -> pd.Series:
-    """Cells per perturbation in the whole file (control and null groups excluded)."""
-    is_pert_k = np.isin(e.groups_k, e.perturbations)
-    return pd.Series(e.n_cells_k[is_pert_k], index=pd.Index(e.groups_k[is_pert_k], name="perturbation"), name=e.spec.name)
-
-
-def get_knockdown_table(e: DatasetEda) -> pd.DataFrame:
-    """Each perturbation's target gene in perturbed vs control cells (pseudobulk of log1p CP10K).
-
-    fraction_remaining = expm1(mean log1p pert) / expm1(mean log1p ctrl): pdex's fold change,
-    so 0.2 means 80% knockdown. log1p_delta = mean log1p pert - mean log1p ctrl. NaN with a
-    `reason` when the target is not measured (or not expressed in controls).
-    """
-    ctrl_g = e.mean_log1p_kg[e.group_index(CONTROL_GROUP)]
-    first_col = {}
-    for j, symbol in enumerate(e.symbols_g):
-        first_col.setdefault(symbol, j)  # duplicated symbols: the first column, like pandas' .loc
-    rows = []
-    for pert in e.perturbations:
-        k = e.group_index(pert)
-        row = dict(dataset=e.spec.name, perturbation=pert, n_cells=int(e.n_cells_k[k]), n_cells_read=int(e.n_read_k[k]),
-                   ctrl_log1p=np.nan, pert_log1p=np.nan, log1p_delta=np.nan, fraction_remaining=np.nan, reason="")
-        if not e.symbols_g.any():
-            row["reason"] = "no gene symbols in this file"
-        elif pert not in first_col:
-            row["reason"] = "target not measured"
-        elif e.n_read_k[k] == 0:
-            row["reason"] = "no cells read (subsample)"
-        else:
-            j = first_col[pert]
-            ctrl, treated = ctrl_g[j], e.mean_log1p_kg[k, j]
-            row.update(ctrl_log1p=ctrl, pert_log1p=treated, log1p_delta=treated - ctrl)
-            if ctrl > 0:
-                row["fraction_remaining"] = np.expm1(treated) / np.expm1(ctrl)
-            else:
-                row["reason"] = "target not detected in control cells"
-        rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def get_effect_size_table(e: DatasetEda, threshold: float) -> pd.DataFrame:
-    """Per perturbation (and null group): L1, L2 and genes moved beyond `threshold` of its effect.
-
-    The target gene itself is left out (its knockdown is not a downstream effect, and the
-    PDS score leaves it out too). `is_null` rows are random control groups: the noise floor.
-    """
-    labels_k, effect_kg = e.effects()
-    col_of = {s: j for j, s in reversed(list(enumerate(e.symbols_g)))} if e.symbols_g.any() else {}
-    target_col_k = np.array([col_of.get(label, -1) for label in labels_k])
-    has_target = target_col_k >= 0
-    effect_kg = effect_kg.copy()
-    effect_kg[np.flatnonzero(has_target), target_col_k[has_target]] = 0.0
-    valid_g = ~np.isnan(e.mean_log1p_kg[e.group_index(CONTROL_GROUP)])
-    abs_kg = np.abs(effect_kg[:, valid_g])
-    keep_k = np.isin(labels_k, e.groups_k[e.n_read_k > 0])
-    return pd.DataFrame(
-        dict(
-            dataset=e.spec.name,
-            perturbation=labels_k,
-            is_null=np.char.startswith(labels_k.astype(str), NULL_GROUP_PREFIX),
-            n_cells_read=e.n_read_k[[e.group_index(label) for label in labels_k]],
-            l1=abs_kg.sum(axis=1),
-            l2=np.sqrt((abs_kg**2).sum(axis=1)),
-            n_genes_above=(abs_kg > threshold).sum(axis=1),
-            target_excluded=has_target,
-        )
-    )[keep_k].reset_index(drop=True)
-
-
-def _overlap_matrix(names: list[str], sets: list[set]) -> pd.DataFrame:
-    counts = [[len(a & b) for b in sets] for a in sets]
-    return pd.DataFrame(counts, index=pd.Index(names, name="dataset"), columns=names)
-
-
-def get_perturbation_overlap(edas: list[DatasetEda]) -> pd.DataFrame:
-    """Perturbations (by symbol) shared by each pair of datasets; the diagonal is each one's own count."""
-    return _overlap_matrix([e.spec.name for e in edas], [set(e.perturbations) for e in edas])
-
-
-def get_gene_overlap(edas: list[DatasetEda]) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """(shared gene counts, what each pair was matched on).
-
-    By Ensembl id when both files have ids, else by symbol (the EDA's stand-in: the proper
-    mapping, with a lookup for files without ids, is nb/03). The diagonal is each dataset's
-    own number of distinct genes (by id when it has ids).
-    """
-    names = [e.spec.name for e in edas]
-    has_ids = [bool(e.ensembl_ids_g.all()) for e in edas]
-    counts = pd.DataFrame(0, index=pd.Index(names, name="dataset"), columns=names)
-    matched_on = pd.DataFrame("", index=pd.Index(names, name="dataset"), columns=names)
-    for i, a in enumerate(edas):
-        for j, b in enumerate(edas):
-            key = "ensembl" if has_ids[i] and has_ids[j] else "symbol"
-            keys_a, keys_b = (a.ensembl_ids_g, b.ensembl_ids_g) if key == "ensembl" else (a.symbols_g, b.symbols_g)
-            shared = set(keys_a) & set(keys_b) - {""}
-            counts.iloc[i, j], matched_on.iloc[i, j] = len(shared), key
-    return counts, matched_on
-
-
-# ----------------------------------------------------------------------------
-# effects across datasets
-# ----------------------------------------------------------------------------
-
-
-def get_shared_gene_effects(
-    edas: list[DatasetEda], min_cells: int
-) -> tuple[pd.DataFrame, Float[np.ndarray, "row gene"], np.ndarray]:
-    """Pseudobulk effects of every (dataset, perturbation) with >= `min_cells` cells read, on the
-    genes every dataset measures (matched by symbol: every file here names them).
-
-    Returns (rows: dataset, perturbation, n_cells_read), effect_rg, shared symbols (sorted).
-    """
-    with_symbols = [e for e in edas if e.symbols_g.any()]
-    if len(with_symbols) < len(edas):
-        skipped = [e.spec.name for e in edas if not e.symbols_g.any()]
-        raise ValueError(f"datasets without gene symbols cannot be matched here: {skipped}")
-    shared = sorted(set.intersection(*(set(e.symbols_g) for e in edas)) - {""})
-    rows, blocks = [], []
-    for e in edas:
-        col_of = {s: j for j, s in reversed(list(enumerate(e.symbols_g)))}
-        cols = np.array([col_of[s] for s in shared], dtype=np.int64)
-        labels_k, effect_kg = e.effects()
-        n_read_k = np.array([e.n_read_k[e.group_index(label)] for label in labels_k])
-        keep_k = np.isin(labels_k, e.perturbations) & (n_read_k >= max(min_cells, 1))
-        blocks.append(effect_kg[keep_k][:, cols])
-        rows.append(pd.DataFrame(dict(dataset=e.spec.name, perturbation=labels_k[keep_k], n_cells_read=n_read_k[keep_k])))
-    return pd.concat(rows, ignore_index=True), np.concatenate(blocks).astype(np.float64), np.array(shared, dtype=object)
-
-
-@typechecked
-def get_pca(
-    effect_rg: Float[np.ndarray, "row gene"], n_components: int = 2
-) -> tuple[Float[np.ndarray, "row pc"], Float[np.ndarray, " pc"]]:
-    """(scores, explained variance ratio) of a PCA on centred rows; truncated SVD, deterministic."""
-    centred_rg = effect_rg - effect_rg.mean(axis=0)
-    v0 = np.ones(min(centred_rg.shape))  # ARPACK's start vector, fixed so reruns agree
-    u, s, _ = scipy.sparse.linalg.svds(centred_rg, k=n_components, v0=v0)
-    order = np.argsort(s)[::-1]
-    u, s = u[:, order], s[order]
-    sign = np.sign(u[np.abs(u).argmax(axis=0), np.arange(n_components)])  # fix the SVD's sign freedom
-    return u * s * sign, s**2 / (centred_rg**2).sum()
-
-
-def get_effect_pca(edas: list[DatasetEda], min_cells: int, n_components: int = 2) -> tuple[pd.DataFrame, np.ndarray, int]:
-    """PCA of all datasets' pseudobulk effects together on their shared genes.
-
-    Returns (rows with pc1..pcN, explained variance ratio, number of shared genes).
-    """
-    rows, effect_rg, shared = get_shared_gene_effects(edas, min_cells)
-    scores_rp, explained_p = get_pca(effect_rg, n_components)
-    for i in range(n_components):
-        rows[f"pc{i + 1}"] = scores_rp[:, i]
-    return rows, explained_p, len(shared)
-
-
-def get_same_perturbation_correlation(edas: list[DatasetEda], min_cells: int) -> pd.DataFrame:
-    """Per pair of datasets: Pearson r of effects (shared genes) for the same perturbation vs
-    for different perturbations. Same > different means effects carry over across cell types;
-    by chance, frac_same_above_different_p95 would be 0.05."""
-    rows, effect_rg, _ = get_shared_gene_effects(edas, min_cells)
-    centred_rg = effect_rg - effect_rg.mean(axis=1, keepdims=True)
-    unit_rg = centred_rg / np.maximum(np.linalg.norm(centred_rg, axis=1, keepdims=True), 1e-12)
-    names = [e.spec.name for e in edas]
-    out = []
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            rows_a, rows_b = rows.index[rows.dataset == a], rows.index[rows.dataset == b]
-            r_ab = unit_rg[rows_a] @ unit_rg[rows_b].T
-            same_ab = rows.perturbation.to_numpy()[rows_a][:, None] == rows.perturbation.to_numpy()[rows_b][None]
-            if not same_ab.any() or same_ab.all():
-                out.append(dict(dataset_a=a, dataset_b=b, n_shared=int(same_ab.sum())))
-                continue
-            # Most perturbations are weak, so medians sit near 0 either way; the share of
-            # same-perturbation pairs beyond what 95% of different pairs reach is the signal.
-            different_p95 = np.quantile(r_ab[~same_ab], 0.95)
-            out.append(
-                dict(dataset_a=a, dataset_b=b, n_shared=int(same_ab.sum()),
-                     median_r_same=float(np.median(r_ab[same_ab])), median_r_different=float(np.median(r_ab[~same_ab])),
-                     frac_same_above_different_p95=float((r_ab[same_ab] > different_p95).mean()))
-            )
-    return pd.DataFrame(out)
-
-
-def get_eda_dir(data_root: str | os.PathLike | None) -> pathlib.Path:
-    """Where nb/02_eda.py writes its figures and CSVs."""
-    return get_data_root(data_root) / "figures" / "02_eda"
-
-
-# ----------------------------------------------------------------------------
-# loader
-# ----------------------------------------------------------------------------
+# ==================================================================================================
+# loader: nb/05_train.py
+# ==================================================================================================
 
 
 CONTROL_TOKEN = "<control>"
+
+
 OOV_TOKEN = "<oov>"
 
 
@@ -2504,14 +2660,25 @@ class CellSetBatches:
     (logbook 2026-11-26, loader). Opens the store lazily, so it pickles into grain workers.
     """
 
-    def __init__(self, store_dir: str | os.PathLike, index: pd.DataFrame, examples: pd.DataFrame, pert_ids: np.ndarray,
-                 cfg: LoaderConfig, process_index: int = 0, process_count: int = 1):
+    def __init__(
+        self,
+        store_dir: str | os.PathLike,
+        index: pd.DataFrame,
+        examples: pd.DataFrame,
+        pert_ids: np.ndarray,
+        cfg: LoaderConfig,
+        process_index: int = 0,
+        process_count: int = 1,
+    ):
         self.store_dir = str(store_dir)
         self.cfg = cfg
         self.pert_ids = np.asarray(pert_ids, np.int32)
         self.rows_k2 = examples[["start", "stop"]].to_numpy(np.int64)
         self.control_rows_k2 = index.loc[examples["control_group"], ["start", "stop"]].to_numpy(np.int64)
-        self.local = slice(process_index * cfg.sets_per_batch // process_count, (process_index + 1) * cfg.sets_per_batch // process_count)
+        self.local = slice(
+            process_index * cfg.sets_per_batch // process_count,
+            (process_index + 1) * cfg.sets_per_batch // process_count,
+        )
         self._x_cg = None
         self._epoch_order = (-1, np.empty(0, np.int64))
 
@@ -2537,7 +2704,9 @@ class CellSetBatches:
             out[epoch_b == epoch] = self._epoch_order[1][positions[epoch_b == epoch] % n]
         return out
 
-    def sample_rows(self, start_k: Int[np.ndarray, " k"], stop_k: Int[np.ndarray, " k"], rng: np.random.Generator) -> Int[np.ndarray, "k s"]:
+    def sample_rows(
+        self, start_k: Int[np.ndarray, " k"], stop_k: Int[np.ndarray, " k"], rng: np.random.Generator
+    ) -> Int[np.ndarray, "k s"]:
         """S store rows per group, sorted (sequential reads): uniform without replacement where
         the group has >= S cells, up-sampled with replacement where it has fewer.
 
@@ -2559,8 +2728,12 @@ class CellSetBatches:
         pert_bs = self.sample_rows(*self.rows_k2[examples_b].T, rng)[self.local]
         examples_b = examples_b[self.local]
         shape = (len(examples_b), self.cfg.set_size, -1)
-        return {"ctrl_bsg": self.x_cg[ctrl_bs.ravel()].reshape(shape), "pert_bsg": self.x_cg[pert_bs.ravel()].reshape(shape),
-                "pert_id_b": self.pert_ids[examples_b], "example_b": examples_b}
+        return {
+            "ctrl_bsg": self.x_cg[ctrl_bs.ravel()].reshape(shape),
+            "pert_bsg": self.x_cg[pert_bs.ravel()].reshape(shape),
+            "pert_id_b": self.pert_ids[examples_b],
+            "example_b": examples_b,
+        }
 
 
 def make_loader(
@@ -2588,8 +2761,11 @@ def make_loader(
     if cfg.sets_per_batch % process_count:
         raise ValueError(f"sets_per_batch={cfg.sets_per_batch} must divide across {process_count} processes")
     examples = make_example_groups(
-        store.index, datasets=cfg.datasets, exclude_perturbations=exclude_perturbations,
-        target_dataset=target_dataset, control_sets=cfg.control_sets,
+        store.index,
+        datasets=cfg.datasets,
+        exclude_perturbations=exclude_perturbations,
+        target_dataset=target_dataset,
+        control_sets=cfg.control_sets,
     )
     pert_ids = vocab.ids(examples["perturbation"], is_control=examples["is_control"])
     source = CellSetBatches(store.store_dir, store.index, examples, pert_ids, cfg, process_index, process_count)
@@ -2607,7 +2783,9 @@ def iter_batches(dataset, cfg: LoaderConfig):
     import grain
 
     if cfg.worker_count == 0:
-        return iter(dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=cfg.prefetch_batches)))
+        return iter(
+            dataset.to_iter_dataset(grain.ReadOptions(num_threads=1, prefetch_buffer_size=cfg.prefetch_batches))
+        )
     import absl.flags  # grain 0.2.18 workers read an absl flag nobody parsed (google/grain#1355)
 
     absl.flags.FLAGS.mark_as_parsed()
@@ -2616,9 +2794,11 @@ def iter_batches(dataset, cfg: LoaderConfig):
     return iter(dataset.to_iter_dataset(read).mp_prefetch(options))
 
 
-# ----------------------------------------------------------------------------
-# model & losses
-# ----------------------------------------------------------------------------
+# ==================================================================================================
+# model: nb/05_train.py
+# ==================================================================================================
+
+
 # The ST set transformer in equinox, its losses, and one train step (which the train and
 # infer code builds on).
 #
@@ -2629,11 +2809,6 @@ def iter_batches(dataset, cfg: LoaderConfig):
 # a set of S control cells and one perturbation's feature vector go in; S predicted
 # perturbed cells come out. `SetTransformer.__call__` takes ONE set; the loss vmaps over
 # the batch (the equinox-examples style).
-
-
-# ----------------------------------------------------------------------------
-# model
-# ----------------------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2731,7 +2906,7 @@ class SwiGLU(eqx.Module):
         self.down = eqx.nn.Linear(inner, hidden, use_bias=False, key=down_key)
 
     @typechecked
-    def __call__(self, x_h: Float[Array, "hidden"]) -> Float[Array, "hidden"]:
+    def __call__(self, x_h: Float[Array, " hidden"]) -> Float[Array, " hidden"]:
         return self.down(jax.nn.silu(self.gate(x_h)) * self.up(x_h))
 
 
@@ -2772,7 +2947,7 @@ class PertEncoder(eqx.Module):
         self.n_features = n_features
 
     @typechecked
-    def __call__(self, pert_f: Float[Array, "feat"]) -> Float[Array, "hidden"]:
+    def __call__(self, pert_f: Float[Array, " feat"]) -> Float[Array, " hidden"]:
         assert pert_f.shape == (self.n_features,), f"perturbation features {pert_f.shape} != ({self.n_features},)"
         return self.mlp(pert_f)
 
@@ -2810,8 +2985,11 @@ class SetTransformer(eqx.Module):
         decoder = make_mlp(h, cfg.n_genes, h, cfg.n_encoder_layers, key=decoder_key)
         if cfg.residual_output:  # the change starts at 0: a fresh model is the control baseline
             last = decoder.layers[-1]
-            decoder = eqx.tree_at(lambda d: (d.layers[-1].weight, d.layers[-1].bias), decoder,
-                                  (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)))
+            decoder = eqx.tree_at(
+                lambda d: (d.layers[-1].weight, d.layers[-1].bias),
+                decoder,
+                (jnp.zeros_like(last.weight), jnp.zeros_like(last.bias)),
+            )
         self.decoder = decoder
         self.effect_gain_g = jnp.zeros(cfg.n_genes) if cfg.direct_effect else None
         self.knockdown = jnp.zeros(()) if cfg.direct_effect else None
@@ -2821,11 +2999,11 @@ class SetTransformer(eqx.Module):
         self.center_control = cfg.center_control
 
     @typechecked
-    def __call__(self, ctrl_sg: Float[Array, "set gene"], pert_f: Float[Array, "feat"]) -> Float[Array, "set gene"]:
+    def __call__(self, ctrl_sg: Float[Array, "set gene"], pert_f: Float[Array, " feat"]) -> Float[Array, "set gene"]:
         assert ctrl_sg.shape[1] == self.n_genes, f"control cells have {ctrl_sg.shape[1]} genes, model {self.n_genes}"
         if self.effect_gain_g is not None:  # the feature vector's tail: gene-space effect, target indicator
             g = self.n_genes
-            pert_f, effect_g, target_g = pert_f[: -2 * g], pert_f[-2 * g: -g], pert_f[-g:]
+            pert_f, effect_g, target_g = pert_f[: -2 * g], pert_f[-2 * g : -g], pert_f[-g:]
         basal_sh = jax.vmap(self.basal_encoder)(ctrl_sg)
         h_sh = basal_sh + self.pert_encoder(pert_f)[None, :]
         for block in self.blocks:
@@ -2882,24 +3060,48 @@ def make_onehot_features(pert_ids_b: Int[np.ndarray, " b"], n_perts: int) -> Flo
     inside jit JAX would clamp it to a valid row without a word."""
     bad = (pert_ids_b < 0) | (pert_ids_b >= n_perts)
     if bad.any():
-        raise IndexError(f"perturbation ids {np.unique(pert_ids_b[bad])[:5]} outside [0, {n_perts}): rebuild the vocabulary or map unknowns to OOV (id 1)")
+        raise IndexError(
+            f"perturbation ids {np.unique(pert_ids_b[bad])[:5]} outside [0, {n_perts}): rebuild the vocabulary or map unknowns to OOV (id 1)"
+        )
     onehot_bf = np.zeros((len(pert_ids_b), n_perts), dtype=np.float32)
     onehot_bf[np.arange(len(pert_ids_b)), pert_ids_b] = 1.0
     return onehot_bf
 
 
 @typechecked
-def get_pert_features(table_pf: Float[np.ndarray, "p f"], pert_ids_b: Int[np.ndarray, " b"]) -> Float[np.ndarray, "b f"]:
+def get_pert_features(
+    table_pf: Float[np.ndarray, "p f"], pert_ids_b: Int[np.ndarray, " b"]
+) -> Float[np.ndarray, "b f"]:
     """Rows of a per-perturbation feature table (e.g. ESM2 of the target gene), range-checked."""
     bad = (pert_ids_b < 0) | (pert_ids_b >= len(table_pf))
     if bad.any():
-        raise IndexError(f"perturbation ids {np.unique(pert_ids_b[bad])[:5]} outside the {len(table_pf)}-row feature table")
+        raise IndexError(
+            f"perturbation ids {np.unique(pert_ids_b[bad])[:5]} outside the {len(table_pf)}-row feature table"
+        )
     return table_pf[pert_ids_b]
 
 
-# ----------------------------------------------------------------------------
-# losses
-# ----------------------------------------------------------------------------
+MAX_LOG1P_EXPRESSION = 14.0
+"""Inference clips predictions to [0, this] (STATE does; cell-eval rejects log1p values >= 15)."""
+
+
+@eqx.filter_jit
+@typechecked
+def predict_sets(
+    model: SetTransformer,
+    ctrl_bsg: Float[Array, "batch set gene"],
+    pert_features_bf: Float[Array, "batch feat"],
+    max_expression: float = MAX_LOG1P_EXPRESSION,
+) -> Float[Array, "batch set gene"]:
+    """Predicted perturbed sets, clipped to [0, max_expression]."""
+    return jnp.clip(jax.vmap(model)(ctrl_bsg, pert_features_bf), 0.0, max_expression)
+
+
+# ==================================================================================================
+# losses: nb/05_train.py
+# ==================================================================================================
+
+
 # Set losses follow geomloss's `SamplesLoss` kernel norms, 0.5 * ||alpha - beta||_k^2
 # with uniform weights (geomloss/kernel_samples.py):
 #   energy   k(x, y) = -||x - y||             (SamplesLoss("energy"))
@@ -3015,9 +3217,9 @@ def compute_loss(
     return loss, terms
 
 
-# ----------------------------------------------------------------------------
-# train step and inference (the train/infer sections build on these)
-# ----------------------------------------------------------------------------
+# ==================================================================================================
+# train & checkpoints: nb/05_train.py
+# ==================================================================================================
 
 
 def make_optimizer(learning_rate: float = 1e-4, grad_clip: float = 10.0) -> optax.GradientTransformation:
@@ -3057,2157 +3259,9 @@ def init_opt_state(model: SetTransformer, optimizer: optax.GradientTransformatio
     return optimizer.init(eqx.filter(model, eqx.is_inexact_array))
 
 
-MAX_LOG1P_EXPRESSION = 14.0
-"""Inference clips predictions to [0, this] (STATE does; cell-eval rejects log1p values >= 15)."""
+# -------------------- perturbation features for unseen perturbations ------------------------------
 
 
-@eqx.filter_jit
-@typechecked
-def predict_sets(
-    model: SetTransformer,
-    ctrl_bsg: Float[Array, "batch set gene"],
-    pert_features_bf: Float[Array, "batch feat"],
-    max_expression: float = MAX_LOG1P_EXPRESSION,
-) -> Float[Array, "batch set gene"]:
-    """Predicted perturbed sets, clipped to [0, max_expression]."""
-    return jnp.clip(jax.vmap(model)(ctrl_bsg, pert_features_bf), 0.0, max_expression)
-
-
-# ----------------------------------------------------------------------------
-# metrics
-# ----------------------------------------------------------------------------
-#
-# What it computes (SPEC.md §2-3), per perturbation p, control excluded, then averaged:
-#
-#     des   overlap_at_N            |R ∩ P[:|R|]| / |R| over DE genes (BH p_adj < 0.05) ranked by |log2 FC|
-#     pds   discrimination_score_l1 1 - rank/N of the true p among L1 distances pred effect -> real effects
-#     mae   mae                     mean over genes of |pred pseudobulk - real pseudobulk| (log1p space)
-#
-# and `normalised_score` against a baseline scored the same way (the cell-mean baseline from
-# `make_cell_mean_baseline`). Two scorer generations, named in every output as `mode`:
-#
-#     vcc2025  cell-eval 0.6.x + pdex 0.1.2x (scored VCC 2025; the default): scipy's "auto" U test
-#              (exact when min(n1, n2) <= 8 and no ties), one BH over all (perturbation, gene) pairs,
-#              fold change clipped to [1/20, 20] for one-sided zeros.
-#     current  cell-eval >= 0.7 + pdex >= 0.2: asymptotic U test only, BH per perturbation,
-#              log2 FC unclipped (+-inf for one-sided zeros, 0 when both means are 0).
-#
-# Speed: instead of one U test per (perturbation, gene), each gene's column (all groups at once)
-# is sorted once as int64 keys (gene, value bits, group), and every group's rank sum and tie
-# term against the control falls out of one pass over the sorted keys. Zeros never enter the
-# sort: they are one tie block whose contribution is counted. Work streams over gene chunks,
-# so memory stays bounded by `chunk_elements`, whatever the number of perturbations.
-#
-# Float details copied from the reference so DE sets match exactly (they only matter at
-# near-ties): group means are float32 when X is float32 (numpy's pairwise mean per column for
-# vcc2025, the sequential axis-0 mean for current), ranking keys are |log2 FC| cast to float32,
-# significance is float32(p_adj) < 0.05, ties in rank go to the earlier gene.
-
-
-ScoreMode = Literal["vcc2025", "current"]
-SCORE_MODES: tuple[str, ...] = ("vcc2025", "current")
-DE_FDR_THRESHOLD = 0.05
-"""Significant = BH-adjusted p below this (strictly), compared in float32 like cell-eval."""
-VCC2025_FOLD_CHANGE_CLIP = 20.0
-"""pdex 0.1.2x: fold change when only the control mean is 0 (1/20 when only the target's is)."""
-CELL_EVAL_LOG1P_MAX = 15.0
-"""cell-eval rejects log1p data whose max reaches this (raw counts or mixed scales)."""
-MWU_EXACT_MAX_N = 8
-"""scipy's "auto" U test is exact when min(n1, n2) <= 8 and there are no ties."""
-DEFAULT_CHUNK_ELEMENTS = 4_000_000
-"""Nonzero values sorted at once in the DE pass (~100 bytes of scratch each)."""
-
-
-# ----------------------------------------------------------------------------
-# input checks (SPEC §3): one clear error per problem, naming the fix
-# ----------------------------------------------------------------------------
-
-
-def check_expression_matrix(x, *, which: str) -> None:
-    """Raise ValueError unless `x` (dense or sparse, cells x genes) is finite log1p data in [0, 15)."""
-    if x is None or 0 in x.shape:
-        raise ValueError(f"{which}: the expression matrix is empty; pass an AnnData with cells and genes in X.")
-    dtype = x.dtype
-    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
-        raise ValueError(f"{which}: X has dtype {dtype}; store expression as float32 log1p values.")
-    values = x.data if scipy.sparse.issparse(x) else np.asarray(x)
-    if np.issubdtype(dtype, np.floating):
-        _de_kernels()
-        # cell-eval's rule: no fractional part above 1e-3 anywhere means raw counts
-        # (compared in X's dtype, as numpy compares an array with a Python float).
-        threshold = dtype.type(1e-3)
-        if dtype not in (np.float32, np.float64):  # float16: exact in float32
-            values, threshold = values.astype(np.float32), np.float32(threshold)
-        values = values if values.ndim == 2 else values.reshape(1, -1)
-        n_bad, lo, hi, has_fraction = _de_value_summary(values, threshold)
-        n_bad, lo, hi, has_fraction = int(n_bad), float(lo), float(hi), bool(has_fraction)
-    else:  # integer X: always integer-valued (lib's numpy path raised OverflowError here)
-        n_bad, hi, has_fraction = 0, -np.inf, False
-        lo = float(values.min()) if values.size else np.inf
-    if n_bad:
-        raise ValueError(
-            f"{which}: X holds {n_bad} NaN/inf values; fix the model output (e.g. np.nan_to_num, then clip) before scoring."
-        )
-    if lo < 0:
-        raise ValueError(
-            f"{which}: X has negative values (min {lo:.3g}); log1p expression is >= 0, so clip predictions to [0, 14]."
-        )
-    if not has_fraction:
-        raise ValueError(
-            f"{which}: X is integer-valued, which looks like raw counts; normalise it first "
-            "(normalize_total then log1p, the project's one normalisation function)."
-        )
-    if hi >= CELL_EVAL_LOG1P_MAX:
-        raise ValueError(
-            f"{which}: X reaches {hi:.3g}, beyond the log1p range [0, {CELL_EVAL_LOG1P_MAX:g}); "
-            "this looks like counts or mixed scales: normalise with normalize_total + log1p."
-        )
-
-
-def check_score_inputs(real, pred, *, control_label: str = "non-targeting", pert_col: str = "target_gene") -> None:
-    """Raise ValueError if real/pred cannot be scored against each other (SPEC §3)."""
-    for which, adata in (("real", real), ("pred", pred)):
-        if pert_col not in adata.obs.columns:
-            raise ValueError(
-                f"{which}: obs has no column {pert_col!r} (has {list(adata.obs.columns)}); pass pert_col= the perturbation column."
-            )
-    genes_real = np.asarray(real.var_names, dtype=str)
-    genes_pred = np.asarray(pred.var_names, dtype=str)
-    if not np.array_equal(genes_real, genes_pred):
-        if genes_real.size == genes_pred.size and set(genes_real) == set(genes_pred):
-            first = int(np.flatnonzero(genes_real != genes_pred)[0])
-            raise ValueError(
-                "gene-order trap: pred has the same genes as real but in a different order "
-                f"(column {first}: real {genes_real[first]!r}, pred {genes_pred[first]!r}); "
-                "reorder pred's columns with pred[:, real.var_names] before scoring."
-            )
-        missing = sorted(set(genes_real) - set(genes_pred))[:5]
-        extra = sorted(set(genes_pred) - set(genes_real))[:5]
-        raise ValueError(
-            f"gene mismatch: real has {genes_real.size} genes, pred {genes_pred.size} "
-            f"(missing from pred e.g. {missing}, extra in pred e.g. {extra}); "
-            "predict exactly real's genes, in real's order (gene_names.csv)."
-        )
-    perts = {}
-    for which, adata in (("real", real), ("pred", pred)):
-        labels = set(np.asarray(adata.obs[pert_col], dtype=str))
-        if control_label not in labels:
-            raise ValueError(
-                f"{which}: no control cells ({pert_col} == {control_label!r}); "
-                "include control cells (real controls are fine for pred) or pass control_label=."
-            )
-        perts[which] = labels - {control_label}
-    if perts["real"] != perts["pred"]:
-        only_real = sorted(perts["real"] - perts["pred"])[:5]
-        only_pred = sorted(perts["pred"] - perts["real"])[:5]
-        raise ValueError(
-            f"perturbation sets differ: only in real e.g. {only_real}, only in pred e.g. {only_pred}; "
-            "predict every real perturbation and no others."
-        )
-    if not perts["real"]:
-        raise ValueError("real has only control cells; scoring needs at least one perturbation.")
-    check_expression_matrix(real.X, which="real")
-    check_expression_matrix(pred.X, which="pred")
-
-
-# ----------------------------------------------------------------------------
-# Mann-Whitney U, BH, fold changes
-# ----------------------------------------------------------------------------
-
-
-def mwu_exact_cdf(n1: int, n2: int, k_max: int) -> Float[np.ndarray, " k"]:
-    """P(U <= k) for k = 0..k_max under H0 without ties (sizes n1, n2), from exact integer counts.
-
-    The counts are coefficients of the Gaussian binomial prod_{i<=m} (1 - q^(n+i)) / (1 - q^i)
-    (m = min, n = max size); truncating the series at k_max keeps the low coefficients exact.
-    Python ints (object arrays) because the counts overflow int64 for ~40k control cells.
-    """
-    m, n = min(n1, n2), max(n1, n2)
-    k_max = min(int(k_max), m * n)
-    counts = np.zeros(k_max + 1, dtype=object)
-    counts[:] = 0
-    counts[0] = 1
-    for i in range(1, m + 1):
-        for r in range(min(i, k_max + 1)):  # divide by (1 - q^i): strided running sums
-            counts[r::i] = np.cumsum(counts[r::i])
-        shift = n + i
-        if shift <= k_max:  # multiply by (1 - q^(n+i))
-            counts[shift:] = counts[shift:] - counts[:-shift].copy()
-    total = math.comb(n1 + n2, n1)
-    return np.array([c / total for c in np.cumsum(counts)], dtype=np.float64)
-
-
-def mann_whitney_pvalues(
-    u1_kg: Float[np.ndarray, "k g"],
-    tie_term_kg: Float[np.ndarray, "k g"],
-    n1_k: Int[np.ndarray, " k"],
-    n2: int,
-    *,
-    mode: ScoreMode = "vcc2025",
-) -> Float[np.ndarray, "k g"]:
-    """Two-sided U-test p-values from U1 and sum(t^3 - t), as scipy (vcc2025) or pdex>=0.2 (current).
-
-    Continuity correction and tie-corrected variance; a constant gene (zero variance) gets p = 1.
-    vcc2025 follows scipy's "auto": exact distribution when min(n1, n2) <= 8 and no ties.
-    """
-    n1 = np.asarray(n1_k, dtype=np.int64)[:, None]
-    n = n1 + n2
-    u2 = n1 * n2 - u1_kg
-    u = np.maximum(u1_kg, u2)
-    mu = n1 * n2 / 2
-    # Same operation order as scipy's _get_mwu_z so the numbers agree to the last bits.
-    var = n1 * n2 / 12 * ((n + 1) - tie_term_kg / (n * (n - 1)))
-    with np.errstate(divide="ignore", invalid="ignore"):
-        z = (u - mu - 0.5) / np.sqrt(var)
-        if mode == "vcc2025":
-            p = 2 * scipy.special.ndtr(-z)
-        else:  # numba_mwu: 0.5 * erfc(z / sqrt 2), doubled
-            p = 2 * (0.5 * scipy.special.erfc(z / math.sqrt(2.0)))
-    # var == 0 only for a constant gene (scipy: z = -inf -> p clipped to 1); rounding could
-    # make it slightly negative for huge n, which must not become NaN.
-    p = np.where(var > 0, p, 1.0)
-    p = np.clip(p, 0.0, 1.0)
-    if mode == "vcc2025":
-        exact_kg = (np.minimum(n1, n2) <= MWU_EXACT_MAX_N) & (tie_term_kg == 0)
-        for k in np.flatnonzero(exact_kg.any(axis=1)):
-            genes = np.flatnonzero(exact_kg[k])
-            k_c = (int(n1[k, 0]) * n2 - u[k, genes]).astype(np.int64)  # P(U >= u) = P(U <= n1 n2 - u)
-            cdf = mwu_exact_cdf(int(n1[k, 0]), n2, int(k_c.max()))
-            p[k, genes] = np.minimum(1.0, 2 * cdf[k_c])
-    return p
-
-
-def benjamini_hochberg(p: Float[np.ndarray, "*shape"], *, axis: int | None = None) -> Float[np.ndarray, "*shape"]:
-    """BH-adjusted p-values (scipy.stats.false_discovery_control), over everything or along `axis`."""
-    p = np.asarray(p, dtype=np.float64)
-    return scipy.stats.false_discovery_control(p, axis=axis, method="bh").reshape(p.shape)
-
-
-def log2_fold_change(
-    target_mean: Float[np.ndarray, "*s"], control_mean: Float[np.ndarray, "*s"], *, mode: ScoreMode
-) -> Float[np.ndarray, "*s"]:
-    """log2(target / control) of expm1(mean log1p) means with each generation's zero rules.
-
-    vcc2025: both 0 -> 0, control 0 -> log2 20, target 0 -> log2(1/20). current: unclipped
-    (+-inf for one-sided zeros), both 0 -> 0.
-    """
-    t, c = np.asarray(target_mean), np.asarray(control_mean)
-    if mode == "current":
-        with np.errstate(divide="ignore", invalid="ignore"):
-            lfc = np.log2(t.astype(np.float64) / c.astype(np.float64))
-        return np.where(np.isnan(lfc), 0.0, lfc)
-    return np.log2(_vcc2025_fold_change(t, c))
-
-
-def _vcc2025_fold_change(t: np.ndarray, c: np.ndarray) -> np.ndarray:
-    """pdex 0.1.2x's fold change as float64: the quotient in the data's dtype, clipped for zeros."""
-    with np.errstate(divide="ignore", invalid="ignore"):
-        fc = (t / c).astype(np.float64)
-    fc = np.where(c == 0, VCC2025_FOLD_CHANGE_CLIP, fc)
-    fc = np.where(t == 0, 1 / VCC2025_FOLD_CHANGE_CLIP, fc)
-    return np.where((t == 0) & (c == 0), 1.0, fc)
-
-
-def _abs_log2fc_rank_key(
-    target_mean: Float[np.ndarray, "k g"], control_mean: Float[np.ndarray, " g"], *, mode: ScoreMode
-) -> Float[np.ndarray, "k g"]:
-    """|log2 FC| exactly as cell-eval ranks it: float32, from its own log and dtype path.
-
-    vcc2025: pdex's fold_change column is float32 unless some pair was clipped (then pandas
-    makes it float64), and polars takes log base 2 as ln(x)/ln(2) in that dtype.
-    """
-    if mode == "current":
-        return np.abs(log2_fold_change(target_mean, control_mean[None, :], mode="current")).astype(np.float32)
-    t, c = target_mean, control_mean[None, :]
-    fc = _vcc2025_fold_change(t, c)
-    if ((t == 0) | (c == 0)).any() or t.dtype != np.float32:
-        lfc = (np.log(fc) / np.log(2.0)).astype(np.float32)
-    else:
-        # polars on Float32: ln in float32 (libm logf, ~correctly rounded) over float32 ln 2.
-        lfc = np.log(fc).astype(np.float32) / np.float32(math.log(2.0))
-    return np.abs(lfc).astype(np.float32)
-
-
-# ----------------------------------------------------------------------------
-# the one pass over the data: per group and gene, rank sums, ties, means
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _GroupGeneStats:
-    """Everything the scores need from one matrix, per group k (sorted labels) and gene g."""
-
-    groups: np.ndarray
-    n_k: np.ndarray
-    control_index: int
-    twice_u1_kg: np.ndarray  # 2 * U1 of group k vs control (integer-valued float64)
-    tie_term_kg: np.ndarray  # sum(t^3 - t) over ties of group k + control (int64)
-    log1p_mean_kg: np.ndarray  # mean in X's dtype, summed like the reference (see mode)
-    pseudobulk_kg: np.ndarray  # float64 mean, rounded to X's dtype like cell-eval's polars means
-
-
-
-
-
-
-
-
-
-
-_PAIRWISE_BLOCK = 128  # numpy's PW_BLOCKSIZE
-
-
-def _de_leaf_sum(a, lo, n, zero):
-    """numpy's pairwise_sum base case for n <= 128, accumulating in type(zero)."""
-    if n < 8:
-        res = zero
-        for i in range(n):
-            res += a[lo + i]
-        return res
-    r0 = zero + a[lo]
-    r1 = zero + a[lo + 1]
-    r2 = zero + a[lo + 2]
-    r3 = zero + a[lo + 3]
-    r4 = zero + a[lo + 4]
-    r5 = zero + a[lo + 5]
-    r6 = zero + a[lo + 6]
-    r7 = zero + a[lo + 7]
-    m = n - n % 8
-    i = 8
-    while i < m:
-        r0 += a[lo + i]
-        r1 += a[lo + i + 1]
-        r2 += a[lo + i + 2]
-        r3 += a[lo + i + 3]
-        r4 += a[lo + i + 4]
-        r5 += a[lo + i + 5]
-        r6 += a[lo + i + 6]
-        r7 += a[lo + i + 7]
-        i += 8
-    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-    while i < n:
-        res += a[lo + i]
-        i += 1
-    return res
-
-
-def _de_pairwise_sum(a, lo, n, zero, stack_lo, stack_n, stack_state, stack_val):
-    """numpy's pairwise_sum of a[lo:lo+n] (its recursion, run on an explicit stack).
-
-    stack_* are scratch arrays of length >= 64; stack_val has the accumulator's dtype.
-    """
-    if n <= _PAIRWISE_BLOCK:
-        return _de_leaf_sum(a, lo, n, zero)
-    sp = 0
-    stack_lo[0] = lo
-    stack_n[0] = n
-    stack_state[0] = 0
-    ret = zero
-    while True:
-        m = stack_n[sp]
-        if m > _PAIRWISE_BLOCK and stack_state[sp] == 0:  # descend into the left half
-            half = m // 2
-            half -= half % 8
-            stack_state[sp] = 1
-            stack_lo[sp + 1] = stack_lo[sp]
-            stack_n[sp + 1] = half
-            stack_state[sp + 1] = 0
-            sp += 1
-            continue
-        ret = _de_leaf_sum(a, stack_lo[sp], m, zero)
-        sp -= 1
-        while sp >= 0:  # hand `ret` up until some node still needs its right half
-            if stack_state[sp] == 1:
-                half = stack_n[sp] // 2
-                half -= half % 8
-                stack_val[sp] = ret
-                stack_state[sp] = 2
-                stack_lo[sp + 1] = stack_lo[sp] + half
-                stack_n[sp + 1] = stack_n[sp] - half
-                stack_state[sp + 1] = 0
-                sp += 1
-                break
-            ret = stack_val[sp] + ret
-            sp -= 1
-        if sp < 0:
-            return ret
-
-
-def _de_gather_dense(x_cg, pos_c, out_gc):
-    """out_gc[g, pos_c[c]] = x_cg[c, g]: group-ordered, gene-major copy of a dense block."""
-    n_cells, n_genes = x_cg.shape
-    for c0 in range(0, n_cells, 256):  # tiles of cells: reads stay in cache, writes mostly sequential
-        c1 = min(c0 + 256, n_cells)
-        for g in range(n_genes):
-            for c in range(c0, c1):
-                out_gc[g, pos_c[c]] = x_cg[c, g]
-
-
-def _de_gather_csc(data, indices, indptr, g0, pos_c, out_gc):
-    """The same from CSC columns g0.. (out_gc must be zero-filled)."""
-    n_genes = out_gc.shape[0]
-    for g in range(n_genes):
-        for i in range(indptr[g0 + g], indptr[g0 + g + 1]):
-            out_gc[g, pos_c[indices[i]]] += data[i]  # += sums duplicate entries like toarray()
-
-
-def _de_column_pass(
-    block_gc, vkey_gc, starts_k, n_k, n_k_x, zero_x, pairwise_mean, code_bits, gene_shift,
-    mean_kg, pseudobulk_kg, nnz_kg, keys,
-):
-    """Per gene: group means (X's dtype), pseudobulks, nonzero counts; sort keys of nonzeros.
-
-    zero_x is 0 in X's dtype (the accumulator of the means). Returns the number of keys written.
-    """
-    n_genes = block_gc.shape[0]
-    n_groups = n_k.size
-    stack_lo = np.empty(64, np.int64)
-    stack_n = np.empty(64, np.int64)
-    stack_state = np.empty(64, np.int64)
-    stack_x = np.empty(64, block_gc.dtype)
-    stack_64 = np.empty(64, np.float64)
-    n_keys = 0
-    for g in range(n_genes):
-        col = block_gc[g]
-        vkey = vkey_gc[g]
-        for k in range(n_groups):
-            s = starts_k[k]
-            n = n_k[k]
-            if pairwise_mean:  # np.mean over a row slice: identity 0 + pairwise sum
-                total = zero_x + _de_pairwise_sum(col, s, n, zero_x, stack_lo, stack_n, stack_state, stack_x)
-            else:  # np.mean over axis 0 of a (cell, gene) block: sequential
-                total = zero_x
-                for i in range(s, s + n):
-                    total += col[i]
-            mean_kg[k, g] = total / n_k_x[k]
-            # np.add.reduceat(dtype=float64): first value, then the pairwise sum of the rest
-            sum64 = np.float64(col[s]) + _de_pairwise_sum(col, s + 1, n - 1, 0.0, stack_lo, stack_n, stack_state, stack_64)
-            pseudobulk_kg[k, g] = sum64 / n
-        gene_bits = np.int64(g) << gene_shift
-        for k in range(n_groups):
-            count = 0
-            for i in range(starts_k[k], starts_k[k] + n_k[k]):  # branch-free: write, then keep if nonzero
-                keys[n_keys] = gene_bits | (np.int64(vkey[i]) << code_bits) | k
-                nonzero = col[i] != 0
-                n_keys += nonzero
-                count += nonzero
-            nnz_kg[k, g] = count
-    return n_keys
-
-
-def _de_cubic(t):
-    return t * t * t - t
-
-
-def _de_sorted_pass(keys, n_genes, n_k, nnz_kg, ctrl, code_bits, gene_shift, twice_u1_kg, tie_kg):
-    """Rank sums (doubled) and tie terms vs control per (group, gene) from the sorted keys."""
-    n_groups = n_k.size
-    code_mask = (np.int64(1) << code_bits) - 1
-    n_keys = keys.size
-    i = 0
-    for g in range(n_genes):
-        zc = n_k[ctrl] - nnz_kg[ctrl, g]  # control zeros: below every nonzero value
-        ctrl_less = zc
-        ctrl_tie = _de_cubic(zc)
-        while i < n_keys and (keys[i] >> gene_shift) == g:
-            value = keys[i] >> code_bits
-            b0 = i
-            c_in = 0
-            while i < n_keys and (keys[i] >> code_bits) == value:
-                if (keys[i] & code_mask) == ctrl:
-                    c_in += 1
-                i += 1
-            # each target value adds (#control below) + (#control equal)/2 to U1
-            weight = 2 * ctrl_less + c_in
-            if i - b0 == 1:
-                code = keys[b0] & code_mask
-                if code != ctrl:
-                    twice_u1_kg[code, g] += weight
-            else:
-                r = b0
-                while r < i:  # runs of one group inside the tie block
-                    code = keys[r] & code_mask
-                    t = 0
-                    while r < i and (keys[r] & code_mask) == code:
-                        t += 1
-                        r += 1
-                    if code == ctrl:
-                        ctrl_tie += _de_cubic(t)
-                    else:
-                        twice_u1_kg[code, g] += weight * t
-                        tie_kg[code, g] += _de_cubic(c_in + t) - _de_cubic(c_in)
-            ctrl_less += c_in
-        # zeros: each target zero ties with every control zero (half a win each)
-        for k in range(n_groups):
-            if k == ctrl:
-                continue
-            zk = n_k[k] - nnz_kg[k, g]
-            twice_u1_kg[k, g] += zk * zc
-            tie_kg[k, g] += ctrl_tie + _de_cubic(zc + zk) - _de_cubic(zc)
-
-
-_DE_KERNEL_NAMES = (
-    "_de_leaf_sum",
-    "_de_pairwise_sum",
-    "_de_gather_dense",
-    "_de_gather_csc",
-    "_de_column_pass",
-    "_de_cubic",
-    "_de_sorted_pass",
-    "_de_value_summary",  # defined below, with check_expression_matrix
-)
-
-
-_DE_KERNELS_LOCK = threading.Lock()
-
-
-@functools.cache
-def _de_kernels() -> None:
-    """Compile the kernels once per process (numba's on-disk cache makes later processes fast)."""
-    with _DE_KERNELS_LOCK:
-        import numba
-
-        module = sys.modules[__name__]
-        for name in _DE_KERNEL_NAMES:
-            func = getattr(module, name)
-            if not isinstance(func, numba.core.dispatcher.Dispatcher):
-                setattr(module, name, numba.njit(cache=True, nogil=True)(func))
-
-
-def _value_order_codes(block_gc: np.ndarray) -> np.ndarray:
-    """Integer codes < 2^31 whose order equals the order of the (nonnegative) values."""
-    if block_gc.dtype == np.float32:
-        return block_gc.view(np.int32)  # bit patterns of floats >= 0 sort like the floats
-    as32 = block_gc.astype(np.float32)
-    if np.array_equal(as32.astype(block_gc.dtype), block_gc):
-        return as32.view(np.int32)
-    return np.unique(block_gc, return_inverse=True)[1].reshape(block_gc.shape).astype(np.int64)  # rare
-
-
-def _group_gene_stats_chunk_fast(x, g0: int, g1: int, pos_c, starts_k, n_k, ctrl: int, mode: str):
-    """Rank sums, tie terms and means, (group, gene) arrays, for genes g0:g1 of X."""
-    n_cells = pos_c.size
-    n_genes = g1 - g0
-    n_groups = n_k.size
-    dtype = x.dtype
-    if scipy.sparse.issparse(x):
-        block_gc = np.zeros((n_genes, n_cells), dtype=dtype)
-        _de_gather_csc(x.data, x.indices, x.indptr, g0, pos_c, block_gc)
-    else:
-        block_gc = np.empty((n_genes, n_cells), dtype=dtype)
-        _de_gather_dense(x[:, g0:g1], pos_c, block_gc)
-    code_bits = max(1, int(n_groups - 1).bit_length())
-    gene_shift = 31 + code_bits
-    mean_kg = np.empty((n_groups, n_genes), dtype=dtype)
-    pseudobulk_kg = np.empty((n_groups, n_genes), dtype=dtype)
-    nnz_kg = np.empty((n_groups, n_genes), dtype=np.int64)
-    keys = np.empty(n_genes * n_cells, dtype=np.int64)
-    n_keys = _de_column_pass(
-        block_gc, _value_order_codes(block_gc), starts_k, n_k, n_k.astype(dtype), dtype.type(0),
-        mode == "vcc2025", code_bits, gene_shift, mean_kg, pseudobulk_kg, nnz_kg, keys,
-    )
-    del block_gc
-    keys = keys[:n_keys]
-    keys.sort()
-    twice_u1_kg = np.zeros((n_groups, n_genes), dtype=np.int64)
-    tie_kg = np.zeros((n_groups, n_genes), dtype=np.int64)
-    _de_sorted_pass(keys, n_genes, n_k, nnz_kg, ctrl, code_bits, gene_shift, twice_u1_kg, tie_kg)
-    return twice_u1_kg.astype(np.float64), tie_kg, mean_kg, pseudobulk_kg
-
-
-def _de_value_summary(x2d, fraction_threshold):
-    """(non-finite count, min and max of finite values, any fractional part > threshold)."""
-    n_bad = 0
-    lo = np.inf
-    hi = -np.inf
-    has_fraction = False
-    n_rows, n_cols = x2d.shape
-    for i in range(n_rows):
-        for j in range(n_cols):
-            v = x2d[i, j]
-            if not (v - v == 0):  # NaN or +-inf
-                n_bad += 1
-                continue
-            lo = min(lo, v)
-            hi = max(hi, v)
-            if not has_fraction and v - np.trunc(v) > fraction_threshold:  # np.modf(v)[0], in X's dtype
-                has_fraction = True
-    return n_bad, lo, hi, has_fraction
-
-
-
-def _group_gene_stats(
-    x,
-    labels_c,
-    *,
-    control_label: str,
-    mode,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    threads: int = 1,
-    desc: str = "DE",
-):
-    """Stream over gene chunks of X (cells x genes) and collect per (group, gene) statistics."""
-    labels_c = np.asarray(labels_c, dtype=str)
-    groups, codes_c = np.unique(labels_c, return_inverse=True)
-    hits = np.flatnonzero(groups == control_label)
-    if hits.size == 0:
-        raise ValueError(f"no control cells labelled {control_label!r}; include control cells or pass control_label=.")
-    ctrl = int(hits[0])
-    if groups.size > 1 << 20:
-        raise ValueError(f"{groups.size} groups is more than the 2^20 the sort keys can hold.")
-    order_c = np.argsort(codes_c, kind="stable")  # groups contiguous, cells in original order inside
-    pos_c = np.empty_like(order_c)
-    pos_c[order_c] = np.arange(order_c.size)
-    n_k = np.bincount(codes_c, minlength=groups.size).astype(np.int64)
-    starts_k = np.concatenate([[0], np.cumsum(n_k)[:-1]]).astype(np.int64)
-    if scipy.sparse.issparse(x):
-        x = x.tocsc()  # column chunks of a CSR matrix would rescan every value per chunk
-    else:
-        x = np.asarray(x)
-    if x.dtype not in (np.float32, np.float64):  # integer or float16 X (never log1p data): as float64
-        x = x.astype(np.float64)
-    _de_kernels()
-    n_cells, n_genes = x.shape
-    code_bits = max(1, int(groups.size - 1).bit_length())
-    genes_per_chunk = int(np.clip(chunk_elements // max(n_cells, 1), 1, 1 << (32 - code_bits)))
-    bounds = [(g0, min(g0 + genes_per_chunk, n_genes)) for g0 in range(0, n_genes, genes_per_chunk)]
-
-    def run(bound):
-        return _group_gene_stats_chunk_fast(x, *bound, pos_c, starts_k, n_k, ctrl, mode)
-
-    if threads > 1:  # the kernels release the GIL, numpy's sort too
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            parts = list(progress(pool.map(run, bounds), total=len(bounds), desc=desc))
-    else:
-        parts = [run(b) for b in progress(bounds, desc=desc)]
-    twice_u1, tie, mean, pseudobulk = (np.concatenate(arrays, axis=1) for arrays in zip(*parts))
-    return _GroupGeneStats(groups, n_k, ctrl, twice_u1, tie, mean, pseudobulk)
-
-
-# ----------------------------------------------------------------------------
-# differential expression
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class DifferentialExpression:
-    """DE of every perturbation against control in one matrix, plus the pseudobulks PDS/MAE use."""
-
-    mode: str
-    """`vcc2025` or `current`: which scorer generation these numbers reproduce."""
-    perts: np.ndarray
-    """Perturbation labels (control excluded), sorted: the row order of every `_pg` array."""
-    genes: np.ndarray
-    """Gene names (var order): the column order."""
-    control_label: str
-    n_cells_p: np.ndarray
-    n_control: int
-    u1_pg: np.ndarray
-    """Mann-Whitney U of the perturbation's cells (scipy's `statistic`)."""
-    p_value_pg: np.ndarray
-    fdr_pg: np.ndarray
-    """BH-adjusted p: over all pairs (vcc2025) or per perturbation (current)."""
-    target_mean_pg: np.ndarray
-    """expm1(mean log1p) of the perturbation's cells, in X's dtype."""
-    control_mean_g: np.ndarray
-    log2_fold_change_pg: np.ndarray
-    abs_log2fc_rank_key_pg: np.ndarray
-    """float32 |log2 FC| exactly as the reference ranks DE genes."""
-    significant_pg: np.ndarray
-    pseudobulk_pg: np.ndarray
-    """Mean log1p expression per perturbation (X's dtype), for PDS and MAE."""
-    pseudobulk_control_g: np.ndarray
-
-    def ranked_de_genes(self, i: int) -> np.ndarray:
-        """Gene indices significant for perturbation i, by |log2 FC| descending, ties by gene order."""
-        genes = np.flatnonzero(self.significant_pg[i])
-        return genes[np.argsort(-self.abs_log2fc_rank_key_pg[i, genes], kind="stable")]
-
-    def to_frame(self) -> pd.DataFrame:
-        """Long table like pdex's output: one row per (perturbation, gene)."""
-        n_p, n_g = self.p_value_pg.shape
-        return pd.DataFrame(
-            {
-                "target": np.repeat(self.perts, n_g),
-                "feature": np.tile(self.genes, n_p),
-                "target_mean": self.target_mean_pg.ravel(),
-                "reference_mean": np.tile(self.control_mean_g, n_p),
-                "log2_fold_change": self.log2_fold_change_pg.ravel(),
-                "statistic": self.u1_pg.ravel(),
-                "p_value": self.p_value_pg.ravel(),
-                "fdr": self.fdr_pg.ravel(),
-                "significant": self.significant_pg.ravel(),
-            }
-        )
-
-
-def differential_expression(
-    x_cg: Float[np.ndarray, "cell gene"] | scipy.sparse.spmatrix,
-    labels_c: Shaped[np.ndarray, " cell"],
-    *,
-    genes: Shaped[np.ndarray, " gene"] | None = None,
-    control_label: str = "non-targeting",
-    mode: ScoreMode = "vcc2025",
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    threads: int = 1,
-    desc: str = "DE",
-) -> DifferentialExpression:
-    """Wilcoxon DE of each labelled group against the control group, as the chosen scorer does it.
-
-    `x_cg` is log1p expression (dense or sparse); values are not checked here (see
-    `check_expression_matrix`). Memory: a few times `chunk_elements` x 8 bytes per thread.
-    """
-    if mode not in SCORE_MODES:
-        raise ValueError(f"unknown mode {mode!r}; use one of {SCORE_MODES}.")
-    stats = _group_gene_stats(
-        x_cg, labels_c, control_label=control_label, mode=mode, chunk_elements=chunk_elements, threads=threads, desc=desc
-    )
-    rows = np.flatnonzero(np.arange(stats.groups.size) != stats.control_index)
-    ctrl = stats.control_index
-    n_control = int(stats.n_k[ctrl])
-    u1 = stats.twice_u1_kg[rows] / 2
-    p = mann_whitney_pvalues(u1, stats.tie_term_kg[rows].astype(np.float64), stats.n_k[rows], n_control, mode=mode)
-    fdr = benjamini_hochberg(p, axis=None) if mode == "vcc2025" else benjamini_hochberg(p, axis=1)
-    target_mean = np.expm1(stats.log1p_mean_kg[rows])
-    control_mean = np.expm1(stats.log1p_mean_kg[ctrl])
-    n_genes = stats.twice_u1_kg.shape[1]
-    return DifferentialExpression(
-        mode=mode,
-        perts=stats.groups[rows],
-        genes=np.asarray(genes, dtype=str) if genes is not None else np.arange(n_genes).astype(str),
-        control_label=control_label,
-        n_cells_p=stats.n_k[rows],
-        n_control=n_control,
-        u1_pg=u1,
-        p_value_pg=p,
-        fdr_pg=fdr,
-        target_mean_pg=target_mean,
-        control_mean_g=control_mean,
-        log2_fold_change_pg=log2_fold_change(target_mean, control_mean[None, :], mode=mode),
-        abs_log2fc_rank_key_pg=_abs_log2fc_rank_key(target_mean, control_mean, mode=mode),
-        # cell-eval stores fdr as Float32 before comparing with 0.05.
-        significant_pg=fdr.astype(np.float32) < DE_FDR_THRESHOLD,
-        pseudobulk_pg=stats.pseudobulk_kg[rows],
-        pseudobulk_control_g=stats.pseudobulk_kg[ctrl],
-    )
-
-
-def differential_expression_anndata(
-    adata, *, control_label: str = "non-targeting", pert_col: str = "target_gene", mode: ScoreMode = "vcc2025", **kwargs
-) -> DifferentialExpression:
-    """`differential_expression` on an AnnData (labels from obs[pert_col], genes from var_names)."""
-    return differential_expression(
-        adata.X,
-        np.asarray(adata.obs[pert_col], dtype=str),
-        genes=np.asarray(adata.var_names, dtype=str),
-        control_label=control_label,
-        mode=mode,
-        **kwargs,
-    )
-
-
-# ----------------------------------------------------------------------------
-# the three metrics and the normalised score
-# ----------------------------------------------------------------------------
-
-
-def overlap_at_n(real_ranked: np.ndarray, pred_ranked: np.ndarray) -> float:
-    """cell-eval's overlap_at_N: |R ∩ P[:|R|]| / |R| for ranked gene lists; 0 when R is empty."""
-    if len(real_ranked) == 0:
-        return 0.0
-    return np.intersect1d(real_ranked, pred_ranked[: len(real_ranked)]).size / len(real_ranked)
-
-
-def discrimination_score_l1(
-    real_effect_pg: Float[np.ndarray, "p g"],
-    pred_effect_pg: Float[np.ndarray, "p g"],
-    perts: Shaped[np.ndarray, " p"],
-    genes: Shaped[np.ndarray, " g"],
-) -> Float[np.ndarray, " p"]:
-    """PDS per perturbation: 1 - rank/N of the true perturbation among L1 distances (target gene excluded).
-
-    rank = position of p in argsort of distances from pred_p to every real_q, as cell-eval takes it.
-    """
-    real = np.asarray(real_effect_pg, dtype=np.float64)
-    pred = np.asarray(pred_effect_pg, dtype=np.float64)
-    n_perts = real.shape[0]
-    scores = np.empty(n_perts)
-    for i, pert in enumerate(perts):
-        keep = genes != pert
-        distance_q = np.abs(real[:, keep] - pred[i, keep]).sum(axis=1)
-        rank = int(np.flatnonzero(np.argsort(distance_q) == i)[0])
-        scores[i] = 1 - rank / n_perts
-    return scores
-
-
-def score_de(real_de: DifferentialExpression, pred_de: DifferentialExpression) -> dict[str, Any]:
-    """DES, PDS and MAE per perturbation from two DE results (same genes, perturbations, mode)."""
-    if real_de.mode != pred_de.mode:
-        raise ValueError(f"real DE used mode {real_de.mode!r} but pred DE {pred_de.mode!r}; compute both in one mode.")
-    if not (np.array_equal(real_de.perts, pred_de.perts) and np.array_equal(real_de.genes, pred_de.genes)):
-        raise ValueError("real and pred DE cover different perturbations or genes; run check_score_inputs first.")
-    des = np.array(
-        [overlap_at_n(real_de.ranked_de_genes(i), pred_de.ranked_de_genes(i)) for i in range(real_de.perts.size)]
-    )
-    # Effects in X's dtype, like cell-eval's float32 pseudobulks minus control.
-    real_effect = real_de.pseudobulk_pg - real_de.pseudobulk_control_g
-    pred_effect = pred_de.pseudobulk_pg - pred_de.pseudobulk_control_g
-    pds = discrimination_score_l1(real_effect, pred_effect, real_de.perts, real_de.genes)
-    mae = np.abs(pred_de.pseudobulk_pg.astype(np.float64) - real_de.pseudobulk_pg).mean(axis=1)
-    table = pd.DataFrame(
-        {
-            "des": des,
-            "pds": pds,
-            "mae": mae,
-            "n_de_real": real_de.significant_pg.sum(axis=1),
-            "n_de_pred": pred_de.significant_pg.sum(axis=1),
-        },
-        index=pd.Index(real_de.perts, name="perturbation"),
-    )
-    return {
-        "mode": real_de.mode,
-        "des": float(des.mean()),
-        "pds": float(pds.mean()),
-        "mae": float(mae.mean()),
-        "per_perturbation": table,
-        "real_de": real_de,
-        "pred_de": pred_de,
-    }
-
-
-def score(
-    real,
-    pred,
-    *,
-    control_label: str = "non-targeting",
-    pert_col: str = "target_gene",
-    mode: ScoreMode = "vcc2025",
-    real_de: DifferentialExpression | None = None,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    threads: int = 1,
-) -> dict[str, Any]:
-    """Score a prediction like `cell-eval run --profile vcc` (SPEC §2).
-
-    Returns `mode`, the means `des` (overlap_at_N), `pds` (discrimination_score_l1), `mae`,
-    `per_perturbation` (DataFrame) and both DE results; pass `real_de` from an earlier
-    call to skip recomputing the real side (e.g. when scoring the baseline too).
-    """
-    if mode not in SCORE_MODES:
-        raise ValueError(f"unknown mode {mode!r}; use one of {SCORE_MODES}.")
-    check_score_inputs(real, pred, control_label=control_label, pert_col=pert_col)
-    kwargs = dict(control_label=control_label, pert_col=pert_col, mode=mode, chunk_elements=chunk_elements, threads=threads)
-    if real_de is None:
-        real_de = differential_expression_anndata(real, desc="DE real", **kwargs)
-    elif real_de.mode != mode:
-        raise ValueError(f"real_de was computed in mode {real_de.mode!r}, not {mode!r}; recompute it.")
-    pred_de = differential_expression_anndata(pred, desc="DE pred", **kwargs)
-    return score_de(real_de, pred_de)
-
-
-def normalised_score(result: dict[str, Any], baseline_result: dict[str, Any]) -> dict[str, Any]:
-    """cell-eval's `score`: each metric against the baseline's, NaN -> 0, floored at 0, then averaged."""
-    if result["mode"] != baseline_result["mode"]:
-        raise ValueError(
-            f"result used mode {result['mode']!r} but the baseline {baseline_result['mode']!r}; score both in one mode."
-        )
-    with np.errstate(divide="ignore", invalid="ignore"):
-        parts = np.array(
-            [
-                (result["des"] - baseline_result["des"]) / (1 - baseline_result["des"]),
-                (result["pds"] - baseline_result["pds"]) / (1 - baseline_result["pds"]),
-                1 - result["mae"] / baseline_result["mae"],
-            ],
-            dtype=np.float64,
-        )
-    parts = np.clip(np.nan_to_num(parts, nan=0.0, posinf=np.inf), 0.0, None)
-    return {
-        "mode": result["mode"],
-        "s_des": float(parts[0]),
-        "s_pds": float(parts[1]),
-        "s_mae": float(parts[2]),
-        "score": float(parts.mean()),
-    }
-
-
-# ----------------------------------------------------------------------------
-# the cell-mean baseline (`cell-eval baseline`)
-# ----------------------------------------------------------------------------
-
-
-def make_cell_mean_baseline(
-    real,
-    *,
-    control_label: str = "non-targeting",
-    pert_col: str = "target_gene",
-    n_cells_per_pert: dict[str, int] | None = None,
-):
-    """The cell-mean baseline prediction, built as `cell-eval baseline` builds it (SPEC §2).
-
-    m = mean over all groups (control included) of each group's mean expression; every
-    predicted cell of every perturbation is m (as many cells as in `real`, or
-    `n_cells_per_pert`); the control cells are real's control cells, unchanged.
-    """
-    import anndata
-
-    if pert_col not in real.obs.columns:
-        raise ValueError(f"real: obs has no column {pert_col!r}; pass pert_col= the perturbation column.")
-    check_expression_matrix(real.X, which="real")
-    labels_c = np.asarray(real.obs[pert_col], dtype=str)
-    groups, codes_c = np.unique(labels_c, return_inverse=True)
-    if control_label not in groups:
-        raise ValueError(f"real: no control cells ({pert_col} == {control_label!r}); pass control_label=.")
-    x = real.X if scipy.sparse.issparse(real.X) else np.asarray(real.X)
-    indicator_kc = scipy.sparse.csr_matrix(
-        (np.ones(labels_c.size), (codes_c, np.arange(labels_c.size))), shape=(groups.size, labels_c.size)
-    )
-    sums_kg = indicator_kc @ (x.astype(np.float64) if scipy.sparse.issparse(x) else np.asarray(x, dtype=np.float64))
-    sums_kg = sums_kg.toarray() if scipy.sparse.issparse(sums_kg) else np.asarray(sums_kg)
-    # cell-eval: polars group means (float32 for float32 X), then numpy's mean over the
-    # groups of polars' column-major matrix (pairwise per gene, hence Fortran order here).
-    group_means_kg = np.asfortranarray((sums_kg / np.bincount(codes_c)[:, None]).astype(x.dtype))
-    cell_mean_g = group_means_kg.mean(axis=0)
-    if n_cells_per_pert is None:
-        perts, counts = np.unique(labels_c[labels_c != control_label], return_counts=True)
-    else:
-        perts = np.array([p for p in n_cells_per_pert if p != control_label], dtype=str)
-        counts = np.array([int(n_cells_per_pert[p]) for p in perts])
-    n_pred = int(counts.sum())
-    pred_obs = pd.DataFrame({pert_col: np.repeat(perts, counts)}, index=[f"p.{i}" for i in range(n_pred)])
-    is_ctrl = labels_c == control_label
-    ctrl_x = x[is_ctrl]
-    ctrl_x = ctrl_x.toarray() if scipy.sparse.issparse(ctrl_x) else np.asarray(ctrl_x)
-    pred_x = np.broadcast_to(cell_mean_g, (n_pred, real.n_vars))
-    obs = pd.concat([pred_obs, pd.DataFrame({pert_col: labels_c[is_ctrl]}, index=real.obs_names[is_ctrl])])
-    obs[pert_col] = obs[pert_col].astype("category")
-    return anndata.AnnData(X=np.concatenate([pred_x, ctrl_x], axis=0), obs=obs, var=real.var.copy())
-
-
-# ----------------------------------------------------------------------------
-# fake-val split
-# ----------------------------------------------------------------------------
-# The target's own training perturbations, split like the challenge's 150/50/100
-# (train/validation/test), so models are scored on knockdowns they never saw before
-# any upload. Training (05) excludes `val` and `test`; evaluation (06) scores them.
-
-FAKE_VAL_FRACTIONS = (150, 50, 100)
-"""Relative sizes of the fake train/val/test split: the challenge's own."""
-
-
-def make_fake_val_split(perturbations, seed: int = 0) -> dict[str, list[str]]:
-    """Seeded split of perturbation names into train/val/test (sorted first, so the split
-    depends only on the set of names and the seed)."""
-    names = np.array(sorted(set(perturbations)))
-    order = np.random.default_rng(seed).permutation(len(names))
-    total = sum(FAKE_VAL_FRACTIONS)
-    n_val = round(len(names) * FAKE_VAL_FRACTIONS[1] / total)
-    n_test = round(len(names) * FAKE_VAL_FRACTIONS[2] / total)
-    val, test, train = np.split(names[order], [n_val, n_val + n_test])
-    return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
-
-
-# ----------------------------------------------------------------------------
-# submission
-# ----------------------------------------------------------------------------
-# A submission is an h5ad with obs `target_gene` (control cells included), every gene of
-# `gene_names.csv` in that order, log1p values, float32 CSR; `cell-eval prep` packs it as
-# a `.vcc` (a plain tar of `pred.h5ad.zst` and a watermark). The writer streams: cells
-# are predicted and written a chunk at a time, so memory never holds the full matrix
-# (the researcher saw 7 GB spikes materialising it).
-
-MAX_SUBMISSION_CELLS = 100_000
-"""Cell cap of the 2025 validation phase (200,000 later)."""
-
-
-def make_submission_obs(
-    pert_counts: "pd.DataFrame", n_control: int, control_label: str = "non-targeting"
-) -> "pd.DataFrame":
-    """obs of a submission: `n_cells` rows per requested perturbation, then the controls."""
-    import pandas as pd
-
-    labels = np.concatenate([np.repeat(pert_counts["target_gene"].to_numpy(str), pert_counts["n_cells"]),
-                             np.full(n_control, control_label)])
-    return pd.DataFrame({"target_gene": pd.Categorical(labels)}, index=np.arange(len(labels)).astype(str))
-
-
-def check_log1p_chunk(x_cg: np.ndarray, where: str) -> None:
-    """One clear error for values a scorer would reject or silently misread."""
-    if not np.all(np.isfinite(x_cg)):
-        raise ValueError(f"{where}: NaN or inf in predictions; check the model's output (clip, or fix a diverged run).")
-    if x_cg.size and x_cg.min() < 0:
-        raise ValueError(f"{where}: negative values (min {x_cg.min():.3g}); predictions must be log1p(CP10K) >= 0: clip at 0.")
-    if x_cg.size and x_cg.max() >= 15:
-        raise ValueError(f"{where}: values >= 15 (max {x_cg.max():.3g}) look like raw counts or CP10K, not log1p: apply lib.normalise first.")
-
-
-def write_submission(
-    path: str | os.PathLike,
-    *,
-    gene_names: list[str],
-    obs: "pd.DataFrame",
-    predict_chunk,
-    chunk_cells: int = 4_096,
-    max_cells: int = MAX_SUBMISSION_CELLS,
-    control_label: str = "non-targeting",
-) -> pathlib.Path:
-    """Validate and stream a submission h5ad to `path` (atomically).
-
-    `predict_chunk(start, stop)` returns the log1p rows `start:stop` of `obs`, all
-    genes in `gene_names` order. Checks: control cells present, no more than
-    `max_cells`, gene list unique, every chunk the right shape and in log1p range.
-    """
-    import pandas as pd
-
-    path = pathlib.Path(path)
-    if control_label not in set(obs["target_gene"]):
-        raise ValueError(f"no control cells ({control_label!r}) in the submission: the scorer needs them; add them to obs.")
-    if len(obs) > max_cells:
-        raise ValueError(f"{len(obs):,} cells exceed the limit of {max_cells:,}: request fewer cells per perturbation.")
-    if len(set(gene_names)) != len(gene_names):
-        raise ValueError("gene_names has duplicates: pass the gene_names.csv list unchanged.")
-    var = pd.DataFrame(index=pd.Index(gene_names, dtype=str))
-
-    def checked_chunk(start: int, stop: int) -> np.ndarray:
-        x_cg = np.asarray(predict_chunk(start, stop), dtype=np.float32)
-        if x_cg.shape != (stop - start, len(gene_names)):
-            raise ValueError(f"cells {start}:{stop}: prediction has shape {x_cg.shape}, expected {(stop - start, len(gene_names))} "
-                             "(cells × genes in gene_names.csv order)")
-        check_log1p_chunk(x_cg, f"cells {start}:{stop}")
-        return x_cg
-
-    write_h5ad_chunked(path, obs, var, checked_chunk, len(obs), chunk_cells, desc=f"writing {path.name}")
-    return path
-
-
-def pack_vcc(h5ad_path: str | os.PathLike, vcc_path: str | os.PathLike | None = None) -> pathlib.Path:
-    """Pack a submission h5ad as `cell-eval prep` does: tar of `pred.h5ad.zst` + `watermark.txt`.
-
-    Run `write_submission` first: it already writes prep's minimal float32 CSR layout.
-    Compresses with the zstandard library (streaming, so memory stays small) rather than
-    prep's `zstd` program, which a fresh machine may not have.
-    """
-    import tarfile
-    import tempfile
-
-    import zstandard
-
-    h5ad_path = pathlib.Path(h5ad_path)
-    vcc_path = pathlib.Path(vcc_path) if vcc_path else h5ad_path.with_suffix(".prep.vcc")
-    with tempfile.TemporaryDirectory() as tmp_dir:
-        tmp = pathlib.Path(tmp_dir)
-        with open(h5ad_path, "rb") as src, open(tmp / "pred.h5ad.zst", "wb") as dst:
-            zstandard.ZstdCompressor(level=3, threads=-1).copy_stream(src, dst)
-        (tmp / "watermark.txt").write_text("vcc-prep")
-        with atomic_path(vcc_path) as tmp_vcc, tarfile.open(tmp_vcc, "w", format=tarfile.GNU_FORMAT) as tar:
-            for name in ["pred.h5ad.zst", "watermark.txt"]:
-                tar.add(tmp / name, arcname=name)
-    return vcc_path
-
-
-# ----------------------------------------------------------------------------
-# baselines · fake-val harness (06) · submission from a predictor (07)
-# ----------------------------------------------------------------------------
-# evaluate: predictors, baselines, the fake-val harness (06) and submissions (07).
-#
-# Pasted into lib.py after "infer" (the merge rewrites `lib.x` -> `x`).
-#
-# The predictor interface, shared by baselines and trained models:
-#
-#     predictor.gene_names                      the output columns: the target's gene_names.csv, in order
-#     predictor.predict(perturbation, ctrl_cg)  -> pred_cg
-#
-# `ctrl_cg` holds log1p control cells of the target in that same full gene space (one row per
-# cell); `pred_cg` holds one predicted perturbed cell per control cell given, log1p in [0, 15).
-# A trained model predicts only the store's HVGs (`predict(perturbation, ctrl_ch)` on
-# n × n_hvg): `HvgAdapter` lifts it to the full gene space, filling the other genes either
-# from the control cells' own values (`fill="control"`, default) or from the target's
-# control means in the store (`fill="mean"`). Why control is the default: a constant fill
-# makes a gene look differentially expressed against varied control cells under the
-# Wilcoxon test (see `nb/06_eval.py --fill-study` and logbook.md for the measurement).
-#
-# Cells are predicted from a canonical control pool: a seeded set of the target's control
-# cells, listed in a CSV (cell ids and the pool each belongs to) that is written once and
-# reused, and materialised as a dense float32 .npy read row by row (`ControlPool`), so a
-# submission never holds more than one chunk of cells in memory.
-#
-# On-disk outputs under the data root:
-#
-#     eval/<world>/control_pool_seed<S>_n<N>.csv        harness pools: `real` (controls of the real side), `pred`
-#                                                       (inputs and controls of every prediction), disjoint
-#     eval/<world>/results.csv, per_perturbation.csv    the harness's tables (mode in every row)
-#     eval/<world>/06_*.png                             the harness's figures
-#     submissions/<world>/control_pool_seed<S>_n<N>.csv the submission's control pool
-#     submissions/<world>/<name>.h5ad, <name>.prep.vcc  a submission and its packed form
-
-
-BASELINES: tuple[str, ...] = ("control", "cell_mean", "pert_mean_transfer", "linear")
-"""Predictors that need no training, in the order tables list them."""
-FILL_MODES: tuple[str, ...] = ("control", "mean")
-POOL_REAL, POOL_PRED = "real", "pred"
-
-
-# ----------------------------------------------------------------------------
-# the predictor interface
-# ----------------------------------------------------------------------------
-
-
-@typing.runtime_checkable
-class Predictor(typing.Protocol):
-    """Predicts perturbed cells of the target in its full gene space (gene_names.csv order)."""
-
-    gene_names: list[str]
-
-    def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]: ...
-
-
-class HvgPredictor(typing.Protocol):
-    """A model in the store's HVG space (e.g. `load_model_predictor(checkpoint_dir)`)."""
-
-    def predict(self, perturbation: str, ctrl_ch: Float[np.ndarray, "cell hvg"]) -> Float[np.ndarray, "cell hvg"]: ...
-
-
-@dataclasses.dataclass
-class ControlPredictor:
-    """Predicts no effect: every predicted cell is the control cell it was given."""
-
-    gene_names: list[str]
-
-    def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]:
-        return np.array(ctrl_cg, dtype=np.float32, copy=True)
-
-
-@dataclasses.dataclass
-class ConstantPredictor:
-    """Every predicted cell is one vector: the cell-mean baseline when that vector is
-    `make_cell_mean_vector` of the training data (what `cell-eval baseline` builds)."""
-
-    gene_names: list[str]
-    mean_g: Float[np.ndarray, " gene"]
-
-    def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]:
-        return np.broadcast_to(self.mean_g.astype(np.float32), (len(ctrl_cg), len(self.mean_g))).copy()
-
-
-@dataclasses.dataclass
-class EffectPredictor:
-    """Adds a perturbation's mean log1p effect to each control cell, clipped to [0, 14].
-
-    `effect_of(perturbation) -> effect_g` (full gene space); results are cached.
-    """
-
-    gene_names: list[str]
-    effect_of: Callable[[str], np.ndarray]
-    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
-
-    def effect(self, perturbation: str) -> Float[np.ndarray, " gene"]:
-        if perturbation not in self._cache:
-            effect_g = np.asarray(self.effect_of(perturbation), dtype=np.float32)
-            assert effect_g.shape == (len(self.gene_names),), f"effect of {perturbation} has shape {effect_g.shape}"
-            self._cache[perturbation] = effect_g
-        return self._cache[perturbation]
-
-    def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]:
-        return np.clip(ctrl_cg + self.effect(perturbation), 0.0, MAX_LOG1P_EXPRESSION).astype(np.float32)
-
-
-@dataclasses.dataclass
-class HvgAdapter:
-    """Lifts an HVG-space predictor to the full gene space.
-
-    HVG columns come from the model; the other genes from the control cells themselves
-    (`fill="control"`: the honest "no effect" assumption) or from `fill_mean_g` (`fill="mean"`).
-    """
-
-    hvg_predictor: HvgPredictor
-    gene_names: list[str]
-    hvg_cols_h: Int[np.ndarray, " hvg"]
-    """Target column of each HVG, in the store's HVG order."""
-    fill: str = "control"
-    fill_mean_g: Float[np.ndarray, " gene"] | None = None
-
-    def __post_init__(self):
-        if self.fill not in FILL_MODES:
-            raise ValueError(f"fill={self.fill!r}; use one of {FILL_MODES}")
-        if self.fill == "mean" and (self.fill_mean_g is None or len(self.fill_mean_g) != len(self.gene_names)):
-            raise ValueError("fill='mean' needs fill_mean_g with one value per gene of gene_names")
-        assert len(set(self.hvg_cols_h.tolist())) == len(self.hvg_cols_h), "two HVGs map to one target column"
-        assert self.hvg_cols_h.min() >= 0 and self.hvg_cols_h.max() < len(self.gene_names), "HVG column outside gene_names"
-
-    def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]:
-        pred_ch = np.asarray(self.hvg_predictor.predict(perturbation, np.ascontiguousarray(ctrl_cg[:, self.hvg_cols_h])))
-        if pred_ch.shape != (len(ctrl_cg), len(self.hvg_cols_h)):
-            raise ValueError(f"{perturbation}: HVG predictor returned {pred_ch.shape}, expected {(len(ctrl_cg), len(self.hvg_cols_h))}")
-        if self.fill == "control":
-            pred_cg = np.array(ctrl_cg, dtype=np.float32, copy=True)
-        else:
-            pred_cg = np.broadcast_to(self.fill_mean_g.astype(np.float32), ctrl_cg.shape).copy()
-        pred_cg[:, self.hvg_cols_h] = pred_ch
-        return pred_cg
-
-
-# ----------------------------------------------------------------------------
-# the target's files and gene tables
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class TargetFiles:
-    """The target's files, laid out like the VCC 2025 download (truths: synthetic world only)."""
-
-    spec: DatasetSpec
-    training_path: pathlib.Path
-    gene_names_path: pathlib.Path
-    pert_counts_paths: dict[str, pathlib.Path]
-    """split ("validation", "test") -> pert_counts_<Split>.csv"""
-    truth_paths: dict[str, pathlib.Path]
-    """split -> adata_<Split>_truth.h5ad, for the splits whose truth exists."""
-
-
-def get_target_files(data_root: str | os.PathLike | None, world: str) -> TargetFiles:
-    spec = get_datasets(world)[0]
-    if spec.role != "target":
-        raise ValueError(f"the first dataset of world {world!r} is {spec.name} (role {spec.role!r}); the manifest lists the target first")
-    training_path = get_dataset_path(spec, data_root)
-    if not training_path.exists():
-        raise FileNotFoundError(f"{training_path} is missing: run nb/01_download.py --world {world} first")
-    vcc_dir = training_path.parent
-    splits = {"validation": "Validation", "test": "Test"}
-    truths = {s: vcc_dir / f"adata_{S}_truth.h5ad" for s, S in splits.items()}
-    return TargetFiles(
-        spec=spec,
-        training_path=training_path,
-        gene_names_path=vcc_dir / "gene_names.csv",
-        pert_counts_paths={s: vcc_dir / f"pert_counts_{S}.csv" for s, S in splits.items()},
-        truth_paths={s: p for s, p in truths.items() if p.exists()},
-    )
-
-
-def read_gene_names(path: str | os.PathLike) -> list[str]:
-    """gene_names.csv: no header, one symbol a line, the submission's column order."""
-    names = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)[0].tolist()
-    if len(set(names)) != len(names):
-        raise ValueError(f"{path} has duplicate gene names")
-    return names
-
-
-def read_pert_counts(path: str | os.PathLike) -> pd.DataFrame:
-    pert_counts = pd.read_csv(path, dtype={"target_gene": str})
-    missing = {"target_gene", "n_cells"} - set(pert_counts.columns)
-    if missing:
-        raise ValueError(f"{path}: missing columns {sorted(missing)}; expected target_gene,n_cells,median_umi_per_cell")
-    return pert_counts
-
-
-def get_target_gene_table(store: CellStore, target: str, gene_names: list[str]) -> pd.DataFrame:
-    """symbol (gene_names order), ensembl_id ("" if unmapped), mean_control: from the store's means."""
-    means = store.means[store.means["dataset"] == target].set_index("var_name")
-    if list(means.index) != list(gene_names):
-        raise ValueError(f"the store's gene table of {target} is not gene_names.csv in order: rerun nb/03_hvg.py and nb/04_normalise.py")
-    return pd.DataFrame(
-        {"symbol": gene_names, "ensembl_id": means["ensembl_id"].to_numpy(str), "mean_control": means["mean_control"].to_numpy()}
-    )
-
-
-def get_hvg_columns(store: CellStore, target_genes: pd.DataFrame, hvgs: pd.DataFrame | None = None) -> Int[np.ndarray, " hvg"]:
-    """Target column (gene_names order) of each HVG (the store's, or `hvgs`: a model's own
-    gene table), matched by Ensembl id."""
-    hvg_ids = (store.genes if hvgs is None else hvgs)["ensembl_id"].to_numpy(str)
-    col_of_id = pd.Series(np.arange(len(target_genes)), index=target_genes["ensembl_id"].to_numpy())
-    col_of_id = col_of_id[col_of_id.index != ""]
-    cols_h = col_of_id.reindex(hvg_ids).to_numpy(dtype=float)
-    if np.isnan(cols_h).any():
-        missing = hvg_ids[np.isnan(cols_h)][:5]
-        raise ValueError(f"HVGs not measured in the target (e.g. {list(missing)}): the HVG list must come from 03 on this world")
-    return cols_h.astype(np.int64)
-
-
-# ----------------------------------------------------------------------------
-# control pools
-# ----------------------------------------------------------------------------
-
-
-def get_control_pools(
-    path: str | os.PathLike, control_ids_c: Sequence[str], sizes: dict[str, int], seed: int
-) -> pd.DataFrame:
-    """The canonical control pools (cell_id, pool): read from `path`, or drawn with `seed`
-    (disjoint, in `sizes` order) and written there. Reused runs check the cells still exist."""
-    path = pathlib.Path(path)
-    ids = pd.Index(np.asarray(control_ids_c, dtype=str))
-    if path.exists():
-        pools = pd.read_csv(path, dtype=str, keep_default_na=False)
-        missing = ~pools["cell_id"].isin(ids)
-        if missing.any():
-            raise ValueError(f"{path}: {int(missing.sum())} pool cells are not control cells of the target (e.g. "
-                             f"{pools['cell_id'][missing].iloc[0]}); the data changed: delete the file to draw new pools")
-        return pools
-    if sum(sizes.values()) > len(ids):
-        raise ValueError(f"control pools of {sizes} need {sum(sizes.values())} control cells; the target has {len(ids)}: ask for fewer")
-    # Sorted first, so the pools depend only on the set of cells and the seed.
-    order = np.random.default_rng(seed).permutation(len(ids))
-    chosen = np.sort(ids.to_numpy())[order][: sum(sizes.values())]
-    pools = pd.DataFrame({"cell_id": chosen, "pool": np.repeat(list(sizes), list(sizes.values()))})
-    with atomic_path(path) as tmp_path:
-        pools.to_csv(tmp_path, index=False)
-    return pools
-
-
-class ControlPool:
-    """log1p control cells in the full gene space, a dense float32 .npy on disk, read by rows.
-
-    Rows are read with pread, not a memmap: mapped pages count towards RSS, and a 38k-cell
-    pool of 18,080 genes is 2.8 GB.
-    """
-
-    def __init__(self, path: str | os.PathLike):
-        self.path = pathlib.Path(path)
-        header = np.load(self.path, mmap_mode="r")
-        self.n_cells, self.n_genes = header.shape
-        self.offset = header.offset
-        assert header.dtype == np.float32 and header.flags.c_contiguous, f"{path}: expected a C-ordered float32 matrix"
-        del header
-
-    def read(self, rows_c: Int[np.ndarray, " cell"]) -> Float[np.ndarray, "cell gene"]:
-        rows_c = np.asarray(rows_c, dtype=np.int64)
-        uniq, inverse = np.unique(rows_c, return_inverse=True)
-        out = np.empty((len(uniq), self.n_genes), dtype=np.float32)
-        row_bytes = self.n_genes * 4
-        breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
-        with open(self.path, "rb", buffering=0) as fh:
-            for a, b in zip([0, *breaks], [*breaks, len(uniq)]):  # one read per run of consecutive rows
-                view = memoryview(out[a:b]).cast("B")
-                pos, done = self.offset + int(uniq[a]) * row_bytes, 0
-                while done < len(view):
-                    n = os.preadv(fh.fileno(), [view[done:]], pos + done)
-                    if n == 0:
-                        raise EOFError(f"{self.path} is truncated: delete it so it is rebuilt")
-                    done += n
-        return out[inverse]
-
-
-def write_dense_rows_npy(path: pathlib.Path, n_rows: int, n_genes: int) -> tuple[pathlib.Path, int]:
-    """Create a float32 .npy of n_rows × n_genes (zeros) and return (path, data offset) for pwrites."""
-    with open(path, "wb") as fh:  # np.save on a path would append ".npy" to a temporary name
-        np.lib.format.write_array_header_1_0(fh, {"descr": "<f4", "fortran_order": False, "shape": (n_rows, n_genes)})
-        offset = fh.tell()
-        fh.truncate(offset + n_rows * n_genes * 4)
-    return path, offset
-
-
-# ----------------------------------------------------------------------------
-# one streaming pass over a target file
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass
-class ScanResult:
-    sum_kg: Float[np.ndarray, "group gene"]
-    """Sum of log1p values per group (float64)."""
-    n_k: Int[np.ndarray, " group"]
-    collected_cg: scipy.sparse.csr_matrix
-    """The rows of `collect_rows_c`, log1p, float32 CSR, in that order."""
-
-
-def scan_h5ad(
-    path: pathlib.Path,
-    *,
-    counts: str,
-    group_c: Int[np.ndarray, " cell"],
-    n_groups: int,
-    collect_rows_c: Int[np.ndarray, " collected"] | None = None,
-    pool_rows_c: Int[np.ndarray, " pooled"] | None = None,
-    pool_path: pathlib.Path | None = None,
-    chunk_cells: int = 2_000,
-) -> ScanResult:
-    """Read an h5ad in row chunks, normalised with normalise_log1p: per-group sums
-    (group_c = -1 leaves a row out), the rows `collect_rows_c` (sorted) kept as CSR, and
-    the rows `pool_rows_c` written densely, in that order, to `pool_path` (atomically)."""
-    collect_rows_c = np.array([], dtype=np.int64) if collect_rows_c is None else np.asarray(collect_rows_c)
-    assert np.all(np.diff(collect_rows_c) > 0), "collect_rows_c must be sorted and unique"
-    parts = []
-    with open_h5ad_backed(path) as (_obs, var, x), (atomic_path(pool_path) if pool_path is not None else contextlib.nullcontext()) as tmp_pool:
-        n_cells, n_genes = x.shape
-        assert len(group_c) == n_cells, f"{path}: group_c has {len(group_c)} rows, the file {n_cells}"
-        sum_kg = np.zeros((n_groups, n_genes))
-        n_k = np.bincount(group_c[group_c >= 0], minlength=n_groups)
-        pool_dest_c = np.full(n_cells, -1)
-        if pool_path is not None:
-            pool_dest_c[np.asarray(pool_rows_c)] = np.arange(len(pool_rows_c))
-            _, offset = write_dense_rows_npy(tmp_pool, len(pool_rows_c), n_genes)
-            pool_fd = os.open(tmp_pool, os.O_RDWR)
-        try:
-            for start in progress(range(0, n_cells, chunk_cells), desc=f"reading {path.name}"):
-                stop = min(start + chunk_cells, n_cells)
-                x_cg = scipy.sparse.csr_matrix(normalise_log1p(read_rows(x, start, stop), counts, where=f"{path.name} rows {start}:{stop}"))
-                g_c = group_c[start:stop]
-                keep = g_c >= 0
-                member_kc = scipy.sparse.csr_matrix((np.ones(keep.sum()), (g_c[keep], np.flatnonzero(keep))), shape=(n_groups, stop - start))
-                sum_kg += (member_kc @ x_cg.astype(np.float64)).toarray()
-                lo, hi = np.searchsorted(collect_rows_c, [start, stop])
-                if hi > lo:
-                    parts.append(x_cg[collect_rows_c[lo:hi] - start])
-                dest_c = pool_dest_c[start:stop]
-                if pool_path is not None and (dest_c >= 0).any():
-                    rows = np.flatnonzero(dest_c >= 0)
-                    _pwrite_rows(pool_fd, offset, x_cg[rows].toarray(), dest_c[rows])
-        finally:
-            if pool_path is not None:
-                os.fsync(pool_fd)
-                os.close(pool_fd)
-    collected = scipy.sparse.vstack(parts, format="csr") if parts else scipy.sparse.csr_matrix((0, n_genes), dtype=np.float32)
-    return ScanResult(sum_kg=sum_kg, n_k=n_k, collected_cg=collected.astype(np.float32))
-
-
-def subsample_rows(rows_c: np.ndarray, max_cells: int, seed: int, label: str) -> np.ndarray:
-    """Sorted rows: all of them, or `max_cells` drawn with (seed, label) (0 = no cap)."""
-    if max_cells <= 0 or len(rows_c) <= max_cells:
-        return np.sort(rows_c)
-    rng = np.random.default_rng([seed, zlib.crc32(label.encode())])
-    return np.sort(rng.choice(rows_c, max_cells, replace=False))
-
-
-# ----------------------------------------------------------------------------
-# what the baselines are fitted on
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class FitData:
-    """Training pseudobulks of the target over all its genes (log1p means)."""
-
-    gene_names: list[str]
-    perturbations: list[str]
-    """The perturbations the fit may use (the fake-val `train` split, or all of them)."""
-    pert_mean_pg: Float[np.ndarray, "pert gene"]
-    n_cells_p: Int[np.ndarray, " pert"]
-    control_mean_g: Float[np.ndarray, " gene"]
-    n_control: int
-
-
-def make_fit_data(gene_names: list[str], labels_k: Sequence[str], sum_kg: np.ndarray, n_k: np.ndarray,
-                  perturbations: Sequence[str], control_groups: Sequence[str]) -> FitData:
-    """Means of the given perturbation groups, and of the control groups pooled."""
-    pos = {label: k for k, label in enumerate(labels_k)}
-    missing = [p for p in perturbations if p not in pos]
-    if missing:
-        raise ValueError(f"perturbations {missing[:5]} have no training cells")
-    ks = [pos[p] for p in perturbations]
-    ctrl_ks = [pos[c] for c in control_groups]
-    n_control = int(n_k[ctrl_ks].sum())
-    if n_control == 0:
-        raise ValueError("no control cells to fit on")
-    return FitData(
-        gene_names=list(gene_names),
-        perturbations=list(perturbations),
-        pert_mean_pg=sum_kg[ks] / n_k[ks, None],
-        n_cells_p=n_k[ks],
-        control_mean_g=sum_kg[ctrl_ks].sum(0) / n_control,
-        n_control=n_control,
-    )
-
-
-def make_cell_mean_vector(fit: FitData) -> Float[np.ndarray, " gene"]:
-    """cell-eval baseline's m: the mean over groups (each perturbation and control) of each
-    group's mean. Float32 group means and numpy's mean over a Fortran-ordered matrix, as
-    make_cell_mean_baseline (which copies cell-eval's polars arithmetic)."""
-    group_means_kg = np.concatenate([fit.pert_mean_pg, fit.control_mean_g[None]]).astype(np.float32)
-    return np.asfortranarray(group_means_kg).mean(axis=0)
-
-
-# ----------------------------------------------------------------------------
-# baselines
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class LinearModel:
-    """Ahlmann-Eltze, Huber & Anders 2025's linear model: effect_p = b + G W G[gene(p)]^T."""
-
-    gene_names: list[str]
-    g_gk: Float[np.ndarray, "gene k"]
-    """Gene embeddings: the top principal components (left singular vectors) of the
-    centred training effects (genes × perturbations)."""
-    w_kk: Float[np.ndarray, "k k"]
-    b_g: Float[np.ndarray, " gene"]
-    """Mean training effect per gene."""
-
-    def effect(self, perturbation: str) -> Float[np.ndarray, " gene"]:
-        # An unseen perturbation is embedded by its gene's row of G; a gene outside the
-        # table gets the zero embedding (the mean effect b).
-        col = {g: i for i, g in enumerate(self.gene_names)}.get(perturbation)
-        p_k = self.g_gk[col] if col is not None else np.zeros(self.g_gk.shape[1])
-        return self.b_g + self.g_gk @ (self.w_kk @ p_k)
-
-
-@typechecked
-def fit_linear_model(
-    gene_names: list[str],
-    effect_pg: Float[np.ndarray, "pert gene"],
-    perturbations: list[str],
-    n_components: int = 10,
-    ridge: float = 0.1,
-) -> LinearModel:
-    """Ridge fit of W in  Y - b ≈ G W P^T  with P = G[rows of the perturbed genes]
-    (closed form: W = (G'G + λI)^-1 G'(Y - b) P (P'P + λI)^-1)."""
-    y_gp = np.asarray(effect_pg, dtype=np.float64).T
-    b_g = y_gp.mean(axis=1)
-    yc_gp = y_gp - b_g[:, None]
-    u_gk, _, _ = np.linalg.svd(yc_gp, full_matrices=False)
-    k = min(n_components, u_gk.shape[1])
-    g_gk = u_gk[:, :k]
-    col = {g: i for i, g in enumerate(gene_names)}
-    p_pk = np.stack([g_gk[col[p]] if p in col else np.zeros(k) for p in perturbations])
-    eye = np.eye(k)
-    w_kk = np.linalg.solve(g_gk.T @ g_gk + ridge * eye, g_gk.T @ yc_gp @ p_pk) @ np.linalg.inv(p_pk.T @ p_pk + ridge * eye)
-    return LinearModel(gene_names=list(gene_names), g_gk=g_gk, w_kk=w_kk, b_g=b_g)
-
-
-def _perturbation_key(label: str, id_of_symbol: dict[str, str]) -> str:
-    """Match perturbations across datasets by the target gene's Ensembl id when known."""
-    if ENSEMBL_GENE_RE.match(strip_ensembl_version(label)):
-        return strip_ensembl_version(label)
-    return id_of_symbol.get(label) or label
-
-
-class TransferEffects:
-    """A perturbation's mean effect measured in the store's other cell types, on the HVGs,
-    mapped to the target's genes by Ensembl id.
-
-    Per other dataset: mean log1p of the perturbation's cells minus the dataset's control
-    mean, on the genes it measures; averaged over the datasets that have the perturbation
-    (per gene, over those measuring it). Genes outside the HVGs, and perturbations no other
-    cell type measured, get no effect (0).
-    """
-
-    def __init__(self, store: CellStore, target: str, target_genes: pd.DataFrame, chunk_rows: int = 20_000):
-        self.store, self.chunk_rows = store, chunk_rows
-        self.hvg_cols_h = get_hvg_columns(store, target_genes)
-        self.n_genes = len(target_genes)
-        self.others = [d for d in store.datasets if d != target]
-        ids = store.means[store.means["ensembl_id"] != ""]
-        self.id_of_symbol = {d: dict(zip(t["symbol"], t["ensembl_id"])) for d, t in ids.groupby("dataset")}
-        target_ids = dict(zip(target_genes["symbol"], target_genes["ensembl_id"]))
-        self.target_id_of_symbol = {s: i for s, i in target_ids.items() if i}
-        self._control_mean = {}
-
-    def _group_mean(self, groups: pd.DataFrame) -> np.ndarray:
-        total_h, n = np.zeros(self.store.x_cg.shape[1]), 0
-        for start, stop in zip(groups["start"], groups["stop"]):
-            for a in range(start, stop, self.chunk_rows):  # bounded memory for large control groups
-                total_h += self.store.x_cg[a : min(a + self.chunk_rows, stop)].sum(axis=0, dtype=np.float64)
-            n += stop - start
-        return total_h / n
-
-    def effect(self, perturbation: str) -> Float[np.ndarray, " gene"]:
-        key = _perturbation_key(perturbation, self.target_id_of_symbol)
-        sum_h, n_h = np.zeros(self.store.x_cg.shape[1]), np.zeros(self.store.x_cg.shape[1])
-        for d in self.others:
-            index = self.store.index[self.store.index["dataset"] == d]
-            keys = np.array([_perturbation_key(p, self.id_of_symbol.get(d, {})) for p in index["perturbation"]])
-            groups = index[(keys == key) & ~index["is_control"].to_numpy(bool)]
-            if groups.empty:
-                continue
-            if d not in self._control_mean:
-                self._control_mean[d] = self._group_mean(index[index["is_control"].to_numpy(bool)])
-            measured_h = self.store.measured_dg[self.store.datasets.index(d)]
-            sum_h += np.where(measured_h, self._group_mean(groups) - self._control_mean[d], 0.0)
-            n_h += measured_h
-        effect_g = np.zeros(self.n_genes)
-        effect_g[self.hvg_cols_h] = np.divide(sum_h, n_h, out=np.zeros_like(sum_h), where=n_h > 0)
-        return effect_g
-
-
-def make_baseline(name: str, fit: FitData, *, store: CellStore | None = None, target: str = "",
-                  target_genes: pd.DataFrame | None = None, n_components: int = 10, ridge: float = 0.1) -> Predictor:
-    """One of BASELINES, fitted on `fit` (pert_mean_transfer reads the store instead)."""
-    genes = fit.gene_names
-    if name == "control":
-        return ControlPredictor(genes)
-    if name == "cell_mean":
-        return ConstantPredictor(genes, make_cell_mean_vector(fit))
-    if name == "linear":
-        model = fit_linear_model(genes, fit.pert_mean_pg - fit.control_mean_g, fit.perturbations, n_components, ridge)
-        return EffectPredictor(genes, model.effect)
-    if name == "pert_mean_transfer":
-        if store is None or target_genes is None:
-            raise ValueError("pert_mean_transfer needs the store: run nb/04_normalise.py first")
-        return EffectPredictor(genes, TransferEffects(store, target, target_genes).effect)
-    raise ValueError(f"unknown baseline {name!r}; use one of {BASELINES}")
-
-
-# ----------------------------------------------------------------------------
-# trained models
-# ----------------------------------------------------------------------------
-
-
-def get_latest_checkpoint(data_root: str | os.PathLike | None) -> pathlib.Path | None:
-    """`<data_root>/checkpoints/` when training (05) has written one (its `latest` pointer
-    names the newest run; load_model_predictor resolves it to that run's best step), else None."""
-    ckpt_dir = get_data_root(data_root) / "checkpoints"
-    return ckpt_dir if (ckpt_dir / "latest").exists() else None
-
-
-def make_model_predictor(checkpoint_dir: str | os.PathLike, store: CellStore, target_genes: pd.DataFrame,
-                         fill: str = "control") -> HvgAdapter:
-    """A trained model (HVG space) lifted to the target's full gene space (see HvgAdapter)."""
-    model = load_model_predictor(checkpoint_dir)
-    return HvgAdapter(
-        model,
-        gene_names=target_genes["symbol"].tolist(),
-        # The model's own gene table when it has one (05 saves it with the checkpoint).
-        hvg_cols_h=get_hvg_columns(store, target_genes, getattr(model, "genes", None)),
-        fill=fill,
-        fill_mean_g=target_genes["mean_control"].to_numpy(np.float32),
-    )
-
-
-# ----------------------------------------------------------------------------
-# predicting cells from a control pool
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class PredictionPlan:
-    """Which cells to predict: a perturbation label per output row (each perturbation's rows
-    together, controls last) and the control-pool row each is predicted from (control rows:
-    the pool cell itself)."""
-
-    labels_c: np.ndarray
-    pool_rows_c: Int[np.ndarray, " cell"]
-    control_label: str
-
-    def runs(self, start: int, stop: int) -> list[tuple[int, int, str]]:
-        """(a, b, label) runs of one label within rows [start, stop)."""
-        labels = self.labels_c[start:stop]
-        breaks = np.flatnonzero(labels[1:] != labels[:-1]) + 1
-        return [(start + a, start + b, str(labels[a])) for a, b in zip([0, *breaks], [*breaks, len(labels)])]
-
-
-def make_prediction_plan(pert_counts: Sequence[tuple[str, int]], n_pool: int, control_rows: Sequence[int], seed: int,
-                         control_label: str = "non-targeting") -> PredictionPlan:
-    """Each perturbation's cells get control cells drawn from the pool with (seed, name), so
-    every predictor sees the same inputs and a perturbation's inputs do not depend on the
-    others (without replacement when the pool is big enough)."""
-    labels, rows = [], []
-    for p, n in pert_counts:
-        rng = np.random.default_rng([seed, zlib.crc32(str(p).encode())])
-        rows.append(np.sort(rng.choice(n_pool, int(n), replace=int(n) > n_pool)))
-        labels.append(np.full(int(n), p, dtype=object))
-    labels.append(np.full(len(control_rows), control_label, dtype=object))
-    rows.append(np.asarray(control_rows, dtype=np.int64))
-    return PredictionPlan(np.concatenate(labels), np.concatenate(rows).astype(np.int64), control_label)
-
-
-PSEUDOBULK_CELLS = 2_048
-"""Pool cells a fixed pseudobulk averages over (all of a small pool)."""
-
-
-def make_predict_chunk(predictor: Predictor, plan: PredictionPlan, pool: ControlPool, *, fixed_pseudobulk: bool = False,
-                       block_cells: int = 1_024, seed: int = 0) -> Callable[[int, int], np.ndarray]:
-    """predict_chunk(start, stop) -> log1p rows of the plan (for write_submission).
-
-    fixed_pseudobulk: every cell of a perturbation is that perturbation's mean predicted
-    cell, computed once (in blocks, cached) over PSEUDOBULK_CELLS pool cells drawn with
-    (seed, perturbation), not only over the perturbation's own planned inputs: with ~30
-    inputs the sampling noise of the inputs' mean alone adds ~40% to a no-effect MAE.
-    """
-    n_genes = len(predictor.gene_names)
-    means = {}
-
-    def predict_rows(p: str, rows_c: np.ndarray) -> np.ndarray:
-        pred_cg = np.asarray(predictor.predict(p, pool.read(rows_c)), dtype=np.float32)
-        if pred_cg.shape != (len(rows_c), n_genes):
-            raise ValueError(f"{p}: predictor returned {pred_cg.shape}, expected {(len(rows_c), n_genes)} (one cell per control cell, all genes)")
-        return pred_cg
-
-    def pseudobulk(p: str) -> np.ndarray:
-        if p not in means:
-            rng = np.random.default_rng([seed, zlib.crc32(p.encode()), 1])
-            rows_c = np.sort(rng.choice(pool.n_cells, min(pool.n_cells, PSEUDOBULK_CELLS), replace=False))
-            total_g = np.zeros(n_genes)
-            for s in range(0, len(rows_c), block_cells):
-                total_g += predict_rows(p, rows_c[s : s + block_cells]).sum(axis=0, dtype=np.float64)
-            means[p] = (total_g / len(rows_c)).astype(np.float32)
-        return means[p]
-
-    def predict_chunk(start: int, stop: int) -> np.ndarray:
-        out_cg = np.empty((stop - start, n_genes), dtype=np.float32)
-        for a, b, p in plan.runs(start, stop):
-            if p == plan.control_label:
-                out_cg[a - start : b - start] = pool.read(plan.pool_rows_c[a:b])
-            elif fixed_pseudobulk:
-                out_cg[a - start : b - start] = pseudobulk(p)
-            else:
-                out_cg[a - start : b - start] = predict_rows(p, plan.pool_rows_c[a:b])
-        return out_cg
-
-    return predict_chunk
-
-
-def make_prediction_anndata(predictor: Predictor, plan: PredictionPlan, pool: ControlPool, *, fixed_pseudobulk: bool = False,
-                            seed: int = 0, chunk_cells: int = 2_048, pert_col: str = "target_gene"):
-    """The plan's predictions as an in-memory AnnData (float32 CSR), each chunk checked."""
-    import anndata
-
-    predict_chunk = make_predict_chunk(predictor, plan, pool, fixed_pseudobulk=fixed_pseudobulk, seed=seed)
-    parts = []
-    for start in range(0, len(plan.labels_c), chunk_cells):
-        stop = min(start + chunk_cells, len(plan.labels_c))
-        x_cg = predict_chunk(start, stop)
-        check_log1p_chunk(x_cg, f"cells {start}:{stop}")
-        parts.append(scipy.sparse.csr_matrix(x_cg))
-    obs = pd.DataFrame({pert_col: pd.Categorical(plan.labels_c.astype(str))}, index=np.arange(len(plan.labels_c)).astype(str))
-    var = pd.DataFrame(index=pd.Index(predictor.gene_names, dtype=str))
-    return anndata.AnnData(X=scipy.sparse.vstack(parts, format="csr"), obs=obs, var=var)
-
-
-# ----------------------------------------------------------------------------
-# 06 eval: the fake-val harness
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class EvalConfig(DataConfig):
-    """Flags of nb/06_eval.py: score predictors on held-out perturbations of the target."""
-
-    seed: int = 0
-    """Seed of the fake-val split, the control pools, the cell subsamples and the inputs."""
-    predictors: tuple[str, ...] = BASELINES
-    """Baselines to score (any of control cell_mean pert_mean_transfer linear); cell_mean is always scored: it is the reference."""
-    checkpoint: str = ""
-    """Model checkpoint directory to score too; empty = the newest under <data_root>/checkpoints/ if any; `none` = no model."""
-    fill: typing.Literal["control", "mean"] = "control"
-    """How a model's non-HVG genes are filled: the control cells' own values, or the target's control means."""
-    fill_study: bool = False
-    """Also score the linear baseline restricted to the HVGs under both fills (measures the fill choice)."""
-    fixed_pseudobulk: bool = False
-    """Score every predictor with each perturbation's cells replaced by their mean predicted cell."""
-    n_control: int = 1_000
-    """Cells in each control pool (`real` and `pred`, disjoint; capped at half the target's controls)."""
-    max_cells_per_pert: int = 256
-    """Real cells scored per perturbation at most (a seeded subsample; 0 = all): bounds memory and DE time."""
-    truth: bool = True
-    """On the synthetic world, also score the true validation/test answers (baselines fitted on all training perturbations)."""
-    mode: typing.Literal["vcc2025", "current"] = "vcc2025"
-    """Scorer generation (score): vcc2025 scored the challenge."""
-    linear_components: int = 10
-    """Gene-embedding dimension K of the linear baseline (Ahlmann-Eltze et al. use 10)."""
-    linear_ridge: float = 0.1
-    """Ridge penalty λ of the linear baseline (Ahlmann-Eltze et al. use 0.1)."""
-    chunk_cells: int = 2_000
-    """Rows read from the target files at once."""
-    threads: int = 1
-    """Threads of the DE pass."""
-
-
-def get_eval_dir(data_root: str | os.PathLike | None, world: str) -> pathlib.Path:
-    return get_data_root(data_root) / "eval" / world
-
-
-def _real_anndata(x_cg, labels_c, gene_names, pert_col="target_gene"):
-    import anndata
-
-    obs = pd.DataFrame({pert_col: pd.Categorical(np.asarray(labels_c, dtype=str))}, index=np.arange(len(labels_c)).astype(str))
-    return anndata.AnnData(X=scipy.sparse.csr_matrix(x_cg, dtype=np.float32), obs=obs, var=pd.DataFrame(index=pd.Index(gene_names, dtype=str)))
-
-
-def _scenario_real_from_truth(path: pathlib.Path, spec: DatasetSpec, gene_names, cfg: EvalConfig):
-    """Real side of a truth scenario: the truth file's cells (capped per perturbation) and controls."""
-    with open_h5ad_backed(path) as (obs, var, _x):
-        labels_c = obs[spec.perturbation_key].astype(str).to_numpy()
-        if list(var.index.astype(str)) != list(gene_names):
-            raise ValueError(f"{path}: genes differ from gene_names.csv")
-    rows = []
-    for label in np.unique(labels_c):
-        cap = cfg.n_control if label == spec.control_label else cfg.max_cells_per_pert
-        rows.append(subsample_rows(np.flatnonzero(labels_c == label), cap, cfg.seed, label))
-    rows_c = np.sort(np.concatenate(rows))
-    scan = scan_h5ad(path, counts=spec.counts, group_c=np.full(len(labels_c), -1), n_groups=0, collect_rows_c=rows_c,
-                     chunk_cells=cfg.chunk_cells)
-    return _real_anndata(scan.collected_cg, labels_c[rows_c], gene_names)
-
-
-def score_predictors(real, predictors: dict[str, Predictor], pool: ControlPool, *, seed: int, fixed_pseudobulk: bool,
-                     mode: str, threads: int = 1, control_label: str = "non-targeting", hvg_cols_h=None) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
-    """Score each predictor against `real` (control_label cells = the real controls) with score,
-    predictions from `pool` (all pool cells are the predicted controls), normalised against the
-    `cell_mean` predictor (which must be among them). Returns (summary, per-perturbation, effects)."""
-    if "cell_mean" not in predictors:
-        raise ValueError("score_predictors needs the cell_mean predictor: it is the normalisation reference")
-    labels = np.asarray(real.obs["target_gene"], dtype=str)
-    perts, counts = np.unique(labels[labels != control_label], return_counts=True)
-    plan = make_prediction_plan(list(zip(perts, counts)), pool.n_cells, np.arange(pool.n_cells), seed, control_label)
-    results, real_de = {}, None
-    for name in ["cell_mean", *[n for n in predictors if n != "cell_mean"]]:
-        pred = make_prediction_anndata(predictors[name], plan, pool, fixed_pseudobulk=fixed_pseudobulk, seed=seed)
-        results[name] = score(real, pred, mode=mode, real_de=real_de, threads=threads, control_label=control_label)
-        real_de = results[name]["real_de"]
-    rows, per_pert, effects = [], [], {}
-    non_hvg_g = None
-    if hvg_cols_h is not None:
-        non_hvg_g = np.ones(real.n_vars, bool)
-        non_hvg_g[hvg_cols_h] = False
-    for name in predictors:
-        result = results[name]
-        norm = normalised_score(result, results["cell_mean"])
-        table = result["per_perturbation"].reset_index()
-        table.insert(0, "predictor", name)
-        if non_hvg_g is not None:
-            # The fill measurement: how many genes outside the HVGs the scorer calls DE in the prediction.
-            table["n_de_pred_non_hvg"] = result["pred_de"].significant_pg[:, non_hvg_g].sum(axis=1)
-        per_pert.append(table)
-        rows.append({"predictor": name, "mode": result["mode"], "des": result["des"], "pds": result["pds"], "mae": result["mae"],
-                     **{k: norm[k] for k in ("s_des", "s_pds", "s_mae", "score")},
-                     "n_perts": len(perts), "n_cells_real": int(real.n_obs), "n_control_pred": pool.n_cells,
-                     "mean_n_de_pred": float(table["n_de_pred"].mean()), "mean_n_de_real": float(table["n_de_real"].mean())})
-        pred_de = result["pred_de"]
-        effects[name] = (real_de.pseudobulk_pg - real_de.pseudobulk_control_g, pred_de.pseudobulk_pg - pred_de.pseudobulk_control_g)
-    return pd.DataFrame(rows), pd.concat(per_pert, ignore_index=True), effects
-
-
-def evaluate(cfg: EvalConfig) -> dict[str, typing.Any]:
-    """06 eval: the fake-val harness. Returns results (one row per scenario × predictor, with
-    `mode`), per_perturbation, effects (for plots) and the paths written."""
-    files = get_target_files(cfg.data_root, cfg.world)
-    spec = files.spec
-    gene_names = read_gene_names(files.gene_names_path)
-    eval_dir = get_eval_dir(cfg.data_root, cfg.world)
-    with open_h5ad_backed(files.training_path) as (obs, var, _x):
-        labels_c = obs[spec.perturbation_key].astype(str).to_numpy()
-        cell_ids_c = obs.index.astype(str).to_numpy()
-        if list(var.index.astype(str)) != gene_names:
-            raise ValueError(f"{files.training_path}: var differs from gene_names.csv")
-    is_ctrl_c = labels_c == spec.control_label
-    training_perts = sorted(set(labels_c[~is_ctrl_c]))
-    split = make_fake_val_split(training_perts, cfg.seed)
-    held_out = set(split["val"]) | set(split["test"])
-
-    # Canonical control pools: `real` controls for the real side, disjoint `pred` controls for
-    # every prediction (inputs and predicted controls), so no predictor sees a real control.
-    n_pool = min(cfg.n_control, int(is_ctrl_c.sum()) // 2)
-    pools = get_control_pools(eval_dir / f"control_pool_seed{cfg.seed}_n{n_pool}.csv", cell_ids_c[is_ctrl_c],
-                              {POOL_REAL: n_pool, POOL_PRED: n_pool}, cfg.seed)
-    row_of_id = pd.Series(np.arange(len(cell_ids_c)), index=cell_ids_c)
-    pool_of_row = pd.Series(pools["pool"].to_numpy(), index=row_of_id[pools["cell_id"]].to_numpy())
-
-    # Groups of the pass: each perturbation, then controls by pool (`rest`: in no pool).
-    group_labels = [*training_perts, "control:real", "control:pred", "control:rest"]
-    k_of = {g: k for k, g in enumerate(group_labels)}
-    group_c = np.array([k_of.get(l, -1) for l in labels_c])
-    group_c[is_ctrl_c] = k_of["control:rest"]
-    group_c[pool_of_row.index.to_numpy()] = [k_of[f"control:{p}"] for p in pool_of_row]
-    held_rows = {p: subsample_rows(np.flatnonzero(labels_c == p), cfg.max_cells_per_pert, cfg.seed, p) for p in sorted(held_out)}
-    real_ctrl_rows = np.sort(pool_of_row.index[pool_of_row.to_numpy() == POOL_REAL].to_numpy())
-    collect_rows_c = np.sort(np.concatenate([*held_rows.values(), real_ctrl_rows]))
-    pred_pool_rows = row_of_id[pools.loc[pools["pool"] == POOL_PRED, "cell_id"]].to_numpy()
-    pool_path = eval_dir / f"control_pool_seed{cfg.seed}_n{n_pool}_pred_x.npy"
-    scan = scan_h5ad(files.training_path, counts=spec.counts, group_c=group_c, n_groups=len(group_labels),
-                     collect_rows_c=collect_rows_c, pool_rows_c=pred_pool_rows, pool_path=pool_path, chunk_cells=cfg.chunk_cells)
-    pool = ControlPool(pool_path)
-    collected_labels = labels_c[collect_rows_c]
-    collected_labels = np.where(is_ctrl_c[collect_rows_c], spec.control_label, collected_labels)
-
-    checkpoint = None
-    if cfg.checkpoint.lower() != "none":
-        checkpoint = pathlib.Path(cfg.checkpoint) if cfg.checkpoint else get_latest_checkpoint(cfg.data_root)
-    # The store gives the HVGs (model, fill study, the non-HVG DE count) and the other cell types.
-    store = target_genes = hvg_cols_h = None
-    try:
-        store = load_store(cfg.data_root, cfg.world)
-        target_genes = get_target_gene_table(store, spec.name, gene_names)
-        hvg_cols_h = get_hvg_columns(store, target_genes)
-    except FileNotFoundError:
-        if "pert_mean_transfer" in cfg.predictors or cfg.fill_study or checkpoint is not None:
-            raise
-
-    fake_fit = split["train"]
-    scenarios = [(f"fake_{s}", fake_fit, lambda s=s: _select(scan.collected_cg, collected_labels, set(split[s]), spec.control_label, gene_names))
-                 for s in ("val", "test")]
-    if cfg.truth and cfg.world == "synthetic":
-        scenarios += [(f"truth_{s}", training_perts, lambda p=p: _scenario_real_from_truth(p, spec, gene_names, cfg))
-                      for s, p in files.truth_paths.items()]
-
-    tables, per_pert_tables, effects = [], [], {}
-    for scenario, fit_perts, get_real in scenarios:
-        fit = make_fit_data(gene_names, group_labels, scan.sum_kg, scan.n_k, fit_perts, ["control:pred", "control:rest"])
-        predictors = {}
-        for name in dict.fromkeys(["cell_mean", *cfg.predictors]):
-            predictors[name] = make_baseline(name, fit, store=store, target=spec.name, target_genes=target_genes,
-                                             n_components=cfg.linear_components, ridge=cfg.linear_ridge)
-        if cfg.fill_study:
-            linear = make_baseline("linear", fit, n_components=cfg.linear_components, ridge=cfg.linear_ridge)
-            hvg_linear = _HvgSlice(linear, hvg_cols_h)
-            for fill in FILL_MODES:
-                predictors[f"linear_hvg_fill_{fill}"] = HvgAdapter(hvg_linear, gene_names, hvg_cols_h, fill,
-                                                                    target_genes["mean_control"].to_numpy(np.float32))
-        if checkpoint is not None:
-            predictors["model"] = make_model_predictor(checkpoint, store, target_genes, cfg.fill)
-        real = get_real()
-        summary, per_pert, eff = score_predictors(real, predictors, pool, seed=cfg.seed, fixed_pseudobulk=cfg.fixed_pseudobulk,
-                                                  mode=cfg.mode, threads=cfg.threads, control_label=spec.control_label,
-                                                  hvg_cols_h=hvg_cols_h)
-        fit_label = "fake_train" if fit_perts is fake_fit else "all_train"
-        for table in (summary, per_pert):
-            table.insert(0, "scenario", scenario)
-            table.insert(1, "fit_on", fit_label)
-            table.insert(2, "fixed_pseudobulk", cfg.fixed_pseudobulk)
-        if checkpoint is not None:  # the model was trained on the fake-val train split whatever the scenario
-            summary.loc[summary["predictor"] == "model", "fit_on"] = "fake_train"
-        tables.append(summary)
-        per_pert_tables.append(per_pert)
-        effects[scenario] = eff
-    results = pd.concat(tables, ignore_index=True)
-    per_perturbation = pd.concat(per_pert_tables, ignore_index=True)
-    paths = {"results": eval_dir / "results.csv", "per_perturbation": eval_dir / "per_perturbation.csv"}
-    for key, table in (("results", results), ("per_perturbation", per_perturbation)):
-        with atomic_path(paths[key]) as tmp_path:
-            table.to_csv(tmp_path, index=False, float_format="%.6g")
-    return {"results": results, "per_perturbation": per_perturbation, "effects": effects, "split": split, "paths": paths,
-            "checkpoint": checkpoint}
-
-
-@dataclasses.dataclass
-class _HvgSlice:
-    """A full-gene predictor seen only on the HVG columns (for the fill study)."""
-
-    predictor: Predictor
-    hvg_cols_h: np.ndarray
-
-    def predict(self, perturbation: str, ctrl_ch: np.ndarray) -> np.ndarray:
-        # The wrapped baseline adds a mean effect per gene, so the HVG columns of its output
-        # depend only on the HVG columns of the input; fill the rest with zeros.
-        full_cg = np.zeros((len(ctrl_ch), len(self.predictor.gene_names)), dtype=np.float32)
-        full_cg[:, self.hvg_cols_h] = ctrl_ch
-        return self.predictor.predict(perturbation, full_cg)[:, self.hvg_cols_h]
-
-
-def _select(x_cg, labels_c, perts: set[str], control_label: str, gene_names):
-    keep = np.isin(labels_c, list(perts)) | (labels_c == control_label)
-    return _real_anndata(x_cg[np.flatnonzero(keep)], labels_c[keep], gene_names)
-
-
-def plot_metric_distributions(per_perturbation: pd.DataFrame, scenario: str):
-    """Per-perturbation DES, PDS and MAE of each predictor (one box per predictor)."""
-    from matplotlib.figure import Figure
-
-    table = per_perturbation[per_perturbation["scenario"] == scenario]
-    names = list(dict.fromkeys(table["predictor"]))
-    fig = Figure(figsize=(4 * 3, 0.45 * len(names) + 1.5))
-    for ax, metric in zip(fig.subplots(1, 3), ("des", "pds", "mae")):
-        ax.boxplot([table.loc[table["predictor"] == n, metric] for n in names], vert=False, tick_labels=names)
-        ax.set_title(metric)
-        ax.invert_yaxis()
-    fig.suptitle(f"{scenario}: per-perturbation metrics")
-    return fig
-
-
-def plot_effects(effects: dict[str, tuple[np.ndarray, np.ndarray]], scenario: str, top_genes: int = 20):
-    """Predicted vs true pseudobulk effect, per predictor, on each perturbation's `top_genes`
-    genes with the largest true |effect| (Pearson r over those points)."""
-    from matplotlib.figure import Figure
-
-    names = list(effects)
-    fig = Figure(figsize=(3.2 * len(names), 3.4))
-    axes = np.atleast_1d(fig.subplots(1, len(names), sharex=True, sharey=True))
-    for ax, name in zip(axes, names):
-        real_pg, pred_pg = effects[name]
-        top = np.argsort(-np.abs(real_pg), axis=1)[:, :top_genes]
-        x, y = np.take_along_axis(real_pg, top, 1).ravel(), np.take_along_axis(pred_pg, top, 1).ravel()
-        r = np.corrcoef(x, y)[0, 1] if x.std() > 0 and y.std() > 0 else float("nan")
-        ax.scatter(x, y, s=3, alpha=0.4)
-        lim = np.abs(x).max()
-        ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.5)
-        ax.set_title(f"{name}\nr = {r:.2f}", fontsize=8)
-        ax.set_xlabel("true effect (log1p)")
-    axes[0].set_ylabel("predicted effect")
-    fig.suptitle(f"{scenario}: top-{top_genes} genes per perturbation", y=1.1)
-    return fig
-
-
-def plot_scores(results: pd.DataFrame):
-    """Normalised score parts per predictor and scenario (0 = the cell-mean baseline)."""
-    from matplotlib.figure import Figure
-
-    scenarios = list(dict.fromkeys(results["scenario"]))
-    fig = Figure(figsize=(4.5 * len(scenarios), 3.5))
-    axes = np.atleast_1d(fig.subplots(1, len(scenarios), sharey=True))
-    parts = ("s_des", "s_pds", "s_mae", "score")
-    for ax, scenario in zip(axes, scenarios):
-        table = results[results["scenario"] == scenario]
-        x = np.arange(len(table))
-        for i, part in enumerate(parts):
-            ax.bar(x + (i - 1.5) * 0.2, table[part], width=0.2, label=part)
-        ax.set_xticks(x, table["predictor"], rotation=45, ha="right", fontsize=8)
-        ax.set_title(f"{scenario} (mode {table['mode'].iloc[0]})")
-    axes[0].set_ylabel("normalised vs cell_mean")
-    axes[0].legend(fontsize=7)
-    return fig
-
-
-# ----------------------------------------------------------------------------
-# 07 submit
-# ----------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class SubmitConfig(DataConfig):
-    """Flags of nb/07_submit.py: a predictor's submission, validated and packed as .vcc."""
-
-    split: typing.Literal["validation", "test"] = "validation"
-    """Which perturbations: pert_counts_Validation.csv or pert_counts_Test.csv."""
-    predictor: str = "linear"
-    """A baseline (control cell_mean pert_mean_transfer linear) or `model` (a checkpoint)."""
-    checkpoint: str = ""
-    """With --predictor model: the checkpoint directory; empty = the newest under <data_root>/checkpoints/."""
-    fill: typing.Literal["control", "mean"] = "control"
-    """How a model's non-HVG genes are filled (see nb/06_eval.py)."""
-    fixed_pseudobulk: bool = False
-    """Every predicted cell of a perturbation = that perturbation's mean predicted cell."""
-    n_control: int = 0
-    """Control cells in the submission (also the prediction inputs); 0 = every training control that fits under --max-cells."""
-    max_cells: int = MAX_SUBMISSION_CELLS
-    """Cell cap of the submission (100,000 in the 2025 validation phase)."""
-    seed: int = 0
-    """Seed of the control pool and of each perturbation's input cells."""
-    chunk_cells: int = 1_024
-    """Cells predicted and written at once (memory ~ 3 × chunk_cells × genes × 4 bytes)."""
-    score: bool = True
-    """On the synthetic world, score the submission against the synthetic truth."""
-    mode: typing.Literal["vcc2025", "current"] = "vcc2025"
-    """Scorer generation for that score."""
-    linear_components: int = 10
-    """K of the linear baseline."""
-    linear_ridge: float = 0.1
-    """λ of the linear baseline."""
-
-
-def get_submission_dir(data_root: str | os.PathLike | None, world: str) -> pathlib.Path:
-    return get_data_root(data_root) / "submissions" / world
-
-
-def check_submission_request(predictor: Predictor, gene_names: list[str], pert_counts: pd.DataFrame,
-                             control_label: str = "non-targeting") -> None:
-    """One clear error, before anything is written, for a request that cannot make a valid file."""
-    genes = list(predictor.gene_names)
-    if genes != list(gene_names):
-        if len(genes) == len(gene_names) and set(genes) == set(gene_names):
-            first = next(i for i, (a, b) in enumerate(zip(genes, gene_names)) if a != b)
-            raise ValueError(f"gene-order trap: the predictor's genes are gene_names.csv in another order (column {first}: "
-                             f"{genes[first]!r} instead of {gene_names[first]!r}); build it from gene_names.csv's order")
-        raise ValueError(f"the predictor predicts {len(genes)} genes, gene_names.csv lists {len(gene_names)}: "
-                         "predict every gene of gene_names.csv (an HVG model goes through HvgAdapter)")
-    perts = pert_counts["target_gene"].astype(str)
-    if perts.duplicated().any():
-        raise ValueError(f"pert_counts lists {sorted(set(perts[perts.duplicated()]))[:5]} twice; one row per perturbation")
-    if (perts == control_label).any():
-        raise ValueError(f"pert_counts requests {control_label!r}: control cells are added separately, drop that row")
-    unknown = sorted(set(perts) - set(gene_names))
-    if unknown:
-        raise ValueError(f"unknown perturbations {unknown[:5]}: a CRISPRi target must be a gene of gene_names.csv; "
-                         "check pert_counts for typos or Ensembl ids instead of symbols")
-    n_cells = pd.to_numeric(pert_counts["n_cells"], errors="coerce")
-    if n_cells.isna().any() or (n_cells < 1).any() or (n_cells != n_cells.round()).any():
-        raise ValueError("pert_counts n_cells must be positive integers")
-
-
-def write_predictor_submission(path: str | os.PathLike, predictor: Predictor, *, gene_names: list[str], pert_counts: pd.DataFrame,
-                               pool: ControlPool, n_control: int, seed: int = 0, fixed_pseudobulk: bool = False,
-                               chunk_cells: int = 1_024, max_cells: int = MAX_SUBMISSION_CELLS,
-                               control_label: str = "non-targeting") -> pathlib.Path:
-    """Stream `predictor`'s submission to `path` through write_submission: pert_counts' cells
-    per perturbation (inputs drawn from `pool`), then the first `n_control` pool cells as controls."""
-    check_submission_request(predictor, gene_names, pert_counts, control_label)
-    if pool.n_genes != len(gene_names):
-        raise ValueError(f"the control pool has {pool.n_genes} genes, gene_names.csv {len(gene_names)}: rebuild the pool")
-    if not 0 < n_control <= pool.n_cells:
-        raise ValueError(f"n_control={n_control} must be in 1..{pool.n_cells} (the pool's cells)")
-    counts = list(zip(pert_counts["target_gene"].astype(str), pert_counts["n_cells"].astype(int)))
-    plan = make_prediction_plan(counts, pool.n_cells, np.arange(n_control), seed, control_label)
-    obs = make_submission_obs(pert_counts, n_control, control_label)
-    assert np.array_equal(obs["target_gene"].astype(str).to_numpy(), plan.labels_c.astype(str)), "plan and obs disagree"
-    predict_chunk = make_predict_chunk(predictor, plan, pool, fixed_pseudobulk=fixed_pseudobulk, block_cells=chunk_cells, seed=seed)
-    return write_submission(path, gene_names=gene_names, obs=obs, predict_chunk=predict_chunk, chunk_cells=chunk_cells,
-                                max_cells=max_cells, control_label=control_label)
-
-
-def make_submission(cfg: SubmitConfig) -> dict[str, typing.Any]:
-    """07 submit: predictor -> validated submission h5ad -> .vcc; on the synthetic world also
-    scored against the truth (normalised against cell_mean built the same way)."""
-    files = get_target_files(cfg.data_root, cfg.world)
-    spec = files.spec
-    gene_names = read_gene_names(files.gene_names_path)
-    pert_counts = read_pert_counts(files.pert_counts_paths[cfg.split])
-    names = (*BASELINES, "model")
-    if cfg.predictor not in names:
-        raise ValueError(f"--predictor {cfg.predictor!r}; use one of {names}")
-    with open_h5ad_backed(files.training_path) as (obs, var, _x):
-        labels_c = obs[spec.perturbation_key].astype(str).to_numpy()
-        cell_ids_c = obs.index.astype(str).to_numpy()
-    is_ctrl_c = labels_c == spec.control_label
-    n_budget = cfg.max_cells - int(pert_counts["n_cells"].sum())
-    n_control = cfg.n_control or min(int(is_ctrl_c.sum()), n_budget)
-    if n_control < 1:
-        raise ValueError(f"pert_counts asks for {int(pert_counts['n_cells'].sum()):,} cells: no room for controls under --max-cells {cfg.max_cells:,}")
-
-    out_dir = get_submission_dir(cfg.data_root, cfg.world)
-    pools = get_control_pools(out_dir / f"control_pool_seed{cfg.seed}_n{n_control}.csv", cell_ids_c[is_ctrl_c], {POOL_PRED: n_control}, cfg.seed)
-    row_of_id = pd.Series(np.arange(len(cell_ids_c)), index=cell_ids_c)
-    perts = sorted(set(labels_c[~is_ctrl_c]))
-    group_labels = [*perts, "control"]
-    k_of = {g: k for k, g in enumerate(group_labels)}
-    group_c = np.array([k_of.get(l, k_of["control"]) if not c else k_of["control"] for l, c in zip(labels_c, is_ctrl_c)])
-    pool_path = out_dir / f"control_pool_seed{cfg.seed}_n{n_control}_x.npy"
-    scan = scan_h5ad(files.training_path, counts=spec.counts, group_c=group_c, n_groups=len(group_labels),
-                     pool_rows_c=row_of_id[pools["cell_id"]].to_numpy(), pool_path=pool_path, chunk_cells=cfg.chunk_cells)
-    pool = ControlPool(pool_path)
-    fit = make_fit_data(gene_names, group_labels, scan.sum_kg, scan.n_k, perts, ["control"])
-
-    store = target_genes = None
-    if cfg.predictor in ("pert_mean_transfer", "model"):
-        store = load_store(cfg.data_root, cfg.world)
-        target_genes = get_target_gene_table(store, spec.name, gene_names)
-    if cfg.predictor == "model":
-        checkpoint = pathlib.Path(cfg.checkpoint) if cfg.checkpoint else get_latest_checkpoint(cfg.data_root)
-        if checkpoint is None:
-            raise FileNotFoundError(f"no checkpoint under {get_data_root(cfg.data_root) / 'checkpoints'}: train with nb/05_train.py or pass --checkpoint")
-        predictor, name = make_model_predictor(checkpoint, store, target_genes, cfg.fill), "model"
-    else:
-        predictor, name = make_baseline(cfg.predictor, fit, store=store, target=spec.name, target_genes=target_genes,
-                                        n_components=cfg.linear_components, ridge=cfg.linear_ridge), cfg.predictor
-    name = f"{name}{'_pseudobulk' if cfg.fixed_pseudobulk else ''}_{cfg.split}"
-    h5ad_path = write_predictor_submission(
-        out_dir / f"{name}.h5ad", predictor, gene_names=gene_names, pert_counts=pert_counts, pool=pool, n_control=n_control,
-        seed=cfg.seed, fixed_pseudobulk=cfg.fixed_pseudobulk, chunk_cells=cfg.chunk_cells, max_cells=cfg.max_cells,
-        control_label=spec.control_label)
-    vcc_path = pack_vcc(h5ad_path)
-    out = {"h5ad": h5ad_path, "vcc": vcc_path, "n_control": n_control, "score": None}
-    if cfg.score and cfg.split in files.truth_paths:
-        out["score"] = score_submission(h5ad_path, files.truth_paths[cfg.split], spec, gene_names, fit, pool, n_control, cfg)
-    return out
-
-
-def score_submission(h5ad_path, truth_path, spec, gene_names, fit: FitData, pool: ControlPool, n_control: int,
-                     cfg: SubmitConfig) -> dict[str, typing.Any]:
-    """Score a written submission against a truth file (synthetic world), and the cell-mean
-    baseline built from the same training data and control cells; both with score."""
-    import anndata
-
-    with open_h5ad_backed(truth_path) as (obs, _var, _x):
-        labels_c = obs[spec.perturbation_key].astype(str).to_numpy()
-    scan = scan_h5ad(truth_path, counts=spec.counts, group_c=np.full(len(labels_c), -1), n_groups=0,
-                     collect_rows_c=np.arange(len(labels_c)), chunk_cells=cfg.chunk_cells)
-    real = _real_anndata(scan.collected_cg, labels_c, gene_names)
-    pred = anndata.read_h5ad(h5ad_path)
-    result = score(real, pred, mode=cfg.mode, control_label=spec.control_label)
-    labels = np.asarray(pred.obs["target_gene"], dtype=str)
-    perts, counts = np.unique(labels[labels != spec.control_label], return_counts=True)
-    plan = make_prediction_plan(list(zip(perts, counts)), pool.n_cells, np.arange(n_control), cfg.seed, spec.control_label)
-    baseline = make_prediction_anndata(ConstantPredictor(gene_names, make_cell_mean_vector(fit)), plan, pool)
-    baseline_result = score(real, baseline, mode=cfg.mode, real_de=result["real_de"], control_label=spec.control_label)
-    return {"result": result, "baseline": baseline_result, "normalised": normalised_score(result, baseline_result)}
-
-
-# ----------------------------------------------------------------------------
-# train · checkpoints · inference (05)
-# ----------------------------------------------------------------------------
 # Issue 5 (train): perturbation features, the training loop, checkpoints, inference.
 #
 # Pasted into lib.py's "train" and "infer" sections (the merge rewrites `lib.x` -> `x`).
@@ -5236,6 +3290,8 @@ def score_submission(h5ad_path, truth_path, spec, gene_names, fit: FitData, pool
 
 
 FEATURE_KINDS = ("onehot", "gene", "random")
+
+
 FEATURE_FLAGS = ("is_control", "is_oov", "has_coexpr", "has_effect")
 
 
@@ -5271,7 +3327,9 @@ class PertFeatures:
             return make_onehot_features(np.asarray(pert_id_b, np.int64), self.n_perts)
         bad = (dataset_b < 0) | (dataset_b >= len(self.datasets))
         if bad.any():
-            raise IndexError(f"dataset indices {np.unique(dataset_b[bad])} outside the {len(self.datasets)}-dataset table")
+            raise IndexError(
+                f"dataset indices {np.unique(dataset_b[bad])} outside the {len(self.datasets)}-dataset table"
+            )
         out_bf = np.empty((len(pert_id_b), self.width), np.float32)
         for d in np.unique(dataset_b):
             rows = dataset_b == d
@@ -5285,8 +3343,15 @@ class PertFeatures:
         arrays = {"table_dpf": self.table_dpf} if self.table_dpf is not None else {}
         if self.seen_p is not None:
             arrays["seen_p"] = self.seen_p
-        meta = json.dumps({"kind": self.kind, "n_perts": self.n_perts, "datasets": list(self.datasets), "target": self.target,
-                           "n_direct": self.n_direct})
+        meta = json.dumps(
+            {
+                "kind": self.kind,
+                "n_perts": self.n_perts,
+                "datasets": list(self.datasets),
+                "target": self.target,
+                "n_direct": self.n_direct,
+            }
+        )
         with open(path, "wb") as f:
             np.savez(f, meta=np.array(meta), **arrays)
 
@@ -5294,9 +3359,15 @@ class PertFeatures:
     def load(cls, path: str | os.PathLike) -> "PertFeatures":
         with np.load(path) as z:
             meta = json.loads(str(z["meta"]))
-            return cls(meta["kind"], meta["n_perts"], tuple(meta["datasets"]), meta["target"],
-                       z["table_dpf"] if "table_dpf" in z else None, z["seen_p"] if "seen_p" in z else None,
-                       meta.get("n_direct", 0))
+            return cls(
+                meta["kind"],
+                meta["n_perts"],
+                tuple(meta["datasets"]),
+                meta["target"],
+                z["table_dpf"] if "table_dpf" in z else None,
+                z["seen_p"] if "seen_p" in z else None,
+                meta.get("n_direct", 0),
+            )
 
 
 def _group_rows(groups: pd.DataFrame, max_rows: int) -> np.ndarray:
@@ -5436,19 +3507,28 @@ def make_pert_features(
         direct_dpg[:, :2] = 0.0
 
     table_dpf = np.concatenate(
-        [np.broadcast_to(flags_pf, (n_d, *flags_pf.shape)).copy(), np.broadcast_to(coexpr_pk, (n_d, *coexpr_pk.shape)), effect_dpk,
-         direct_dpg, np.broadcast_to(target_pg, (n_d, *target_pg.shape))],
+        [
+            np.broadcast_to(flags_pf, (n_d, *flags_pf.shape)).copy(),
+            np.broadcast_to(coexpr_pk, (n_d, *coexpr_pk.shape)),
+            effect_dpk,
+            direct_dpg,
+            np.broadcast_to(target_pg, (n_d, *target_pg.shape)),
+        ],
         axis=2,
     ).astype(np.float32)
     table_dpf[:, :, 3] = has_effect_dp
     if kind == "random":
         # Same flags and width, but the informative part is noise fixed per vocab id.
-        noise_pf = np.random.default_rng(seed).standard_normal((n_p, table_dpf.shape[2] - len(FEATURE_FLAGS))).astype(np.float32)
+        noise_pf = (
+            np.random.default_rng(seed)
+            .standard_normal((n_p, table_dpf.shape[2] - len(FEATURE_FLAGS)))
+            .astype(np.float32)
+        )
         noise_pf[:2] = 0.0
         if n_tail:  # noise of the real inputs' scale, so the gene-space path is equally usable
-            noise_pf[:, -2 * n_tail: -n_tail] *= np.abs(direct_dpg).mean()
+            noise_pf[:, -2 * n_tail : -n_tail] *= np.abs(direct_dpg).mean()
             noise_pf[:, -n_tail:] = np.abs(noise_pf[:, -n_tail:]) > 3.0  # ~0.3% ones, like one gene
-        table_dpf[:, :, len(FEATURE_FLAGS):] = noise_pf[None]
+        table_dpf[:, :, len(FEATURE_FLAGS) :] = noise_pf[None]
         table_dpf[:, 2:, 2:4] = 1.0
     return PertFeatures(kind, n_p, datasets, target, table_dpf, n_direct=2 * n_tail)
 
@@ -5472,9 +3552,7 @@ def make_train_vocab(store, extra_perturbations=()) -> PerturbationVocab:
     return PerturbationVocab((*vocab.labels, *extra))
 
 
-# ----------------------------------------------------------------------------
-# train config
-# ----------------------------------------------------------------------------
+# -------------------- train config ----------------------------------------------------------------
 
 
 @dataclasses.dataclass(frozen=True)
@@ -5605,20 +3683,40 @@ class TrainConfig:
         if min(self.steps, self.log_every, self.set_size, self.sets_per_batch) < 1:
             raise ValueError("steps, log_every, set_size and sets_per_batch must be >= 1")
         if self.val_control_cells < self.set_size:
-            raise ValueError(f"val_control_cells={self.val_control_cells} < set_size={self.set_size}: the pool needs one set")
+            raise ValueError(
+                f"val_control_cells={self.val_control_cells} < set_size={self.set_size}: the pool needs one set"
+            )
         if self.direct_effect and self.features == "onehot":
-            raise ValueError("--direct-effect needs gene or random features (one-hot ids carry no effect): add --features gene")
+            raise ValueError(
+                "--direct-effect needs gene or random features (one-hot ids carry no effect): add --features gene"
+            )
 
 
 # How this process joins a multi-process run: per process and per launch, so never written to
 # config.toml (process 1 resuming with process 0's config.toml must not become process 0).
 LAUNCH_FIELDS = ("coordinator_address", "num_processes", "process_id")
+
+
 # Fields a resumed run may change; any other difference from the checkpoint's config raises.
-RESUMABLE_FIELDS = frozenset({
-    "config", "data_root", "checkpoint_dir", "run_name", "resume", "steps", "log_every", "eval_every",
-    "ckpt_every", "keep_last_n", "wandb_project", "wandb_entity", "wandb_mode", "worker_count",
-    *LAUNCH_FIELDS,
-})
+RESUMABLE_FIELDS = frozenset(
+    {
+        "config",
+        "data_root",
+        "checkpoint_dir",
+        "run_name",
+        "resume",
+        "steps",
+        "log_every",
+        "eval_every",
+        "ckpt_every",
+        "keep_last_n",
+        "wandb_project",
+        "wandb_entity",
+        "wandb_mode",
+        "worker_count",
+        *LAUNCH_FIELDS,
+    }
+)
 
 
 def _find_flag(argv: list[str], flag: str) -> str:
@@ -5662,7 +3760,9 @@ def read_train_toml(path: str | os.PathLike) -> TrainConfig:
     hints = typing.get_type_hints(TrainConfig)
     unknown = sorted(set(values) - set(hints))
     if unknown:
-        raise ValueError(f"{path}: unknown keys {unknown}; valid keys are the flags of `python nb/05_train.py --help`: {sorted(hints)}")
+        raise ValueError(
+            f"{path}: unknown keys {unknown}; valid keys are the flags of `python nb/05_train.py --help`: {sorted(hints)}"
+        )
     values = {k: _coerce(k, hints[k], v) for k, v in values.items()}
     return dataclasses.replace(TrainConfig(), **{**values, "config": str(path)})
 
@@ -5675,7 +3775,9 @@ def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
     argv = notebook_argv() if argv is None else list(argv)
     config_path = _find_flag(argv, "--config")
     default = read_train_toml(config_path) if config_path else TrainConfig()
-    return tyro.cli(TrainConfig, args=argv, default=default, description="05 train: the ST set transformer on cell sets")
+    return tyro.cli(
+        TrainConfig, args=argv, default=default, description="05 train: the ST set transformer on cell sets"
+    )
 
 
 def write_train_toml(path: str | os.PathLike, cfg: TrainConfig) -> None:
@@ -5690,26 +3792,48 @@ def write_train_toml(path: str | os.PathLike, cfg: TrainConfig) -> None:
 
 
 def make_loader_config(cfg: TrainConfig) -> LoaderConfig:
-    return LoaderConfig(set_size=cfg.set_size, sets_per_batch=cfg.sets_per_batch, seed=cfg.seed,
-                            datasets=cfg.datasets, control_sets=cfg.control_sets, worker_count=cfg.worker_count)
+    return LoaderConfig(
+        set_size=cfg.set_size,
+        sets_per_batch=cfg.sets_per_batch,
+        seed=cfg.seed,
+        datasets=cfg.datasets,
+        control_sets=cfg.control_sets,
+        worker_count=cfg.worker_count,
+    )
 
 
 def make_model_config(cfg: TrainConfig, n_genes: int, n_pert_features: int, direct_effect: bool = False) -> ModelConfig:
-    return ModelConfig(n_genes=n_genes, n_pert_features=n_pert_features, hidden=cfg.hidden, n_layers=cfg.n_layers,
-                       n_heads=cfg.n_heads, mlp_ratio=cfg.mlp_ratio, n_encoder_layers=cfg.n_encoder_layers,
-                       residual_output=cfg.residual_output, center_control=cfg.center_control, direct_effect=direct_effect)
+    return ModelConfig(
+        n_genes=n_genes,
+        n_pert_features=n_pert_features,
+        hidden=cfg.hidden,
+        n_layers=cfg.n_layers,
+        n_heads=cfg.n_heads,
+        mlp_ratio=cfg.mlp_ratio,
+        n_encoder_layers=cfg.n_encoder_layers,
+        residual_output=cfg.residual_output,
+        center_control=cfg.center_control,
+        direct_effect=direct_effect,
+    )
 
 
 def make_loss_config(cfg: TrainConfig) -> LossConfig:
-    return LossConfig(energy_weight=cfg.energy_weight, mmd_weight=cfg.mmd_weight, pseudobulk_mse_weight=cfg.pseudobulk_mse_weight)
+    return LossConfig(
+        energy_weight=cfg.energy_weight, mmd_weight=cfg.mmd_weight, pseudobulk_mse_weight=cfg.pseudobulk_mse_weight
+    )
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
     """Linear warmup to learning_rate, then constant or cosine down to learning_rate * min_lr_ratio."""
     warmup = max(cfg.warmup_steps, 1)
     if cfg.schedule == "constant":
-        return optax.join_schedules([optax.linear_schedule(0.0, cfg.learning_rate, warmup), optax.constant_schedule(cfg.learning_rate)], [warmup])
-    return optax.warmup_cosine_decay_schedule(0.0, cfg.learning_rate, warmup, max(cfg.steps, warmup + 1), cfg.learning_rate * cfg.min_lr_ratio)
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, cfg.learning_rate, warmup), optax.constant_schedule(cfg.learning_rate)],
+            [warmup],
+        )
+    return optax.warmup_cosine_decay_schedule(
+        0.0, cfg.learning_rate, warmup, max(cfg.steps, warmup + 1), cfg.learning_rate * cfg.min_lr_ratio
+    )
 
 
 def make_train_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
@@ -5718,21 +3842,36 @@ def make_train_optimizer(cfg: TrainConfig) -> optax.GradientTransformation:
     Cached per setting: the optimizer is a static argument of the jitted step, so an equal but
     new optimizer object would recompile it (a resumed run in the same process, tests)."""
     steps = cfg.steps if cfg.schedule == "cosine" else 0  # a constant schedule does not depend on steps
-    return _make_train_optimizer(cfg.optimizer, cfg.learning_rate, cfg.weight_decay, cfg.schedule, cfg.warmup_steps,
-                                 cfg.min_lr_ratio, steps, cfg.grad_clip)
+    return _make_train_optimizer(
+        cfg.optimizer,
+        cfg.learning_rate,
+        cfg.weight_decay,
+        cfg.schedule,
+        cfg.warmup_steps,
+        cfg.min_lr_ratio,
+        steps,
+        cfg.grad_clip,
+    )
 
 
 @functools.lru_cache(maxsize=32)
-def _make_train_optimizer(name, learning_rate, weight_decay, schedule_name, warmup_steps, min_lr_ratio, steps, grad_clip):
-    schedule = make_schedule(TrainConfig(learning_rate=learning_rate, schedule=schedule_name, warmup_steps=warmup_steps,
-                                         min_lr_ratio=min_lr_ratio, steps=max(steps, 1)))
+def _make_train_optimizer(
+    name, learning_rate, weight_decay, schedule_name, warmup_steps, min_lr_ratio, steps, grad_clip
+):
+    schedule = make_schedule(
+        TrainConfig(
+            learning_rate=learning_rate,
+            schedule=schedule_name,
+            warmup_steps=warmup_steps,
+            min_lr_ratio=min_lr_ratio,
+            steps=max(steps, 1),
+        )
+    )
     opt = optax.adamw(schedule, weight_decay=weight_decay) if name == "adamw" else optax.adam(schedule)
     return optax.chain(optax.clip_by_global_norm(grad_clip), opt) if grad_clip > 0 else opt
 
 
-# ----------------------------------------------------------------------------
-# train step
-# ----------------------------------------------------------------------------
+# -------------------- train step ------------------------------------------------------------------
 
 
 @eqx.filter_jit
@@ -5759,12 +3898,16 @@ def train_step(
     if mesh is None:
         model, opt_state, metrics = make_step(model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg)
     else:
-        model, opt_state, metrics = _make_step_ordered(model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg, mesh)
+        model, opt_state, metrics = _make_step_ordered(
+            model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg, mesh
+        )
     metrics["param_norm"] = optax.tree.norm(eqx.filter(model, eqx.is_inexact_array))
     return model, opt_state, metrics
 
 
-def _make_step_ordered(model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg: LossConfig, mesh: jax.sharding.Mesh):
+def _make_step_ordered(
+    model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg: LossConfig, mesh: jax.sharding.Mesh
+):
     """make_step for a batch sharded over mesh axis "batch" (call inside jit). Each device takes
     the loss and gradients of its own sets; the devices' results are all-gathered and averaged in
     device order, the same arithmetic whatever the number of hosts. (Left to XLA, the gradient
@@ -5783,8 +3926,9 @@ def _make_step_ordered(model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bs
         return jax.tree.map(lambda x: jax.lax.all_gather(x, "batch").mean(0), out)
 
     # check_vma=False: no automatic psum of the replicated parameters' gradients (we reduce them).
-    (loss, terms), grads = jax.shard_map(local, mesh=mesh, in_specs=(spec, batch, batch, batch), out_specs=spec,
-                                         check_vma=False)(params, ctrl_bsg, pert_bf, target_bsg)
+    (loss, terms), grads = jax.shard_map(
+        local, mesh=mesh, in_specs=(spec, batch, batch, batch), out_specs=spec, check_vma=False
+    )(params, ctrl_bsg, pert_bf, target_bsg)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates)}
@@ -5792,15 +3936,15 @@ def _make_step_ordered(model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bs
 
 
 @eqx.filter_jit
-def get_effect_l1(model: SetTransformer, ctrl_bsg: Float[Array, "batch set gene"], pert_bf: Float[Array, "batch feat"]) -> Float[Array, ""]:
+def get_effect_l1(
+    model: SetTransformer, ctrl_bsg: Float[Array, "batch set gene"], pert_bf: Float[Array, "batch feat"]
+) -> Float[Array, ""]:
     """Mean |predicted - control input| per gene and cell: how far the model moves cells (≈0: it ignores
     the perturbation; growing without bound: it is inventing effects)."""
     return jnp.abs(predict_sets(model, ctrl_bsg, pert_bf) - ctrl_bsg).mean()
 
 
-# ----------------------------------------------------------------------------
-# validation on the fake-val split
-# ----------------------------------------------------------------------------
+# -------------------- validation on the fake-val split --------------------------------------------
 
 
 @dataclasses.dataclass
@@ -5847,8 +3991,15 @@ def make_validation_set(store, perturbations, target: str, cfg: TrainConfig, voc
         real_cells.append(cells)
         real_psg.append(cells[rng.choice(len(cells), cfg.val_cells, replace=len(cells) < cfg.val_cells)])
     pool_rows, pool_cg = make_control_pool(store, target, cfg.val_control_cells, cfg.set_size, cfg.seed)
-    return ValidationSet(perts, vocab.ids(perts), real_cells, np.stack(real_psg), pool_cg, pool_rows,
-                         store.genes["symbol"].astype(str).tolist())
+    return ValidationSet(
+        perts,
+        vocab.ids(perts),
+        real_cells,
+        np.stack(real_psg),
+        pool_cg,
+        pool_rows,
+        store.genes["symbol"].astype(str).tolist(),
+    )
 
 
 def _scoring_anndata(cells_by_pert: list[np.ndarray], perts: list[str], pool_cg: np.ndarray, genes: list[str]):
@@ -5860,10 +4011,14 @@ def _scoring_anndata(cells_by_pert: list[np.ndarray], perts: list[str], pool_cg:
     return anndata.AnnData(X=x_cg, obs=obs, var=pd.DataFrame(index=genes))
 
 
-def predict_pool(model, features: PertFeatures, pert_id_p: np.ndarray, pool_cg: np.ndarray, set_size: int) -> np.ndarray:
+def predict_pool(
+    model, features: PertFeatures, pert_id_p: np.ndarray, pool_cg: np.ndarray, set_size: int
+) -> np.ndarray:
     """Each perturbation's predicted cells from the control pool: (perts, pool cells, genes)."""
     n_sets = len(pool_cg) // set_size
-    pool_bsg = np.broadcast_to(pool_cg.reshape(n_sets, set_size, -1), (len(pert_id_p), n_sets, set_size, pool_cg.shape[1]))
+    pool_bsg = np.broadcast_to(
+        pool_cg.reshape(n_sets, set_size, -1), (len(pert_id_p), n_sets, set_size, pool_cg.shape[1])
+    )
     pert_pf = features.get_target(get_inference_ids(features, pert_id_p))
     pert_bf = np.repeat(pert_pf, n_sets, axis=0)
     pred_bsg = predict_sets(model, jnp.asarray(pool_bsg.reshape(-1, set_size, pool_cg.shape[1])), jnp.asarray(pert_bf))
@@ -5879,18 +4034,24 @@ def get_inference_ids(features: PertFeatures, pert_id_p: np.ndarray) -> np.ndarr
 
 
 @eqx.filter_jit
-def get_val_losses(pred_pcg: Float[Array, "pert cell gene"], real_pcg: Float[Array, "pert cell2 gene"], loss_cfg: LossConfig) -> dict[str, Float[Array, " pert"]]:
+def get_val_losses(
+    pred_pcg: Float[Array, "pert cell gene"], real_pcg: Float[Array, "pert cell2 gene"], loss_cfg: LossConfig
+) -> dict[str, Float[Array, " pert"]]:
     return jax.vmap(functools.partial(get_set_losses, cfg=loss_cfg))(pred_pcg, real_pcg)
 
 
-def validate(model, features: PertFeatures, val: ValidationSet, loss_cfg: LossConfig, set_size: int) -> dict[str, float]:
+def validate(
+    model, features: PertFeatures, val: ValidationSet, loss_cfg: LossConfig, set_size: int
+) -> dict[str, float]:
     """Held-out metrics: set losses of the pool predictions vs real cells, and score (DES, PDS,
     MAE in HVG space), plus the normalised score against the cell-mean baseline."""
     pred_pcg = predict_pool(model, features, val.pert_id_p, val.pool_cg, set_size)
     terms = get_val_losses(jnp.asarray(pred_pcg), jnp.asarray(val.real_psg), loss_cfg)
     out = {f"val/{k}": float(v.mean()) for k, v in terms.items()}
     pred = _scoring_anndata(list(pred_pcg), val.perturbations, val.pool_cg, val.genes)
-    result = score(_scoring_anndata(val.real_cells, val.perturbations, val.pool_cg, val.genes), pred, real_de=val.real_de)
+    result = score(
+        _scoring_anndata(val.real_cells, val.perturbations, val.pool_cg, val.genes), pred, real_de=val.real_de
+    )
     out.update({"val/mae": float(result["mae"]), "val/pds": float(result["pds"]), "val/des": float(result["des"])})
     if "cell_mean" in val.baselines:
         out["val/score"] = normalised_score(result, val.baselines["cell_mean"])["score"]
@@ -5901,17 +4062,24 @@ def score_validation_baselines(val: ValidationSet) -> dict[str, float]:
     """Score the control baseline (predict the pool itself: "no effect") and the cell-mean baseline
     once; cache the real side's DE for every later validation."""
     real = _scoring_anndata(val.real_cells, val.perturbations, val.pool_cg, val.genes)
-    control = score(real, _scoring_anndata([val.pool_cg] * len(val.perturbations), val.perturbations, val.pool_cg, val.genes))
+    control = score(
+        real, _scoring_anndata([val.pool_cg] * len(val.perturbations), val.perturbations, val.pool_cg, val.genes)
+    )
     val.real_de = control["real_de"]
     cell_mean = score(real, make_cell_mean_baseline(real), real_de=val.real_de)
     val.baselines = {"cell_mean": cell_mean}
-    return {"val/control_mae": float(control["mae"]), "val/control_pds": float(control["pds"]), "val/control_des": float(control["des"]),
-            "val/cell_mean_mae": float(cell_mean["mae"]), "val/cell_mean_pds": float(cell_mean["pds"])}
+    return {
+        "val/control_mae": float(control["mae"]),
+        "val/control_pds": float(control["pds"]),
+        "val/control_des": float(control["des"]),
+        "val/cell_mean_mae": float(cell_mean["mae"]),
+        "val/cell_mean_pds": float(cell_mean["pds"]),
+    }
 
 
-# ----------------------------------------------------------------------------
-# checkpoints
-# ----------------------------------------------------------------------------
+# -------------------- checkpoints -----------------------------------------------------------------
+
+
 # Equinox serialisation (eqx.tree_serialise_leaves) of the model and optimiser state, JSON/npz
 # for the rest, one directory per step. Only process 0 writes; every process reads.
 #
@@ -5979,10 +4147,16 @@ def get_checkpoint_root(cfg: TrainConfig) -> str:
 def get_local_run_dir(cfg: TrainConfig, run_dir: str) -> pathlib.Path:
     """Files that must be on a local disk (wandb's directory, the history being appended): the run
     directory itself when it is local, else <data_root>/runs/<run name>."""
-    return pathlib.Path(get_fs(run_dir)[1]) if is_local_url(run_dir) else get_data_root(cfg.data_root) / "runs" / url_name(run_dir)
+    return (
+        pathlib.Path(get_fs(run_dir)[1])
+        if is_local_url(run_dir)
+        else get_data_root(cfg.data_root) / "runs" / url_name(run_dir)
+    )
 
 
-def save_checkpoint(run_dir: str | os.PathLike, step: int, *, model, opt_state, state: dict, static_files: dict[str, Any]) -> str:
+def save_checkpoint(
+    run_dir: str | os.PathLike, step: int, *, model, opt_state, state: dict, static_files: dict[str, Any]
+) -> str:
     """Write `step_XXXXXXXX/` (local staging, then upload, state.json last) and then point `latest` at it."""
     import tempfile
 
@@ -6010,7 +4184,9 @@ def _list_step_names(run_dir: str | os.PathLike) -> list[str]:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         return []
-    return sorted(url_name(e["name"]) for e in entries if e["type"] == "directory" and url_name(e["name"]).startswith("step_"))
+    return sorted(
+        url_name(e["name"]) for e in entries if e["type"] == "directory" and url_name(e["name"]).startswith("step_")
+    )
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last_n: int) -> None:
@@ -6045,7 +4221,9 @@ def resolve_checkpoint(path: str | os.PathLike, which: Literal["best", "latest"]
         url = join_url(url, _read_pointer(join_url(url, "latest")))
     name = _read_pointer(join_url(url, which)) or _read_pointer(join_url(url, "latest"))
     if not name or not _is_step_dir(join_url(url, name)):
-        raise FileNotFoundError(f"no checkpoint under {url}: train one with `python nb/05_train.py` (writes <data_root>/checkpoints/<run>/)")
+        raise FileNotFoundError(
+            f"no checkpoint under {url}: train one with `python nb/05_train.py` (writes <data_root>/checkpoints/<run>/)"
+        )
     return join_url(url, name)
 
 
@@ -6062,7 +4240,12 @@ def load_checkpoint(step_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _load_checkpoint_files(step_dir: pathlib.Path) -> dict[str, Any]:
-    cfg = TrainConfig(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads((step_dir / "config.json").read_text()).items()})
+    cfg = TrainConfig(
+        **{
+            k: tuple(v) if isinstance(v, list) else v
+            for k, v in json.loads((step_dir / "config.json").read_text()).items()
+        }
+    )
     model_cfg = ModelConfig(**json.loads((step_dir / "model_config.json").read_text()))
     like = eqx.filter_eval_shape(make_model, model_cfg, key=jax.random.key(0))
     model = eqx.tree_deserialise_leaves(step_dir / "model.eqx", like)
@@ -6070,7 +4253,11 @@ def _load_checkpoint_files(step_dir: pathlib.Path) -> dict[str, Any]:
     opt_like = eqx.filter_eval_shape(init_opt_state, model, optimizer)
     opt_state = eqx.tree_deserialise_leaves(step_dir / "opt_state.eqx", opt_like)
     return {
-        "cfg": cfg, "model_cfg": model_cfg, "model": model, "optimizer": optimizer, "opt_state": opt_state,
+        "cfg": cfg,
+        "model_cfg": model_cfg,
+        "model": model,
+        "optimizer": optimizer,
+        "opt_state": opt_state,
         "state": json.loads((step_dir / "state.json").read_text()),
         "vocab": PerturbationVocab.read(step_dir / "vocab.json"),
         "features": PertFeatures.load(step_dir / "features.npz"),
@@ -6079,13 +4266,12 @@ def _load_checkpoint_files(step_dir: pathlib.Path) -> dict[str, Any]:
     }
 
 
-# ----------------------------------------------------------------------------
-# run records and logging
-# ----------------------------------------------------------------------------
+# -------------------- run records and logging -----------------------------------------------------
 
 
 def get_git_state(repo_dir: pathlib.Path = REPO_DIR) -> dict[str, Any]:
     """Commit and dirty flag of the code that ran ("unknown" outside a git checkout)."""
+
     def git(*args):
         return subprocess.run(["git", "-C", str(repo_dir), *args], capture_output=True, text=True, timeout=30)
 
@@ -6139,8 +4325,16 @@ class RunLog:
         if mode != "disabled":
             import wandb
 
-            self.run = wandb.init(project=cfg.wandb_project, entity=cfg.wandb_entity or None, dir=str(self.local_dir), id=run_id,
-                                  name=url_name(run_dir), config=dataclasses.asdict(cfg), mode=mode, resume="allow")
+            self.run = wandb.init(
+                project=cfg.wandb_project,
+                entity=cfg.wandb_entity or None,
+                dir=str(self.local_dir),
+                id=run_id,
+                name=url_name(run_dir),
+                config=dataclasses.asdict(cfg),
+                mode=mode,
+                resume="allow",
+            )
 
     def log(self, metrics: dict[str, float], step: int) -> None:
         with open(self.history_path, "a") as f:
@@ -6191,9 +4385,7 @@ class PreemptionFlag:
             signal.signal(signal.SIGTERM, self._previous)
 
 
-# ----------------------------------------------------------------------------
-# train
-# ----------------------------------------------------------------------------
+# -------------------- multi-process runs ----------------------------------------------------------
 
 
 def _get_tpu_worker_count(timeout_s: float = 2.0) -> int:
@@ -6209,7 +4401,9 @@ def _get_tpu_worker_count(timeout_s: float = 2.0) -> int:
         return 1
     url = "http://metadata.google.internal/computeMetadata/v1/instance/attributes/worker-network-endpoints"
     try:
-        with urllib.request.urlopen(urllib.request.Request(url, headers={"Metadata-Flavor": "Google"}), timeout=timeout_s) as response:
+        with urllib.request.urlopen(
+            urllib.request.Request(url, headers={"Metadata-Flavor": "Google"}), timeout=timeout_s
+        ) as response:
             return max(len(response.read().decode().strip().split(",")), 1)
     except (OSError, ValueError):
         return 1
@@ -6228,10 +4422,16 @@ def get_distributed_args(cfg: TrainConfig) -> dict[str, Any] | None:
     pid = cfg.process_id if cfg.process_id >= 0 else int(env.get("JAX_PROCESS_ID", -1))
     if address or n or pid >= 0:
         if not (address and n >= 1 and 0 <= pid < n):
-            raise ValueError(f"a multi-process run needs --coordinator-address HOST:PORT, --num-processes N and "
-                             f"--process-id 0..N-1 (or $JAX_COORDINATOR_ADDRESS etc.); got {address!r}, {n}, {pid}")
+            raise ValueError(
+                f"a multi-process run needs --coordinator-address HOST:PORT, --num-processes N and "
+                f"--process-id 0..N-1 (or $JAX_COORDINATOR_ADDRESS etc.); got {address!r}, {n}, {pid}"
+            )
         return {"coordinator_address": address, "num_processes": n, "process_id": pid} if n > 1 else None
-    if int(env.get("SLURM_NTASKS", 1)) > 1 or int(env.get("OMPI_COMM_WORLD_SIZE", 1)) > 1 or _get_tpu_worker_count() > 1:
+    if (
+        int(env.get("SLURM_NTASKS", 1)) > 1
+        or int(env.get("OMPI_COMM_WORLD_SIZE", 1)) > 1
+        or _get_tpu_worker_count() > 1
+    ):
         return {}
     return None
 
@@ -6255,7 +4455,7 @@ def broadcast_text(text: str, max_bytes: int = 512) -> str:
     data = text.encode()
     assert len(data) <= max_bytes, text
     buf = np.zeros(max_bytes + 1, np.uint8)  # last byte: length is implied by the first zero
-    buf[:len(data)] = np.frombuffer(data, np.uint8)
+    buf[: len(data)] = np.frombuffer(data, np.uint8)
     return bytes(np.asarray(multihost_utils.broadcast_one_to_all(buf))).split(b"\0", 1)[0].decode()
 
 
@@ -6282,13 +4482,21 @@ def _max_vote(flags):
     return flags.max()
 
 
+# -------------------- train -----------------------------------------------------------------------
+
+
 def _check_resumable(saved: TrainConfig, cfg: TrainConfig, run_dir: str) -> None:
-    diff = {f.name: (getattr(saved, f.name), getattr(cfg, f.name)) for f in dataclasses.fields(cfg)
-            if f.name not in RESUMABLE_FIELDS and getattr(saved, f.name) != getattr(cfg, f.name)}
+    diff = {
+        f.name: (getattr(saved, f.name), getattr(cfg, f.name))
+        for f in dataclasses.fields(cfg)
+        if f.name not in RESUMABLE_FIELDS and getattr(saved, f.name) != getattr(cfg, f.name)
+    }
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
-        raise ValueError(f"--resume with a different config ({detail}); resume with the run's own config: "
-                         f"python nb/05_train.py --config {join_url(run_dir, 'config.toml')} --resume")
+        raise ValueError(
+            f"--resume with a different config ({detail}); resume with the run's own config: "
+            f"python nb/05_train.py --config {join_url(run_dir, 'config.toml')} --resume"
+        )
 
 
 def get_run_dir(cfg: TrainConfig) -> str:
@@ -6344,7 +4552,9 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         optimizer, model_cfg = make_train_optimizer(cfg), ckpt["model_cfg"]
         # The schedule's length is a function of cfg.steps: it may not change on resume.
         if cfg.steps != ckpt["cfg"].steps and cfg.schedule == "cosine":
-            warnings.warn(f"steps changed from {ckpt['cfg'].steps} to {cfg.steps}: the cosine schedule is re-stretched from here")
+            warnings.warn(
+                f"steps changed from {ckpt['cfg'].steps} to {cfg.steps}: the cosine schedule is re-stretched from here"
+            )
         state = ckpt["state"]
         start_step, run_id = state["step"], state["run_id"]
         key = jax.random.wrap_key_data(jnp.asarray(state["key_data"], jnp.uint32))
@@ -6352,14 +4562,31 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if is_main:
             print(f"resuming {url_name(run_dir)} from {resume_name}")
     else:
-        extra = get_pert_count_names(data_root, cfg.world) if cfg.vocab_from_pert_counts and target == store.datasets[0] else ()
+        extra = (
+            get_pert_count_names(data_root, cfg.world)
+            if cfg.vocab_from_pert_counts and target == store.datasets[0]
+            else ()
+        )
         vocab = make_train_vocab(store, extra)
-        features = make_pert_features(store, vocab, cfg.features, target_dataset=target, n_coexpr_components=cfg.n_coexpr_components,
-                                      n_effect_components=cfg.n_effect_components, direct_effect=cfg.direct_effect, seed=cfg.seed)
-        model_cfg = make_model_config(cfg, store.x_cg.shape[1], features.width - features.n_direct, direct_effect=features.n_direct > 0)
+        features = make_pert_features(
+            store,
+            vocab,
+            cfg.features,
+            target_dataset=target,
+            n_coexpr_components=cfg.n_coexpr_components,
+            n_effect_components=cfg.n_effect_components,
+            direct_effect=cfg.direct_effect,
+            seed=cfg.seed,
+        )
+        model_cfg = make_model_config(
+            cfg, store.x_cg.shape[1], features.width - features.n_direct, direct_effect=features.n_direct > 0
+        )
         init_key, key = jax.random.split(jax.random.key(cfg.seed))
-        means = store.means[store.means["dataset"] == target].drop_duplicates("ensembl_id").set_index("ensembl_id")[
-            "mean_control" if cfg.residual_output else "mean_all"]  # residual: start at the control baseline
+        means = (
+            store.means[store.means["dataset"] == target]
+            .drop_duplicates("ensembl_id")
+            .set_index("ensembl_id")["mean_control" if cfg.residual_output else "mean_all"]
+        )  # residual: start at the control baseline
         gene_mean_g = means.reindex(store.genes["ensembl_id"]).fillna(0.0).to_numpy(np.float32)
         model = make_model(model_cfg, key=init_key, gene_mean_g=gene_mean_g)
         optimizer = make_train_optimizer(cfg)
@@ -6368,8 +4595,15 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     loss_cfg = make_loss_config(cfg)
     loader_cfg = make_loader_config(cfg)
-    loader, examples = make_loader(store, loader_cfg, vocab=vocab, exclude_perturbations=[*split["val"], *split["test"]],
-                                   target_dataset=target, process_index=jax.process_index(), process_count=jax.process_count())
+    loader, examples = make_loader(
+        store,
+        loader_cfg,
+        vocab=vocab,
+        exclude_perturbations=[*split["val"], *split["test"]],
+        target_dataset=target,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
     iterator = iter_batches(loader, loader_cfg)
     if step_dir is not None:
         iterator.set_state(state["loader_state"])
@@ -6401,6 +4635,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         def put(x):
             x = np.asarray(x)
             return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
+
         return jax.tree.map(lambda x: put(x) if eqx.is_array(x) else x, tree)
 
     model, opt_state = to_replicated(model), to_replicated(opt_state)
@@ -6410,8 +4645,16 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     stop_vote = StopVote(data_sharding)
 
     # Validation is host work on process 0, with its own copy of the replicated parameters.
-    val = make_validation_set(store, split["val"], target, cfg, vocab) if is_main and cfg.eval_every and split["val"] else None
-    pool_rows, pool_cg = (val.pool_rows, val.pool_cg) if val else make_control_pool(store, target, cfg.val_control_cells, cfg.set_size, cfg.seed)
+    val = (
+        make_validation_set(store, split["val"], target, cfg, vocab)
+        if is_main and cfg.eval_every and split["val"]
+        else None
+    )
+    pool_rows, pool_cg = (
+        (val.pool_rows, val.pool_cg)
+        if val
+        else make_control_pool(store, target, cfg.val_control_cells, cfg.set_size, cfg.seed)
+    )
     genes = store.genes[["ensembl_id", "symbol"]].astype(str)
     static_files = {
         "config.json": lambda p: p.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"),
@@ -6424,26 +4667,45 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 
     n_params = count_params(model)
     log = None
+
     def write_status(status: str, step: int, **extra) -> None:
-        write_text_url(join_url(run_dir, "status.json"), json.dumps({"status": status, "step": step, "run_id": run_id, **extra}, indent=2) + "\n")
+        write_text_url(
+            join_url(run_dir, "status.json"),
+            json.dumps({"status": status, "step": step, "run_id": run_id, **extra}, indent=2) + "\n",
+        )
 
     if is_main:
         write_train_toml(join_url(run_dir, "config.toml"), dataclasses.replace(cfg, run_name=url_name(run_dir)))
         write_text_url(join_url(get_checkpoint_root(cfg), "latest"), url_name(run_dir))
         write_status("running", start_step)
         log = RunLog(run_dir, cfg, run_id, start_step)
-        print(f"run {url_name(run_dir)} (id {run_id}): {n_params:,} parameters, {len(examples)} training groups, "
-              f"features {cfg.features} ({features.width} wide), steps {start_step} -> {cfg.steps}, "
-              f"{jax.process_count()} process(es), {jax.device_count()} device(s)")
+        print(
+            f"run {url_name(run_dir)} (id {run_id}): {n_params:,} parameters, {len(examples)} training groups, "
+            f"features {cfg.features} ({features.width} wide), steps {start_step} -> {cfg.steps}, "
+            f"{jax.process_count()} process(es), {jax.device_count()} device(s)"
+        )
 
     def checkpoint(step: int, metrics: dict) -> None:
         if not is_main:
             return
         # The loader state is process 0's; every process's iterator is at the same position of its
         # own slice, so all of them restore from it.
-        state = {"step": step, "run_id": run_id, "key_data": np.asarray(local_copy(jax.random.key_data(key))).tolist(),
-                 "loader_state": iterator.get_state(), "best_val_mae": best, "metrics": metrics}
-        save_checkpoint(run_dir, step, model=local_copy(model), opt_state=local_copy(opt_state), state=state, static_files=static_files)
+        state = {
+            "step": step,
+            "run_id": run_id,
+            "key_data": np.asarray(local_copy(jax.random.key_data(key))).tolist(),
+            "loader_state": iterator.get_state(),
+            "best_val_mae": best,
+            "metrics": metrics,
+        }
+        save_checkpoint(
+            run_dir,
+            step,
+            model=local_copy(model),
+            opt_state=local_copy(opt_state),
+            state=state,
+            static_files=static_files,
+        )
         log.sync()
 
     schedule = make_schedule(cfg)
@@ -6466,8 +4728,19 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 pert_bf, is_perturbed_b = to_global(pert_bf), to_global(batch["pert_id_b"] != 0)
                 data_s += time.perf_counter() - t_data
                 model, opt_state, metrics = train_step(
-                    model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, is_perturbed_b, oov_f,
-                    oov_dropout, jax.random.fold_in(key, step), loss_cfg, mesh)
+                    model,
+                    opt_state,
+                    optimizer,
+                    ctrl_bsg,
+                    pert_bf,
+                    target_bsg,
+                    is_perturbed_b,
+                    oov_f,
+                    oov_dropout,
+                    jax.random.fold_in(key, step),
+                    loss_cfg,
+                    mesh,
+                )
                 steps_since_log += 1
                 stop = stop_vote(preemption.requested)  # the same answer on every process
                 is_last = step == cfg.steps or stop
@@ -6475,21 +4748,28 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
                 if step % cfg.log_every == 0 or is_last or is_ckpt:  # never checkpoint unchecked (NaN) parameters
                     metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
                     if not all(math.isfinite(v) for v in metrics.values()):
-                        raise FloatingPointError(f"non-finite metrics at step {step}: {metrics}. Lower --learning-rate or --grad-clip, "
-                                                 f"or resume from the last checkpoint ({_read_pointer(join_url(run_dir, 'latest')) or 'none'})")
+                        raise FloatingPointError(
+                            f"non-finite metrics at step {step}: {metrics}. Lower --learning-rate or --grad-clip, "
+                            f"or resume from the last checkpoint ({_read_pointer(join_url(run_dir, 'latest')) or 'none'})"
+                        )
                     dt = time.perf_counter() - t_log
-                    metrics.update({
-                        "train/effect_l1": float(get_effect_l1(model, ctrl_bsg, pert_bf)),
-                        "train/learning_rate": float(schedule(step - 1)),
-                        "perf/step_s": dt / steps_since_log,
-                        "perf/data_s": data_s / steps_since_log,
-                        "perf/cells_per_s": steps_since_log * cfg.sets_per_batch * cfg.set_size / dt,
-                    })
+                    metrics.update(
+                        {
+                            "train/effect_l1": float(get_effect_l1(model, ctrl_bsg, pert_bf)),
+                            "train/learning_rate": float(schedule(step - 1)),
+                            "perf/step_s": dt / steps_since_log,
+                            "perf/data_s": data_s / steps_since_log,
+                            "perf/cells_per_s": steps_since_log * cfg.sets_per_batch * cfg.set_size / dt,
+                        }
+                    )
                     last_metrics = metrics
                     if is_main:
                         log.log(metrics, step)
-                        print(f"step {step}: loss {metrics['train/loss']:.4f} grad {metrics['train/grad_norm']:.3f} "
-                              f"effect {metrics['train/effect_l1']:.4f} {metrics['perf/step_s'] * 1e3:.0f} ms/step", flush=True)
+                        print(
+                            f"step {step}: loss {metrics['train/loss']:.4f} grad {metrics['train/grad_norm']:.3f} "
+                            f"effect {metrics['train/effect_l1']:.4f} {metrics['perf/step_s'] * 1e3:.0f} ms/step",
+                            flush=True,
+                        )
                     t_log, steps_since_log, data_s = time.perf_counter(), 0, 0.0
                 is_best = False
                 if val is not None and (step % cfg.eval_every == 0 or is_last):  # process 0 only
@@ -6517,32 +4797,1549 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if log is not None:
             log.finish()
 
-    result = {"run_id": run_id, "run_dir": run_dir, "status": status, "step": step, "n_params": n_params,
-              "metrics": {**last_metrics, **val_metrics}, "best_val_mae": best, "process_index": jax.process_index()}
+    result = {
+        "run_id": run_id,
+        "run_dir": run_dir,
+        "status": status,
+        "step": step,
+        "n_params": n_params,
+        "metrics": {**last_metrics, **val_metrics},
+        "best_val_mae": best,
+        "process_index": jax.process_index(),
+    }
     if is_main:
         write_status(status, step)
-        append_run_record(data_root, {
-            "run_id": run_id, "run_name": url_name(run_dir), "argv": sys.argv, **get_git_state(), "host": socket.gethostname(),
-            "processes": jax.process_count(), "devices": jax.device_count(),
-            "started": datetime.datetime.fromtimestamp(t_start).isoformat(timespec="seconds"),
-            "finished": datetime.datetime.now().isoformat(timespec="seconds"), "seconds": round(time.time() - t_start, 1),
-            "config": dataclasses.asdict(cfg), "status": status, "step": step, "resumed_from": resume_name or None,
-            "final_metrics": result["metrics"], "best_val_mae": best, "checkpoint_dir": run_dir,
-        })
+        append_run_record(
+            data_root,
+            {
+                "run_id": run_id,
+                "run_name": url_name(run_dir),
+                "argv": sys.argv,
+                **get_git_state(),
+                "host": socket.gethostname(),
+                "processes": jax.process_count(),
+                "devices": jax.device_count(),
+                "started": datetime.datetime.fromtimestamp(t_start).isoformat(timespec="seconds"),
+                "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+                "seconds": round(time.time() - t_start, 1),
+                "config": dataclasses.asdict(cfg),
+                "status": status,
+                "step": step,
+                "resumed_from": resume_name or None,
+                "final_metrics": result["metrics"],
+                "best_val_mae": best,
+                "checkpoint_dir": run_dir,
+            },
+        )
         if status == "preempted":
-            print(f"preempted at step {step}: checkpoint {join_url(run_dir, _read_pointer(join_url(run_dir, 'latest')))}; "
-                  f"resume with: python nb/05_train.py --config {join_url(run_dir, 'config.toml')} --resume")
+            print(
+                f"preempted at step {step}: checkpoint {join_url(run_dir, _read_pointer(join_url(run_dir, 'latest')))}; "
+                f"resume with: python nb/05_train.py --config {join_url(run_dir, 'config.toml')} --resume"
+            )
     return result
+
+
+# ==================================================================================================
+# metrics: nb/06_eval.py, nb/07_submit.py
+# ==================================================================================================
+
+
+#
+# What it computes (SPEC.md §2-3), per perturbation p, control excluded, then averaged:
+#
+#     des   overlap_at_N            |R ∩ P[:|R|]| / |R| over DE genes (BH p_adj < 0.05) ranked by |log2 FC|
+#     pds   discrimination_score_l1 1 - rank/N of the true p among L1 distances pred effect -> real effects
+#     mae   mae                     mean over genes of |pred pseudobulk - real pseudobulk| (log1p space)
+#
+# and `normalised_score` against a baseline scored the same way (the cell-mean baseline from
+# `make_cell_mean_baseline`). Two scorer generations, named in every output as `mode`:
+#
+#     vcc2025  cell-eval 0.6.x + pdex 0.1.2x (scored VCC 2025; the default): scipy's "auto" U test
+#              (exact when min(n1, n2) <= 8 and no ties), one BH over all (perturbation, gene) pairs,
+#              fold change clipped to [1/20, 20] for one-sided zeros.
+#     current  cell-eval >= 0.7 + pdex >= 0.2: asymptotic U test only, BH per perturbation,
+#              log2 FC unclipped (+-inf for one-sided zeros, 0 when both means are 0).
+#
+# Speed: instead of one U test per (perturbation, gene), each gene's column (all groups at once)
+# is sorted once as int64 keys (gene, value bits, group), and every group's rank sum and tie
+# term against the control falls out of one pass over the sorted keys. Zeros never enter the
+# sort: they are one tie block whose contribution is counted. Work streams over gene chunks,
+# so memory stays bounded by `chunk_elements`, whatever the number of perturbations.
+#
+# Float details copied from the reference so DE sets match exactly (they only matter at
+# near-ties): group means are float32 when X is float32 (numpy's pairwise mean per column for
+# vcc2025, the sequential axis-0 mean for current), ranking keys are |log2 FC| cast to float32,
+# significance is float32(p_adj) < 0.05, ties in rank go to the earlier gene.
+
+
+ScoreMode = Literal["vcc2025", "current"]
+
+
+SCORE_MODES: tuple[str, ...] = ("vcc2025", "current")
+
+
+DE_FDR_THRESHOLD = 0.05
+"""Significant = BH-adjusted p below this (strictly), compared in float32 like cell-eval."""
+
+
+VCC2025_FOLD_CHANGE_CLIP = 20.0
+"""pdex 0.1.2x: fold change when only the control mean is 0 (1/20 when only the target's is)."""
+
+
+CELL_EVAL_LOG1P_MAX = 15.0
+"""cell-eval rejects log1p data whose max reaches this (raw counts or mixed scales)."""
+
+
+MWU_EXACT_MAX_N = 8
+"""scipy's "auto" U test is exact when min(n1, n2) <= 8 and there are no ties."""
+
+
+DEFAULT_CHUNK_ELEMENTS = 4_000_000
+"""Nonzero values sorted at once in the DE pass (~100 bytes of scratch each)."""
+
+
+# -------------------- input checks: one clear error per problem, naming the fix -------------------
+
+
+def check_expression_matrix(x, *, which: str) -> None:
+    """Raise ValueError unless `x` (dense or sparse, cells x genes) is finite log1p data in [0, 15)."""
+    if x is None or 0 in x.shape:
+        raise ValueError(f"{which}: the expression matrix is empty; pass an AnnData with cells and genes in X.")
+    dtype = x.dtype
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+        raise ValueError(f"{which}: X has dtype {dtype}; store expression as float32 log1p values.")
+    values = x.data if scipy.sparse.issparse(x) else np.asarray(x)
+    if np.issubdtype(dtype, np.floating):
+        _de_kernels()
+        # cell-eval's rule: no fractional part above 1e-3 anywhere means raw counts
+        # (compared in X's dtype, as numpy compares an array with a Python float).
+        threshold = dtype.type(1e-3)
+        if dtype not in (np.float32, np.float64):  # float16: exact in float32
+            values, threshold = values.astype(np.float32), np.float32(threshold)
+        values = values if values.ndim == 2 else values.reshape(1, -1)
+        n_bad, lo, hi, has_fraction = _de_value_summary(values, threshold)
+        n_bad, lo, hi, has_fraction = int(n_bad), float(lo), float(hi), bool(has_fraction)
+    else:  # integer X: always integer-valued (lib's numpy path raised OverflowError here)
+        n_bad, hi, has_fraction = 0, -np.inf, False
+        lo = float(values.min()) if values.size else np.inf
+    if n_bad:
+        raise ValueError(
+            f"{which}: X holds {n_bad} NaN/inf values; fix the model output (e.g. np.nan_to_num, then clip) before scoring."
+        )
+    if lo < 0:
+        raise ValueError(
+            f"{which}: X has negative values (min {lo:.3g}); log1p expression is >= 0, so clip predictions to [0, 14]."
+        )
+    if not has_fraction:
+        raise ValueError(
+            f"{which}: X is integer-valued, which looks like raw counts; normalise it first "
+            "(normalize_total then log1p, the project's one normalisation function)."
+        )
+    if hi >= CELL_EVAL_LOG1P_MAX:
+        raise ValueError(
+            f"{which}: X reaches {hi:.3g}, beyond the log1p range [0, {CELL_EVAL_LOG1P_MAX:g}); "
+            "this looks like counts or mixed scales: normalise with normalize_total + log1p."
+        )
+
+
+def check_score_inputs(real, pred, *, control_label: str = "non-targeting", pert_col: str = "target_gene") -> None:
+    """Raise ValueError if real/pred cannot be scored against each other (SPEC §3)."""
+    for which, adata in (("real", real), ("pred", pred)):
+        if pert_col not in adata.obs.columns:
+            raise ValueError(
+                f"{which}: obs has no column {pert_col!r} (has {list(adata.obs.columns)}); pass pert_col= the perturbation column."
+            )
+    genes_real = np.asarray(real.var_names, dtype=str)
+    genes_pred = np.asarray(pred.var_names, dtype=str)
+    if not np.array_equal(genes_real, genes_pred):
+        if genes_real.size == genes_pred.size and set(genes_real) == set(genes_pred):
+            first = int(np.flatnonzero(genes_real != genes_pred)[0])
+            raise ValueError(
+                "gene-order trap: pred has the same genes as real but in a different order "
+                f"(column {first}: real {genes_real[first]!r}, pred {genes_pred[first]!r}); "
+                "reorder pred's columns with pred[:, real.var_names] before scoring."
+            )
+        missing = sorted(set(genes_real) - set(genes_pred))[:5]
+        extra = sorted(set(genes_pred) - set(genes_real))[:5]
+        raise ValueError(
+            f"gene mismatch: real has {genes_real.size} genes, pred {genes_pred.size} "
+            f"(missing from pred e.g. {missing}, extra in pred e.g. {extra}); "
+            "predict exactly real's genes, in real's order (gene_names.csv)."
+        )
+    perts = {}
+    for which, adata in (("real", real), ("pred", pred)):
+        labels = set(np.asarray(adata.obs[pert_col], dtype=str))
+        if control_label not in labels:
+            raise ValueError(
+                f"{which}: no control cells ({pert_col} == {control_label!r}); "
+                "include control cells (real controls are fine for pred) or pass control_label=."
+            )
+        perts[which] = labels - {control_label}
+    if perts["real"] != perts["pred"]:
+        only_real = sorted(perts["real"] - perts["pred"])[:5]
+        only_pred = sorted(perts["pred"] - perts["real"])[:5]
+        raise ValueError(
+            f"perturbation sets differ: only in real e.g. {only_real}, only in pred e.g. {only_pred}; "
+            "predict every real perturbation and no others."
+        )
+    if not perts["real"]:
+        raise ValueError("real has only control cells; scoring needs at least one perturbation.")
+    check_expression_matrix(real.X, which="real")
+    check_expression_matrix(pred.X, which="pred")
+
+
+# -------------------- Mann-Whitney U, BH, fold changes --------------------------------------------
+
+
+def mwu_exact_cdf(n1: int, n2: int, k_max: int) -> Float[np.ndarray, " k"]:
+    """P(U <= k) for k = 0..k_max under H0 without ties (sizes n1, n2), from exact integer counts.
+
+    The counts are coefficients of the Gaussian binomial prod_{i<=m} (1 - q^(n+i)) / (1 - q^i)
+    (m = min, n = max size); truncating the series at k_max keeps the low coefficients exact.
+    Python ints (object arrays) because the counts overflow int64 for ~40k control cells.
+    """
+    m, n = min(n1, n2), max(n1, n2)
+    k_max = min(int(k_max), m * n)
+    counts = np.zeros(k_max + 1, dtype=object)
+    counts[:] = 0
+    counts[0] = 1
+    for i in range(1, m + 1):
+        for r in range(min(i, k_max + 1)):  # divide by (1 - q^i): strided running sums
+            counts[r::i] = np.cumsum(counts[r::i])
+        shift = n + i
+        if shift <= k_max:  # multiply by (1 - q^(n+i))
+            counts[shift:] = counts[shift:] - counts[:-shift].copy()
+    total = math.comb(n1 + n2, n1)
+    return np.array([c / total for c in np.cumsum(counts)], dtype=np.float64)
+
+
+def mann_whitney_pvalues(
+    u1_kg: Float[np.ndarray, "k g"],
+    tie_term_kg: Float[np.ndarray, "k g"],
+    n1_k: Int[np.ndarray, " k"],
+    n2: int,
+    *,
+    mode: ScoreMode = "vcc2025",
+) -> Float[np.ndarray, "k g"]:
+    """Two-sided U-test p-values from U1 and sum(t^3 - t), as scipy (vcc2025) or pdex>=0.2 (current).
+
+    Continuity correction and tie-corrected variance; a constant gene (zero variance) gets p = 1.
+    vcc2025 follows scipy's "auto": exact distribution when min(n1, n2) <= 8 and no ties.
+    """
+    n1 = np.asarray(n1_k, dtype=np.int64)[:, None]
+    n = n1 + n2
+    u2 = n1 * n2 - u1_kg
+    u = np.maximum(u1_kg, u2)
+    mu = n1 * n2 / 2
+    # Same operation order as scipy's _get_mwu_z so the numbers agree to the last bits.
+    var = n1 * n2 / 12 * ((n + 1) - tie_term_kg / (n * (n - 1)))
+    with np.errstate(divide="ignore", invalid="ignore"):
+        z = (u - mu - 0.5) / np.sqrt(var)
+        if mode == "vcc2025":
+            p = 2 * scipy.special.ndtr(-z)
+        else:  # numba_mwu: 0.5 * erfc(z / sqrt 2), doubled
+            p = 2 * (0.5 * scipy.special.erfc(z / math.sqrt(2.0)))
+    # var == 0 only for a constant gene (scipy: z = -inf -> p clipped to 1); rounding could
+    # make it slightly negative for huge n, which must not become NaN.
+    p = np.where(var > 0, p, 1.0)
+    p = np.clip(p, 0.0, 1.0)
+    if mode == "vcc2025":
+        exact_kg = (np.minimum(n1, n2) <= MWU_EXACT_MAX_N) & (tie_term_kg == 0)
+        for k in np.flatnonzero(exact_kg.any(axis=1)):
+            genes = np.flatnonzero(exact_kg[k])
+            k_c = (int(n1[k, 0]) * n2 - u[k, genes]).astype(np.int64)  # P(U >= u) = P(U <= n1 n2 - u)
+            cdf = mwu_exact_cdf(int(n1[k, 0]), n2, int(k_c.max()))
+            p[k, genes] = np.minimum(1.0, 2 * cdf[k_c])
+    return p
+
+
+def benjamini_hochberg(p: Float[np.ndarray, "*shape"], *, axis: int | None = None) -> Float[np.ndarray, "*shape"]:
+    """BH-adjusted p-values (scipy.stats.false_discovery_control), over everything or along `axis`."""
+    p = np.asarray(p, dtype=np.float64)
+    return scipy.stats.false_discovery_control(p, axis=axis, method="bh").reshape(p.shape)
+
+
+def log2_fold_change(
+    target_mean: Float[np.ndarray, "*s"], control_mean: Float[np.ndarray, "*s"], *, mode: ScoreMode
+) -> Float[np.ndarray, "*s"]:
+    """log2(target / control) of expm1(mean log1p) means with each generation's zero rules.
+
+    vcc2025: both 0 -> 0, control 0 -> log2 20, target 0 -> log2(1/20). current: unclipped
+    (+-inf for one-sided zeros), both 0 -> 0.
+    """
+    t, c = np.asarray(target_mean), np.asarray(control_mean)
+    if mode == "current":
+        with np.errstate(divide="ignore", invalid="ignore"):
+            lfc = np.log2(t.astype(np.float64) / c.astype(np.float64))
+        return np.where(np.isnan(lfc), 0.0, lfc)
+    return np.log2(_vcc2025_fold_change(t, c))
+
+
+def _vcc2025_fold_change(t: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """pdex 0.1.2x's fold change as float64: the quotient in the data's dtype, clipped for zeros."""
+    with np.errstate(divide="ignore", invalid="ignore"):
+        fc = (t / c).astype(np.float64)
+    fc = np.where(c == 0, VCC2025_FOLD_CHANGE_CLIP, fc)
+    fc = np.where(t == 0, 1 / VCC2025_FOLD_CHANGE_CLIP, fc)
+    return np.where((t == 0) & (c == 0), 1.0, fc)
+
+
+def _abs_log2fc_rank_key(
+    target_mean: Float[np.ndarray, "k g"], control_mean: Float[np.ndarray, " g"], *, mode: ScoreMode
+) -> Float[np.ndarray, "k g"]:
+    """|log2 FC| exactly as cell-eval ranks it: float32, from its own log and dtype path.
+
+    vcc2025: pdex's fold_change column is float32 unless some pair was clipped (then pandas
+    makes it float64), and polars takes log base 2 as ln(x)/ln(2) in that dtype.
+    """
+    if mode == "current":
+        return np.abs(log2_fold_change(target_mean, control_mean[None, :], mode="current")).astype(np.float32)
+    t, c = target_mean, control_mean[None, :]
+    fc = _vcc2025_fold_change(t, c)
+    if ((t == 0) | (c == 0)).any() or t.dtype != np.float32:
+        lfc = (np.log(fc) / np.log(2.0)).astype(np.float32)
+    else:
+        # polars on Float32: ln in float32 (libm logf, ~correctly rounded) over float32 ln 2.
+        lfc = np.log(fc).astype(np.float32) / np.float32(math.log(2.0))
+    return np.abs(lfc).astype(np.float32)
+
+
+# -------------------- the one pass over the data: per group and gene, rank sums, ties, means ------
+
+
+@dataclasses.dataclass(frozen=True)
+class _GroupGeneStats:
+    """Everything the scores need from one matrix, per group k (sorted labels) and gene g."""
+
+    groups: np.ndarray
+    n_k: np.ndarray
+    control_index: int
+    twice_u1_kg: np.ndarray  # 2 * U1 of group k vs control (integer-valued float64)
+    tie_term_kg: np.ndarray  # sum(t^3 - t) over ties of group k + control (int64)
+    log1p_mean_kg: np.ndarray  # mean in X's dtype, summed like the reference (see mode)
+    pseudobulk_kg: np.ndarray  # float64 mean, rounded to X's dtype like cell-eval's polars means
+
+
+_PAIRWISE_BLOCK = 128  # numpy's PW_BLOCKSIZE
+
+
+def _de_leaf_sum(a, lo, n, zero):
+    """numpy's pairwise_sum base case for n <= 128, accumulating in type(zero)."""
+    if n < 8:
+        res = zero
+        for i in range(n):
+            res += a[lo + i]
+        return res
+    r0 = zero + a[lo]
+    r1 = zero + a[lo + 1]
+    r2 = zero + a[lo + 2]
+    r3 = zero + a[lo + 3]
+    r4 = zero + a[lo + 4]
+    r5 = zero + a[lo + 5]
+    r6 = zero + a[lo + 6]
+    r7 = zero + a[lo + 7]
+    m = n - n % 8
+    i = 8
+    while i < m:
+        r0 += a[lo + i]
+        r1 += a[lo + i + 1]
+        r2 += a[lo + i + 2]
+        r3 += a[lo + i + 3]
+        r4 += a[lo + i + 4]
+        r5 += a[lo + i + 5]
+        r6 += a[lo + i + 6]
+        r7 += a[lo + i + 7]
+        i += 8
+    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
+    while i < n:
+        res += a[lo + i]
+        i += 1
+    return res
+
+
+def _de_pairwise_sum(a, lo, n, zero, stack_lo, stack_n, stack_state, stack_val):
+    """numpy's pairwise_sum of a[lo:lo+n] (its recursion, run on an explicit stack).
+
+    stack_* are scratch arrays of length >= 64; stack_val has the accumulator's dtype.
+    """
+    if n <= _PAIRWISE_BLOCK:
+        return _de_leaf_sum(a, lo, n, zero)
+    sp = 0
+    stack_lo[0] = lo
+    stack_n[0] = n
+    stack_state[0] = 0
+    ret = zero
+    while True:
+        m = stack_n[sp]
+        if m > _PAIRWISE_BLOCK and stack_state[sp] == 0:  # descend into the left half
+            half = m // 2
+            half -= half % 8
+            stack_state[sp] = 1
+            stack_lo[sp + 1] = stack_lo[sp]
+            stack_n[sp + 1] = half
+            stack_state[sp + 1] = 0
+            sp += 1
+            continue
+        ret = _de_leaf_sum(a, stack_lo[sp], m, zero)
+        sp -= 1
+        while sp >= 0:  # hand `ret` up until some node still needs its right half
+            if stack_state[sp] == 1:
+                half = stack_n[sp] // 2
+                half -= half % 8
+                stack_val[sp] = ret
+                stack_state[sp] = 2
+                stack_lo[sp + 1] = stack_lo[sp] + half
+                stack_n[sp + 1] = stack_n[sp] - half
+                stack_state[sp + 1] = 0
+                sp += 1
+                break
+            ret = stack_val[sp] + ret
+            sp -= 1
+        if sp < 0:
+            return ret
+
+
+def _de_gather_dense(x_cg, pos_c, out_gc):
+    """out_gc[g, pos_c[c]] = x_cg[c, g]: group-ordered, gene-major copy of a dense block."""
+    n_cells, n_genes = x_cg.shape
+    for c0 in range(0, n_cells, 256):  # tiles of cells: reads stay in cache, writes mostly sequential
+        c1 = min(c0 + 256, n_cells)
+        for g in range(n_genes):
+            for c in range(c0, c1):
+                out_gc[g, pos_c[c]] = x_cg[c, g]
+
+
+def _de_gather_csc(data, indices, indptr, g0, pos_c, out_gc):
+    """The same from CSC columns g0.. (out_gc must be zero-filled)."""
+    n_genes = out_gc.shape[0]
+    for g in range(n_genes):
+        for i in range(indptr[g0 + g], indptr[g0 + g + 1]):
+            out_gc[g, pos_c[indices[i]]] += data[i]  # += sums duplicate entries like toarray()
+
+
+def _de_column_pass(
+    block_gc,
+    vkey_gc,
+    starts_k,
+    n_k,
+    n_k_x,
+    zero_x,
+    pairwise_mean,
+    code_bits,
+    gene_shift,
+    mean_kg,
+    pseudobulk_kg,
+    nnz_kg,
+    keys,
+):
+    """Per gene: group means (X's dtype), pseudobulks, nonzero counts; sort keys of nonzeros.
+
+    zero_x is 0 in X's dtype (the accumulator of the means). Returns the number of keys written.
+    """
+    n_genes = block_gc.shape[0]
+    n_groups = n_k.size
+    stack_lo = np.empty(64, np.int64)
+    stack_n = np.empty(64, np.int64)
+    stack_state = np.empty(64, np.int64)
+    stack_x = np.empty(64, block_gc.dtype)
+    stack_64 = np.empty(64, np.float64)
+    n_keys = 0
+    for g in range(n_genes):
+        col = block_gc[g]
+        vkey = vkey_gc[g]
+        for k in range(n_groups):
+            s = starts_k[k]
+            n = n_k[k]
+            if pairwise_mean:  # np.mean over a row slice: identity 0 + pairwise sum
+                total = zero_x + _de_pairwise_sum(col, s, n, zero_x, stack_lo, stack_n, stack_state, stack_x)
+            else:  # np.mean over axis 0 of a (cell, gene) block: sequential
+                total = zero_x
+                for i in range(s, s + n):
+                    total += col[i]
+            mean_kg[k, g] = total / n_k_x[k]
+            # np.add.reduceat(dtype=float64): first value, then the pairwise sum of the rest
+            sum64 = np.float64(col[s]) + _de_pairwise_sum(
+                col, s + 1, n - 1, 0.0, stack_lo, stack_n, stack_state, stack_64
+            )
+            pseudobulk_kg[k, g] = sum64 / n
+        gene_bits = np.int64(g) << gene_shift
+        for k in range(n_groups):
+            count = 0
+            for i in range(starts_k[k], starts_k[k] + n_k[k]):  # branch-free: write, then keep if nonzero
+                keys[n_keys] = gene_bits | (np.int64(vkey[i]) << code_bits) | k
+                nonzero = col[i] != 0
+                n_keys += nonzero
+                count += nonzero
+            nnz_kg[k, g] = count
+    return n_keys
+
+
+def _de_cubic(t):
+    return t * t * t - t
+
+
+def _de_sorted_pass(keys, n_genes, n_k, nnz_kg, ctrl, code_bits, gene_shift, twice_u1_kg, tie_kg):
+    """Rank sums (doubled) and tie terms vs control per (group, gene) from the sorted keys."""
+    n_groups = n_k.size
+    code_mask = (np.int64(1) << code_bits) - 1
+    n_keys = keys.size
+    i = 0
+    for g in range(n_genes):
+        zc = n_k[ctrl] - nnz_kg[ctrl, g]  # control zeros: below every nonzero value
+        ctrl_less = zc
+        ctrl_tie = _de_cubic(zc)
+        while i < n_keys and (keys[i] >> gene_shift) == g:
+            value = keys[i] >> code_bits
+            b0 = i
+            c_in = 0
+            while i < n_keys and (keys[i] >> code_bits) == value:
+                if (keys[i] & code_mask) == ctrl:
+                    c_in += 1
+                i += 1
+            # each target value adds (#control below) + (#control equal)/2 to U1
+            weight = 2 * ctrl_less + c_in
+            if i - b0 == 1:
+                code = keys[b0] & code_mask
+                if code != ctrl:
+                    twice_u1_kg[code, g] += weight
+            else:
+                r = b0
+                while r < i:  # runs of one group inside the tie block
+                    code = keys[r] & code_mask
+                    t = 0
+                    while r < i and (keys[r] & code_mask) == code:
+                        t += 1
+                        r += 1
+                    if code == ctrl:
+                        ctrl_tie += _de_cubic(t)
+                    else:
+                        twice_u1_kg[code, g] += weight * t
+                        tie_kg[code, g] += _de_cubic(c_in + t) - _de_cubic(c_in)
+            ctrl_less += c_in
+        # zeros: each target zero ties with every control zero (half a win each)
+        for k in range(n_groups):
+            if k == ctrl:
+                continue
+            zk = n_k[k] - nnz_kg[k, g]
+            twice_u1_kg[k, g] += zk * zc
+            tie_kg[k, g] += ctrl_tie + _de_cubic(zc + zk) - _de_cubic(zc)
+
+
+def _de_value_summary(x2d, fraction_threshold):
+    """(non-finite count, min and max of finite values, any fractional part > threshold)."""
+    n_bad = 0
+    lo = np.inf
+    hi = -np.inf
+    has_fraction = False
+    n_rows, n_cols = x2d.shape
+    for i in range(n_rows):
+        for j in range(n_cols):
+            v = x2d[i, j]
+            if not (v - v == 0):  # NaN or +-inf
+                n_bad += 1
+                continue
+            lo = min(lo, v)
+            hi = max(hi, v)
+            if not has_fraction and v - np.trunc(v) > fraction_threshold:  # np.modf(v)[0], in X's dtype
+                has_fraction = True
+    return n_bad, lo, hi, has_fraction
+
+
+_DE_KERNEL_NAMES = (
+    "_de_leaf_sum",
+    "_de_pairwise_sum",
+    "_de_gather_dense",
+    "_de_gather_csc",
+    "_de_column_pass",
+    "_de_cubic",
+    "_de_sorted_pass",
+    "_de_value_summary",  # defined below, with check_expression_matrix
+)
+
+
+_DE_KERNELS_LOCK = threading.Lock()
+
+
+@functools.cache
+def _de_kernels() -> None:
+    """Compile the kernels once per process (numba's on-disk cache makes later processes fast)."""
+    with _DE_KERNELS_LOCK:
+        import numba
+
+        module = sys.modules[__name__]
+        for name in _DE_KERNEL_NAMES:
+            func = getattr(module, name)
+            if not isinstance(func, numba.core.dispatcher.Dispatcher):
+                setattr(module, name, numba.njit(cache=True, nogil=True)(func))
+
+
+def _value_order_codes(block_gc: np.ndarray) -> np.ndarray:
+    """Integer codes < 2^31 whose order equals the order of the (nonnegative) values."""
+    if block_gc.dtype == np.float32:
+        return block_gc.view(np.int32)  # bit patterns of floats >= 0 sort like the floats
+    as32 = block_gc.astype(np.float32)
+    if np.array_equal(as32.astype(block_gc.dtype), block_gc):
+        return as32.view(np.int32)
+    return np.unique(block_gc, return_inverse=True)[1].reshape(block_gc.shape).astype(np.int64)  # rare
+
+
+def _group_gene_stats_chunk_fast(x, g0: int, g1: int, pos_c, starts_k, n_k, ctrl: int, mode: str):
+    """Rank sums, tie terms and means, (group, gene) arrays, for genes g0:g1 of X."""
+    n_cells = pos_c.size
+    n_genes = g1 - g0
+    n_groups = n_k.size
+    dtype = x.dtype
+    if scipy.sparse.issparse(x):
+        block_gc = np.zeros((n_genes, n_cells), dtype=dtype)
+        _de_gather_csc(x.data, x.indices, x.indptr, g0, pos_c, block_gc)
+    else:
+        block_gc = np.empty((n_genes, n_cells), dtype=dtype)
+        _de_gather_dense(x[:, g0:g1], pos_c, block_gc)
+    code_bits = max(1, int(n_groups - 1).bit_length())
+    gene_shift = 31 + code_bits
+    mean_kg = np.empty((n_groups, n_genes), dtype=dtype)
+    pseudobulk_kg = np.empty((n_groups, n_genes), dtype=dtype)
+    nnz_kg = np.empty((n_groups, n_genes), dtype=np.int64)
+    keys = np.empty(n_genes * n_cells, dtype=np.int64)
+    n_keys = _de_column_pass(
+        block_gc,
+        _value_order_codes(block_gc),
+        starts_k,
+        n_k,
+        n_k.astype(dtype),
+        dtype.type(0),
+        mode == "vcc2025",
+        code_bits,
+        gene_shift,
+        mean_kg,
+        pseudobulk_kg,
+        nnz_kg,
+        keys,
+    )
+    del block_gc
+    keys = keys[:n_keys]
+    keys.sort()
+    twice_u1_kg = np.zeros((n_groups, n_genes), dtype=np.int64)
+    tie_kg = np.zeros((n_groups, n_genes), dtype=np.int64)
+    _de_sorted_pass(keys, n_genes, n_k, nnz_kg, ctrl, code_bits, gene_shift, twice_u1_kg, tie_kg)
+    return twice_u1_kg.astype(np.float64), tie_kg, mean_kg, pseudobulk_kg
+
+
+def _group_gene_stats(
+    x,
+    labels_c,
+    *,
+    control_label: str,
+    mode,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    threads: int = 1,
+    desc: str = "DE",
+):
+    """Stream over gene chunks of X (cells x genes) and collect per (group, gene) statistics."""
+    labels_c = np.asarray(labels_c, dtype=str)
+    groups, codes_c = np.unique(labels_c, return_inverse=True)
+    hits = np.flatnonzero(groups == control_label)
+    if hits.size == 0:
+        raise ValueError(f"no control cells labelled {control_label!r}; include control cells or pass control_label=.")
+    ctrl = int(hits[0])
+    if groups.size > 1 << 20:
+        raise ValueError(f"{groups.size} groups is more than the 2^20 the sort keys can hold.")
+    order_c = np.argsort(codes_c, kind="stable")  # groups contiguous, cells in original order inside
+    pos_c = np.empty_like(order_c)
+    pos_c[order_c] = np.arange(order_c.size)
+    n_k = np.bincount(codes_c, minlength=groups.size).astype(np.int64)
+    starts_k = np.concatenate([[0], np.cumsum(n_k)[:-1]]).astype(np.int64)
+    if scipy.sparse.issparse(x):
+        x = x.tocsc()  # column chunks of a CSR matrix would rescan every value per chunk
+    else:
+        x = np.asarray(x)
+    if x.dtype not in (np.float32, np.float64):  # integer or float16 X (never log1p data): as float64
+        x = x.astype(np.float64)
+    _de_kernels()
+    n_cells, n_genes = x.shape
+    code_bits = max(1, int(groups.size - 1).bit_length())
+    genes_per_chunk = int(np.clip(chunk_elements // max(n_cells, 1), 1, 1 << (32 - code_bits)))
+    bounds = [(g0, min(g0 + genes_per_chunk, n_genes)) for g0 in range(0, n_genes, genes_per_chunk)]
+
+    def run(bound):
+        return _group_gene_stats_chunk_fast(x, *bound, pos_c, starts_k, n_k, ctrl, mode)
+
+    if threads > 1:  # the kernels release the GIL, numpy's sort too
+        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
+            parts = list(progress(pool.map(run, bounds), total=len(bounds), desc=desc))
+    else:
+        parts = [run(b) for b in progress(bounds, desc=desc)]
+    twice_u1, tie, mean, pseudobulk = (np.concatenate(arrays, axis=1) for arrays in zip(*parts))
+    return _GroupGeneStats(groups, n_k, ctrl, twice_u1, tie, mean, pseudobulk)
+
+
+# -------------------- differential expression -----------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DifferentialExpression:
+    """DE of every perturbation against control in one matrix, plus the pseudobulks PDS/MAE use."""
+
+    mode: str
+    """`vcc2025` or `current`: which scorer generation these numbers reproduce."""
+    perts: np.ndarray
+    """Perturbation labels (control excluded), sorted: the row order of every `_pg` array."""
+    genes: np.ndarray
+    """Gene names (var order): the column order."""
+    control_label: str
+    n_cells_p: np.ndarray
+    n_control: int
+    u1_pg: np.ndarray
+    """Mann-Whitney U of the perturbation's cells (scipy's `statistic`)."""
+    p_value_pg: np.ndarray
+    fdr_pg: np.ndarray
+    """BH-adjusted p: over all pairs (vcc2025) or per perturbation (current)."""
+    target_mean_pg: np.ndarray
+    """expm1(mean log1p) of the perturbation's cells, in X's dtype."""
+    control_mean_g: np.ndarray
+    log2_fold_change_pg: np.ndarray
+    abs_log2fc_rank_key_pg: np.ndarray
+    """float32 |log2 FC| exactly as the reference ranks DE genes."""
+    significant_pg: np.ndarray
+    pseudobulk_pg: np.ndarray
+    """Mean log1p expression per perturbation (X's dtype), for PDS and MAE."""
+    pseudobulk_control_g: np.ndarray
+
+    def ranked_de_genes(self, i: int) -> np.ndarray:
+        """Gene indices significant for perturbation i, by |log2 FC| descending, ties by gene order."""
+        genes = np.flatnonzero(self.significant_pg[i])
+        return genes[np.argsort(-self.abs_log2fc_rank_key_pg[i, genes], kind="stable")]
+
+    def to_frame(self) -> pd.DataFrame:
+        """Long table like pdex's output: one row per (perturbation, gene)."""
+        n_p, n_g = self.p_value_pg.shape
+        return pd.DataFrame(
+            {
+                "target": np.repeat(self.perts, n_g),
+                "feature": np.tile(self.genes, n_p),
+                "target_mean": self.target_mean_pg.ravel(),
+                "reference_mean": np.tile(self.control_mean_g, n_p),
+                "log2_fold_change": self.log2_fold_change_pg.ravel(),
+                "statistic": self.u1_pg.ravel(),
+                "p_value": self.p_value_pg.ravel(),
+                "fdr": self.fdr_pg.ravel(),
+                "significant": self.significant_pg.ravel(),
+            }
+        )
+
+
+def differential_expression(
+    x_cg: Float[np.ndarray, "cell gene"] | scipy.sparse.spmatrix,
+    labels_c: Shaped[np.ndarray, " cell"],
+    *,
+    genes: Shaped[np.ndarray, " gene"] | None = None,
+    control_label: str = "non-targeting",
+    mode: ScoreMode = "vcc2025",
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    threads: int = 1,
+    desc: str = "DE",
+) -> DifferentialExpression:
+    """Wilcoxon DE of each labelled group against the control group, as the chosen scorer does it.
+
+    `x_cg` is log1p expression (dense or sparse); values are not checked here (see
+    `check_expression_matrix`). Memory: a few times `chunk_elements` x 8 bytes per thread.
+    """
+    if mode not in SCORE_MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {SCORE_MODES}.")
+    stats = _group_gene_stats(
+        x_cg,
+        labels_c,
+        control_label=control_label,
+        mode=mode,
+        chunk_elements=chunk_elements,
+        threads=threads,
+        desc=desc,
+    )
+    rows = np.flatnonzero(np.arange(stats.groups.size) != stats.control_index)
+    ctrl = stats.control_index
+    n_control = int(stats.n_k[ctrl])
+    u1 = stats.twice_u1_kg[rows] / 2
+    p = mann_whitney_pvalues(u1, stats.tie_term_kg[rows].astype(np.float64), stats.n_k[rows], n_control, mode=mode)
+    fdr = benjamini_hochberg(p, axis=None) if mode == "vcc2025" else benjamini_hochberg(p, axis=1)
+    target_mean = np.expm1(stats.log1p_mean_kg[rows])
+    control_mean = np.expm1(stats.log1p_mean_kg[ctrl])
+    n_genes = stats.twice_u1_kg.shape[1]
+    return DifferentialExpression(
+        mode=mode,
+        perts=stats.groups[rows],
+        genes=np.asarray(genes, dtype=str) if genes is not None else np.arange(n_genes).astype(str),
+        control_label=control_label,
+        n_cells_p=stats.n_k[rows],
+        n_control=n_control,
+        u1_pg=u1,
+        p_value_pg=p,
+        fdr_pg=fdr,
+        target_mean_pg=target_mean,
+        control_mean_g=control_mean,
+        log2_fold_change_pg=log2_fold_change(target_mean, control_mean[None, :], mode=mode),
+        abs_log2fc_rank_key_pg=_abs_log2fc_rank_key(target_mean, control_mean, mode=mode),
+        # cell-eval stores fdr as Float32 before comparing with 0.05.
+        significant_pg=fdr.astype(np.float32) < DE_FDR_THRESHOLD,
+        pseudobulk_pg=stats.pseudobulk_kg[rows],
+        pseudobulk_control_g=stats.pseudobulk_kg[ctrl],
+    )
+
+
+def differential_expression_anndata(
+    adata, *, control_label: str = "non-targeting", pert_col: str = "target_gene", mode: ScoreMode = "vcc2025", **kwargs
+) -> DifferentialExpression:
+    """`differential_expression` on an AnnData (labels from obs[pert_col], genes from var_names)."""
+    return differential_expression(
+        adata.X,
+        np.asarray(adata.obs[pert_col], dtype=str),
+        genes=np.asarray(adata.var_names, dtype=str),
+        control_label=control_label,
+        mode=mode,
+        **kwargs,
+    )
+
+
+# -------------------- the three metrics and the normalised score ----------------------------------
+
+
+def overlap_at_n(real_ranked: np.ndarray, pred_ranked: np.ndarray) -> float:
+    """cell-eval's overlap_at_N: |R ∩ P[:|R|]| / |R| for ranked gene lists; 0 when R is empty."""
+    if len(real_ranked) == 0:
+        return 0.0
+    return np.intersect1d(real_ranked, pred_ranked[: len(real_ranked)]).size / len(real_ranked)
+
+
+def discrimination_score_l1(
+    real_effect_pg: Float[np.ndarray, "p g"],
+    pred_effect_pg: Float[np.ndarray, "p g"],
+    perts: Shaped[np.ndarray, " p"],
+    genes: Shaped[np.ndarray, " g"],
+) -> Float[np.ndarray, " p"]:
+    """PDS per perturbation: 1 - rank/N of the true perturbation among L1 distances (target gene excluded).
+
+    rank = position of p in argsort of distances from pred_p to every real_q, as cell-eval takes it.
+    """
+    real = np.asarray(real_effect_pg, dtype=np.float64)
+    pred = np.asarray(pred_effect_pg, dtype=np.float64)
+    n_perts = real.shape[0]
+    scores = np.empty(n_perts)
+    for i, pert in enumerate(perts):
+        keep = genes != pert
+        distance_q = np.abs(real[:, keep] - pred[i, keep]).sum(axis=1)
+        rank = int(np.flatnonzero(np.argsort(distance_q) == i)[0])
+        scores[i] = 1 - rank / n_perts
+    return scores
+
+
+def score_de(real_de: DifferentialExpression, pred_de: DifferentialExpression) -> dict[str, Any]:
+    """DES, PDS and MAE per perturbation from two DE results (same genes, perturbations, mode)."""
+    if real_de.mode != pred_de.mode:
+        raise ValueError(f"real DE used mode {real_de.mode!r} but pred DE {pred_de.mode!r}; compute both in one mode.")
+    if not (np.array_equal(real_de.perts, pred_de.perts) and np.array_equal(real_de.genes, pred_de.genes)):
+        raise ValueError("real and pred DE cover different perturbations or genes; run check_score_inputs first.")
+    des = np.array(
+        [overlap_at_n(real_de.ranked_de_genes(i), pred_de.ranked_de_genes(i)) for i in range(real_de.perts.size)]
+    )
+    # Effects in X's dtype, like cell-eval's float32 pseudobulks minus control.
+    real_effect = real_de.pseudobulk_pg - real_de.pseudobulk_control_g
+    pred_effect = pred_de.pseudobulk_pg - pred_de.pseudobulk_control_g
+    pds = discrimination_score_l1(real_effect, pred_effect, real_de.perts, real_de.genes)
+    mae = np.abs(pred_de.pseudobulk_pg.astype(np.float64) - real_de.pseudobulk_pg).mean(axis=1)
+    table = pd.DataFrame(
+        {
+            "des": des,
+            "pds": pds,
+            "mae": mae,
+            "n_de_real": real_de.significant_pg.sum(axis=1),
+            "n_de_pred": pred_de.significant_pg.sum(axis=1),
+        },
+        index=pd.Index(real_de.perts, name="perturbation"),
+    )
+    return {
+        "mode": real_de.mode,
+        "des": float(des.mean()),
+        "pds": float(pds.mean()),
+        "mae": float(mae.mean()),
+        "per_perturbation": table,
+        "real_de": real_de,
+        "pred_de": pred_de,
+    }
+
+
+def score(
+    real,
+    pred,
+    *,
+    control_label: str = "non-targeting",
+    pert_col: str = "target_gene",
+    mode: ScoreMode = "vcc2025",
+    real_de: DifferentialExpression | None = None,
+    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
+    threads: int = 1,
+) -> dict[str, Any]:
+    """Score a prediction like `cell-eval run --profile vcc` (SPEC §2).
+
+    Returns `mode`, the means `des` (overlap_at_N), `pds` (discrimination_score_l1), `mae`,
+    `per_perturbation` (DataFrame) and both DE results; pass `real_de` from an earlier
+    call to skip recomputing the real side (e.g. when scoring the baseline too).
+    """
+    if mode not in SCORE_MODES:
+        raise ValueError(f"unknown mode {mode!r}; use one of {SCORE_MODES}.")
+    check_score_inputs(real, pred, control_label=control_label, pert_col=pert_col)
+    kwargs = dict(
+        control_label=control_label, pert_col=pert_col, mode=mode, chunk_elements=chunk_elements, threads=threads
+    )
+    if real_de is None:
+        real_de = differential_expression_anndata(real, desc="DE real", **kwargs)
+    elif real_de.mode != mode:
+        raise ValueError(f"real_de was computed in mode {real_de.mode!r}, not {mode!r}; recompute it.")
+    pred_de = differential_expression_anndata(pred, desc="DE pred", **kwargs)
+    return score_de(real_de, pred_de)
+
+
+def normalised_score(result: dict[str, Any], baseline_result: dict[str, Any]) -> dict[str, Any]:
+    """cell-eval's `score`: each metric against the baseline's, NaN -> 0, floored at 0, then averaged."""
+    if result["mode"] != baseline_result["mode"]:
+        raise ValueError(
+            f"result used mode {result['mode']!r} but the baseline {baseline_result['mode']!r}; score both in one mode."
+        )
+    with np.errstate(divide="ignore", invalid="ignore"):
+        parts = np.array(
+            [
+                (result["des"] - baseline_result["des"]) / (1 - baseline_result["des"]),
+                (result["pds"] - baseline_result["pds"]) / (1 - baseline_result["pds"]),
+                1 - result["mae"] / baseline_result["mae"],
+            ],
+            dtype=np.float64,
+        )
+    parts = np.clip(np.nan_to_num(parts, nan=0.0, posinf=np.inf), 0.0, None)
+    return {
+        "mode": result["mode"],
+        "s_des": float(parts[0]),
+        "s_pds": float(parts[1]),
+        "s_mae": float(parts[2]),
+        "score": float(parts.mean()),
+    }
+
+
+# -------------------- the cell-mean baseline (`cell-eval baseline`) -------------------------------
+
+
+def make_cell_mean_baseline(
+    real,
+    *,
+    control_label: str = "non-targeting",
+    pert_col: str = "target_gene",
+    n_cells_per_pert: dict[str, int] | None = None,
+):
+    """The cell-mean baseline prediction, built as `cell-eval baseline` builds it (SPEC §2).
+
+    m = mean over all groups (control included) of each group's mean expression; every
+    predicted cell of every perturbation is m (as many cells as in `real`, or
+    `n_cells_per_pert`); the control cells are real's control cells, unchanged.
+    """
+    import anndata
+
+    if pert_col not in real.obs.columns:
+        raise ValueError(f"real: obs has no column {pert_col!r}; pass pert_col= the perturbation column.")
+    check_expression_matrix(real.X, which="real")
+    labels_c = np.asarray(real.obs[pert_col], dtype=str)
+    groups, codes_c = np.unique(labels_c, return_inverse=True)
+    if control_label not in groups:
+        raise ValueError(f"real: no control cells ({pert_col} == {control_label!r}); pass control_label=.")
+    x = real.X if scipy.sparse.issparse(real.X) else np.asarray(real.X)
+    indicator_kc = scipy.sparse.csr_matrix(
+        (np.ones(labels_c.size), (codes_c, np.arange(labels_c.size))), shape=(groups.size, labels_c.size)
+    )
+    sums_kg = indicator_kc @ (x.astype(np.float64) if scipy.sparse.issparse(x) else np.asarray(x, dtype=np.float64))
+    sums_kg = sums_kg.toarray() if scipy.sparse.issparse(sums_kg) else np.asarray(sums_kg)
+    # cell-eval: polars group means (float32 for float32 X), then numpy's mean over the
+    # groups of polars' column-major matrix (pairwise per gene, hence Fortran order here).
+    group_means_kg = np.asfortranarray((sums_kg / np.bincount(codes_c)[:, None]).astype(x.dtype))
+    cell_mean_g = group_means_kg.mean(axis=0)
+    if n_cells_per_pert is None:
+        perts, counts = np.unique(labels_c[labels_c != control_label], return_counts=True)
+    else:
+        perts = np.array([p for p in n_cells_per_pert if p != control_label], dtype=str)
+        counts = np.array([int(n_cells_per_pert[p]) for p in perts])
+    n_pred = int(counts.sum())
+    pred_obs = pd.DataFrame({pert_col: np.repeat(perts, counts)}, index=[f"p.{i}" for i in range(n_pred)])
+    is_ctrl = labels_c == control_label
+    ctrl_x = x[is_ctrl]
+    ctrl_x = ctrl_x.toarray() if scipy.sparse.issparse(ctrl_x) else np.asarray(ctrl_x)
+    pred_x = np.broadcast_to(cell_mean_g, (n_pred, real.n_vars))
+    obs = pd.concat([pred_obs, pd.DataFrame({pert_col: labels_c[is_ctrl]}, index=real.obs_names[is_ctrl])])
+    obs[pert_col] = obs[pert_col].astype("category")
+    return anndata.AnnData(X=np.concatenate([pred_x, ctrl_x], axis=0), obs=obs, var=real.var.copy())
+
+
+# ==================================================================================================
+# baselines & predictors: nb/06_eval.py, nb/07_submit.py
+# ==================================================================================================
+
+
+# evaluate: predictors, baselines, the fake-val harness (06) and submissions (07).
+#
+# Pasted into lib.py after "infer" (the merge rewrites `lib.x` -> `x`).
+#
+# The predictor interface, shared by baselines and trained models:
+#
+#     predictor.gene_names                      the output columns: the target's gene_names.csv, in order
+#     predictor.predict(perturbation, ctrl_cg)  -> pred_cg
+#
+# `ctrl_cg` holds log1p control cells of the target in that same full gene space (one row per
+# cell); `pred_cg` holds one predicted perturbed cell per control cell given, log1p in [0, 15).
+# A trained model predicts only the store's HVGs (`predict(perturbation, ctrl_ch)` on
+# n × n_hvg): `HvgAdapter` lifts it to the full gene space, filling the other genes either
+# from the control cells' own values (`fill="control"`, default) or from the target's
+# control means in the store (`fill="mean"`). Why control is the default: a constant fill
+# makes a gene look differentially expressed against varied control cells under the
+# Wilcoxon test (see `nb/06_eval.py --fill-study` and logbook.md for the measurement).
+#
+# Cells are predicted from a canonical control pool: a seeded set of the target's control
+# cells, listed in a CSV (cell ids and the pool each belongs to) that is written once and
+# reused, and materialised as a dense float32 .npy read row by row (`ControlPool`), so a
+# submission never holds more than one chunk of cells in memory.
+#
+# On-disk outputs under the data root:
+#
+#     eval/<world>/control_pool_seed<S>_n<N>.csv        harness pools: `real` (controls of the real side), `pred`
+#                                                       (inputs and controls of every prediction), disjoint
+#     eval/<world>/results.csv, per_perturbation.csv    the harness's tables (mode in every row)
+#     eval/<world>/06_*.png                             the harness's figures
+#     submissions/<world>/control_pool_seed<S>_n<N>.csv the submission's control pool
+#     submissions/<world>/<name>.h5ad, <name>.prep.vcc  a submission and its packed form
+
+
+BASELINES: tuple[str, ...] = ("control", "cell_mean", "pert_mean_transfer", "linear")
+"""Predictors that need no training, in the order tables list them."""
+
+
+FILL_MODES: tuple[str, ...] = ("control", "mean")
+
+
+POOL_REAL, POOL_PRED = "real", "pred"
+
+
+# -------------------- the predictor interface -----------------------------------------------------
+
+
+@typing.runtime_checkable
+class Predictor(typing.Protocol):
+    """Predicts perturbed cells of the target in its full gene space (gene_names.csv order)."""
+
+    gene_names: list[str]
+
+    def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]: ...
+
+
+class HvgPredictor(typing.Protocol):
+    """A model in the store's HVG space (e.g. `load_model_predictor(checkpoint_dir)`)."""
+
+    def predict(self, perturbation: str, ctrl_ch: Float[np.ndarray, "cell hvg"]) -> Float[np.ndarray, "cell hvg"]: ...
+
+
+@dataclasses.dataclass
+class ControlPredictor:
+    """Predicts no effect: every predicted cell is the control cell it was given."""
+
+    gene_names: list[str]
+
+    def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]:
+        return np.array(ctrl_cg, dtype=np.float32, copy=True)
+
+
+@dataclasses.dataclass
+class ConstantPredictor:
+    """Every predicted cell is one vector: the cell-mean baseline when that vector is
+    `make_cell_mean_vector` of the training data (what `cell-eval baseline` builds)."""
+
+    gene_names: list[str]
+    mean_g: Float[np.ndarray, " gene"]
+
+    def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]:
+        return np.broadcast_to(self.mean_g.astype(np.float32), (len(ctrl_cg), len(self.mean_g))).copy()
+
+
+@dataclasses.dataclass
+class EffectPredictor:
+    """Adds a perturbation's mean log1p effect to each control cell, clipped to [0, 14].
+
+    `effect_of(perturbation) -> effect_g` (full gene space); results are cached.
+    """
+
+    gene_names: list[str]
+    effect_of: Callable[[str], np.ndarray]
+    _cache: dict = dataclasses.field(default_factory=dict, repr=False)
+
+    def effect(self, perturbation: str) -> Float[np.ndarray, " gene"]:
+        if perturbation not in self._cache:
+            effect_g = np.asarray(self.effect_of(perturbation), dtype=np.float32)
+            assert effect_g.shape == (len(self.gene_names),), f"effect of {perturbation} has shape {effect_g.shape}"
+            self._cache[perturbation] = effect_g
+        return self._cache[perturbation]
+
+    def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]:
+        return np.clip(ctrl_cg + self.effect(perturbation), 0.0, MAX_LOG1P_EXPRESSION).astype(np.float32)
+
+
+@dataclasses.dataclass
+class HvgAdapter:
+    """Lifts an HVG-space predictor to the full gene space.
+
+    HVG columns come from the model; the other genes from the control cells themselves
+    (`fill="control"`: the honest "no effect" assumption) or from `fill_mean_g` (`fill="mean"`).
+    """
+
+    hvg_predictor: HvgPredictor
+    gene_names: list[str]
+    hvg_cols_h: Int[np.ndarray, " hvg"]
+    """Target column of each HVG, in the store's HVG order."""
+    fill: str = "control"
+    fill_mean_g: Float[np.ndarray, " gene"] | None = None
+
+    def __post_init__(self):
+        if self.fill not in FILL_MODES:
+            raise ValueError(f"fill={self.fill!r}; use one of {FILL_MODES}")
+        if self.fill == "mean" and (self.fill_mean_g is None or len(self.fill_mean_g) != len(self.gene_names)):
+            raise ValueError("fill='mean' needs fill_mean_g with one value per gene of gene_names")
+        assert len(set(self.hvg_cols_h.tolist())) == len(self.hvg_cols_h), "two HVGs map to one target column"
+        assert self.hvg_cols_h.min() >= 0 and self.hvg_cols_h.max() < len(self.gene_names), (
+            "HVG column outside gene_names"
+        )
+
+    def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]:
+        pred_ch = np.asarray(
+            self.hvg_predictor.predict(perturbation, np.ascontiguousarray(ctrl_cg[:, self.hvg_cols_h]))
+        )
+        if pred_ch.shape != (len(ctrl_cg), len(self.hvg_cols_h)):
+            raise ValueError(
+                f"{perturbation}: HVG predictor returned {pred_ch.shape}, expected {(len(ctrl_cg), len(self.hvg_cols_h))}"
+            )
+        if self.fill == "control":
+            pred_cg = np.array(ctrl_cg, dtype=np.float32, copy=True)
+        else:
+            pred_cg = np.broadcast_to(self.fill_mean_g.astype(np.float32), ctrl_cg.shape).copy()
+        pred_cg[:, self.hvg_cols_h] = pred_ch
+        return pred_cg
+
+
+# -------------------- the target's files and gene tables ------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class TargetFiles:
+    """The target's files, laid out like the VCC 2025 download (truths: synthetic world only)."""
+
+    spec: DatasetSpec
+    training_path: pathlib.Path
+    gene_names_path: pathlib.Path
+    pert_counts_paths: dict[str, pathlib.Path]
+    """split ("validation", "test") -> pert_counts_<Split>.csv"""
+    truth_paths: dict[str, pathlib.Path]
+    """split -> adata_<Split>_truth.h5ad, for the splits whose truth exists."""
+
+
+def get_target_files(data_root: str | os.PathLike | None, world: str) -> TargetFiles:
+    spec = get_datasets(world)[0]
+    if spec.role != "target":
+        raise ValueError(
+            f"the first dataset of world {world!r} is {spec.name} (role {spec.role!r}); the manifest lists the target first"
+        )
+    training_path = get_dataset_path(spec, data_root)
+    if not training_path.exists():
+        raise FileNotFoundError(f"{training_path} is missing: run nb/01_download.py --world {world} first")
+    vcc_dir = training_path.parent
+    splits = {"validation": "Validation", "test": "Test"}
+    truths = {s: vcc_dir / f"adata_{S}_truth.h5ad" for s, S in splits.items()}
+    return TargetFiles(
+        spec=spec,
+        training_path=training_path,
+        gene_names_path=vcc_dir / "gene_names.csv",
+        pert_counts_paths={s: vcc_dir / f"pert_counts_{S}.csv" for s, S in splits.items()},
+        truth_paths={s: p for s, p in truths.items() if p.exists()},
+    )
+
+
+def read_gene_names(path: str | os.PathLike) -> list[str]:
+    """gene_names.csv: no header, one symbol a line, the submission's column order."""
+    names = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)[0].tolist()
+    if len(set(names)) != len(names):
+        raise ValueError(f"{path} has duplicate gene names")
+    return names
+
+
+def read_pert_counts(path: str | os.PathLike) -> pd.DataFrame:
+    pert_counts = pd.read_csv(path, dtype={"target_gene": str})
+    missing = {"target_gene", "n_cells"} - set(pert_counts.columns)
+    if missing:
+        raise ValueError(f"{path}: missing columns {sorted(missing)}; expected target_gene,n_cells,median_umi_per_cell")
+    return pert_counts
+
+
+def get_target_gene_table(store: CellStore, target: str, gene_names: list[str]) -> pd.DataFrame:
+    """symbol (gene_names order), ensembl_id ("" if unmapped), mean_control: from the store's means."""
+    means = store.means[store.means["dataset"] == target].set_index("var_name")
+    if list(means.index) != list(gene_names):
+        raise ValueError(
+            f"the store's gene table of {target} is not gene_names.csv in order: rerun nb/03_hvg.py and nb/04_normalise.py"
+        )
+    return pd.DataFrame(
+        {
+            "symbol": gene_names,
+            "ensembl_id": means["ensembl_id"].to_numpy(str),
+            "mean_control": means["mean_control"].to_numpy(),
+        }
+    )
+
+
+def get_hvg_columns(
+    store: CellStore, target_genes: pd.DataFrame, hvgs: pd.DataFrame | None = None
+) -> Int[np.ndarray, " hvg"]:
+    """Target column (gene_names order) of each HVG (the store's, or `hvgs`: a model's own
+    gene table), matched by Ensembl id."""
+    hvg_ids = (store.genes if hvgs is None else hvgs)["ensembl_id"].to_numpy(str)
+    col_of_id = pd.Series(np.arange(len(target_genes)), index=target_genes["ensembl_id"].to_numpy())
+    col_of_id = col_of_id[col_of_id.index != ""]
+    cols_h = col_of_id.reindex(hvg_ids).to_numpy(dtype=float)
+    if np.isnan(cols_h).any():
+        missing = hvg_ids[np.isnan(cols_h)][:5]
+        raise ValueError(
+            f"HVGs not measured in the target (e.g. {list(missing)}): the HVG list must come from 03 on this world"
+        )
+    return cols_h.astype(np.int64)
+
+
+# -------------------- control pools ---------------------------------------------------------------
+
+
+def get_control_pools(
+    path: str | os.PathLike, control_ids_c: Sequence[str], sizes: dict[str, int], seed: int
+) -> pd.DataFrame:
+    """The canonical control pools (cell_id, pool): read from `path`, or drawn with `seed`
+    (disjoint, in `sizes` order) and written there. Reused runs check the cells still exist."""
+    path = pathlib.Path(path)
+    ids = pd.Index(np.asarray(control_ids_c, dtype=str))
+    if path.exists():
+        pools = pd.read_csv(path, dtype=str, keep_default_na=False)
+        missing = ~pools["cell_id"].isin(ids)
+        if missing.any():
+            raise ValueError(
+                f"{path}: {int(missing.sum())} pool cells are not control cells of the target (e.g. "
+                f"{pools['cell_id'][missing].iloc[0]}); the data changed: delete the file to draw new pools"
+            )
+        return pools
+    if sum(sizes.values()) > len(ids):
+        raise ValueError(
+            f"control pools of {sizes} need {sum(sizes.values())} control cells; the target has {len(ids)}: ask for fewer"
+        )
+    # Sorted first, so the pools depend only on the set of cells and the seed.
+    order = np.random.default_rng(seed).permutation(len(ids))
+    chosen = np.sort(ids.to_numpy())[order][: sum(sizes.values())]
+    pools = pd.DataFrame({"cell_id": chosen, "pool": np.repeat(list(sizes), list(sizes.values()))})
+    with atomic_path(path) as tmp_path:
+        pools.to_csv(tmp_path, index=False)
+    return pools
+
+
+class ControlPool:
+    """log1p control cells in the full gene space, a dense float32 .npy on disk, read by rows.
+
+    Rows are read with pread, not a memmap: mapped pages count towards RSS, and a 38k-cell
+    pool of 18,080 genes is 2.8 GB.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = pathlib.Path(path)
+        header = np.load(self.path, mmap_mode="r")
+        self.n_cells, self.n_genes = header.shape
+        self.offset = header.offset
+        assert header.dtype == np.float32 and header.flags.c_contiguous, f"{path}: expected a C-ordered float32 matrix"
+        del header
+
+    def read(self, rows_c: Int[np.ndarray, " cell"]) -> Float[np.ndarray, "cell gene"]:
+        rows_c = np.asarray(rows_c, dtype=np.int64)
+        uniq, inverse = np.unique(rows_c, return_inverse=True)
+        out = np.empty((len(uniq), self.n_genes), dtype=np.float32)
+        row_bytes = self.n_genes * 4
+        breaks = np.flatnonzero(np.diff(uniq) != 1) + 1
+        with open(self.path, "rb", buffering=0) as fh:
+            for a, b in zip([0, *breaks], [*breaks, len(uniq)]):  # one read per run of consecutive rows
+                view = memoryview(out[a:b]).cast("B")
+                pos, done = self.offset + int(uniq[a]) * row_bytes, 0
+                while done < len(view):
+                    n = os.preadv(fh.fileno(), [view[done:]], pos + done)
+                    if n == 0:
+                        raise EOFError(f"{self.path} is truncated: delete it so it is rebuilt")
+                    done += n
+        return out[inverse]
+
+
+# -------------------- one streaming pass over a target file ---------------------------------------
+
+
+@dataclasses.dataclass
+class ScanResult:
+    sum_kg: Float[np.ndarray, "group gene"]
+    """Sum of log1p values per group (float64)."""
+    n_k: Int[np.ndarray, " group"]
+    collected_cg: scipy.sparse.csr_matrix
+    """The rows of `collect_rows_c`, log1p, float32 CSR, in that order."""
+
+
+def scan_h5ad(
+    path: pathlib.Path,
+    *,
+    counts: str,
+    group_c: Int[np.ndarray, " cell"],
+    n_groups: int,
+    collect_rows_c: Int[np.ndarray, " collected"] | None = None,
+    pool_rows_c: Int[np.ndarray, " pooled"] | None = None,
+    pool_path: pathlib.Path | None = None,
+    chunk_cells: int = 2_000,
+) -> ScanResult:
+    """Read an h5ad in row chunks, normalised with normalise_log1p: per-group sums
+    (group_c = -1 leaves a row out), the rows `collect_rows_c` (sorted) kept as CSR, and
+    the rows `pool_rows_c` written densely, in that order, to `pool_path` (atomically)."""
+    collect_rows_c = np.array([], dtype=np.int64) if collect_rows_c is None else np.asarray(collect_rows_c)
+    assert np.all(np.diff(collect_rows_c) > 0), "collect_rows_c must be sorted and unique"
+    parts = []
+    with (
+        open_h5ad_backed(path) as (_obs, var, x),
+        atomic_path(pool_path) if pool_path is not None else contextlib.nullcontext() as tmp_pool,
+    ):
+        n_cells, n_genes = x.shape
+        assert len(group_c) == n_cells, f"{path}: group_c has {len(group_c)} rows, the file {n_cells}"
+        sum_kg = np.zeros((n_groups, n_genes))
+        n_k = np.bincount(group_c[group_c >= 0], minlength=n_groups)
+        pool_dest_c = np.full(n_cells, -1)
+        if pool_path is not None:
+            pool_dest_c[np.asarray(pool_rows_c)] = np.arange(len(pool_rows_c))
+            _, offset = write_dense_rows_npy(tmp_pool, len(pool_rows_c), n_genes)
+            pool_fd = os.open(tmp_pool, os.O_RDWR)
+        try:
+            for start in progress(range(0, n_cells, chunk_cells), desc=f"reading {path.name}"):
+                stop = min(start + chunk_cells, n_cells)
+                x_cg = scipy.sparse.csr_matrix(
+                    normalise_log1p(read_rows(x, start, stop), counts, where=f"{path.name} rows {start}:{stop}")
+                )
+                g_c = group_c[start:stop]
+                keep = g_c >= 0
+                member_kc = scipy.sparse.csr_matrix(
+                    (np.ones(keep.sum()), (g_c[keep], np.flatnonzero(keep))), shape=(n_groups, stop - start)
+                )
+                sum_kg += (member_kc @ x_cg.astype(np.float64)).toarray()
+                lo, hi = np.searchsorted(collect_rows_c, [start, stop])
+                if hi > lo:
+                    parts.append(x_cg[collect_rows_c[lo:hi] - start])
+                dest_c = pool_dest_c[start:stop]
+                if pool_path is not None and (dest_c >= 0).any():
+                    rows = np.flatnonzero(dest_c >= 0)
+                    _pwrite_rows(pool_fd, offset, x_cg[rows].toarray(), dest_c[rows])
+        finally:
+            if pool_path is not None:
+                os.fsync(pool_fd)
+                os.close(pool_fd)
+    collected = (
+        scipy.sparse.vstack(parts, format="csr") if parts else scipy.sparse.csr_matrix((0, n_genes), dtype=np.float32)
+    )
+    return ScanResult(sum_kg=sum_kg, n_k=n_k, collected_cg=collected.astype(np.float32))
+
+
+# -------------------- what the baselines are fitted on --------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class FitData:
+    """Training pseudobulks of the target over all its genes (log1p means)."""
+
+    gene_names: list[str]
+    perturbations: list[str]
+    """The perturbations the fit may use (the fake-val `train` split, or all of them)."""
+    pert_mean_pg: Float[np.ndarray, "pert gene"]
+    n_cells_p: Int[np.ndarray, " pert"]
+    control_mean_g: Float[np.ndarray, " gene"]
+    n_control: int
+
+
+def make_fit_data(
+    gene_names: list[str],
+    labels_k: Sequence[str],
+    sum_kg: np.ndarray,
+    n_k: np.ndarray,
+    perturbations: Sequence[str],
+    control_groups: Sequence[str],
+) -> FitData:
+    """Means of the given perturbation groups, and of the control groups pooled."""
+    pos = {label: k for k, label in enumerate(labels_k)}
+    missing = [p for p in perturbations if p not in pos]
+    if missing:
+        raise ValueError(f"perturbations {missing[:5]} have no training cells")
+    ks = [pos[p] for p in perturbations]
+    ctrl_ks = [pos[c] for c in control_groups]
+    n_control = int(n_k[ctrl_ks].sum())
+    if n_control == 0:
+        raise ValueError("no control cells to fit on")
+    return FitData(
+        gene_names=list(gene_names),
+        perturbations=list(perturbations),
+        pert_mean_pg=sum_kg[ks] / n_k[ks, None],
+        n_cells_p=n_k[ks],
+        control_mean_g=sum_kg[ctrl_ks].sum(0) / n_control,
+        n_control=n_control,
+    )
+
+
+def make_cell_mean_vector(fit: FitData) -> Float[np.ndarray, " gene"]:
+    """cell-eval baseline's m: the mean over groups (each perturbation and control) of each
+    group's mean. Float32 group means and numpy's mean over a Fortran-ordered matrix, as
+    make_cell_mean_baseline (which copies cell-eval's polars arithmetic)."""
+    group_means_kg = np.concatenate([fit.pert_mean_pg, fit.control_mean_g[None]]).astype(np.float32)
+    return np.asfortranarray(group_means_kg).mean(axis=0)
+
+
+# -------------------- baselines -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearModel:
+    """Ahlmann-Eltze, Huber & Anders 2025's linear model: effect_p = b + G W G[gene(p)]^T."""
+
+    gene_names: list[str]
+    g_gk: Float[np.ndarray, "gene k"]
+    """Gene embeddings: the top principal components (left singular vectors) of the
+    centred training effects (genes × perturbations)."""
+    w_kk: Float[np.ndarray, "k k"]
+    b_g: Float[np.ndarray, " gene"]
+    """Mean training effect per gene."""
+
+    def effect(self, perturbation: str) -> Float[np.ndarray, " gene"]:
+        # An unseen perturbation is embedded by its gene's row of G; a gene outside the
+        # table gets the zero embedding (the mean effect b).
+        col = {g: i for i, g in enumerate(self.gene_names)}.get(perturbation)
+        p_k = self.g_gk[col] if col is not None else np.zeros(self.g_gk.shape[1])
+        return self.b_g + self.g_gk @ (self.w_kk @ p_k)
+
+
+@typechecked
+def fit_linear_model(
+    gene_names: list[str],
+    effect_pg: Float[np.ndarray, "pert gene"],
+    perturbations: list[str],
+    n_components: int = 10,
+    ridge: float = 0.1,
+) -> LinearModel:
+    """Ridge fit of W in  Y - b ≈ G W P^T  with P = G[rows of the perturbed genes]
+    (closed form: W = (G'G + λI)^-1 G'(Y - b) P (P'P + λI)^-1)."""
+    y_gp = np.asarray(effect_pg, dtype=np.float64).T
+    b_g = y_gp.mean(axis=1)
+    yc_gp = y_gp - b_g[:, None]
+    u_gk, _, _ = np.linalg.svd(yc_gp, full_matrices=False)
+    k = min(n_components, u_gk.shape[1])
+    g_gk = u_gk[:, :k]
+    col = {g: i for i, g in enumerate(gene_names)}
+    p_pk = np.stack([g_gk[col[p]] if p in col else np.zeros(k) for p in perturbations])
+    eye = np.eye(k)
+    w_kk = np.linalg.solve(g_gk.T @ g_gk + ridge * eye, g_gk.T @ yc_gp @ p_pk) @ np.linalg.inv(
+        p_pk.T @ p_pk + ridge * eye
+    )
+    return LinearModel(gene_names=list(gene_names), g_gk=g_gk, w_kk=w_kk, b_g=b_g)
+
+
+def _perturbation_key(label: str, id_of_symbol: dict[str, str]) -> str:
+    """Match perturbations across datasets by the target gene's Ensembl id when known."""
+    if ENSEMBL_GENE_RE.match(strip_ensembl_version(label)):
+        return strip_ensembl_version(label)
+    return id_of_symbol.get(label) or label
+
+
+class TransferEffects:
+    """A perturbation's mean effect measured in the store's other cell types, on the HVGs,
+    mapped to the target's genes by Ensembl id.
+
+    Per other dataset: mean log1p of the perturbation's cells minus the dataset's control
+    mean, on the genes it measures; averaged over the datasets that have the perturbation
+    (per gene, over those measuring it). Genes outside the HVGs, and perturbations no other
+    cell type measured, get no effect (0).
+    """
+
+    def __init__(self, store: CellStore, target: str, target_genes: pd.DataFrame, chunk_rows: int = 20_000):
+        self.store, self.chunk_rows = store, chunk_rows
+        self.hvg_cols_h = get_hvg_columns(store, target_genes)
+        self.n_genes = len(target_genes)
+        self.others = [d for d in store.datasets if d != target]
+        ids = store.means[store.means["ensembl_id"] != ""]
+        self.id_of_symbol = {d: dict(zip(t["symbol"], t["ensembl_id"])) for d, t in ids.groupby("dataset")}
+        target_ids = dict(zip(target_genes["symbol"], target_genes["ensembl_id"]))
+        self.target_id_of_symbol = {s: i for s, i in target_ids.items() if i}
+        self._control_mean = {}
+
+    def _group_mean(self, groups: pd.DataFrame) -> np.ndarray:
+        total_h, n = np.zeros(self.store.x_cg.shape[1]), 0
+        for start, stop in zip(groups["start"], groups["stop"]):
+            for a in range(start, stop, self.chunk_rows):  # bounded memory for large control groups
+                total_h += self.store.x_cg[a : min(a + self.chunk_rows, stop)].sum(axis=0, dtype=np.float64)
+            n += stop - start
+        return total_h / n
+
+    def effect(self, perturbation: str) -> Float[np.ndarray, " gene"]:
+        key = _perturbation_key(perturbation, self.target_id_of_symbol)
+        sum_h, n_h = np.zeros(self.store.x_cg.shape[1]), np.zeros(self.store.x_cg.shape[1])
+        for d in self.others:
+            index = self.store.index[self.store.index["dataset"] == d]
+            keys = np.array([_perturbation_key(p, self.id_of_symbol.get(d, {})) for p in index["perturbation"]])
+            groups = index[(keys == key) & ~index["is_control"].to_numpy(bool)]
+            if groups.empty:
+                continue
+            if d not in self._control_mean:
+                self._control_mean[d] = self._group_mean(index[index["is_control"].to_numpy(bool)])
+            measured_h = self.store.measured_dg[self.store.datasets.index(d)]
+            sum_h += np.where(measured_h, self._group_mean(groups) - self._control_mean[d], 0.0)
+            n_h += measured_h
+        effect_g = np.zeros(self.n_genes)
+        effect_g[self.hvg_cols_h] = np.divide(sum_h, n_h, out=np.zeros_like(sum_h), where=n_h > 0)
+        return effect_g
+
+
+def make_baseline(
+    name: str,
+    fit: FitData,
+    *,
+    store: CellStore | None = None,
+    target: str = "",
+    target_genes: pd.DataFrame | None = None,
+    n_components: int = 10,
+    ridge: float = 0.1,
+) -> Predictor:
+    """One of BASELINES, fitted on `fit` (pert_mean_transfer reads the store instead)."""
+    genes = fit.gene_names
+    if name == "control":
+        return ControlPredictor(genes)
+    if name == "cell_mean":
+        return ConstantPredictor(genes, make_cell_mean_vector(fit))
+    if name == "linear":
+        model = fit_linear_model(genes, fit.pert_mean_pg - fit.control_mean_g, fit.perturbations, n_components, ridge)
+        return EffectPredictor(genes, model.effect)
+    if name == "pert_mean_transfer":
+        if store is None or target_genes is None:
+            raise ValueError("pert_mean_transfer needs the store: run nb/04_normalise.py first")
+        return EffectPredictor(genes, TransferEffects(store, target, target_genes).effect)
+    raise ValueError(f"unknown baseline {name!r}; use one of {BASELINES}")
+
+
+# -------------------- trained models --------------------------------------------------------------
+
+
+def get_latest_checkpoint(data_root: str | os.PathLike | None) -> pathlib.Path | None:
+    """`<data_root>/checkpoints/` when training (05) has written one (its `latest` pointer
+    names the newest run; load_model_predictor resolves it to that run's best step), else None."""
+    ckpt_dir = get_data_root(data_root) / "checkpoints"
+    return ckpt_dir if (ckpt_dir / "latest").exists() else None
 
 
 def local_copy(tree: PyTree) -> PyTree:
     """This process's copy of replicated global arrays (what process 0 saves and validates with)."""
     return jax.tree.map(lambda x: x.addressable_data(0) if isinstance(x, jax.Array) else x, tree)
-
-
-# ----------------------------------------------------------------------------
-# infer
-# ----------------------------------------------------------------------------
 
 
 class ModelPredictor:
@@ -6566,12 +6363,16 @@ class ModelPredictor:
             return 0
         pert_id = int(self.vocab.ids([perturbation])[0])
         if pert_id == 1:
-            warnings.warn(f"perturbation {perturbation!r} is not in the model's vocabulary: predicting it as out-of-vocabulary (id 1)")
+            warnings.warn(
+                f"perturbation {perturbation!r} is not in the model's vocabulary: predicting it as out-of-vocabulary (id 1)"
+            )
             return 1
         inference_id = int(get_inference_ids(self.features, np.array([pert_id]))[0])
         if inference_id != pert_id:
-            warnings.warn(f"perturbation {perturbation!r} never occurred in training and onehot features know nothing "
-                          f"about it: predicting it as out-of-vocabulary (id 1)")
+            warnings.warn(
+                f"perturbation {perturbation!r} never occurred in training and onehot features know nothing "
+                f"about it: predicting it as out-of-vocabulary (id 1)"
+            )
         return inference_id
 
     def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]:
@@ -6579,7 +6380,9 @@ class ModelPredictor:
         sets of S (the last set padded by wrapping around its own cells), clipped to [0, 14]."""
         ctrl_cg = np.asarray(ctrl_cg, np.float32)
         if ctrl_cg.ndim != 2 or ctrl_cg.shape[1] != len(self.genes):
-            raise ValueError(f"ctrl_cg has shape {ctrl_cg.shape}; expected (cells, {len(self.genes)}) in the model's gene order (predictor.genes)")
+            raise ValueError(
+                f"ctrl_cg has shape {ctrl_cg.shape}; expected (cells, {len(self.genes)}) in the model's gene order (predictor.genes)"
+            )
         n, s = len(ctrl_cg), self.set_size
         if n == 0:
             return np.zeros_like(ctrl_cg)
@@ -6591,15 +6394,885 @@ class ModelPredictor:
         pert_f = self.features.get_target(np.array([pert_id]))
         out = []
         for start in range(0, n_sets, 64):  # bounded device memory for large n
-            chunk_bsg = padded_cg[start * s:(start + 64) * s].reshape(-1, s, ctrl_cg.shape[1])
-            pred_bsg = predict_sets(self.model, jnp.asarray(chunk_bsg), jnp.asarray(np.repeat(pert_f, len(chunk_bsg), 0)))
+            chunk_bsg = padded_cg[start * s : (start + 64) * s].reshape(-1, s, ctrl_cg.shape[1])
+            pred_bsg = predict_sets(
+                self.model, jnp.asarray(chunk_bsg), jnp.asarray(np.repeat(pert_f, len(chunk_bsg), 0))
+            )
             out.append(np.asarray(pred_bsg).reshape(-1, ctrl_cg.shape[1]))
         return np.concatenate(out)[:n]
 
 
-def load_model_predictor(checkpoint_dir: str | os.PathLike, which: Literal["best", "latest"] = "best") -> ModelPredictor:
+def load_model_predictor(
+    checkpoint_dir: str | os.PathLike, which: Literal["best", "latest"] = "best"
+) -> ModelPredictor:
     """A predictor from a step directory, a run directory (its best checkpoint, else latest) or the
     checkpoint root (its latest run)."""
     step_dir = resolve_checkpoint(checkpoint_dir, which)
     return ModelPredictor(load_checkpoint(step_dir), step_dir)
 
+
+def make_model_predictor(
+    checkpoint_dir: str | os.PathLike, store: CellStore, target_genes: pd.DataFrame, fill: str = "control"
+) -> HvgAdapter:
+    """A trained model (HVG space) lifted to the target's full gene space (see HvgAdapter)."""
+    model = load_model_predictor(checkpoint_dir)
+    return HvgAdapter(
+        model,
+        gene_names=target_genes["symbol"].tolist(),
+        # The model's own gene table when it has one (05 saves it with the checkpoint).
+        hvg_cols_h=get_hvg_columns(store, target_genes, getattr(model, "genes", None)),
+        fill=fill,
+        fill_mean_g=target_genes["mean_control"].to_numpy(np.float32),
+    )
+
+
+# -------------------- predicting cells from a control pool ----------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictionPlan:
+    """Which cells to predict: a perturbation label per output row (each perturbation's rows
+    together, controls last) and the control-pool row each is predicted from (control rows:
+    the pool cell itself)."""
+
+    labels_c: np.ndarray
+    pool_rows_c: Int[np.ndarray, " cell"]
+    control_label: str
+
+    def runs(self, start: int, stop: int) -> list[tuple[int, int, str]]:
+        """(a, b, label) runs of one label within rows [start, stop)."""
+        labels = self.labels_c[start:stop]
+        breaks = np.flatnonzero(labels[1:] != labels[:-1]) + 1
+        return [(start + a, start + b, str(labels[a])) for a, b in zip([0, *breaks], [*breaks, len(labels)])]
+
+
+def make_prediction_plan(
+    pert_counts: Sequence[tuple[str, int]],
+    n_pool: int,
+    control_rows: Sequence[int],
+    seed: int,
+    control_label: str = "non-targeting",
+) -> PredictionPlan:
+    """Each perturbation's cells get control cells drawn from the pool with (seed, name), so
+    every predictor sees the same inputs and a perturbation's inputs do not depend on the
+    others (without replacement when the pool is big enough)."""
+    labels, rows = [], []
+    for p, n in pert_counts:
+        rng = np.random.default_rng([seed, zlib.crc32(str(p).encode())])
+        rows.append(np.sort(rng.choice(n_pool, int(n), replace=int(n) > n_pool)))
+        labels.append(np.full(int(n), p, dtype=object))
+    labels.append(np.full(len(control_rows), control_label, dtype=object))
+    rows.append(np.asarray(control_rows, dtype=np.int64))
+    return PredictionPlan(np.concatenate(labels), np.concatenate(rows).astype(np.int64), control_label)
+
+
+PSEUDOBULK_CELLS = 2_048
+"""Pool cells a fixed pseudobulk averages over (all of a small pool)."""
+
+
+def make_predict_chunk(
+    predictor: Predictor,
+    plan: PredictionPlan,
+    pool: ControlPool,
+    *,
+    fixed_pseudobulk: bool = False,
+    block_cells: int = 1_024,
+    seed: int = 0,
+) -> Callable[[int, int], np.ndarray]:
+    """predict_chunk(start, stop) -> log1p rows of the plan (for write_submission).
+
+    fixed_pseudobulk: every cell of a perturbation is that perturbation's mean predicted
+    cell, computed once (in blocks, cached) over PSEUDOBULK_CELLS pool cells drawn with
+    (seed, perturbation), not only over the perturbation's own planned inputs: with ~30
+    inputs the sampling noise of the inputs' mean alone adds ~40% to a no-effect MAE.
+    """
+    n_genes = len(predictor.gene_names)
+    means = {}
+
+    def predict_rows(p: str, rows_c: np.ndarray) -> np.ndarray:
+        pred_cg = np.asarray(predictor.predict(p, pool.read(rows_c)), dtype=np.float32)
+        if pred_cg.shape != (len(rows_c), n_genes):
+            raise ValueError(
+                f"{p}: predictor returned {pred_cg.shape}, expected {(len(rows_c), n_genes)} (one cell per control cell, all genes)"
+            )
+        return pred_cg
+
+    def pseudobulk(p: str) -> np.ndarray:
+        if p not in means:
+            rng = np.random.default_rng([seed, zlib.crc32(p.encode()), 1])
+            rows_c = np.sort(rng.choice(pool.n_cells, min(pool.n_cells, PSEUDOBULK_CELLS), replace=False))
+            total_g = np.zeros(n_genes)
+            for s in range(0, len(rows_c), block_cells):
+                total_g += predict_rows(p, rows_c[s : s + block_cells]).sum(axis=0, dtype=np.float64)
+            means[p] = (total_g / len(rows_c)).astype(np.float32)
+        return means[p]
+
+    def predict_chunk(start: int, stop: int) -> np.ndarray:
+        out_cg = np.empty((stop - start, n_genes), dtype=np.float32)
+        for a, b, p in plan.runs(start, stop):
+            if p == plan.control_label:
+                out_cg[a - start : b - start] = pool.read(plan.pool_rows_c[a:b])
+            elif fixed_pseudobulk:
+                out_cg[a - start : b - start] = pseudobulk(p)
+            else:
+                out_cg[a - start : b - start] = predict_rows(p, plan.pool_rows_c[a:b])
+        return out_cg
+
+    return predict_chunk
+
+
+def make_prediction_anndata(
+    predictor: Predictor,
+    plan: PredictionPlan,
+    pool: ControlPool,
+    *,
+    fixed_pseudobulk: bool = False,
+    seed: int = 0,
+    chunk_cells: int = 2_048,
+    pert_col: str = "target_gene",
+):
+    """The plan's predictions as an in-memory AnnData (float32 CSR), each chunk checked."""
+    import anndata
+
+    predict_chunk = make_predict_chunk(predictor, plan, pool, fixed_pseudobulk=fixed_pseudobulk, seed=seed)
+    parts = []
+    for start in range(0, len(plan.labels_c), chunk_cells):
+        stop = min(start + chunk_cells, len(plan.labels_c))
+        x_cg = predict_chunk(start, stop)
+        check_log1p_chunk(x_cg, f"cells {start}:{stop}")
+        parts.append(scipy.sparse.csr_matrix(x_cg))
+    obs = pd.DataFrame(
+        {pert_col: pd.Categorical(plan.labels_c.astype(str))}, index=np.arange(len(plan.labels_c)).astype(str)
+    )
+    var = pd.DataFrame(index=pd.Index(predictor.gene_names, dtype=str))
+    return anndata.AnnData(X=scipy.sparse.vstack(parts, format="csr"), obs=obs, var=var)
+
+
+# ==================================================================================================
+# eval harness: nb/06_eval.py
+# ==================================================================================================
+
+
+# The target's own training perturbations, split like the challenge's 150/50/100
+# (train/validation/test), so models are scored on knockdowns they never saw before
+# any upload. Training (05) excludes `val` and `test`; evaluation (06) scores them.
+
+FAKE_VAL_FRACTIONS = (150, 50, 100)
+"""Relative sizes of the fake train/val/test split: the challenge's own."""
+
+
+def make_fake_val_split(perturbations, seed: int = 0) -> dict[str, list[str]]:
+    """Seeded split of perturbation names into train/val/test (sorted first, so the split
+    depends only on the set of names and the seed)."""
+    names = np.array(sorted(set(perturbations)))
+    order = np.random.default_rng(seed).permutation(len(names))
+    total = sum(FAKE_VAL_FRACTIONS)
+    n_val = round(len(names) * FAKE_VAL_FRACTIONS[1] / total)
+    n_test = round(len(names) * FAKE_VAL_FRACTIONS[2] / total)
+    val, test, train = np.split(names[order], [n_val, n_val + n_test])
+    return {"train": sorted(train), "val": sorted(val), "test": sorted(test)}
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalConfig(DataConfig):
+    """Flags of nb/06_eval.py: score predictors on held-out perturbations of the target."""
+
+    seed: int = 0
+    """Seed of the fake-val split, the control pools, the cell subsamples and the inputs."""
+    predictors: tuple[str, ...] = BASELINES
+    """Baselines to score (any of control cell_mean pert_mean_transfer linear); cell_mean is always scored: it is the reference."""
+    checkpoint: str = ""
+    """Model checkpoint directory to score too; empty = the newest under <data_root>/checkpoints/ if any; `none` = no model."""
+    fill: typing.Literal["control", "mean"] = "control"
+    """How a model's non-HVG genes are filled: the control cells' own values, or the target's control means."""
+    fill_study: bool = False
+    """Also score the linear baseline restricted to the HVGs under both fills (measures the fill choice)."""
+    fixed_pseudobulk: bool = False
+    """Score every predictor with each perturbation's cells replaced by their mean predicted cell."""
+    n_control: int = 1_000
+    """Cells in each control pool (`real` and `pred`, disjoint; capped at half the target's controls)."""
+    max_cells_per_pert: int = 256
+    """Real cells scored per perturbation at most (a seeded subsample; 0 = all): bounds memory and DE time."""
+    truth: bool = True
+    """On the synthetic world, also score the true validation/test answers (baselines fitted on all training perturbations)."""
+    mode: typing.Literal["vcc2025", "current"] = "vcc2025"
+    """Scorer generation (score): vcc2025 scored the challenge."""
+    linear_components: int = 10
+    """Gene-embedding dimension K of the linear baseline (Ahlmann-Eltze et al. use 10)."""
+    linear_ridge: float = 0.1
+    """Ridge penalty λ of the linear baseline (Ahlmann-Eltze et al. use 0.1)."""
+    chunk_cells: int = 2_000
+    """Rows read from the target files at once."""
+    threads: int = 1
+    """Threads of the DE pass."""
+
+
+def get_eval_dir(data_root: str | os.PathLike | None, world: str) -> pathlib.Path:
+    return get_data_root(data_root) / "eval" / world
+
+
+def _real_anndata(x_cg, labels_c, gene_names, pert_col="target_gene"):
+    import anndata
+
+    obs = pd.DataFrame(
+        {pert_col: pd.Categorical(np.asarray(labels_c, dtype=str))}, index=np.arange(len(labels_c)).astype(str)
+    )
+    return anndata.AnnData(
+        X=scipy.sparse.csr_matrix(x_cg, dtype=np.float32),
+        obs=obs,
+        var=pd.DataFrame(index=pd.Index(gene_names, dtype=str)),
+    )
+
+
+def _scenario_real_from_truth(path: pathlib.Path, spec: DatasetSpec, gene_names, cfg: EvalConfig):
+    """Real side of a truth scenario: the truth file's cells (capped per perturbation) and controls."""
+    with open_h5ad_backed(path) as (obs, var, _x):
+        labels_c = obs[spec.perturbation_key].astype(str).to_numpy()
+        if list(var.index.astype(str)) != list(gene_names):
+            raise ValueError(f"{path}: genes differ from gene_names.csv")
+    rows = []
+    for label in np.unique(labels_c):
+        cap = cfg.n_control if label == spec.control_label else cfg.max_cells_per_pert
+        rows.append(subsample_rows(np.flatnonzero(labels_c == label), cap, cfg.seed, label))
+    rows_c = np.sort(np.concatenate(rows))
+    scan = scan_h5ad(
+        path,
+        counts=spec.counts,
+        group_c=np.full(len(labels_c), -1),
+        n_groups=0,
+        collect_rows_c=rows_c,
+        chunk_cells=cfg.chunk_cells,
+    )
+    return _real_anndata(scan.collected_cg, labels_c[rows_c], gene_names)
+
+
+def score_predictors(
+    real,
+    predictors: dict[str, Predictor],
+    pool: ControlPool,
+    *,
+    seed: int,
+    fixed_pseudobulk: bool,
+    mode: str,
+    threads: int = 1,
+    control_label: str = "non-targeting",
+    hvg_cols_h=None,
+) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
+    """Score each predictor against `real` (control_label cells = the real controls) with score,
+    predictions from `pool` (all pool cells are the predicted controls), normalised against the
+    `cell_mean` predictor (which must be among them). Returns (summary, per-perturbation, effects)."""
+    if "cell_mean" not in predictors:
+        raise ValueError("score_predictors needs the cell_mean predictor: it is the normalisation reference")
+    labels = np.asarray(real.obs["target_gene"], dtype=str)
+    perts, counts = np.unique(labels[labels != control_label], return_counts=True)
+    plan = make_prediction_plan(list(zip(perts, counts)), pool.n_cells, np.arange(pool.n_cells), seed, control_label)
+    results, real_de = {}, None
+    for name in ["cell_mean", *[n for n in predictors if n != "cell_mean"]]:
+        pred = make_prediction_anndata(predictors[name], plan, pool, fixed_pseudobulk=fixed_pseudobulk, seed=seed)
+        results[name] = score(real, pred, mode=mode, real_de=real_de, threads=threads, control_label=control_label)
+        real_de = results[name]["real_de"]
+    rows, per_pert, effects = [], [], {}
+    non_hvg_g = None
+    if hvg_cols_h is not None:
+        non_hvg_g = np.ones(real.n_vars, bool)
+        non_hvg_g[hvg_cols_h] = False
+    for name in predictors:
+        result = results[name]
+        norm = normalised_score(result, results["cell_mean"])
+        table = result["per_perturbation"].reset_index()
+        table.insert(0, "predictor", name)
+        if non_hvg_g is not None:
+            # The fill measurement: how many genes outside the HVGs the scorer calls DE in the prediction.
+            table["n_de_pred_non_hvg"] = result["pred_de"].significant_pg[:, non_hvg_g].sum(axis=1)
+        per_pert.append(table)
+        rows.append(
+            {
+                "predictor": name,
+                "mode": result["mode"],
+                "des": result["des"],
+                "pds": result["pds"],
+                "mae": result["mae"],
+                **{k: norm[k] for k in ("s_des", "s_pds", "s_mae", "score")},
+                "n_perts": len(perts),
+                "n_cells_real": int(real.n_obs),
+                "n_control_pred": pool.n_cells,
+                "mean_n_de_pred": float(table["n_de_pred"].mean()),
+                "mean_n_de_real": float(table["n_de_real"].mean()),
+            }
+        )
+        pred_de = result["pred_de"]
+        effects[name] = (
+            real_de.pseudobulk_pg - real_de.pseudobulk_control_g,
+            pred_de.pseudobulk_pg - pred_de.pseudobulk_control_g,
+        )
+    return pd.DataFrame(rows), pd.concat(per_pert, ignore_index=True), effects
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, typing.Any]:
+    """06 eval: the fake-val harness. Returns results (one row per scenario × predictor, with
+    `mode`), per_perturbation, effects (for plots) and the paths written."""
+    files = get_target_files(cfg.data_root, cfg.world)
+    spec = files.spec
+    gene_names = read_gene_names(files.gene_names_path)
+    eval_dir = get_eval_dir(cfg.data_root, cfg.world)
+    with open_h5ad_backed(files.training_path) as (obs, var, _x):
+        labels_c = obs[spec.perturbation_key].astype(str).to_numpy()
+        cell_ids_c = obs.index.astype(str).to_numpy()
+        if list(var.index.astype(str)) != gene_names:
+            raise ValueError(f"{files.training_path}: var differs from gene_names.csv")
+    is_ctrl_c = labels_c == spec.control_label
+    training_perts = sorted(set(labels_c[~is_ctrl_c]))
+    split = make_fake_val_split(training_perts, cfg.seed)
+    held_out = set(split["val"]) | set(split["test"])
+
+    # Canonical control pools: `real` controls for the real side, disjoint `pred` controls for
+    # every prediction (inputs and predicted controls), so no predictor sees a real control.
+    n_pool = min(cfg.n_control, int(is_ctrl_c.sum()) // 2)
+    pools = get_control_pools(
+        eval_dir / f"control_pool_seed{cfg.seed}_n{n_pool}.csv",
+        cell_ids_c[is_ctrl_c],
+        {POOL_REAL: n_pool, POOL_PRED: n_pool},
+        cfg.seed,
+    )
+    row_of_id = pd.Series(np.arange(len(cell_ids_c)), index=cell_ids_c)
+    pool_of_row = pd.Series(pools["pool"].to_numpy(), index=row_of_id[pools["cell_id"]].to_numpy())
+
+    # Groups of the pass: each perturbation, then controls by pool (`rest`: in no pool).
+    group_labels = [*training_perts, "control:real", "control:pred", "control:rest"]
+    k_of = {g: k for k, g in enumerate(group_labels)}
+    group_c = np.array([k_of.get(label, -1) for label in labels_c])
+    group_c[is_ctrl_c] = k_of["control:rest"]
+    group_c[pool_of_row.index.to_numpy()] = [k_of[f"control:{p}"] for p in pool_of_row]
+    held_rows = {
+        p: subsample_rows(np.flatnonzero(labels_c == p), cfg.max_cells_per_pert, cfg.seed, p) for p in sorted(held_out)
+    }
+    real_ctrl_rows = np.sort(pool_of_row.index[pool_of_row.to_numpy() == POOL_REAL].to_numpy())
+    collect_rows_c = np.sort(np.concatenate([*held_rows.values(), real_ctrl_rows]))
+    pred_pool_rows = row_of_id[pools.loc[pools["pool"] == POOL_PRED, "cell_id"]].to_numpy()
+    pool_path = eval_dir / f"control_pool_seed{cfg.seed}_n{n_pool}_pred_x.npy"
+    scan = scan_h5ad(
+        files.training_path,
+        counts=spec.counts,
+        group_c=group_c,
+        n_groups=len(group_labels),
+        collect_rows_c=collect_rows_c,
+        pool_rows_c=pred_pool_rows,
+        pool_path=pool_path,
+        chunk_cells=cfg.chunk_cells,
+    )
+    pool = ControlPool(pool_path)
+    collected_labels = labels_c[collect_rows_c]
+    collected_labels = np.where(is_ctrl_c[collect_rows_c], spec.control_label, collected_labels)
+
+    checkpoint = None
+    if cfg.checkpoint.lower() != "none":
+        checkpoint = pathlib.Path(cfg.checkpoint) if cfg.checkpoint else get_latest_checkpoint(cfg.data_root)
+    # The store gives the HVGs (model, fill study, the non-HVG DE count) and the other cell types.
+    store = target_genes = hvg_cols_h = None
+    try:
+        store = load_store(cfg.data_root, cfg.world)
+        target_genes = get_target_gene_table(store, spec.name, gene_names)
+        hvg_cols_h = get_hvg_columns(store, target_genes)
+    except FileNotFoundError:
+        if "pert_mean_transfer" in cfg.predictors or cfg.fill_study or checkpoint is not None:
+            raise
+
+    fake_fit = split["train"]
+    scenarios = [
+        (
+            f"fake_{s}",
+            fake_fit,
+            lambda s=s: _select(scan.collected_cg, collected_labels, set(split[s]), spec.control_label, gene_names),
+        )
+        for s in ("val", "test")
+    ]
+    if cfg.truth and cfg.world == "synthetic":
+        scenarios += [
+            (f"truth_{s}", training_perts, lambda p=p: _scenario_real_from_truth(p, spec, gene_names, cfg))
+            for s, p in files.truth_paths.items()
+        ]
+
+    tables, per_pert_tables, effects = [], [], {}
+    for scenario, fit_perts, get_real in scenarios:
+        fit = make_fit_data(
+            gene_names, group_labels, scan.sum_kg, scan.n_k, fit_perts, ["control:pred", "control:rest"]
+        )
+        predictors = {}
+        for name in dict.fromkeys(["cell_mean", *cfg.predictors]):
+            predictors[name] = make_baseline(
+                name,
+                fit,
+                store=store,
+                target=spec.name,
+                target_genes=target_genes,
+                n_components=cfg.linear_components,
+                ridge=cfg.linear_ridge,
+            )
+        if cfg.fill_study:
+            linear = make_baseline("linear", fit, n_components=cfg.linear_components, ridge=cfg.linear_ridge)
+            hvg_linear = _HvgSlice(linear, hvg_cols_h)
+            for fill in FILL_MODES:
+                predictors[f"linear_hvg_fill_{fill}"] = HvgAdapter(
+                    hvg_linear, gene_names, hvg_cols_h, fill, target_genes["mean_control"].to_numpy(np.float32)
+                )
+        if checkpoint is not None:
+            predictors["model"] = make_model_predictor(checkpoint, store, target_genes, cfg.fill)
+        real = get_real()
+        summary, per_pert, eff = score_predictors(
+            real,
+            predictors,
+            pool,
+            seed=cfg.seed,
+            fixed_pseudobulk=cfg.fixed_pseudobulk,
+            mode=cfg.mode,
+            threads=cfg.threads,
+            control_label=spec.control_label,
+            hvg_cols_h=hvg_cols_h,
+        )
+        fit_label = "fake_train" if fit_perts is fake_fit else "all_train"
+        for table in (summary, per_pert):
+            table.insert(0, "scenario", scenario)
+            table.insert(1, "fit_on", fit_label)
+            table.insert(2, "fixed_pseudobulk", cfg.fixed_pseudobulk)
+        if checkpoint is not None:  # the model was trained on the fake-val train split whatever the scenario
+            summary.loc[summary["predictor"] == "model", "fit_on"] = "fake_train"
+        tables.append(summary)
+        per_pert_tables.append(per_pert)
+        effects[scenario] = eff
+    results = pd.concat(tables, ignore_index=True)
+    per_perturbation = pd.concat(per_pert_tables, ignore_index=True)
+    paths = {"results": eval_dir / "results.csv", "per_perturbation": eval_dir / "per_perturbation.csv"}
+    for key, table in (("results", results), ("per_perturbation", per_perturbation)):
+        with atomic_path(paths[key]) as tmp_path:
+            table.to_csv(tmp_path, index=False, float_format="%.6g")
+    return {
+        "results": results,
+        "per_perturbation": per_perturbation,
+        "effects": effects,
+        "split": split,
+        "paths": paths,
+        "checkpoint": checkpoint,
+    }
+
+
+@dataclasses.dataclass
+class _HvgSlice:
+    """A full-gene predictor seen only on the HVG columns (for the fill study)."""
+
+    predictor: Predictor
+    hvg_cols_h: np.ndarray
+
+    def predict(self, perturbation: str, ctrl_ch: np.ndarray) -> np.ndarray:
+        # The wrapped baseline adds a mean effect per gene, so the HVG columns of its output
+        # depend only on the HVG columns of the input; fill the rest with zeros.
+        full_cg = np.zeros((len(ctrl_ch), len(self.predictor.gene_names)), dtype=np.float32)
+        full_cg[:, self.hvg_cols_h] = ctrl_ch
+        return self.predictor.predict(perturbation, full_cg)[:, self.hvg_cols_h]
+
+
+def _select(x_cg, labels_c, perts: set[str], control_label: str, gene_names):
+    keep = np.isin(labels_c, list(perts)) | (labels_c == control_label)
+    return _real_anndata(x_cg[np.flatnonzero(keep)], labels_c[keep], gene_names)
+
+
+def plot_metric_distributions(per_perturbation: pd.DataFrame, scenario: str):
+    """Per-perturbation DES, PDS and MAE of each predictor (one box per predictor)."""
+    from matplotlib.figure import Figure
+
+    table = per_perturbation[per_perturbation["scenario"] == scenario]
+    names = list(dict.fromkeys(table["predictor"]))
+    fig = Figure(figsize=(4 * 3, 0.45 * len(names) + 1.5))
+    for ax, metric in zip(fig.subplots(1, 3), ("des", "pds", "mae")):
+        ax.boxplot([table.loc[table["predictor"] == n, metric] for n in names], vert=False, tick_labels=names)
+        ax.set_title(metric)
+        ax.invert_yaxis()
+    fig.suptitle(f"{scenario}: per-perturbation metrics")
+    return fig
+
+
+def plot_effects(effects: dict[str, tuple[np.ndarray, np.ndarray]], scenario: str, top_genes: int = 20):
+    """Predicted vs true pseudobulk effect, per predictor, on each perturbation's `top_genes`
+    genes with the largest true |effect| (Pearson r over those points)."""
+    from matplotlib.figure import Figure
+
+    names = list(effects)
+    fig = Figure(figsize=(3.2 * len(names), 3.4))
+    axes = np.atleast_1d(fig.subplots(1, len(names), sharex=True, sharey=True))
+    for ax, name in zip(axes, names):
+        real_pg, pred_pg = effects[name]
+        top = np.argsort(-np.abs(real_pg), axis=1)[:, :top_genes]
+        x, y = np.take_along_axis(real_pg, top, 1).ravel(), np.take_along_axis(pred_pg, top, 1).ravel()
+        r = np.corrcoef(x, y)[0, 1] if x.std() > 0 and y.std() > 0 else float("nan")
+        ax.scatter(x, y, s=3, alpha=0.4)
+        lim = np.abs(x).max()
+        ax.plot([-lim, lim], [-lim, lim], color="grey", lw=0.5)
+        ax.set_title(f"{name}\nr = {r:.2f}", fontsize=8)
+        ax.set_xlabel("true effect (log1p)")
+    axes[0].set_ylabel("predicted effect")
+    fig.suptitle(f"{scenario}: top-{top_genes} genes per perturbation", y=1.1)
+    return fig
+
+
+def plot_scores(results: pd.DataFrame):
+    """Normalised score parts per predictor and scenario (0 = the cell-mean baseline)."""
+    from matplotlib.figure import Figure
+
+    scenarios = list(dict.fromkeys(results["scenario"]))
+    fig = Figure(figsize=(4.5 * len(scenarios), 3.5))
+    axes = np.atleast_1d(fig.subplots(1, len(scenarios), sharey=True))
+    parts = ("s_des", "s_pds", "s_mae", "score")
+    for ax, scenario in zip(axes, scenarios):
+        table = results[results["scenario"] == scenario]
+        x = np.arange(len(table))
+        for i, part in enumerate(parts):
+            ax.bar(x + (i - 1.5) * 0.2, table[part], width=0.2, label=part)
+        ax.set_xticks(x, table["predictor"], rotation=45, ha="right", fontsize=8)
+        ax.set_title(f"{scenario} (mode {table['mode'].iloc[0]})")
+    axes[0].set_ylabel("normalised vs cell_mean")
+    axes[0].legend(fontsize=7)
+    return fig
+
+
+# ==================================================================================================
+# submission: nb/07_submit.py
+# ==================================================================================================
+
+
+# A submission is an h5ad with obs `target_gene` (control cells included), every gene of
+# `gene_names.csv` in that order, log1p values, float32 CSR; `cell-eval prep` packs it as
+# a `.vcc` (a plain tar of `pred.h5ad.zst` and a watermark). The writer streams: cells
+# are predicted and written a chunk at a time, so memory never holds the full matrix
+# (the researcher saw 7 GB spikes materialising it).
+
+MAX_SUBMISSION_CELLS = 100_000
+"""Cell cap of the 2025 validation phase (200,000 later)."""
+
+
+def make_submission_obs(
+    pert_counts: "pd.DataFrame", n_control: int, control_label: str = "non-targeting"
+) -> "pd.DataFrame":
+    """obs of a submission: `n_cells` rows per requested perturbation, then the controls."""
+    import pandas as pd
+
+    labels = np.concatenate(
+        [np.repeat(pert_counts["target_gene"].to_numpy(str), pert_counts["n_cells"]), np.full(n_control, control_label)]
+    )
+    return pd.DataFrame({"target_gene": pd.Categorical(labels)}, index=np.arange(len(labels)).astype(str))
+
+
+def check_log1p_chunk(x_cg: np.ndarray, where: str) -> None:
+    """One clear error for values a scorer would reject or silently misread."""
+    if not np.all(np.isfinite(x_cg)):
+        raise ValueError(f"{where}: NaN or inf in predictions; check the model's output (clip, or fix a diverged run).")
+    if x_cg.size and x_cg.min() < 0:
+        raise ValueError(
+            f"{where}: negative values (min {x_cg.min():.3g}); predictions must be log1p(CP10K) >= 0: clip at 0."
+        )
+    if x_cg.size and x_cg.max() >= 15:
+        raise ValueError(
+            f"{where}: values >= 15 (max {x_cg.max():.3g}) look like raw counts or CP10K, not log1p: apply lib.normalise first."
+        )
+
+
+def write_submission(
+    path: str | os.PathLike,
+    *,
+    gene_names: list[str],
+    obs: "pd.DataFrame",
+    predict_chunk,
+    chunk_cells: int = 4_096,
+    max_cells: int = MAX_SUBMISSION_CELLS,
+    control_label: str = "non-targeting",
+) -> pathlib.Path:
+    """Validate and stream a submission h5ad to `path` (atomically).
+
+    `predict_chunk(start, stop)` returns the log1p rows `start:stop` of `obs`, all
+    genes in `gene_names` order. Checks: control cells present, no more than
+    `max_cells`, gene list unique, every chunk the right shape and in log1p range.
+    """
+    import pandas as pd
+
+    path = pathlib.Path(path)
+    if control_label not in set(obs["target_gene"]):
+        raise ValueError(
+            f"no control cells ({control_label!r}) in the submission: the scorer needs them; add them to obs."
+        )
+    if len(obs) > max_cells:
+        raise ValueError(f"{len(obs):,} cells exceed the limit of {max_cells:,}: request fewer cells per perturbation.")
+    if len(set(gene_names)) != len(gene_names):
+        raise ValueError("gene_names has duplicates: pass the gene_names.csv list unchanged.")
+    var = pd.DataFrame(index=pd.Index(gene_names, dtype=str))
+
+    def checked_chunk(start: int, stop: int) -> np.ndarray:
+        x_cg = np.asarray(predict_chunk(start, stop), dtype=np.float32)
+        if x_cg.shape != (stop - start, len(gene_names)):
+            raise ValueError(
+                f"cells {start}:{stop}: prediction has shape {x_cg.shape}, expected {(stop - start, len(gene_names))} "
+                "(cells × genes in gene_names.csv order)"
+            )
+        check_log1p_chunk(x_cg, f"cells {start}:{stop}")
+        return x_cg
+
+    write_h5ad_chunked(path, obs, var, checked_chunk, len(obs), chunk_cells, desc=f"writing {path.name}")
+    return path
+
+
+def pack_vcc(h5ad_path: str | os.PathLike, vcc_path: str | os.PathLike | None = None) -> pathlib.Path:
+    """Pack a submission h5ad as `cell-eval prep` does: tar of `pred.h5ad.zst` + `watermark.txt`.
+
+    Run `write_submission` first: it already writes prep's minimal float32 CSR layout.
+    Compresses with the zstandard library (streaming, so memory stays small) rather than
+    prep's `zstd` program, which a fresh machine may not have.
+    """
+    import tarfile
+    import tempfile
+
+    import zstandard
+
+    h5ad_path = pathlib.Path(h5ad_path)
+    vcc_path = pathlib.Path(vcc_path) if vcc_path else h5ad_path.with_suffix(".prep.vcc")
+    with tempfile.TemporaryDirectory() as tmp_dir:
+        tmp = pathlib.Path(tmp_dir)
+        with open(h5ad_path, "rb") as src, open(tmp / "pred.h5ad.zst", "wb") as dst:
+            zstandard.ZstdCompressor(level=3, threads=-1).copy_stream(src, dst)
+        (tmp / "watermark.txt").write_text("vcc-prep")
+        with atomic_path(vcc_path) as tmp_vcc, tarfile.open(tmp_vcc, "w", format=tarfile.GNU_FORMAT) as tar:
+            for name in ["pred.h5ad.zst", "watermark.txt"]:
+                tar.add(tmp / name, arcname=name)
+    return vcc_path
+
+
+@dataclasses.dataclass(frozen=True)
+class SubmitConfig(DataConfig):
+    """Flags of nb/07_submit.py: a predictor's submission, validated and packed as .vcc."""
+
+    split: typing.Literal["validation", "test"] = "validation"
+    """Which perturbations: pert_counts_Validation.csv or pert_counts_Test.csv."""
+    predictor: str = "linear"
+    """A baseline (control cell_mean pert_mean_transfer linear) or `model` (a checkpoint)."""
+    checkpoint: str = ""
+    """With --predictor model: the checkpoint directory; empty = the newest under <data_root>/checkpoints/."""
+    fill: typing.Literal["control", "mean"] = "control"
+    """How a model's non-HVG genes are filled (see nb/06_eval.py)."""
+    fixed_pseudobulk: bool = False
+    """Every predicted cell of a perturbation = that perturbation's mean predicted cell."""
+    n_control: int = 0
+    """Control cells in the submission (also the prediction inputs); 0 = every training control that fits under --max-cells."""
+    max_cells: int = MAX_SUBMISSION_CELLS
+    """Cell cap of the submission (100,000 in the 2025 validation phase)."""
+    seed: int = 0
+    """Seed of the control pool and of each perturbation's input cells."""
+    chunk_cells: int = 1_024
+    """Cells predicted and written at once (memory ~ 3 × chunk_cells × genes × 4 bytes)."""
+    score: bool = True
+    """On the synthetic world, score the submission against the synthetic truth."""
+    mode: typing.Literal["vcc2025", "current"] = "vcc2025"
+    """Scorer generation for that score."""
+    linear_components: int = 10
+    """K of the linear baseline."""
+    linear_ridge: float = 0.1
+    """λ of the linear baseline."""
+
+
+def get_submission_dir(data_root: str | os.PathLike | None, world: str) -> pathlib.Path:
+    return get_data_root(data_root) / "submissions" / world
+
+
+def check_submission_request(
+    predictor: Predictor, gene_names: list[str], pert_counts: pd.DataFrame, control_label: str = "non-targeting"
+) -> None:
+    """One clear error, before anything is written, for a request that cannot make a valid file."""
+    genes = list(predictor.gene_names)
+    if genes != list(gene_names):
+        if len(genes) == len(gene_names) and set(genes) == set(gene_names):
+            first = next(i for i, (a, b) in enumerate(zip(genes, gene_names)) if a != b)
+            raise ValueError(
+                f"gene-order trap: the predictor's genes are gene_names.csv in another order (column {first}: "
+                f"{genes[first]!r} instead of {gene_names[first]!r}); build it from gene_names.csv's order"
+            )
+        raise ValueError(
+            f"the predictor predicts {len(genes)} genes, gene_names.csv lists {len(gene_names)}: "
+            "predict every gene of gene_names.csv (an HVG model goes through HvgAdapter)"
+        )
+    perts = pert_counts["target_gene"].astype(str)
+    if perts.duplicated().any():
+        raise ValueError(
+            f"pert_counts lists {sorted(set(perts[perts.duplicated()]))[:5]} twice; one row per perturbation"
+        )
+    if (perts == control_label).any():
+        raise ValueError(f"pert_counts requests {control_label!r}: control cells are added separately, drop that row")
+    unknown = sorted(set(perts) - set(gene_names))
+    if unknown:
+        raise ValueError(
+            f"unknown perturbations {unknown[:5]}: a CRISPRi target must be a gene of gene_names.csv; "
+            "check pert_counts for typos or Ensembl ids instead of symbols"
+        )
+    n_cells = pd.to_numeric(pert_counts["n_cells"], errors="coerce")
+    if n_cells.isna().any() or (n_cells < 1).any() or (n_cells != n_cells.round()).any():
+        raise ValueError("pert_counts n_cells must be positive integers")
+
+
+def write_predictor_submission(
+    path: str | os.PathLike,
+    predictor: Predictor,
+    *,
+    gene_names: list[str],
+    pert_counts: pd.DataFrame,
+    pool: ControlPool,
+    n_control: int,
+    seed: int = 0,
+    fixed_pseudobulk: bool = False,
+    chunk_cells: int = 1_024,
+    max_cells: int = MAX_SUBMISSION_CELLS,
+    control_label: str = "non-targeting",
+) -> pathlib.Path:
+    """Stream `predictor`'s submission to `path` through write_submission: pert_counts' cells
+    per perturbation (inputs drawn from `pool`), then the first `n_control` pool cells as controls."""
+    check_submission_request(predictor, gene_names, pert_counts, control_label)
+    if pool.n_genes != len(gene_names):
+        raise ValueError(
+            f"the control pool has {pool.n_genes} genes, gene_names.csv {len(gene_names)}: rebuild the pool"
+        )
+    if not 0 < n_control <= pool.n_cells:
+        raise ValueError(f"n_control={n_control} must be in 1..{pool.n_cells} (the pool's cells)")
+    counts = list(zip(pert_counts["target_gene"].astype(str), pert_counts["n_cells"].astype(int)))
+    plan = make_prediction_plan(counts, pool.n_cells, np.arange(n_control), seed, control_label)
+    obs = make_submission_obs(pert_counts, n_control, control_label)
+    assert np.array_equal(obs["target_gene"].astype(str).to_numpy(), plan.labels_c.astype(str)), "plan and obs disagree"
+    predict_chunk = make_predict_chunk(
+        predictor, plan, pool, fixed_pseudobulk=fixed_pseudobulk, block_cells=chunk_cells, seed=seed
+    )
+    return write_submission(
+        path,
+        gene_names=gene_names,
+        obs=obs,
+        predict_chunk=predict_chunk,
+        chunk_cells=chunk_cells,
+        max_cells=max_cells,
+        control_label=control_label,
+    )
+
+
+def make_submission(cfg: SubmitConfig) -> dict[str, typing.Any]:
+    """07 submit: predictor -> validated submission h5ad -> .vcc; on the synthetic world also
+    scored against the truth (normalised against cell_mean built the same way)."""
+    files = get_target_files(cfg.data_root, cfg.world)
+    spec = files.spec
+    gene_names = read_gene_names(files.gene_names_path)
+    pert_counts = read_pert_counts(files.pert_counts_paths[cfg.split])
+    names = (*BASELINES, "model")
+    if cfg.predictor not in names:
+        raise ValueError(f"--predictor {cfg.predictor!r}; use one of {names}")
+    with open_h5ad_backed(files.training_path) as (obs, var, _x):
+        labels_c = obs[spec.perturbation_key].astype(str).to_numpy()
+        cell_ids_c = obs.index.astype(str).to_numpy()
+    is_ctrl_c = labels_c == spec.control_label
+    n_budget = cfg.max_cells - int(pert_counts["n_cells"].sum())
+    n_control = cfg.n_control or min(int(is_ctrl_c.sum()), n_budget)
+    if n_control < 1:
+        raise ValueError(
+            f"pert_counts asks for {int(pert_counts['n_cells'].sum()):,} cells: no room for controls under --max-cells {cfg.max_cells:,}"
+        )
+
+    out_dir = get_submission_dir(cfg.data_root, cfg.world)
+    pools = get_control_pools(
+        out_dir / f"control_pool_seed{cfg.seed}_n{n_control}.csv",
+        cell_ids_c[is_ctrl_c],
+        {POOL_PRED: n_control},
+        cfg.seed,
+    )
+    row_of_id = pd.Series(np.arange(len(cell_ids_c)), index=cell_ids_c)
+    perts = sorted(set(labels_c[~is_ctrl_c]))
+    group_labels = [*perts, "control"]
+    k_of = {g: k for k, g in enumerate(group_labels)}
+    group_c = np.array(
+        [k_of.get(label, k_of["control"]) if not c else k_of["control"] for label, c in zip(labels_c, is_ctrl_c)]
+    )
+    pool_path = out_dir / f"control_pool_seed{cfg.seed}_n{n_control}_x.npy"
+    scan = scan_h5ad(
+        files.training_path,
+        counts=spec.counts,
+        group_c=group_c,
+        n_groups=len(group_labels),
+        pool_rows_c=row_of_id[pools["cell_id"]].to_numpy(),
+        pool_path=pool_path,
+        chunk_cells=cfg.chunk_cells,
+    )
+    pool = ControlPool(pool_path)
+    fit = make_fit_data(gene_names, group_labels, scan.sum_kg, scan.n_k, perts, ["control"])
+
+    store = target_genes = None
+    if cfg.predictor in ("pert_mean_transfer", "model"):
+        store = load_store(cfg.data_root, cfg.world)
+        target_genes = get_target_gene_table(store, spec.name, gene_names)
+    if cfg.predictor == "model":
+        checkpoint = pathlib.Path(cfg.checkpoint) if cfg.checkpoint else get_latest_checkpoint(cfg.data_root)
+        if checkpoint is None:
+            raise FileNotFoundError(
+                f"no checkpoint under {get_data_root(cfg.data_root) / 'checkpoints'}: train with nb/05_train.py or pass --checkpoint"
+            )
+        predictor, name = make_model_predictor(checkpoint, store, target_genes, cfg.fill), "model"
+    else:
+        predictor, name = (
+            make_baseline(
+                cfg.predictor,
+                fit,
+                store=store,
+                target=spec.name,
+                target_genes=target_genes,
+                n_components=cfg.linear_components,
+                ridge=cfg.linear_ridge,
+            ),
+            cfg.predictor,
+        )
+    name = f"{name}{'_pseudobulk' if cfg.fixed_pseudobulk else ''}_{cfg.split}"
+    h5ad_path = write_predictor_submission(
+        out_dir / f"{name}.h5ad",
+        predictor,
+        gene_names=gene_names,
+        pert_counts=pert_counts,
+        pool=pool,
+        n_control=n_control,
+        seed=cfg.seed,
+        fixed_pseudobulk=cfg.fixed_pseudobulk,
+        chunk_cells=cfg.chunk_cells,
+        max_cells=cfg.max_cells,
+        control_label=spec.control_label,
+    )
+    vcc_path = pack_vcc(h5ad_path)
+    out = {"h5ad": h5ad_path, "vcc": vcc_path, "n_control": n_control, "score": None}
+    if cfg.score and cfg.split in files.truth_paths:
+        out["score"] = score_submission(
+            h5ad_path, files.truth_paths[cfg.split], spec, gene_names, fit, pool, n_control, cfg
+        )
+    return out
+
+
+def score_submission(
+    h5ad_path, truth_path, spec, gene_names, fit: FitData, pool: ControlPool, n_control: int, cfg: SubmitConfig
+) -> dict[str, typing.Any]:
+    """Score a written submission against a truth file (synthetic world), and the cell-mean
+    baseline built from the same training data and control cells; both with score."""
+    import anndata
+
+    with open_h5ad_backed(truth_path) as (obs, _var, _x):
+        labels_c = obs[spec.perturbation_key].astype(str).to_numpy()
+    scan = scan_h5ad(
+        truth_path,
+        counts=spec.counts,
+        group_c=np.full(len(labels_c), -1),
+        n_groups=0,
+        collect_rows_c=np.arange(len(labels_c)),
+        chunk_cells=cfg.chunk_cells,
+    )
+    real = _real_anndata(scan.collected_cg, labels_c, gene_names)
+    pred = anndata.read_h5ad(h5ad_path)
+    result = score(real, pred, mode=cfg.mode, control_label=spec.control_label)
+    labels = np.asarray(pred.obs["target_gene"], dtype=str)
+    perts, counts = np.unique(labels[labels != spec.control_label], return_counts=True)
+    plan = make_prediction_plan(
+        list(zip(perts, counts)), pool.n_cells, np.arange(n_control), cfg.seed, spec.control_label
+    )
+    baseline = make_prediction_anndata(ConstantPredictor(gene_names, make_cell_mean_vector(fit)), plan, pool)
+    baseline_result = score(real, baseline, mode=cfg.mode, real_de=result["real_de"], control_label=spec.control_label)
+    return {"result": result, "baseline": baseline_result, "normalised": normalised_score(result, baseline_result)}

@@ -14,11 +14,9 @@ process, as they are after the first minutes of training. The store must exist (
 import argparse
 import pathlib
 import statistics
-import sys
 import time
 
 import numpy as np
-
 
 
 def load_avg() -> str:
@@ -49,8 +47,12 @@ def main(argv=None) -> None:
 
     store = lib.load_store(args.data_root or None, args.world)
     vocab = lib.make_vocab(store.index)
-    loader_cfg = lib.LoaderConfig(set_size=args.set_size, sets_per_batch=args.sets_per_batch, worker_count=args.worker_count,
-                                  prefetch_batches=args.prefetch_batches)
+    loader_cfg = lib.LoaderConfig(
+        set_size=args.set_size,
+        sets_per_batch=args.sets_per_batch,
+        worker_count=args.worker_count,
+        prefetch_batches=args.prefetch_batches,
+    )
     dataset, examples = lib.make_loader(store, loader_cfg, vocab=vocab)
     iterator = lib.iter_batches(dataset, loader_cfg)
     # In memory: the whole matrix as one numpy array and the same sampling rule (uniform rows of
@@ -62,10 +64,17 @@ def main(argv=None) -> None:
 
     def memory_batch():
         ks = rng.integers(len(rows_k2), size=args.sets_per_batch)
+
         def draw(a, b):
             return np.sort(rng.choice(b - a, args.set_size, replace=b - a < args.set_size)) + a
-        return {"ctrl_bsg": np.stack([x_cg[draw(*ctrl_k2[k])] for k in ks]), "pert_bsg": np.stack([x_cg[draw(*rows_k2[k])] for k in ks]),
-                "pert_id_b": vocab.ids(examples["perturbation"].to_numpy()[ks], is_control=examples["is_control"].to_numpy()[ks])}
+
+        return {
+            "ctrl_bsg": np.stack([x_cg[draw(*ctrl_k2[k])] for k in ks]),
+            "pert_bsg": np.stack([x_cg[draw(*rows_k2[k])] for k in ks]),
+            "pert_id_b": vocab.ids(
+                examples["perturbation"].to_numpy()[ks], is_control=examples["is_control"].to_numpy()[ks]
+            ),
+        }
 
     print(f"store {store.x_cg.shape}, B={args.sets_per_batch} S={args.set_size}; loadavg before: {load_avg()}")
     for _ in range(args.warm_batches):
@@ -83,7 +92,9 @@ def main(argv=None) -> None:
         memory_rate.append(args.batches * args.sets_per_batch / (time.perf_counter() - t))
     print(summary("loader (store memmap, grain)", loader_rate, "sets/s"))
     print(summary("in-memory numpy gather     ", memory_rate, "sets/s"))
-    print(f"ratio loader / memory (medians): {statistics.median(loader_rate) / statistics.median(memory_rate):.2f}; loadavg: {load_avg()}")
+    print(
+        f"ratio loader / memory (medians): {statistics.median(loader_rate) / statistics.median(memory_rate):.2f}; loadavg: {load_avg()}"
+    )
 
     # A train step (the defaults' model) fed by the loader vs fed from batches held in memory.
     cfg = lib.TrainConfig(set_size=args.set_size, sets_per_batch=args.sets_per_batch)
@@ -99,8 +110,18 @@ def main(argv=None) -> None:
         nonlocal model, opt_state
         pert_bf = features.get_target(batch["pert_id_b"])
         model, opt_state, metrics = lib.train_step(
-            model, opt_state, optimizer, jnp.asarray(batch["ctrl_bsg"]), jnp.asarray(pert_bf), jnp.asarray(batch["pert_bsg"]),
-            jnp.asarray(batch["pert_id_b"] != 0), oov_f, dropout, jax.random.key(i), loss_cfg)
+            model,
+            opt_state,
+            optimizer,
+            jnp.asarray(batch["ctrl_bsg"]),
+            jnp.asarray(pert_bf),
+            jnp.asarray(batch["pert_bsg"]),
+            jnp.asarray(batch["pert_id_b"] != 0),
+            oov_f,
+            dropout,
+            jax.random.key(i),
+            loss_cfg,
+        )
         return metrics
 
     jax.block_until_ready(step(in_memory[0], 0))  # compile
@@ -118,7 +139,9 @@ def main(argv=None) -> None:
         memory.append((time.perf_counter() - t) / args.batches * 1e3)
     print(summary("train step fed by the loader", fed, "ms"))
     print(summary("train step, in-memory batch ", memory, "ms"))
-    print(f"ratio loader-fed / in-memory (medians): {statistics.median(fed) / statistics.median(memory):.3f}; loadavg after: {load_avg()}")
+    print(
+        f"ratio loader-fed / in-memory (medians): {statistics.median(fed) / statistics.median(memory):.3f}; loadavg after: {load_avg()}"
+    )
 
 
 if __name__ == "__main__":

@@ -19,14 +19,14 @@ import os
 import pathlib
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 
 import numpy as np
 
-REPO_DIR = pathlib.Path(__file__).resolve().parents[1]
 import lib
+
+REPO_DIR = pathlib.Path(__file__).resolve().parents[1]
 
 REFERENCE_ENVS = {
     "vcc2025": ["--with", "cell-eval==0.6.6", "--with", "pdex==0.1.26", "--with", "scipy<1.16"],
@@ -43,9 +43,15 @@ def make_pair(n_genes: int, n_perts: int, n_cells: int, n_control: int, seed: in
     genes = np.array([f"G{i:05d}" for i in range(n_genes)])
     base_mu = rng.lognormal(-0.5, 1.5, n_genes).astype(np.float32)
     # Perturbations named after measured genes when there are enough (PDS excludes the target gene).
-    perts = genes[rng.choice(n_genes, n_perts, replace=False)] if n_genes >= n_perts else np.array([f"P{i:03d}" for i in range(n_perts)])
+    perts = (
+        genes[rng.choice(n_genes, n_perts, replace=False)]
+        if n_genes >= n_perts
+        else np.array([f"P{i:03d}" for i in range(n_perts)])
+    )
     labels = np.concatenate([["non-targeting"] * n_control, np.repeat(perts, n_cells)])
-    effect_pg = np.where(rng.random((n_perts, n_genes)) < 0.05, rng.normal(0, 1, (n_perts, n_genes)), 0).astype(np.float32)
+    effect_pg = np.where(rng.random((n_perts, n_genes)) < 0.05, rng.normal(0, 1, (n_perts, n_genes)), 0).astype(
+        np.float32
+    )
 
     # row k of fold_kg: the multiplicative effect of group k (last row: control, no effect)
     order = np.argsort(perts)
@@ -69,8 +75,21 @@ def make_pair(n_genes: int, n_perts: int, n_cells: int, n_control: int, seed: in
 
 def run_reference(mode: str, real_path, pred_path, threads: int, work: pathlib.Path) -> dict:
     out = work / f"ref_{mode}.json"
-    cmd = ["uv", "run", "--no-project", "--python", "3.11", *REFERENCE_ENVS[mode], "python",
-           str(REPO_DIR / "tests" / "cell_eval_reference.py"), "time", str(real_path), str(pred_path), str(out), str(threads)]
+    cmd = [
+        "uv",
+        "run",
+        "--no-project",
+        "--python",
+        "3.11",
+        *REFERENCE_ENVS[mode],
+        "python",
+        str(REPO_DIR / "tests" / "cell_eval_reference.py"),
+        "time",
+        str(real_path),
+        str(pred_path),
+        str(out),
+        str(threads),
+    ]
     env = {**os.environ, "NUMBA_NUM_THREADS": str(threads), "OMP_NUM_THREADS": str(threads)}
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     return json.loads(out.read_text())
@@ -90,8 +109,10 @@ def main() -> None:
     t0 = time.perf_counter()
     real, pred = make_pair(args.genes, args.perts, args.cells_per_pert, args.control)
     n_cells = real.n_obs
-    print(f"data: {args.perts} perts x {args.cells_per_pert} cells + {args.control} control = {n_cells} cells, "
-          f"{args.genes} genes, float32, {real.X.size * 4 * 2 / 1e9:.1f} GB for both ({time.perf_counter() - t0:.0f} s to make)")
+    print(
+        f"data: {args.perts} perts x {args.cells_per_pert} cells + {args.control} control = {n_cells} cells, "
+        f"{args.genes} genes, float32, {real.X.size * 4 * 2 / 1e9:.1f} GB for both ({time.perf_counter() - t0:.0f} s to make)"
+    )
     print(f"load: {open('/proc/loadavg').read().split()[:3]} (2 cores shared: compare within one run)")
     work = pathlib.Path(tempfile.mkdtemp(prefix="bench_metrics_"))
     try:
@@ -110,9 +131,11 @@ def main() -> None:
                     name: max(abs(table.loc[p, name] - v) for p, v in ref["pred"][their].items())
                     for name, their in (("des", "overlap_at_N"), ("pds", "discrimination_score_l1"), ("mae", "mae"))
                 }
-                line += (f" | cell-eval {ref['versions']['cell-eval']} {ref['seconds']:8.1f} s"
-                         f" | ratio {ref['seconds'] / ours_s:6.1f}x | max |diff| "
-                         + " ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+                line += (
+                    f" | cell-eval {ref['versions']['cell-eval']} {ref['seconds']:8.1f} s"
+                    f" | ratio {ref['seconds'] / ours_s:6.1f}x | max |diff| "
+                    + " ".join(f"{k} {v:.1e}" for k, v in diffs.items())
+                )
             line += f" | des {ours['des']:.4f} pds {ours['pds']:.4f} mae {ours['mae']:.5f}"
             print(line, flush=True)
     finally:

@@ -12,10 +12,8 @@ Goal: writing peak ≤ 1 GB.
 import argparse
 import pathlib
 import resource
-import sys
 import tempfile
 import time
-
 
 
 def peak_rss_mb() -> float:
@@ -46,7 +44,9 @@ def main():
         with open(pool_path, "r+b") as fh:
             for start in range(0, args.pool, 256):
                 n = min(256, args.pool - start)
-                block = (rng.random((n, args.genes), dtype=np.float32) < args.density) * rng.uniform(0.5, 4, (n, args.genes)).astype(np.float32)
+                block = (rng.random((n, args.genes), dtype=np.float32) < args.density) * rng.uniform(
+                    0.5, 4, (n, args.genes)
+                ).astype(np.float32)
                 fh.seek(offset + start * args.genes * 4)
                 fh.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
         del block
@@ -61,21 +61,34 @@ def main():
         predictor = lib.EffectPredictor(genes, lambda p: effect_g)
         rss_before = peak_rss_mb()
         t0 = time.perf_counter()
-        h5ad = lib.write_predictor_submission(tmp / "sub.h5ad", predictor, gene_names=genes, pert_counts=pert_counts,
-                                             pool=lib.ControlPool(pool_path), n_control=n_control, chunk_cells=args.chunk_cells,
-                                             max_cells=max(args.cells, lib.MAX_SUBMISSION_CELLS))
+        h5ad = lib.write_predictor_submission(
+            tmp / "sub.h5ad",
+            predictor,
+            gene_names=genes,
+            pert_counts=pert_counts,
+            pool=lib.ControlPool(pool_path),
+            n_control=n_control,
+            chunk_cells=args.chunk_cells,
+            max_cells=max(args.cells, lib.MAX_SUBMISSION_CELLS),
+        )
         t_write = time.perf_counter() - t0
         rss_write = peak_rss_mb()
         t0 = time.perf_counter()
         vcc = lib.pack_vcc(h5ad)
         t_pack = time.perf_counter() - t0
         rss_pack = peak_rss_mb()
-        print(f"cells {args.cells:,} × genes {args.genes:,} (pool {args.pool:,}, chunk {args.chunk_cells:,}, density {args.density})")
-        print(f"h5ad {h5ad.stat().st_size / 1e9:.2f} GB in {t_write:.0f} s; .vcc {vcc.stat().st_size / 1e9:.2f} GB in {t_pack:.0f} s")
+        print(
+            f"cells {args.cells:,} × genes {args.genes:,} (pool {args.pool:,}, chunk {args.chunk_cells:,}, density {args.density})"
+        )
+        print(
+            f"h5ad {h5ad.stat().st_size / 1e9:.2f} GB in {t_write:.0f} s; .vcc {vcc.stat().st_size / 1e9:.2f} GB in {t_pack:.0f} s"
+        )
         print(f"peak RSS after import lib : {rss_import:8.0f} MB")
         print(f"peak RSS before writing   : {rss_before:8.0f} MB")
-        print(f"peak RSS after writing    : {rss_write:8.0f} MB  (ratio to import {rss_write / rss_import:.2f}; goal ≤ 1024 MB: "
-              f"{'met' if rss_write <= 1024 else 'NOT met'})")
+        print(
+            f"peak RSS after writing    : {rss_write:8.0f} MB  (ratio to import {rss_write / rss_import:.2f}; goal ≤ 1024 MB: "
+            f"{'met' if rss_write <= 1024 else 'NOT met'})"
+        )
         print(f"peak RSS after packing    : {rss_pack:8.0f} MB")
 
 

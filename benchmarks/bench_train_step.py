@@ -21,7 +21,6 @@ import os
 import pathlib
 import statistics
 import subprocess
-import sys
 import time
 
 REPO_DIR = pathlib.Path(__file__).resolve().parent.parent
@@ -159,10 +158,22 @@ def bench_state(args) -> dict:
 
 
 def run_state_subprocess(args) -> dict:
-    flags = [f"--steps={args.steps}", f"--warmup={args.warmup}", f"--set-size={args.set_size}", f"--batch={args.batch}",
-             f"--genes={args.genes}", f"--pert-features={args.pert_features}", f"--threads={args.threads}"]
-    out = subprocess.run([args.state_python, __file__, "--engine", "state", *flags],
-                         check=True, capture_output=True, text=True, env={**os.environ, "PYTHONWARNINGS": "ignore"})
+    flags = [
+        f"--steps={args.steps}",
+        f"--warmup={args.warmup}",
+        f"--set-size={args.set_size}",
+        f"--batch={args.batch}",
+        f"--genes={args.genes}",
+        f"--pert-features={args.pert_features}",
+        f"--threads={args.threads}",
+    ]
+    out = subprocess.run(
+        [args.state_python, __file__, "--engine", "state", *flags],
+        check=True,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONWARNINGS": "ignore"},
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 

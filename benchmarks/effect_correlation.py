@@ -31,7 +31,9 @@ def main(argv=None) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # "not in the vocabulary" never happens for the split's own perturbations
         predictor = lib.load_model_predictor(lib.get_data_root(args.data_root or None) / "checkpoints" / args.run)
-    assert predictor.genes["ensembl_id"].tolist() == store.genes["ensembl_id"].tolist(), "checkpoint and store genes differ"
+    assert predictor.genes["ensembl_id"].tolist() == store.genes["ensembl_id"].tolist(), (
+        "checkpoint and store genes differ"
+    )
     index = store.index[store.index["dataset"] == store.datasets[0]]
 
     def pseudobulk(groups) -> np.ndarray:
@@ -44,10 +46,20 @@ def main(argv=None) -> None:
     for part, perts in split.items():
         perts = perts[: args.max_perts]
         pred = {p: predictor.predict(p, predictor.control_pool_cg).mean(0) for p in perts}
-        mae = {name: np.mean([np.abs(guess(p) - real[p]).mean() for p in perts]) for name, guess in
-               [("control", lambda p: control_g), ("cell_mean", lambda p: mean_effect_g), ("model", lambda p: pred[p])]}
+        mae = {
+            name: np.mean([np.abs(guess(p) - real[p]).mean() for p in perts])
+            for name, guess in [
+                ("control", lambda p: control_g),
+                ("cell_mean", lambda p: mean_effect_g),
+                ("model", lambda p: pred[p]),
+            ]
+        }
         corr = np.mean([np.corrcoef(pred[p] - control_g, real[p] - control_g)[0, 1] for p in perts])
-        print(f"{part}: {len(perts)} perts, MAE " + ", ".join(f"{k} {v:.4f}" for k, v in mae.items()) + f"; effect correlation {corr:.3f}")
+        print(
+            f"{part}: {len(perts)} perts, MAE "
+            + ", ".join(f"{k} {v:.4f}" for k, v in mae.items())
+            + f"; effect correlation {corr:.3f}"
+        )
     model = predictor.model
     if model.effect_gain_g is not None:
         gain = np.percentile(np.asarray(model.effect_gain_g), [10, 50, 90])

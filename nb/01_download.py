@@ -40,7 +40,9 @@ def _():
 def _():
     import lib  # the project's one shared module (installed editable by uv)
 
-    cfg = lib.parse_config(lib.DownloadConfig, description="01 download: write the synthetic world or fetch the real sources")
+    cfg = lib.parse_config(
+        lib.DownloadConfig, description="01 download: write the synthetic world or fetch the real sources"
+    )
     data_root = lib.get_data_root(cfg.data_root or None)
     return cfg, data_root, lib
 

@@ -5,7 +5,7 @@ app = marimo.App(width="medium")
 
 
 @app.cell
-def _():
+def _(lib):
     import marimo as mo
 
     mo.md(
@@ -48,7 +48,7 @@ def _():
 
 
 @app.cell
-def _(out_dir):
+def _(lib, out_dir):
     def save_figure(fig, name):
         """PNG under figures/02_eda/ (also in the editor, so what you see is what is on disk)."""
         lib.write_figure(fig, out_dir / f"{name}.png")
@@ -106,7 +106,7 @@ def _(mo):
 
 
 @app.cell
-def _(edas, save_table):
+def _(edas, lib, save_table):
     summary = save_table(lib.get_summary_table(edas), "summary")
     print(summary.to_string(index=False))
     summary
@@ -134,16 +134,28 @@ def _(Figure, colors, edas, np, save_figure, use_plain_log_ticks):
             lo = max(1.0, min(np.nanmin(e.umis_c[e.umis_c > 0]) for e in finite))
             bins = np.geomspace(lo, max(np.nanmax(e.umis_c) for e in finite), 60)
             for e in finite:
-                ax_umi.hist(e.umis_c, bins=bins, histtype="step", lw=1.5, color=colors[e.spec.name],
-                            label=f"{e.spec.name} (median {np.nanmedian(e.umis_c):,.0f})")
+                ax_umi.hist(
+                    e.umis_c,
+                    bins=bins,
+                    histtype="step",
+                    lw=1.5,
+                    color=colors[e.spec.name],
+                    label=f"{e.spec.name} (median {np.nanmedian(e.umis_c):,.0f})",
+                )
             ax_umi.set_xscale("log")
             use_plain_log_ticks(ax_umi.xaxis)
         ax_umi.set(xlabel="UMIs per cell (log scale)", ylabel="cells", title="Total UMIs per cell")
         ax_umi.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
         bins = np.linspace(0, max(e.genes_c.max() for e in edas), 60)
         for e in edas:
-            ax_genes.hist(e.genes_c, bins=bins, histtype="step", lw=1.5, color=colors[e.spec.name],
-                          label=f"{e.spec.name} (median {np.median(e.genes_c):,.0f} of {e.n_genes:,})")
+            ax_genes.hist(
+                e.genes_c,
+                bins=bins,
+                histtype="step",
+                lw=1.5,
+                color=colors[e.spec.name],
+                label=f"{e.spec.name} (median {np.median(e.genes_c):,.0f} of {e.n_genes:,})",
+            )
         ax_genes.set(xlabel="genes detected per cell (count > 0)", ylabel="cells", title="Detected genes per cell")
         ax_genes.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
         return save_figure(fig, "depth_per_cell")
@@ -164,7 +176,7 @@ def _(mo):
 
 
 @app.cell
-def _(Figure, colors, edas, np, save_figure, use_plain_log_ticks):
+def _(Figure, colors, edas, lib, np, save_figure, use_plain_log_ticks):
     def _plot():
         fig = Figure(figsize=(7, 3.8))
         ax = fig.subplots()
@@ -174,8 +186,14 @@ def _(Figure, colors, edas, np, save_figure, use_plain_log_ticks):
         bins = np.unique(np.round(np.geomspace(1, top * 1.1, 40))) + 0.5
         for e in edas:
             n_ctrl = e.n_cells_k[e.group_index(lib.CONTROL_GROUP)]
-            ax.hist(cells_p[e.spec.name], bins=bins, histtype="step", lw=1.5, color=colors[e.spec.name],
-                    label=f"{e.spec.name}: {len(cells_p[e.spec.name])} perts, {n_ctrl:,} controls")
+            ax.hist(
+                cells_p[e.spec.name],
+                bins=bins,
+                histtype="step",
+                lw=1.5,
+                color=colors[e.spec.name],
+                label=f"{e.spec.name}: {len(cells_p[e.spec.name])} perts, {n_ctrl:,} controls",
+            )
         ax.set_xscale("log")
         use_plain_log_ticks(ax.xaxis)
         ax.set(xlabel="cells per perturbation (log scale)", ylabel="perturbations", title="Cells per perturbation")
@@ -201,7 +219,7 @@ def _(mo):
 
 
 @app.cell
-def _(edas, pd, save_table):
+def _(edas, lib, pd, save_table):
     knockdown = save_table(pd.concat([lib.get_knockdown_table(e) for e in edas], ignore_index=True), "knockdown")
     knockdown_summary = knockdown.groupby("dataset", sort=False).agg(
         perturbations=("perturbation", "size"),
@@ -227,19 +245,31 @@ def _(Figure, colors, edas, knockdown, np, save_figure):
         bins = np.linspace(0, max(1.5, min(finite.fraction_remaining.quantile(0.99), 3.0)), 40)
         for e in edas:
             rows = finite[finite.dataset == e.spec.name]
-            ax_hist.hist(rows.fraction_remaining.clip(upper=bins[-1]), bins=bins, histtype="step", lw=1.5,
-                         color=colors[e.spec.name],
-                         label=f"{e.spec.name} ({len(rows)} of {len(e.perturbations)} targets measured)")
-            ax_expr.scatter(rows.ctrl_log1p, rows.fraction_remaining, s=8, alpha=0.6, color=colors[e.spec.name],
-                            label=e.spec.name)
+            ax_hist.hist(
+                rows.fraction_remaining.clip(upper=bins[-1]),
+                bins=bins,
+                histtype="step",
+                lw=1.5,
+                color=colors[e.spec.name],
+                label=f"{e.spec.name} ({len(rows)} of {len(e.perturbations)} targets measured)",
+            )
+            ax_expr.scatter(
+                rows.ctrl_log1p, rows.fraction_remaining, s=8, alpha=0.6, color=colors[e.spec.name], label=e.spec.name
+            )
         for ax in (ax_hist, ax_expr):
             (ax.axvline if ax is ax_hist else ax.axhline)(1.0, color="black", lw=0.8, ls="--")
-        ax_hist.set(xlabel=f"fraction of target expression remaining (1 = none; > {bins[-1]:.1f} in last bin)",
-                    ylabel="perturbations",
-                    title="Knockdown efficiency of each target")
+        ax_hist.set(
+            xlabel=f"fraction of target expression remaining (1 = none; > {bins[-1]:.1f} in last bin)",
+            ylabel="perturbations",
+            title="Knockdown efficiency of each target",
+        )
         ax_hist.legend(fontsize=8, frameon=False)
-        ax_expr.set(xlabel="target's mean log1p CP10K in control cells", ylabel="fraction remaining",
-                    title="Knockdown vs target expression", ylim=(0, bins[-1]))
+        ax_expr.set(
+            xlabel="target's mean log1p CP10K in control cells",
+            ylabel="fraction remaining",
+            title="Knockdown vs target expression",
+            ylim=(0, bins[-1]),
+        )
         ax_expr.legend(fontsize=8, frameon=False, markerscale=2)
         return save_figure(fig, "knockdown_efficiency")
 
@@ -264,7 +294,7 @@ def _(cfg, mo):
 
 
 @app.cell
-def _(cfg, edas, pd, save_table):
+def _(cfg, edas, lib, pd, save_table):
     effect_sizes = save_table(
         pd.concat([lib.get_effect_size_table(e, cfg.effect_threshold) for e in edas], ignore_index=True), "effect_sizes"
     )
@@ -282,18 +312,35 @@ def _(Figure, cfg, colors, edas, effect_sizes, np, save_figure, use_plain_log_ti
         fig = Figure(figsize=(11, 4.2))
         axes = fig.subplots(1, 2)
         rng = np.random.default_rng(0)  # jitter only
-        columns = [("l2", "L2 norm of effect (log1p units)", "Effect size per perturbation"),
-                   ("n_genes_above", f"genes with |effect| > {cfg.effect_threshold}", "Genes moved per perturbation")]
+        columns = [
+            ("l2", "L2 norm of effect (log1p units)", "Effect size per perturbation"),
+            ("n_genes_above", f"genes with |effect| > {cfg.effect_threshold}", "Genes moved per perturbation"),
+        ]
         for ax, (column, label, title) in zip(axes, columns):
             for i, e in enumerate(edas):
                 rows = effect_sizes[effect_sizes.dataset == e.spec.name]
                 perts, nulls = rows[~rows.is_null], rows[rows.is_null]
-                ax.scatter(i + rng.uniform(-0.3, 0.1, len(perts)), perts[column], s=7, alpha=0.5, color=colors[e.spec.name])
-                ax.scatter(i + rng.uniform(0.15, 0.35, len(nulls)), nulls[column], s=14, marker="x", color="0.45",
-                           label="null groups (control cells)" if i == 0 else None)
+                ax.scatter(
+                    i + rng.uniform(-0.3, 0.1, len(perts)), perts[column], s=7, alpha=0.5, color=colors[e.spec.name]
+                )
+                ax.scatter(
+                    i + rng.uniform(0.15, 0.35, len(nulls)),
+                    nulls[column],
+                    s=14,
+                    marker="x",
+                    color="0.45",
+                    label="null groups (control cells)" if i == 0 else None,
+                )
                 if len(nulls):
-                    ax.hlines(nulls[column].quantile(0.95), i - 0.35, i + 0.4, color="black", ls="--", lw=1,
-                              label="null 95th percentile" if i == 0 else None)
+                    ax.hlines(
+                        nulls[column].quantile(0.95),
+                        i - 0.35,
+                        i + 0.4,
+                        color="black",
+                        ls="--",
+                        lw=1,
+                        label="null 95th percentile" if i == 0 else None,
+                    )
             ax.set_xticks(range(len(edas)), [e.spec.name for e in edas], rotation=20, ha="right")
             if column == "l2":
                 ax.set_yscale("log")
@@ -323,7 +370,7 @@ def _(mo):
 
 
 @app.cell
-def _(edas):
+def _(edas, lib):
     pert_overlap = lib.get_perturbation_overlap(edas)
     gene_overlap, gene_matched_on = lib.get_gene_overlap(edas)
     print("perturbations shared:\n" + pert_overlap.to_string())
@@ -337,8 +384,10 @@ def _(Figure, gene_matched_on, gene_overlap, np, pert_overlap, save_figure):
         n = len(pert_overlap)
         fig = Figure(figsize=(5.2 * 2 + 1, 0.9 * n + 2.4))
         axes = fig.subplots(1, 2)
-        panels = [(pert_overlap, None, "Perturbations shared (by symbol)", "Blues"),
-                  (gene_overlap, gene_matched_on, "Genes shared (by Ensembl id; sym = by symbol)", "Greens")]
+        panels = [
+            (pert_overlap, None, "Perturbations shared (by symbol)", "Blues"),
+            (gene_overlap, gene_matched_on, "Genes shared (by Ensembl id; sym = by symbol)", "Greens"),
+        ]
         for ax, (table, matched_on, title, cmap) in zip(axes, panels):
             values = table.to_numpy()
             image = ax.imshow(values, cmap=cmap, vmin=0, vmax=values.max())
@@ -379,10 +428,12 @@ def _(cfg, mo):
 
 
 @app.cell
-def _(cfg, edas):
+def _(cfg, edas, lib):
     pca_rows, pca_explained, n_shared_genes = lib.get_effect_pca(edas, cfg.pca_min_cells)
-    print(f"PCA on {n_shared_genes} shared genes, {len(pca_rows)} (dataset, perturbation) effects; "
-          f"explained variance {pca_explained.round(3)}")
+    print(
+        f"PCA on {n_shared_genes} shared genes, {len(pca_rows)} (dataset, perturbation) effects; "
+        f"explained variance {pca_explained.round(3)}"
+    )
     return n_shared_genes, pca_explained, pca_rows
 
 
@@ -400,14 +451,25 @@ def _(Figure, colors, edas, n_shared_genes, pca_explained, pca_rows, save_figure
                         ax.plot([x0, x], [y0, y], color="0.55", lw=0.6, alpha=0.7, zorder=1)
             for e in edas:
                 rows = pca_rows[pca_rows.dataset == e.spec.name]
-                ax.scatter(rows.pc1, rows.pc2, s=14, alpha=0.8, color=colors[e.spec.name],
-                           label=f"{e.spec.name} ({len(rows)} perts)", zorder=2, edgecolor="none")
+                ax.scatter(
+                    rows.pc1,
+                    rows.pc2,
+                    s=14,
+                    alpha=0.8,
+                    color=colors[e.spec.name],
+                    label=f"{e.spec.name} ({len(rows)} perts)",
+                    zorder=2,
+                    edgecolor="none",
+                )
             ax.set(xlabel=f"PC1 ({pca_explained[0]:.1%} of variance)", ylabel=f"PC2 ({pca_explained[1]:.1%})")
         # Most effects are weak and crowd the origin: the right panel zooms to the central 90%.
         lo, hi = pca_rows[["pc1", "pc2"]].quantile(0.05), pca_rows[["pc1", "pc2"]].quantile(0.95)
         pad = 0.15 * (hi - lo)
-        ax_zoom.set(xlim=(lo.pc1 - pad.pc1, hi.pc1 + pad.pc1), ylim=(lo.pc2 - pad.pc2, hi.pc2 + pad.pc2),
-                    title="Zoom on the central 90%: weak effects and noise of every dataset")
+        ax_zoom.set(
+            xlim=(lo.pc1 - pad.pc1, hi.pc1 + pad.pc1),
+            ylim=(lo.pc2 - pad.pc2, hi.pc2 + pad.pc2),
+            title="Zoom on the central 90%: weak effects and noise of every dataset",
+        )
         ax_all.set_title(f"All effects ({n_shared_genes:,} shared genes); grey lines join the same perturbation")
         ax_all.legend(fontsize=8, frameon=False, markerscale=1.5)
         return save_figure(fig, "effect_pca")
@@ -417,8 +479,10 @@ def _(Figure, colors, edas, n_shared_genes, pca_explained, pca_rows, save_figure
 
 
 @app.cell
-def _(cfg, edas, save_table):
-    correlation = save_table(lib.get_same_perturbation_correlation(edas, cfg.pca_min_cells), "same_perturbation_correlation")
+def _(cfg, edas, lib, save_table):
+    correlation = save_table(
+        lib.get_same_perturbation_correlation(edas, cfg.pca_min_cells), "same_perturbation_correlation"
+    )
     print(correlation.round(3).to_string(index=False))
     correlation
     return

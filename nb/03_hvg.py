@@ -112,7 +112,9 @@ def _(cfg, hvg_dir, hvgs, lib):
         _table = lib.read_dataset_genes(cfg.data_root, cfg.world, _name)
         _hvg_sets[_name] = set(_table.loc[_table["highly_variable"] & _table["in_gene_space"], "ensembl_id"])
     overlap_fig = lib.plot_hvg_overlap(_hvg_sets, shared=set(hvgs["ensembl_id"]))
-    _path = lib.write_figure(overlap_fig, lib.get_data_root(cfg.data_root) / "figures" / f"03_hvg_overlap_{cfg.world}.png")
+    _path = lib.write_figure(
+        overlap_fig, lib.get_data_root(cfg.data_root) / "figures" / f"03_hvg_overlap_{cfg.world}.png"
+    )
     print(f"wrote {_path}")
     overlap_fig
     return
@@ -122,7 +124,11 @@ def _(cfg, hvg_dir, hvgs, lib):
 def _(hvg_dir, mo):
     import pandas as pd
 
-    _unmapped = pd.read_csv(hvg_dir / "unmapped_genes.csv") if (hvg_dir / "unmapped_genes.csv").stat().st_size > 1 else pd.DataFrame()
+    _unmapped = (
+        pd.read_csv(hvg_dir / "unmapped_genes.csv")
+        if (hvg_dir / "unmapped_genes.csv").stat().st_size > 1
+        else pd.DataFrame()
+    )
     mo.md(
         f"**Genes outside the shared gene space:** {len(_unmapped)} "
         f"(listed with reasons in `{hvg_dir / 'unmapped_genes.csv'}`)."

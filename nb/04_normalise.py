@@ -105,7 +105,9 @@ def _(mo):
 @app.cell
 def _(cfg, lib, store):
     overview_fig = lib.plot_store_overview(store)
-    _path = lib.write_figure(overview_fig, lib.get_data_root(cfg.data_root) / "figures" / f"04_normalise_{cfg.world}.png")
+    _path = lib.write_figure(
+        overview_fig, lib.get_data_root(cfg.data_root) / "figures" / f"04_normalise_{cfg.world}.png"
+    )
     print(f"wrote {_path}")
     overview_fig
     return

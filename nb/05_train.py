@@ -138,8 +138,9 @@ def _(cfg, lib, mo, result):
     import matplotlib
 
     matplotlib.use("Agg")  # headless: the figure is written to a PNG as well as shown
-    import matplotlib.pyplot as plt
     import pathlib
+
+    import matplotlib.pyplot as plt
 
     history = lib.read_history(result["run_dir"])
     _panels = [
@@ -155,14 +156,18 @@ def _(cfg, lib, mo, result):
         for _column in _columns:
             if _column in history:
                 _rows = history[["step", _column]].dropna()
-                _ax.plot(_rows["step"], _rows[_column], marker="." if _column.startswith("val/") else None, label=_column)
+                _ax.plot(
+                    _rows["step"], _rows[_column], marker="." if _column.startswith("val/") else None, label=_column
+                )
         _ax.set_title(_title)
         _ax.set_xlabel("step")
         _ax.legend(fontsize=7)
     for _ax in _axes.flat[:2]:
         _ax.set_yscale("log")
     fig.tight_layout()
-    _path = lib.write_figure(fig, lib.get_data_root(cfg.data_root) / "figures" / f"05_train_{pathlib.Path(result['run_dir']).name}.png")
+    _path = lib.write_figure(
+        fig, lib.get_data_root(cfg.data_root) / "figures" / f"05_train_{pathlib.Path(result['run_dir']).name}.png"
+    )
     print(f"wrote {_path}")
     fig
     return (history,)
@@ -171,7 +176,10 @@ def _(cfg, lib, mo, result):
 @app.cell
 def _(history, mo):
     _val = history.filter(regex="^(step|val/)").dropna(subset=["val/mae"]) if "val/mae" in history else history.iloc[:0]
-    mo.md("## Validation at each evaluation\n\n" + ("```\n" + _val.round(4).to_string(index=False) + "\n```" if len(_val) else "(validation off)"))
+    mo.md(
+        "## Validation at each evaluation\n\n"
+        + ("```\n" + _val.round(4).to_string(index=False) + "\n```" if len(_val) else "(validation off)")
+    )
     return
 
 

@@ -56,7 +56,9 @@ def _():
 def _():
     import lib  # the project's one shared module (installed editable by uv)
 
-    cfg = lib.parse_config(lib.EvalConfig, description="06 eval: score predictors on held-out perturbations of the target")
+    cfg = lib.parse_config(
+        lib.EvalConfig, description="06 eval: score predictors on held-out perturbations of the target"
+    )
     return cfg, lib
 
 
@@ -110,8 +112,17 @@ def _(cfg, lib, out, results):
     _eval_dir = lib.get_eval_dir(cfg.data_root, cfg.world)
     _paths = [lib.write_figure(lib.plot_scores(results), _eval_dir / "06_scores.png")]
     for _scenario in out["effects"]:
-        _paths.append(lib.write_figure(lib.plot_metric_distributions(out["per_perturbation"], _scenario), _eval_dir / f"06_metrics_{_scenario}.png"))
-        _paths.append(lib.write_figure(lib.plot_effects(out["effects"][_scenario], _scenario), _eval_dir / f"06_effects_{_scenario}.png"))
+        _paths.append(
+            lib.write_figure(
+                lib.plot_metric_distributions(out["per_perturbation"], _scenario),
+                _eval_dir / f"06_metrics_{_scenario}.png",
+            )
+        )
+        _paths.append(
+            lib.write_figure(
+                lib.plot_effects(out["effects"][_scenario], _scenario), _eval_dir / f"06_effects_{_scenario}.png"
+            )
+        )
     print("wrote", *map(str, _paths), sep="\n  ")
     lib.plot_effects(out["effects"]["fake_val"], "fake_val")
     return
@@ -135,7 +146,12 @@ def _(mo):
 def _(out):
     _pp = out["per_perturbation"]
     if "n_de_pred_non_hvg" in _pp:
-        print(_pp.groupby(["scenario", "predictor"])[["n_de_real", "n_de_pred", "n_de_pred_non_hvg"]].mean().round(1).to_string())
+        print(
+            _pp.groupby(["scenario", "predictor"])[["n_de_real", "n_de_pred", "n_de_pred_non_hvg"]]
+            .mean()
+            .round(1)
+            .to_string()
+        )
     return
 
 

@@ -46,7 +46,9 @@ def _():
 def _():
     import lib  # the project's one shared module (installed editable by uv)
 
-    cfg = lib.parse_config(lib.SubmitConfig, description="07 submit: a predictor's submission, validated and packed as .vcc")
+    cfg = lib.parse_config(
+        lib.SubmitConfig, description="07 submit: a predictor's submission, validated and packed as .vcc"
+    )
     return cfg, lib
 
 
@@ -87,8 +89,10 @@ def _(cfg, out):
     else:
         _s = out["score"]
         _table = pd.DataFrame(
-            [{"what": "submission", **{k: _s["result"][k] for k in ("des", "pds", "mae")}},
-             {"what": "cell_mean baseline", **{k: _s["baseline"][k] for k in ("des", "pds", "mae")}}]
+            [
+                {"what": "submission", **{k: _s["result"][k] for k in ("des", "pds", "mae")}},
+                {"what": "cell_mean baseline", **{k: _s["baseline"][k] for k in ("des", "pds", "mae")}},
+            ]
         )
         print(f"mode {_s['normalised']['mode']}")
         print(_table.round(4).to_string(index=False))

@@ -78,7 +78,9 @@ def score(real_path: str, pred_path: str, out_path: str) -> None:
     baseline = build_base_mean_adata(adata=real.copy(), pert_col=PERT_COL, control_pert=CONTROL)
     baseline.write_h5ad(baseline_path)
     report = {
-        "versions": {name: importlib.metadata.version(name) for name in ("cell-eval", "pdex", "scipy", "numpy", "polars")}
+        "versions": {
+            name: importlib.metadata.version(name) for name in ("cell-eval", "pdex", "scipy", "numpy", "polars")
+        }
     }
     aggs = {}
     for name, pred in (("pred", ad.read_h5ad(pred_path)), ("baseline", baseline)):
@@ -113,7 +115,12 @@ def time_score(real_path: str, pred_path: str, out_path: str, threads: str) -> N
     with tempfile.TemporaryDirectory() as outdir:
         start = time.perf_counter()
         evaluator = MetricsEvaluator(
-            adata_pred=pred, adata_real=real, control_pert=CONTROL, pert_col=PERT_COL, num_threads=int(threads), outdir=outdir
+            adata_pred=pred,
+            adata_real=real,
+            control_pert=CONTROL,
+            pert_col=PERT_COL,
+            num_threads=int(threads),
+            outdir=outdir,
         )
         results, _ = evaluator.compute(profile="vcc", break_on_error=True, write_csv=False)
         seconds = time.perf_counter() - start

@@ -12,9 +12,7 @@ import hashlib
 import http.server
 import json
 import os
-import pathlib
 import socket
-import sys
 import threading
 import time
 
@@ -173,7 +171,9 @@ def test_size_announced_by_server_must_match_manifest(server, tmp_path):
 
 def test_stalled_server_times_out_with_a_clear_error(server, tmp_path):
     with pytest.raises(lib.DownloadError, match="timed out"):
-        lib.download_file(f"{server.url}/slow/data.bin", tmp_path / "data.bin", **{**FAST, "timeout": 0.3, "retries": 0})
+        lib.download_file(
+            f"{server.url}/slow/data.bin", tmp_path / "data.bin", **{**FAST, "timeout": 0.3, "retries": 0}
+        )
 
 
 def _manifest(files):
@@ -182,11 +182,13 @@ def _manifest(files):
 
 def test_unreachable_source_raises_one_error_naming_url_and_hand_placement_path(server, tmp_path):
     dead, missing = _closed_port_url(), f"{server.url}/nowhere/data.bin"
-    manifest = _manifest([
-        {"name": "a.bin", "url": dead, "size": "", "sha256": ""},
-        {"name": "b.bin", "url": dead.replace("data.bin", "other.bin"), "size": "", "sha256": ""},
-        {"name": "c.bin", "url": missing, "size": "", "sha256": ""},
-    ])
+    manifest = _manifest(
+        [
+            {"name": "a.bin", "url": dead, "size": "", "sha256": ""},
+            {"name": "b.bin", "url": dead.replace("data.bin", "other.bin"), "size": "", "sha256": ""},
+            {"name": "c.bin", "url": missing, "size": "", "sha256": ""},
+        ]
+    )
     with pytest.raises(lib.DownloadError) as err:
         lib.download_source("src", data_root=tmp_path, manifest=manifest, **FAST)
     message = str(err.value)
@@ -210,7 +212,9 @@ def test_hand_placed_file_is_verified_like_a_download(tmp_path):
 
 
 def test_verified_file_is_skipped_without_a_request(server, tmp_path):
-    manifest = _manifest([{"name": "a.bin", "url": f"{server.url}/normal/data.bin", "size": len(PAYLOAD), "sha256": _sha(PAYLOAD)}])
+    manifest = _manifest(
+        [{"name": "a.bin", "url": f"{server.url}/normal/data.bin", "size": len(PAYLOAD), "sha256": _sha(PAYLOAD)}]
+    )
     lib.download_source("src", data_root=tmp_path, manifest=manifest, **FAST)
     assert len(server.requests) == 1
     lib.download_source("src", data_root=tmp_path, manifest=manifest, **FAST)

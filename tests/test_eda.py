@@ -8,6 +8,7 @@ import sys
 import anndata
 import numpy as np
 import pytest
+
 import lib
 
 REPO_DIR = pathlib.Path(__file__).resolve().parents[1]
@@ -112,7 +113,14 @@ def test_notebook_runs_headless_and_writes_its_figures(tiny_world):
     )
     assert result.returncode == 0, result.stderr[-3000:]
     out_dir = data_root / "figures" / "02_eda"
-    names = ["depth_per_cell", "cells_per_perturbation", "knockdown_efficiency", "effect_sizes", "overlap", "effect_pca"]
+    names = [
+        "depth_per_cell",
+        "cells_per_perturbation",
+        "knockdown_efficiency",
+        "effect_sizes",
+        "overlap",
+        "effect_pca",
+    ]
     for name in names:
         assert (out_dir / f"{name}.png").stat().st_size > 10_000, name
     summary_lines = (out_dir / "summary.csv").read_text().strip().splitlines()

@@ -4,6 +4,7 @@ import anndata
 import numpy as np
 import pandas as pd
 import pytest
+
 import lib
 
 
@@ -29,8 +30,14 @@ def test_cell_mean_predictor_is_what_cell_eval_baseline_builds():
     rng = np.random.default_rng(0)
     genes = [f"G{i}" for i in range(30)]
     labels = np.array(["non-targeting"] * 40 + ["A"] * 7 + ["B"] * 13 + ["C"] * 3)
-    x_cg = np.log1p(rng.poisson(rng.uniform(0.1, 5, 30), (len(labels), 30)) * rng.uniform(0.5, 2, (len(labels), 1))).astype(np.float32)
-    real = anndata.AnnData(X=x_cg, obs=pd.DataFrame({"target_gene": labels}, index=np.arange(len(labels)).astype(str)), var=pd.DataFrame(index=genes))
+    x_cg = np.log1p(
+        rng.poisson(rng.uniform(0.1, 5, 30), (len(labels), 30)) * rng.uniform(0.5, 2, (len(labels), 1))
+    ).astype(np.float32)
+    real = anndata.AnnData(
+        X=x_cg,
+        obs=pd.DataFrame({"target_gene": labels}, index=np.arange(len(labels)).astype(str)),
+        var=pd.DataFrame(index=genes),
+    )
     reference_g = lib.make_cell_mean_baseline(real).X[0]
     groups = ["A", "B", "C", "non-targeting"]
     sum_kg = np.stack([x_cg[labels == g].sum(0, dtype=np.float64) for g in groups])
@@ -84,18 +91,49 @@ def _toy_store(tmp_path, effect_h, n_hvg=6):
             shift_h = effect_h if pert == "P" else 0.0
             start = sum(len(r) for r in rows)
             rows.append(base_h + shift_h + rng.normal(0, 0.01, (n, n_hvg)))
-            index.append(dict(dataset=dataset, cell_type=dataset, batch="", perturbation=pert, is_control=pert == "non-targeting",
-                              start=start, stop=start + n, n_cells=n))
+            index.append(
+                dict(
+                    dataset=dataset,
+                    cell_type=dataset,
+                    batch="",
+                    perturbation=pert,
+                    is_control=pert == "non-targeting",
+                    start=start,
+                    stop=start + n,
+                    n_cells=n,
+                )
+            )
     x_cg = np.concatenate(rows).astype(np.float32)
     ids = [f"ENSG{i:011d}" for i in range(9)]
     symbols = ["P", "Q", "R", "S", "T", "U", "V", "W", "X"]
     hvg_ids = ids[3:]  # the target's genes 3..8 are the HVGs
-    means = pd.concat([pd.DataFrame({"dataset": d, "cell_type": d, "ensembl_id": ids, "symbol": symbols, "var_name": symbols,
-                                     "mean_all": 1.0, "mean_control": 1.0}) for d in ("t", "a", "b")])
-    return lib.CellStore(store_dir=tmp_path, x_cg=x_cg, index=pd.DataFrame(index),
-                             obs=pd.DataFrame({"group": np.zeros(len(x_cg), int)}),
-                             genes=pd.DataFrame({"ensembl_id": hvg_ids, "symbol": symbols[3:]}),
-                             measured_dg=np.ones((3, n_hvg), bool), datasets=["t", "a", "b"], means=means, meta={}), symbols
+    means = pd.concat(
+        [
+            pd.DataFrame(
+                {
+                    "dataset": d,
+                    "cell_type": d,
+                    "ensembl_id": ids,
+                    "symbol": symbols,
+                    "var_name": symbols,
+                    "mean_all": 1.0,
+                    "mean_control": 1.0,
+                }
+            )
+            for d in ("t", "a", "b")
+        ]
+    )
+    return lib.CellStore(
+        store_dir=tmp_path,
+        x_cg=x_cg,
+        index=pd.DataFrame(index),
+        obs=pd.DataFrame({"group": np.zeros(len(x_cg), int)}),
+        genes=pd.DataFrame({"ensembl_id": hvg_ids, "symbol": symbols[3:]}),
+        measured_dg=np.ones((3, n_hvg), bool),
+        datasets=["t", "a", "b"],
+        means=means,
+        meta={},
+    ), symbols
 
 
 def test_pert_mean_transfer_recovers_an_effect_shared_across_cell_types(tmp_path):
@@ -152,7 +190,9 @@ def test_submission_matches_pert_counts_gene_names_and_is_scored(tiny_store, sub
     assert list(adata.var_names) == lib.read_gene_names(files.gene_names_path)
     pert_counts = lib.read_pert_counts(files.pert_counts_paths["validation"])
     counts = adata.obs["target_gene"].value_counts()
-    assert counts.drop("non-targeting").sort_index().to_dict() == dict(sorted(zip(pert_counts["target_gene"], pert_counts["n_cells"])))
+    assert counts.drop("non-targeting").sort_index().to_dict() == dict(
+        sorted(zip(pert_counts["target_gene"], pert_counts["n_cells"]))
+    )
     assert counts["non-targeting"] == out["n_control"] > 0
     assert out["vcc"].exists() and out["score"]["normalised"]["mode"] == "vcc2025"
     assert 0 <= out["score"]["normalised"]["score"] <= 1
@@ -176,7 +216,9 @@ class _Constant:
         return np.full((len(ctrl_cg), len(self.gene_names)), self.value, np.float32)
 
 
-@pytest.mark.parametrize("kind, message", [("order", "gene-order trap"), ("unknown", "unknown perturbations"), ("nan", "NaN")])
+@pytest.mark.parametrize(
+    "kind, message", [("order", "gene-order trap"), ("unknown", "unknown perturbations"), ("nan", "NaN")]
+)
 def test_bad_submission_raises_one_clear_error_before_writing(tmp_path, kind, message):
     genes = [f"G{i}" for i in range(8)]
     pool_path, _ = lib.write_dense_rows_npy(tmp_path / "pool.npy", 10, len(genes))
@@ -190,6 +232,7 @@ def test_bad_submission_raises_one_clear_error_before_writing(tmp_path, kind, me
         predictor = _Constant(genes, np.nan)
     out = tmp_path / "sub.h5ad"
     with pytest.raises(ValueError, match=message):
-        lib.write_predictor_submission(out, predictor, gene_names=genes, pert_counts=pert_counts,
-                                       pool=lib.ControlPool(pool_path), n_control=5)
+        lib.write_predictor_submission(
+            out, predictor, gene_names=genes, pert_counts=pert_counts, pool=lib.ControlPool(pool_path), n_control=5
+        )
     assert not out.exists() and not list(tmp_path.glob(".sub.h5ad*"))

@@ -2,14 +2,13 @@
 
 import dataclasses
 import json
-import pathlib
-import sys
 import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse
+
 import lib
 
 

@@ -97,7 +97,9 @@ def test_process_shards_partition_the_global_batch(store):
 
 def test_held_out_perturbations_never_appear(store):
     target = store.datasets[0]
-    held_out = sorted(store.index.loc[(store.index["dataset"] == target) & ~store.index["is_control"], "perturbation"].unique())[:5]
+    held_out = sorted(
+        store.index.loc[(store.index["dataset"] == target) & ~store.index["is_control"], "perturbation"].unique()
+    )[:5]
     examples = lib.make_example_groups(store.index, exclude_perturbations=held_out, target_dataset=target)
     target_examples = examples[examples["dataset"] == target]
     assert not set(held_out) & set(target_examples["perturbation"])
@@ -109,7 +111,7 @@ def test_every_example_appears_once_per_epoch(store):
     n_batches = -(-2 * len(examples) // cfg.sets_per_batch)  # two epochs and a bit
     iterator = lib.iter_batches(dataset, cfg)
     stream = np.concatenate([next(iterator)["example_b"] for _ in range(n_batches)])
-    first, second = stream[: len(examples)], stream[len(examples): 2 * len(examples)]
+    first, second = stream[: len(examples)], stream[len(examples) : 2 * len(examples)]
     assert sorted(first) == sorted(second) == list(range(len(examples)))
     assert not np.array_equal(first, second)  # a fresh shuffle every epoch
 

@@ -6,9 +6,7 @@ The last tests score the same files with the real cell-eval (0.6.6 + pdex 0.1.26
 
 import json
 import pathlib
-import shutil
 import subprocess
-import sys
 
 import anndata as ad
 import hypothesis
@@ -17,9 +15,9 @@ import hypothesis.strategies as st
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import get_uv
 import scipy.sparse
 import scipy.stats
+from conftest import get_uv
 
 import lib
 
@@ -297,7 +295,18 @@ def reference_runs(tmp_path_factory):
             [str(work / "real.h5ad"), str(work / "pred.h5ad"), str(d / "realistic.json")],
         ]
         (d / "jobs.json").write_text(json.dumps(jobs))
-        cmd = [uv, "run", "--no-project", "--python", "3.11", *env, "python", str(REFERENCE_SCRIPT), "jobs", str(d / "jobs.json")]
+        cmd = [
+            uv,
+            "run",
+            "--no-project",
+            "--python",
+            "3.11",
+            *env,
+            "python",
+            str(REFERENCE_SCRIPT),
+            "jobs",
+            str(d / "jobs.json"),
+        ]
         procs[mode] = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     runs = {}
     for mode, proc in procs.items():
@@ -351,7 +360,12 @@ def test_scores_match_cell_eval(reference_runs, mode, dataset):
     _assert_metrics_match(result["per_perturbation"], theirs["pred"])
     _assert_metrics_match(baseline["per_perturbation"], theirs["baseline"])
     normalised = lib.normalised_score(result, baseline)
-    for ours_name, their_name in (("s_des", "overlap_at_N"), ("s_pds", "discrimination_score_l1"), ("s_mae", "mae"), ("score", "avg_score")):
+    for ours_name, their_name in (
+        ("s_des", "overlap_at_N"),
+        ("s_pds", "discrimination_score_l1"),
+        ("s_mae", "mae"),
+        ("score", "avg_score"),
+    ):
         assert abs(normalised[ours_name] - theirs["normalised"][their_name]) <= 1e-6, ours_name
     if dataset == "realistic":  # the realistic pair must exercise the DE overlap for real
         assert 0 < result["des"] < 1 and result["real_de"].significant_pg.sum() > 50

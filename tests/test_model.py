@@ -146,7 +146,9 @@ def test_one_batch_overfits_to_zero_pseudobulk_mse(small_model):
     opt_state = lib.init_opt_state(model, OPTIMIZER)
     first = None
     for _ in range(200):
-        model, opt_state, metrics = lib.make_step(model, opt_state, OPTIMIZER, ctrl_bsg, pert_bf, target_bsg, PSEUDOBULK_LOSS)
+        model, opt_state, metrics = lib.make_step(
+            model, opt_state, OPTIMIZER, ctrl_bsg, pert_bf, target_bsg, PSEUDOBULK_LOSS
+        )
         first = float(metrics["pseudobulk_mse"]) if first is None else first
     last = float(metrics["pseudobulk_mse"])
     assert first > 0.3
@@ -156,7 +158,9 @@ def test_one_batch_overfits_to_zero_pseudobulk_mse(small_model):
 def test_make_step_reports_loss_terms_and_norms(small_model):
     ctrl_bsg, pert_bf, target_bsg = make_overfit_batch()
     opt_state = lib.init_opt_state(small_model, OPTIMIZER)
-    new_model, _, metrics = lib.make_step(small_model, opt_state, OPTIMIZER, ctrl_bsg, pert_bf, target_bsg, PSEUDOBULK_LOSS)
+    new_model, _, metrics = lib.make_step(
+        small_model, opt_state, OPTIMIZER, ctrl_bsg, pert_bf, target_bsg, PSEUDOBULK_LOSS
+    )
     assert set(metrics) == {"loss", "pseudobulk_mse", "grad_norm", "update_norm"}
     assert float(metrics["loss"]) == float(metrics["pseudobulk_mse"])
     assert float(metrics["grad_norm"]) > 0 and float(metrics["update_norm"]) > 0
@@ -221,10 +225,16 @@ def test_residual_output_starts_at_the_control_cells():
     ctrl_bsg = jnp.asarray(make_cells(17, 2 * 6, SMALL.n_genes).reshape(2, 6, -1))
     pert_bf = jnp.ones((2, SMALL.n_pert_features))
     key = jax.random.key(3, impl="unsafe_rbg")
-    residual = lib.make_model(dataclasses.replace(SMALL, residual_output=True), key=key, gene_mean_g=np.ones(SMALL.n_genes, np.float32))
-    np.testing.assert_allclose(np.asarray(lib.predict_sets(residual, ctrl_bsg, pert_bf)), np.asarray(ctrl_bsg), atol=1e-6)
+    residual = lib.make_model(
+        dataclasses.replace(SMALL, residual_output=True), key=key, gene_mean_g=np.ones(SMALL.n_genes, np.float32)
+    )
+    np.testing.assert_allclose(
+        np.asarray(lib.predict_sets(residual, ctrl_bsg, pert_bf)), np.asarray(ctrl_bsg), atol=1e-6
+    )
     mean_g = np.asarray(ctrl_bsg.mean((0, 1)))
-    centred = lib.make_model(dataclasses.replace(SMALL, residual_output=True, center_control=True), key=key, gene_mean_g=mean_g)
+    centred = lib.make_model(
+        dataclasses.replace(SMALL, residual_output=True, center_control=True), key=key, gene_mean_g=mean_g
+    )
     raw_bsg = np.asarray(lib.predict_sets(centred, ctrl_bsg, pert_bf, max_expression=np.inf))
     want_bsg = np.maximum(np.asarray(ctrl_bsg - ctrl_bsg.mean(1, keepdims=True)) + mean_g, 0.0)
     np.testing.assert_allclose(raw_bsg, want_bsg, atol=1e-5)
@@ -237,7 +247,9 @@ def test_residual_model_overfits_one_batch():
     ctrl_bsg, pert_bf, target_bsg = make_overfit_batch()
     opt_state = lib.init_opt_state(model, OPTIMIZER)
     for _ in range(200):
-        model, opt_state, metrics = lib.make_step(model, opt_state, OPTIMIZER, ctrl_bsg, pert_bf, target_bsg, PSEUDOBULK_LOSS)
+        model, opt_state, metrics = lib.make_step(
+            model, opt_state, OPTIMIZER, ctrl_bsg, pert_bf, target_bsg, PSEUDOBULK_LOSS
+        )
     assert float(metrics["pseudobulk_mse"]) < 1e-3, float(metrics["pseudobulk_mse"])
 
 

@@ -22,9 +22,25 @@ import lib
 
 TRAIN_PY = str(lib.REPO_DIR / "nb" / "05_train.py")
 # Tiny shapes; 8 sets per global batch = 2 per device in both layouts.
-TINY = dict(hidden=32, n_layers=1, n_heads=2, mlp_ratio=2, set_size=8, sets_per_batch=8, log_every=1, eval_every=0,
-            val_perturbations=4, val_cells=16, val_control_cells=32, n_coexpr_components=4, n_effect_components=4,
-            warmup_steps=2, schedule="constant", learning_rate=3e-3, seed=0)
+TINY = dict(
+    hidden=32,
+    n_layers=1,
+    n_heads=2,
+    mlp_ratio=2,
+    set_size=8,
+    sets_per_batch=8,
+    log_every=1,
+    eval_every=0,
+    val_perturbations=4,
+    val_cells=16,
+    val_control_cells=32,
+    n_coexpr_components=4,
+    n_effect_components=4,
+    warmup_steps=2,
+    schedule="constant",
+    learning_rate=3e-3,
+    seed=0,
+)
 TIMEOUT_S = 420
 
 
@@ -34,10 +50,16 @@ def _flags(**kw) -> list[str]:
 
 def _launch(n_devices: int, flags: list[str], cwd: pathlib.Path, log: pathlib.Path) -> subprocess.Popen:
     # A compilation cache shared by the launches: phase 2 reuses phase 1's compiled step (~20 s each on 2 cores).
-    env = {**os.environ, "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}", "WANDB_MODE": "offline",
-           "JAX_COMPILATION_CACHE_DIR": str(log.parent / "jax_cache")}
+    env = {
+        **os.environ,
+        "XLA_FLAGS": f"--xla_force_host_platform_device_count={n_devices}",
+        "WANDB_MODE": "offline",
+        "JAX_COMPILATION_CACHE_DIR": str(log.parent / "jax_cache"),
+    }
     cwd.mkdir(parents=True, exist_ok=True)
-    return subprocess.Popen([sys.executable, TRAIN_PY, *flags], cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT)
+    return subprocess.Popen(
+        [sys.executable, TRAIN_PY, *flags], cwd=cwd, env=env, stdout=open(log, "w"), stderr=subprocess.STDOUT
+    )
 
 
 def _wait(procs: dict[str, subprocess.Popen], logs: dict[str, pathlib.Path]) -> None:
@@ -59,8 +81,15 @@ def _wait(procs: dict[str, subprocess.Popen], logs: dict[str, pathlib.Path]) -> 
 def _two_processes(tmp: pathlib.Path, phase: str, flags_of: dict[int, list[str]]) -> dict[int, str]:
     port = portpicker.pick_unused_port()
     logs = {f"p{i}": tmp / f"{phase}_p{i}.log" for i in range(2)}
-    procs = {f"p{i}": _launch(2, [*flags_of[i], f"--coordinator-address=127.0.0.1:{port}", "--num-processes=2", f"--process-id={i}"],
-                              tmp / f"cwd_p{i}", logs[f"p{i}"]) for i in range(2)}
+    procs = {
+        f"p{i}": _launch(
+            2,
+            [*flags_of[i], f"--coordinator-address=127.0.0.1:{port}", "--num-processes=2", f"--process-id={i}"],
+            tmp / f"cwd_p{i}",
+            logs[f"p{i}"],
+        )
+        for i in range(2)
+    }
     _wait(procs, logs)
     return {i: logs[f"p{i}"].read_text() for i in range(2)}
 
@@ -86,14 +115,29 @@ def test_two_processes_train_exactly_like_one_and_only_process_0_writes(tiny_sto
     t0 = time.time()
     # The reference, 1 process x 4 devices, runs alongside phase 1 (it is independent).
     single_log = tmp_path / "single.log"
-    single = _launch(4, [*_flags(data_root=tiny_store, checkpoint_dir=tmp_path / "ckpt_1x4", wandb_mode="disabled", **{**common, "steps": 8})],
-                     tmp_path / "cwd_single", single_log)
+    single = _launch(
+        4,
+        [
+            *_flags(
+                data_root=tiny_store,
+                checkpoint_dir=tmp_path / "ckpt_1x4",
+                wandb_mode="disabled",
+                **{**common, "steps": 8},
+            )
+        ],
+        tmp_path / "cwd_single",
+        single_log,
+    )
     # Phase 1, steps 1-4 with wandb on: process 1 gets its own (empty) checkpoint dir and data root,
     # which must stay empty. Everything process 0 owns lands under `ckpt`.
-    outs = _two_processes(tmp_path, "phase1", {
-        0: _flags(data_root=tiny_store, checkpoint_dir=ckpt, wandb_mode="offline", **common),
-        1: _flags(data_root=p1_root, checkpoint_dir=tmp_path / "ckpt_p1", wandb_mode="offline", **common),
-    })
+    outs = _two_processes(
+        tmp_path,
+        "phase1",
+        {
+            0: _flags(data_root=tiny_store, checkpoint_dir=ckpt, wandb_mode="offline", **common),
+            1: _flags(data_root=p1_root, checkpoint_dir=tmp_path / "ckpt_p1", wandb_mode="offline", **common),
+        },
+    )
     assert not (tmp_path / "ckpt_p1").exists()
     assert sorted(p.name for p in p1_root.iterdir()) == p1_entries
     assert not list((tmp_path / "cwd_p1").iterdir())
@@ -101,10 +145,20 @@ def test_two_processes_train_exactly_like_one_and_only_process_0_writes(tiny_sto
     assert "step 4: loss" in outs[0] and "step 4: loss" not in outs[1] and "wandb:" not in outs[1]
     # Phase 2, steps 5-8: both processes resume from process 0's checkpoint (process 1 reads it too:
     # a process starting fresh would hold other parameters and the losses below would differ).
-    outs = _two_processes(tmp_path, "phase2", {
-        i: _flags(data_root=tiny_store if i == 0 else p1_root, checkpoint_dir=ckpt, wandb_mode="disabled", resume=True,
-                  **{**common, "steps": 8}) for i in range(2)
-    })
+    outs = _two_processes(
+        tmp_path,
+        "phase2",
+        {
+            i: _flags(
+                data_root=tiny_store if i == 0 else p1_root,
+                checkpoint_dir=ckpt,
+                wandb_mode="disabled",
+                resume=True,
+                **{**common, "steps": 8},
+            )
+            for i in range(2)
+        },
+    )
     assert "resuming mh from step_00000004" in outs[0]
     assert sorted(p.name for p in p1_root.iterdir()) == p1_entries
     _wait({"single": single}, {"single": single_log})
@@ -125,8 +179,13 @@ def test_training_checkpoints_and_resumes_through_a_bucket_url(tiny_store):
     """memory:// stands in for gs:// (same fsspec calls: no rename, no append); the run resumes
     from it and every run file is there, local staging directories are not."""
     root = "memory://bucket/ckpt"
-    cfg = lib.TrainConfig(data_root=str(tiny_store), checkpoint_dir=root, run_name="gcs", wandb_mode="disabled",
-                          **{**TINY, "sets_per_batch": 4, "steps": 4, "ckpt_every": 2, "keep_last_n": 1})
+    cfg = lib.TrainConfig(
+        data_root=str(tiny_store),
+        checkpoint_dir=root,
+        run_name="gcs",
+        wandb_mode="disabled",
+        **{**TINY, "sets_per_batch": 4, "steps": 4, "ckpt_every": 2, "keep_last_n": 1},
+    )
     first = lib.train(cfg)
     assert first["run_dir"] == f"{root}/gcs"
     fs, path = lib.get_fs(root)
@@ -159,13 +218,24 @@ def test_pointer_writes_replace_whole_files_and_leave_no_temporaries(tmp_path):
 
 
 def test_distributed_args_from_flags_env_or_nothing(monkeypatch):
-    for var in ["JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "SLURM_NTASKS", "OMPI_COMM_WORLD_SIZE",
-                "TPU_WORKER_HOSTNAMES", "TPU_PROCESS_ADDRESSES"]:
+    for var in [
+        "JAX_COORDINATOR_ADDRESS",
+        "JAX_NUM_PROCESSES",
+        "JAX_PROCESS_ID",
+        "SLURM_NTASKS",
+        "OMPI_COMM_WORLD_SIZE",
+        "TPU_WORKER_HOSTNAMES",
+        "TPU_PROCESS_ADDRESSES",
+    ]:
         monkeypatch.delenv(var, raising=False)
     cfg = lib.TrainConfig()
     assert lib.get_distributed_args(cfg) is None  # one process: no flag, no initialize
     flags = dataclasses.replace(cfg, coordinator_address="10.0.0.1:1234", num_processes=4, process_id=3)
-    assert lib.get_distributed_args(flags) == {"coordinator_address": "10.0.0.1:1234", "num_processes": 4, "process_id": 3}
+    assert lib.get_distributed_args(flags) == {
+        "coordinator_address": "10.0.0.1:1234",
+        "num_processes": 4,
+        "process_id": 3,
+    }
     assert lib.get_distributed_args(dataclasses.replace(flags, num_processes=1, process_id=0)) is None
     with pytest.raises(ValueError, match="--process-id"):
         lib.get_distributed_args(dataclasses.replace(cfg, coordinator_address="10.0.0.1:1234", num_processes=2))

@@ -5,7 +5,6 @@ wrote); then each notebook runs again under nbmake against the same data root.
 """
 
 import os
-import pathlib
 import shlex
 import subprocess
 import sys
@@ -21,8 +20,24 @@ NB_FLAGS = {
     "02_eda": [],
     "03_hvg": ["--n-hvg", "200", "--n-hvg-per-dataset", "200", "--offline"],
     "04_normalise": ["--chunk-cells", "500"],
-    "05_train": ["--steps", "20", "--eval-every", "10", "--hidden", "32", "--n-heads", "2", "--set-size", "8",
-                 "--sets-per-batch", "4", "--val-control-cells", "32", "--wandb-mode", "offline"],
+    "05_train": [
+        "--steps",
+        "20",
+        "--eval-every",
+        "10",
+        "--hidden",
+        "32",
+        "--n-heads",
+        "2",
+        "--set-size",
+        "8",
+        "--sets-per-batch",
+        "4",
+        "--val-control-cells",
+        "32",
+        "--wandb-mode",
+        "offline",
+    ],
     "06_eval": ["--n-control", "100", "--max-cells-per-pert", "40"],
     "07_submit": ["--chunk-cells", "256"],
 }
@@ -30,7 +45,9 @@ NB_FLAGS = {
 
 def _run(args, env=None, timeout=600):
     result = subprocess.run(args, capture_output=True, text=True, env={**os.environ, **(env or {})}, timeout=timeout)
-    assert result.returncode == 0, f"{shlex.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    assert result.returncode == 0, (
+        f"{shlex.join(map(str, args))} failed:\n{result.stdout[-3000:]}\n{result.stderr[-5000:]}"
+    )
     return result
 
 
@@ -58,5 +75,7 @@ def test_notebook_runs_under_nbmake(name, pipeline_root, tmp_path):
     ipynb = tmp_path / f"{name}.ipynb"
     _run([sys.executable, "-m", "marimo", "export", "ipynb", NB_DIR / f"{name}.py", "-o", ipynb])
     flags = shlex.join(["--data-root", str(pipeline_root), *NB_FLAGS[name]])
-    _run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbmake", str(ipynb)],
-         env={"VCELL_NB_ARGS": flags})
+    _run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbmake", str(ipynb)],
+        env={"VCELL_NB_ARGS": flags},
+    )

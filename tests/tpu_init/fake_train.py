@@ -23,8 +23,16 @@ record = {
     "wandb_key_sha256": hashlib.sha256(key.encode()).hexdigest() if key is not None else None,
     "env": {
         name: os.environ.get(name)
-        for name in ["VCELL_DATA_ROOT", "VCELL_RUN_NAME", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_MODE",
-                     "WANDB_RUN_ID", "WANDB_RESUME", "FAKE_UV_RUN_FLAGS"]
+        for name in [
+            "VCELL_DATA_ROOT",
+            "VCELL_RUN_NAME",
+            "WANDB_PROJECT",
+            "WANDB_ENTITY",
+            "WANDB_MODE",
+            "WANDB_RUN_ID",
+            "WANDB_RESUME",
+            "FAKE_UV_RUN_FLAGS",
+        ]
     },
 }
 
