@@ -37,16 +37,20 @@ import fcntl
 import functools
 import hashlib
 import http.client
+import importlib.util
 import json
 import math
 import os
 import pathlib
 import re
+import shlex
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tarfile
+import tempfile
 import threading
 import time
 import tomllib
@@ -58,13 +62,15 @@ import uuid
 import warnings
 import zlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import beartype
 import equinox as eqx
+import h5py
 import jax
 import jax.numpy as jnp
 import jaxtyping
+import numba
 import numpy as np
 import optax
 import pandas as pd
@@ -72,6 +78,9 @@ import scipy.sparse
 import scipy.sparse.linalg
 import scipy.special
 import scipy.stats
+import tqdm
+import tyro
+import zstandard
 from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
 
 REPO_DIR = pathlib.Path(__file__).resolve().parent
@@ -158,8 +167,6 @@ def write_h5ad_chunked(
     appears atomically.
     """
     import anndata
-    import h5py
-    import scipy.sparse
 
     starts = list(range(0, n_cells, chunk_cells))
     with atomic_path(path) as tmp_path:
@@ -201,8 +208,6 @@ def progress(iterable: Iterable, *, total: int | None = None, desc: str = "") ->
         import marimo as mo
 
         return mo.status.progress_bar(iterable, total=total, title=desc)
-    import tqdm
-
     return tqdm.tqdm(iterable, total=total, desc=desc, mininterval=1.0, file=sys.stderr)
 
 
@@ -215,15 +220,12 @@ def notebook_argv() -> list[str]:
     """
     if "ipykernel" in sys.modules or "pytest" in sys.modules:
         # The one way to pass flags where there is no command line (tests, nbmake).
-        import shlex
-
         return shlex.split(os.environ.get("VCELL_NB_ARGS", ""))
     return sys.argv[1:]
 
 
 def parse_config(config_cls, argv: list[str] | None = None, description: str = ""):
     """Parse a frozen dataclass config from flags (tyro: `--help` shows each field's docstring)."""
-    import tyro
 
     return tyro.cli(config_cls, args=notebook_argv() if argv is None else argv, description=description)
 
@@ -249,7 +251,6 @@ def open_h5ad_backed(path: str | os.PathLike) -> Iterator[tuple[pd.DataFrame, pd
     X slices give scipy CSR for sparse files, numpy arrays for dense ones.
     """
     import anndata.io
-    import h5py
 
     path = pathlib.Path(path)
     if not path.exists():
@@ -261,21 +262,34 @@ def open_h5ad_backed(path: str | os.PathLike) -> Iterator[tuple[pd.DataFrame, pd
         yield anndata.io.read_elem(f["obs"]), anndata.io.read_elem(f["var"]), x
 
 
-def read_rows(x, start: int, stop: int) -> scipy.sparse.csr_matrix:
-    """Rows [start, stop) of a backed X as float32 CSR."""
-    block = x[start:stop]
-    block = block if scipy.sparse.issparse(block) else scipy.sparse.csr_matrix(np.asarray(block))
-    return scipy.sparse.csr_matrix(block, dtype=np.float32)
-
-
-def _read_row_chunk(x, rows_c: np.ndarray) -> scipy.sparse.csr_matrix:
-    """Rows of a backed X (sparse or dense) as float32 CSR; a contiguous run is read as a slice."""
-    contiguous = rows_c[-1] - rows_c[0] + 1 == len(rows_c)
-    block = x[int(rows_c[0]) : int(rows_c[-1]) + 1] if contiguous else x[rows_c]
+def read_rows(x, rows: slice | np.ndarray) -> scipy.sparse.csr_matrix:
+    """Rows of a backed X (sparse or dense) as float32 CSR: a slice, or sorted row indices (a
+    contiguous run of them is read as one slice). Stored zeros are dropped (they would count as
+    detected genes)."""
+    if not isinstance(rows, slice):
+        rows = np.asarray(rows)
+        if rows[-1] - rows[0] + 1 == len(rows):
+            rows = slice(int(rows[0]), int(rows[-1]) + 1)
+    block = x[rows]
     block = block if scipy.sparse.issparse(block) else scipy.sparse.csr_matrix(np.asarray(block))
     block = scipy.sparse.csr_matrix(block, dtype=np.float32)
-    block.eliminate_zeros()  # stored zeros would count as detected genes
+    block.eliminate_zeros()
     return block
+
+
+def iter_log1p_chunks(
+    x, counts: str, *, rows_c: np.ndarray | None = None, chunk_cells: int, desc: str, where: str
+) -> Iterator[tuple[int, int, scipy.sparse.csr_matrix, scipy.sparse.csr_matrix]]:
+    """THE chunked read-and-normalise pass (EDA, store, baselines): the rows of a backed X (all of
+    them, or the sorted `rows_c`), `chunk_cells` at a time, as (start, stop, raw_cg, log1p_cg):
+    positions [start, stop) among the rows read, those rows as stored (float32 CSR) and
+    normalised by `normalise_log1p` (float32 CSR). Memory: one chunk."""
+    n_rows = x.shape[0] if rows_c is None else len(rows_c)
+    for start in progress(range(0, n_rows, chunk_cells), desc=desc):
+        stop = min(start + chunk_cells, n_rows)
+        raw_cg = read_rows(x, slice(start, stop) if rows_c is None else rows_c[start:stop])
+        log1p_cg = normalise_log1p(raw_cg, counts, where=f"{where} rows {start}:{stop}")
+        yield start, stop, raw_cg, scipy.sparse.csr_matrix(log1p_cg)
 
 
 def make_cell_subsample(n_cells: int, max_cells: int, seed: int) -> np.ndarray:
@@ -325,14 +339,21 @@ def _column_sums(x_cg: scipy.sparse.csr_matrix) -> np.ndarray:
     return np.bincount(x_cg.indices, weights=x_cg.data, minlength=x_cg.shape[1])
 
 
-def _anndata(x_cg, obs_batch: np.ndarray | None = None):
+def make_anndata(
+    x_cg, labels_c=None, gene_names=None, *, pert_col: str = "target_gene", batch_c: np.ndarray | None = None
+):
+    """The one AnnData builder: X as given (no copy, no conversion); obs named "0".."n-1" with the
+    perturbation labels in `pert_col` and/or a `batch` column (categorical); var named by
+    `gene_names`, or "g0".."gN" when None (scanpy's HVG and normalisation need unique names)."""
     import anndata
 
-    obs = pd.DataFrame(index=[f"c{i}" for i in range(x_cg.shape[0])])
-    if obs_batch is not None:
-        obs["batch"] = pd.Categorical(obs_batch)
-    var = pd.DataFrame(index=[f"g{j}" for j in range(x_cg.shape[1])])
-    return anndata.AnnData(x_cg, obs=obs, var=var)
+    obs = pd.DataFrame(index=np.arange(x_cg.shape[0]).astype(str))
+    if labels_c is not None:
+        obs[pert_col] = pd.Categorical(np.asarray(labels_c, dtype=str))
+    if batch_c is not None:
+        obs["batch"] = pd.Categorical(batch_c)
+    names = [f"g{j}" for j in range(x_cg.shape[1])] if gene_names is None else gene_names
+    return anndata.AnnData(X=x_cg, obs=obs, var=pd.DataFrame(index=pd.Index(names, dtype=str)))
 
 
 # -------------------- the one normalisation: log1p CP10K ------------------------------------------
@@ -361,20 +382,90 @@ def check_raw_counts(x_cg, where: str = "") -> None:
         )
 
 
-def check_log1p(x_cg, where: str = "", check_row_sums: bool = True, rtol: float = 1e-3) -> None:
-    """Raise unless x looks like log1p(CP10K): non-negative, below LOG1P_MAX, and (over all
-    of a cell's genes) expm1 row sums ≈ TARGET_SUM. Empty cells (row sum 0) are allowed."""
+@numba.njit(cache=True, nogil=True)
+def _value_summary(x2d, fraction_threshold):
+    """(non-finite count, min and max of finite values, any fractional part > threshold)."""
+    n_bad = 0
+    lo = np.inf
+    hi = -np.inf
+    has_fraction = False
+    n_rows, n_cols = x2d.shape
+    for i in range(n_rows):
+        for j in range(n_cols):
+            v = x2d[i, j]
+            if not (v - v == 0):  # NaN or +-inf
+                n_bad += 1
+                continue
+            lo = min(lo, v)
+            hi = max(hi, v)
+            if not has_fraction and v - np.trunc(v) > fraction_threshold:  # np.modf(v)[0], in X's dtype
+                has_fraction = True
+    return n_bad, lo, hi, has_fraction
+
+
+def check_log1p(
+    x_cg,
+    where: str = "",
+    *,
+    source: Literal["dataset", "prediction"] = "dataset",
+    allow_integer: bool = True,
+    check_row_sums: bool = False,
+    rtol: float = 1e-3,
+) -> None:
+    """THE log1p check, for datasets (normalisation), predictions and scoring inputs: values finite,
+    >= 0 and < LOG1P_MAX (cell-eval's rule); with `allow_integer=False` not integer-valued throughout
+    (cell-eval reads that as raw counts); with `check_row_sums` every non-empty cell's expm1 sums to
+    TARGET_SUM (log1p CP10K over all of its genes). One error naming the fix for the `source`:
+    a dataset's `counts` in the manifest, or a prediction's normalisation or clipping."""
     where = f"{where}: " if where else ""
-    data = x_cg.data if scipy.sparse.issparse(x_cg) else np.asarray(x_cg)
-    if data.size == 0:
+    dtype = x_cg.dtype
+    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
+        raise ValueError(f"{where}X has dtype {dtype}; store expression as float32 log1p values.")
+    values = x_cg.data if scipy.sparse.issparse(x_cg) else np.asarray(x_cg)
+    if values.size == 0:
         return
-    if data.min() < 0 or data.max() >= LOG1P_MAX:
-        raise ValueError(
-            f"{where}values in [{data.min():.3g}, {data.max():.3g}] are not log1p (expected 0 <= x < {LOG1P_MAX}): "
-            "if these are raw counts, set counts = 'raw' in data_manifest.toml"
-        )
-    if not check_row_sums:
-        return
+    if np.issubdtype(dtype, np.floating):
+        # cell-eval's rule: no fractional part above 1e-3 anywhere means raw counts
+        # (compared in X's dtype, as numpy compares an array with a Python float).
+        threshold = dtype.type(1e-3)
+        if dtype not in (np.float32, np.float64):  # float16: exact in float32
+            values, threshold = values.astype(np.float32), np.float32(threshold)
+        values = values if values.ndim == 2 else values.reshape(1, -1)
+        n_bad, lo, hi, has_fraction = _value_summary(values, threshold)
+        n_bad, lo, hi, has_fraction = int(n_bad), float(lo), float(hi), bool(has_fraction)
+    else:  # integer X: always integer-valued
+        n_bad, lo, hi, has_fraction = 0, float(values.min()), float(values.max()), False
+    if source == "dataset":
+        if n_bad or lo < 0 or hi >= LOG1P_MAX:
+            raise ValueError(
+                f"{where}values in [{lo:.3g}, {hi:.3g}]{f' and {n_bad} NaN/inf' if n_bad else ''} are not log1p "
+                f"(expected 0 <= x < {LOG1P_MAX}): if these are raw counts, set counts = 'raw' in data_manifest.toml"
+            )
+    else:
+        if n_bad:
+            raise ValueError(
+                f"{where}X holds {n_bad} NaN/inf values; fix the model output (e.g. np.nan_to_num, then clip) "
+                "before scoring."
+            )
+        if lo < 0:
+            raise ValueError(
+                f"{where}X has negative values (min {lo:.3g}); log1p expression is >= 0, so clip predictions to [0, 14]."
+            )
+        if not allow_integer and not has_fraction:
+            raise ValueError(
+                f"{where}X is integer-valued, which looks like raw counts; normalise it first "
+                "(normalize_total then log1p, the project's one normalisation function)."
+            )
+        if hi >= LOG1P_MAX:
+            raise ValueError(
+                f"{where}X reaches {hi:.3g}, beyond the log1p range [0, {LOG1P_MAX:g}); this looks like raw counts "
+                "or mixed scales: normalise with normalize_total + log1p."
+            )
+    if check_row_sums:
+        _check_row_sums(x_cg, where, rtol)
+
+
+def _check_row_sums(x_cg, where: str, rtol: float) -> None:
     if scipy.sparse.issparse(x_cg):
         expm1 = x_cg.copy()
         expm1.data = np.expm1(expm1.data.astype(np.float64))
@@ -383,10 +474,10 @@ def check_log1p(x_cg, where: str = "", check_row_sums: bool = True, rtol: float 
         sums_c = np.expm1(np.asarray(x_cg, dtype=np.float64)).sum(axis=1)
     bad = (sums_c != 0) & ~np.isclose(sums_c, TARGET_SUM, rtol=rtol)
     if bad.any():
-        looks_raw = np.array_equal(data, np.rint(data))
+        data = x_cg.data if scipy.sparse.issparse(x_cg) else np.asarray(x_cg)
         hint = (
             "the values are integers: looks like raw counts, set counts = 'raw' in data_manifest.toml"
-            if looks_raw
+            if np.array_equal(data, np.rint(data))
             else "normalise with normalise_log1p (counts per 10k, then log1p) over all genes before subsetting"
         )
         raise ValueError(
@@ -405,17 +496,17 @@ def normalise_log1p(x_cg, counts: str = "raw", where: str = ""):
     sparse out. Rows must hold ALL of a cell's genes (library size), not a subset.
     """
     if counts == "log1p":
-        check_log1p(x_cg, where=where)
+        check_log1p(x_cg, where, check_row_sums=True)
         return x_cg.astype(np.float32)
     if counts != "raw":
         raise ValueError(f"{where}: counts = {counts!r}; use 'raw' or 'log1p'")
     import scanpy as sc
 
     check_raw_counts(x_cg, where=where)
-    adata = _anndata(x_cg.astype(np.float32))
+    adata = make_anndata(x_cg.astype(np.float32))
     sc.pp.normalize_total(adata, target_sum=TARGET_SUM)
     sc.pp.log1p(adata)
-    check_log1p(adata.X, where=where)
+    check_log1p(adata.X, where, check_row_sums=True)
     return adata.X
 
 
@@ -615,8 +706,6 @@ def _byte_progress(total: int | None, initial: int, desc: str) -> Iterator[Calla
                 bar.update(initial)
             yield bar.update
         return
-    import tqdm
-
     with tqdm.tqdm(
         total=total,
         initial=initial,
@@ -1128,8 +1217,6 @@ def _sample_counts(
     n_modules: int,
 ):
     """NB counts for one chunk of cells (pert_c = -1 for control). Returns CSR float32."""
-    import scipy.sparse
-
     n_c = len(pert_c)
     z_cm = rng.normal(0.0, 0.25, (n_c, n_modules))
     z_cm[:, 0] = 1.2 * (rng.random(n_c) < 0.4) + rng.normal(0.0, 0.2, n_c)  # cycling vs not
@@ -1166,8 +1253,6 @@ def write_synthetic_world(data_root: str | os.PathLike | None = None, size: str 
 
     Deterministic for (size, seed). Returns a summary: files written and their cell counts.
     """
-    import pandas as pd
-
     if size not in SYNTHETIC_SIZES:
         raise ValueError(f"unknown synthetic size {size!r}: choose one of {sorted(SYNTHETIC_SIZES)}")
     sz = SYNTHETIC_SIZES[size]
@@ -1449,24 +1534,19 @@ def get_eda_dir(data_root: str | os.PathLike | None) -> pathlib.Path:
 
 def get_dataset_eda(spec: DatasetSpec, data_root: str | os.PathLike | None, cfg: EdaConfig) -> DatasetEda:
     """Read one dataset in row chunks and keep per-cell depth and per-group log1p means."""
-    import anndata
-
-    path = get_dataset_path(spec, data_root)
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run nb/01_download.py --world {cfg.world} first")
-    adata = anndata.read_h5ad(path, backed="r")
-    try:
-        labels_c = adata.obs[spec.perturbation_key].astype(str).to_numpy()
+    with open_h5ad_backed(get_dataset_path(spec, data_root)) as (obs, var, x):
+        n_cells, n_genes = x.shape
+        labels_c = obs[spec.perturbation_key].astype(str).to_numpy()
         if not (labels_c == spec.control_label).any():
             raise ValueError(f"{spec.name}: no cells with {spec.perturbation_key} == {spec.control_label!r}")
-        symbols_g, ensembl_ids_g = get_gene_keys(adata.var, spec)
+        symbols_g, ensembl_ids_g = get_gene_keys(var, spec)
         perts = np.unique(labels_c[labels_c != spec.control_label])
         groups = np.concatenate([[CONTROL_GROUP], perts]).astype(object)
         group_c = np.searchsorted(perts, labels_c) + 1  # perts is sorted; control gets 0 below
         group_c[labels_c == spec.control_label] = 0
         n_cells_k = np.bincount(group_c, minlength=len(groups))
 
-        rows_r = make_cell_subsample(adata.n_obs, cfg.max_cells_per_dataset, cfg.seed)
+        rows_r = make_cell_subsample(n_cells, cfg.max_cells_per_dataset, cfg.seed)
         group_r = group_c[rows_r]
         # Null groups: random disjoint sets of read control cells, each as big as the median
         # perturbation (read), so their spread is what noise alone gives a perturbation.
@@ -1481,14 +1561,19 @@ def get_dataset_eda(spec: DatasetSpec, data_root: str | os.PathLike | None, cfg:
         groups = np.concatenate([groups, [f"{NULL_GROUP_PREFIX}{i}" for i in range(n_null)]]).astype(object)
         n_groups = len(groups)
 
-        sum_kg = np.zeros((n_groups, adata.n_vars))
+        sum_kg = np.zeros((n_groups, n_genes))
         n_read_k = np.zeros(n_groups, dtype=np.int64)
         umis_parts, genes_parts = [], []
-        starts = range(0, len(rows_r), cfg.chunk_cells)
-        for start in progress(starts, desc=f"{spec.name}: reading cells"):
-            chunk = slice(start, start + cfg.chunk_cells)
-            x_cg = _read_row_chunk(adata.X, rows_r[chunk])
-            log1p_cg = normalise_log1p(x_cg, spec.counts, where=f"{spec.name} rows {start}+")
+        chunks = iter_log1p_chunks(
+            x,
+            spec.counts,
+            rows_c=rows_r,
+            chunk_cells=cfg.chunk_cells,
+            desc=f"{spec.name}: reading cells",
+            where=spec.name,
+        )
+        for start, stop, x_cg, log1p_cg in chunks:
+            chunk = slice(start, stop)
             # Depth is only recoverable from raw counts.
             umis_c = np.asarray(x_cg.sum(axis=1)).ravel() if spec.counts == "raw" else np.full(x_cg.shape[0], np.nan)
             umis_parts.append(umis_c)
@@ -1503,15 +1588,13 @@ def get_dataset_eda(spec: DatasetSpec, data_root: str | os.PathLike | None, cfg:
             )
             sum_kg += (member_kc @ log1p_cg).toarray()
             n_read_k += np.bincount(rows_k, minlength=n_groups)
-    finally:
-        adata.file.close()
 
     with np.errstate(invalid="ignore", divide="ignore"):
         mean_log1p_kg = sum_kg / n_read_k[:, None]
     n_cells_k = np.concatenate([n_cells_k, n_read_k[len(n_cells_k) :]])
     return DatasetEda(
         spec=spec,
-        n_cells=int(adata.n_obs),
+        n_cells=int(n_cells),
         groups_k=groups,
         n_cells_k=n_cells_k,
         n_read_k=n_read_k,
@@ -2023,16 +2106,16 @@ def compute_dataset_hvgs(
             stop = min(start + chunk_cells, x.shape[0])
             keep = rows_c[(rows_c >= start) & (rows_c < stop)] - start
             if len(keep):
-                blocks.append(read_rows(x, start, stop)[keep])
+                blocks.append(read_rows(x, slice(start, stop))[keep])
         x_cg = scipy.sparse.vstack(blocks, format="csr")
         obs = obs.iloc[rows_c]
         n_cells_total = int(x.shape[0])
     # Positional var names: scanpy indexes by name, and real var indices can repeat.
-    adata = _anndata(x_cg, obs_batch=obs[spec.batch_key].astype(str).to_numpy() if spec.batch_key else None)
+    adata = make_anndata(x_cg, batch_c=obs[spec.batch_key].astype(str).to_numpy() if spec.batch_key else None)
     n_top = min(n_top, adata.n_vars)
     info: dict[str, Any] = {"n_cells_total": n_cells_total, "n_cells_used": int(len(rows_c))}
     if spec.counts == "log1p":
-        check_log1p(x_cg, where=spec.name)
+        check_log1p(x_cg, spec.name, check_row_sums=True)
         stats = sc.pp.highly_variable_genes(adata, flavor="seurat", n_top_genes=n_top, inplace=False)
         stats = stats.rename(columns={"dispersions_norm": "variances_norm"})
         stats["highly_variable_nbatches"] = 1
@@ -2342,94 +2425,24 @@ def write_store(cfg: NormaliseConfig, specs: Sequence[DatasetSpec] | None = None
         return store_dir
 
     n_genes = len(hvgs)
-    plans = []  # per dataset: groups, dest_c, column map, gene table
-    n_cells = n_groups = 0
+    plans, n_cells, n_groups = [], 0, 0
     for spec in specs:
-        with open_h5ad_backed(get_dataset_path(spec, cfg.data_root)) as (obs, var, x):
-            genes = read_dataset_genes(cfg.data_root, cfg.world, spec.name)
-            if len(genes) != var.shape[0] or not np.array_equal(genes["var_name"].to_numpy(), var.index.astype(str)):
-                raise ValueError(
-                    f"{spec.name}: the gene table from 03 does not match the file's var: rerun nb/03_hvg.py"
-                )
-            groups, dest_c = make_store_rows(obs, spec)
-            cell_ids = obs.index.astype(str).to_numpy()
-        col_of_id = pd.Series(
-            np.flatnonzero(genes["in_gene_space"]), index=genes.loc[genes["in_gene_space"], "ensembl_id"]
-        )
-        cols_g = col_of_id.reindex(hvgs["ensembl_id"]).fillna(-1).astype(int).to_numpy()
-        groups[["start", "stop"]] += n_cells
-        plans.append(
-            dict(
-                spec=spec,
-                groups=groups,
-                group_offset=n_groups,
-                dest_c=dest_c + n_cells,
-                cols_g=cols_g,
-                genes=genes,
-                cell_ids=cell_ids,
-            )
-        )
-        n_cells += len(dest_c)
-        n_groups += len(groups)
+        plans.append(_plan_store_dataset(spec, cfg, hvgs, first_row=n_cells, first_group=n_groups))
+        n_cells += len(plans[-1]["dest_c"])
+        n_groups += len(plans[-1]["groups"])
 
-    index = pd.concat([p["groups"] for p in plans], ignore_index=True)
     with atomic_dir(store_dir) as tmp_dir:
         x_path = tmp_dir / "x_cg.npy"
         # open_memmap writes the .npy header and sizes the file; rows are then pwritten.
         header = np.lib.format.open_memmap(x_path, mode="w+", dtype=np.float32, shape=(n_cells, n_genes))
         offset = header.offset
         del header
-        obs_parts, means_parts, measured_dg = [], [], []
         with open(x_path, "r+b") as fh:
-            for plan in plans:
-                spec, cols_g, genes = plan["spec"], plan["cols_g"], plan["genes"]
-                measured_g = cols_g >= 0
-                measured_dg.append(measured_g)
-                n_counts_c = np.full(len(plan["dest_c"]), np.nan)
-                sum_all_g = np.zeros(len(genes))
-                sum_ctrl_g = np.zeros(len(genes))
-                with open_h5ad_backed(get_dataset_path(spec, cfg.data_root)) as (obs, _var, x):
-                    is_ctrl_c = obs[spec.perturbation_key].astype(str).to_numpy() == spec.control_label
-                    starts = range(0, x.shape[0], cfg.chunk_cells)
-                    for start in progress(starts, desc=f"store {spec.name}"):
-                        stop = min(start + cfg.chunk_cells, x.shape[0])
-                        counts_cg = read_rows(x, start, stop)
-                        if spec.counts == "raw":
-                            n_counts_c[start:stop] = np.asarray(counts_cg.sum(axis=1)).ravel()
-                        log_cg = scipy.sparse.csr_matrix(
-                            normalise_log1p(counts_cg, spec.counts, where=f"{spec.name} rows {start}:{stop}")
-                        )
-                        del counts_cg
-                        sum_all_g += _column_sums(log_cg)
-                        sum_ctrl_g += _column_sums(log_cg[is_ctrl_c[start:stop]])
-                        rows_cg = np.zeros((stop - start, n_genes), dtype=np.float32)
-                        rows_cg[:, measured_g] = log_cg[:, cols_g[measured_g]].toarray()
-                        _pwrite_rows(fh.fileno(), offset, rows_cg, plan["dest_c"][start:stop])
-                n_ctrl = max(int(is_ctrl_c.sum()), 1)
-                means_parts.append(
-                    pd.DataFrame(
-                        {
-                            "dataset": spec.name,
-                            "cell_type": spec.cell_type,
-                            "ensembl_id": np.where(genes["in_gene_space"], genes["ensembl_id"], ""),
-                            "symbol": genes["symbol"],
-                            "var_name": genes["var_name"],
-                            "mean_all": sum_all_g / len(is_ctrl_c),
-                            "mean_control": sum_ctrl_g / n_ctrl,
-                        }
-                    )
-                )
-                group_of_row = np.repeat(np.arange(len(plan["groups"])), plan["groups"]["n_cells"].to_numpy())
-                obs_part = pd.DataFrame(index=plan["dest_c"])
-                obs_part["cell_id"] = plan["cell_ids"]
-                obs_part["source_row"] = np.arange(len(plan["dest_c"]))
-                obs_part["n_counts"] = n_counts_c
-                obs_part = obs_part.sort_index()
-                obs_part.insert(0, "group", group_of_row + plan["group_offset"])
-                obs_parts.append(obs_part)
+            written = [_write_store_dataset(fh.fileno(), offset, plan, cfg, n_genes) for plan in plans]
             os.fsync(fh.fileno())
+        measured_dg, means_parts, obs_parts = zip(*written)
         pd.concat(obs_parts, ignore_index=True).to_csv(tmp_dir / "obs.csv", index=False)
-        index.to_csv(tmp_dir / "index.csv", index=False)
+        pd.concat([p["groups"] for p in plans], ignore_index=True).to_csv(tmp_dir / "index.csv", index=False)
         hvgs.to_csv(tmp_dir / "genes.csv", index=False)
         np.save(tmp_dir / "measured_dg.npy", np.stack(measured_dg))
         pd.concat(means_parts, ignore_index=True).to_csv(tmp_dir / "means.csv", index=False)
@@ -2443,6 +2456,74 @@ def write_store(cfg: NormaliseConfig, specs: Sequence[DatasetSpec] | None = None
         }
         (tmp_dir / "meta.json").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
     return store_dir
+
+
+def _plan_store_dataset(
+    spec: DatasetSpec, cfg: NormaliseConfig, hvgs: pd.DataFrame, *, first_row: int, first_group: int
+) -> dict[str, Any]:
+    """Where one dataset's cells and genes go in the store: its groups (rows from `first_row`),
+    the store row of each source row, and the source column of each shared gene (-1: unmeasured)."""
+    with open_h5ad_backed(get_dataset_path(spec, cfg.data_root)) as (obs, var, _x):
+        genes = read_dataset_genes(cfg.data_root, cfg.world, spec.name)
+        if len(genes) != var.shape[0] or not np.array_equal(genes["var_name"].to_numpy(), var.index.astype(str)):
+            raise ValueError(f"{spec.name}: the gene table from 03 does not match the file's var: rerun nb/03_hvg.py")
+        groups, dest_c = make_store_rows(obs, spec)
+        cell_ids = obs.index.astype(str).to_numpy()
+    in_space = genes["in_gene_space"]
+    col_of_id = pd.Series(np.flatnonzero(in_space), index=genes.loc[in_space, "ensembl_id"])
+    groups[["start", "stop"]] += first_row
+    return dict(
+        spec=spec,
+        groups=groups,
+        group_offset=first_group,
+        dest_c=dest_c + first_row,
+        cols_g=col_of_id.reindex(hvgs["ensembl_id"]).fillna(-1).astype(int).to_numpy(),
+        genes=genes,
+        cell_ids=cell_ids,
+    )
+
+
+def _write_store_dataset(
+    fd: int, offset: int, plan: dict[str, Any], cfg: NormaliseConfig, n_genes: int
+) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
+    """Normalise one dataset chunk by chunk into its store rows; returns its measured-gene mask,
+    its gene means (all cells, control cells; every gene of the file) and its obs rows."""
+    spec, cols_g, genes = plan["spec"], plan["cols_g"], plan["genes"]
+    measured_g = cols_g >= 0
+    n_counts_c = np.full(len(plan["dest_c"]), np.nan)
+    sum_all_g, sum_ctrl_g = np.zeros(len(genes)), np.zeros(len(genes))
+    with open_h5ad_backed(get_dataset_path(spec, cfg.data_root)) as (obs, _var, x):
+        is_ctrl_c = obs[spec.perturbation_key].astype(str).to_numpy() == spec.control_label
+        chunks = iter_log1p_chunks(
+            x, spec.counts, chunk_cells=cfg.chunk_cells, desc=f"store {spec.name}", where=spec.name
+        )
+        for start, stop, counts_cg, log_cg in chunks:
+            if spec.counts == "raw":
+                n_counts_c[start:stop] = np.asarray(counts_cg.sum(axis=1)).ravel()
+            sum_all_g += _column_sums(log_cg)
+            sum_ctrl_g += _column_sums(log_cg[is_ctrl_c[start:stop]])
+            rows_cg = np.zeros((stop - start, n_genes), dtype=np.float32)
+            rows_cg[:, measured_g] = log_cg[:, cols_g[measured_g]].toarray()
+            _pwrite_rows(fd, offset, rows_cg, plan["dest_c"][start:stop])
+    means = pd.DataFrame(
+        {
+            "dataset": spec.name,
+            "cell_type": spec.cell_type,
+            "ensembl_id": np.where(genes["in_gene_space"], genes["ensembl_id"], ""),
+            "symbol": genes["symbol"],
+            "var_name": genes["var_name"],
+            "mean_all": sum_all_g / len(is_ctrl_c),
+            "mean_control": sum_ctrl_g / max(int(is_ctrl_c.sum()), 1),
+        }
+    )
+    group_of_row = np.repeat(np.arange(len(plan["groups"])), plan["groups"]["n_cells"].to_numpy())
+    obs_rows = pd.DataFrame(index=plan["dest_c"])
+    obs_rows["cell_id"] = plan["cell_ids"]
+    obs_rows["source_row"] = np.arange(len(plan["dest_c"]))
+    obs_rows["n_counts"] = n_counts_c
+    obs_rows = obs_rows.sort_index()
+    obs_rows.insert(0, "group", group_of_row + plan["group_offset"])
+    return measured_g, means, obs_rows
 
 
 @dataclasses.dataclass(frozen=True)
@@ -2533,6 +2614,12 @@ def plot_store_overview(store: CellStore, max_rows: int = 4_000, seed: int = 0):
     return fig
 
 
+def get_store_perturbations(store: CellStore, dataset: str) -> pd.Series:
+    """The perturbations measured in one dataset of the store (one entry per group)."""
+    index = store.index
+    return index.loc[(index["dataset"] == dataset) & ~index["is_control"], "perturbation"]
+
+
 def summarise_store(store: CellStore) -> pd.DataFrame:
     """Per dataset: cells, groups, perturbations, control cells, measured shared genes."""
     index = store.index
@@ -2601,19 +2688,15 @@ def make_vocab(index: pd.DataFrame) -> PerturbationVocab:
 class LoaderConfig:
     """How cell sets are drawn from the store."""
 
-    set_size: int = 64
+    set_size: int = 32
     """S: cells per set (perturbed cells, and as many control cells)."""
-    sets_per_batch: int = 16
-    """Sets per global batch (split across processes)."""
-    seed: int = 0
-    """Seed of the shuffle and of the cell draws: same seed, same batches."""
-    datasets: tuple[str, ...] = ()
-    """Store datasets to train on; empty = all."""
+    sets_per_batch: int = 8
+    """Sets per global step (split across processes and devices)."""
     control_sets: bool = True
     """Also yield control groups as identity examples (control in, control out)."""
     worker_count: int = 0
     """grain worker processes reading batches; 0 reads in a thread of the training process
-    (on 2 cores the XLA step already uses both: workers only add copies there)."""
+    (on 2 cores the XLA step already uses both: workers never paid off there)."""
     prefetch_batches: int = 2
     """Batches read ahead of the train step. grain's default (500 elements) would hold 500
     whole batches, gigabytes at S=64, B=16, 2,000 genes."""
@@ -2667,11 +2750,13 @@ class CellSetBatches:
         examples: pd.DataFrame,
         pert_ids: np.ndarray,
         cfg: LoaderConfig,
+        seed: int,
         process_index: int = 0,
         process_count: int = 1,
     ):
         self.store_dir = str(store_dir)
         self.cfg = cfg
+        self.seed = seed
         self.pert_ids = np.asarray(pert_ids, np.int32)
         self.rows_k2 = examples[["start", "stop"]].to_numpy(np.int64)
         self.control_rows_k2 = index.loc[examples["control_group"], ["start", "stop"]].to_numpy(np.int64)
@@ -2700,7 +2785,7 @@ class CellSetBatches:
         epoch_b, out = positions // n, np.empty(len(positions), np.int64)
         for epoch in np.unique(epoch_b):  # one, or two where the batch crosses an epoch boundary
             if self._epoch_order[0] != epoch:
-                self._epoch_order = (epoch, np.random.default_rng([self.cfg.seed, epoch]).permutation(n))
+                self._epoch_order = (epoch, np.random.default_rng([self.seed, epoch]).permutation(n))
             out[epoch_b == epoch] = self._epoch_order[1][positions[epoch_b == epoch] % n]
         return out
 
@@ -2723,7 +2808,7 @@ class CellSetBatches:
     def __getitem__(self, t: int) -> dict[str, np.ndarray]:
         b = self.cfg.sets_per_batch
         examples_b = self.get_examples(np.arange(t * b, (t + 1) * b))
-        rng = np.random.default_rng([self.cfg.seed, t, 1])
+        rng = np.random.default_rng([self.seed, t, 1])
         ctrl_bs = self.sample_rows(*self.control_rows_k2[examples_b].T, rng)[self.local]
         pert_bs = self.sample_rows(*self.rows_k2[examples_b].T, rng)[self.local]
         examples_b = examples_b[self.local]
@@ -2741,15 +2826,17 @@ def make_loader(
     cfg: LoaderConfig,
     *,
     vocab: PerturbationVocab,
+    seed: int,
+    datasets: Sequence[str] = (),
     exclude_perturbations=(),
     target_dataset: str = "",
     process_index: int = 0,
     process_count: int = 1,
 ):
-    """A grain dataset of batches of cell sets: dict of `ctrl_bsg`, `pert_bsg`, `pert_id_b`,
+    """A grain dataset of batches of cell sets from the store's `datasets` (empty: all): dict of `ctrl_bsg`, `pert_bsg`, `pert_id_b`,
     `example_b` (rows of the returned examples table). Iterate it with `iter_batches`.
 
-    Infinite, shuffled per epoch, deterministic for `cfg.seed`, sharded by process (each
+    Infinite, shuffled per epoch, deterministic for `seed`, sharded by process (each
     process gets its contiguous `sets_per_batch / process_count` sets of every global batch,
     so the processes' slices stacked in process order are exactly the single-process batch
     and results do not depend on the number of hosts). Its iterator's
@@ -2762,13 +2849,13 @@ def make_loader(
         raise ValueError(f"sets_per_batch={cfg.sets_per_batch} must divide across {process_count} processes")
     examples = make_example_groups(
         store.index,
-        datasets=cfg.datasets,
+        datasets=datasets,
         exclude_perturbations=exclude_perturbations,
         target_dataset=target_dataset,
         control_sets=cfg.control_sets,
     )
     pert_ids = vocab.ids(examples["perturbation"], is_control=examples["is_control"])
-    source = CellSetBatches(store.store_dir, store.index, examples, pert_ids, cfg, process_index, process_count)
+    source = CellSetBatches(store.store_dir, store.index, examples, pert_ids, cfg, seed, process_index, process_count)
     # Open the memmap here, in the calling thread: np.load parses the .npy header with
     # ast.literal_eval, and CPython 3.11 < 3.11.8 can fail with "SystemError: AST constructor
     # recursion depth mismatch" when grain's prefetch threads do that while another thread compiles
@@ -2799,56 +2886,54 @@ def iter_batches(dataset, cfg: LoaderConfig):
 # ==================================================================================================
 
 
-# The ST set transformer in equinox, its losses, and one train step (which the train and
-# infer code builds on).
-#
-# Shape suffixes: b batch (sets per step), s set (cells per set), g gene, h hidden,
-# f perturbation feature, p perturbation, i SwiGLU inner width, n/m cells of two sets.
-#
-# The model follows STATE's "ST" (SPEC §4), written from the description, not Arc's code:
+# The ST set transformer of Arc's STATE, written from its published description, not Arc's code:
 # a set of S control cells and one perturbation's feature vector go in; S predicted
-# perturbed cells come out. `SetTransformer.__call__` takes ONE set; the loss vmaps over
+# perturbed cells come out. Basal encoder (an MLP per cell) + perturbation encoder, added;
+# a LLaMA-style backbone (RMSNorm, SwiGLU, no biases, bidirectional attention, no positions,
+# so the model is permutation-equivariant over the set); an output MLP back to genes with a
+# skip from the basal encoding around the whole backbone; ReLU in gene space. `SetTransformer.__call__` takes ONE set; the loss vmaps over
 # the batch (the equinox-examples style).
 
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Shape of the ST set transformer. Defaults: the researcher's small config (~2.5M params)."""
+    """Shape of the ST set transformer. Defaults: what nb/05_train.py trains (a small model that
+    trains in minutes on 2 CPU cores); `RESEARCHER_MODEL` is the original ~2.5M-parameter config.
+    n_genes and n_pert_features come from the data, so they are not flags."""
 
-    n_genes: int = 2000
+    n_genes: Annotated[int, tyro.conf.Suppress] = 2000
     """Genes in and out (the shared HVG list); every input set must have exactly this many columns."""
-    n_pert_features: int = 301
+    n_pert_features: Annotated[int, tyro.conf.Suppress] = 301
     """Width of a perturbation's feature vector: n_perts + 1 for one-hot ids (the extra
     column is the out-of-vocabulary slot), or a gene embedding's width (ESM2-650M: 1280).
-    301 matches the one-hot width of the arc-state reference benchmark (ENVIRONMENT.md)."""
-    hidden: int = 128
-    """Width of the residual stream of the transformer (and of the encoder MLPs)."""
-    n_layers: int = 4
-    """Transformer blocks."""
-    n_heads: int = 8
-    """Attention heads per block; must divide `hidden`."""
-    mlp_ratio: int = 8
-    """SwiGLU inner width = mlp_ratio * hidden. 8 gives 1.84M transformer parameters at
-    hidden 128 x 4 layers and ~115K for one layer at hidden 64, the researcher's numbers."""
+    301 matches the one-hot width of benchmarks/bench_train_step.py's arc-state reference."""
+    hidden: int = 64
+    """Width of the residual stream of the transformer (and of the encoder MLPs); researcher: 128."""
+    n_layers: int = 2
+    """Transformer blocks; researcher: 4."""
+    n_heads: int = 4
+    """Attention heads per block; must divide `hidden`; researcher: 8."""
+    mlp_ratio: int = 4
+    """SwiGLU inner width = mlp_ratio * hidden. The researcher's 8 gives 1.84M transformer
+    parameters at hidden 128 x 4 layers and ~115K for one layer at hidden 64."""
     n_encoder_layers: int = 2
     """Linear layers in each of the basal encoder, perturbation encoder and output MLP (>= 1)."""
     straight_through_relu: bool = True
     """Output ReLU with an identity gradient: the forward is STATE's ReLU, but a gene whose
     predictions all fell below 0 still gets a gradient. With a plain ReLU such genes stay
     at 0 for good: on a toy batch 5 of 96 (set, gene) pseudobulks died while overfitting."""
-    residual_output: bool = False
+    residual_output: bool = True
     """Predict the change, not the cells: pred = relu(ctrl + decoder(...)), the decoder's last
     layer zero-initialised, so a fresh model is exactly the control baseline ("no effect") and
-    only has to learn the effect. False (the default here, so checkpoints written before this
-    option load unchanged) is STATE's plain head, pred = relu(decoder(...)). Training turns it
-    on (`TrainConfig.residual_output`)."""
-    center_control: bool = False
+    only has to learn the effect. False is STATE's plain head, pred = relu(decoder(...)), with
+    the last bias at the target's gene means."""
+    center_control: bool = True
     """With residual_output: add the change to each control cell minus its set's mean, and
     start the decoder's last bias at `make_model`'s gene_mean_g, so the predicted pseudobulk
     starts at that mean instead of the input set's mean (whose sampling noise carries no
     information about the perturbation) while each cell keeps its own deviation."""
     direct_effect: bool = False
-    """The perturbation feature vector ends with 2 x n_genes more values
+    """gene/random features only. The perturbation feature vector ends with 2 x n_genes more values
     (`make_pert_features(direct_effect=True)`): a gene-space effect (the other cell types' mean
     effect), added to the output through a learned per-gene gain, and the 0/1 indicator of
     the knocked-down gene, whose value in each cell is scaled down by a learned fraction
@@ -2860,6 +2945,17 @@ class ModelConfig:
             raise ValueError(f"hidden {self.hidden} is not divisible by n_heads {self.n_heads}")
         if min(self.n_genes, self.n_pert_features, self.n_layers, self.n_encoder_layers) < 1:
             raise ValueError(f"every size in {self} must be >= 1")
+
+
+RESEARCHER_MODEL = ModelConfig(
+    hidden=128, n_layers=4, n_heads=8, mlp_ratio=8, residual_output=False, center_control=False
+)
+"""The original researcher's config for the Replogle-Nadig experiments (~2.5M parameters, STATE's
+plain head); benchmarks/bench_train_step.py compares it with arc-state."""
+
+# Fields of model_config.json that checkpoints written before they existed lack: such a checkpoint
+# was trained with the value given here, whatever today's default is.
+MODEL_CONFIG_BEFORE_FIELD = {"residual_output": False, "center_control": False, "direct_effect": False}
 
 
 def make_mlp(in_size: int, out_size: int, width: int, n_linear: int, *, key: PRNGKeyArray) -> eqx.nn.MLP:
@@ -3008,7 +3104,7 @@ class SetTransformer(eqx.Module):
         h_sh = basal_sh + self.pert_encoder(pert_f)[None, :]
         for block in self.blocks:
             h_sh = block(h_sh)
-        # Skip from the basal encoding around the whole backbone (SPEC §4).
+        # Skip from the basal encoding around the whole backbone, as in STATE's ST.
         out_sh = jax.vmap(self.final_norm)(h_sh) + basal_sh
         z_sg = jax.vmap(self.decoder)(out_sh)
         if self.effect_gain_g is not None:
@@ -3119,8 +3215,9 @@ class LossConfig:
     """Weight of the energy distance (geomloss "energy"; STATE's default loss)."""
     mmd_weight: float = 0.0
     """Weight of the RBF-kernel MMD (geomloss "gaussian" convention, averaged over bandwidths)."""
-    pseudobulk_mse_weight: float = 0.0
-    """Weight of the MSE between the set means (pseudobulks); fast to overfit, a sanity check."""
+    pseudobulk_mse_weight: float = 10.0
+    """Weight of the MSE between the set means (pseudobulks): the MAE metric's own quantity. Its
+    values are ~100x smaller than the energy's; at weight 1 a 1,500-step run stayed worse than control."""
     mmd_bandwidths: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
     """RBF bandwidths sigma in log1p units. Cell-to-cell distances over 2,000 log1p HVGs are
     tens of units; these are a guess to revisit on real data (several scales hedge it)."""
@@ -3262,9 +3359,7 @@ def init_opt_state(model: SetTransformer, optimizer: optax.GradientTransformatio
 # -------------------- perturbation features for unseen perturbations ------------------------------
 
 
-# Issue 5 (train): perturbation features, the training loop, checkpoints, inference.
-#
-# Pasted into lib.py's "train" and "infer" sections (the merge rewrites `lib.x` -> `x`).
+# Features for unseen perturbations, the config, the flat training loop and its checkpoints:
 #
 #     make_pert_features(store, vocab, kind, ...)  -> PertFeatures (the table the model reads)
 #     TrainConfig / parse_train_config(argv)       -> one flat config: flags over an optional TOML
@@ -3284,9 +3379,6 @@ def init_opt_state(model: SetTransformer, optimizer: optax.GradientTransformatio
 #         model.eqx, opt_state.eqx   equinox leaves (eqx.tree_serialise_leaves)
 #         state.json                 step, RNG key data, loader iterator state, run id, metrics
 #         config.json, model_config.json, vocab.json, features.npz, control_pool.npy
-#
-# Shape suffixes: b batch of sets, s set, g gene, p perturbation (vocab id), d dataset,
-# f perturbation feature, k component, c cell.
 
 
 FEATURE_KINDS = ("onehot", "gene", "random")
@@ -3395,7 +3487,9 @@ def get_top_components(x_ng: Float[np.ndarray, "n g"], k: int, seed: int = 0) ->
     return s_l[:k], vt_lg[:k]
 
 
-def get_coexpression_loadings(store, target: str, n_components: int, max_cells: int = 4000) -> Float[np.ndarray, "g k"]:
+def get_coexpression_loadings(
+    store, target: str, n_components: int, max_cells: int = 4000
+) -> Float[np.ndarray, "gene component"]:
     """Each HVG's loadings on the top principal components of the target's control cells
     (genes standardised, so a loading is the gene's correlation with the component)."""
     index = store.index
@@ -3405,11 +3499,11 @@ def get_coexpression_loadings(store, target: str, n_components: int, max_cells: 
     x_cg = np.asarray(store.x_cg[np.sort(rows)], np.float64)
     x_cg -= x_cg.mean(0)
     x_cg /= np.maximum(x_cg.std(0), 1e-6)  # constant genes stay 0 instead of dividing by 0
-    s_k, vt_kg = get_top_components(x_cg, n_components)
-    k = len(s_k)
-    loadings_gk = np.zeros((x_cg.shape[1], n_components))
-    loadings_gk[:, :k] = vt_kg[:k].T * s_k[:k] / math.sqrt(len(x_cg))
-    return loadings_gk.astype(np.float32)
+    s_e, vt_eg = get_top_components(x_cg, n_components)
+    k = len(s_e)
+    loadings_ge = np.zeros((x_cg.shape[1], n_components))
+    loadings_ge[:, :k] = vt_eg[:k].T * s_e[:k] / math.sqrt(len(x_cg))
+    return loadings_ge.astype(np.float32)
 
 
 def get_context_effects(store, target: str, max_cells: int = 256) -> tuple[pd.DataFrame, Float[np.ndarray, "r g"]]:
@@ -3466,51 +3560,51 @@ def make_pert_features(
     flags_pf[1, 1] = 1.0  # id 1: out of vocabulary
 
     # (a) co-expression loadings of the target gene, matched by symbol (the perturbation label).
-    loadings_gk = get_coexpression_loadings(store, target, n_coexpr_components)
+    loadings_ge = get_coexpression_loadings(store, target, n_coexpr_components)
     column_of = {s: j for j, s in enumerate(store.genes["symbol"].astype(str))}
-    coexpr_pk = np.zeros((n_p, n_coexpr_components), np.float32)
+    coexpr_pe = np.zeros((n_p, n_coexpr_components), np.float32)
     n_tail = store.x_cg.shape[1] if direct_effect else 0  # genes in each gene-space input
     target_pg = np.zeros((n_p, n_tail), np.float32)
     for p, label in enumerate(vocab.labels[2:], start=2):
         if label in column_of:
-            coexpr_pk[p] = loadings_gk[column_of[label]]
+            coexpr_pe[p] = loadings_ge[column_of[label]]
             flags_pf[p, 2] = 1.0
             if direct_effect:
                 target_pg[p, column_of[label]] = 1.0
 
     # (b) other cell types' effects, reduced by an uncentred PCA (the zero effect stays at 0).
     effect_rows, effect_rg = get_context_effects(store, target)
-    effect_dpk = np.zeros((n_d, n_p, n_effect_components), np.float32)
+    effect_dpe = np.zeros((n_d, n_p, n_effect_components), np.float32)
     has_effect_dp = np.zeros((n_d, n_p), bool)
     direct_dpg = np.zeros((n_d, n_p, n_tail), np.float32)
     if len(effect_rg):
-        _, vt_kg = get_top_components(effect_rg, n_effect_components, seed)
-        k = len(vt_kg)
-        z_rk = np.zeros((len(effect_rg), n_effect_components))
-        z_rk[:, :k] = effect_rg @ vt_kg[:k].T
-        z_rk /= max(np.sqrt((z_rk**2).sum(1).mean()), 1e-12)  # one global scale: rows ~unit norm
+        _, vt_eg = get_top_components(effect_rg, n_effect_components, seed)
+        k = len(vt_eg)
+        z_re = np.zeros((len(effect_rg), n_effect_components))
+        z_re[:, :k] = effect_rg @ vt_eg[:k].T
+        z_re /= max(np.sqrt((z_re**2).sum(1).mean()), 1e-12)  # one global scale: rows ~unit norm
         ids_r = vocab.ids(effect_rows["perturbation"])
         source_r = effect_rows["dataset"].map(datasets.index).to_numpy()
         for d in range(n_d):
             others = source_r != d  # leave the example's own dataset out
-            sums_pk = np.zeros((n_p, n_effect_components))
-            np.add.at(sums_pk, ids_r[others], z_rk[others])
+            sums_pe = np.zeros((n_p, n_effect_components))
+            np.add.at(sums_pe, ids_r[others], z_re[others])
             counts_p = np.bincount(ids_r[others], minlength=n_p)
             has_effect_dp[d] = counts_p > 0
-            effect_dpk[d] = sums_pk / np.maximum(counts_p, 1)[:, None]
+            effect_dpe[d] = sums_pe / np.maximum(counts_p, 1)[:, None]
             if direct_effect:
                 sums_pg = np.zeros((n_p, n_tail))
                 np.add.at(sums_pg, ids_r[others], effect_rg[others])
                 direct_dpg[d] = sums_pg / np.maximum(counts_p, 1)[:, None]
         has_effect_dp[:, :2] = False  # control and OOV carry no effect
-        effect_dpk[:, :2] = 0.0
+        effect_dpe[:, :2] = 0.0
         direct_dpg[:, :2] = 0.0
 
     table_dpf = np.concatenate(
         [
             np.broadcast_to(flags_pf, (n_d, *flags_pf.shape)).copy(),
-            np.broadcast_to(coexpr_pk, (n_d, *coexpr_pk.shape)),
-            effect_dpk,
+            np.broadcast_to(coexpr_pe, (n_d, *coexpr_pe.shape)),
+            effect_dpe,
             direct_dpg,
             np.broadcast_to(target_pg, (n_d, *target_pg.shape)),
         ],
@@ -3557,8 +3651,9 @@ def make_train_vocab(store, extra_perturbations=()) -> PerturbationVocab:
 
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
-    """Flags of nb/05_train.py (one flat config; the loader/model/loss/optimizer configs are built
-    from it). Defaults train a small model on the small synthetic world in ~2 minutes on 2 CPU cores."""
+    """Flags of nb/05_train.py. The loader, model and loss configs are nested (each default has
+    one home, in its own config) and their flags stay flat (`--hidden`, not `--model.hidden`).
+    Defaults train a small model on the small synthetic world in ~2 minutes on 2 CPU cores."""
 
     config: str = ""
     """TOML file whose keys (these field names) set the defaults; every flag given overrides it."""
@@ -3577,48 +3672,18 @@ class TrainConfig:
     """gene features: principal components of the target's control cells (co-expression loadings)."""
     n_effect_components: int = 16
     """gene features: principal axes of the other cell types' pseudobulk effects."""
-    direct_effect: bool = False
-    """gene/random features: also pass the other cell types' mean effect in gene space, added to
-    the prediction through a learned per-gene gain (ModelConfig.direct_effect)."""
     oov_dropout: float = 0.1
     """Probability that a perturbed example's features are replaced by the OOV row, so the OOV
     row learns "an unknown perturbation" instead of staying at its random init."""
     vocab_from_pert_counts: bool = True
     """Add the target's validation/test perturbation NAMES (pert_counts_*.csv) to the vocabulary,
     so their features exist for 07; no cells of theirs are used."""
-    set_size: int = 32
-    """S: cells per set (perturbed cells, and as many control cells)."""
-    sets_per_batch: int = 8
-    """Sets per global step (split across processes and devices)."""
-    control_sets: bool = True
-    """Also train on control groups as identity examples (control in, control out)."""
-    worker_count: int = 0
-    """grain worker processes; 0 reads in the training process (on 2 cores workers never paid off)."""
-    hidden: int = 64
-    """Transformer width (the researcher's config: 128)."""
-    n_layers: int = 2
-    """Transformer blocks (researcher: 4)."""
-    n_heads: int = 4
-    """Attention heads; must divide hidden (researcher: 8)."""
-    mlp_ratio: int = 4
-    """SwiGLU inner width = mlp_ratio * hidden (researcher: 8)."""
-    n_encoder_layers: int = 2
-    """Linear layers in the basal encoder, perturbation encoder and decoder."""
-    residual_output: bool = True
-    """Predict the change: pred = relu(control cell + decoder output), the decoder's last layer
-    zero-initialised, so training starts at the control baseline ("no effect"). False: STATE's
-    plain head (pred = relu(decoder output), last bias at the target's gene means)."""
-    center_control: bool = True
-    """With residual_output: each predicted cell is (control cell - its set's mean) + the target's
-    control-cell gene means + the change, so the prediction's pseudobulk does not inherit the
-    input set's sampling noise (ModelConfig.center_control)."""
-    energy_weight: float = 1.0
-    """Weight of the energy distance (STATE's loss)."""
-    mmd_weight: float = 0.0
-    """Weight of the RBF MMD."""
-    pseudobulk_mse_weight: float = 10.0
-    """Weight of the pseudobulk MSE (set means): the MAE metric's own quantity. Its values are
-    ~100x smaller than the energy's; at weight 1 a 1,500-step run stayed worse than control."""
+    loader: Annotated[LoaderConfig, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=LoaderConfig)
+    """How cell sets are drawn (set size, sets per step, control sets, workers)."""
+    model: Annotated[ModelConfig, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=ModelConfig)
+    """The ST model's shape and output head."""
+    loss: Annotated[LossConfig, tyro.conf.OmitArgPrefixes] = dataclasses.field(default_factory=LossConfig)
+    """The training loss: weights of energy, MMD and pseudobulk MSE."""
     optimizer: Literal["adam", "adamw"] = "adamw"
     """Adam, or AdamW with decoupled weight decay."""
     learning_rate: float = 1e-3
@@ -3676,17 +3741,15 @@ class TrainConfig:
     """Multi-process runs off TPU: this process's index, 0..num_processes-1 (also $JAX_PROCESS_ID); -1 = not given."""
 
     def __post_init__(self):
-        if self.hidden % self.n_heads:
-            raise ValueError(f"hidden={self.hidden} is not divisible by n_heads={self.n_heads}")
         if not 0 <= self.oov_dropout < 1:
             raise ValueError(f"oov_dropout={self.oov_dropout} must be in [0, 1)")
-        if min(self.steps, self.log_every, self.set_size, self.sets_per_batch) < 1:
+        if min(self.steps, self.log_every, self.loader.set_size, self.loader.sets_per_batch) < 1:
             raise ValueError("steps, log_every, set_size and sets_per_batch must be >= 1")
-        if self.val_control_cells < self.set_size:
+        if self.val_control_cells < self.loader.set_size:
             raise ValueError(
-                f"val_control_cells={self.val_control_cells} < set_size={self.set_size}: the pool needs one set"
+                f"val_control_cells={self.val_control_cells} < set_size={self.loader.set_size}: the pool needs one set"
             )
-        if self.direct_effect and self.features == "onehot":
+        if self.model.direct_effect and self.features == "onehot":
             raise ValueError(
                 "--direct-effect needs gene or random features (one-hot ids carry no effect): add --features gene"
             )
@@ -3751,27 +3814,68 @@ def _coerce(name: str, hint, value):
     return value
 
 
+# The flat view of a TrainConfig: every flag by its name, nested fields included. TOML files,
+# checkpoints' config.json and the resume check use it, so files written before the loader, model
+# and loss configs were nested read back unchanged.
+TRAIN_SUBCONFIGS = ("loader", "model", "loss")
+DATA_DERIVED_FIELDS = ("n_genes", "n_pert_features")  # model fields set from the store, not flags
+
+
+def get_flat_hints() -> dict[str, tuple[str | None, Any]]:
+    """Each flag name -> (the sub-config holding it, or None for TrainConfig itself; its type)."""
+    hints: dict[str, tuple[str | None, Any]] = {}
+    for name, hint in typing.get_type_hints(TrainConfig).items():
+        if name not in TRAIN_SUBCONFIGS:
+            hints[name] = (None, hint)
+            continue
+        for sub_name, sub_hint in typing.get_type_hints(hint).items():  # get_type_hints drops Annotated
+            if sub_name not in DATA_DERIVED_FIELDS:
+                hints[sub_name] = (name, sub_hint)
+    return hints
+
+
+def flatten_train_config(cfg: TrainConfig) -> dict[str, Any]:
+    """{flag name: value} of every field, the sub-configs' fields (not n_genes/n_pert_features) inlined."""
+    flat = {}
+    for name, (sub, _) in get_flat_hints().items():
+        flat[name] = getattr(getattr(cfg, sub) if sub else cfg, name)
+    return flat
+
+
+def make_train_config(base: TrainConfig | None = None, **flat: Any) -> TrainConfig:
+    """A TrainConfig from flag names (`make_train_config(hidden=32, steps=10)`), over `base`."""
+    hints = get_flat_hints()
+    unknown = sorted(set(flat) - set(hints))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; valid keys are the flags of `python nb/05_train.py --help`")
+    base = TrainConfig() if base is None else base
+    top = {k: v for k, v in flat.items() if hints[k][0] is None}
+    subs = {
+        sub: dataclasses.replace(getattr(base, sub), **{k: v for k, v in flat.items() if hints[k][0] == sub})
+        for sub in TRAIN_SUBCONFIGS
+    }
+    return dataclasses.replace(base, **top, **subs)
+
+
 def read_train_toml(path: str | os.PathLike) -> TrainConfig:
-    """TrainConfig with the TOML file's values (keys: field names, `-` or `_`); unknown keys raise."""
+    """TrainConfig with the TOML file's values (keys: flag names, `-` or `_`); unknown keys raise."""
     path = pathlib.Path(path)
     if not path.exists():
         raise FileNotFoundError(f"--config {path}: no such file")
     values = {k.replace("-", "_"): v for k, v in tomllib.loads(path.read_text()).items()}
-    hints = typing.get_type_hints(TrainConfig)
+    hints = get_flat_hints()
     unknown = sorted(set(values) - set(hints))
     if unknown:
         raise ValueError(
             f"{path}: unknown keys {unknown}; valid keys are the flags of `python nb/05_train.py --help`: {sorted(hints)}"
         )
-    values = {k: _coerce(k, hints[k], v) for k, v in values.items()}
-    return dataclasses.replace(TrainConfig(), **{**values, "config": str(path)})
+    values = {k: _coerce(k, hints[k][1], v) for k, v in values.items()}
+    return make_train_config(**{**values, "config": str(path)})
 
 
 def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
     """Flags over an optional `--config file.toml` over the defaults. Every flag given wins, even
     one equal to the built-in default (tyro applies flags on top of a default instance)."""
-    import tyro
-
     argv = notebook_argv() if argv is None else list(argv)
     config_path = _find_flag(argv, "--config")
     default = read_train_toml(config_path) if config_path else TrainConfig()
@@ -3783,44 +3887,11 @@ def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
 def write_train_toml(path: str | os.PathLike, cfg: TrainConfig) -> None:
     """The config as TOML that `--config` reads back (strings, numbers, bools, lists only)."""
     lines = []
-    for field in dataclasses.fields(cfg):
-        value = getattr(cfg, field.name)
-        if field.name == "config" or field.name in LAUNCH_FIELDS:
+    for name, value in flatten_train_config(cfg).items():
+        if name == "config" or name in LAUNCH_FIELDS:
             continue
-        lines.append(f"{field.name} = {json.dumps(list(value) if isinstance(value, tuple) else value)}")
+        lines.append(f"{name} = {json.dumps(list(value) if isinstance(value, tuple) else value)}")
     write_text_url(path, "\n".join(lines) + "\n")
-
-
-def make_loader_config(cfg: TrainConfig) -> LoaderConfig:
-    return LoaderConfig(
-        set_size=cfg.set_size,
-        sets_per_batch=cfg.sets_per_batch,
-        seed=cfg.seed,
-        datasets=cfg.datasets,
-        control_sets=cfg.control_sets,
-        worker_count=cfg.worker_count,
-    )
-
-
-def make_model_config(cfg: TrainConfig, n_genes: int, n_pert_features: int, direct_effect: bool = False) -> ModelConfig:
-    return ModelConfig(
-        n_genes=n_genes,
-        n_pert_features=n_pert_features,
-        hidden=cfg.hidden,
-        n_layers=cfg.n_layers,
-        n_heads=cfg.n_heads,
-        mlp_ratio=cfg.mlp_ratio,
-        n_encoder_layers=cfg.n_encoder_layers,
-        residual_output=cfg.residual_output,
-        center_control=cfg.center_control,
-        direct_effect=direct_effect,
-    )
-
-
-def make_loss_config(cfg: TrainConfig) -> LossConfig:
-    return LossConfig(
-        energy_weight=cfg.energy_weight, mmd_weight=cfg.mmd_weight, pseudobulk_mse_weight=cfg.pseudobulk_mse_weight
-    )
 
 
 def make_schedule(cfg: TrainConfig) -> optax.Schedule:
@@ -3990,7 +4061,7 @@ def make_validation_set(store, perturbations, target: str, cfg: TrainConfig, voc
         cells = np.asarray(store.x_cg[rows], np.float32)
         real_cells.append(cells)
         real_psg.append(cells[rng.choice(len(cells), cfg.val_cells, replace=len(cells) < cfg.val_cells)])
-    pool_rows, pool_cg = make_control_pool(store, target, cfg.val_control_cells, cfg.set_size, cfg.seed)
+    pool_rows, pool_cg = make_control_pool(store, target, cfg.val_control_cells, cfg.loader.set_size, cfg.seed)
     return ValidationSet(
         perts,
         vocab.ids(perts),
@@ -4002,13 +4073,12 @@ def make_validation_set(store, perturbations, target: str, cfg: TrainConfig, voc
     )
 
 
-def _scoring_anndata(cells_by_pert: list[np.ndarray], perts: list[str], pool_cg: np.ndarray, genes: list[str]):
-    import anndata
-
-    labels = [p for p, cells in zip(perts, cells_by_pert) for _ in range(len(cells))] + ["non-targeting"] * len(pool_cg)
-    x_cg = np.concatenate([*cells_by_pert, pool_cg]).astype(np.float32)
-    obs = pd.DataFrame({"target_gene": pd.Categorical(labels)}, index=[f"c{i}" for i in range(len(labels))])
-    return anndata.AnnData(X=x_cg, obs=obs, var=pd.DataFrame(index=genes))
+def _validation_anndata(cells_by_pert: list[np.ndarray], perts: list[str], pool_cg: np.ndarray, genes: list[str]):
+    """Cells of each perturbation, then the control pool, as one dense AnnData to score."""
+    labels_c = [p for p, cells in zip(perts, cells_by_pert) for _ in range(len(cells))] + ["non-targeting"] * len(
+        pool_cg
+    )
+    return make_anndata(np.concatenate([*cells_by_pert, pool_cg]).astype(np.float32), labels_c, genes)
 
 
 def predict_pool(
@@ -4048,9 +4118,9 @@ def validate(
     pred_pcg = predict_pool(model, features, val.pert_id_p, val.pool_cg, set_size)
     terms = get_val_losses(jnp.asarray(pred_pcg), jnp.asarray(val.real_psg), loss_cfg)
     out = {f"val/{k}": float(v.mean()) for k, v in terms.items()}
-    pred = _scoring_anndata(list(pred_pcg), val.perturbations, val.pool_cg, val.genes)
+    pred = _validation_anndata(list(pred_pcg), val.perturbations, val.pool_cg, val.genes)
     result = score(
-        _scoring_anndata(val.real_cells, val.perturbations, val.pool_cg, val.genes), pred, real_de=val.real_de
+        _validation_anndata(val.real_cells, val.perturbations, val.pool_cg, val.genes), pred, real_de=val.real_de
     )
     out.update({"val/mae": float(result["mae"]), "val/pds": float(result["pds"]), "val/des": float(result["des"])})
     if "cell_mean" in val.baselines:
@@ -4061,9 +4131,9 @@ def validate(
 def score_validation_baselines(val: ValidationSet) -> dict[str, float]:
     """Score the control baseline (predict the pool itself: "no effect") and the cell-mean baseline
     once; cache the real side's DE for every later validation."""
-    real = _scoring_anndata(val.real_cells, val.perturbations, val.pool_cg, val.genes)
+    real = _validation_anndata(val.real_cells, val.perturbations, val.pool_cg, val.genes)
     control = score(
-        real, _scoring_anndata([val.pool_cg] * len(val.perturbations), val.perturbations, val.pool_cg, val.genes)
+        real, _validation_anndata([val.pool_cg] * len(val.perturbations), val.perturbations, val.pool_cg, val.genes)
     )
     val.real_de = control["real_de"]
     cell_mean = score(real, make_cell_mean_baseline(real), real_de=val.real_de)
@@ -4158,8 +4228,6 @@ def save_checkpoint(
     run_dir: str | os.PathLike, step: int, *, model, opt_state, state: dict, static_files: dict[str, Any]
 ) -> str:
     """Write `step_XXXXXXXX/` (local staging, then upload, state.json last) and then point `latest` at it."""
-    import tempfile
-
     name = f"step_{step:08d}"
     fs, step_path = get_fs(join_url(run_dir, name))
     with tempfile.TemporaryDirectory(prefix="vcell-ckpt-") as tmp:
@@ -4230,8 +4298,6 @@ def resolve_checkpoint(path: str | os.PathLike, which: Literal["best", "latest"]
 def load_checkpoint(step_dir: str | os.PathLike) -> dict[str, Any]:
     """Everything a checkpoint holds, with the model and optimiser state rebuilt from their configs.
     The step directory (path or URL) is copied to a local temporary directory first (one code path)."""
-    import tempfile
-
     fs, path = get_fs(step_dir)
     with tempfile.TemporaryDirectory(prefix="vcell-ckpt-") as tmp:
         for remote in fs.ls(path, detail=False):
@@ -4240,13 +4306,10 @@ def load_checkpoint(step_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def _load_checkpoint_files(step_dir: pathlib.Path) -> dict[str, Any]:
-    cfg = TrainConfig(
-        **{
-            k: tuple(v) if isinstance(v, list) else v
-            for k, v in json.loads((step_dir / "config.json").read_text()).items()
-        }
-    )
-    model_cfg = ModelConfig(**json.loads((step_dir / "model_config.json").read_text()))
+    flat = json.loads((step_dir / "config.json").read_text())
+    cfg = make_train_config(**{k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()})
+    model_values = json.loads((step_dir / "model_config.json").read_text())
+    model_cfg = ModelConfig(**{**MODEL_CONFIG_BEFORE_FIELD, **model_values})
     like = eqx.filter_eval_shape(make_model, model_cfg, key=jax.random.key(0))
     model = eqx.tree_deserialise_leaves(step_dir / "model.eqx", like)
     optimizer = make_train_optimizer(cfg)
@@ -4287,8 +4350,6 @@ def get_git_state(repo_dir: pathlib.Path = REPO_DIR) -> dict[str, Any]:
 
 def append_run_record(data_root, record: dict[str, Any]) -> pathlib.Path:
     """Append one JSON line to <data_root>/runs/runs.jsonl (locked: concurrent runs never interleave)."""
-    import fcntl
-
     path = get_data_root(data_root) / "runs" / "runs.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as f:
@@ -4331,7 +4392,7 @@ class RunLog:
                 dir=str(self.local_dir),
                 id=run_id,
                 name=url_name(run_dir),
-                config=dataclasses.asdict(cfg),
+                config=flatten_train_config(cfg),
                 mode=mode,
                 resume="allow",
             )
@@ -4370,8 +4431,6 @@ class PreemptionFlag:
         self._previous = None
 
     def __enter__(self):
-        import threading
-
         if threading.current_thread() is threading.main_thread():  # signal handlers live there only
             self._previous = signal.signal(signal.SIGTERM, self._handle)
         return self
@@ -4392,8 +4451,6 @@ def _get_tpu_worker_count(timeout_s: float = 2.0) -> int:
     """Hosts of this Cloud TPU slice: $TPU_WORKER_HOSTNAMES / $TPU_PROCESS_ADDRESSES (GKE), else the
     GCE metadata server's `worker-network-endpoints` (TPU VMs). Asked only where libtpu is installed
     (the `tpu` extra), so other machines never touch the network; anything unanswered counts as 1."""
-    import importlib.util
-
     hosts = os.environ.get("TPU_PROCESS_ADDRESSES") or os.environ.get("TPU_WORKER_HOSTNAMES")
     if hosts:
         return len(hosts.split(","))
@@ -4486,11 +4543,8 @@ def _max_vote(flags):
 
 
 def _check_resumable(saved: TrainConfig, cfg: TrainConfig, run_dir: str) -> None:
-    diff = {
-        f.name: (getattr(saved, f.name), getattr(cfg, f.name))
-        for f in dataclasses.fields(cfg)
-        if f.name not in RESUMABLE_FIELDS and getattr(saved, f.name) != getattr(cfg, f.name)
-    }
+    saved_flat, flat = flatten_train_config(saved), flatten_train_config(cfg)
+    diff = {k: (saved_flat[k], v) for k, v in flat.items() if k not in RESUMABLE_FIELDS and saved_flat[k] != v}
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
         raise ValueError(
@@ -4517,6 +4571,269 @@ def get_run_dir(cfg: TrainConfig) -> str:
     return join_url(root, name)
 
 
+@dataclasses.dataclass
+class TrainStart:
+    """Where a run starts: fresh (step 0) or from a checkpoint (`resumed_from` names it)."""
+
+    vocab: PerturbationVocab
+    features: PertFeatures
+    model_cfg: ModelConfig
+    model: SetTransformer
+    opt_state: PyTree
+    key: PRNGKeyArray
+    step: int
+    run_id: str
+    best_val_mae: float
+    loader_state: dict | None = None
+    resumed_from: str = ""
+
+
+def init_or_resume(cfg: TrainConfig, store: CellStore, target: str, run_dir: str) -> TrainStart:
+    """A fresh model, features and optimiser state, or the run's latest checkpoint with --resume.
+    Process 0 picks the checkpoint; every process then reads that same one."""
+    resume_name = ""
+    if jax.process_index() == 0 and cfg.resume and _read_pointer(join_url(run_dir, "latest")):
+        resume_name = url_name(resolve_checkpoint(run_dir, "latest"))
+    resume_name = broadcast_text(resume_name)
+    if resume_name:
+        ckpt = load_checkpoint(join_url(run_dir, resume_name))
+        _check_resumable(ckpt["cfg"], cfg, run_dir)
+        # The schedule's length is a function of cfg.steps: it may not change on resume.
+        if cfg.steps != ckpt["cfg"].steps and cfg.schedule == "cosine":
+            warnings.warn(
+                f"steps changed from {ckpt['cfg'].steps} to {cfg.steps}: the cosine schedule is re-stretched from here"
+            )
+        state = ckpt["state"]
+        if jax.process_index() == 0:
+            print(f"resuming {url_name(run_dir)} from {resume_name}")
+        return TrainStart(
+            vocab=ckpt["vocab"],
+            features=ckpt["features"],
+            model_cfg=ckpt["model_cfg"],
+            model=ckpt["model"],
+            opt_state=ckpt["opt_state"],
+            key=jax.random.wrap_key_data(jnp.asarray(state["key_data"], jnp.uint32)),
+            step=state["step"],
+            run_id=state["run_id"],
+            best_val_mae=state.get("best_val_mae", math.inf),
+            loader_state=state["loader_state"],
+            resumed_from=resume_name,
+        )
+    is_target_of_world = target == store.datasets[0]
+    extra = get_pert_count_names(cfg.data_root, cfg.world) if cfg.vocab_from_pert_counts and is_target_of_world else ()
+    vocab = make_train_vocab(store, extra)
+    features = make_pert_features(
+        store,
+        vocab,
+        cfg.features,
+        target_dataset=target,
+        n_coexpr_components=cfg.n_coexpr_components,
+        n_effect_components=cfg.n_effect_components,
+        direct_effect=cfg.model.direct_effect,
+        seed=cfg.seed,
+    )
+    model_cfg = dataclasses.replace(
+        cfg.model, n_genes=store.x_cg.shape[1], n_pert_features=features.width - features.n_direct
+    )
+    init_key, key = jax.random.split(jax.random.key(cfg.seed))
+    means = (  # a residual model starts at the control baseline, STATE's head at the mean
+        store.means[store.means["dataset"] == target]
+        .drop_duplicates("ensembl_id")
+        .set_index("ensembl_id")["mean_control" if cfg.model.residual_output else "mean_all"]
+    )
+    gene_mean_g = means.reindex(store.genes["ensembl_id"]).fillna(0.0).to_numpy(np.float32)
+    model = make_model(model_cfg, key=init_key, gene_mean_g=gene_mean_g)
+    return TrainStart(
+        vocab=vocab,
+        features=features,
+        model_cfg=model_cfg,
+        model=model,
+        opt_state=init_opt_state(model, make_train_optimizer(cfg)),
+        key=key,
+        step=0,
+        run_id=broadcast_text(uuid.uuid4().hex[:12]),
+        best_val_mae=math.inf,
+    )
+
+
+def make_train_batches(
+    cfg: TrainConfig, store: CellStore, target: str, split: dict[str, list[str]], start: TrainStart
+) -> tuple[Any, pd.DataFrame, PertFeatures]:
+    """The training batches' iterator (at the checkpoint's position on resume), the examples
+    table, and the features with `seen_p` set: which perturbations the model trains on."""
+    loader, examples = make_loader(
+        store,
+        cfg.loader,
+        vocab=start.vocab,
+        seed=cfg.seed,
+        datasets=cfg.datasets,
+        exclude_perturbations=[*split["val"], *split["test"]],
+        target_dataset=target,
+        process_index=jax.process_index(),
+        process_count=jax.process_count(),
+    )
+    iterator = iter_batches(loader, cfg.loader)
+    if start.loader_state is not None:
+        iterator.set_state(start.loader_state)
+    features = start.features
+    if features.seen_p is None:
+        seen_p = np.zeros(len(start.vocab), bool)
+        seen_p[start.vocab.ids(examples["perturbation"], is_control=examples["is_control"])] = True
+        features = dataclasses.replace(features, seen_p=seen_p)
+    return iterator, examples, features
+
+
+def get_static_files(
+    cfg: TrainConfig, model_cfg: ModelConfig, vocab: PerturbationVocab, features: PertFeatures, pool_cg, genes
+) -> dict[str, Callable[[pathlib.Path], None]]:
+    """The files every checkpoint of a run carries besides the parameters (writers by name)."""
+    genes = genes[["ensembl_id", "symbol"]].astype(str)
+    return {
+        "config.json": lambda p: p.write_text(json.dumps(flatten_train_config(cfg), indent=2) + "\n"),
+        "model_config.json": lambda p: p.write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n"),
+        "vocab.json": vocab.write,
+        "features.npz": features.save,
+        "control_pool.npy": lambda p: np.save(p, pool_cg),
+        "genes.csv": lambda p: genes.to_csv(p, index=False),
+    }
+
+
+def start_run(cfg: TrainConfig, run_dir: str, start: TrainStart) -> RunLog:
+    """Process 0: the run's config.toml, the `latest` pointers, status `running`, and its log."""
+    write_train_toml(join_url(run_dir, "config.toml"), dataclasses.replace(cfg, run_name=url_name(run_dir)))
+    write_text_url(join_url(get_checkpoint_root(cfg), "latest"), url_name(run_dir))
+    write_run_status(run_dir, "running", start.step, start.run_id)
+    return RunLog(run_dir, cfg, start.run_id, start.step)
+
+
+def make_data_parallel_mesh(sets_per_batch: int) -> tuple[jax.sharding.Mesh, Any, Any]:
+    """(mesh, batch sharding, replicated sharding) over every device of every process.
+
+    Process p's loader slice is rows [p*B/P, (p+1)*B/P) of the global batch (make_loader), i.e.
+    exactly the rows of the mesh's devices of process p (devices are ordered by process), so the
+    global array equals the one a single process would build: same rows on the same device
+    positions, same OOV-dropout draws. Parameters and optimiser state are replicated: every device
+    holds them and XLA all-reduces the gradients. To shard them later (FSDP), give the model leaves
+    a NamedSharding(mesh, P("batch")) along a large axis via eqx.filter_shard inside the jitted
+    step, and checkpoint the shards (orbax) instead of local_copy."""
+    if sets_per_batch % jax.device_count():
+        raise ValueError(f"sets_per_batch={sets_per_batch} must divide over {jax.device_count()} devices")
+    mesh = jax.make_mesh((jax.device_count(),), ("batch",))
+    batch = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
+    return mesh, batch, jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+
+
+def to_global(x, sharding) -> jax.Array:
+    """This process's rows of a global batch -> the global array (no communication)."""
+    return jax.make_array_from_process_local_data(sharding, np.asarray(x))
+
+
+def to_replicated(tree: PyTree, replicated) -> PyTree:
+    """Every process holds the same host values (same seed, or the same checkpoint): each one
+    places its own copies; nothing is communicated."""
+
+    def put(x):
+        x = np.asarray(x)
+        return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
+
+    return jax.tree.map(lambda x: put(x) if eqx.is_array(x) else x, tree)
+
+
+def write_run_status(run_dir: str, status: str, step: int, run_id: str, **extra) -> None:
+    write_text_url(
+        join_url(run_dir, "status.json"),
+        json.dumps({"status": status, "step": step, "run_id": run_id, **extra}, indent=2) + "\n",
+    )
+
+
+def get_step_metrics(metrics, step: int, model, ctrl_bsg, pert_bf, schedule, perf: dict[str, float]) -> dict:
+    """A log step's metrics on the host: the step's own, the effect size and learning rate, and
+    timings. Raises on a non-finite value, so no NaN parameters are ever checkpointed."""
+    metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
+    if not all(math.isfinite(v) for v in metrics.values()):
+        raise FloatingPointError(
+            f"non-finite metrics at step {step}: {metrics}. Lower --learning-rate or --grad-clip, "
+            "or resume from the last checkpoint"
+        )
+    return {
+        **metrics,
+        "train/effect_l1": float(get_effect_l1(model, ctrl_bsg, pert_bf)),
+        "train/learning_rate": float(schedule(step - 1)),
+        **perf,
+    }
+
+
+def make_run_record(cfg: TrainConfig, result: dict[str, Any], t_start: float, resumed_from: str) -> dict[str, Any]:
+    """One line of runs.jsonl: what ran, where, for how long, and what came out."""
+    return {
+        "run_id": result["run_id"],
+        "run_name": url_name(result["run_dir"]),
+        "argv": sys.argv,
+        **get_git_state(),
+        "host": socket.gethostname(),
+        "processes": jax.process_count(),
+        "devices": jax.device_count(),
+        "started": datetime.datetime.fromtimestamp(t_start).isoformat(timespec="seconds"),
+        "finished": datetime.datetime.now().isoformat(timespec="seconds"),
+        "seconds": round(time.time() - t_start, 1),
+        "config": flatten_train_config(cfg),
+        "status": result["status"],
+        "step": result["step"],
+        "resumed_from": resumed_from or None,
+        "final_metrics": result["metrics"],
+        "best_val_mae": result["best_val_mae"],
+        "checkpoint_dir": result["run_dir"],
+    }
+
+
+def get_global_batch(batch: dict[str, np.ndarray], features: PertFeatures, dataset_k, sharding) -> tuple:
+    """(ctrl_bsg, pert_bf, target_bsg, is_perturbed_b) of this step as global arrays, in train_step's
+    argument order: this process's rows of the loader's batch, its features looked up, on the mesh."""
+    pert_bf = features.get(batch["pert_id_b"], dataset_k[batch["example_b"]])
+    return tuple(
+        to_global(x, sharding) for x in (batch["ctrl_bsg"], pert_bf, batch["pert_bsg"], batch["pert_id_b"] != 0)
+    )
+
+
+def save_train_checkpoint(
+    run_dir: str, step: int, model, opt_state, key, iterator, run_id: str, best: float, metrics: dict, static_files
+) -> None:
+    """Process 0: a checkpoint of everything a resumed run needs to continue bit for bit. The loader
+    state is process 0's; every process's iterator is at the same position of its own slice, so all
+    of them restore from it."""
+    state = {
+        "step": step,
+        "run_id": run_id,
+        "key_data": np.asarray(local_copy(jax.random.key_data(key))).tolist(),
+        "loader_state": iterator.get_state(),
+        "best_val_mae": best,
+        "metrics": metrics,
+    }
+    save_checkpoint(
+        run_dir, step, model=local_copy(model), opt_state=local_copy(opt_state), state=state, static_files=static_files
+    )
+
+
+def print_step(step: int, metrics: dict[str, float]) -> None:
+    print(
+        f"step {step}: loss {metrics['train/loss']:.4f} grad {metrics['train/grad_norm']:.3f} "
+        f"effect {metrics['train/effect_l1']:.4f} {metrics['perf/step_s'] * 1e3:.0f} ms/step",
+        flush=True,
+    )
+
+
+def finish_run(cfg: TrainConfig, result: dict[str, Any], t_start: float, resumed_from: str) -> None:
+    """Process 0: the final status, the run record, and how to resume a preempted run."""
+    run_dir, step = result["run_dir"], result["step"]
+    write_run_status(run_dir, result["status"], step, result["run_id"])
+    append_run_record(get_data_root(cfg.data_root), make_run_record(cfg, result, t_start, resumed_from))
+    if result["status"] == "preempted":
+        print(
+            f"preempted at step {step}: checkpoint {join_url(run_dir, _read_pointer(join_url(run_dir, 'latest')))}; "
+            f"resume with: python nb/05_train.py --config {join_url(run_dir, 'config.toml')} --resume"
+        )
+
+
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train the ST model; returns {run_id, run_dir, status, step, final metrics, ...}.
 
@@ -4525,124 +4842,28 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
     checkpoint and return. Only process 0 logs and writes.
 
     Multi-process (several hosts, or CPU processes in tests): init_distributed joins them first;
-    every process loads its own slice of each global batch (make_loader shards by process) and
-    the slices become one global array over a Mesh of every device (data parallel); parameters
-    and optimiser state are replicated. Every process reads the same checkpoint at resume.
+    each loads its own slice of each global batch, and the slices become one global array over a
+    Mesh of every device (make_data_parallel_mesh). Every process reads the same checkpoint at resume.
     """
     init_distributed(cfg)  # before any other JAX call
-    t_start = time.time()
-    is_main = jax.process_index() == 0
-    data_root = get_data_root(cfg.data_root)
-    store = load_store(data_root, cfg.world)
+    t_start, is_main = time.time(), jax.process_index() == 0
+    store = load_store(cfg.data_root, cfg.world)
     target = cfg.target_dataset or store.datasets[0]
-    target_perts = store.index.loc[(store.index["dataset"] == target) & ~store.index["is_control"], "perturbation"]
-    split = make_fake_val_split(target_perts, cfg.fake_val_seed)
+    split = make_fake_val_split(get_store_perturbations(store, target), cfg.fake_val_seed)
     run_dir = get_run_dir(cfg)
-    # Process 0 picks the checkpoint; every process then reads that same one.
-    resume_name = ""
-    if is_main and cfg.resume and _read_pointer(join_url(run_dir, "latest")):
-        resume_name = url_name(resolve_checkpoint(run_dir, "latest"))
-    resume_name = broadcast_text(resume_name)
-    step_dir = join_url(run_dir, resume_name) if resume_name else None
+    start = init_or_resume(cfg, store, target, run_dir)
+    vocab, features, run_id, best = start.vocab, start.features, start.run_id, start.best_val_mae
+    optimizer, schedule = make_train_optimizer(cfg), make_schedule(cfg)
 
-    if step_dir is not None:
-        ckpt = load_checkpoint(step_dir)
-        _check_resumable(ckpt["cfg"], cfg, run_dir)
-        vocab, features, model, opt_state = ckpt["vocab"], ckpt["features"], ckpt["model"], ckpt["opt_state"]
-        optimizer, model_cfg = make_train_optimizer(cfg), ckpt["model_cfg"]
-        # The schedule's length is a function of cfg.steps: it may not change on resume.
-        if cfg.steps != ckpt["cfg"].steps and cfg.schedule == "cosine":
-            warnings.warn(
-                f"steps changed from {ckpt['cfg'].steps} to {cfg.steps}: the cosine schedule is re-stretched from here"
-            )
-        state = ckpt["state"]
-        start_step, run_id = state["step"], state["run_id"]
-        key = jax.random.wrap_key_data(jnp.asarray(state["key_data"], jnp.uint32))
-        best = state.get("best_val_mae", math.inf)
-        if is_main:
-            print(f"resuming {url_name(run_dir)} from {resume_name}")
-    else:
-        extra = (
-            get_pert_count_names(data_root, cfg.world)
-            if cfg.vocab_from_pert_counts and target == store.datasets[0]
-            else ()
-        )
-        vocab = make_train_vocab(store, extra)
-        features = make_pert_features(
-            store,
-            vocab,
-            cfg.features,
-            target_dataset=target,
-            n_coexpr_components=cfg.n_coexpr_components,
-            n_effect_components=cfg.n_effect_components,
-            direct_effect=cfg.direct_effect,
-            seed=cfg.seed,
-        )
-        model_cfg = make_model_config(
-            cfg, store.x_cg.shape[1], features.width - features.n_direct, direct_effect=features.n_direct > 0
-        )
-        init_key, key = jax.random.split(jax.random.key(cfg.seed))
-        means = (
-            store.means[store.means["dataset"] == target]
-            .drop_duplicates("ensembl_id")
-            .set_index("ensembl_id")["mean_control" if cfg.residual_output else "mean_all"]
-        )  # residual: start at the control baseline
-        gene_mean_g = means.reindex(store.genes["ensembl_id"]).fillna(0.0).to_numpy(np.float32)
-        model = make_model(model_cfg, key=init_key, gene_mean_g=gene_mean_g)
-        optimizer = make_train_optimizer(cfg)
-        opt_state = init_opt_state(model, optimizer)
-        start_step, run_id, best = 0, broadcast_text(uuid.uuid4().hex[:12]), math.inf
-
-    loss_cfg = make_loss_config(cfg)
-    loader_cfg = make_loader_config(cfg)
-    loader, examples = make_loader(
-        store,
-        loader_cfg,
-        vocab=vocab,
-        exclude_perturbations=[*split["val"], *split["test"]],
-        target_dataset=target,
-        process_index=jax.process_index(),
-        process_count=jax.process_count(),
-    )
-    iterator = iter_batches(loader, loader_cfg)
-    if step_dir is not None:
-        iterator.set_state(state["loader_state"])
+    iterator, examples, features = make_train_batches(cfg, store, target, split, start)
     dataset_k = examples["dataset"].map(list(features.datasets).index).to_numpy()
-    if features.seen_p is None:
-        seen_p = np.zeros(len(vocab), bool)
-        seen_p[vocab.ids(examples["perturbation"], is_control=examples["is_control"])] = True
-        features = dataclasses.replace(features, seen_p=seen_p)
-    # Data parallel over every device of every process. Process p's loader slice is rows
-    # [p*B/P, (p+1)*B/P) of the global batch (make_loader), i.e. exactly the rows of the mesh's
-    # devices of process p (devices are ordered by process), so the global array equals the one a
-    # single process would build: same rows on the same device positions, same OOV-dropout draws.
-    # Parameters and optimiser state are replicated: every device holds them and XLA all-reduces
-    # the gradients. To shard them later (FSDP), give the model leaves a
-    # NamedSharding(mesh, P("batch")) along a large axis via eqx.filter_shard inside the jitted
-    # step, and checkpoint the shards (orbax) instead of local_copy.
-    mesh = jax.make_mesh((jax.device_count(),), ("batch",))
-    data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("batch"))
-    replicated = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-    if cfg.sets_per_batch % jax.device_count():
-        raise ValueError(f"sets_per_batch={cfg.sets_per_batch} must divide over {jax.device_count()} devices")
 
-    def to_global(x):
-        return jax.make_array_from_process_local_data(data_sharding, np.asarray(x))
-
-    def to_replicated(tree):
-        # Every process holds the same host values (same seed, or the same checkpoint): each one
-        # places its own copies; nothing is communicated.
-        def put(x):
-            x = np.asarray(x)
-            return jax.make_array_from_callback(x.shape, replicated, lambda index: x[index])
-
-        return jax.tree.map(lambda x: put(x) if eqx.is_array(x) else x, tree)
-
-    model, opt_state = to_replicated(model), to_replicated(opt_state)
-    oov_f = to_replicated(features.get_target(np.array([1]))[0])
-    key = jax.random.wrap_key_data(to_replicated(jax.random.key_data(key)))
-    oov_dropout = to_replicated(np.float32(cfg.oov_dropout))
-    stop_vote = StopVote(data_sharding)
+    mesh, batch_sharding, replicated = make_data_parallel_mesh(cfg.loader.sets_per_batch)
+    model, opt_state = to_replicated(start.model, replicated), to_replicated(start.opt_state, replicated)
+    key = jax.random.wrap_key_data(to_replicated(jax.random.key_data(start.key), replicated))
+    oov_f = to_replicated(features.get_target(np.array([1]))[0], replicated)
+    oov_dropout = to_replicated(np.float32(cfg.oov_dropout), replicated)
+    stop_vote = StopVote(batch_sharding)
 
     # Validation is host work on process 0, with its own copy of the replicated parameters.
     val = (
@@ -4650,192 +4871,88 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
         if is_main and cfg.eval_every and split["val"]
         else None
     )
-    pool_rows, pool_cg = (
-        (val.pool_rows, val.pool_cg)
+    pool_cg = (
+        val.pool_cg
         if val
-        else make_control_pool(store, target, cfg.val_control_cells, cfg.set_size, cfg.seed)
+        else make_control_pool(store, target, cfg.val_control_cells, cfg.loader.set_size, cfg.seed)[1]
     )
-    genes = store.genes[["ensembl_id", "symbol"]].astype(str)
-    static_files = {
-        "config.json": lambda p: p.write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n"),
-        "model_config.json": lambda p: p.write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n"),
-        "vocab.json": vocab.write,
-        "features.npz": features.save,
-        "control_pool.npy": lambda p: np.save(p, pool_cg),
-        "genes.csv": lambda p: genes.to_csv(p, index=False),
-    }
+    static_files = get_static_files(cfg, start.model_cfg, vocab, features, pool_cg, store.genes)
 
-    n_params = count_params(model)
-    log = None
-
-    def write_status(status: str, step: int, **extra) -> None:
-        write_text_url(
-            join_url(run_dir, "status.json"),
-            json.dumps({"status": status, "step": step, "run_id": run_id, **extra}, indent=2) + "\n",
-        )
-
+    n_params, log = count_params(model), None
     if is_main:
-        write_train_toml(join_url(run_dir, "config.toml"), dataclasses.replace(cfg, run_name=url_name(run_dir)))
-        write_text_url(join_url(get_checkpoint_root(cfg), "latest"), url_name(run_dir))
-        write_status("running", start_step)
-        log = RunLog(run_dir, cfg, run_id, start_step)
+        log = start_run(cfg, run_dir, start)
         print(
             f"run {url_name(run_dir)} (id {run_id}): {n_params:,} parameters, {len(examples)} training groups, "
-            f"features {cfg.features} ({features.width} wide), steps {start_step} -> {cfg.steps}, "
+            f"features {cfg.features} ({features.width} wide), steps {start.step} -> {cfg.steps}, "
             f"{jax.process_count()} process(es), {jax.device_count()} device(s)"
         )
 
-    def checkpoint(step: int, metrics: dict) -> None:
-        if not is_main:
-            return
-        # The loader state is process 0's; every process's iterator is at the same position of its
-        # own slice, so all of them restore from it.
-        state = {
-            "step": step,
-            "run_id": run_id,
-            "key_data": np.asarray(local_copy(jax.random.key_data(key))).tolist(),
-            "loader_state": iterator.get_state(),
-            "best_val_mae": best,
-            "metrics": metrics,
-        }
-        save_checkpoint(
-            run_dir,
-            step,
-            model=local_copy(model),
-            opt_state=local_copy(opt_state),
-            state=state,
-            static_files=static_files,
-        )
-        log.sync()
-
-    schedule = make_schedule(cfg)
     status, last_metrics, val_metrics = "done", {}, {}
     if val is not None:  # process 0 only
         val_baselines = score_validation_baselines(val)
         print("validation baselines: " + ", ".join(f"{k}={v:.4f}" for k, v in val_baselines.items()))
-        if start_step == 0:  # where the curves start: the initialised model (≈ the mean, by the bias init)
-            val_metrics = validate(local_copy(model), features, val, loss_cfg, cfg.set_size)
+        if start.step == 0:  # where the curves start: the initialised model (≈ the mean, by the bias init)
+            val_metrics = validate(local_copy(model), features, val, cfg.loss, cfg.loader.set_size)
             log.log({**val_metrics, **val_baselines}, 0)
-    t_log, steps_since_log, data_s = time.perf_counter(), 0, 0.0
-    step = start_step
+    t_log, steps_since_log, data_s, step = time.perf_counter(), 0, 0.0, start.step
     try:
         with PreemptionFlag() as preemption:
-            for step in range(start_step + 1, cfg.steps + 1):  # `step` = optimiser steps done after this one
+            for step in range(start.step + 1, cfg.steps + 1):  # `step` = optimiser steps done after this one
                 t_data = time.perf_counter()
                 batch = next(iterator)
-                pert_bf = features.get(batch["pert_id_b"], dataset_k[batch["example_b"]])
-                ctrl_bsg, target_bsg = to_global(batch["ctrl_bsg"]), to_global(batch["pert_bsg"])
-                pert_bf, is_perturbed_b = to_global(pert_bf), to_global(batch["pert_id_b"] != 0)
+                batch_arrays = get_global_batch(batch, features, dataset_k, batch_sharding)
                 data_s += time.perf_counter() - t_data
+                step_key = jax.random.fold_in(key, step)
                 model, opt_state, metrics = train_step(
-                    model,
-                    opt_state,
-                    optimizer,
-                    ctrl_bsg,
-                    pert_bf,
-                    target_bsg,
-                    is_perturbed_b,
-                    oov_f,
-                    oov_dropout,
-                    jax.random.fold_in(key, step),
-                    loss_cfg,
-                    mesh,
+                    model, opt_state, optimizer, *batch_arrays, oov_f, oov_dropout, step_key, cfg.loss, mesh
                 )
                 steps_since_log += 1
                 stop = stop_vote(preemption.requested)  # the same answer on every process
                 is_last = step == cfg.steps or stop
                 is_ckpt = bool(cfg.ckpt_every) and step % cfg.ckpt_every == 0
                 if step % cfg.log_every == 0 or is_last or is_ckpt:  # never checkpoint unchecked (NaN) parameters
-                    metrics = {f"train/{k}": float(v) for k, v in jax.device_get(metrics).items()}
-                    if not all(math.isfinite(v) for v in metrics.values()):
-                        raise FloatingPointError(
-                            f"non-finite metrics at step {step}: {metrics}. Lower --learning-rate or --grad-clip, "
-                            f"or resume from the last checkpoint ({_read_pointer(join_url(run_dir, 'latest')) or 'none'})"
-                        )
-                    dt = time.perf_counter() - t_log
-                    metrics.update(
-                        {
-                            "train/effect_l1": float(get_effect_l1(model, ctrl_bsg, pert_bf)),
-                            "train/learning_rate": float(schedule(step - 1)),
-                            "perf/step_s": dt / steps_since_log,
-                            "perf/data_s": data_s / steps_since_log,
-                            "perf/cells_per_s": steps_since_log * cfg.sets_per_batch * cfg.set_size / dt,
-                        }
+                    dt, cells = (
+                        time.perf_counter() - t_log,
+                        steps_since_log * cfg.loader.sets_per_batch * cfg.loader.set_size,
                     )
-                    last_metrics = metrics
+                    perf = {"perf/step_s": dt / steps_since_log, "perf/data_s": data_s / steps_since_log}
+                    perf["perf/cells_per_s"] = cells / dt
+                    last_metrics = get_step_metrics(metrics, step, model, *batch_arrays[:2], schedule, perf)
                     if is_main:
-                        log.log(metrics, step)
-                        print(
-                            f"step {step}: loss {metrics['train/loss']:.4f} grad {metrics['train/grad_norm']:.3f} "
-                            f"effect {metrics['train/effect_l1']:.4f} {metrics['perf/step_s'] * 1e3:.0f} ms/step",
-                            flush=True,
-                        )
+                        log.log(last_metrics, step)
+                        print_step(step, last_metrics)
                     t_log, steps_since_log, data_s = time.perf_counter(), 0, 0.0
-                is_best = False
-                if val is not None and (step % cfg.eval_every == 0 or is_last):  # process 0 only
-                    val_metrics = validate(local_copy(model), features, val, loss_cfg, cfg.set_size)
-                    is_best = val_metrics["val/mae"] < best
-                    best = min(best, val_metrics["val/mae"])
+                is_best = False  # process 0 only, below: validation
+                if val is not None and (step % cfg.eval_every == 0 or is_last):
+                    val_metrics = validate(local_copy(model), features, val, cfg.loss, cfg.loader.set_size)
+                    is_best, best = val_metrics["val/mae"] < best, min(best, val_metrics["val/mae"])
                     log.log({**val_metrics, **val_baselines}, step)
                     print("  " + ", ".join(f"{k}={v:.4f}" for k, v in val_metrics.items()), flush=True)
                     t_log = time.perf_counter()  # validation time is not step time
-                if is_ckpt or is_last or is_best:
-                    checkpoint(step, {**last_metrics, **val_metrics})
-                    if is_main:
-                        if is_best:
-                            write_text_url(join_url(run_dir, "best"), f"step_{step:08d}")
-                        prune_checkpoints(run_dir, cfg.keep_last_n)
+                if (is_ckpt or is_last or is_best) and is_main:
+                    metrics = {**last_metrics, **val_metrics}
+                    save_train_checkpoint(
+                        run_dir, step, model, opt_state, key, iterator, run_id, best, metrics, static_files
+                    )
+                    log.sync()
+                    if is_best:
+                        write_text_url(join_url(run_dir, "best"), f"step_{step:08d}")
+                    prune_checkpoints(run_dir, cfg.keep_last_n)
                 if stop:
                     status = "preempted"
                     break
     except BaseException as err:
-        status = "failed"
         if is_main:
-            write_status(status, step, error=repr(err))
+            write_run_status(run_dir, "failed", step, run_id, error=repr(err))
         raise
     finally:
         if log is not None:
             log.finish()
 
-    result = {
-        "run_id": run_id,
-        "run_dir": run_dir,
-        "status": status,
-        "step": step,
-        "n_params": n_params,
-        "metrics": {**last_metrics, **val_metrics},
-        "best_val_mae": best,
-        "process_index": jax.process_index(),
-    }
+    result = dict(run_id=run_id, run_dir=run_dir, status=status, step=step, n_params=n_params, best_val_mae=best)
+    result |= {"metrics": {**last_metrics, **val_metrics}, "process_index": jax.process_index()}
     if is_main:
-        write_status(status, step)
-        append_run_record(
-            data_root,
-            {
-                "run_id": run_id,
-                "run_name": url_name(run_dir),
-                "argv": sys.argv,
-                **get_git_state(),
-                "host": socket.gethostname(),
-                "processes": jax.process_count(),
-                "devices": jax.device_count(),
-                "started": datetime.datetime.fromtimestamp(t_start).isoformat(timespec="seconds"),
-                "finished": datetime.datetime.now().isoformat(timespec="seconds"),
-                "seconds": round(time.time() - t_start, 1),
-                "config": dataclasses.asdict(cfg),
-                "status": status,
-                "step": step,
-                "resumed_from": resume_name or None,
-                "final_metrics": result["metrics"],
-                "best_val_mae": best,
-                "checkpoint_dir": run_dir,
-            },
-        )
-        if status == "preempted":
-            print(
-                f"preempted at step {step}: checkpoint {join_url(run_dir, _read_pointer(join_url(run_dir, 'latest')))}; "
-                f"resume with: python nb/05_train.py --config {join_url(run_dir, 'config.toml')} --resume"
-            )
+        finish_run(cfg, result, t_start, start.resumed_from)
     return result
 
 
@@ -4844,8 +4961,7 @@ def train(cfg: TrainConfig) -> dict[str, Any]:
 # ==================================================================================================
 
 
-#
-# What it computes (SPEC.md §2-3), per perturbation p, control excluded, then averaged:
+# What it computes (cell-eval's `vcc` profile), per perturbation p, control excluded, then averaged:
 #
 #     des   overlap_at_N            |R ∩ P[:|R|]| / |R| over DE genes (BH p_adj < 0.05) ranked by |log2 FC|
 #     pds   discrimination_score_l1 1 - rank/N of the true p among L1 distances pred effect -> real effects
@@ -4886,10 +5002,6 @@ VCC2025_FOLD_CHANGE_CLIP = 20.0
 """pdex 0.1.2x: fold change when only the control mean is 0 (1/20 when only the target's is)."""
 
 
-CELL_EVAL_LOG1P_MAX = 15.0
-"""cell-eval rejects log1p data whose max reaches this (raw counts or mixed scales)."""
-
-
 MWU_EXACT_MAX_N = 8
 """scipy's "auto" U test is exact when min(n1, n2) <= 8 and there are no ties."""
 
@@ -4902,70 +5014,48 @@ DEFAULT_CHUNK_ELEMENTS = 4_000_000
 
 
 def check_expression_matrix(x, *, which: str) -> None:
-    """Raise ValueError unless `x` (dense or sparse, cells x genes) is finite log1p data in [0, 15)."""
+    """Raise ValueError unless `x` (dense or sparse, cells x genes) is what cell-eval scores: non-empty,
+    finite log1p data in [0, 15), not integer-valued throughout (which it would read as counts)."""
     if x is None or 0 in x.shape:
         raise ValueError(f"{which}: the expression matrix is empty; pass an AnnData with cells and genes in X.")
-    dtype = x.dtype
-    if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
-        raise ValueError(f"{which}: X has dtype {dtype}; store expression as float32 log1p values.")
-    values = x.data if scipy.sparse.issparse(x) else np.asarray(x)
-    if np.issubdtype(dtype, np.floating):
-        _de_kernels()
-        # cell-eval's rule: no fractional part above 1e-3 anywhere means raw counts
-        # (compared in X's dtype, as numpy compares an array with a Python float).
-        threshold = dtype.type(1e-3)
-        if dtype not in (np.float32, np.float64):  # float16: exact in float32
-            values, threshold = values.astype(np.float32), np.float32(threshold)
-        values = values if values.ndim == 2 else values.reshape(1, -1)
-        n_bad, lo, hi, has_fraction = _de_value_summary(values, threshold)
-        n_bad, lo, hi, has_fraction = int(n_bad), float(lo), float(hi), bool(has_fraction)
-    else:  # integer X: always integer-valued (lib's numpy path raised OverflowError here)
-        n_bad, hi, has_fraction = 0, -np.inf, False
-        lo = float(values.min()) if values.size else np.inf
-    if n_bad:
+    check_log1p(x, which, source="prediction", allow_integer=False)
+
+
+def check_gene_order(expected, got, *, expected_from: str, got_from: str, fix: str) -> None:
+    """The gene-order trap, caught: `got` must be `expected`, the same genes in the same order.
+    The same genes in another order get their own message (the column where they first differ)."""
+    expected, got = np.asarray(expected, dtype=str), np.asarray(got, dtype=str)
+    if np.array_equal(expected, got):
+        return
+    if expected.size == got.size and set(expected) == set(got):
+        first = int(np.flatnonzero(expected != got)[0])
         raise ValueError(
-            f"{which}: X holds {n_bad} NaN/inf values; fix the model output (e.g. np.nan_to_num, then clip) before scoring."
+            f"gene-order trap: {got_from} has the genes of {expected_from} in another order (column {first}: "
+            f"{got[first]!r} where {expected_from} has {expected[first]!r}); {fix}."
         )
-    if lo < 0:
-        raise ValueError(
-            f"{which}: X has negative values (min {lo:.3g}); log1p expression is >= 0, so clip predictions to [0, 14]."
-        )
-    if not has_fraction:
-        raise ValueError(
-            f"{which}: X is integer-valued, which looks like raw counts; normalise it first "
-            "(normalize_total then log1p, the project's one normalisation function)."
-        )
-    if hi >= CELL_EVAL_LOG1P_MAX:
-        raise ValueError(
-            f"{which}: X reaches {hi:.3g}, beyond the log1p range [0, {CELL_EVAL_LOG1P_MAX:g}); "
-            "this looks like counts or mixed scales: normalise with normalize_total + log1p."
-        )
+    missing = sorted(set(expected) - set(got))[:5]
+    extra = sorted(set(got) - set(expected))[:5]
+    raise ValueError(
+        f"gene mismatch: {expected_from} has {expected.size} genes, {got_from} {got.size} (missing e.g. {missing}, "
+        f"extra e.g. {extra}); predict exactly the genes of {expected_from}, in {expected_from}'s order."
+    )
 
 
 def check_score_inputs(real, pred, *, control_label: str = "non-targeting", pert_col: str = "target_gene") -> None:
-    """Raise ValueError if real/pred cannot be scored against each other (SPEC §3)."""
+    """Raise ValueError if real/pred cannot be scored against each other: the checks cell-eval
+    applies (same genes in the same order, the same perturbations, control cells, log1p X)."""
     for which, adata in (("real", real), ("pred", pred)):
         if pert_col not in adata.obs.columns:
             raise ValueError(
                 f"{which}: obs has no column {pert_col!r} (has {list(adata.obs.columns)}); pass pert_col= the perturbation column."
             )
-    genes_real = np.asarray(real.var_names, dtype=str)
-    genes_pred = np.asarray(pred.var_names, dtype=str)
-    if not np.array_equal(genes_real, genes_pred):
-        if genes_real.size == genes_pred.size and set(genes_real) == set(genes_pred):
-            first = int(np.flatnonzero(genes_real != genes_pred)[0])
-            raise ValueError(
-                "gene-order trap: pred has the same genes as real but in a different order "
-                f"(column {first}: real {genes_real[first]!r}, pred {genes_pred[first]!r}); "
-                "reorder pred's columns with pred[:, real.var_names] before scoring."
-            )
-        missing = sorted(set(genes_real) - set(genes_pred))[:5]
-        extra = sorted(set(genes_pred) - set(genes_real))[:5]
-        raise ValueError(
-            f"gene mismatch: real has {genes_real.size} genes, pred {genes_pred.size} "
-            f"(missing from pred e.g. {missing}, extra in pred e.g. {extra}); "
-            "predict exactly real's genes, in real's order (gene_names.csv)."
-        )
+    check_gene_order(
+        real.var_names,
+        pred.var_names,
+        expected_from="real",
+        got_from="pred",
+        fix="reorder pred's columns with pred[:, real.var_names]",
+    )
     perts = {}
     for which, adata in (("real", real), ("pred", pred)):
         labels = set(np.asarray(adata.obs[pert_col], dtype=str))
@@ -5122,7 +5212,11 @@ class _GroupGeneStats:
 
 _PAIRWISE_BLOCK = 128  # numpy's PW_BLOCKSIZE
 
+# The kernels below are numba-compiled on first call (cached on disk, so later processes load
+# them) and release the GIL, so gene chunks run in threads.
 
+
+@numba.njit(cache=True, nogil=True)
 def _de_leaf_sum(a, lo, n, zero):
     """numpy's pairwise_sum base case for n <= 128, accumulating in type(zero)."""
     if n < 8:
@@ -5157,6 +5251,7 @@ def _de_leaf_sum(a, lo, n, zero):
     return res
 
 
+@numba.njit(cache=True, nogil=True)
 def _de_pairwise_sum(a, lo, n, zero, stack_lo, stack_n, stack_state, stack_val):
     """numpy's pairwise_sum of a[lo:lo+n] (its recursion, run on an explicit stack).
 
@@ -5199,6 +5294,7 @@ def _de_pairwise_sum(a, lo, n, zero, stack_lo, stack_n, stack_state, stack_val):
             return ret
 
 
+@numba.njit(cache=True, nogil=True)
 def _de_gather_dense(x_cg, pos_c, out_gc):
     """out_gc[g, pos_c[c]] = x_cg[c, g]: group-ordered, gene-major copy of a dense block."""
     n_cells, n_genes = x_cg.shape
@@ -5209,6 +5305,7 @@ def _de_gather_dense(x_cg, pos_c, out_gc):
                 out_gc[g, pos_c[c]] = x_cg[c, g]
 
 
+@numba.njit(cache=True, nogil=True)
 def _de_gather_csc(data, indices, indptr, g0, pos_c, out_gc):
     """The same from CSC columns g0.. (out_gc must be zero-filled)."""
     n_genes = out_gc.shape[0]
@@ -5217,6 +5314,7 @@ def _de_gather_csc(data, indices, indptr, g0, pos_c, out_gc):
             out_gc[g, pos_c[indices[i]]] += data[i]  # += sums duplicate entries like toarray()
 
 
+@numba.njit(cache=True, nogil=True)
 def _de_column_pass(
     block_gc,
     vkey_gc,
@@ -5274,10 +5372,12 @@ def _de_column_pass(
     return n_keys
 
 
+@numba.njit(cache=True, nogil=True)
 def _de_cubic(t):
     return t * t * t - t
 
 
+@numba.njit(cache=True, nogil=True)
 def _de_sorted_pass(keys, n_genes, n_k, nnz_kg, ctrl, code_bits, gene_shift, twice_u1_kg, tie_kg):
     """Rank sums (doubled) and tie terms vs control per (group, gene) from the sorted keys."""
     n_groups = n_k.size
@@ -5323,54 +5423,6 @@ def _de_sorted_pass(keys, n_genes, n_k, nnz_kg, ctrl, code_bits, gene_shift, twi
             zk = n_k[k] - nnz_kg[k, g]
             twice_u1_kg[k, g] += zk * zc
             tie_kg[k, g] += ctrl_tie + _de_cubic(zc + zk) - _de_cubic(zc)
-
-
-def _de_value_summary(x2d, fraction_threshold):
-    """(non-finite count, min and max of finite values, any fractional part > threshold)."""
-    n_bad = 0
-    lo = np.inf
-    hi = -np.inf
-    has_fraction = False
-    n_rows, n_cols = x2d.shape
-    for i in range(n_rows):
-        for j in range(n_cols):
-            v = x2d[i, j]
-            if not (v - v == 0):  # NaN or +-inf
-                n_bad += 1
-                continue
-            lo = min(lo, v)
-            hi = max(hi, v)
-            if not has_fraction and v - np.trunc(v) > fraction_threshold:  # np.modf(v)[0], in X's dtype
-                has_fraction = True
-    return n_bad, lo, hi, has_fraction
-
-
-_DE_KERNEL_NAMES = (
-    "_de_leaf_sum",
-    "_de_pairwise_sum",
-    "_de_gather_dense",
-    "_de_gather_csc",
-    "_de_column_pass",
-    "_de_cubic",
-    "_de_sorted_pass",
-    "_de_value_summary",  # defined below, with check_expression_matrix
-)
-
-
-_DE_KERNELS_LOCK = threading.Lock()
-
-
-@functools.cache
-def _de_kernels() -> None:
-    """Compile the kernels once per process (numba's on-disk cache makes later processes fast)."""
-    with _DE_KERNELS_LOCK:
-        import numba
-
-        module = sys.modules[__name__]
-        for name in _DE_KERNEL_NAMES:
-            func = getattr(module, name)
-            if not isinstance(func, numba.core.dispatcher.Dispatcher):
-                setattr(module, name, numba.njit(cache=True, nogil=True)(func))
 
 
 def _value_order_codes(block_gc: np.ndarray) -> np.ndarray:
@@ -5455,7 +5507,6 @@ def _group_gene_stats(
         x = np.asarray(x)
     if x.dtype not in (np.float32, np.float64):  # integer or float16 X (never log1p data): as float64
         x = x.astype(np.float64)
-    _de_kernels()
     n_cells, n_genes = x.shape
     code_bits = max(1, int(groups.size - 1).bit_length())
     genes_per_chunk = int(np.clip(chunk_elements // max(n_cells, 1), 1, 1 << (32 - code_bits)))
@@ -5677,7 +5728,7 @@ def score(
     chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     threads: int = 1,
 ) -> dict[str, Any]:
-    """Score a prediction like `cell-eval run --profile vcc` (SPEC §2).
+    """Score a prediction like `cell-eval run --profile vcc`.
 
     Returns `mode`, the means `des` (overlap_at_N), `pds` (discrimination_score_l1), `mae`,
     `per_perturbation` (DataFrame) and both DE results; pass `real_de` from an earlier
@@ -5725,6 +5776,13 @@ def normalised_score(result: dict[str, Any], baseline_result: dict[str, Any]) ->
 # -------------------- the cell-mean baseline (`cell-eval baseline`) -------------------------------
 
 
+def mean_of_group_means(group_means_kg: np.ndarray) -> np.ndarray:
+    """cell-eval baseline's m: the mean over groups of each group's mean, with its arithmetic (numpy's
+    pairwise mean over the groups of polars' column-major matrix, hence Fortran order), so the
+    baseline built here equals the one cell-eval builds to the last bit."""
+    return np.asfortranarray(group_means_kg).mean(axis=0)
+
+
 def make_cell_mean_baseline(
     real,
     *,
@@ -5732,7 +5790,7 @@ def make_cell_mean_baseline(
     pert_col: str = "target_gene",
     n_cells_per_pert: dict[str, int] | None = None,
 ):
-    """The cell-mean baseline prediction, built as `cell-eval baseline` builds it (SPEC §2).
+    """The cell-mean baseline prediction, built as `cell-eval baseline` builds it.
 
     m = mean over all groups (control included) of each group's mean expression; every
     predicted cell of every perturbation is m (as many cells as in `real`, or
@@ -5753,10 +5811,8 @@ def make_cell_mean_baseline(
     )
     sums_kg = indicator_kc @ (x.astype(np.float64) if scipy.sparse.issparse(x) else np.asarray(x, dtype=np.float64))
     sums_kg = sums_kg.toarray() if scipy.sparse.issparse(sums_kg) else np.asarray(sums_kg)
-    # cell-eval: polars group means (float32 for float32 X), then numpy's mean over the
-    # groups of polars' column-major matrix (pairwise per gene, hence Fortran order here).
-    group_means_kg = np.asfortranarray((sums_kg / np.bincount(codes_c)[:, None]).astype(x.dtype))
-    cell_mean_g = group_means_kg.mean(axis=0)
+    # cell-eval: polars group means (float32 for float32 X), then their mean over the groups.
+    cell_mean_g = mean_of_group_means((sums_kg / np.bincount(codes_c)[:, None]).astype(x.dtype))
     if n_cells_per_pert is None:
         perts, counts = np.unique(labels_c[labels_c != control_label], return_counts=True)
     else:
@@ -5778,9 +5834,7 @@ def make_cell_mean_baseline(
 # ==================================================================================================
 
 
-# evaluate: predictors, baselines, the fake-val harness (06) and submissions (07).
-#
-# Pasted into lib.py after "infer" (the merge rewrites `lib.x` -> `x`).
+# Predictors, shared by the fake-val harness (06) and submissions (07).
 #
 # The predictor interface, shared by baselines and trained models:
 #
@@ -5789,7 +5843,7 @@ def make_cell_mean_baseline(
 #
 # `ctrl_cg` holds log1p control cells of the target in that same full gene space (one row per
 # cell); `pred_cg` holds one predicted perturbed cell per control cell given, log1p in [0, 15).
-# A trained model predicts only the store's HVGs (`predict(perturbation, ctrl_ch)` on
+# A trained model predicts only the store's HVGs (`predict(perturbation, ctrl_cv)` on
 # n × n_hvg): `HvgAdapter` lifts it to the full gene space, filling the other genes either
 # from the control cells' own values (`fill="control"`, default) or from the target's
 # control means in the store (`fill="mean"`). Why control is the default: a constant fill
@@ -5836,7 +5890,7 @@ class Predictor(typing.Protocol):
 class HvgPredictor(typing.Protocol):
     """A model in the store's HVG space (e.g. `load_model_predictor(checkpoint_dir)`)."""
 
-    def predict(self, perturbation: str, ctrl_ch: Float[np.ndarray, "cell hvg"]) -> Float[np.ndarray, "cell hvg"]: ...
+    def predict(self, perturbation: str, ctrl_cv: Float[np.ndarray, "cell hvg"]) -> Float[np.ndarray, "cell hvg"]: ...
 
 
 @dataclasses.dataclass
@@ -5893,7 +5947,7 @@ class HvgAdapter:
 
     hvg_predictor: HvgPredictor
     gene_names: list[str]
-    hvg_cols_h: Int[np.ndarray, " hvg"]
+    hvg_cols_v: Int[np.ndarray, " hvg"]
     """Target column of each HVG, in the store's HVG order."""
     fill: str = "control"
     fill_mean_g: Float[np.ndarray, " gene"] | None = None
@@ -5903,24 +5957,24 @@ class HvgAdapter:
             raise ValueError(f"fill={self.fill!r}; use one of {FILL_MODES}")
         if self.fill == "mean" and (self.fill_mean_g is None or len(self.fill_mean_g) != len(self.gene_names)):
             raise ValueError("fill='mean' needs fill_mean_g with one value per gene of gene_names")
-        assert len(set(self.hvg_cols_h.tolist())) == len(self.hvg_cols_h), "two HVGs map to one target column"
-        assert self.hvg_cols_h.min() >= 0 and self.hvg_cols_h.max() < len(self.gene_names), (
+        assert len(set(self.hvg_cols_v.tolist())) == len(self.hvg_cols_v), "two HVGs map to one target column"
+        assert self.hvg_cols_v.min() >= 0 and self.hvg_cols_v.max() < len(self.gene_names), (
             "HVG column outside gene_names"
         )
 
     def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]:
-        pred_ch = np.asarray(
-            self.hvg_predictor.predict(perturbation, np.ascontiguousarray(ctrl_cg[:, self.hvg_cols_h]))
+        pred_cv = np.asarray(
+            self.hvg_predictor.predict(perturbation, np.ascontiguousarray(ctrl_cg[:, self.hvg_cols_v]))
         )
-        if pred_ch.shape != (len(ctrl_cg), len(self.hvg_cols_h)):
+        if pred_cv.shape != (len(ctrl_cg), len(self.hvg_cols_v)):
             raise ValueError(
-                f"{perturbation}: HVG predictor returned {pred_ch.shape}, expected {(len(ctrl_cg), len(self.hvg_cols_h))}"
+                f"{perturbation}: HVG predictor returned {pred_cv.shape}, expected {(len(ctrl_cg), len(self.hvg_cols_v))}"
             )
         if self.fill == "control":
             pred_cg = np.array(ctrl_cg, dtype=np.float32, copy=True)
         else:
             pred_cg = np.broadcast_to(self.fill_mean_g.astype(np.float32), ctrl_cg.shape).copy()
-        pred_cg[:, self.hvg_cols_h] = pred_ch
+        pred_cg[:, self.hvg_cols_v] = pred_cv
         return pred_cg
 
 
@@ -6001,13 +6055,13 @@ def get_hvg_columns(
     hvg_ids = (store.genes if hvgs is None else hvgs)["ensembl_id"].to_numpy(str)
     col_of_id = pd.Series(np.arange(len(target_genes)), index=target_genes["ensembl_id"].to_numpy())
     col_of_id = col_of_id[col_of_id.index != ""]
-    cols_h = col_of_id.reindex(hvg_ids).to_numpy(dtype=float)
-    if np.isnan(cols_h).any():
-        missing = hvg_ids[np.isnan(cols_h)][:5]
+    cols_v = col_of_id.reindex(hvg_ids).to_numpy(dtype=float)
+    if np.isnan(cols_v).any():
+        missing = hvg_ids[np.isnan(cols_v)][:5]
         raise ValueError(
             f"HVGs not measured in the target (e.g. {list(missing)}): the HVG list must come from 03 on this world"
         )
-    return cols_h.astype(np.int64)
+    return cols_v.astype(np.int64)
 
 
 # -------------------- control pools ---------------------------------------------------------------
@@ -6118,11 +6172,8 @@ def scan_h5ad(
             _, offset = write_dense_rows_npy(tmp_pool, len(pool_rows_c), n_genes)
             pool_fd = os.open(tmp_pool, os.O_RDWR)
         try:
-            for start in progress(range(0, n_cells, chunk_cells), desc=f"reading {path.name}"):
-                stop = min(start + chunk_cells, n_cells)
-                x_cg = scipy.sparse.csr_matrix(
-                    normalise_log1p(read_rows(x, start, stop), counts, where=f"{path.name} rows {start}:{stop}")
-                )
+            chunks = iter_log1p_chunks(x, counts, chunk_cells=chunk_cells, desc=f"reading {path.name}", where=path.name)
+            for start, stop, _, x_cg in chunks:
                 g_c = group_c[start:stop]
                 keep = g_c >= 0
                 member_kc = scipy.sparse.csr_matrix(
@@ -6194,8 +6245,7 @@ def make_cell_mean_vector(fit: FitData) -> Float[np.ndarray, " gene"]:
     """cell-eval baseline's m: the mean over groups (each perturbation and control) of each
     group's mean. Float32 group means and numpy's mean over a Fortran-ordered matrix, as
     make_cell_mean_baseline (which copies cell-eval's polars arithmetic)."""
-    group_means_kg = np.concatenate([fit.pert_mean_pg, fit.control_mean_g[None]]).astype(np.float32)
-    return np.asfortranarray(group_means_kg).mean(axis=0)
+    return mean_of_group_means(np.concatenate([fit.pert_mean_pg, fit.control_mean_g[None]]).astype(np.float32))
 
 
 # -------------------- baselines -------------------------------------------------------------------
@@ -6206,10 +6256,10 @@ class LinearModel:
     """Ahlmann-Eltze, Huber & Anders 2025's linear model: effect_p = b + G W G[gene(p)]^T."""
 
     gene_names: list[str]
-    g_gk: Float[np.ndarray, "gene k"]
+    g_ge: Float[np.ndarray, "gene component"]
     """Gene embeddings: the top principal components (left singular vectors) of the
     centred training effects (genes × perturbations)."""
-    w_kk: Float[np.ndarray, "k k"]
+    w_ee: Float[np.ndarray, "component component"]
     b_g: Float[np.ndarray, " gene"]
     """Mean training effect per gene."""
 
@@ -6217,8 +6267,8 @@ class LinearModel:
         # An unseen perturbation is embedded by its gene's row of G; a gene outside the
         # table gets the zero embedding (the mean effect b).
         col = {g: i for i, g in enumerate(self.gene_names)}.get(perturbation)
-        p_k = self.g_gk[col] if col is not None else np.zeros(self.g_gk.shape[1])
-        return self.b_g + self.g_gk @ (self.w_kk @ p_k)
+        p_e = self.g_ge[col] if col is not None else np.zeros(self.g_ge.shape[1])
+        return self.b_g + self.g_ge @ (self.w_ee @ p_e)
 
 
 @typechecked
@@ -6234,16 +6284,16 @@ def fit_linear_model(
     y_gp = np.asarray(effect_pg, dtype=np.float64).T
     b_g = y_gp.mean(axis=1)
     yc_gp = y_gp - b_g[:, None]
-    u_gk, _, _ = np.linalg.svd(yc_gp, full_matrices=False)
-    k = min(n_components, u_gk.shape[1])
-    g_gk = u_gk[:, :k]
+    u_ge, _, _ = np.linalg.svd(yc_gp, full_matrices=False)
+    k = min(n_components, u_ge.shape[1])
+    g_ge = u_ge[:, :k]
     col = {g: i for i, g in enumerate(gene_names)}
-    p_pk = np.stack([g_gk[col[p]] if p in col else np.zeros(k) for p in perturbations])
+    p_pe = np.stack([g_ge[col[p]] if p in col else np.zeros(k) for p in perturbations])
     eye = np.eye(k)
-    w_kk = np.linalg.solve(g_gk.T @ g_gk + ridge * eye, g_gk.T @ yc_gp @ p_pk) @ np.linalg.inv(
-        p_pk.T @ p_pk + ridge * eye
+    w_ee = np.linalg.solve(g_ge.T @ g_ge + ridge * eye, g_ge.T @ yc_gp @ p_pe) @ np.linalg.inv(
+        p_pe.T @ p_pe + ridge * eye
     )
-    return LinearModel(gene_names=list(gene_names), g_gk=g_gk, w_kk=w_kk, b_g=b_g)
+    return LinearModel(gene_names=list(gene_names), g_ge=g_ge, w_ee=w_ee, b_g=b_g)
 
 
 def _perturbation_key(label: str, id_of_symbol: dict[str, str]) -> str:
@@ -6265,7 +6315,7 @@ class TransferEffects:
 
     def __init__(self, store: CellStore, target: str, target_genes: pd.DataFrame, chunk_rows: int = 20_000):
         self.store, self.chunk_rows = store, chunk_rows
-        self.hvg_cols_h = get_hvg_columns(store, target_genes)
+        self.hvg_cols_v = get_hvg_columns(store, target_genes)
         self.n_genes = len(target_genes)
         self.others = [d for d in store.datasets if d != target]
         ids = store.means[store.means["ensembl_id"] != ""]
@@ -6275,16 +6325,16 @@ class TransferEffects:
         self._control_mean = {}
 
     def _group_mean(self, groups: pd.DataFrame) -> np.ndarray:
-        total_h, n = np.zeros(self.store.x_cg.shape[1]), 0
+        total_v, n = np.zeros(self.store.x_cg.shape[1]), 0
         for start, stop in zip(groups["start"], groups["stop"]):
             for a in range(start, stop, self.chunk_rows):  # bounded memory for large control groups
-                total_h += self.store.x_cg[a : min(a + self.chunk_rows, stop)].sum(axis=0, dtype=np.float64)
+                total_v += self.store.x_cg[a : min(a + self.chunk_rows, stop)].sum(axis=0, dtype=np.float64)
             n += stop - start
-        return total_h / n
+        return total_v / n
 
     def effect(self, perturbation: str) -> Float[np.ndarray, " gene"]:
         key = _perturbation_key(perturbation, self.target_id_of_symbol)
-        sum_h, n_h = np.zeros(self.store.x_cg.shape[1]), np.zeros(self.store.x_cg.shape[1])
+        sum_v, n_v = np.zeros(self.store.x_cg.shape[1]), np.zeros(self.store.x_cg.shape[1])
         for d in self.others:
             index = self.store.index[self.store.index["dataset"] == d]
             keys = np.array([_perturbation_key(p, self.id_of_symbol.get(d, {})) for p in index["perturbation"]])
@@ -6293,11 +6343,11 @@ class TransferEffects:
                 continue
             if d not in self._control_mean:
                 self._control_mean[d] = self._group_mean(index[index["is_control"].to_numpy(bool)])
-            measured_h = self.store.measured_dg[self.store.datasets.index(d)]
-            sum_h += np.where(measured_h, self._group_mean(groups) - self._control_mean[d], 0.0)
-            n_h += measured_h
+            measured_v = self.store.measured_dg[self.store.datasets.index(d)]
+            sum_v += np.where(measured_v, self._group_mean(groups) - self._control_mean[d], 0.0)
+            n_v += measured_v
         effect_g = np.zeros(self.n_genes)
-        effect_g[self.hvg_cols_h] = np.divide(sum_h, n_h, out=np.zeros_like(sum_h), where=n_h > 0)
+        effect_g[self.hvg_cols_v] = np.divide(sum_v, n_v, out=np.zeros_like(sum_v), where=n_v > 0)
         return effect_g
 
 
@@ -6351,7 +6401,7 @@ class ModelPredictor:
         self.model = ckpt["model"]
         self.vocab: PerturbationVocab = ckpt["vocab"]
         self.features: PertFeatures = ckpt["features"]
-        self.set_size: int = ckpt["cfg"].set_size
+        self.set_size: int = ckpt["cfg"].loader.set_size
         self.genes: pd.DataFrame = ckpt["genes"]
         """The model's gene columns (ensembl_id, symbol), in order."""
         self.control_pool_cg: np.ndarray = ckpt["control_pool_cg"]
@@ -6420,7 +6470,7 @@ def make_model_predictor(
         model,
         gene_names=target_genes["symbol"].tolist(),
         # The model's own gene table when it has one (05 saves it with the checkpoint).
-        hvg_cols_h=get_hvg_columns(store, target_genes, getattr(model, "genes", None)),
+        hvg_cols_v=get_hvg_columns(store, target_genes, getattr(model, "genes", None)),
         fill=fill,
         fill_mean_g=target_genes["mean_control"].to_numpy(np.float32),
     )
@@ -6532,20 +6582,17 @@ def make_prediction_anndata(
     pert_col: str = "target_gene",
 ):
     """The plan's predictions as an in-memory AnnData (float32 CSR), each chunk checked."""
-    import anndata
 
     predict_chunk = make_predict_chunk(predictor, plan, pool, fixed_pseudobulk=fixed_pseudobulk, seed=seed)
     parts = []
     for start in range(0, len(plan.labels_c), chunk_cells):
         stop = min(start + chunk_cells, len(plan.labels_c))
         x_cg = predict_chunk(start, stop)
-        check_log1p_chunk(x_cg, f"cells {start}:{stop}")
+        check_log1p(x_cg, f"cells {start}:{stop}", source="prediction")
         parts.append(scipy.sparse.csr_matrix(x_cg))
-    obs = pd.DataFrame(
-        {pert_col: pd.Categorical(plan.labels_c.astype(str))}, index=np.arange(len(plan.labels_c)).astype(str)
+    return make_anndata(
+        scipy.sparse.vstack(parts, format="csr"), plan.labels_c, predictor.gene_names, pert_col=pert_col
     )
-    var = pd.DataFrame(index=pd.Index(predictor.gene_names, dtype=str))
-    return anndata.AnnData(X=scipy.sparse.vstack(parts, format="csr"), obs=obs, var=var)
 
 
 # ==================================================================================================
@@ -6611,19 +6658,6 @@ def get_eval_dir(data_root: str | os.PathLike | None, world: str) -> pathlib.Pat
     return get_data_root(data_root) / "eval" / world
 
 
-def _real_anndata(x_cg, labels_c, gene_names, pert_col="target_gene"):
-    import anndata
-
-    obs = pd.DataFrame(
-        {pert_col: pd.Categorical(np.asarray(labels_c, dtype=str))}, index=np.arange(len(labels_c)).astype(str)
-    )
-    return anndata.AnnData(
-        X=scipy.sparse.csr_matrix(x_cg, dtype=np.float32),
-        obs=obs,
-        var=pd.DataFrame(index=pd.Index(gene_names, dtype=str)),
-    )
-
-
 def _scenario_real_from_truth(path: pathlib.Path, spec: DatasetSpec, gene_names, cfg: EvalConfig):
     """Real side of a truth scenario: the truth file's cells (capped per perturbation) and controls."""
     with open_h5ad_backed(path) as (obs, var, _x):
@@ -6643,7 +6677,7 @@ def _scenario_real_from_truth(path: pathlib.Path, spec: DatasetSpec, gene_names,
         collect_rows_c=rows_c,
         chunk_cells=cfg.chunk_cells,
     )
-    return _real_anndata(scan.collected_cg, labels_c[rows_c], gene_names)
+    return make_anndata(scipy.sparse.csr_matrix(scan.collected_cg, dtype=np.float32), labels_c[rows_c], gene_names)
 
 
 def score_predictors(
@@ -6656,7 +6690,7 @@ def score_predictors(
     mode: str,
     threads: int = 1,
     control_label: str = "non-targeting",
-    hvg_cols_h=None,
+    hvg_cols_v=None,
 ) -> tuple[pd.DataFrame, pd.DataFrame, dict]:
     """Score each predictor against `real` (control_label cells = the real controls) with score,
     predictions from `pool` (all pool cells are the predicted controls), normalised against the
@@ -6673,9 +6707,9 @@ def score_predictors(
         real_de = results[name]["real_de"]
     rows, per_pert, effects = [], [], {}
     non_hvg_g = None
-    if hvg_cols_h is not None:
+    if hvg_cols_v is not None:
         non_hvg_g = np.ones(real.n_vars, bool)
-        non_hvg_g[hvg_cols_h] = False
+        non_hvg_g[hvg_cols_v] = False
     for name in predictors:
         result = results[name]
         norm = normalised_score(result, results["cell_mean"])
@@ -6708,13 +6742,11 @@ def score_predictors(
     return pd.DataFrame(rows), pd.concat(per_pert, ignore_index=True), effects
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, typing.Any]:
-    """06 eval: the fake-val harness. Returns results (one row per scenario × predictor, with
-    `mode`), per_perturbation, effects (for plots) and the paths written."""
-    files = get_target_files(cfg.data_root, cfg.world)
+def scan_harness_inputs(cfg: EvalConfig, files: TargetFiles, gene_names: list[str], eval_dir: pathlib.Path) -> dict:
+    """One pass over the target's training file for the harness: the fake-val split, per-group
+    sums (each perturbation; controls by pool), the held-out cells and the `real` pool's controls
+    (collected), and the `pred` pool written to disk as a ControlPool."""
     spec = files.spec
-    gene_names = read_gene_names(files.gene_names_path)
-    eval_dir = get_eval_dir(cfg.data_root, cfg.world)
     with open_h5ad_backed(files.training_path) as (obs, var, _x):
         labels_c = obs[spec.perturbation_key].astype(str).to_numpy()
         cell_ids_c = obs.index.astype(str).to_numpy()
@@ -6764,15 +6796,60 @@ def evaluate(cfg: EvalConfig) -> dict[str, typing.Any]:
     collected_labels = labels_c[collect_rows_c]
     collected_labels = np.where(is_ctrl_c[collect_rows_c], spec.control_label, collected_labels)
 
+    return {
+        "split": split,
+        "training_perts": training_perts,
+        "group_labels": group_labels,
+        "scan": scan,
+        "pool": pool,
+        "collected_labels": collected_labels,
+    }
+
+
+def make_harness_predictors(cfg: EvalConfig, fit: FitData, store, target: str, target_genes, hvg_cols_v, gene_names):
+    """The predictors the harness scores, by name: cell-mean first (the normalising baseline), the
+    requested baselines, and with --fill-study the linear baseline on HVGs with each fill mode."""
+    predictors = {}
+    for name in dict.fromkeys(["cell_mean", *cfg.predictors]):
+        predictors[name] = make_baseline(
+            name,
+            fit,
+            store=store,
+            target=target,
+            target_genes=target_genes,
+            n_components=cfg.linear_components,
+            ridge=cfg.linear_ridge,
+        )
+    if cfg.fill_study:
+        linear = make_baseline("linear", fit, n_components=cfg.linear_components, ridge=cfg.linear_ridge)
+        hvg_linear = _HvgSlice(linear, hvg_cols_v)
+        for fill in FILL_MODES:
+            predictors[f"linear_hvg_fill_{fill}"] = HvgAdapter(
+                hvg_linear, gene_names, hvg_cols_v, fill, target_genes["mean_control"].to_numpy(np.float32)
+            )
+    return predictors
+
+
+def evaluate(cfg: EvalConfig) -> dict[str, typing.Any]:
+    """06 eval: the fake-val harness. Returns results (one row per scenario × predictor, with
+    `mode`), per_perturbation, effects (for plots) and the paths written."""
+    files = get_target_files(cfg.data_root, cfg.world)
+    spec = files.spec
+    gene_names = read_gene_names(files.gene_names_path)
+    eval_dir = get_eval_dir(cfg.data_root, cfg.world)
+    data = scan_harness_inputs(cfg, files, gene_names, eval_dir)
+    split, training_perts, scan, pool = data["split"], data["training_perts"], data["scan"], data["pool"]
+    group_labels, collected_labels = data["group_labels"], data["collected_labels"]
+
     checkpoint = None
     if cfg.checkpoint.lower() != "none":
         checkpoint = pathlib.Path(cfg.checkpoint) if cfg.checkpoint else get_latest_checkpoint(cfg.data_root)
     # The store gives the HVGs (model, fill study, the non-HVG DE count) and the other cell types.
-    store = target_genes = hvg_cols_h = None
+    store = target_genes = hvg_cols_v = None
     try:
         store = load_store(cfg.data_root, cfg.world)
         target_genes = get_target_gene_table(store, spec.name, gene_names)
-        hvg_cols_h = get_hvg_columns(store, target_genes)
+        hvg_cols_v = get_hvg_columns(store, target_genes)
     except FileNotFoundError:
         if "pert_mean_transfer" in cfg.predictors or cfg.fill_study or checkpoint is not None:
             raise
@@ -6797,24 +6874,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, typing.Any]:
         fit = make_fit_data(
             gene_names, group_labels, scan.sum_kg, scan.n_k, fit_perts, ["control:pred", "control:rest"]
         )
-        predictors = {}
-        for name in dict.fromkeys(["cell_mean", *cfg.predictors]):
-            predictors[name] = make_baseline(
-                name,
-                fit,
-                store=store,
-                target=spec.name,
-                target_genes=target_genes,
-                n_components=cfg.linear_components,
-                ridge=cfg.linear_ridge,
-            )
-        if cfg.fill_study:
-            linear = make_baseline("linear", fit, n_components=cfg.linear_components, ridge=cfg.linear_ridge)
-            hvg_linear = _HvgSlice(linear, hvg_cols_h)
-            for fill in FILL_MODES:
-                predictors[f"linear_hvg_fill_{fill}"] = HvgAdapter(
-                    hvg_linear, gene_names, hvg_cols_h, fill, target_genes["mean_control"].to_numpy(np.float32)
-                )
+        predictors = make_harness_predictors(cfg, fit, store, spec.name, target_genes, hvg_cols_v, gene_names)
         if checkpoint is not None:
             predictors["model"] = make_model_predictor(checkpoint, store, target_genes, cfg.fill)
         real = get_real()
@@ -6827,7 +6887,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, typing.Any]:
             mode=cfg.mode,
             threads=cfg.threads,
             control_label=spec.control_label,
-            hvg_cols_h=hvg_cols_h,
+            hvg_cols_v=hvg_cols_v,
         )
         fit_label = "fake_train" if fit_perts is fake_fit else "all_train"
         for table in (summary, per_pert):
@@ -6860,19 +6920,21 @@ class _HvgSlice:
     """A full-gene predictor seen only on the HVG columns (for the fill study)."""
 
     predictor: Predictor
-    hvg_cols_h: np.ndarray
+    hvg_cols_v: np.ndarray
 
-    def predict(self, perturbation: str, ctrl_ch: np.ndarray) -> np.ndarray:
+    def predict(self, perturbation: str, ctrl_cv: np.ndarray) -> np.ndarray:
         # The wrapped baseline adds a mean effect per gene, so the HVG columns of its output
         # depend only on the HVG columns of the input; fill the rest with zeros.
-        full_cg = np.zeros((len(ctrl_ch), len(self.predictor.gene_names)), dtype=np.float32)
-        full_cg[:, self.hvg_cols_h] = ctrl_ch
-        return self.predictor.predict(perturbation, full_cg)[:, self.hvg_cols_h]
+        full_cg = np.zeros((len(ctrl_cv), len(self.predictor.gene_names)), dtype=np.float32)
+        full_cg[:, self.hvg_cols_v] = ctrl_cv
+        return self.predictor.predict(perturbation, full_cg)[:, self.hvg_cols_v]
 
 
 def _select(x_cg, labels_c, perts: set[str], control_label: str, gene_names):
     keep = np.isin(labels_c, list(perts)) | (labels_c == control_label)
-    return _real_anndata(x_cg[np.flatnonzero(keep)], labels_c[keep], gene_names)
+    return make_anndata(
+        scipy.sparse.csr_matrix(x_cg[np.flatnonzero(keep)], dtype=np.float32), labels_c[keep], gene_names
+    )
 
 
 def plot_metric_distributions(per_perturbation: pd.DataFrame, scenario: str):
@@ -6952,26 +7014,10 @@ def make_submission_obs(
     pert_counts: "pd.DataFrame", n_control: int, control_label: str = "non-targeting"
 ) -> "pd.DataFrame":
     """obs of a submission: `n_cells` rows per requested perturbation, then the controls."""
-    import pandas as pd
-
     labels = np.concatenate(
         [np.repeat(pert_counts["target_gene"].to_numpy(str), pert_counts["n_cells"]), np.full(n_control, control_label)]
     )
     return pd.DataFrame({"target_gene": pd.Categorical(labels)}, index=np.arange(len(labels)).astype(str))
-
-
-def check_log1p_chunk(x_cg: np.ndarray, where: str) -> None:
-    """One clear error for values a scorer would reject or silently misread."""
-    if not np.all(np.isfinite(x_cg)):
-        raise ValueError(f"{where}: NaN or inf in predictions; check the model's output (clip, or fix a diverged run).")
-    if x_cg.size and x_cg.min() < 0:
-        raise ValueError(
-            f"{where}: negative values (min {x_cg.min():.3g}); predictions must be log1p(CP10K) >= 0: clip at 0."
-        )
-    if x_cg.size and x_cg.max() >= 15:
-        raise ValueError(
-            f"{where}: values >= 15 (max {x_cg.max():.3g}) look like raw counts or CP10K, not log1p: apply lib.normalise first."
-        )
 
 
 def write_submission(
@@ -6990,8 +7036,6 @@ def write_submission(
     genes in `gene_names` order. Checks: control cells present, no more than
     `max_cells`, gene list unique, every chunk the right shape and in log1p range.
     """
-    import pandas as pd
-
     path = pathlib.Path(path)
     if control_label not in set(obs["target_gene"]):
         raise ValueError(
@@ -7010,7 +7054,7 @@ def write_submission(
                 f"cells {start}:{stop}: prediction has shape {x_cg.shape}, expected {(stop - start, len(gene_names))} "
                 "(cells × genes in gene_names.csv order)"
             )
-        check_log1p_chunk(x_cg, f"cells {start}:{stop}")
+        check_log1p(x_cg, f"cells {start}:{stop}", source="prediction")
         return x_cg
 
     write_h5ad_chunked(path, obs, var, checked_chunk, len(obs), chunk_cells, desc=f"writing {path.name}")
@@ -7024,11 +7068,6 @@ def pack_vcc(h5ad_path: str | os.PathLike, vcc_path: str | os.PathLike | None = 
     Compresses with the zstandard library (streaming, so memory stays small) rather than
     prep's `zstd` program, which a fresh machine may not have.
     """
-    import tarfile
-    import tempfile
-
-    import zstandard
-
     h5ad_path = pathlib.Path(h5ad_path)
     vcc_path = pathlib.Path(vcc_path) if vcc_path else h5ad_path.with_suffix(".prep.vcc")
     with tempfile.TemporaryDirectory() as tmp_dir:
@@ -7082,18 +7121,13 @@ def check_submission_request(
     predictor: Predictor, gene_names: list[str], pert_counts: pd.DataFrame, control_label: str = "non-targeting"
 ) -> None:
     """One clear error, before anything is written, for a request that cannot make a valid file."""
-    genes = list(predictor.gene_names)
-    if genes != list(gene_names):
-        if len(genes) == len(gene_names) and set(genes) == set(gene_names):
-            first = next(i for i, (a, b) in enumerate(zip(genes, gene_names)) if a != b)
-            raise ValueError(
-                f"gene-order trap: the predictor's genes are gene_names.csv in another order (column {first}: "
-                f"{genes[first]!r} instead of {gene_names[first]!r}); build it from gene_names.csv's order"
-            )
-        raise ValueError(
-            f"the predictor predicts {len(genes)} genes, gene_names.csv lists {len(gene_names)}: "
-            "predict every gene of gene_names.csv (an HVG model goes through HvgAdapter)"
-        )
+    check_gene_order(
+        gene_names,
+        predictor.gene_names,
+        expected_from="gene_names.csv",
+        got_from="the predictor",
+        fix="build the predictor from gene_names.csv's order (an HVG model goes through HvgAdapter)",
+    )
     perts = pert_counts["target_gene"].astype(str)
     if perts.duplicated().any():
         raise ValueError(
@@ -7265,7 +7299,7 @@ def score_submission(
         collect_rows_c=np.arange(len(labels_c)),
         chunk_cells=cfg.chunk_cells,
     )
-    real = _real_anndata(scan.collected_cg, labels_c, gene_names)
+    real = make_anndata(scipy.sparse.csr_matrix(scan.collected_cg, dtype=np.float32), labels_c, gene_names)
     pred = anndata.read_h5ad(h5ad_path)
     result = score(real, pred, mode=cfg.mode, control_label=spec.control_label)
     labels = np.asarray(pred.obs["target_gene"], dtype=str)

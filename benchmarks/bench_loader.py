@@ -12,6 +12,7 @@ process, as they are after the first minutes of training. The store must exist (
 """
 
 import argparse
+import dataclasses
 import pathlib
 import statistics
 import time
@@ -53,7 +54,7 @@ def main(argv=None) -> None:
         worker_count=args.worker_count,
         prefetch_batches=args.prefetch_batches,
     )
-    dataset, examples = lib.make_loader(store, loader_cfg, vocab=vocab)
+    dataset, examples = lib.make_loader(store, loader_cfg, vocab=vocab, seed=0)
     iterator = lib.iter_batches(dataset, loader_cfg)
     # In memory: the whole matrix as one numpy array and the same sampling rule (uniform rows of
     # the group, sorted), with no grain, no memmap.
@@ -97,12 +98,15 @@ def main(argv=None) -> None:
     )
 
     # A train step (the defaults' model) fed by the loader vs fed from batches held in memory.
-    cfg = lib.TrainConfig(set_size=args.set_size, sets_per_batch=args.sets_per_batch)
+    cfg = lib.make_train_config(set_size=args.set_size, sets_per_batch=args.sets_per_batch)
     features = lib.make_pert_features(store, vocab, "onehot")
-    model = lib.make_model(lib.make_model_config(cfg, store.x_cg.shape[1], features.width), key=jax.random.key(0))
+    model = lib.make_model(
+        dataclasses.replace(cfg.model, n_genes=store.x_cg.shape[1], n_pert_features=features.width),
+        key=jax.random.key(0),
+    )
     optimizer = lib.make_train_optimizer(cfg)
     opt_state = lib.init_opt_state(model, optimizer)
-    loss_cfg = lib.make_loss_config(cfg)
+    loss_cfg = cfg.loss
     oov_f, dropout = jnp.asarray(features.get_target(np.array([1]))[0]), jnp.float32(cfg.oov_dropout)
     in_memory = [next(iterator) for _ in range(args.batches)]
 

@@ -16,6 +16,7 @@ numbers from one run only.
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import pathlib
@@ -75,11 +76,11 @@ def bench_jax(args) -> dict:
 
     import lib
 
-    cfg = lib.ModelConfig(n_genes=args.genes, n_pert_features=args.pert_features)
+    cfg = dataclasses.replace(lib.RESEARCHER_MODEL, n_genes=args.genes, n_pert_features=args.pert_features)
     model = lib.make_model(cfg, key=jax.random.key(0))
     optimizer = lib.make_optimizer(learning_rate=1e-4, grad_clip=10.0)
     opt_state = lib.init_opt_state(model, optimizer)
-    loss_cfg = lib.LossConfig(energy_weight=1.0)
+    loss_cfg = lib.LossConfig(energy_weight=1.0, pseudobulk_mse_weight=0.0)  # STATE's loss: energy only
     ctrl_bsg, pert_bf, target_bsg = (jnp.asarray(a) for a in make_data_np(args))
     times_s = []
     for step in range(args.warmup + args.steps):

@@ -162,8 +162,8 @@ def test_linear_baseline_is_exact_on_noise_free_linear_data():
 
 
 class _HvgShift:
-    def predict(self, perturbation, ctrl_ch):
-        return ctrl_ch + 1.0
+    def predict(self, perturbation, ctrl_cv):
+        return ctrl_cv + 1.0
 
 
 def test_hvg_adapter_fills_the_other_genes():

@@ -11,7 +11,7 @@ def store(tiny_store):
 
 def _first_batches(store, cfg, n, **kw):
     vocab = lib.make_vocab(store.index)
-    dataset, _ = lib.make_loader(store, cfg, vocab=vocab, **kw)
+    dataset, _ = lib.make_loader(store, cfg, vocab=vocab, **{"seed": 0, **kw})
     iterator = lib.iter_batches(dataset, cfg)
     return [next(iterator) for _ in range(n)], iterator
 
@@ -54,7 +54,7 @@ def test_batches_have_the_documented_shapes_and_upsample_small_groups(store):
 def test_perturbed_set_rows_come_from_their_group(store):
     cfg = lib.LoaderConfig(set_size=8, sets_per_batch=4)
     vocab = lib.make_vocab(store.index)
-    dataset, examples = lib.make_loader(store, cfg, vocab=vocab)
+    dataset, examples = lib.make_loader(store, cfg, vocab=vocab, seed=0)
     batch = next(lib.iter_batches(dataset, cfg))
     for b, k in enumerate(batch["example_b"]):
         start, stop = examples.loc[k, ["start", "stop"]]
@@ -64,10 +64,10 @@ def test_perturbed_set_rows_come_from_their_group(store):
 
 
 def test_same_seed_same_batches_other_seed_other_batches(store):
-    cfg = lib.LoaderConfig(set_size=8, sets_per_batch=4, seed=3)
-    a, _ = _first_batches(store, cfg, 3)
-    b, _ = _first_batches(store, cfg, 3)
-    c, _ = _first_batches(store, lib.LoaderConfig(set_size=8, sets_per_batch=4, seed=4), 3)
+    cfg = lib.LoaderConfig(set_size=8, sets_per_batch=4)
+    a, _ = _first_batches(store, cfg, 3, seed=3)
+    b, _ = _first_batches(store, cfg, 3, seed=3)
+    c, _ = _first_batches(store, cfg, 3, seed=4)
     assert all(np.array_equal(x["pert_bsg"], y["pert_bsg"]) for x, y in zip(a, b))
     assert not all(np.array_equal(x["pert_id_b"], y["pert_id_b"]) for x, y in zip(a, c))
 
@@ -77,7 +77,7 @@ def test_resumed_iterator_yields_exactly_the_next_batches(store):
     batches, iterator = _first_batches(store, cfg, 2)
     state = iterator.get_state()
     expected = [next(iterator) for _ in range(3)]
-    dataset, _ = lib.make_loader(store, cfg, vocab=lib.make_vocab(store.index))
+    dataset, _ = lib.make_loader(store, cfg, vocab=lib.make_vocab(store.index), seed=0)
     resumed = lib.iter_batches(dataset, cfg)
     resumed.set_state(state)
     for want in expected:
@@ -107,7 +107,7 @@ def test_held_out_perturbations_never_appear(store):
 
 def test_every_example_appears_once_per_epoch(store):
     cfg = lib.LoaderConfig(set_size=8, sets_per_batch=4)
-    dataset, examples = lib.make_loader(store, cfg, vocab=lib.make_vocab(store.index))
+    dataset, examples = lib.make_loader(store, cfg, vocab=lib.make_vocab(store.index), seed=0)
     n_batches = -(-2 * len(examples) // cfg.sets_per_batch)  # two epochs and a bit
     iterator = lib.iter_batches(dataset, cfg)
     stream = np.concatenate([next(iterator)["example_b"] for _ in range(n_batches)])
@@ -126,7 +126,7 @@ def test_worker_processes_yield_the_same_batches_as_the_thread(store):
 def test_set_rows_are_distinct_when_the_group_is_big_enough(store):
     cfg = lib.LoaderConfig(set_size=8, sets_per_batch=4)
     examples = lib.make_example_groups(store.index)
-    source = lib.CellSetBatches(store.store_dir, store.index, examples, np.zeros(len(examples)), cfg)
+    source = lib.CellSetBatches(store.store_dir, store.index, examples, np.zeros(len(examples)), cfg, seed=0)
     start_k, stop_k = np.array([100, 0, 50, 7]), np.array([105, 1000, 58, 9])  # n = 5, 1000, 8 (= S), 2
     rows_ks = source.sample_rows(start_k, stop_k, np.random.default_rng(0))
     assert ((rows_ks >= start_k[:, None]) & (rows_ks < stop_k[:, None])).all()

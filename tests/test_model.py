@@ -116,8 +116,8 @@ def hand_param_count(cfg: lib.ModelConfig) -> int:
     return mlp(g, h) + mlp(f, h) + transformer + mlp(h, g)
 
 
-def test_default_param_count_is_about_2_5_million():
-    cfg = lib.ModelConfig()
+def test_researcher_config_param_count_is_about_2_5_million():
+    cfg = lib.RESEARCHER_MODEL
     model = eqx.filter_eval_shape(lib.make_model, cfg, key=jax.random.key(0))  # shapes only, no init
     n_params = lib.count_params(model)
     assert n_params == hand_param_count(cfg)

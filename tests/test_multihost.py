@@ -179,7 +179,7 @@ def test_training_checkpoints_and_resumes_through_a_bucket_url(tiny_store):
     """memory:// stands in for gs:// (same fsspec calls: no rename, no append); the run resumes
     from it and every run file is there, local staging directories are not."""
     root = "memory://bucket/ckpt"
-    cfg = lib.TrainConfig(
+    cfg = lib.make_train_config(
         data_root=str(tiny_store),
         checkpoint_dir=root,
         run_name="gcs",

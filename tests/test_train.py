@@ -43,7 +43,7 @@ TINY = dict(
 
 
 def tiny_cfg(data_root, ckpt_dir, **kw) -> "lib.TrainConfig":
-    return lib.TrainConfig(data_root=str(data_root), checkpoint_dir=str(ckpt_dir), **{**TINY, **kw})
+    return lib.make_train_config(data_root=str(data_root), checkpoint_dir=str(ckpt_dir), **{**TINY, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -174,7 +174,8 @@ def test_flag_overrides_toml_even_when_equal_to_the_default(tmp_path):
         ["--config", str(toml), "--learning-rate", str(default.learning_rate), "--hidden", "48"]
     )
     assert cfg.learning_rate == default.learning_rate  # the flag wins although it equals the default
-    assert cfg.hidden == 48 and cfg.n_heads == 2 and cfg.features == "onehot" and cfg.datasets == ("synthetic_h1",)
+    assert cfg.model.hidden == 48 and cfg.model.n_heads == 2 and cfg.features == "onehot"
+    assert cfg.datasets == ("synthetic_h1",)
     assert lib.parse_train_config(["--config", str(toml)]).learning_rate == 0.05
     toml.write_text("learning_rate = 0.05\nlearnig_rate = 0.1\n")
     with pytest.raises(ValueError, match="learnig_rate"):
@@ -189,12 +190,12 @@ def test_help_documents_every_flag(capsys):
         lib.parse_train_config(["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for field in dataclasses.fields(lib.TrainConfig):
-        assert "--" + field.name.replace("_", "-") in out, field.name
+    for name in lib.flatten_train_config(lib.TrainConfig()):
+        assert "--" + name.replace("_", "-") in out, name
 
 
 def test_written_config_round_trips_through_toml(tmp_path):
-    cfg = lib.TrainConfig(datasets=("a", "b"), learning_rate=3e-5, resume=True, run_name="x")
+    cfg = lib.make_train_config(datasets=("a", "b"), learning_rate=3e-5, resume=True, run_name="x", hidden=32)
     lib.write_train_toml(tmp_path / "c.toml", cfg)
     assert lib.read_train_toml(tmp_path / "c.toml") == dataclasses.replace(cfg, config=str(tmp_path / "c.toml"))
 
@@ -205,7 +206,7 @@ def test_written_config_round_trips_through_toml(tmp_path):
 def test_control_only_training_reaches_the_noise_floor(store):
     """Control in, another draw of the same control group out: the best possible pseudobulk MSE is
     the gap between two random draws' means (the floor); training must get near it."""
-    cfg = lib.TrainConfig(
+    cfg = lib.make_train_config(
         **{
             **TINY,
             "energy_weight": 0.0,
@@ -216,7 +217,7 @@ def test_control_only_training_reaches_the_noise_floor(store):
             "residual_output": False,
         }
     )  # STATE's head learning from scratch (a residual model starts near the floor)
-    model_cfg = lib.make_model_config(cfg, store.x_cg.shape[1], 3)
+    model_cfg = dataclasses.replace(cfg.model, n_genes=store.x_cg.shape[1], n_pert_features=3)
     model = lib.make_model(model_cfg, key=jax.random.key(0))
     optimizer = lib.make_train_optimizer(cfg)
     opt_state = lib.init_opt_state(model, optimizer)
@@ -226,7 +227,7 @@ def test_control_only_training_reaches_the_noise_floor(store):
     losses, floors = [], []
     for step in range(cfg.steps):
         groups = controls[rng.integers(len(controls), size=4)]
-        draw = lambda: np.stack([x_cg[a + rng.choice(b - a, cfg.set_size, replace=False)] for a, b in groups])  # noqa: E731
+        draw = lambda: np.stack([x_cg[a + rng.choice(b - a, cfg.loader.set_size, replace=False)] for a, b in groups])  # noqa: E731
         ctrl_bsg, target_bsg = draw(), draw()
         model, opt_state, metrics = lib.train_step(
             model,
@@ -239,7 +240,7 @@ def test_control_only_training_reaches_the_noise_floor(store):
             jnp.zeros(3),
             jnp.float32(0.0),
             jax.random.key(step),
-            lib.make_loss_config(cfg),
+            cfg.loss,
         )
         losses.append(float(metrics["pseudobulk_mse"]))
         floors.append(float(((ctrl_bsg.mean(1) - target_bsg.mean(1)) ** 2).mean()))
@@ -264,13 +265,13 @@ def test_random_features_give_no_gain_on_held_out_perturbations(trained, tiny_st
     )
     loss_cfg = lib.LossConfig(energy_weight=0.0, pseudobulk_mse_weight=1.0)
     own = lib.get_val_losses(
-        jnp.asarray(lib.predict_pool(ckpt["model"], ckpt["features"], val.pert_id_p, val.pool_cg, cfg.set_size)),
+        jnp.asarray(lib.predict_pool(ckpt["model"], ckpt["features"], val.pert_id_p, val.pool_cg, cfg.loader.set_size)),
         jnp.asarray(val.real_psg),
         loss_cfg,
     )
     shuffled_ids = val.pert_id_p[np.random.default_rng(0).permutation(len(val.pert_id_p))]
     other = lib.get_val_losses(
-        jnp.asarray(lib.predict_pool(ckpt["model"], ckpt["features"], shuffled_ids, val.pool_cg, cfg.set_size)),
+        jnp.asarray(lib.predict_pool(ckpt["model"], ckpt["features"], shuffled_ids, val.pool_cg, cfg.loader.set_size)),
         jnp.asarray(val.real_psg),
         loss_cfg,
     )
@@ -466,20 +467,22 @@ def test_predictor_streams_sets_and_marks_unknown_perturbations(trained, store):
     cfg, result = trained
     predictor = lib.load_model_predictor(result["run_dir"])
     assert pathlib.Path(predictor.step_dir).name == (pathlib.Path(result["run_dir"]) / "best").read_text()
-    ctrl_cg = predictor.control_pool_cg[: cfg.set_size * 2 + 3]  # two full sets and a padded one
+    ctrl_cg = predictor.control_pool_cg[: cfg.loader.set_size * 2 + 3]  # two full sets and a padded one
     known = _target_perturbations(store)[0]
     pred_cg = predictor.predict(known, ctrl_cg)
     assert pred_cg.shape == ctrl_cg.shape and pred_cg.min() >= 0 and pred_cg.max() <= lib.MAX_LOG1P_EXPRESSION
     np.testing.assert_array_equal(pred_cg, predictor.predict(known, ctrl_cg))  # deterministic
     # The first sets do not depend on how the last one was padded.
-    np.testing.assert_allclose(pred_cg[: cfg.set_size], predictor.predict(known, ctrl_cg[: cfg.set_size]), atol=1e-5)
+    np.testing.assert_allclose(
+        pred_cg[: cfg.loader.set_size], predictor.predict(known, ctrl_cg[: cfg.loader.set_size]), atol=1e-5
+    )
     with pytest.warns(UserWarning, match="out-of-vocabulary"):
         unknown_cg = predictor.predict("NOT_A_GENE", ctrl_cg)
     oov_f = predictor.features.get_target(np.array([1]))
     want_cg = np.asarray(
-        lib.predict_sets(predictor.model, jnp.asarray(ctrl_cg[: cfg.set_size][None]), jnp.asarray(oov_f))
+        lib.predict_sets(predictor.model, jnp.asarray(ctrl_cg[: cfg.loader.set_size][None]), jnp.asarray(oov_f))
     )[0]
-    np.testing.assert_allclose(unknown_cg[: cfg.set_size], want_cg, atol=1e-5)
+    np.testing.assert_allclose(unknown_cg[: cfg.loader.set_size], want_cg, atol=1e-5)
     with pytest.raises(ValueError, match="gene"):
         predictor.predict(known, ctrl_cg[:, :-1])
 
