@@ -153,6 +153,13 @@ def write_json(path: str | os.PathLike, obj: Any) -> None:
         tmp_path.write_text(json.dumps(obj, indent=2, sort_keys=True) + "\n")
 
 
+def write_csv(path: str | os.PathLike, table: pd.DataFrame, **to_csv_kwargs) -> pathlib.Path:
+    """A table as CSV, atomically (index left out unless asked for)."""
+    with atomic_path(path) as tmp_path:
+        table.to_csv(tmp_path, **{"index": False, **to_csv_kwargs})
+    return pathlib.Path(path)
+
+
 def write_h5ad(path: str | os.PathLike, adata) -> None:
     with atomic_path(path) as tmp_path:
         adata.write_h5ad(tmp_path)
@@ -181,6 +188,11 @@ def write_h5ad_chunked(
             with h5py.File(tmp_path, "a") as f:
                 del f["obs"]
                 anndata.io.write_elem(f, "obs", obs)
+
+
+def get_figures_dir(data_root: str | os.PathLike | None = None) -> pathlib.Path:
+    """Where the notebooks' PNGs go: <data_root>/figures/."""
+    return get_data_root(data_root) / "figures"
 
 
 def write_figure(fig, path: str | os.PathLike) -> pathlib.Path:
@@ -225,15 +237,111 @@ def notebook_argv() -> list[str]:
 
 
 def parse_config(config_cls, argv: list[str] | None = None, description: str = ""):
-    """Parse a frozen dataclass config from flags (tyro: `--help` shows each field's docstring)."""
+    """THE flag parser of every notebook: a frozen dataclass config from flags (tyro: `--help`
+    shows each field's docstring), over an optional `--config file.toml` whose keys (flag names,
+    `-` or `_`) set the defaults, over the built-in defaults. Every flag given wins, even one equal
+    to the built-in default (tyro applies flags on top of a default instance); unknown keys raise."""
+    argv = notebook_argv() if argv is None else list(argv)
+    config_path = _find_flag(argv, "--config")
+    default = read_config_toml(config_cls, config_path) if config_path else config_cls()
+    return tyro.cli(config_cls, args=argv, default=default, description=description)
 
-    return tyro.cli(config_cls, args=notebook_argv() if argv is None else argv, description=description)
+
+def _find_flag(argv: list[str], flag: str) -> str:
+    for i, arg in enumerate(argv):
+        if arg == flag and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+    return ""
+
+
+def read_config_toml(config_cls, path: str | os.PathLike):
+    """A config with a TOML file's values: keys are flag names (a nested config's fields by their
+    own names, as its flags are); each value checked against the field's type."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"--config {path}: no such file")
+    values = {k.replace("-", "_"): v for k, v in tomllib.loads(path.read_text()).items()}
+    hints = get_flag_hints(config_cls)
+    unknown = sorted(set(values) - set(hints))
+    if unknown:
+        raise ValueError(
+            f"{path}: unknown keys {unknown}; valid keys are the notebook's flags (--help): {sorted(hints)}"
+        )
+    values = {k: _coerce(k, hints[k][1], v) for k, v in values.items()}
+    return make_config(config_cls, **{**values, "config": str(path)})
+
+
+def get_flag_hints(config_cls) -> dict[str, tuple[str | None, Any]]:
+    """Each flag of a config -> (the nested config holding it, or None; its type). A nested config's
+    fields are flags by their own names, except data-derived ones (they are not flags)."""
+    hints: dict[str, tuple[str | None, Any]] = {}
+    for name, hint in typing.get_type_hints(config_cls).items():
+        if not dataclasses.is_dataclass(hint):
+            hints[name] = (None, hint)
+            continue
+        for sub_name, sub_hint in typing.get_type_hints(hint).items():  # get_type_hints drops Annotated
+            if sub_name not in DATA_DERIVED_FIELDS:
+                hints[sub_name] = (name, sub_hint)
+    return hints
+
+
+def flatten_config(cfg) -> dict[str, Any]:
+    """{flag name: value}: the flat view of a config (TOML files, checkpoints, run records)."""
+    return {
+        name: getattr(getattr(cfg, sub) if sub else cfg, name) for name, (sub, _) in get_flag_hints(type(cfg)).items()
+    }
+
+
+def make_config(config_cls, base=None, **flat: Any):
+    """A config from flag names (`make_config(TrainConfig, hidden=32, steps=10)`), over `base`."""
+    hints = get_flag_hints(config_cls)
+    unknown = sorted(set(flat) - set(hints))
+    if unknown:
+        raise ValueError(f"unknown config keys {unknown}; valid keys are the notebook's flags (--help)")
+    base = config_cls() if base is None else base
+    nested = {sub for sub, _ in hints.values() if sub}
+    top = {k: v for k, v in flat.items() if hints[k][0] is None}
+    subs = {
+        sub: dataclasses.replace(getattr(base, sub), **{k: v for k, v in flat.items() if hints[k][0] == sub})
+        for sub in nested
+    }
+    return dataclasses.replace(base, **top, **subs)
+
+
+def _coerce(name: str, hint, value):
+    """A TOML value checked against the field's type (TOML has no tuples: lists become tuples)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    ok = True
+    if origin is Literal:
+        ok = value in args
+    elif hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    elif origin is tuple:
+        ok = isinstance(value, list)
+        value = tuple(value) if ok else value
+    if not ok:
+        raise ValueError(f"config key {name!r}: {value!r} is not a valid {hint}")
+    return value
+
+
+DATA_DERIVED_FIELDS = ("n_genes", "n_pert_features")  # model fields set from the store, not flags
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Flags every data notebook takes."""
 
+    config: str = ""
+    """TOML file whose keys (these flag names) set the defaults; every flag given overrides it."""
     data_root: str = ""
     """Data root; empty means $VCELL_DATA_ROOT, else ./data (git-ignored)."""
     world: typing.Literal["synthetic", "real"] = "synthetic"
@@ -1385,8 +1493,7 @@ def write_synthetic_world(data_root: str | os.PathLike | None = None, size: str 
                 table = table.loc[symbol_u[perts]].reset_index()
                 table["median_umi_per_cell"] = table["median_umi_per_cell"].round(0)
                 csv_name = "pert_counts_Validation.csv" if split == "val" else "pert_counts_Test.csv"
-                with atomic_path(vcc_dir / csv_name) as tmp_path:
-                    table.to_csv(tmp_path, index=False)
+                write_csv(vcc_dir / csv_name, table)
         with atomic_path(vcc_dir / "gene_names.csv") as tmp_path:
             tmp_path.write_text("\n".join(symbol_u[target_genes]) + "\n")
 
@@ -1422,13 +1529,23 @@ def write_synthetic_gene_cache(path: str | os.PathLike = SYNTHETIC_GENE_CACHE_PA
     return pathlib.Path(path)
 
 
+def run_download(cfg: DownloadConfig) -> tuple[dict[str, Any], pathlib.Path]:
+    """01 download: write the synthetic world, or fetch the real sources (raising one DownloadError
+    at the end that names every file that could not be fetched). Returns (summary, directory written)."""
+    data_root = get_data_root(cfg.data_root)
+    if cfg.world == "synthetic":
+        return write_synthetic_world(data_root, size=cfg.size, seed=cfg.seed), data_root / "raw" / "synthetic"
+    paths = download_sources(cfg.sources, data_root=data_root)
+    return {"files": {str(p.relative_to(data_root / "raw")): {} for p in paths}}, data_root / "raw"
+
+
 # ==================================================================================================
 # EDA: nb/02_eda.py
 # ==================================================================================================
 
 
 #
-# One pass per dataset (`get_dataset_eda`) reads X in row chunks from the backed h5ad, so
+# One pass per dataset (`compute_dataset_eda`) reads X in row chunks from the backed h5ad, so
 # memory is bounded by one chunk plus one (group × gene) accumulator, and keeps what every
 # table and plot needs: per-cell UMIs and detected genes, and per-group means of log1p(CP10K)
 # expression (the pseudobulks cell-eval scores). Everything else is computed from those:
@@ -1437,8 +1554,8 @@ def write_synthetic_gene_cache(path: str | os.PathLike = SYNTHETIC_GENE_CACHE_PA
 #     get_knockdown_table      each perturbation's own target in perturbed vs control cells
 #     get_effect_size_table    L1/L2/number of moved genes of each pseudobulk effect (+ a null)
 #     get_perturbation_overlap / get_gene_overlap   dataset × dataset shared counts
-#     get_shared_gene_effects  effects of every dataset on the genes all datasets measure,
-#                              feeding get_effect_pca and get_same_perturbation_correlation
+#     compute_shared_gene_effects  effects of every dataset on the genes all datasets measure,
+#                              feeding compute_effect_pca and compute_same_perturbation_correlation
 #
 # Group labels: `ctrl` for control cells, the perturbed gene's symbol otherwise, `null:<i>`
 # for the random groups of control cells that give each dataset's noise floor.
@@ -1474,7 +1591,7 @@ class EdaConfig(DataConfig):
 
 @dataclasses.dataclass(frozen=True)
 class DatasetEda:
-    """What one pass over a dataset's cells keeps (see `get_dataset_eda`)."""
+    """What one pass over a dataset's cells keeps (see `compute_dataset_eda`)."""
 
     spec: DatasetSpec
     n_cells: int
@@ -1526,13 +1643,23 @@ class DatasetEda:
 
 def get_eda_dir(data_root: str | os.PathLike | None) -> pathlib.Path:
     """Where nb/02_eda.py writes its figures and CSVs."""
-    return get_data_root(data_root) / "figures" / "02_eda"
+    return get_figures_dir(data_root) / "02_eda"
 
 
 # -------------------- the one pass over a dataset -------------------------------------------------
 
 
-def get_dataset_eda(spec: DatasetSpec, data_root: str | os.PathLike | None, cfg: EdaConfig) -> DatasetEda:
+def run_eda(cfg: EdaConfig) -> list[DatasetEda]:
+    """02 EDA: one pass over each dataset of the world (or of --datasets)."""
+    specs = get_datasets(cfg.world)
+    unknown = set(cfg.datasets) - {s.name for s in specs}
+    if unknown:
+        raise ValueError(f"--datasets {sorted(unknown)} not in world {cfg.world!r}: {[s.name for s in specs]}")
+    specs = [s for s in specs if not cfg.datasets or s.name in cfg.datasets]
+    return [compute_dataset_eda(spec, cfg.data_root, cfg) for spec in specs]
+
+
+def compute_dataset_eda(spec: DatasetSpec, data_root: str | os.PathLike | None, cfg: EdaConfig) -> DatasetEda:
     """Read one dataset in row chunks and keep per-cell depth and per-group log1p means."""
     with open_h5ad_backed(get_dataset_path(spec, data_root)) as (obs, var, x):
         n_cells, n_genes = x.shape
@@ -1753,7 +1880,7 @@ def get_gene_overlap(edas: list[DatasetEda]) -> tuple[pd.DataFrame, pd.DataFrame
 # -------------------- effects across datasets -----------------------------------------------------
 
 
-def get_shared_gene_effects(
+def compute_shared_gene_effects(
     edas: list[DatasetEda], min_cells: int
 ) -> tuple[pd.DataFrame, Float[np.ndarray, "row gene"], np.ndarray]:
     """Pseudobulk effects of every (dataset, perturbation) with >= `min_cells` cells read, on the
@@ -1781,7 +1908,7 @@ def get_shared_gene_effects(
 
 
 @typechecked
-def get_pca(
+def compute_pca(
     effect_rg: Float[np.ndarray, "row gene"], n_components: int = 2
 ) -> tuple[Float[np.ndarray, "row pc"], Float[np.ndarray, " pc"]]:
     """(scores, explained variance ratio) of a PCA on centred rows; truncated SVD, deterministic."""
@@ -1794,25 +1921,25 @@ def get_pca(
     return u * s * sign, s**2 / (centred_rg**2).sum()
 
 
-def get_effect_pca(
+def compute_effect_pca(
     edas: list[DatasetEda], min_cells: int, n_components: int = 2
 ) -> tuple[pd.DataFrame, np.ndarray, int]:
     """PCA of all datasets' pseudobulk effects together on their shared genes.
 
     Returns (rows with pc1..pcN, explained variance ratio, number of shared genes).
     """
-    rows, effect_rg, shared = get_shared_gene_effects(edas, min_cells)
-    scores_rp, explained_p = get_pca(effect_rg, n_components)
+    rows, effect_rg, shared = compute_shared_gene_effects(edas, min_cells)
+    scores_rp, explained_p = compute_pca(effect_rg, n_components)
     for i in range(n_components):
         rows[f"pc{i + 1}"] = scores_rp[:, i]
     return rows, explained_p, len(shared)
 
 
-def get_same_perturbation_correlation(edas: list[DatasetEda], min_cells: int) -> pd.DataFrame:
+def compute_same_perturbation_correlation(edas: list[DatasetEda], min_cells: int) -> pd.DataFrame:
     """Per pair of datasets: Pearson r of effects (shared genes) for the same perturbation vs
     for different perturbations. Same > different means effects carry over across cell types;
     by chance, frac_same_above_different_p95 would be 0.05."""
-    rows, effect_rg, _ = get_shared_gene_effects(edas, min_cells)
+    rows, effect_rg, _ = compute_shared_gene_effects(edas, min_cells)
     centred_rg = effect_rg - effect_rg.mean(axis=1, keepdims=True)
     unit_rg = centred_rg / np.maximum(np.linalg.norm(centred_rg, axis=1, keepdims=True), 1e-12)
     names = [e.spec.name for e in edas]
@@ -1857,7 +1984,7 @@ def get_same_perturbation_correlation(edas: list[DatasetEda], min_cells: int) ->
 #     hvg/<world>/unmapped_genes.csv       every gene left out of the shared gene space, and why
 #     hvg/<world>/hvg.csv                  the shared genes in model column order (see select_shared_hvgs)
 #     hvg/<world>/hvg.json                 how the list was made (config, per-dataset batch use, counts)
-#     store/<world>/                       the row-addressable log1p store (see write_store)
+#     store/<world>/                       the row-addressable log1p store (see run_normalise)
 #     figures/                             PNGs written by the notebooks
 #
 # The committed cache `gene_cache/mygene_synthetic.json` (in the repository) maps the synthetic
@@ -2041,8 +2168,7 @@ def report_unmapped(tables: dict[str, pd.DataFrame], path: str | os.PathLike) ->
         out["reason"] = out["id_source"].map(reasons)
         parts.append(out)
     report = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
-    with atomic_path(path) as tmp_path:
-        report.to_csv(tmp_path, index=False)
+    write_csv(path, report)
     if len(report):
         counts = ", ".join(f"{d}: {n}" for d, n in report["dataset"].value_counts(sort=False).items())
         warnings.warn(f"{len(report)} genes are outside the shared gene space ({counts}); listed in {path}")
@@ -2216,7 +2342,7 @@ def select_shared_hvgs(
     return table
 
 
-def write_hvgs(cfg: HvgConfig, specs: Sequence[DatasetSpec] | None = None) -> pd.DataFrame:
+def run_hvg(cfg: HvgConfig, specs: Sequence[DatasetSpec] | None = None) -> pd.DataFrame:
     """03 HVG: map genes, compute per-dataset HVGs, choose and write the shared list.
 
     Writes everything under `<data_root>/hvg/<world>/` (see the module docstring) and
@@ -2241,8 +2367,7 @@ def write_hvgs(cfg: HvgConfig, specs: Sequence[DatasetSpec] | None = None) -> pd
             seed=cfg.seed,
         )
         tables[spec.name] = pd.concat([genes, stats], axis=1)
-        with atomic_path(hvg_dir / "datasets" / f"{spec.name}.csv") as tmp_path:
-            tables[spec.name].to_csv(tmp_path, index=False)
+        write_csv(hvg_dir / "datasets" / f"{spec.name}.csv", tables[spec.name])
     report_unmapped(tables, hvg_dir / "unmapped_genes.csv")
 
     def hvg_ranks_of(table: pd.DataFrame) -> pd.Series:
@@ -2265,8 +2390,7 @@ def write_hvgs(cfg: HvgConfig, specs: Sequence[DatasetSpec] | None = None) -> pd
     symbols = target.set_index("ensembl_id").loc[target["in_gene_space"].to_numpy()]["symbol"]
     shared.insert(0, "rank", np.arange(len(shared)))
     shared.insert(2, "symbol", symbols.reindex(shared["ensembl_id"]).to_numpy())
-    with atomic_path(hvg_dir / "hvg.csv") as tmp_path:
-        shared.to_csv(tmp_path, index=False)
+    write_csv(hvg_dir / "hvg.csv", shared)
     write_json(
         hvg_dir / "hvg.json",
         {
@@ -2289,7 +2413,7 @@ def read_hvgs(data_root: str | os.PathLike | None = None, world: str = "syntheti
 
 
 def read_dataset_genes(data_root: str | os.PathLike | None, world: str, name: str) -> pd.DataFrame:
-    """A dataset's gene table and HVG statistics written by write_hvgs (var order)."""
+    """A dataset's gene table and HVG statistics written by run_hvg (var order)."""
     path = get_hvg_dir(data_root, world) / "datasets" / f"{name}.csv"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: run nb/03_hvg.py --world {world} first")
@@ -2396,7 +2520,7 @@ def _store_inputs(specs, data_root, world) -> dict[str, Any]:
     return {"files": files, "hvg_sha256": sha256_file(hvg_path)}
 
 
-def write_store(cfg: NormaliseConfig, specs: Sequence[DatasetSpec] | None = None) -> pathlib.Path:
+def run_normalise(cfg: NormaliseConfig, specs: Sequence[DatasetSpec] | None = None) -> pathlib.Path:
     """04 normalise: every dataset's cells, log1p CP10K, in the shared gene space, on disk.
 
     Layout of `<data_root>/store/<world>/` (written to a temporary directory, then swapped in):
@@ -2528,7 +2652,7 @@ def _write_store_dataset(
 
 @dataclasses.dataclass(frozen=True)
 class CellStore:
-    """The normalised store, opened read-only (see write_store for the layout)."""
+    """The normalised store, opened read-only (see run_normalise for the layout)."""
 
     store_dir: pathlib.Path
     """The store's directory (readers in worker processes reopen x_cg.npy from it)."""
@@ -3230,7 +3354,7 @@ class LossConfig:
 
 
 @typechecked
-def get_sq_distances(x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"]) -> Float[Array, "n m"]:
+def sq_distances(x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"]) -> Float[Array, "n m"]:
     """Squared Euclidean distances via |x|^2 + |y|^2 - 2<x, y> (no n*m*g tensor), clamped at 0."""
     # Distances ignore translation; centering shrinks |x|^2 so the expansion cancels less
     # (log1p cells sit far from the origin: |x|^2 ~ 1e3-1e4 while |x - y|^2 can be ~1).
@@ -3243,57 +3367,57 @@ def get_sq_distances(x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"])
 
 
 @typechecked
-def get_safe_distances(x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"]) -> Float[Array, "n m"]:
+def safe_distances(x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"]) -> Float[Array, "n m"]:
     """Euclidean distances whose gradient is 0 (not NaN) where two cells coincide.
 
     d sqrt(u)/du is infinite at u = 0, and inf * 0 = NaN in the backward pass, so the
     sqrt only ever sees positive inputs (the double-where trick); geomloss's `sqrt_0`
     makes the same choice of 0 gradient there.
     """
-    sq_nm = get_sq_distances(x_ng, y_mg)
+    sq_nm = sq_distances(x_ng, y_mg)
     positive_nm = sq_nm > 1e-12
     return jnp.where(positive_nm, jnp.sqrt(jnp.where(positive_nm, sq_nm, 1.0)), 0.0)
 
 
 @typechecked
-def get_energy_distance(x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"]) -> Float[Array, ""]:
+def energy_distance(x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"]) -> Float[Array, ""]:
     """geomloss SamplesLoss("energy")(x, y): mean||x-y|| - (mean||x-x'|| + mean||y-y'||)/2."""
-    cross = get_safe_distances(x_ng, y_mg).mean()
-    within_x = get_safe_distances(x_ng, x_ng).mean()
-    within_y = get_safe_distances(y_mg, y_mg).mean()
+    cross = safe_distances(x_ng, y_mg).mean()
+    within_x = safe_distances(x_ng, x_ng).mean()
+    within_y = safe_distances(y_mg, y_mg).mean()
     return cross - 0.5 * (within_x + within_y)
 
 
 @typechecked
-def get_rbf_mmd(
+def rbf_mmd(
     x_ng: Float[Array, "n gene"], y_mg: Float[Array, "m gene"], bandwidths: tuple[float, ...]
 ) -> Float[Array, ""]:
     """0.5 * squared MMD with k = mean over sigma of exp(-|x-y|^2 / 2 sigma^2) (geomloss "gaussian")."""
 
     def kernel_mean(a_ng, b_mg):
-        sq_nm = get_sq_distances(a_ng, b_mg)
+        sq_nm = sq_distances(a_ng, b_mg)
         return jnp.mean(jnp.stack([jnp.exp(-sq_nm / (2 * s**2)).mean() for s in bandwidths]))
 
     return 0.5 * (kernel_mean(x_ng, x_ng) + kernel_mean(y_mg, y_mg)) - kernel_mean(x_ng, y_mg)
 
 
 @typechecked
-def get_pseudobulk_mse(pred_sg: Float[Array, "set gene"], target_tg: Float[Array, "set2 gene"]) -> Float[Array, ""]:
+def pseudobulk_mse(pred_sg: Float[Array, "set gene"], target_tg: Float[Array, "set2 gene"]) -> Float[Array, ""]:
     """Mean over genes of (mean predicted cell - mean target cell)^2."""
     return jnp.mean((pred_sg.mean(0) - target_tg.mean(0)) ** 2)
 
 
 @typechecked
-def get_set_losses(
+def set_losses(
     pred_sg: Float[Array, "set gene"], target_tg: Float[Array, "set2 gene"], cfg: LossConfig
 ) -> dict[str, Float[Array, ""]]:
     """Loss terms of one set. Distribution losses are computed only when weighted (they cost
     O(S^2 G)); pseudobulk MSE is cheap and always reported."""
-    terms = {"pseudobulk_mse": get_pseudobulk_mse(pred_sg, target_tg)}
+    terms = {"pseudobulk_mse": pseudobulk_mse(pred_sg, target_tg)}
     if cfg.energy_weight > 0:
-        terms["energy"] = get_energy_distance(pred_sg, target_tg)
+        terms["energy"] = energy_distance(pred_sg, target_tg)
     if cfg.mmd_weight > 0:
-        terms["mmd"] = get_rbf_mmd(pred_sg, target_tg, cfg.mmd_bandwidths)
+        terms["mmd"] = rbf_mmd(pred_sg, target_tg, cfg.mmd_bandwidths)
     return terms
 
 
@@ -3307,7 +3431,7 @@ def compute_loss(
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
     """Weighted sum of the set losses, each averaged over the batch of sets; also the terms."""
     pred_bsg = jax.vmap(model)(ctrl_bsg, pert_bf)
-    terms_b = jax.vmap(functools.partial(get_set_losses, cfg=cfg))(pred_bsg, target_btg)
+    terms_b = jax.vmap(functools.partial(set_losses, cfg=cfg))(pred_bsg, target_btg)
     terms = {name: term_b.mean() for name, term_b in terms_b.items()}
     weights = {"energy": cfg.energy_weight, "mmd": cfg.mmd_weight, "pseudobulk_mse": cfg.pseudobulk_mse_weight}
     loss = sum(weights[name] * term for name, term in terms.items())
@@ -3362,8 +3486,8 @@ def init_opt_state(model: SetTransformer, optimizer: optax.GradientTransformatio
 # Features for unseen perturbations, the config, the flat training loop and its checkpoints:
 #
 #     make_pert_features(store, vocab, kind, ...)  -> PertFeatures (the table the model reads)
-#     TrainConfig / parse_train_config(argv)       -> one flat config: flags over an optional TOML
-#     train(cfg)                                   -> flat loop, canonical jitted step, validation,
+#     TrainConfig / parse_config(TrainConfig)      -> nested configs, flat flags over an optional TOML
+#     run_train(cfg)                               -> flat loop, canonical jitted step, validation,
 #                                                     checkpoints, SIGTERM, wandb, runs.jsonl
 #     load_model_predictor(checkpoint_dir)         -> .predict(perturbation, ctrl_cg) for 06/07
 #
@@ -3475,7 +3599,7 @@ def _group_rows(groups: pd.DataFrame, max_rows: int) -> np.ndarray:
     return np.concatenate(rows) if rows else np.zeros(0, np.int64)
 
 
-def get_top_components(x_ng: Float[np.ndarray, "n g"], k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+def compute_top_components(x_ng: Float[np.ndarray, "n g"], k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Top-k singular values and right singular vectors (k, g) of x by a randomized SVD (Halko et
     al.: a few power iterations): seconds -> ~0.1 s for 4,000 x 2,000, same leading components."""
     k = min(k, *x_ng.shape)
@@ -3487,7 +3611,7 @@ def get_top_components(x_ng: Float[np.ndarray, "n g"], k: int, seed: int = 0) ->
     return s_l[:k], vt_lg[:k]
 
 
-def get_coexpression_loadings(
+def compute_coexpression_loadings(
     store, target: str, n_components: int, max_cells: int = 4000
 ) -> Float[np.ndarray, "gene component"]:
     """Each HVG's loadings on the top principal components of the target's control cells
@@ -3499,14 +3623,14 @@ def get_coexpression_loadings(
     x_cg = np.asarray(store.x_cg[np.sort(rows)], np.float64)
     x_cg -= x_cg.mean(0)
     x_cg /= np.maximum(x_cg.std(0), 1e-6)  # constant genes stay 0 instead of dividing by 0
-    s_e, vt_eg = get_top_components(x_cg, n_components)
+    s_e, vt_eg = compute_top_components(x_cg, n_components)
     k = len(s_e)
     loadings_ge = np.zeros((x_cg.shape[1], n_components))
     loadings_ge[:, :k] = vt_eg[:k].T * s_e[:k] / math.sqrt(len(x_cg))
     return loadings_ge.astype(np.float32)
 
 
-def get_context_effects(store, target: str, max_cells: int = 256) -> tuple[pd.DataFrame, Float[np.ndarray, "r g"]]:
+def compute_context_effects(store, target: str, max_cells: int = 256) -> tuple[pd.DataFrame, Float[np.ndarray, "r g"]]:
     """Pseudobulk effects (mean perturbed - mean control, log1p HVG space) of every perturbation
     of every NON-target dataset; rows (dataset, perturbation). At most `max_cells` cells each."""
     index = store.index
@@ -3560,7 +3684,7 @@ def make_pert_features(
     flags_pf[1, 1] = 1.0  # id 1: out of vocabulary
 
     # (a) co-expression loadings of the target gene, matched by symbol (the perturbation label).
-    loadings_ge = get_coexpression_loadings(store, target, n_coexpr_components)
+    loadings_ge = compute_coexpression_loadings(store, target, n_coexpr_components)
     column_of = {s: j for j, s in enumerate(store.genes["symbol"].astype(str))}
     coexpr_pe = np.zeros((n_p, n_coexpr_components), np.float32)
     n_tail = store.x_cg.shape[1] if direct_effect else 0  # genes in each gene-space input
@@ -3573,12 +3697,12 @@ def make_pert_features(
                 target_pg[p, column_of[label]] = 1.0
 
     # (b) other cell types' effects, reduced by an uncentred PCA (the zero effect stays at 0).
-    effect_rows, effect_rg = get_context_effects(store, target)
+    effect_rows, effect_rg = compute_context_effects(store, target)
     effect_dpe = np.zeros((n_d, n_p, n_effect_components), np.float32)
     has_effect_dp = np.zeros((n_d, n_p), bool)
     direct_dpg = np.zeros((n_d, n_p, n_tail), np.float32)
     if len(effect_rg):
-        _, vt_eg = get_top_components(effect_rg, n_effect_components, seed)
+        _, vt_eg = compute_top_components(effect_rg, n_effect_components, seed)
         k = len(vt_eg)
         z_re = np.zeros((len(effect_rg), n_effect_components))
         z_re[:, :k] = effect_rg @ vt_eg[:k].T
@@ -3782,112 +3906,10 @@ RESUMABLE_FIELDS = frozenset(
 )
 
 
-def _find_flag(argv: list[str], flag: str) -> str:
-    for i, arg in enumerate(argv):
-        if arg == flag and i + 1 < len(argv):
-            return argv[i + 1]
-        if arg.startswith(flag + "="):
-            return arg.split("=", 1)[1]
-    return ""
-
-
-def _coerce(name: str, hint, value):
-    """A TOML value checked against the field's type (TOML has no tuples: lists become tuples)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    ok = True
-    if origin is Literal:
-        ok = value in args
-    elif hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif hint is str:
-        ok = isinstance(value, str)
-    elif origin is tuple:
-        ok = isinstance(value, list)
-        value = tuple(value) if ok else value
-    if not ok:
-        raise ValueError(f"config key {name!r}: {value!r} is not a valid {hint}")
-    return value
-
-
-# The flat view of a TrainConfig: every flag by its name, nested fields included. TOML files,
-# checkpoints' config.json and the resume check use it, so files written before the loader, model
-# and loss configs were nested read back unchanged.
-TRAIN_SUBCONFIGS = ("loader", "model", "loss")
-DATA_DERIVED_FIELDS = ("n_genes", "n_pert_features")  # model fields set from the store, not flags
-
-
-def get_flat_hints() -> dict[str, tuple[str | None, Any]]:
-    """Each flag name -> (the sub-config holding it, or None for TrainConfig itself; its type)."""
-    hints: dict[str, tuple[str | None, Any]] = {}
-    for name, hint in typing.get_type_hints(TrainConfig).items():
-        if name not in TRAIN_SUBCONFIGS:
-            hints[name] = (None, hint)
-            continue
-        for sub_name, sub_hint in typing.get_type_hints(hint).items():  # get_type_hints drops Annotated
-            if sub_name not in DATA_DERIVED_FIELDS:
-                hints[sub_name] = (name, sub_hint)
-    return hints
-
-
-def flatten_train_config(cfg: TrainConfig) -> dict[str, Any]:
-    """{flag name: value} of every field, the sub-configs' fields (not n_genes/n_pert_features) inlined."""
-    flat = {}
-    for name, (sub, _) in get_flat_hints().items():
-        flat[name] = getattr(getattr(cfg, sub) if sub else cfg, name)
-    return flat
-
-
-def make_train_config(base: TrainConfig | None = None, **flat: Any) -> TrainConfig:
-    """A TrainConfig from flag names (`make_train_config(hidden=32, steps=10)`), over `base`."""
-    hints = get_flat_hints()
-    unknown = sorted(set(flat) - set(hints))
-    if unknown:
-        raise ValueError(f"unknown config keys {unknown}; valid keys are the flags of `python nb/05_train.py --help`")
-    base = TrainConfig() if base is None else base
-    top = {k: v for k, v in flat.items() if hints[k][0] is None}
-    subs = {
-        sub: dataclasses.replace(getattr(base, sub), **{k: v for k, v in flat.items() if hints[k][0] == sub})
-        for sub in TRAIN_SUBCONFIGS
-    }
-    return dataclasses.replace(base, **top, **subs)
-
-
-def read_train_toml(path: str | os.PathLike) -> TrainConfig:
-    """TrainConfig with the TOML file's values (keys: flag names, `-` or `_`); unknown keys raise."""
-    path = pathlib.Path(path)
-    if not path.exists():
-        raise FileNotFoundError(f"--config {path}: no such file")
-    values = {k.replace("-", "_"): v for k, v in tomllib.loads(path.read_text()).items()}
-    hints = get_flat_hints()
-    unknown = sorted(set(values) - set(hints))
-    if unknown:
-        raise ValueError(
-            f"{path}: unknown keys {unknown}; valid keys are the flags of `python nb/05_train.py --help`: {sorted(hints)}"
-        )
-    values = {k: _coerce(k, hints[k][1], v) for k, v in values.items()}
-    return make_train_config(**{**values, "config": str(path)})
-
-
-def parse_train_config(argv: list[str] | None = None) -> TrainConfig:
-    """Flags over an optional `--config file.toml` over the defaults. Every flag given wins, even
-    one equal to the built-in default (tyro applies flags on top of a default instance)."""
-    argv = notebook_argv() if argv is None else list(argv)
-    config_path = _find_flag(argv, "--config")
-    default = read_train_toml(config_path) if config_path else TrainConfig()
-    return tyro.cli(
-        TrainConfig, args=argv, default=default, description="05 train: the ST set transformer on cell sets"
-    )
-
-
 def write_train_toml(path: str | os.PathLike, cfg: TrainConfig) -> None:
     """The config as TOML that `--config` reads back (strings, numbers, bools, lists only)."""
     lines = []
-    for name, value in flatten_train_config(cfg).items():
+    for name, value in flatten_config(cfg).items():
         if name == "config" or name in LAUNCH_FIELDS:
             continue
         lines.append(f"{name} = {json.dumps(list(value) if isinstance(value, tuple) else value)}")
@@ -4107,7 +4129,7 @@ def get_inference_ids(features: PertFeatures, pert_id_p: np.ndarray) -> np.ndarr
 def get_val_losses(
     pred_pcg: Float[Array, "pert cell gene"], real_pcg: Float[Array, "pert cell2 gene"], loss_cfg: LossConfig
 ) -> dict[str, Float[Array, " pert"]]:
-    return jax.vmap(functools.partial(get_set_losses, cfg=loss_cfg))(pred_pcg, real_pcg)
+    return jax.vmap(functools.partial(set_losses, cfg=loss_cfg))(pred_pcg, real_pcg)
 
 
 def validate(
@@ -4307,7 +4329,7 @@ def load_checkpoint(step_dir: str | os.PathLike) -> dict[str, Any]:
 
 def _load_checkpoint_files(step_dir: pathlib.Path) -> dict[str, Any]:
     flat = json.loads((step_dir / "config.json").read_text())
-    cfg = make_train_config(**{k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()})
+    cfg = make_config(TrainConfig, **{k: tuple(v) if isinstance(v, list) else v for k, v in flat.items()})
     model_values = json.loads((step_dir / "model_config.json").read_text())
     model_cfg = ModelConfig(**{**MODEL_CONFIG_BEFORE_FIELD, **model_values})
     like = eqx.filter_eval_shape(make_model, model_cfg, key=jax.random.key(0))
@@ -4392,7 +4414,7 @@ class RunLog:
                 dir=str(self.local_dir),
                 id=run_id,
                 name=url_name(run_dir),
-                config=flatten_train_config(cfg),
+                config=flatten_config(cfg),
                 mode=mode,
                 resume="allow",
             )
@@ -4422,9 +4444,35 @@ def read_history(run_dir: str | os.PathLike) -> pd.DataFrame:
     return rows.groupby("step", as_index=False).first()  # train and val lines of one step -> one row
 
 
+def plot_history(history: pd.DataFrame):
+    """Six panels of a run's history: losses, gradient/update norms, effect size, validation MAE
+    (with the control and cell-mean baselines), validation PDS/DES, throughput."""
+    from matplotlib.figure import Figure
+
+    panels = [
+        ("loss", ["train/loss", "train/energy", "train/pseudobulk_mse"]),
+        ("norms", ["train/grad_norm", "train/update_norm"]),
+        ("effect L1", ["train/effect_l1"]),
+        ("validation MAE", ["val/mae", "val/control_mae", "val/cell_mean_mae"]),
+        ("validation PDS / DES", ["val/pds", "val/des"]),
+        ("throughput (cells/s)", ["perf/cells_per_s"]),
+    ]
+    fig = Figure(figsize=(13, 6.5), layout="tight")
+    axes = fig.subplots(2, 3)
+    for ax, (title, columns) in zip(axes.flat, panels):
+        for column in [c for c in columns if c in history]:
+            rows = history[["step", column]].dropna()
+            ax.plot(rows["step"], rows[column], marker="." if column.startswith("val/") else None, label=column)
+        ax.set(title=title, xlabel="step")
+        ax.legend(fontsize=7)
+    for ax in axes.flat[:2]:
+        ax.set_yscale("log")
+    return fig
+
+
 class PreemptionFlag:
     """SIGTERM (spot preemption) sets a flag the loop reads after each step; the step in flight
-    finishes, a checkpoint is written, and train() returns normally (exit code 0)."""
+    finishes, a checkpoint is written, and run_train() returns normally (exit code 0)."""
 
     def __init__(self):
         self.requested = False
@@ -4495,7 +4543,7 @@ def get_distributed_args(cfg: TrainConfig) -> dict[str, Any] | None:
 
 def init_distributed(cfg: TrainConfig) -> bool:
     """Join the multi-process run if this is one (see get_distributed_args); True if it did. Must run
-    before any other JAX call: train() calls it first. Calling it again is a no-op."""
+    before any other JAX call: run_train() calls it first. Calling it again is a no-op."""
     args = get_distributed_args(cfg)
     if args is None or jax.distributed.is_initialized():
         return False
@@ -4543,7 +4591,7 @@ def _max_vote(flags):
 
 
 def _check_resumable(saved: TrainConfig, cfg: TrainConfig, run_dir: str) -> None:
-    saved_flat, flat = flatten_train_config(saved), flatten_train_config(cfg)
+    saved_flat, flat = flatten_config(saved), flatten_config(cfg)
     diff = {k: (saved_flat[k], v) for k, v in flat.items() if k not in RESUMABLE_FIELDS and saved_flat[k] != v}
     if diff:
         detail = ", ".join(f"{k}: checkpoint {a!r} vs now {b!r}" for k, a, b in ((k, *v) for k, v in diff.items()))
@@ -4689,7 +4737,7 @@ def get_static_files(
     """The files every checkpoint of a run carries besides the parameters (writers by name)."""
     genes = genes[["ensembl_id", "symbol"]].astype(str)
     return {
-        "config.json": lambda p: p.write_text(json.dumps(flatten_train_config(cfg), indent=2) + "\n"),
+        "config.json": lambda p: p.write_text(json.dumps(flatten_config(cfg), indent=2) + "\n"),
         "model_config.json": lambda p: p.write_text(json.dumps(dataclasses.asdict(model_cfg), indent=2) + "\n"),
         "vocab.json": vocab.write,
         "features.npz": features.save,
@@ -4776,7 +4824,7 @@ def make_run_record(cfg: TrainConfig, result: dict[str, Any], t_start: float, re
         "started": datetime.datetime.fromtimestamp(t_start).isoformat(timespec="seconds"),
         "finished": datetime.datetime.now().isoformat(timespec="seconds"),
         "seconds": round(time.time() - t_start, 1),
-        "config": flatten_train_config(cfg),
+        "config": flatten_config(cfg),
         "status": result["status"],
         "step": result["step"],
         "resumed_from": resumed_from or None,
@@ -4834,7 +4882,7 @@ def finish_run(cfg: TrainConfig, result: dict[str, Any], t_start: float, resumed
         )
 
 
-def train(cfg: TrainConfig) -> dict[str, Any]:
+def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train the ST model; returns {run_id, run_dir, status, step, final metrics, ...}.
 
     Flat loop: batch -> features -> jitted step; every log_every pull metrics, stop on NaN;
@@ -6067,7 +6115,7 @@ def get_hvg_columns(
 # -------------------- control pools ---------------------------------------------------------------
 
 
-def get_control_pools(
+def read_or_draw_control_pools(
     path: str | os.PathLike, control_ids_c: Sequence[str], sizes: dict[str, int], seed: int
 ) -> pd.DataFrame:
     """The canonical control pools (cell_id, pool): read from `path`, or drawn with `seed`
@@ -6091,8 +6139,7 @@ def get_control_pools(
     order = np.random.default_rng(seed).permutation(len(ids))
     chosen = np.sort(ids.to_numpy())[order][: sum(sizes.values())]
     pools = pd.DataFrame({"cell_id": chosen, "pool": np.repeat(list(sizes), list(sizes.values()))})
-    with atomic_path(path) as tmp_path:
-        pools.to_csv(tmp_path, index=False)
+    write_csv(path, pools)
     return pools
 
 
@@ -6351,7 +6398,7 @@ class TransferEffects:
         return effect_g
 
 
-def make_baseline(
+def make_baseline_predictor(
     name: str,
     fit: FitData,
     *,
@@ -6760,7 +6807,7 @@ def scan_harness_inputs(cfg: EvalConfig, files: TargetFiles, gene_names: list[st
     # Canonical control pools: `real` controls for the real side, disjoint `pred` controls for
     # every prediction (inputs and predicted controls), so no predictor sees a real control.
     n_pool = min(cfg.n_control, int(is_ctrl_c.sum()) // 2)
-    pools = get_control_pools(
+    pools = read_or_draw_control_pools(
         eval_dir / f"control_pool_seed{cfg.seed}_n{n_pool}.csv",
         cell_ids_c[is_ctrl_c],
         {POOL_REAL: n_pool, POOL_PRED: n_pool},
@@ -6811,7 +6858,7 @@ def make_harness_predictors(cfg: EvalConfig, fit: FitData, store, target: str, t
     requested baselines, and with --fill-study the linear baseline on HVGs with each fill mode."""
     predictors = {}
     for name in dict.fromkeys(["cell_mean", *cfg.predictors]):
-        predictors[name] = make_baseline(
+        predictors[name] = make_baseline_predictor(
             name,
             fit,
             store=store,
@@ -6821,7 +6868,7 @@ def make_harness_predictors(cfg: EvalConfig, fit: FitData, store, target: str, t
             ridge=cfg.linear_ridge,
         )
     if cfg.fill_study:
-        linear = make_baseline("linear", fit, n_components=cfg.linear_components, ridge=cfg.linear_ridge)
+        linear = make_baseline_predictor("linear", fit, n_components=cfg.linear_components, ridge=cfg.linear_ridge)
         hvg_linear = _HvgSlice(linear, hvg_cols_v)
         for fill in FILL_MODES:
             predictors[f"linear_hvg_fill_{fill}"] = HvgAdapter(
@@ -6830,7 +6877,7 @@ def make_harness_predictors(cfg: EvalConfig, fit: FitData, store, target: str, t
     return predictors
 
 
-def evaluate(cfg: EvalConfig) -> dict[str, typing.Any]:
+def run_eval(cfg: EvalConfig) -> dict[str, typing.Any]:
     """06 eval: the fake-val harness. Returns results (one row per scenario × predictor, with
     `mode`), per_perturbation, effects (for plots) and the paths written."""
     files = get_target_files(cfg.data_root, cfg.world)
@@ -6903,8 +6950,7 @@ def evaluate(cfg: EvalConfig) -> dict[str, typing.Any]:
     per_perturbation = pd.concat(per_pert_tables, ignore_index=True)
     paths = {"results": eval_dir / "results.csv", "per_perturbation": eval_dir / "per_perturbation.csv"}
     for key, table in (("results", results), ("per_perturbation", per_perturbation)):
-        with atomic_path(paths[key]) as tmp_path:
-            table.to_csv(tmp_path, index=False, float_format="%.6g")
+        write_csv(paths[key], table, float_format="%.6g")
     return {
         "results": results,
         "per_perturbation": per_perturbation,
@@ -7187,7 +7233,7 @@ def write_predictor_submission(
     )
 
 
-def make_submission(cfg: SubmitConfig) -> dict[str, typing.Any]:
+def run_submit(cfg: SubmitConfig) -> dict[str, typing.Any]:
     """07 submit: predictor -> validated submission h5ad -> .vcc; on the synthetic world also
     scored against the truth (normalised against cell_mean built the same way)."""
     files = get_target_files(cfg.data_root, cfg.world)
@@ -7209,7 +7255,7 @@ def make_submission(cfg: SubmitConfig) -> dict[str, typing.Any]:
         )
 
     out_dir = get_submission_dir(cfg.data_root, cfg.world)
-    pools = get_control_pools(
+    pools = read_or_draw_control_pools(
         out_dir / f"control_pool_seed{cfg.seed}_n{n_control}.csv",
         cell_ids_c[is_ctrl_c],
         {POOL_PRED: n_control},
@@ -7248,7 +7294,7 @@ def make_submission(cfg: SubmitConfig) -> dict[str, typing.Any]:
         predictor, name = make_model_predictor(checkpoint, store, target_genes, cfg.fill), "model"
     else:
         predictor, name = (
-            make_baseline(
+            make_baseline_predictor(
                 cfg.predictor,
                 fit,
                 store=store,

@@ -98,7 +98,7 @@ def main(argv=None) -> None:
     )
 
     # A train step (the defaults' model) fed by the loader vs fed from batches held in memory.
-    cfg = lib.make_train_config(set_size=args.set_size, sets_per_batch=args.sets_per_batch)
+    cfg = lib.make_config(lib.TrainConfig, set_size=args.set_size, sets_per_batch=args.sets_per_batch)
     features = lib.make_pert_features(store, vocab, "onehot")
     model = lib.make_model(
         dataclasses.replace(cfg.model, n_genes=store.x_cg.shape[1], n_pert_features=features.width),

@@ -43,7 +43,7 @@ def _():
     cfg = lib.parse_config(
         lib.DownloadConfig, description="01 download: write the synthetic world or fetch the real sources"
     )
-    data_root = lib.get_data_root(cfg.data_root or None)
+    data_root = lib.get_data_root(cfg.data_root)
     return cfg, data_root, lib
 
 
@@ -108,17 +108,10 @@ def _(mo):
 
 
 @app.cell
-def _(cfg, data_root, lib, mo, run_button):
+def _(cfg, lib, mo, run_button):
     mo.stop(lib.in_marimo_notebook() and not run_button.value, mo.md("Press **Run** to start."))
     print(cfg)
-    if cfg.world == "synthetic":
-        summary = lib.write_synthetic_world(data_root, size=cfg.size, seed=cfg.seed)
-        written_dir = data_root / "raw" / "synthetic"
-    else:
-        # Raises one DownloadError at the end naming every file that could not be fetched.
-        paths = lib.download_sources(cfg.sources, data_root=data_root)
-        summary = {"files": {str(p.relative_to(data_root / "raw")): {} for p in paths}}
-        written_dir = data_root / "raw"
+    summary, written_dir = lib.run_download(cfg)
     return summary, written_dir
 
 

@@ -42,7 +42,7 @@ def _():
     import lib  # the project's one shared module (installed editable by uv)
 
     cfg = lib.parse_config(lib.EdaConfig, description="02 EDA: summaries, knockdown, effect sizes, overlaps, PCA")
-    data_root = lib.get_data_root(cfg.data_root or None)
+    data_root = lib.get_data_root(cfg.data_root)
     out_dir = lib.get_eda_dir(data_root)
     return Figure, cfg, data_root, lib, np, out_dir, pd
 
@@ -63,8 +63,8 @@ def _(lib, out_dir):
         axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
 
     def save_table(table, name):
-        out_dir.mkdir(parents=True, exist_ok=True)
-        table.to_csv(out_dir / f"{name}.csv", index=False)
+        """CSV under figures/02_eda/, written atomically like every output."""
+        lib.write_csv(out_dir / f"{name}.csv", table)
         return table
 
     return save_figure, save_table, use_plain_log_ticks
@@ -79,15 +79,10 @@ def _(mo):
 
 
 @app.cell
-def _(cfg, data_root, lib, mo, run_button):
+def _(cfg, lib, mo, run_button):
     mo.stop(lib.in_marimo_notebook() and not run_button.value, mo.md("Press **Run** to start."))
     print(cfg)
-    specs = lib.get_datasets(cfg.world)
-    unknown = set(cfg.datasets) - {s.name for s in specs}
-    if unknown:
-        raise ValueError(f"--datasets {sorted(unknown)} not in world {cfg.world!r}: {[s.name for s in specs]}")
-    specs = [s for s in specs if not cfg.datasets or s.name in cfg.datasets]
-    edas = [lib.get_dataset_eda(spec, data_root, cfg) for spec in specs]
+    edas = lib.run_eda(cfg)
     colors = {e.spec.name: f"C{i}" for i, e in enumerate(edas)}  # one colour per dataset in every plot
     return colors, edas
 
@@ -429,7 +424,7 @@ def _(cfg, mo):
 
 @app.cell
 def _(cfg, edas, lib):
-    pca_rows, pca_explained, n_shared_genes = lib.get_effect_pca(edas, cfg.pca_min_cells)
+    pca_rows, pca_explained, n_shared_genes = lib.compute_effect_pca(edas, cfg.pca_min_cells)
     print(
         f"PCA on {n_shared_genes} shared genes, {len(pca_rows)} (dataset, perturbation) effects; "
         f"explained variance {pca_explained.round(3)}"
@@ -481,7 +476,7 @@ def _(Figure, colors, edas, n_shared_genes, pca_explained, pca_rows, save_figure
 @app.cell
 def _(cfg, edas, lib, save_table):
     correlation = save_table(
-        lib.get_same_perturbation_correlation(edas, cfg.pca_min_cells), "same_perturbation_correlation"
+        lib.compute_same_perturbation_correlation(edas, cfg.pca_min_cells), "same_perturbation_correlation"
     )
     print(correlation.round(3).to_string(index=False))
     correlation

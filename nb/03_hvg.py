@@ -81,7 +81,7 @@ def _(mo):
 @app.cell
 def _(cfg, lib, mo, run_button):
     mo.stop(lib.in_marimo_notebook() and not run_button.value, mo.md("Press **Run** to start."))
-    hvgs = lib.write_hvgs(cfg)
+    hvgs = lib.run_hvg(cfg)
     hvg_dir = lib.get_hvg_dir(cfg.data_root, cfg.world)
     print(f"wrote {hvg_dir / 'hvg.csv'}: {len(hvgs)} genes, {int(hvgs['in_all'].sum())} HVG in every dataset")
     print(hvgs["n_datasets"].value_counts().sort_index(ascending=False).rename("genes by n_datasets").to_string())
@@ -112,9 +112,7 @@ def _(cfg, hvg_dir, hvgs, lib):
         _table = lib.read_dataset_genes(cfg.data_root, cfg.world, _name)
         _hvg_sets[_name] = set(_table.loc[_table["highly_variable"] & _table["in_gene_space"], "ensembl_id"])
     overlap_fig = lib.plot_hvg_overlap(_hvg_sets, shared=set(hvgs["ensembl_id"]))
-    _path = lib.write_figure(
-        overlap_fig, lib.get_data_root(cfg.data_root) / "figures" / f"03_hvg_overlap_{cfg.world}.png"
-    )
+    _path = lib.write_figure(overlap_fig, lib.get_figures_dir(cfg.data_root) / f"03_hvg_overlap_{cfg.world}.png")
     print(f"wrote {_path}")
     overlap_fig
     return

@@ -82,7 +82,7 @@ def _(mo):
 @app.cell
 def _(cfg, lib, mo, run_button):
     mo.stop(lib.in_marimo_notebook() and not run_button.value, mo.md("Press **Run** to start."))
-    store_dir = lib.write_store(cfg)
+    store_dir = lib.run_normalise(cfg)
     store = lib.load_store(cfg.data_root, cfg.world)
     print(f"{store_dir}: {store.x_cg.shape[0]:,} cells x {store.x_cg.shape[1]:,} genes, {len(store.index):,} groups")
     lib.summarise_store(store)
@@ -105,9 +105,7 @@ def _(mo):
 @app.cell
 def _(cfg, lib, store):
     overview_fig = lib.plot_store_overview(store)
-    _path = lib.write_figure(
-        overview_fig, lib.get_data_root(cfg.data_root) / "figures" / f"04_normalise_{cfg.world}.png"
-    )
+    _path = lib.write_figure(overview_fig, lib.get_figures_dir(cfg.data_root) / f"04_normalise_{cfg.world}.png")
     print(f"wrote {_path}")
     overview_fig
     return

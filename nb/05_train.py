@@ -76,7 +76,7 @@ def _():
 def _():
     import lib
 
-    cfg = lib.parse_train_config()
+    cfg = lib.parse_config(lib.TrainConfig, description="05 train: the ST set transformer on cell sets")
     print(cfg)
     return cfg, lib
 
@@ -106,7 +106,7 @@ def _(mo):
 @app.cell
 def _(cfg, lib, mo, run_button):
     mo.stop(lib.in_marimo_notebook() and not run_button.value, mo.md("Press **Train** to start."))
-    result = lib.train(cfg)
+    result = lib.run_train(cfg)
     print(f"run {result['run_id']} {result['status']} at step {result['step']}: {result['run_dir']}")
     print(f"parameters: {result['n_params']:,}")
     return (result,)
@@ -135,38 +135,10 @@ def _(mo):
 def _(cfg, lib, mo, result):
     # Multi-host: only process 0 reads the history and writes the figure.
     mo.stop(result["process_index"] != 0)
-    import matplotlib
-
-    matplotlib.use("Agg")  # headless: the figure is written to a PNG as well as shown
-    import pathlib
-
-    import matplotlib.pyplot as plt
-
     history = lib.read_history(result["run_dir"])
-    _panels = [
-        ("loss", ["train/loss", "train/energy", "train/pseudobulk_mse"]),
-        ("norms", ["train/grad_norm", "train/update_norm"]),
-        ("effect L1", ["train/effect_l1"]),
-        ("validation MAE", ["val/mae", "val/control_mae", "val/cell_mean_mae"]),
-        ("validation PDS / DES", ["val/pds", "val/des"]),
-        ("throughput (cells/s)", ["perf/cells_per_s"]),
-    ]
-    fig, _axes = plt.subplots(2, 3, figsize=(13, 6.5))
-    for _ax, (_title, _columns) in zip(_axes.flat, _panels):
-        for _column in _columns:
-            if _column in history:
-                _rows = history[["step", _column]].dropna()
-                _ax.plot(
-                    _rows["step"], _rows[_column], marker="." if _column.startswith("val/") else None, label=_column
-                )
-        _ax.set_title(_title)
-        _ax.set_xlabel("step")
-        _ax.legend(fontsize=7)
-    for _ax in _axes.flat[:2]:
-        _ax.set_yscale("log")
-    fig.tight_layout()
+    fig = lib.plot_history(history)
     _path = lib.write_figure(
-        fig, lib.get_data_root(cfg.data_root) / "figures" / f"05_train_{pathlib.Path(result['run_dir']).name}.png"
+        fig, lib.get_figures_dir(cfg.data_root) / f"05_train_{lib.url_name(result['run_dir'])}.png"
     )
     print(f"wrote {_path}")
     fig

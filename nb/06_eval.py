@@ -87,7 +87,7 @@ def _(mo):
 @app.cell
 def _(cfg, lib, mo, run_button):
     mo.stop(lib.in_marimo_notebook() and not run_button.value, mo.md("Press **Run** to start."))
-    out = lib.evaluate(cfg)
+    out = lib.run_eval(cfg)
     results = out["results"]
     print(f"mode {cfg.mode}; checkpoint: {out['checkpoint'] or 'none'}; wrote {out['paths']['results']}")
     print(results.drop(columns=["fixed_pseudobulk"]).round(4).to_string(index=False))

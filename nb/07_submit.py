@@ -63,7 +63,7 @@ def _(mo):
 @app.cell
 def _(cfg, lib, mo, run_button):
     mo.stop(lib.in_marimo_notebook() and not run_button.value, mo.md("Press **Run** to start."))
-    out = lib.make_submission(cfg)
+    out = lib.run_submit(cfg)
     print(f"wrote {out['h5ad']} ({out['n_control']:,} control cells)")
     print(f"packed {out['vcc']} ({out['vcc'].stat().st_size / 1e6:.1f} MB)")
     return (out,)

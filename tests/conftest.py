@@ -23,8 +23,8 @@ def tiny_store(tiny_world):
     data_root, _ = tiny_world
     with warnings.catch_warnings():
         warnings.simplefilter("error", UserWarning)  # no unmapped genes: HepG2 maps via the committed cache
-        lib.write_hvgs(lib.HvgConfig(data_root=str(data_root), n_hvg=200, n_hvg_per_dataset=200, offline=True))
-    lib.write_store(lib.NormaliseConfig(data_root=str(data_root), chunk_cells=500))
+        lib.run_hvg(lib.HvgConfig(data_root=str(data_root), n_hvg=200, n_hvg_per_dataset=200, offline=True))
+    lib.run_normalise(lib.NormaliseConfig(data_root=str(data_root), chunk_cells=500))
     return data_root
 
 

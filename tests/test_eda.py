@@ -19,7 +19,7 @@ def edas(tiny_world):
     data_root, _ = tiny_world
     # An odd chunk size, so chunk boundaries fall mid-perturbation and the last chunk is short.
     cfg = lib.EdaConfig(data_root=str(data_root), chunk_cells=97)
-    return [lib.get_dataset_eda(spec, data_root, cfg) for spec in lib.get_datasets("synthetic")]
+    return [lib.compute_dataset_eda(spec, data_root, cfg) for spec in lib.get_datasets("synthetic")]
 
 
 def _read_dense(data_root, spec):
@@ -73,7 +73,7 @@ def test_subsample_is_capped_and_deterministic(tiny_world):
     data_root, _ = tiny_world
     spec = lib.get_datasets("synthetic")[1]
     cfg = lib.EdaConfig(data_root=str(data_root), max_cells_per_dataset=300, chunk_cells=64)
-    first, second = (lib.get_dataset_eda(spec, data_root, cfg) for _ in range(2))
+    first, second = (lib.compute_dataset_eda(spec, data_root, cfg) for _ in range(2))
     assert len(first.genes_c) == 300
     np.testing.assert_array_equal(first.mean_log1p_kg, second.mean_log1p_kg)
     # Cells per perturbation still come from every cell, not the subsample.
@@ -99,7 +99,7 @@ def test_overlap_tables_are_symmetric_with_own_counts_on_the_diagonal(tiny_world
 
 
 def test_effect_pca_has_one_row_per_effect_with_enough_cells(edas):
-    rows, explained, n_genes = lib.get_effect_pca(edas, min_cells=5)
+    rows, explained, n_genes = lib.compute_effect_pca(edas, min_cells=5)
     assert rows.n_cells_read.min() >= 5 and not rows.duplicated(["dataset", "perturbation"]).any()
     assert np.isfinite(rows[["pc1", "pc2"]].to_numpy()).all()
     assert explained[0] >= explained[1] > 0

@@ -14,7 +14,7 @@ def _eval_cfg(data_root, **kw):
 
 @pytest.fixture(scope="module")
 def baseline_run(tiny_store):
-    return lib.evaluate(_eval_cfg(tiny_store, truth=False, predictors=("control", "cell_mean")))
+    return lib.run_eval(_eval_cfg(tiny_store, truth=False, predictors=("control", "cell_mean")))
 
 
 def test_cell_mean_scores_exactly_zero_and_control_about_zero(baseline_run):
@@ -60,7 +60,7 @@ def test_fake_val_split_excludes_held_out_perturbations_everywhere(tiny_store, m
 
     monkeypatch.setattr(lib, "make_fit_data", spy_fit)
     monkeypatch.setattr(lib, "score_predictors", spy_score)
-    out = lib.evaluate(_eval_cfg(tiny_store, truth=False, predictors=("cell_mean", "linear")))
+    out = lib.run_eval(_eval_cfg(tiny_store, truth=False, predictors=("cell_mean", "linear")))
     split = out["split"]
     held_out = set(split["val"]) | set(split["test"])
     assert held_out and len(fits) == 2
@@ -74,7 +74,7 @@ def test_fake_val_split_excludes_held_out_perturbations_everywhere(tiny_store, m
 
 def test_harness_is_deterministic(tiny_store, baseline_run):
     shutil.rmtree(lib.get_eval_dir(str(tiny_store), "synthetic"))  # the pools are drawn again, from the seed
-    again = lib.evaluate(_eval_cfg(tiny_store, truth=False, predictors=("control", "cell_mean")))
+    again = lib.run_eval(_eval_cfg(tiny_store, truth=False, predictors=("control", "cell_mean")))
     pd.testing.assert_frame_equal(again["results"], baseline_run["results"])
     pd.testing.assert_frame_equal(again["per_perturbation"], baseline_run["per_perturbation"])
 
@@ -180,7 +180,7 @@ def test_hvg_adapter_fills_the_other_genes():
 @pytest.fixture(scope="module")
 def submission(tiny_store):
     cfg = lib.SubmitConfig(data_root=str(tiny_store), predictor="linear", fixed_pseudobulk=True, chunk_cells=64)
-    return cfg, lib.make_submission(cfg)
+    return cfg, lib.run_submit(cfg)
 
 
 def test_submission_matches_pert_counts_gene_names_and_is_scored(tiny_store, submission):

@@ -190,11 +190,18 @@ def test_random_gene_selection_is_seeded_and_not_the_hvgs(tiny_store, tmp_path):
     (tmp_path / "raw").symlink_to(tiny_store / "raw")
     hvg = pd.read_csv(tiny_store / "hvg" / "synthetic" / "hvg.csv")
     cfg = lib.HvgConfig(data_root=str(tmp_path), n_hvg=200, n_hvg_per_dataset=200, offline=True, selection="random")
-    first = lib.write_hvgs(cfg)
-    again = lib.write_hvgs(cfg)
-    other_seed = lib.write_hvgs(dataclasses.replace(cfg, seed=1))
+    first = lib.run_hvg(cfg)
+    again = lib.run_hvg(cfg)
+    other_seed = lib.run_hvg(dataclasses.replace(cfg, seed=1))
     assert len(first) == 200 and first["ensembl_id"].is_unique
     assert first["ensembl_id"].tolist() == again["ensembl_id"].tolist() != other_seed["ensembl_id"].tolist()
     overlap = len(set(first["ensembl_id"]) & set(hvg["ensembl_id"])) / 200
     assert overlap < 0.6, overlap  # HVGs are 200 of the target's 600 genes: chance overlap is ~1/3
     assert first.filter(like="is_hvg_").to_numpy().any()
+
+
+def test_committed_synthetic_gene_cache_is_what_the_generator_writes(tmp_path):
+    """gene_cache/mygene_synthetic.json is generated, never hand-edited: regenerating it from the
+    synthetic world's own symbol <-> Ensembl mapping must give the committed file back."""
+    regenerated = lib.write_synthetic_gene_cache(tmp_path / "cache.json")
+    assert json.loads(regenerated.read_text()) == json.loads(lib.SYNTHETIC_GENE_CACHE_PATH.read_text())

@@ -179,20 +179,21 @@ def test_training_checkpoints_and_resumes_through_a_bucket_url(tiny_store):
     """memory:// stands in for gs:// (same fsspec calls: no rename, no append); the run resumes
     from it and every run file is there, local staging directories are not."""
     root = "memory://bucket/ckpt"
-    cfg = lib.make_train_config(
+    cfg = lib.make_config(
+        lib.TrainConfig,
         data_root=str(tiny_store),
         checkpoint_dir=root,
         run_name="gcs",
         wandb_mode="disabled",
         **{**TINY, "sets_per_batch": 4, "steps": 4, "ckpt_every": 2, "keep_last_n": 1},
     )
-    first = lib.train(cfg)
+    first = lib.run_train(cfg)
     assert first["run_dir"] == f"{root}/gcs"
     fs, path = lib.get_fs(root)
     names = sorted(lib.url_name(p) for p in fs.ls(f"{path}/gcs", detail=False))
     assert names == ["config.toml", "history.jsonl", "latest", "status.json", "step_00000004"], names
     assert lib.read_text_url(f"{root}/latest") == "gcs" and lib.read_text_url(f"{root}/gcs/latest") == "step_00000004"
-    resumed = lib.train(dataclasses.replace(cfg, steps=6, resume=True))
+    resumed = lib.run_train(dataclasses.replace(cfg, steps=6, resume=True))
     assert resumed["step"] == 6 and json.loads(lib.read_text_url(f"{root}/gcs/status.json"))["status"] == "done"
     assert lib.read_history(f"{root}/gcs")["step"].tolist() == [1, 2, 3, 4, 5, 6]
     step_dir = lib.resolve_checkpoint(root)  # the root's latest run, its latest (no best: no validation)
@@ -255,4 +256,6 @@ def test_distributed_args_from_flags_env_or_nothing(monkeypatch):
 def test_launch_flags_are_not_written_to_the_run_config(tmp_path):
     cfg = lib.TrainConfig(coordinator_address="127.0.0.1:1", num_processes=2, process_id=1)
     lib.write_train_toml(tmp_path / "c.toml", cfg)
-    assert lib.read_train_toml(tmp_path / "c.toml").process_id == -1  # process 1 never becomes process 0's twin
+    assert (
+        lib.read_config_toml(lib.TrainConfig, tmp_path / "c.toml").process_id == -1
+    )  # process 1 never becomes process 0's twin

@@ -66,9 +66,9 @@ def fixture_store(tmp_path_factory):
     hvg_cfg = lib.HvgConfig(
         data_root=str(data_root), n_hvg=30, n_hvg_per_dataset=25, max_cells=200, chunk_cells=64, offline=True
     )
-    lib.write_hvgs(hvg_cfg, specs=specs)
+    lib.run_hvg(hvg_cfg, specs=specs)
     cfg = lib.NormaliseConfig(data_root=str(data_root), chunk_cells=37)
-    lib.write_store(cfg, specs=specs)
+    lib.run_normalise(cfg, specs=specs)
     return dict(data_root=data_root, specs=specs, cfg=cfg, store=lib.load_store(data_root))
 
 
@@ -143,12 +143,12 @@ def test_store_rerun_is_idempotent(fixture_store):
     files = ["x_cg.npy", "index.csv", "obs.csv", "genes.csv", "means.csv", "measured_dg.npy", "meta.json"]
     before = {name: (store_dir / name).read_bytes() for name in files}
     mtime = (store_dir / "meta.json").stat().st_mtime_ns
-    lib.write_store(cfg, specs=specs)  # up to date: skipped
+    lib.run_normalise(cfg, specs=specs)  # up to date: skipped
     assert (store_dir / "meta.json").stat().st_mtime_ns == mtime
-    lib.write_store(dataclasses.replace(cfg, force=True), specs=specs)
+    lib.run_normalise(dataclasses.replace(cfg, force=True), specs=specs)
     assert {name: (store_dir / name).read_bytes() for name in files} == before
     # Another chunk size: the same rows bit for bit; means differ only by float summation order.
-    lib.write_store(dataclasses.replace(cfg, chunk_cells=100, force=True), specs=specs)
+    lib.run_normalise(dataclasses.replace(cfg, chunk_cells=100, force=True), specs=specs)
     for name in ["x_cg.npy", "index.csv", "obs.csv", "measured_dg.npy"]:
         assert (store_dir / name).read_bytes() == before[name], name
     means = pd.read_csv(store_dir / "means.csv")
@@ -169,7 +169,7 @@ lib.normalise_log1p(scipy.sparse.csr_matrix(np.ones((4, 4), np.float32)))  # imp
 with open("/proc/self/clear_refs", "w") as f:
     f.write("5")  # reset the peak (VmHWM) to the current RSS, so import-time peaks do not count
 before = status_kib("VmRSS:")
-lib.write_store(lib.NormaliseConfig(data_root=sys.argv[2], chunk_cells=int(sys.argv[3]), force=True), specs=[spec])
+lib.run_normalise(lib.NormaliseConfig(data_root=sys.argv[2], chunk_cells=int(sys.argv[3]), force=True), specs=[spec])
 print(json.dumps(dict(before_kib=before, peak_kib=status_kib("VmHWM:"))))
 """
 
@@ -197,7 +197,7 @@ def test_store_peak_memory_is_bounded_by_the_chunk_not_the_dataset(tmp_path):
     path.parent.mkdir(parents=True)
     anndata.AnnData(x_cg, obs=obs, var=var).write_h5ad(path)
     del x_cg, data, indices
-    lib.write_hvgs(
+    lib.run_hvg(
         lib.HvgConfig(data_root=str(tmp_path), n_hvg=n_hvg, n_hvg_per_dataset=n_hvg, max_cells=1_000), specs=[spec]
     )
 

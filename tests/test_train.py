@@ -43,7 +43,7 @@ TINY = dict(
 
 
 def tiny_cfg(data_root, ckpt_dir, **kw) -> "lib.TrainConfig":
-    return lib.make_train_config(data_root=str(data_root), checkpoint_dir=str(ckpt_dir), **{**TINY, **kw})
+    return lib.make_config(lib.TrainConfig, data_root=str(data_root), checkpoint_dir=str(ckpt_dir), **{**TINY, **kw})
 
 
 @pytest.fixture(scope="module")
@@ -66,7 +66,7 @@ def trained(tiny_store, tmp_path_factory):
         val_cells=64,
         val_control_cells=64,
     )
-    return cfg, lib.train(cfg)
+    return cfg, lib.run_train(cfg)
 
 
 # ---------------------------------------------------------------- features
@@ -170,34 +170,38 @@ def test_flag_overrides_toml_even_when_equal_to_the_default(tmp_path):
     toml.write_text(
         'learning_rate = 0.05\nhidden = 32\nn-heads = 2\ndatasets = ["synthetic_h1"]\nfeatures = "onehot"\n'
     )
-    cfg = lib.parse_train_config(
-        ["--config", str(toml), "--learning-rate", str(default.learning_rate), "--hidden", "48"]
+    cfg = lib.parse_config(
+        lib.TrainConfig, ["--config", str(toml), "--learning-rate", str(default.learning_rate), "--hidden", "48"]
     )
     assert cfg.learning_rate == default.learning_rate  # the flag wins although it equals the default
     assert cfg.model.hidden == 48 and cfg.model.n_heads == 2 and cfg.features == "onehot"
     assert cfg.datasets == ("synthetic_h1",)
-    assert lib.parse_train_config(["--config", str(toml)]).learning_rate == 0.05
+    assert lib.parse_config(lib.TrainConfig, ["--config", str(toml)]).learning_rate == 0.05
     toml.write_text("learning_rate = 0.05\nlearnig_rate = 0.1\n")
     with pytest.raises(ValueError, match="learnig_rate"):
-        lib.parse_train_config(["--config", str(toml)])
+        lib.parse_config(lib.TrainConfig, ["--config", str(toml)])
     toml.write_text('steps = "many"\n')
     with pytest.raises(ValueError, match="steps"):
-        lib.parse_train_config(["--config", str(toml)])
+        lib.parse_config(lib.TrainConfig, ["--config", str(toml)])
 
 
 def test_help_documents_every_flag(capsys):
     with pytest.raises(SystemExit) as exit_info:
-        lib.parse_train_config(["--help"])
+        lib.parse_config(lib.TrainConfig, ["--help"])
     assert exit_info.value.code == 0
     out = capsys.readouterr().out
-    for name in lib.flatten_train_config(lib.TrainConfig()):
+    for name in lib.flatten_config(lib.TrainConfig()):
         assert "--" + name.replace("_", "-") in out, name
 
 
 def test_written_config_round_trips_through_toml(tmp_path):
-    cfg = lib.make_train_config(datasets=("a", "b"), learning_rate=3e-5, resume=True, run_name="x", hidden=32)
+    cfg = lib.make_config(
+        lib.TrainConfig, datasets=("a", "b"), learning_rate=3e-5, resume=True, run_name="x", hidden=32
+    )
     lib.write_train_toml(tmp_path / "c.toml", cfg)
-    assert lib.read_train_toml(tmp_path / "c.toml") == dataclasses.replace(cfg, config=str(tmp_path / "c.toml"))
+    assert lib.read_config_toml(lib.TrainConfig, tmp_path / "c.toml") == dataclasses.replace(
+        cfg, config=str(tmp_path / "c.toml")
+    )
 
 
 # ---------------------------------------------------------------- sanity of training
@@ -206,7 +210,8 @@ def test_written_config_round_trips_through_toml(tmp_path):
 def test_control_only_training_reaches_the_noise_floor(store):
     """Control in, another draw of the same control group out: the best possible pseudobulk MSE is
     the gap between two random draws' means (the floor); training must get near it."""
-    cfg = lib.make_train_config(
+    cfg = lib.make_config(
+        lib.TrainConfig,
         **{
             **TINY,
             "energy_weight": 0.0,
@@ -215,7 +220,7 @@ def test_control_only_training_reaches_the_noise_floor(store):
             "steps": 300,
             "set_size": 32,
             "residual_output": False,
-        }
+        },
     )  # STATE's head learning from scratch (a residual model starts near the floor)
     model_cfg = dataclasses.replace(cfg.model, n_genes=store.x_cg.shape[1], n_pert_features=3)
     model = lib.make_model(model_cfg, key=jax.random.key(0))
@@ -255,7 +260,7 @@ def test_random_features_give_no_gain_on_held_out_perturbations(trained, tiny_st
     cfg = tiny_cfg(
         tiny_store, tmp_path, features="random", steps=200, val_perturbations=8, val_cells=64, val_control_cells=64
     )
-    result = lib.train(cfg)
+    result = lib.run_train(cfg)
     ckpt = lib.load_checkpoint(lib.resolve_checkpoint(result["run_dir"], "latest"))
     store = lib.load_store(tiny_store)
     split = lib.make_fake_val_split(_target_perturbations(store), cfg.fake_val_seed)
@@ -297,7 +302,7 @@ def test_trained_model_beats_the_control_baseline_on_fake_val(trained):
 def test_nan_stops_training_with_a_clear_message(tiny_store, tmp_path):
     cfg = tiny_cfg(tiny_store, tmp_path, steps=10, log_every=2, learning_rate=1e30, grad_clip=0.0, warmup_steps=1)
     with pytest.raises(FloatingPointError, match="learning-rate"):
-        lib.train(cfg)
+        lib.run_train(cfg)
     run_dir = next(p for p in pathlib.Path(tmp_path).iterdir() if p.is_dir())
     assert json.loads((run_dir / "status.json").read_text())["status"] == "failed"
 
@@ -311,10 +316,10 @@ def _params(model):
 
 def test_resume_continues_exactly(tiny_store, tmp_path):
     kw = dict(steps=12, log_every=1, features="gene")
-    straight = lib.train(tiny_cfg(tiny_store, tmp_path / "a", **kw))
-    first = lib.train(tiny_cfg(tiny_store, tmp_path / "b", **{**kw, "steps": 6}, run_name="r"))
+    straight = lib.run_train(tiny_cfg(tiny_store, tmp_path / "a", **kw))
+    first = lib.run_train(tiny_cfg(tiny_store, tmp_path / "b", **{**kw, "steps": 6}, run_name="r"))
     assert first["step"] == 6
-    resumed = lib.train(tiny_cfg(tiny_store, tmp_path / "b", **kw, run_name="r", resume=True))
+    resumed = lib.run_train(tiny_cfg(tiny_store, tmp_path / "b", **kw, run_name="r", resume=True))
     assert resumed["step"] == 12
     losses_a = lib.read_history(straight["run_dir"])["train/loss"].to_numpy()
     losses_b = lib.read_history(resumed["run_dir"])["train/loss"].to_numpy()
@@ -325,7 +330,7 @@ def test_resume_continues_exactly(tiny_store, tmp_path):
         np.testing.assert_array_equal(a, b)
     # A resume with a different model config is refused, naming the field.
     with pytest.raises(ValueError, match="hidden"):
-        lib.train(
+        lib.run_train(
             tiny_cfg(tiny_store, tmp_path / "b", **{**kw, "steps": 14}, run_name="r", resume=True, hidden=64, n_heads=2)
         )
 
@@ -368,7 +373,7 @@ def test_sigterm_checkpoints_and_exits_zero_then_resume_continues(tiny_store, tm
     step_dir = pathlib.Path(lib.resolve_checkpoint(ckpt_dir / "spot", "latest"))  # paths in, a path string out
     assert step_dir.name == f"step_{status['step']:08d}"
     assert json.loads((step_dir / "state.json").read_text())["loader_state"]
-    result = lib.train(
+    result = lib.run_train(
         tiny_cfg(tiny_store, ckpt_dir, run_name="spot", resume=True, steps=status["step"] + 3, log_every=1)
     )
     assert result["step"] == status["step"] + 3 and result["status"] == "done"
