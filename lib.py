@@ -2019,7 +2019,8 @@ def get_gene_keys(var: pd.DataFrame, spec: DatasetSpec) -> tuple[np.ndarray, np.
         symbols = var[spec.gene_symbol_column].astype(str).to_numpy() if spec.gene_symbol_column else blank
     else:
         raise ValueError(f"{spec.name}: gene_index = {spec.gene_index!r}; use 'symbol' or 'ensembl'")
-    ids = np.array([strip_ensembl_version(i) for i in ids], dtype=object)
+    # A missing id in a var column reads back as "nan" or "None" once made a string.
+    ids = np.array([strip_ensembl_version(i) if i not in ("", "nan", "None") else "" for i in ids], dtype=object)
     return np.asarray(symbols, dtype=object), ids
 
 
@@ -2112,21 +2113,11 @@ def make_gene_table(
     (no id), `duplicate` (a later var entry with an id seen before: the first one is kept).
     Only `in_gene_space` genes (a unique Ensembl id) can enter the shared gene space.
     """
-    var_names = pd.Index(var.index.astype(str))
-    table = pd.DataFrame({"var_name": var_names, "symbol": "", "ensembl_id": "", "id_source": ""})
-    if spec.gene_index == "ensembl":
-        table["ensembl_id"] = [strip_ensembl_version(g) for g in var_names]
-        table["id_source"] = "var"
-        if spec.gene_symbol_column:
-            table["symbol"] = var[spec.gene_symbol_column].astype(str).to_numpy()
-    elif spec.gene_index == "symbol":
-        table["symbol"] = var_names
-        if spec.gene_id_column:
-            ids = var[spec.gene_id_column].astype(str).fillna("").to_numpy()
-            table["ensembl_id"] = [strip_ensembl_version(g) if g not in ("", "nan", "None") else "" for g in ids]
-            table["id_source"] = np.where(table["ensembl_id"] != "", "var", "")
-    else:
-        raise ValueError(f"{spec.name}: gene_index = {spec.gene_index!r} in the manifest; use 'symbol' or 'ensembl'")
+    symbols_g, ensembl_ids_g = get_gene_keys(var, spec)
+    table = pd.DataFrame(
+        {"var_name": var.index.astype(str), "symbol": symbols_g, "ensembl_id": ensembl_ids_g, "id_source": ""}
+    )
+    table["id_source"] = np.where(table["ensembl_id"] != "", "var", "")
 
     bad = table.loc[(table["id_source"] == "var") & ~table["ensembl_id"].str.match(ENSEMBL_GENE_RE), "ensembl_id"]
     if len(bad):
