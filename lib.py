@@ -1212,7 +1212,7 @@ class SyntheticSize:
     cells_per_pert_target: int
     """Median cells per target perturbation (drawn per perturbation around it)."""
     n_control_target: int
-    """Control cells in the target training file (each truth file gets a third)."""
+    """Control cells in the target training file (each truth file gets as many per perturbation)."""
     n_perts_context: int
     """Perturbations per context dataset (K562, RPE1, HepG2, Jurkat)."""
     cells_per_pert_context: int
@@ -1225,13 +1225,28 @@ class SyntheticSize:
     """Co-expression modules (programs) in the gene network."""
     chunk_cells: int = 20_000
     """Cells generated at once: bounds memory for the vcc-scale world."""
+    min_cells_per_pert_target: int = 3
+    """Fewest cells of a target perturbation (each draw around the median is floored here):
+    effects and DE genes are measurable from ~200 cells, what the challenge's files have."""
 
 
 SYNTHETIC_SIZES = {
     "tiny": SyntheticSize(800, 600, (24, 8, 16), 30, 240, 60, 20, 160, 6_000, 16),
-    "small": SyntheticSize(5_000, 4_000, (150, 50, 100), 30, 1_500, 200, 16, 600, 12_000, 100),
-    "medium": SyntheticSize(5_000, 4_000, (150, 50, 100), 150, 6_000, 200, 80, 3_000, 12_000, 100),
-    "vcc": SyntheticSize(20_000, 18_080, (150, 50, 100), 1_220, 38_176, 2_000, 40, 8_000, 50_000, 400),
+    # The default (README main job): fewer genes and perturbations than the challenge, but
+    # as many cells per perturbation, so predictors' scores carry signal.
+    "small": SyntheticSize(
+        3_000, 2_400, (90, 30, 60), 230, 3_700, 120, 100, 1_500, 10_000, 40, min_cells_per_pert_target=200
+    ),
+    # The smallest world whose realism numbers mean something (tests/test_synthetic.py).
+    "check": SyntheticSize(
+        2_000, 1_600, (30, 10, 20), 230, 1_250, 40, 60, 600, 10_000, 30, min_cells_per_pert_target=200
+    ),
+    "medium": SyntheticSize(
+        5_000, 4_000, (150, 50, 100), 240, 6_300, 200, 100, 3_000, 12_000, 100, min_cells_per_pert_target=200
+    ),
+    "vcc": SyntheticSize(
+        20_000, 18_080, (150, 50, 100), 1_220, 38_176, 2_000, 40, 8_000, 50_000, 400, min_cells_per_pert_target=200
+    ),
 }
 
 
@@ -1244,6 +1259,10 @@ _SYNTHETIC_CELL_TYPES = [
     ("synthetic_hepg2", "HepG2", 0.6, 2),
     ("synthetic_jurkat", "Jurkat", 0.6, 2),
 ]
+
+
+SYNTHETIC_MODULE_SD = 0.4
+"""Per-cell activity sd of the ordinary co-expression modules (module 0 is bimodal)."""
 
 
 def synthetic_symbol(gene_u: np.ndarray) -> np.ndarray:
@@ -1265,6 +1284,15 @@ def _barcodes(rng: np.random.Generator, n: int, suffixes: np.ndarray) -> np.ndar
     return np.char.add(np.char.add(bases.view("<U24").ravel(), "-"), suffixes.astype(str))
 
 
+def _weighted_sample(rng: np.random.Generator, weight_u: np.ndarray, n: int) -> np.ndarray:
+    """n distinct indices drawn with probability proportional to weight_u, without
+    replacement (Efraimidis-Spirakis keys: O(len) where numpy's weighted choice without
+    replacement is quadratic in n)."""
+    n = int(min(n, len(weight_u)))
+    keys_u = rng.exponential(size=len(weight_u)) / weight_u
+    return np.argpartition(keys_u, n - 1)[:n] if n > 0 else np.array([], dtype=np.int64)
+
+
 def _make_gene_network(rng: np.random.Generator, size: SyntheticSize) -> dict[str, np.ndarray]:
     """Universe-level biology shared by every cell type."""
     n_u = size.n_genes_universe
@@ -1274,40 +1302,61 @@ def _make_gene_network(rng: np.random.Generator, size: SyntheticSize) -> dict[st
     log_base_u = rng.normal(0.0, 2.0, n_u)
     log_base_u[module_u == 0] += 1.0
     theta_u = np.exp(rng.normal(1.0, 0.7, n_u))  # NB inverse dispersion
-    stress_u = rng.normal(0.0, 0.5, n_u) * (rng.random(n_u) < 0.03)  # generic response of strong knockdowns
-    return dict(module_u=module_u, loading_u=loading_u, log_base_u=log_base_u, theta_u=theta_u, stress_u=stress_u)
+    # How much a gene varies between control cells beyond sampling: over-dispersion plus its
+    # module's share. Perturbations reach variable genes far more often (squared weights).
+    variability_u = 1.0 / theta_u + (SYNTHETIC_MODULE_SD * loading_u) ** 2
+    reach_u = variability_u**2 / np.sum(variability_u**2)
+    # The shared program: ~8% of genes, the variable ones, moved together by strong knockdowns.
+    program_u = np.zeros(n_u)
+    members = _weighted_sample(rng, reach_u, max(1, int(0.08 * n_u)))
+    program_u[members] = rng.normal(0.0, 0.6, len(members))
+    return dict(
+        module_u=module_u,
+        loading_u=loading_u,
+        log_base_u=log_base_u,
+        theta_u=theta_u,
+        reach_u=reach_u,
+        program_u=program_u,
+    )
 
 
 def _make_effects(rng: np.random.Generator, net: dict, targets_p: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Universe-level downstream effects of knocking down each target: (effect_pu, strength_p).
 
-    Most perturbations are weak, some strong (as in real screens). A target moves its
-    own module against its loading (less of a member means less module activity), a
-    few random genes, and if strong a shared stress response.
+    Strength is log-normal, so most knockdowns are weak and a heavy tail is strong (real
+    screens: DE genes per perturbation in the tens, a few in the thousands). A target moves
+    its own module against its loading (less of a member means less module activity), a
+    number of downstream genes growing as strength^1.5 (drawn by variability), and past a
+    threshold the shared program, always in the same direction.
     """
     n_p, n_u = len(targets_p), len(net["module_u"])
-    tier_p = rng.choice(3, size=n_p, p=[0.5, 0.35, 0.15])
-    strength_p = np.array([0.1, 0.6, 1.5])[tier_p] * np.exp(rng.normal(0, 0.3, n_p))
+    strength_p = np.exp(rng.normal(np.log(0.4), 1.0, n_p))
     effect_pu = np.zeros((n_p, n_u), np.float32)
     for p, target in enumerate(targets_p):
+        s = min(strength_p[p], 5.0)
         same_module_u = net["module_u"] == net["module_u"][target]
         sign = np.sign(net["loading_u"][target]) or 1.0
-        effect_pu[p] = -1.5 * strength_p[p] * sign * net["loading_u"] * same_module_u
-        # Strong knockdowns reach ~3% of all genes beyond their module.
-        edges = rng.choice(n_u, size=min(n_u, rng.poisson(2 + 0.02 * n_u * strength_p[p])), replace=False)
-        effect_pu[p, edges] += rng.normal(0.0, 0.8 * strength_p[p], len(edges))
-        effect_pu[p] += max(strength_p[p] - 0.5, 0.0) * net["stress_u"]
+        effect_pu[p] = -min(s, 2.0) * sign * net["loading_u"] * same_module_u
+        edges = _weighted_sample(rng, net["reach_u"], rng.poisson(5 + 0.1 * n_u * s**1.5))
+        effect_pu[p, edges] += rng.normal(0.0, 0.5 + 0.5 * min(s, 2.0), len(edges))
+        effect_pu[p] += max(s - 0.6, 0.0) * rng.uniform(0.5, 1.5) * net["program_u"]
         effect_pu[p, target] = 0.0  # the target's own change is the knockdown itself
     return effect_pu, strength_p
 
 
 def _cell_type_effects(rng: np.random.Generator, effect_pu: np.ndarray, net: dict) -> np.ndarray:
-    """Cell-type-specific modulation of shared effects: per-module gain, per-perturbation
-    gain, and 15% of edges that this cell type lacks."""
+    """One cell type's effects: the shared ones through a per-module and a per-perturbation
+    gain, 15% of their edges lost, plus ~10 edges of its own per perturbation whose size does
+    not grow with strength (so weak perturbations barely transfer between cell types)."""
+    n_p, n_u = effect_pu.shape
     module_gain_m = np.exp(rng.normal(0.0, 0.3, net["module_u"].max() + 1))
-    pert_gain_p = np.exp(rng.normal(0.0, 0.3, effect_pu.shape[0]))
+    pert_gain_p = np.exp(rng.normal(0.0, 0.3, n_p))
     kept_pu = rng.random(effect_pu.shape) > 0.15
-    return (effect_pu * module_gain_m[net["module_u"]][None] * pert_gain_p[:, None] * kept_pu).astype(np.float32)
+    out_pu = effect_pu * module_gain_m[net["module_u"]][None] * pert_gain_p[:, None] * kept_pu
+    for p in range(n_p):
+        own = _weighted_sample(rng, net["reach_u"], rng.poisson(10))
+        out_pu[p, own] += rng.normal(0.0, 0.3, len(own))
+    return out_pu.astype(np.float32)
 
 
 def _sample_counts(
@@ -1320,21 +1369,24 @@ def _sample_counts(
     pert_c: np.ndarray,
     target_col_p: np.ndarray,
     kd_p: np.ndarray,
+    escape_p: np.ndarray,
     batch_c: np.ndarray,
     library_c: np.ndarray,
     n_modules: int,
 ):
     """NB counts for one chunk of cells (pert_c = -1 for control). Returns CSR float32."""
     n_c = len(pert_c)
-    z_cm = rng.normal(0.0, 0.25, (n_c, n_modules))
+    z_cm = rng.normal(0.0, SYNTHETIC_MODULE_SD, (n_c, n_modules))
     z_cm[:, 0] = 1.2 * (rng.random(n_c) < 0.4) + rng.normal(0.0, 0.2, n_c)  # cycling vs not
     logits_cg = log_mu_g[None] + batch_offset_bg[batch_c] + net_g["loading"][None] * z_cm[:, net_g["module"]]
     perturbed_c = pert_c >= 0
-    # Knockdown efficiency per cell: the perturbation's efficiency, some cells escape.
-    escaped_c = rng.random(n_c) < 0.1
-    kd_c = np.where(perturbed_c & ~escaped_c, kd_p[np.maximum(pert_c, 0)] * rng.uniform(0.7, 1.0, n_c), 0.0)
+    # Knockdown per cell: a share of the perturbation's efficiency; escaping cells get none
+    # (and so none of its downstream effect either).
+    p_c = np.maximum(pert_c, 0)
+    escaped_c = rng.random(n_c) < escape_p[p_c]
+    kd_c = np.where(perturbed_c & ~escaped_c, kd_p[p_c] * rng.uniform(0.6, 1.0, n_c), 0.0)
     logits_cg[perturbed_c] += kd_c[perturbed_c, None] * effect_pg[pert_c[perturbed_c]]
-    rows = np.flatnonzero(perturbed_c & (target_col_p[np.maximum(pert_c, 0)] >= 0))
+    rows = np.flatnonzero(perturbed_c & (target_col_p[p_c] >= 0))
     logits_cg[rows, target_col_p[pert_c[rows]]] += np.log1p(-0.98 * kd_c[rows])
     logits_cg -= logits_cg.max(axis=1, keepdims=True)
     prob_cg = np.exp(logits_cg)
@@ -1343,6 +1395,153 @@ def _sample_counts(
     theta_g = net_g["theta"][None]
     counts_cg = rng.negative_binomial(theta_g, theta_g / (theta_g + mean_cg))
     return scipy.sparse.csr_matrix(counts_cg.astype(np.float32))
+
+
+def _sample_synthetic_chunk(
+    start: int,
+    stop: int,
+    *,
+    seed: int,
+    file_index: int,
+    pert_c: np.ndarray,
+    batch_c: np.ndarray,
+    library_c: np.ndarray,
+    biology: dict,
+    world: dict,
+    n_modules: int,
+):
+    """Counts of cells [start, stop) of one file: its own rng per (seed, file, chunk), so a
+    chunk's cells do not depend on the chunk size of the others."""
+    chunk_rng = np.random.default_rng([seed, file_index, start])
+    return _sample_counts(
+        chunk_rng,
+        log_mu_g=biology["log_mu_g"],
+        net_g=biology["net_g"],
+        batch_offset_bg=biology["batch_offset_bg"],
+        effect_pg=biology["effect_pg"],
+        pert_c=pert_c[start:stop],
+        target_col_p=biology["target_col_p"],
+        kd_p=world["kd_efficiency_p"],
+        escape_p=world["escape_p"],
+        batch_c=batch_c[start:stop],
+        library_c=library_c[start:stop],
+        n_modules=n_modules,
+    )
+
+
+def _choose_synthetic_perturbations(rng: np.random.Generator, net: dict, sz: SyntheticSize) -> dict:
+    """The target's genes, its train/val/test perturbations, and each context dataset's
+    perturbations (40% of the target's, the rest its own)."""
+    n_u = sz.n_genes_universe
+    # Which genes each dataset measures; the target's list is the submission's gene list.
+    target_genes = np.sort(rng.choice(n_u, sz.n_genes_target, replace=False))
+    # Perturbations target reasonably expressed genes, as CRISPRi screens of essential genes do.
+    expressed = target_genes[net["log_base_u"][target_genes] > np.quantile(net["log_base_u"], 0.4)]
+    n_train, n_val, n_test = sz.n_perts_target
+    target_perts = rng.choice(expressed, n_train + n_val + n_test, replace=False)
+    split_of = dict(zip(target_perts, ["train"] * n_train + ["val"] * n_val + ["test"] * n_test))
+    context_perts = {}
+    for name, *_ in _SYNTHETIC_CELL_TYPES[1:]:
+        shared = rng.choice(target_perts, int(0.4 * len(target_perts)), replace=False)
+        others = rng.choice(np.setdiff1d(expressed, shared), sz.n_perts_context - len(shared), replace=False)
+        context_perts[name] = np.concatenate([shared, others])
+    return dict(target_genes=target_genes, target_perts=target_perts, split_of=split_of, context_perts=context_perts)
+
+
+def _make_dataset_biology(
+    ds_rng: np.random.Generator,
+    net: dict,
+    effect_pu: np.ndarray,
+    genes_g: np.ndarray,
+    all_perts: np.ndarray,
+    n_batches: int,
+) -> dict:
+    """One dataset's view of the universe: its genes' means, module structure, effects,
+    the column of each perturbation's target gene (-1: not measured), batch offsets/depths."""
+    col_of = {g: j for j, g in enumerate(genes_g)}
+    return dict(
+        log_mu_g=net["log_base_u"][genes_g] + ds_rng.normal(0.0, 0.4, len(genes_g)),
+        net_g=dict(module=net["module_u"][genes_g], loading=net["loading_u"][genes_g], theta=net["theta_u"][genes_g]),
+        effect_pg=_cell_type_effects(ds_rng, effect_pu, net)[:, genes_g],
+        target_col_p=np.array([col_of.get(g, -1) for g in all_perts]),
+        batch_offset_bg=ds_rng.normal(0.0, 0.1, (n_batches, len(genes_g))),
+        batch_scale_b=np.exp(ds_rng.normal(0.0, 0.15, n_batches)),
+    )
+
+
+def _synthetic_var(
+    spec: DatasetSpec, genes_g: np.ndarray, symbol_u: np.ndarray, ensembl_u: np.ndarray, version_u: np.ndarray
+) -> pd.DataFrame:
+    """var of one file in its source's convention (symbols, or versioned Ensembl ids)."""
+    if spec.gene_index == "symbol":
+        var = pd.DataFrame(index=pd.Index(symbol_u[genes_g], name=None))
+        if spec.gene_id_column:
+            var[spec.gene_id_column] = ensembl_u[genes_g]
+    else:
+        var = pd.DataFrame(index=np.char.add(np.char.add(ensembl_u[genes_g], "."), version_u[genes_g].astype(str)))
+        var[spec.gene_symbol_column] = symbol_u[genes_g]
+    return var
+
+
+def _draw_synthetic_cells(
+    file_rng: np.random.Generator,
+    pert_rows: np.ndarray,
+    cells_per_pert: int,
+    min_cells: int,
+    n_control: int,
+    batch_scale_b: np.ndarray,
+    median_umi: float,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per-cell perturbation rows (-1 control), batches and library sizes of one file, shuffled."""
+    n_cells_p = np.maximum(
+        min_cells, file_rng.poisson(cells_per_pert * np.exp(file_rng.normal(0, 0.3, len(pert_rows))))
+    )
+    pert_c = file_rng.permutation(np.concatenate([np.full(n_control, -1), np.repeat(pert_rows, n_cells_p)]))
+    batch_c = file_rng.integers(0, len(batch_scale_b), len(pert_c))
+    library_c = median_umi * batch_scale_b[batch_c] * np.exp(file_rng.normal(0.0, 0.35, len(pert_c)))
+    return pert_c, batch_c, library_c
+
+
+def _synthetic_obs(
+    file_rng: np.random.Generator,
+    spec: DatasetSpec,
+    symbols_c: np.ndarray,
+    pert_c: np.ndarray,
+    batch_c: np.ndarray,
+    n_batches: int,
+) -> pd.DataFrame:
+    """obs of one file: VCC's target_gene/guide_id/batch for the target, Replogle's gene/gem_group otherwise."""
+    if spec.role == "target":
+        batch_names = np.array([f"Flex_{1 + b // 2}_{1 + b % 2:02d}" for b in range(n_batches)])
+        guides = np.where(
+            pert_c >= 0,
+            np.char.add(np.char.add(symbols_c, "_P1P2_A|"), np.char.add(symbols_c, "_P1P2_B")),
+            np.char.add("non-targeting_", np.char.zfill((file_rng.integers(1, 200, len(pert_c))).astype(str), 4)),
+        )
+        obs = pd.DataFrame(
+            {"target_gene": symbols_c, "guide_id": guides, "batch": batch_names[batch_c]},
+            index=_barcodes(file_rng, len(pert_c), batch_names[batch_c]),
+        )
+    else:
+        obs = pd.DataFrame(
+            {"gene": symbols_c, "gem_group": batch_c + 1},
+            index=_barcodes(file_rng, len(pert_c), (batch_c + 1).astype(str)),
+        )
+    return obs.astype({c: "category" for c in obs.columns if obs[c].dtype == object})
+
+
+def _write_pert_counts(
+    path: pathlib.Path, symbols_c: np.ndarray, pert_c: np.ndarray, library_c: np.ndarray, perts_in_order: np.ndarray
+) -> None:
+    """pert_counts_*.csv: the challenge tells you how many cells to predict and their depth."""
+    counts = pd.DataFrame({"target_gene": symbols_c, "umi": library_c})[pert_c >= 0]
+    table = counts.groupby("target_gene", sort=False).agg(
+        n_cells=("umi", "size"), median_umi_per_cell=("umi", "median")
+    )
+    table = table.loc[perts_in_order].reset_index()
+    table["median_umi_per_cell"] = table["median_umi_per_cell"].round(0)
+    with atomic_path(path) as tmp_path:
+        table.to_csv(tmp_path, index=False)
 
 
 def write_synthetic_world(data_root: str | os.PathLike | None = None, size: str = "small", seed: int = 0) -> dict:
@@ -1371,131 +1570,77 @@ def write_synthetic_world(data_root: str | os.PathLike | None = None, size: str 
     n_u = sz.n_genes_universe
     symbol_u, ensembl_u = synthetic_symbol(np.arange(1, n_u + 1)), synthetic_ensembl_id(np.arange(1, n_u + 1))
     version_u = rng.integers(1, 20, n_u)
-
-    # Which genes each dataset measures; the target's list is the submission's gene list.
-    target_genes = np.sort(rng.choice(n_u, sz.n_genes_target, replace=False))
-    # Perturbations target reasonably expressed genes, as CRISPRi screens of essential genes do.
-    expressed = target_genes[net["log_base_u"][target_genes] > np.quantile(net["log_base_u"], 0.4)]
-    n_train, n_val, n_test = sz.n_perts_target
-    target_perts = rng.choice(expressed, n_train + n_val + n_test, replace=False)
-    split_of = dict(zip(target_perts, ["train"] * n_train + ["val"] * n_val + ["test"] * n_test))
-    context_perts = {}
-    for name, *_ in _SYNTHETIC_CELL_TYPES[1:]:
-        shared = rng.choice(target_perts, int(0.4 * len(target_perts)), replace=False)
-        others = rng.choice(np.setdiff1d(expressed, shared), sz.n_perts_context - len(shared), replace=False)
-        context_perts[name] = np.concatenate([shared, others])
+    chosen = _choose_synthetic_perturbations(rng, net, sz)
+    target_perts, split_of, context_perts = chosen["target_perts"], chosen["split_of"], chosen["context_perts"]
     all_perts = np.unique(np.concatenate([target_perts, *context_perts.values()]))
     effect_pu, strength_p = _make_effects(rng, net, all_perts)
-    kd_eff_p = rng.beta(8, 2, len(all_perts))  # per-perturbation knockdown efficiency
+    world = dict(
+        kd_efficiency_p=rng.beta(6, 2, len(all_perts)),  # per-perturbation knockdown efficiency
+        escape_p=rng.beta(2, 14, len(all_perts)),
+    )  # per-perturbation share of escaping cells (mean 1/8)
     pert_row = {g: i for i, g in enumerate(all_perts)}
+    n_train = sz.n_perts_target[0]
 
     summary = {"size": size, "seed": seed, "files": {}}
     for name, cell_type, library_scale, n_batches in _SYNTHETIC_CELL_TYPES:
         spec = specs[name]
         ds_rng = np.random.default_rng([seed, len(summary["files"])])
-        is_target = spec.role == "target"
-        if is_target:
-            genes_g = target_genes
+        if spec.role == "target":
+            genes_g = chosen["target_genes"]
+            vcc_dir = get_dataset_path(spec, data_root).parent
+            files = [
+                (vcc_dir / f, s)
+                for f, s in (
+                    ("adata_Training.h5ad", "train"),
+                    ("adata_Validation_truth.h5ad", "val"),
+                    ("adata_Test_truth.h5ad", "test"),
+                )
+            ]
         else:
-            perts = context_perts[name]
             keep = np.sort(rng.choice(n_u, int(n_u * rng.uniform(0.8, 0.95)), replace=False))
-            genes_g = np.union1d(keep, perts)  # a screen measures the genes it perturbs
-        col_of = {g: j for j, g in enumerate(genes_g)}
-        log_mu_g = net["log_base_u"][genes_g] + ds_rng.normal(0.0, 0.4, len(genes_g))
-        net_g = dict(module=net["module_u"][genes_g], loading=net["loading_u"][genes_g], theta=net["theta_u"][genes_g])
-        effect_pg = _cell_type_effects(ds_rng, effect_pu, net)[:, genes_g]
-        target_col_p = np.array([col_of.get(g, -1) for g in all_perts])
-        batch_offset_bg = ds_rng.normal(0.0, 0.1, (n_batches, len(genes_g)))
-        batch_scale_b = np.exp(ds_rng.normal(0.0, 0.15, n_batches))
-
-        if spec.gene_index == "symbol":
-            var = pd.DataFrame(index=pd.Index(symbol_u[genes_g], name=None))
-            if spec.gene_id_column:
-                var[spec.gene_id_column] = ensembl_u[genes_g]
-        else:
-            var = pd.DataFrame(index=np.char.add(np.char.add(ensembl_u[genes_g], "."), version_u[genes_g].astype(str)))
-            var[spec.gene_symbol_column] = symbol_u[genes_g]
-
-        def make_file(perts_of_file, cells_per_pert, n_control, file_rng, median_umi):
-            """Per-cell perturbation rows (-1 control), batches, library sizes; shuffled."""
-            n_cells_p = np.maximum(
-                3, file_rng.poisson(cells_per_pert * np.exp(file_rng.normal(0, 0.3, len(perts_of_file))))
-            )
-            pert_c = np.concatenate(
-                [np.full(n_control, -1), np.repeat([pert_row[g] for g in perts_of_file], n_cells_p)]
-            )
-            pert_c = file_rng.permutation(pert_c)
-            batch_c = file_rng.integers(0, n_batches, len(pert_c))
-            library_c = median_umi * batch_scale_b[batch_c] * np.exp(file_rng.normal(0.0, 0.35, len(pert_c)))
-            return pert_c, batch_c, library_c
-
-        def write(path, pert_c, batch_c, library_c, file_rng):
-            symbols_c = np.where(pert_c >= 0, symbol_u[all_perts[np.maximum(pert_c, 0)]], spec.control_label)
-            if is_target:
-                batch_names = np.array([f"Flex_{1 + b // 2}_{1 + b % 2:02d}" for b in range(n_batches)])
-                guides = np.where(
-                    pert_c >= 0,
-                    np.char.add(np.char.add(symbols_c, "_P1P2_A|"), np.char.add(symbols_c, "_P1P2_B")),
-                    np.char.add(
-                        "non-targeting_", np.char.zfill((file_rng.integers(1, 200, len(pert_c))).astype(str), 4)
-                    ),
-                )
-                obs = pd.DataFrame(
-                    {"target_gene": symbols_c, "guide_id": guides, "batch": batch_names[batch_c]},
-                    index=_barcodes(file_rng, len(pert_c), batch_names[batch_c]),
-                )
+            genes_g = np.union1d(keep, context_perts[name])  # a screen measures the genes it perturbs
+            files = [(get_dataset_path(spec, data_root), None)]
+        biology = _make_dataset_biology(ds_rng, net, effect_pu, genes_g, all_perts, n_batches)
+        var = _synthetic_var(spec, genes_g, symbol_u, ensembl_u, version_u)
+        for path, split in files:
+            if split is None:
+                perts = context_perts[name]
+                cells_per_pert, min_cells, n_control = sz.cells_per_pert_context, 3, sz.n_control_context
             else:
-                obs = pd.DataFrame(
-                    {"gene": symbols_c, "gem_group": batch_c + 1},
-                    index=_barcodes(file_rng, len(pert_c), (batch_c + 1).astype(str)),
-                )
-            obs = obs.astype({c: "category" for c in obs.columns if obs[c].dtype == object})
-
-            def make_chunk(start, stop):
-                chunk_rng = np.random.default_rng([seed, len(summary["files"]), start])
-                return _sample_counts(
-                    chunk_rng,
-                    log_mu_g=log_mu_g,
-                    net_g=net_g,
-                    batch_offset_bg=batch_offset_bg,
-                    effect_pg=effect_pg,
-                    pert_c=pert_c[start:stop],
-                    target_col_p=target_col_p,
-                    kd_p=kd_eff_p,
-                    batch_c=batch_c[start:stop],
-                    library_c=library_c[start:stop],
-                    n_modules=sz.n_modules,
-                )
-
+                perts = np.array([g for g in target_perts if split_of[g] == split])
+                # Truth files get as many controls per perturbation as the training file (~15%).
+                n_control = round(sz.n_control_target * len(perts) / n_train)
+                cells_per_pert, min_cells = sz.cells_per_pert_target, sz.min_cells_per_pert_target
+            pert_c, batch_c, library_c = _draw_synthetic_cells(
+                ds_rng,
+                np.array([pert_row[g] for g in perts]),
+                cells_per_pert,
+                min_cells,
+                n_control,
+                biology["batch_scale_b"],
+                sz.median_umi * library_scale,
+            )
+            symbols_c = np.where(pert_c >= 0, symbol_u[all_perts[np.maximum(pert_c, 0)]], spec.control_label)
+            obs = _synthetic_obs(ds_rng, spec, symbols_c, pert_c, batch_c, n_batches)
+            make_chunk = functools.partial(
+                _sample_synthetic_chunk,
+                seed=seed,
+                file_index=len(summary["files"]),
+                pert_c=pert_c,
+                batch_c=batch_c,
+                library_c=library_c,
+                biology=biology,
+                world=world,
+                n_modules=sz.n_modules,
+            )
             write_h5ad_chunked(path, obs, var, make_chunk, len(pert_c), sz.chunk_cells, desc=f"{name}: {path.name}")
             summary["files"][str(path.relative_to(out_dir))] = {"n_cells": len(pert_c), "n_genes": len(genes_g)}
-
-        median_umi = sz.median_umi * library_scale
-        if not is_target:
-            pert_c, batch_c, library_c = make_file(
-                perts, sz.cells_per_pert_context, sz.n_control_context, ds_rng, median_umi
-            )
-            write(get_dataset_path(spec, data_root), pert_c, batch_c, library_c, ds_rng)
-            continue
-        vcc_dir = get_dataset_path(spec, data_root).parent
-        splits = {"train": "adata_Training.h5ad", "val": "adata_Validation_truth.h5ad", "test": "adata_Test_truth.h5ad"}
-        for split, file_name in splits.items():
-            perts = np.array([g for g in target_perts if split_of[g] == split])
-            n_control = sz.n_control_target if split == "train" else sz.n_control_target // 3
-            pert_c, batch_c, library_c = make_file(perts, sz.cells_per_pert_target, n_control, ds_rng, median_umi)
-            write(vcc_dir / file_name, pert_c, batch_c, library_c, ds_rng)
-            if split != "train":
-                # The challenge tells you how many cells to predict and their depth.
-                counts = pd.DataFrame({"target_gene": symbol_u[all_perts[pert_c]], "umi": library_c})[pert_c >= 0]
-                table = counts.groupby("target_gene", sort=False).agg(
-                    n_cells=("umi", "size"), median_umi_per_cell=("umi", "median")
-                )
-                table = table.loc[symbol_u[perts]].reset_index()
-                table["median_umi_per_cell"] = table["median_umi_per_cell"].round(0)
+            if split in ("val", "test"):
                 csv_name = "pert_counts_Validation.csv" if split == "val" else "pert_counts_Test.csv"
-                write_csv(vcc_dir / csv_name, table)
-        with atomic_path(vcc_dir / "gene_names.csv") as tmp_path:
-            tmp_path.write_text("\n".join(symbol_u[target_genes]) + "\n")
+                _write_pert_counts(path.parent / csv_name, symbols_c, pert_c, library_c, symbol_u[perts])
+        if spec.role == "target":
+            with atomic_path(vcc_dir / "gene_names.csv") as tmp_path:
+                tmp_path.write_text("\n".join(symbol_u[genes_g]) + "\n")
 
     # Generator internals, for tests and for checking that models find real signal.
     with atomic_path(out_dir / "truth.npz") as tmp_path:
@@ -1505,9 +1650,12 @@ def write_synthetic_world(data_root: str | os.PathLike | None = None, size: str 
                 perts_u=all_perts,
                 effect_pu=effect_pu,
                 strength_p=strength_p,
-                kd_efficiency_p=kd_eff_p,
+                kd_efficiency_p=world["kd_efficiency_p"],
+                escape_p=world["escape_p"],
                 module_u=net["module_u"],
                 loading_u=net["loading_u"],
+                program_u=net["program_u"],
+                reach_u=net["reach_u"],
             )
     summary["splits"] = {
         s: sorted(symbol_u[g] for g in target_perts if split_of[g] == s) for s in ("train", "val", "test")
@@ -1515,6 +1663,140 @@ def write_synthetic_world(data_root: str | os.PathLike | None = None, size: str 
     summary["context_perturbations"] = {n: sorted(symbol_u[p]) for n, p in context_perts.items()}
     write_json(out_dir / "world.json", summary)
     return summary
+
+
+def _log1p_of_file(path: pathlib.Path, spec: DatasetSpec) -> tuple[pd.DataFrame, pd.DataFrame, scipy.sparse.csr_matrix]:
+    """(obs, var, log1p CP10k X) of a whole (small enough) file, read in row chunks."""
+    with open_h5ad_backed(path) as (obs, var, x):
+        chunks = iter_log1p_chunks(x, spec.counts, chunk_cells=20_000, desc=f"reading {path.name}", where=path.name)
+        return obs, var, scipy.sparse.vstack([log1p_cg for *_, log1p_cg in chunks], format="csr")
+
+
+def _symbol_effects(x_cg, labels_c: np.ndarray, control_label: str, perts: Sequence[str]) -> np.ndarray:
+    """Mean log1p of each perturbation's cells minus the control mean (perts × genes)."""
+    control_g = np.asarray(x_cg[labels_c == control_label].mean(axis=0)).ravel()
+    return np.stack([np.asarray(x_cg[labels_c == p].mean(axis=0)).ravel() - control_g for p in perts])
+
+
+def measure_synthetic_world(
+    data_root: str | os.PathLike | None = None,
+    mode: str = "vcc2025",
+    threads: int = 1,
+    hvg_cells: int = 5_000,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The synthetic world's realism numbers (issue 10 §1), measured from its files as a user would:
+
+    - cells per target perturbation (minimum per split) and the control share of each target file;
+    - true DE genes of each held-out (validation + test) perturbation: the scorer's own DE
+      (`mode`), truth cells vs the truth file's controls;
+    - `de_in_hvg_share`: the share of those DE calls that fall in the seurat_v3 HVGs (half of the
+      genes, from `hvg_cells` training control cells): 0.5 if responses ignored variability;
+      `de_in_hvg_share_median`: the same share per perturbation, median (strong perturbations
+      with thousands of DE genes dominate the pooled share);
+    - `program_corr_*`: correlation of each held-out effect with the shared program (truth.npz) on
+      the program's genes, for strong (>= 100 DE genes) and weak (< 30) perturbations;
+    - `knockdown_*`: the target gene's remaining log1p mean over control (median, p10, p90), and
+      `escaper_share`: the share of perturbed cells at or above the target gene's control median;
+    - `transfer_corr_*`: correlation of a held-out perturbation's effect in H1 with its effect in
+      K562 (shared genes), strong vs weak.
+    """
+    import scanpy as sc
+
+    root = get_data_root(data_root)
+    specs = {s.name: s for s in get_datasets("synthetic")}
+    target = specs["synthetic_h1"]
+    vcc_dir = get_dataset_path(target, root).parent
+    out: dict[str, Any] = {}
+    obs, var, x_cg = _log1p_of_file(vcc_dir / "adata_Training.h5ad", target)
+    genes = var.index.astype(str).to_numpy()
+    labels = obs[target.perturbation_key].astype(str).to_numpy()
+    is_ctrl = labels == target.control_label
+    out["min_cells_train"] = int(pd.Series(labels[~is_ctrl]).value_counts().min())
+    out["control_share_train"] = float(is_ctrl.mean())
+    # HVGs on raw counts of training controls, as nb/03 does per dataset (seurat_v3).
+    import anndata
+
+    raw = anndata.read_h5ad(vcc_dir / "adata_Training.h5ad")
+    ctrl_rows = np.flatnonzero(is_ctrl)
+    ctrl_rows = np.sort(np.random.default_rng(seed).choice(ctrl_rows, min(hvg_cells, len(ctrl_rows)), replace=False))
+    sub = anndata.AnnData(X=raw.X[ctrl_rows].copy())
+    hvg = sc.pp.highly_variable_genes(sub, flavor="seurat_v3", n_top_genes=len(genes) // 2, inplace=False)
+    is_hvg_g = hvg["highly_variable"].to_numpy(bool)
+    del raw, sub
+
+    n_de, effects, perts_all, knockdown, escaper = [], [], [], [], []
+    col = {g: j for j, g in enumerate(genes)}
+    for split, name in (("val", "Validation"), ("test", "Test")):
+        obs_s, _, x_s = _log1p_of_file(vcc_dir / f"adata_{name}_truth.h5ad", target)
+        labels_s = obs_s[target.perturbation_key].astype(str).to_numpy()
+        ctrl_s = labels_s == target.control_label
+        out[f"min_cells_{split}"] = int(pd.Series(labels_s[~ctrl_s]).value_counts().min())
+        out[f"control_share_{split}"] = float(ctrl_s.mean())
+        de = differential_expression(
+            x_s,
+            labels_s,
+            genes=genes,
+            control_label=target.control_label,
+            mode=mode,
+            threads=threads,
+            desc=f"DE {name}",
+        )
+        n_de.append(de.significant_pg.sum(axis=1))
+        effects.append(de.pseudobulk_pg - de.pseudobulk_control_g)
+        perts_all += list(de.perts)
+        ctrl_col = x_s[ctrl_s]
+        for i, p in enumerate(de.perts):
+            j = col[p]
+            knockdown.append(de.pseudobulk_pg[i, j] / max(de.pseudobulk_control_g[j], 1e-9))
+            median_ctrl = np.median(ctrl_col[:, j].toarray())
+            escaper.append(float(np.mean(x_s[labels_s == p][:, j].toarray() >= max(median_ctrl, 1e-9))))
+        de_sig = de.significant_pg
+        out.setdefault("_de_calls", []).append((de_sig.sum(), de_sig[:, is_hvg_g].sum()))
+        has_de = de_sig.sum(axis=1) > 0
+        out.setdefault("_hvg_share_p", []).extend(de_sig[has_de][:, is_hvg_g].sum(axis=1) / de_sig[has_de].sum(axis=1))
+    n_de_p = np.concatenate(n_de)
+    effect_pg = np.concatenate(effects)
+    out["n_heldout"] = len(n_de_p)
+    out["de_median"] = float(np.median(n_de_p))
+    out["de_p90"] = float(np.percentile(n_de_p, 90))
+    out["de_max"] = int(n_de_p.max())
+    out["de_over_1000"] = int((n_de_p > 1000).sum())
+    calls = np.array(out.pop("_de_calls"))
+    out["de_in_hvg_share"] = float(calls[:, 1].sum() / max(calls[:, 0].sum(), 1))
+    out["de_in_hvg_share_median"] = float(np.median(out.pop("_hvg_share_p")))  # each perturbation counted once
+    out["knockdown_median"], out["knockdown_p10"], out["knockdown_p90"] = (
+        float(np.percentile(knockdown, q)) for q in (50, 10, 90)
+    )
+    out["escaper_share"] = float(np.mean(escaper))
+    strong, weak = n_de_p >= 100, n_de_p < 30
+    out["n_strong"], out["n_weak"] = int(strong.sum()), int(weak.sum())
+
+    truth = np.load(root / "raw" / "synthetic" / "truth.npz")
+    program_u = truth["program_u"]
+    universe_col = {s: u for u, s in enumerate(synthetic_symbol(np.arange(1, len(program_u) + 1)))}
+    program_g = program_u[[universe_col[g] for g in genes]]
+    on = program_g != 0
+    corr_program = np.array([np.corrcoef(e[on], program_g[on])[0, 1] for e in effect_pg])
+    out["program_corr_strong"] = float(np.nanmedian(corr_program[strong])) if strong.any() else float("nan")
+    out["program_corr_weak"] = float(np.nanmedian(corr_program[weak])) if weak.any() else float("nan")
+
+    k562 = specs["synthetic_k562"]
+    obs_k, var_k, x_k = _log1p_of_file(get_dataset_path(k562, root), k562)
+    labels_k = obs_k[k562.perturbation_key].astype(str).to_numpy()
+    symbols_k = var_k[k562.gene_symbol_column].astype(str).to_numpy()
+    shared_perts = [i for i, p in enumerate(perts_all) if p in set(labels_k)]
+    common = np.intersect1d(genes, symbols_k)
+    h1_cols = np.array([col[g] for g in common])
+    k_col = {g: j for j, g in enumerate(symbols_k)}
+    k_cols = np.array([k_col[g] for g in common])
+    eff_k = _symbol_effects(x_k, labels_k, k562.control_label, [perts_all[i] for i in shared_perts])[:, k_cols]
+    corr_t = np.array([np.corrcoef(effect_pg[i, h1_cols], e)[0, 1] for i, e in zip(shared_perts, eff_k)])
+    idx = np.array(shared_perts)
+    out["transfer_corr_strong"] = float(np.nanmedian(corr_t[strong[idx]])) if strong[idx].any() else float("nan")
+    out["transfer_corr_weak"] = float(np.nanmedian(corr_t[weak[idx]])) if weak[idx].any() else float("nan")
+    out["n_transfer"] = len(idx)
+    return out
 
 
 SYNTHETIC_GENE_CACHE_PATH = REPO_DIR / "gene_cache" / "mygene_synthetic.json"
@@ -5904,7 +6186,7 @@ def make_cell_mean_baseline(
 #     submissions/<world>/<name>.h5ad, <name>.prep.vcc  a submission and its packed form
 
 
-BASELINES: tuple[str, ...] = ("control", "cell_mean", "pert_mean_transfer", "linear")
+BASELINES: tuple[str, ...] = ("control", "cell_mean", "pert_mean_transfer", "linear", "linear_transfer")
 """Predictors that need no training, in the order tables list them."""
 
 
@@ -5954,15 +6236,56 @@ class ConstantPredictor:
         return np.broadcast_to(self.mean_g.astype(np.float32), (len(ctrl_cg), len(self.mean_g))).copy()
 
 
+def shift_to_mean(
+    ctrl_cg: Float[np.ndarray, "cell gene"], target_g: Float[np.ndarray, " gene"]
+) -> Float[np.ndarray, "cell gene"]:
+    """The cells `max(ctrl_cg + d_g, 0)`, with the one shift d_g per gene that makes each
+    column's mean exactly `target_g` (clipped at 0 first; a negative target counts as 0).
+
+    This turns a predicted pseudobulk into cells without the sampling noise of the input
+    cells' own mean: adding an effect to ~200 control cells would add their mean's noise
+    to every gene. Exact, not iterative: the column mean of max(c + d, 0) is piecewise
+    linear and increasing in d; with the column sorted in descending order and the top k
+    cells above 0, d = (n t - sum of the top k) / k, and the right k is the one whose
+    d keeps exactly those k cells above 0.
+    """
+    c_cg = np.asarray(ctrl_cg, dtype=np.float64)
+    n = c_cg.shape[0]
+    t_g = np.maximum(np.asarray(target_g, dtype=np.float64), 0.0)
+    desc_kg = -np.sort(-c_cg, axis=0)
+    d_kg = (n * t_g[None] - np.cumsum(desc_kg, axis=0)) / np.arange(1, n + 1)[:, None]
+    # k active cells is consistent when the k-th stays >= 0 and the (k+1)-th does not rise above 0.
+    next_kg = np.concatenate([desc_kg[1:], np.full((1, c_cg.shape[1]), -np.inf)])
+    valid_kg = (desc_kg + d_kg >= 0) & (next_kg + d_kg <= 0)
+    k_g = np.argmax(valid_kg, axis=0)  # any valid k gives the same d (f is strictly increasing there)
+    d_g = d_kg[k_g, np.arange(c_cg.shape[1])]
+    out_cg = np.maximum(c_cg + d_g[None], 0.0)
+    out_cg[:, t_g == 0] = 0.0
+    return out_cg.astype(np.float32)
+
+
 @dataclasses.dataclass
 class EffectPredictor:
-    """Adds a perturbation's mean log1p effect to each control cell, clipped to [0, 14].
+    """A perturbation's predicted pseudobulk turned into cells.
 
-    `effect_of(perturbation) -> effect_g` (full gene space); results are cached.
+    `effect_of(perturbation) -> effect_g` (full gene space, log1p mean minus control mean);
+    results are cached. With `control_mean_g` (the target's training control mean) the
+    predicted pseudobulk is control_mean_g + effect (at least 0) and, with
+    `knockdown_remaining`, the target gene's own column is that fraction of its control
+    mean. `exact_mean`: the given control cells are shifted so their mean is exactly that
+    pseudobulk (shift_to_mean); otherwise the pseudobulk's change is added to each cell,
+    clipped to [0, 14]. Without `control_mean_g`: the effect is added to each cell (the
+    original baseline, kept for callers that have no training controls).
     """
 
     gene_names: list[str]
     effect_of: Callable[[str], np.ndarray]
+    control_mean_g: Float[np.ndarray, " gene"] | None = None
+    """The target's training control mean (log1p), the base of the predicted pseudobulk."""
+    knockdown_remaining: float | None = None
+    """The target gene's predicted log1p mean as a fraction of its control mean (fit_knockdown_fraction); None = no knockdown."""
+    exact_mean: bool = True
+    """Cells whose mean is exactly the predicted pseudobulk (needs control_mean_g)."""
     _cache: dict = dataclasses.field(default_factory=dict, repr=False)
 
     def effect(self, perturbation: str) -> Float[np.ndarray, " gene"]:
@@ -5972,8 +6295,61 @@ class EffectPredictor:
             self._cache[perturbation] = effect_g
         return self._cache[perturbation]
 
+    def pseudobulk(self, perturbation: str) -> Float[np.ndarray, " gene"]:
+        """The predicted mean log1p expression (needs control_mean_g)."""
+        assert self.control_mean_g is not None, "pseudobulk needs control_mean_g"
+        pb_g = np.maximum(self.control_mean_g + self.effect(perturbation), 0.0)
+        col = self._target_column(perturbation)
+        if col is not None and self.knockdown_remaining is not None:
+            pb_g[col] = self.knockdown_remaining * self.control_mean_g[col]
+        return pb_g.astype(np.float32)
+
+    def _target_column(self, perturbation: str) -> int | None:
+        if "_col" not in self._cache:
+            self._cache["_col"] = {g: i for i, g in enumerate(self.gene_names)}
+        return self._cache["_col"].get(perturbation)
+
     def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]:
-        return np.clip(ctrl_cg + self.effect(perturbation), 0.0, MAX_LOG1P_EXPRESSION).astype(np.float32)
+        if self.control_mean_g is None:
+            return np.clip(ctrl_cg + self.effect(perturbation), 0.0, MAX_LOG1P_EXPRESSION).astype(np.float32)
+        pb_g = self.pseudobulk(perturbation)
+        if self.exact_mean:
+            return shift_to_mean(ctrl_cg, pb_g)
+        return np.clip(ctrl_cg + (pb_g - self.control_mean_g), 0.0, MAX_LOG1P_EXPRESSION).astype(np.float32)
+
+
+def fit_knockdown_fraction(fit: FitData, min_control_mean: float = 0.1) -> float:
+    """The knocked-down gene's log1p mean over its control mean, median over the measured
+    (training) perturbations whose target is a measured gene expressed in controls
+    (`min_control_mean`); 1.0 (no knockdown) when there is none."""
+    col = {g: i for i, g in enumerate(fit.gene_names)}
+    ratios = [
+        fit.pert_mean_pg[i, col[p]] / fit.control_mean_g[col[p]]
+        for i, p in enumerate(fit.perturbations)
+        if p in col and fit.control_mean_g[col[p]] >= min_control_mean
+    ]
+    return float(np.clip(np.median(ratios), 0.0, 1.0)) if ratios else 1.0
+
+
+@dataclasses.dataclass
+class KnockdownPredictor:
+    """Any predictor with the target gene's own column set to the knockdown: the column is
+    shifted (shift_to_mean) to `remaining` × the training control mean of that gene."""
+
+    predictor: Predictor
+    remaining: float
+    control_mean_g: Float[np.ndarray, " gene"]
+
+    def __post_init__(self):
+        self.gene_names = list(self.predictor.gene_names)
+        self._col = {g: i for i, g in enumerate(self.gene_names)}
+
+    def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]:
+        pred_cg = np.array(self.predictor.predict(perturbation, ctrl_cg), dtype=np.float32, copy=True)
+        col = self._col.get(perturbation)
+        if col is not None:
+            pred_cg[:, [col]] = shift_to_mean(pred_cg[:, [col]], np.array([self.remaining * self.control_mean_g[col]]))
+        return pred_cg
 
 
 @dataclasses.dataclass
@@ -6334,6 +6710,125 @@ def fit_linear_model(
     return LinearModel(gene_names=list(gene_names), g_ge=g_ge, w_ee=w_ee, b_g=b_g)
 
 
+LINEAR_TRANSFER_COMPONENTS = (2, 5, 10, 20, 40)
+"""Gene-embedding dimensions K the linear_transfer baseline's cross-validation tries."""
+
+
+LINEAR_TRANSFER_RIDGES = (0.01, 0.1, 1.0, 10.0)
+"""Ridge penalties λ it tries."""
+
+
+LINEAR_TRANSFER_GAINS = (0.0, 0.5, 1.0)
+"""Shrinkage of the direct transfer term it tries (× the least-squares gain)."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LinearTransferModel:
+    """The linear model with the other cell types' measured effect of the same perturbation
+    as extra features:
+
+        effect_p = b + gain · T_p + G W [G[gene(p)], G' T_p]
+
+    T_p: the perturbation's mean effect in the other cell types (0 where unmeasured);
+    G: top-K principal components of the centred training effects; W: ridge. `gain` is the
+    least-squares gain of T on the training effects times a CV-chosen shrinkage."""
+
+    gene_names: list[str]
+    g_gk: Float[np.ndarray, "gene k"]
+    w_kf: Float[np.ndarray, "k f"]
+    b_g: Float[np.ndarray, " gene"]
+    gain: float
+    transfer_of: Callable[[str], np.ndarray]
+    chosen: dict
+    """The cross-validated hyper-parameters (n_components, ridge, gain_shrink) and the CV errors."""
+
+    def effect(self, perturbation: str) -> Float[np.ndarray, " gene"]:
+        col = {g: i for i, g in enumerate(self.gene_names)}.get(perturbation)
+        t_g = np.asarray(self.transfer_of(perturbation), dtype=np.float64)
+        x_f = _linear_transfer_features(self.g_gk, col, t_g)
+        return self.b_g + self.gain * t_g + self.g_gk @ (self.w_kf @ x_f)
+
+
+def _linear_transfer_features(g_gk: np.ndarray, col: int | None, t_g: np.ndarray) -> np.ndarray:
+    """[gene embedding of the perturbed gene (0 if unmeasured), transfer effect in the embedding]."""
+    own_k = g_gk[col] if col is not None else np.zeros(g_gk.shape[1])
+    return np.concatenate([own_k, g_gk.T @ t_g])
+
+
+def _fit_linear_transfer(
+    y_pg: np.ndarray, t_pg: np.ndarray, cols: list, u_gk: np.ndarray, k: int, ridge: float, gain_shrink: float
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """Closed-form fit on (training) effects y_pg given transfer t_pg: (g_gk, w_kf, b_g, gain)."""
+    b_g = y_pg.mean(axis=0)
+    yc_pg = y_pg - b_g
+    tt = float(np.sum(t_pg * t_pg))
+    gain = gain_shrink * (float(np.sum(yc_pg * t_pg)) / tt if tt > 0 else 0.0)
+    r_gp = (yc_pg - gain * t_pg).T
+    g_gk = u_gk[:, :k]
+    x_pf = np.stack([_linear_transfer_features(g_gk, c, t) for c, t in zip(cols, t_pg)])
+    f = x_pf.shape[1]
+    # W = (G'G + λI)^-1 G' R X (X'X + λI)^-1, as fit_linear_model (G'G = I: orthonormal columns).
+    w_kf = (g_gk.T @ r_gp @ x_pf) / (1.0 + ridge) @ np.linalg.inv(x_pf.T @ x_pf + ridge * np.eye(f))
+    return g_gk, w_kf, b_g, gain
+
+
+def _top_components(y_pg: np.ndarray, k: int) -> np.ndarray:
+    u_gk, _, _ = np.linalg.svd((y_pg - y_pg.mean(axis=0)).T, full_matrices=False)
+    return u_gk[:, :k]
+
+
+def fit_linear_transfer_model(
+    gene_names: list[str],
+    effect_pg: Float[np.ndarray, "pert gene"],
+    perturbations: list[str],
+    transfer_of: Callable[[str], np.ndarray],
+    *,
+    components: Sequence[int] = LINEAR_TRANSFER_COMPONENTS,
+    ridges: Sequence[float] = LINEAR_TRANSFER_RIDGES,
+    gains: Sequence[float] = LINEAR_TRANSFER_GAINS,
+    n_folds: int = 5,
+    seed: int = 0,
+) -> LinearTransferModel:
+    """Fit LinearTransferModel on the given (training) perturbations only, choosing K, λ and
+    the gain's shrinkage by K-fold cross-validation over those perturbations (mean squared
+    error of the held-out folds' effects). `transfer_of` is called for these perturbations
+    only: nothing about the held-out ones can reach the choice."""
+    y_pg = np.asarray(effect_pg, dtype=np.float64)
+    n_p = len(perturbations)
+    if n_p < max(2, n_folds):
+        raise ValueError(f"linear_transfer needs at least {max(2, n_folds)} training perturbations, got {n_p}")
+    col = {g: i for i, g in enumerate(gene_names)}
+    cols = [col.get(p) for p in perturbations]
+    t_pg = np.stack([np.asarray(transfer_of(p), dtype=np.float64) for p in perturbations])
+    fold_p = np.random.default_rng(seed).permutation(n_p) % n_folds
+    grid = [(k, lam, a) for k in components for lam in ridges for a in gains]
+    errors = np.zeros(len(grid))
+    for fold in range(n_folds):
+        tr, te = np.flatnonzero(fold_p != fold), np.flatnonzero(fold_p == fold)
+        u_gk = _top_components(y_pg[tr], max(components))
+        for i, (k, lam, a) in enumerate(grid):
+            g_gk, w_kf, b_g, gain = _fit_linear_transfer(
+                y_pg[tr], t_pg[tr], [cols[j] for j in tr], u_gk, min(k, u_gk.shape[1]), lam, a
+            )
+            pred_pg = np.stack(
+                [b_g + gain * t_pg[j] + g_gk @ (w_kf @ _linear_transfer_features(g_gk, cols[j], t_pg[j])) for j in te]
+            )
+            errors[i] += np.sum((pred_pg - y_pg[te]) ** 2)
+    best = int(np.argmin(errors))
+    k, lam, a = grid[best]
+    u_gk = _top_components(y_pg, max(components))
+    g_gk, w_kf, b_g, gain = _fit_linear_transfer(y_pg, t_pg, cols, u_gk, min(k, u_gk.shape[1]), lam, a)
+    chosen = {
+        "n_components": k,
+        "ridge": lam,
+        "gain_shrink": a,
+        "gain": gain,
+        "cv_mse": float(errors[best] / y_pg.size),
+        "cv_mse_by_setting": dict(zip(grid, (errors / y_pg.size).tolist())),
+    }
+    return LinearTransferModel(list(gene_names), g_gk, w_kf, b_g, gain, transfer_of, chosen)
+
+
 def _perturbation_key(label: str, id_of_symbol: dict[str, str]) -> str:
     """Match perturbations across datasets by the target gene's Ensembl id when known."""
     if ENSEMBL_GENE_RE.match(strip_ensembl_version(label)):
@@ -6398,21 +6893,42 @@ def make_baseline_predictor(
     target_genes: pd.DataFrame | None = None,
     n_components: int = 10,
     ridge: float = 0.1,
+    exact_mean: bool = True,
+    knockdown: bool = True,
+    cv_seed: int = 0,
 ) -> Predictor:
-    """One of BASELINES, fitted on `fit` (pert_mean_transfer reads the store instead)."""
+    """One of BASELINES, fitted on `fit` (the transfer baselines also read the store's other cell types).
+
+    The effect baselines predict a pseudobulk (the training control mean plus the effect):
+    `exact_mean` turns it into cells without control-sampling noise (EffectPredictor), and
+    `knockdown` sets the target gene's own column to the remaining fraction measured on the
+    training perturbations (fit_knockdown_fraction)."""
     genes = fit.gene_names
     if name == "control":
         return ControlPredictor(genes)
     if name == "cell_mean":
         return ConstantPredictor(genes, make_cell_mean_vector(fit))
-    if name == "linear":
-        model = fit_linear_model(genes, fit.pert_mean_pg - fit.control_mean_g, fit.perturbations, n_components, ridge)
-        return EffectPredictor(genes, model.effect)
-    if name == "pert_mean_transfer":
+    effect_pg = fit.pert_mean_pg - fit.control_mean_g
+    transfer = None
+    if name in ("pert_mean_transfer", "linear_transfer"):
         if store is None or target_genes is None:
-            raise ValueError("pert_mean_transfer needs the store: run nb/04_normalise.py first")
-        return EffectPredictor(genes, TransferEffects(store, target, target_genes).effect)
-    raise ValueError(f"unknown baseline {name!r}; use one of {BASELINES}")
+            raise ValueError(f"{name} needs the store: run nb/04_normalise.py first")
+        transfer = TransferEffects(store, target, target_genes)
+    if name == "linear":
+        effect_of = fit_linear_model(genes, effect_pg, fit.perturbations, n_components, ridge).effect
+    elif name == "pert_mean_transfer":
+        effect_of = transfer.effect
+    elif name == "linear_transfer":
+        effect_of = fit_linear_transfer_model(genes, effect_pg, fit.perturbations, transfer.effect, seed=cv_seed).effect
+    else:
+        raise ValueError(f"unknown baseline {name!r}; use one of {BASELINES}")
+    return EffectPredictor(
+        genes,
+        effect_of,
+        control_mean_g=np.asarray(fit.control_mean_g, dtype=np.float32),
+        knockdown_remaining=fit_knockdown_fraction(fit) if knockdown else None,
+        exact_mean=exact_mean,
+    )
 
 
 # -------------------- trained models --------------------------------------------------------------
@@ -6665,7 +7181,7 @@ class EvalConfig(DataConfig):
     seed: int = 0
     """Seed of the fake-val split, the control pools, the cell subsamples and the inputs."""
     predictors: tuple[str, ...] = BASELINES
-    """Baselines to score (any of control cell_mean pert_mean_transfer linear); cell_mean is always scored: it is the reference."""
+    """Baselines to score (any of control cell_mean pert_mean_transfer linear linear_transfer); cell_mean is always scored: it is the reference."""
     checkpoint: str = ""
     """Model checkpoint directory to score too; empty = the newest under <data_root>/checkpoints/ if any; `none` = no model."""
     fill: typing.Literal["control", "mean"] = "control"
@@ -6674,6 +7190,10 @@ class EvalConfig(DataConfig):
     """Also score the linear baseline restricted to the HVGs under both fills (measures the fill choice)."""
     fixed_pseudobulk: bool = False
     """Score every predictor with each perturbation's cells replaced by their mean predicted cell."""
+    exact_mean: bool = True
+    """Effect baselines: cells whose mean is exactly the predicted pseudobulk (no control-sampling noise); false = add the effect to each control cell."""
+    knockdown: bool = True
+    """Effect baselines and the model: the target gene's own column at its learned remaining fraction."""
     n_control: int = 1_000
     """Cells in each control pool (`real` and `pred`, disjoint; capped at half the target's controls)."""
     max_cells_per_pert: int = 256
@@ -6777,7 +7297,19 @@ def score_predictors(
             real_de.pseudobulk_pg - real_de.pseudobulk_control_g,
             pred_de.pseudobulk_pg - pred_de.pseudobulk_control_g,
         )
+        rows[-1]["pearson_delta"] = mean_effect_correlation(*effects[name])
     return pd.DataFrame(rows), pd.concat(per_pert, ignore_index=True), effects
+
+
+def mean_effect_correlation(real_pg: Float[np.ndarray, "pert gene"], pred_pg: Float[np.ndarray, "pert gene"]) -> float:
+    """Mean over perturbations of the Pearson correlation of the predicted change (pseudobulk
+    minus control pseudobulk) with the real one; a constant prediction counts as 0."""
+    corrs = []
+    for r, p in zip(np.asarray(real_pg, np.float64), np.asarray(pred_pg, np.float64)):
+        r, p = r - r.mean(), p - p.mean()
+        denom = np.sqrt((r * r).sum() * (p * p).sum())
+        corrs.append(float((r * p).sum() / denom) if denom > 0 else 0.0)
+    return float(np.mean(corrs)) if corrs else float("nan")
 
 
 def scan_harness_inputs(cfg: EvalConfig, files: TargetFiles, gene_names: list[str], eval_dir: pathlib.Path) -> dict:
@@ -6857,6 +7389,9 @@ def make_harness_predictors(cfg: EvalConfig, fit: FitData, store, target: str, t
             target_genes=target_genes,
             n_components=cfg.linear_components,
             ridge=cfg.linear_ridge,
+            exact_mean=cfg.exact_mean,
+            knockdown=cfg.knockdown,
+            cv_seed=cfg.seed,
         )
     if cfg.fill_study:
         linear = make_baseline_predictor("linear", fit, n_components=cfg.linear_components, ridge=cfg.linear_ridge)
@@ -6889,7 +7424,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, typing.Any]:
         target_genes = get_target_gene_table(store, spec.name, gene_names)
         hvg_cols_v = get_hvg_columns(store, target_genes)
     except FileNotFoundError:
-        if "pert_mean_transfer" in cfg.predictors or cfg.fill_study or checkpoint is not None:
+        if {"pert_mean_transfer", "linear_transfer"} & set(cfg.predictors) or cfg.fill_study or checkpoint is not None:
             raise
 
     fake_fit = split["train"]
@@ -6915,6 +7450,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, typing.Any]:
         predictors = make_harness_predictors(cfg, fit, store, spec.name, target_genes, hvg_cols_v, gene_names)
         if checkpoint is not None:
             predictors["model"] = make_model_predictor(checkpoint, store, target_genes, cfg.fill)
+            if cfg.knockdown:
+                knockdown = fit_knockdown_fraction(fit)
+                predictors["model"] = KnockdownPredictor(predictors["model"], knockdown, fit.control_mean_g)
         real = get_real()
         summary, per_pert, eff = score_predictors(
             real,
@@ -7125,13 +7663,17 @@ class SubmitConfig(DataConfig):
     split: typing.Literal["validation", "test"] = "validation"
     """Which perturbations: pert_counts_Validation.csv or pert_counts_Test.csv."""
     predictor: str = "linear"
-    """A baseline (control cell_mean pert_mean_transfer linear) or `model` (a checkpoint)."""
+    """A baseline (control cell_mean pert_mean_transfer linear linear_transfer) or `model` (a checkpoint)."""
     checkpoint: str = ""
     """With --predictor model: the checkpoint directory; empty = the newest under <data_root>/checkpoints/."""
     fill: typing.Literal["control", "mean"] = "control"
     """How a model's non-HVG genes are filled (see nb/06_eval.py)."""
     fixed_pseudobulk: bool = False
     """Every predicted cell of a perturbation = that perturbation's mean predicted cell."""
+    exact_mean: bool = True
+    """Effect baselines: cells whose mean is exactly the predicted pseudobulk (no control-sampling noise)."""
+    knockdown: bool = True
+    """Effect baselines and the model: the target gene's own column at its learned remaining fraction."""
     n_control: int = 0
     """Control cells in the submission (also the prediction inputs); 0 = every training control that fits under --max-cells."""
     max_cells: int = MAX_SUBMISSION_CELLS
@@ -7273,7 +7815,7 @@ def run_submit(cfg: SubmitConfig) -> dict[str, typing.Any]:
     fit = make_fit_data(gene_names, group_labels, scan.sum_kg, scan.n_k, perts, ["control"])
 
     store = target_genes = None
-    if cfg.predictor in ("pert_mean_transfer", "model"):
+    if cfg.predictor in ("pert_mean_transfer", "linear_transfer", "model"):
         store = load_store(cfg.data_root, cfg.world)
         target_genes = get_target_gene_table(store, spec.name, gene_names)
     if cfg.predictor == "model":
@@ -7283,6 +7825,8 @@ def run_submit(cfg: SubmitConfig) -> dict[str, typing.Any]:
                 f"no checkpoint under {get_data_root(cfg.data_root) / 'checkpoints'}: train with nb/05_train.py or pass --checkpoint"
             )
         predictor, name = make_model_predictor(checkpoint, store, target_genes, cfg.fill), "model"
+        if cfg.knockdown:
+            predictor = KnockdownPredictor(predictor, fit_knockdown_fraction(fit), fit.control_mean_g)
     else:
         predictor, name = (
             make_baseline_predictor(
@@ -7293,6 +7837,9 @@ def run_submit(cfg: SubmitConfig) -> dict[str, typing.Any]:
                 target_genes=target_genes,
                 n_components=cfg.linear_components,
                 ridge=cfg.linear_ridge,
+                exact_mean=cfg.exact_mean,
+                knockdown=cfg.knockdown,
+                cv_seed=cfg.seed,
             ),
             cfg.predictor,
         )

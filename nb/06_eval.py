@@ -30,7 +30,12 @@ def _():
           same cells.
         - **Predictors**: the baselines `control`, `cell_mean` (what `cell-eval baseline`
           builds: the reference), `pert_mean_transfer` (the perturbation's mean effect in the
-          other cell types, HVGs only), `linear` (Ahlmann-Eltze et al. 2025), and a trained
+          other cell types, HVGs only), `linear` (Ahlmann-Eltze et al. 2025), `linear_transfer`
+          (the linear model plus the other cell types' effect of the same perturbation, its
+          hyper-parameters chosen by cross-validation on the training perturbations); each
+          predicts a pseudobulk turned into cells whose mean is exactly that pseudobulk, with
+          the target gene's learned knockdown (`--no-exact-mean`, `--no-knockdown` undo
+          these). And a trained
           model: `--checkpoint DIR`, else the newest under `<data_root>/checkpoints/`
           (`--checkpoint none` skips it).
         - **Synthetic world**: also `truth_validation`/`truth_test`, the true answers, with

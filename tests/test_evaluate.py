@@ -236,3 +236,105 @@ def test_bad_submission_raises_one_clear_error_before_writing(tmp_path, kind, me
             out, predictor, gene_names=genes, pert_counts=pert_counts, pool=lib.ControlPool(pool_path), n_control=5
         )
     assert not out.exists() and not list(tmp_path.glob(".sub.h5ad*"))
+
+
+def test_exact_mean_cells_reproduce_the_predicted_pseudobulk():
+    rng = np.random.default_rng(0)
+    ctrl_cg = (rng.random((200, 50)) < 0.6) * rng.gamma(2.0, 0.5, (200, 50))  # log1p-like: many zeros
+    target_g = ctrl_cg.mean(axis=0) + rng.normal(0.0, 0.6, 50)  # some columns need clipping, some a negative target
+    cells = lib.shift_to_mean(ctrl_cg.astype(np.float32), target_g)
+    assert cells.dtype == np.float32 and cells.min() >= 0
+    np.testing.assert_allclose(cells.mean(axis=0, dtype=np.float64), np.maximum(target_g, 0), rtol=1e-6, atol=1e-6)
+    for g in range(50):  # every column is one shift of the control column, clipped at 0
+        on = cells[:, g] > 0
+        if on.any():
+            shift = cells[on, g] - ctrl_cg[on, g]
+            np.testing.assert_allclose(shift, shift[0], atol=1e-5)
+            assert np.all(ctrl_cg[~on, g] + shift[0] <= 1e-5)
+
+
+def test_effect_baseline_cells_have_the_pseudobulk_as_mean_in_the_harness(tmp_path):
+    rng = np.random.default_rng(1)
+    genes = [f"G{i}" for i in range(40)]
+    pool_x = ((rng.random((300, 40)) < 0.5) * rng.gamma(2.0, 0.5, (300, 40))).astype(np.float32)
+    np.save(tmp_path / "pool.npy", pool_x)
+    pool = lib.ControlPool(tmp_path / "pool.npy")
+    control_mean = pool_x.mean(axis=0) + rng.normal(0, 0.05, 40).astype(
+        np.float32
+    )  # the training controls, not the pool
+    effects = {p: rng.normal(0, 0.4, 40) for p in ("P1", "P2")}
+    predictor = lib.EffectPredictor(genes, effects.__getitem__, control_mean_g=control_mean, exact_mean=True)
+    plan = lib.make_prediction_plan([("P1", 230), ("P2", 57)], pool.n_cells, np.arange(10), seed=0)
+    adata = lib.make_prediction_anndata(predictor, plan, pool, chunk_cells=100)  # P1 spans chunks
+    x = adata.X.toarray()
+    for p in ("P1", "P2"):
+        mean_g = x[adata.obs["target_gene"].to_numpy() == p].mean(axis=0, dtype=np.float64)
+        np.testing.assert_allclose(mean_g, np.maximum(control_mean + effects[p], 0), rtol=1e-5, atol=1e-6)
+
+
+def _fit_with_knockdown(remaining_p):
+    genes = [f"G{i}" for i in range(30)]
+    control_mean = np.linspace(0.5, 2.0, 30)
+    perts = [f"G{i}" for i in range(len(remaining_p))]
+    pert_mean = np.tile(control_mean, (len(perts), 1))
+    for i, r in enumerate(remaining_p):
+        pert_mean[i, i] = r * control_mean[i]
+    return lib.FitData(genes, perts, pert_mean, np.full(len(perts), 100), control_mean, 500)
+
+
+def test_knockdown_fraction_is_learned_from_training_perturbations():
+    remaining = [0.2, 0.5, 0.35, 0.9, 0.1]
+    assert lib.fit_knockdown_fraction(_fit_with_knockdown(remaining)) == pytest.approx(np.median(remaining))
+
+
+def test_knockdown_is_applied_by_every_effect_baseline_and_the_model_wrapper():
+    fit = _fit_with_knockdown([0.2, 0.5, 0.35, 0.9, 0.1])
+    rng = np.random.default_rng(2)
+    ctrl_cg = rng.gamma(3.0, 0.5, (250, 30)).astype(np.float32)
+    for name in ("linear",):
+        pred = lib.make_baseline_predictor(name, fit).predict("G20", ctrl_cg)  # an unseen perturbation
+        assert pred[:, 20].mean() == pytest.approx(0.35 * fit.control_mean_g[20], rel=1e-5)
+        unknocked = lib.make_baseline_predictor(name, fit, knockdown=False).predict("G20", ctrl_cg)
+        assert unknocked[:, 20].mean() > 0.9 * fit.control_mean_g[20]
+    wrapped = lib.KnockdownPredictor(lib.ControlPredictor(fit.gene_names), 0.35, fit.control_mean_g)
+    pred = wrapped.predict("G20", ctrl_cg)
+    assert pred[:, 20].mean() == pytest.approx(0.35 * fit.control_mean_g[20], rel=1e-5)
+    np.testing.assert_array_equal(np.delete(pred, 20, axis=1), np.delete(ctrl_cg, 20, axis=1))
+
+
+def _transfer_world(seed=0, n_genes=80, n_perts=40):
+    rng = np.random.default_rng(seed)
+    genes = [f"G{i}" for i in range(n_genes)]
+    transfer = {g: rng.normal(0, 1, n_genes) * (rng.random() < 0.8) for g in genes}
+    # The target's effect: 0.7 × the other cell types' plus a low-rank part of its own.
+    own_gk = rng.normal(0, 0.3, (n_genes, 3))
+    effect = {g: 0.7 * transfer[g] + own_gk @ rng.normal(0, 1, 3) for g in genes}
+    return genes, transfer, effect
+
+
+def test_linear_transfer_cv_never_reads_held_out_perturbations():
+    genes, transfer, effect = _transfer_world()
+    train, held_out = genes[:40], genes[40:]
+    y = np.stack([effect[p] for p in train])
+    asked = []
+    model = lib.fit_linear_transfer_model(genes, y, train, lambda p: asked.append(p) or transfer[p])
+    assert set(asked) <= set(train)
+    # Held-out perturbations' transfer effects changed: the same hyper-parameters and weights.
+    changed = {**transfer, **{p: -5 * transfer[p] + 1 for p in held_out}}
+    other = lib.fit_linear_transfer_model(genes, y, train, changed.__getitem__)
+    assert other.chosen == model.chosen
+    np.testing.assert_array_equal(other.w_kf, model.w_kf)
+
+
+def test_linear_transfer_predicts_unseen_perturbations_from_other_cell_types():
+    genes, transfer, effect = _transfer_world()
+    train, held_out = genes[:40], genes[40:]
+    y = np.stack([effect[p] for p in train])
+    model = lib.fit_linear_transfer_model(genes, y, train, transfer.__getitem__)
+    plain = lib.fit_linear_model(genes, y, train)
+
+    def err(m):
+        return np.mean([np.mean((m.effect(p) - effect[p]) ** 2) for p in held_out])
+
+    assert model.chosen["gain_shrink"] > 0
+    assert err(model) < 0.5 * err(plain)

@@ -1,6 +1,7 @@
 import anndata
 import numpy as np
 import pandas as pd
+import pytest
 
 import lib
 
@@ -117,3 +118,47 @@ def test_chunked_writing_keeps_the_layout(tmp_path, monkeypatch):
     assert adata.n_obs > 100 and adata.X.shape == (adata.n_obs, 600)
     assert adata.obs.index.is_unique and adata.obs["target_gene"].notna().all()
     assert np.all(np.diff(adata.X.indptr) > 0), "every cell has counts"
+
+
+# Realism (issue 10 §1): measured from the files of the smallest world whose numbers mean
+# something (~15 s); the medium world's numbers are in the logbook
+# (`uv run python benchmarks/world_realism.py --size medium`).
+
+
+@pytest.fixture(scope="module")
+def realism(tmp_path_factory):
+    data_root = tmp_path_factory.mktemp("check_world")
+    lib.write_synthetic_world(data_root, size="check", seed=0)
+    return lib.measure_synthetic_world(data_root)
+
+
+def test_perturbations_have_challenge_sized_cell_counts_and_controls(realism):
+    assert min(realism[f"min_cells_{s}"] for s in ("train", "val", "test")) >= 200
+    for split in ("train", "val", "test"):
+        assert 0.10 <= realism[f"control_share_{split}"] <= 0.20
+
+
+def test_true_de_genes_are_tens_with_a_heavy_tail(realism):
+    assert 10 <= realism["de_median"] <= 100
+    assert realism["de_p90"] >= 3 * realism["de_median"]
+    assert realism["de_max"] >= 300
+
+
+def test_responses_concentrate_in_variable_genes(realism):
+    assert realism["de_in_hvg_share"] >= 0.6  # half of the genes are HVGs: 0.5 if responses ignored variability
+
+
+def test_strong_knockdowns_move_a_shared_program(realism):
+    assert realism["program_corr_strong"] >= 0.2
+    assert realism["program_corr_strong"] >= realism["program_corr_weak"] + 0.15
+
+
+def test_knockdown_has_variable_efficiency_and_escapers(realism):
+    assert 0.3 <= realism["knockdown_median"] <= 0.8
+    assert realism["knockdown_p90"] - realism["knockdown_p10"] >= 0.2
+    assert realism["escaper_share"] >= 0.1
+
+
+def test_strong_effects_transfer_across_cell_types_weak_ones_barely(realism):
+    assert realism["transfer_corr_strong"] >= 0.4
+    assert realism["transfer_corr_weak"] <= realism["transfer_corr_strong"] - 0.2
