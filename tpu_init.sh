@@ -10,11 +10,16 @@
 #   1. read the vcell-* metadata keys below (a missing required key stops it, naming the key)
 #   2. check out exactly <vcell-ref> of <vcell-repo> into $VCELL_HOME/repo
 #      (fetch + detached checkout + clean; never `git clone` into an existing directory)
-#   3. install uv if missing; `uv sync --frozen --extra tpu --no-dev` from the committed lock
+#   3. install uv if missing; `uv sync --frozen --extra tpu --no-dev --managed-python` from the
+#      committed lock: uv installs its own CPython, so the image's Python (3.10 on Ubuntu 22.04,
+#      or none) never matters and every image runs the same interpreter
 #   4. `gcloud storage rsync` <vcell-data-bucket> -> $VCELL_HOME/data (copies changed files only)
 #   5. run `uv run python <vcell-script> <vcell-args> --data-root D --checkpoint-dir C --resume`
 #      and wait; on SIGTERM (spot preemption, shutdown) forward it and wait for the checkpoint
 #   6. write a status line + status.json saying why it stopped; copy log and status to the bucket
+# Before 3 it checks the image against the accelerator (one warning if they do not match; README
+# "TPU type -> runtime version"). A host whose jax.distributed.initialize gives up (a peer came
+# up late or died; bounded by vcell-distributed-timeout) stops with reason distributed-init-failed.
 #
 # Metadata keys (instance attributes; README "Train on a TPU slice" has examples):
 #   key                      required  default              meaning
@@ -27,11 +32,16 @@
 #   vcell-args               no        (none)               extra arguments, see "Arguments" below
 #   vcell-log-bucket         no        <checkpoint-bucket>  gs:// URL; logs go to <url>/<run-name>/logs/<host>.log,
 #                                                           status to <url>/<run-name>/status/<host>.json
+#   vcell-runtime-version    no        (unset: not checked) the --version / --runtime-version the slice was created
+#                                                           with; checked against accelerator-type
+#   vcell-distributed-timeout no       300                  seconds jax.distributed.initialize waits for every host
+#                                                           (exported as VCELL_DISTRIBUTED_TIMEOUT)
 #   wandb-project            no        (unset)              exported as WANDB_PROJECT
 #   wandb-entity             no        (unset)              exported as WANDB_ENTITY
 #   wandb-api-key            no        (unset: wandb off)   exported as WANDB_API_KEY to the training process only;
 #                                                           never printed (the log shows it masked)
 #   agent-worker-number      (set by the TPU runtime)       this host's worker index, 0 if absent
+#   accelerator-type         (set by the TPU runtime)       e.g. v5litepod-16; absent off TPU (image not checked)
 #
 # Arguments (vcell-args): split on whitespace (no shell quoting: an argument cannot contain a
 # space; put such settings in a config file in the repo). Never evaluated. In each argument
@@ -55,14 +65,17 @@
 #                        gcloud storage (tests point it at a local directory)
 #   VCELL_LOG_UPLOAD_SECONDS  copy the log to the bucket this often while training (default 300; 0 = only at the end)
 #   VCELL_STOP_GRACE_SECONDS  on SIGTERM, wait this long for training to stop by itself before forwarding (default 2)
+#   VCELL_SYSTEM_PATH    directories put in front of PATH (default: the standard system ones; tests use
+#                        a directory without any Python to show the script needs none)
 
 set -euo pipefail
 set -o errtrace  # the ERR trap below also fires inside functions
+
 umask 022        # the log must be readable by the ssh user for `tail -f`
 
 # Startup scripts run with a minimal environment: no HOME (uv and git need one) and a short PATH.
 export HOME="${HOME:-/root}"
-export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/snap/bin:${PATH:-}"
+export PATH="${VCELL_SYSTEM_PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/snap/bin}:${PATH:-}"
 export GIT_TERMINAL_PROMPT=0  # a private repo without credentials must fail, not hang on a prompt
 
 readonly METADATA_URL="${VCELL_METADATA_URL:-http://metadata.google.internal/computeMetadata/v1/instance/attributes}"
@@ -100,7 +113,8 @@ die() {
 # ---------------------------------------------------------------------------------------
 # Stop reason bookkeeping: set as we go, written by on_exit whatever way the script ends.
 # ---------------------------------------------------------------------------------------
-stop_reason=""        # finished | training-failed | stopped-by-signal | setup-failed
+stop_reason=""        # finished | training-failed | distributed-init-failed | stopped-by-signal | setup-failed
+stop_detail=""        # one sentence for status.json; fixed text and numbers only (no escaping needed)
 stop_signal=""        # TERM/INT/HUP when a stop was requested
 training_pid=""
 launching=""
@@ -202,8 +216,8 @@ write_status() {
   local now
   now="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   # Every value here is a fixed word, a number, a sha or a validated name: no JSON escaping needed.
-  printf '{"run": "%s", "host": "%s", "worker": "%s", "commit": "%s", "reason": "%s", "signal": "%s", "training_exit_code": "%s", "script_exit_code": %d, "time": "%s"}\n' \
-    "$run_name" "$HOST" "$worker_id" "$commit" "$stop_reason" "$stop_signal" "$training_rc" "$1" "$now" \
+  printf '{"run": "%s", "host": "%s", "worker": "%s", "commit": "%s", "reason": "%s", "signal": "%s", "training_exit_code": "%s", "script_exit_code": %d, "time": "%s", "detail": "%s"}\n' \
+    "$run_name" "$HOST" "$worker_id" "$commit" "$stop_reason" "$stop_signal" "$training_rc" "$1" "$now" "$stop_detail" \
     >"$STATUS_FILE"
 }
 
@@ -273,6 +287,7 @@ read_key() {
 
 repo_url="" ref="" data_url="" checkpoint_url="" script="" raw_args="" log_bucket=""
 wandb_project="" wandb_entity="" wandb_key=""
+accelerator_type="" runtime_version="" distributed_timeout=""
 read_key repo_url vcell-repo
 read_key ref vcell-ref
 read_key run_name vcell-run-name
@@ -285,6 +300,9 @@ read_key wandb_project wandb-project ""
 read_key wandb_entity wandb-entity ""
 read_key wandb_key wandb-api-key ""
 read_key worker_id agent-worker-number 0
+read_key accelerator_type accelerator-type ""
+read_key runtime_version vcell-runtime-version ""
+read_key distributed_timeout vcell-distributed-timeout 300
 
 if ((${#missing_keys[@]})); then
   die "required metadata key(s) not set: ${missing_keys[*]}. Fix: create the VM with --metadata ${missing_keys[*]/%/=...} (README: 'Train on a TPU slice')"
@@ -303,6 +321,8 @@ done
 [[ $script != /* && $script != *..* ]] ||
   die "vcell-script '$script' must be a path inside the repo, relative to its root (e.g. nb/05_train.py)"
 [[ $worker_id =~ ^[0-9]+$ ]] || die "agent-worker-number '$worker_id' is not a number"
+[[ $distributed_timeout =~ ^[1-9][0-9]*$ ]] ||
+  die "vcell-distributed-timeout '$distributed_timeout' is not a whole number of seconds >= 1 (default 300)"
 
 checkpoint_dir="${checkpoint_url%/}/$run_name"
 log_url="${log_bucket:-$checkpoint_url}"
@@ -325,7 +345,39 @@ if [[ -n $wandb_key ]]; then
 else
   log "  wandb-api-key           = (unset: wandb disabled)"
 fi
+log "  vcell-runtime-version   = ${runtime_version:-(unset)}"
+log "  vcell-distributed-timeout = ${distributed_timeout}s"
 log "  worker                  = $worker_id"
+log "  accelerator-type        = ${accelerator_type:-(unset: not a TPU VM?)}"
+
+# ---------------------------------------------------------------------------------------
+# Image check. Google's TPU software-versions page (README table, checked 2026-11-30) lists one
+# runtime per TPU generation; a v5e slice created with the v4 image boots, but JAX may then not
+# see its TPU, which shows up much later and less clearly. The VM cannot ask which runtime it was
+# created with (the metadata server has no documented key for it; tpu-env's RUNTIME_VERSION is
+# an internal image URL on some slices), so the README's create commands pass the same
+# $VERSION to --version and to the vcell-runtime-version key, and this compares that.
+# ---------------------------------------------------------------------------------------
+expected_runtime=""
+case $accelerator_type in
+  v2-* | v3-* | v4-*) expected_runtime=tpu-ubuntu2204-base ;;
+  v5litepod-* | v5e-*) expected_runtime=v2-alpha-tpuv5-lite ;;
+  v5p-*) expected_runtime=v2-alpha-tpuv5 ;;
+  v6e-*) expected_runtime=v2-alpha-tpuv6e ;;
+esac
+os_name="$(sed -n 's/^PRETTY_NAME=//p' /etc/os-release 2>/dev/null | tr -d '"')" || os_name=""
+log "image: ${os_name:-unknown OS}; Python comes from uv (--managed-python), not from the image"
+if [[ -z $accelerator_type ]]; then
+  log "image check skipped: no accelerator-type in the metadata"
+elif [[ -z $expected_runtime ]]; then
+  log "image check skipped: no runtime version on record for accelerator type '$accelerator_type' (README table)"
+elif [[ -z $runtime_version ]]; then
+  log "image check skipped: vcell-runtime-version not set (README create commands set it to the --version used)"
+elif [[ $runtime_version != "$expected_runtime" ]]; then
+  log "warning: runtime version '$runtime_version' does not suit accelerator '$accelerator_type': Google lists '$expected_runtime' for it (README 'TPU type -> runtime version'). Continuing; if JAX finds no TPU, delete the slice and create it with --version $expected_runtime"
+else
+  log "image check: runtime '$runtime_version' is the one listed for '$accelerator_type'"
+fi
 
 # ---------------------------------------------------------------------------------------
 # 2. Arguments: split on whitespace, expand the allow-listed variables, nothing else.
@@ -430,15 +482,18 @@ elif ! uv_bin="$(command -v uv)"; then
     die "installing uv failed (see above); check the VM's internet access"
   uv_bin=/usr/local/bin/uv
 fi
-log "uv sync (--frozen --extra tpu --no-dev) with $uv_bin"
-(cd "$REPO_DIR" && "$uv_bin" sync --frozen --extra tpu --no-dev) ||
+# --managed-python: uv downloads its own CPython (once per VM) instead of using the image's, so
+# every runtime image, whatever Python it ships (Ubuntu 22.04: 3.10; requires-python wants 3.11+),
+# runs the same interpreter.
+log "uv sync (--frozen --extra tpu --no-dev --managed-python) with $uv_bin"
+(cd "$REPO_DIR" && "$uv_bin" sync --frozen --extra tpu --no-dev --managed-python) ||
   die "uv sync failed (see above); is uv.lock committed and in sync with pyproject.toml at $commit?"
 
 # ---------------------------------------------------------------------------------------
 # 5. Data: every host needs its own copy (each loads its shard of the batch locally).
 # ---------------------------------------------------------------------------------------
 if [[ -z ${VCELL_STORAGE_CMD:-} ]] && ! command -v gcloud >/dev/null; then
-  die "gcloud not found on PATH ($PATH): use a TPU image with the Google Cloud CLI (tpu-ubuntu2204-base has it) or install it"
+  die "gcloud not found on PATH ($PATH): use a TPU runtime image from the README table (they come with the Google Cloud CLI) or install it"
 fi
 mkdir -p "$DATA_ROOT"
 log "syncing data $data_url -> $DATA_ROOT (changed files only)"
@@ -454,12 +509,17 @@ if ((LOG_UPLOAD_SECONDS > 0)); then
 fi
 upload_log
 
+# Where this launch's output starts in the (appended) log: read back below to tell a failed
+# jax.distributed join from a failed training run.
+launch_log_offset="$(stat -c %s "$LOG_FILE")"
+launch_time=$SECONDS
 launching=1
 log "launching on $HOST: uv run python $script$(printf ' %q' "${train_args[@]}")"
 (
   exec 3>&- 9>&-
   cd "$REPO_DIR"
   export VCELL_DATA_ROOT="$DATA_ROOT" VCELL_RUN_NAME="$run_name" PYTHONUNBUFFERED=1
+  export VCELL_DISTRIBUTED_TIMEOUT="$distributed_timeout"  # read by lib.init_distributed
   # The wandb key is exported in this subshell only: git, curl and gcloud never see it.
   if [[ -n $wandb_key ]]; then
     export WANDB_API_KEY="$wandb_key"
@@ -498,8 +558,22 @@ elif ((training_rc == 0)); then
   stop_reason="finished"
   log "training finished"
   exit 0
-else
-  stop_reason="training-failed"
-  log "training failed with exit code $training_rc (see above)"
+fi
+
+# lib.init_distributed prints "jax.distributed: joining" before jax.distributed.initialize and
+# "jax.distributed: joined" after it. Joining without joined: this host gave up waiting for the
+# others (JAX aborts the process, exit 134, on timeout) or failed to reach them. Recorded as its
+# own reason so the slice is re-created (README, tpu_init.sh --recreate) rather than debugged.
+# (grep reads a process substitution: `tail | grep -q` would fail under pipefail when grep stops early.)
+launch_marker() { grep -qF "jax.distributed: $1" < <(tail -c +"$((launch_log_offset + 1))" "$LOG_FILE"); }
+if launch_marker joining && ! launch_marker joined; then
+  stop_reason="distributed-init-failed"
+  waited=$((SECONDS - launch_time))
+  if ((waited >= distributed_timeout)); then what="timed out"; else what="failed"; fi
+  stop_detail="jax.distributed.initialize $what on this host (training exit $training_rc after ${waited}s, timeout ${distributed_timeout}s): a host came up late or died; re-create the slice with the same vcell-run-name to resume"
+  log "ERROR: $stop_detail"
   exit "$training_rc"
 fi
+stop_reason="training-failed"
+log "training failed with exit code $training_rc (see above)"
+exit "$training_rc"

@@ -16,6 +16,7 @@ import importlib.metadata
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +24,7 @@ import sys
 import threading
 import time
 
+import portpicker
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -178,6 +180,8 @@ def vm(tmp_path, metadata_server):
         "wandb-entity": "someone",
         "wandb-api-key": FAKE_KEY + "\n",  # --metadata-from-file leaves the file's newline
         "agent-worker-number": "3",
+        "accelerator-type": "v5litepod-16",  # set by the TPU runtime
+        "vcell-runtime-version": "v2-alpha-tpuv5-lite",
     })
     return fake_vm
 
@@ -205,7 +209,7 @@ def test_first_boot_trains_with_allowlisted_variables_expanded(vm):
     assert launch["env"]["FAKE_UV_RUN_FLAGS"] == "--no-sync"
     assert all("WANDB_API_KEY" not in call["env_names"] for call in vm.jsonl("FAKE_STORAGE_LOG"))
 
-    assert [call["argv"] for call in vm.jsonl("FAKE_UV_LOG")] == [["--frozen", "--extra", "tpu", "--no-dev"]]
+    assert [call["argv"] for call in vm.jsonl("FAKE_UV_LOG")] == [["--frozen", "--extra", "tpu", "--no-dev", "--managed-python"]]
     assert (vm.home / "data" / "raw" / "a.txt").read_text() == "data a\n"
     status = json.loads((vm.gcs / "log-bucket" / "logs" / "run1" / "status" / f"{host}.json").read_text())
     assert status["reason"] == "finished" and status["commit"] == vm.metadata["vcell-ref"]
@@ -343,6 +347,90 @@ def test_no_wandb_key_disables_wandb(vm):
     assert proc.returncode == 0, proc.stderr + vm.log()
     [launch] = vm.launches()
     assert launch["wandb_key_sha256"] is None and launch["env"]["WANDB_MODE"] == "disabled"
+
+
+@pytest.mark.parametrize(("accelerator", "runtime", "expected"), [
+    ("v5litepod-16", "tpu-ubuntu2204-base", "v2-alpha-tpuv5-lite"),  # the README's old command
+    ("v4-32", "v2-alpha-tpuv6e", "tpu-ubuntu2204-base"),
+])
+def test_runtime_not_listed_for_the_accelerator_logs_one_warning_and_trains(vm, accelerator, runtime, expected):
+    vm.metadata.update({"accelerator-type": accelerator, "vcell-runtime-version": runtime})
+    proc = vm.boot()
+    assert proc.returncode == 0, proc.stderr + vm.log()
+    [warning] = [line for line in vm.log().splitlines() if "warning" in line]
+    assert f"runtime version '{runtime}' does not suit accelerator '{accelerator}'" in warning
+    assert f"--version {expected}" in warning
+    assert len(vm.launches()) == 1
+
+
+@pytest.mark.parametrize(("accelerator", "runtime", "logged"), [
+    ("v6e-8", "v2-alpha-tpuv6e", "image check: runtime 'v2-alpha-tpuv6e' is the one listed for 'v6e-8'"),
+    ("v5p-8", "v2-alpha-tpuv5", "image check: runtime 'v2-alpha-tpuv5' is the one listed for 'v5p-8'"),
+    ("v5litepod-16", None, "image check skipped: vcell-runtime-version not set"),
+    ("tpu7x-8", "whatever", "image check skipped: no runtime version on record for accelerator type 'tpu7x-8'"),
+    (None, "v2-alpha-tpuv6e", "image check skipped: no accelerator-type in the metadata"),
+])
+def test_matching_or_uncheckable_runtime_logs_no_warning(vm, accelerator, runtime, logged):
+    for key, value in {"accelerator-type": accelerator, "vcell-runtime-version": runtime}.items():
+        if value is None:
+            del vm.metadata[key]
+        else:
+            vm.metadata[key] = value
+    proc = vm.boot()
+    assert proc.returncode == 0, proc.stderr + vm.log()
+    assert logged in vm.log() and "warning" not in vm.log()
+
+
+def test_boots_with_no_python_on_path(vm):
+    """Every runtime image works because the script itself needs no Python and uv brings its own
+    (--managed-python); here PATH holds only the tools the script calls, none of them a Python.
+    (The fake uv and trainer run under the test's Python by absolute path, as real uv would under
+    the CPython it installs.)"""
+    tools = vm.tmp / "system-bin"
+    tools.mkdir()
+    for tool in ["bash", "curl", "git", "flock", "date", "hostname", "mkdir", "rm", "cat", "sed", "tr", "tail",
+                 "grep", "stat", "sleep"]:
+        (tools / tool).symlink_to(shutil.which(tool))
+    vm.env.update(PATH=str(tools), VCELL_SYSTEM_PATH=str(tools))
+    proc = subprocess.run([shutil.which("bash"), str(SCRIPT)], env=vm.env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr + vm.log()
+    assert not [path for path in tools.iterdir() if "python" in path.name]
+    assert len(vm.launches()) == 1
+    assert [call["argv"][-1] for call in vm.jsonl("FAKE_UV_LOG")] == ["--managed-python"]
+
+
+@pytest.mark.parametrize("process_id", [0, 1], ids=["coordinator-alone", "worker-alone"])
+def test_host_whose_peer_never_starts_stops_within_the_bound_and_says_why(vm, process_id):
+    """A two-process run where the other process never starts: the real lib.init_distributed gives
+    up after vcell-distributed-timeout, and the status in the bucket names the failed join."""
+    timeout_s = 10
+    vm.metadata["vcell-distributed-timeout"] = str(timeout_s)
+    vm.env.update(FAKE_TRAIN_MODE="join", JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+                  JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{portpicker.pick_unused_port()}", JAX_NUM_PROCESSES="2",
+                  JAX_PROCESS_ID=str(process_id))
+    start = time.monotonic()
+    proc = subprocess.Popen(["bash", str(SCRIPT)], env=vm.env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        proc.communicate(timeout=timeout_s + 80)  # 80 s: importing lib and JAX on a loaded 2-core machine
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # a trainer still waiting must not outlive the test
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0 and elapsed >= timeout_s
+    log = vm.log()
+    assert f"jax.distributed: joining the other processes (timeout {timeout_s} s)" in log
+    assert "jax.distributed: joined" not in log
+    status = json.loads((vm.gcs / "log-bucket" / "logs" / "run1" / "status" / f"{socket.gethostname()}.json").read_text())
+    assert status["reason"] == "distributed-init-failed"
+    assert status["detail"].startswith("jax.distributed.initialize timed out on this host")
+    assert f"timeout {timeout_s}s" in status["detail"] and status["training_exit_code"] == str(proc.returncode)
+
+
+def test_training_that_fails_without_joining_is_not_a_failed_join(vm):
+    vm.env["FAKE_TRAIN_MODE"] = "fail"
+    vm.boot()
+    assert vm.status()["reason"] == "training-failed" and vm.status()["detail"] == ""
 
 
 def test_shellcheck_is_clean():
