@@ -21,6 +21,10 @@
 # "TPU type -> runtime version"). A host whose jax.distributed.initialize gives up (a peer came
 # up late or died; bounded by vcell-distributed-timeout) stops with reason distributed-init-failed.
 #
+# Run from a workstation instead (not on a VM), `tpu_init.sh --recreate ...` keeps a spot queued
+# resource alive: it re-creates the slice after each preemption until the run finishes (see
+# recreate_usage below and README "After a preemption").
+#
 # Metadata keys (instance attributes; README "Train on a TPU slice" has examples):
 #   key                      required  default              meaning
 #   vcell-repo               yes       -                    git URL to fetch (public, or reachable without a prompt)
@@ -71,6 +75,149 @@
 set -euo pipefail
 set -o errtrace  # the ERR trap below also fires inside functions
 
+# ---------------------------------------------------------------------------------------
+# Workstation mode: `tpu_init.sh --recreate ...` (never on a VM; it touches no VM paths).
+# A spot slice is taken away on preemption, not rebooted: its queued resource goes to SUSPENDED
+# (or FAILED when a request cannot be met) and stays there. This loop deletes it and creates it
+# again with the same flags, i.e. the same metadata and vcell-run-name, so tpu_init.sh on the new
+# slice resumes from the last checkpoint in the bucket. It reads the hosts' status files to know
+# when to stop (finished), when a slice must be replaced although it is ACTIVE (a host could not
+# join: distributed-init-failed) and when re-creating cannot help (setup-failed, training-failed).
+# ---------------------------------------------------------------------------------------
+recreate_usage() {
+  cat >&2 <<'USAGE'
+usage: tpu_init.sh --recreate QUEUED_RESOURCE --zone ZONE --status-url gs://BUCKET/.../RUN_NAME/status
+                   [--poll-seconds 60] [--max-creates 20] [--delete-when-finished] -- CREATE_FLAGS...
+  CREATE_FLAGS: what follows `gcloud compute tpus queued-resources create QUEUED_RESOURCE --zone ZONE`
+  (--node-id, --accelerator-type, --runtime-version, --spot, --metadata..., --metadata-from-file...).
+  --status-url: <vcell-log-bucket, else vcell-checkpoint-bucket>/<vcell-run-name>/status
+USAGE
+  exit 2
+}
+
+rlog() { printf '%s tpu_init --recreate: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*"; }
+
+# run_verdict STATUS_URL CREATE_TIME: the most decisive reason among the status files written
+# after CREATE_TIME (older ones are from a slice that no longer exists); nothing if none.
+run_verdict() {
+  local statuses line reason time verdict="" rank=0 r
+  [[ -n $2 ]] || return 0  # no creation time: nothing can be shown to be fresh
+  # No file yet is normal (training still running): gcloud then fails, which means "no verdict".
+  statuses="$(gcloud storage cat "$1/*.json" 2>/dev/null)" || return 0
+  while IFS= read -r line; do
+    [[ $line =~ \"reason\":\ \"([a-z-]+)\" ]] || continue
+    reason=${BASH_REMATCH[1]}
+    [[ $line =~ \"time\":\ \"([0-9T:-]{19}) ]] || continue
+    time=${BASH_REMATCH[1]}
+    [[ $time > ${2:0:19} ]] || continue
+    case $reason in
+      setup-failed | training-failed) r=3 ;;
+      distributed-init-failed) r=2 ;;
+      finished) r=1 ;;
+      *) r=0 ;;
+    esac
+    if ((r > rank)); then rank=$r verdict=$reason; fi
+  done <<<"$statuses"
+  printf '%s' "$verdict"
+}
+
+recreate_main() {
+  local name="" zone="" status_url="" poll=60 max_creates=20 delete_when_finished=""
+  shift  # --recreate
+  (($#)) && [[ $1 != -* ]] || recreate_usage
+  name=$1
+  shift
+  while (($#)); do
+    case $1 in
+      --zone | --status-url | --poll-seconds | --max-creates)
+        (($# >= 2)) || recreate_usage
+        case $1 in
+          --zone) zone=$2 ;;
+          --status-url) status_url=${2%/} ;;
+          --poll-seconds) poll=$2 ;;
+          --max-creates) max_creates=$2 ;;
+        esac
+        shift 2 ;;
+      --delete-when-finished) delete_when_finished=1; shift ;;
+      --) shift; break ;;
+      *) recreate_usage ;;
+    esac
+  done
+  [[ -n $zone && $status_url == gs://* && $poll =~ ^[0-9]+$ && $max_creates =~ ^[0-9]+$ ]] || recreate_usage
+  (($#)) || recreate_usage
+  local create_flags=("$@") flag
+  for flag in "${create_flags[@]}"; do
+    [[ $flag != --zone && $flag != --zone=* ]] || { echo "tpu_init.sh --recreate: give --zone before --, not in CREATE_FLAGS" >&2; exit 2; }
+  done
+  command -v gcloud >/dev/null || { echo "tpu_init.sh --recreate: gcloud not found on PATH" >&2; exit 2; }
+
+  local qr=(gcloud compute tpus queued-resources) creates=0 errors=0 out rc state created last="" verdict
+  rlog "watching queued resource $name in $zone (status: $status_url/*.json, every ${poll}s)"
+  while true; do
+    rc=0
+    out="$("${qr[@]}" describe "$name" --zone "$zone" --format 'value(state.state,createTime)' 2>&1)" || rc=$?
+    if ((rc != 0)); then
+      if [[ $out == *NOT_FOUND* ]]; then
+        state=NOT_FOUND created=""
+      else
+        errors=$((errors + 1))
+        rlog "warning: describe failed (exit $rc, $errors in a row): $out"
+        ((errors < 10)) || { rlog "ERROR: gcloud keeps failing; stopping (the slice, if any, is left as it is)"; exit 1; }
+        sleep "$poll"
+        continue
+      fi
+    else
+      state=${out%%$'\t'*} created=""
+      if [[ $out == *$'\t'* ]]; then created=${out#*$'\t'}; fi
+    fi
+    errors=0
+    if [[ $state != "$last" ]]; then rlog "state: $state"; last=$state; fi
+    case $state in
+      NOT_FOUND)
+        if ((creates >= max_creates)); then
+          rlog "ERROR: created $creates times already (--max-creates $max_creates); stopping"
+          exit 1
+        fi
+        creates=$((creates + 1))
+        rlog "creating $name (creation $creates of at most $max_creates)"
+        # A refused create is a problem with the flags (or quota): repeating it cannot help.
+        "${qr[@]}" create "$name" --zone "$zone" "${create_flags[@]}" || { rlog "ERROR: create failed (see above)"; exit 1; }
+        ;;
+      SUSPENDED | FAILED)
+        rlog "the slice is gone ($state: preempted, or the request could not be met); deleting the request to create it again with the same flags, which resumes the run from its last checkpoint"
+        "${qr[@]}" delete "$name" --zone "$zone" --force --quiet --async || rlog "warning: delete failed; retrying at the next poll"
+        ;;
+      ACTIVE)
+        verdict="$(run_verdict "$status_url" "$created")"
+        case $verdict in
+          finished)
+            rlog "a host reports the run finished"
+            if [[ -n $delete_when_finished ]]; then
+              rlog "deleting $name (--delete-when-finished)"
+              "${qr[@]}" delete "$name" --zone "$zone" --force --quiet
+            else
+              rlog "the slice keeps running (and costing) until: gcloud compute tpus queued-resources delete $name --zone $zone --force --quiet"
+            fi
+            exit 0 ;;
+          distributed-init-failed)
+            rlog "a host could not join the others (distributed-init-failed); deleting the slice to create it again"
+            "${qr[@]}" delete "$name" --zone "$zone" --force --quiet --async || rlog "warning: delete failed; retrying at the next poll"
+            ;;
+          setup-failed | training-failed)
+            rlog "ERROR: a host reports $verdict: creating the slice again would fail the same way. Read $status_url/*.json and the logs next to it; the slice is left running for inspection"
+            exit 1 ;;
+        esac
+        ;;
+      *) ;;  # WAITING_FOR_RESOURCES, PROVISIONING, CREATING, SUSPENDING, DELETING, ...: wait
+    esac
+    sleep "$poll"
+  done
+}
+
+if [[ ${1:-} == --recreate ]]; then
+  recreate_main "$@"
+  exit 1  # not reached: recreate_main exits
+fi
 umask 022        # the log must be readable by the ssh user for `tail -f`
 
 # Startup scripts run with a minimal environment: no HOME (uv and git need one) and a short PATH.

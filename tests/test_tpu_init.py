@@ -7,6 +7,7 @@ Each test boots a fake "VM": the real script runs with
   nb/05_train.py (it records argv and env var names, never the key's value),
 - tests/tpu_init/fake_storage.py as VCELL_STORAGE_CMD (gs://B/P -> a local directory),
 - tests/tpu_init/fake_uv.py as VCELL_UV (installs nothing; `run` execs the fake script).
+`tpu_init.sh --recreate` (run from a workstation) talks to tests/tpu_init/fake_gcloud.py.
 """
 
 import dataclasses
@@ -431,6 +432,77 @@ def test_training_that_fails_without_joining_is_not_a_failed_join(vm):
     vm.env["FAKE_TRAIN_MODE"] = "fail"
     vm.boot()
     assert vm.status()["reason"] == "training-failed" and vm.status()["detail"] == ""
+
+
+# --- tpu_init.sh --recreate, run from a workstation against a fake gcloud ---
+
+STATUS_URL = "gs://log-bucket/logs/run1/status"
+CREATE_FLAGS = ["--node-id", "vcell-st-1", "--accelerator-type", "v5litepod-16", "--runtime-version", "v2-alpha-tpuv5-lite",
+                "--spot", "--metadata", "vcell-run-name=run1,vcell-runtime-version=v2-alpha-tpuv5-lite",
+                "--metadata-from-file", "startup-script=tpu_init.sh"]
+CREATE_CALL = ["compute", "tpus", "queued-resources", "create", "vcell-qr", "--zone", "us-west4-a", *CREATE_FLAGS]
+
+
+def recreate(tmp_path, timelines, *options):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    make_wrapper(bin_dir / "gcloud", HELPERS / "fake_gcloud.py")
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(tmp_path / "home"),
+        "VCELL_HOME": str(tmp_path / "vm" / "opt-vcell"),
+        "VCELL_LOG_DIR": str(tmp_path / "vm" / "log"),
+        "FAKE_GCLOUD_LOG": str(tmp_path / "gcloud_calls.jsonl"),
+        "FAKE_GCLOUD_STATE": str(tmp_path / "gcloud_state.json"),
+        "FAKE_GCLOUD_TIMELINES": json.dumps(timelines),
+        "FAKE_GCS_ROOT": str(tmp_path / "gcs"),
+        "FAKE_STATUS_URL": STATUS_URL,
+    }
+    proc = subprocess.run(["bash", str(SCRIPT), "--recreate", "vcell-qr", "--zone", "us-west4-a", "--status-url", STATUS_URL,
+                           "--poll-seconds", "0", *options, "--", *CREATE_FLAGS],
+                          env=env, capture_output=True, text=True, timeout=60)
+    calls = [json.loads(line) for line in (tmp_path / "gcloud_calls.jsonl").read_text().splitlines()]
+    assert not (tmp_path / "vm").exists(), "--recreate must not touch the VM paths"
+    return proc, [call for call in calls if call[3:4] in (["create"], ["delete"])]
+
+
+def test_recreate_replaces_a_preempted_or_unjoined_slice_until_the_run_finishes(tmp_path):
+    # A finished status left by an earlier run of the same name must not end the loop.
+    stale = tmp_path / "gcs" / "log-bucket" / "logs" / "run1" / "status" / "old-host.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"run": "run1", "reason": "finished", "time": "2026-01-01T00:00:00Z"}\n')
+    proc, calls = recreate(tmp_path, [
+        ["WAITING_FOR_RESOURCES", "ACTIVE", "ACTIVE", "SUSPENDING", "SUSPENDED"],  # spot preemption
+        ["PROVISIONING", "ACTIVE", "ACTIVE+distributed-init-failed"],  # a host never joined
+        ["ACTIVE", "ACTIVE+finished"],
+    ], "--delete-when-finished")
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    delete = ["compute", "tpus", "queued-resources", "delete", "vcell-qr", "--zone", "us-west4-a", "--force", "--quiet"]
+    assert calls == [CREATE_CALL, [*delete, "--async"], CREATE_CALL, [*delete, "--async"], CREATE_CALL, delete]
+    assert "state: SUSPENDED" in proc.stdout and "a host reports the run finished" in proc.stdout
+
+
+def test_recreate_stops_when_recreating_cannot_help(tmp_path):
+    proc, calls = recreate(tmp_path, [["PROVISIONING", "ACTIVE", "ACTIVE+setup-failed"]])
+    assert proc.returncode == 1
+    assert calls == [CREATE_CALL]  # nothing deleted: the slice stays up for inspection
+    assert "a host reports setup-failed" in proc.stdout
+
+
+def test_recreate_gives_up_after_max_creates(tmp_path):
+    proc, calls = recreate(tmp_path, [["WAITING_FOR_RESOURCES", "FAILED"]] * 2, "--max-creates", "2")
+    assert proc.returncode == 1
+    assert [call[3] for call in calls] == ["create", "delete", "create", "delete"]
+    assert "created 2 times already (--max-creates 2)" in proc.stdout
+
+
+def test_recreate_without_a_status_url_is_refused_before_any_gcloud_call(tmp_path):
+    make_wrapper(tmp_path / "gcloud", HELPERS / "fake_gcloud.py")
+    proc = subprocess.run(["bash", str(SCRIPT), "--recreate", "vcell-qr", "--zone", "us-west4-a", "--", *CREATE_FLAGS],
+                          env={"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "FAKE_GCLOUD_LOG": str(tmp_path / "calls")},
+                          capture_output=True, text=True, timeout=30)
+    assert proc.returncode == 2 and "usage: tpu_init.sh --recreate" in proc.stderr
+    assert not (tmp_path / "calls").exists()
 
 
 def test_shellcheck_is_clean():
