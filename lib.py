@@ -4820,7 +4820,19 @@ def init_distributed(cfg: TrainConfig) -> bool:
     args = get_distributed_args(cfg)
     if args is None or jax.distributed.is_initialized():
         return False
-    jax.distributed.initialize(**args)
+    # A peer that never connects (a host that came up late or died) must not hang the others for
+    # ever: initialize gives up after this many seconds (JAX 0.10 aborts the process, SIGABRT), so
+    # the slice can be re-created. An env var, not a TrainConfig field: it is per launch, like the
+    # address, and must not make a resumed run's config differ. The two lines around the call are
+    # what tpu_init.sh looks for to tell a failed join from a failed training run.
+    timeout_s = int(os.environ.get("VCELL_DISTRIBUTED_TIMEOUT", 300))
+    print(f"jax.distributed: joining the other processes (timeout {timeout_s} s)", file=sys.stderr, flush=True)
+    jax.distributed.initialize(**args, initialization_timeout=timeout_s)
+    print(
+        f"jax.distributed: joined as process {jax.process_index()} of {jax.process_count()}",
+        file=sys.stderr,
+        flush=True,
+    )
     return True
 
 

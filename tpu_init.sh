@@ -10,11 +10,20 @@
 #   1. read the vcell-* metadata keys below (a missing required key stops it, naming the key)
 #   2. check out exactly <vcell-ref> of <vcell-repo> into $VCELL_HOME/repo
 #      (fetch + detached checkout + clean; never `git clone` into an existing directory)
-#   3. install uv if missing; `uv sync --frozen --extra tpu --no-dev` from the committed lock
+#   3. install uv if missing; `uv sync --frozen --extra tpu --no-dev --managed-python` from the
+#      committed lock: uv installs its own CPython, so the image's Python (3.10 on Ubuntu 22.04,
+#      or none) never matters and every image runs the same interpreter
 #   4. `gcloud storage rsync` <vcell-data-bucket> -> $VCELL_HOME/data (copies changed files only)
 #   5. run `uv run python <vcell-script> <vcell-args> --data-root D --checkpoint-dir C --resume`
 #      and wait; on SIGTERM (spot preemption, shutdown) forward it and wait for the checkpoint
 #   6. write a status line + status.json saying why it stopped; copy log and status to the bucket
+# Before 3 it checks the image against the accelerator (one warning if they do not match; README
+# "TPU type -> runtime version"). A host whose jax.distributed.initialize gives up (a peer came
+# up late or died; bounded by vcell-distributed-timeout) stops with reason distributed-init-failed.
+#
+# Run from a workstation instead (not on a VM), `tpu_init.sh --recreate ...` keeps a spot queued
+# resource alive: it re-creates the slice after each preemption until the run finishes (see
+# recreate_usage below and README "After a preemption").
 #
 # Metadata keys (instance attributes; README "Train on a TPU slice" has examples):
 #   key                      required  default              meaning
@@ -27,11 +36,16 @@
 #   vcell-args               no        (none)               extra arguments, see "Arguments" below
 #   vcell-log-bucket         no        <checkpoint-bucket>  gs:// URL; logs go to <url>/<run-name>/logs/<host>.log,
 #                                                           status to <url>/<run-name>/status/<host>.json
+#   vcell-runtime-version    no        (unset: not checked) the --version / --runtime-version the slice was created
+#                                                           with; checked against accelerator-type
+#   vcell-distributed-timeout no       300                  seconds jax.distributed.initialize waits for every host
+#                                                           (exported as VCELL_DISTRIBUTED_TIMEOUT)
 #   wandb-project            no        (unset)              exported as WANDB_PROJECT
 #   wandb-entity             no        (unset)              exported as WANDB_ENTITY
 #   wandb-api-key            no        (unset: wandb off)   exported as WANDB_API_KEY to the training process only;
 #                                                           never printed (the log shows it masked)
 #   agent-worker-number      (set by the TPU runtime)       this host's worker index, 0 if absent
+#   accelerator-type         (set by the TPU runtime)       e.g. v5litepod-16; absent off TPU (image not checked)
 #
 # Arguments (vcell-args): split on whitespace (no shell quoting: an argument cannot contain a
 # space; put such settings in a config file in the repo). Never evaluated. In each argument
@@ -55,14 +69,160 @@
 #                        gcloud storage (tests point it at a local directory)
 #   VCELL_LOG_UPLOAD_SECONDS  copy the log to the bucket this often while training (default 300; 0 = only at the end)
 #   VCELL_STOP_GRACE_SECONDS  on SIGTERM, wait this long for training to stop by itself before forwarding (default 2)
+#   VCELL_SYSTEM_PATH    directories put in front of PATH (default: the standard system ones; tests use
+#                        a directory without any Python to show the script needs none)
 
 set -euo pipefail
 set -o errtrace  # the ERR trap below also fires inside functions
+
+# ---------------------------------------------------------------------------------------
+# Workstation mode: `tpu_init.sh --recreate ...` (never on a VM; it touches no VM paths).
+# A spot slice is taken away on preemption, not rebooted: its queued resource goes to SUSPENDED
+# (or FAILED when a request cannot be met) and stays there. This loop deletes it and creates it
+# again with the same flags, i.e. the same metadata and vcell-run-name, so tpu_init.sh on the new
+# slice resumes from the last checkpoint in the bucket. It reads the hosts' status files to know
+# when to stop (finished), when a slice must be replaced although it is ACTIVE (a host could not
+# join: distributed-init-failed) and when re-creating cannot help (setup-failed, training-failed).
+# ---------------------------------------------------------------------------------------
+recreate_usage() {
+  cat >&2 <<'USAGE'
+usage: tpu_init.sh --recreate QUEUED_RESOURCE --zone ZONE --status-url gs://BUCKET/.../RUN_NAME/status
+                   [--poll-seconds 60] [--max-creates 20] [--delete-when-finished] -- CREATE_FLAGS...
+  CREATE_FLAGS: what follows `gcloud compute tpus queued-resources create QUEUED_RESOURCE --zone ZONE`
+  (--node-id, --accelerator-type, --runtime-version, --spot, --metadata..., --metadata-from-file...).
+  --status-url: <vcell-log-bucket, else vcell-checkpoint-bucket>/<vcell-run-name>/status
+USAGE
+  exit 2
+}
+
+rlog() { printf '%s tpu_init --recreate: %s\n' "$(date -u +%Y-%m-%dT%H:%M:%SZ)" "$*"; }
+
+# run_verdict STATUS_URL CREATE_TIME: the most decisive reason among the status files written
+# after CREATE_TIME (older ones are from a slice that no longer exists); nothing if none.
+run_verdict() {
+  local statuses line reason time verdict="" rank=0 r
+  [[ -n $2 ]] || return 0  # no creation time: nothing can be shown to be fresh
+  # No file yet is normal (training still running): gcloud then fails, which means "no verdict".
+  statuses="$(gcloud storage cat "$1/*.json" 2>/dev/null)" || return 0
+  while IFS= read -r line; do
+    [[ $line =~ \"reason\":\ \"([a-z-]+)\" ]] || continue
+    reason=${BASH_REMATCH[1]}
+    [[ $line =~ \"time\":\ \"([0-9T:-]{19}) ]] || continue
+    time=${BASH_REMATCH[1]}
+    [[ $time > ${2:0:19} ]] || continue
+    case $reason in
+      setup-failed | training-failed) r=3 ;;
+      distributed-init-failed) r=2 ;;
+      finished) r=1 ;;
+      *) r=0 ;;
+    esac
+    if ((r > rank)); then rank=$r verdict=$reason; fi
+  done <<<"$statuses"
+  printf '%s' "$verdict"
+}
+
+recreate_main() {
+  local name="" zone="" status_url="" poll=60 max_creates=20 delete_when_finished=""
+  shift  # --recreate
+  (($#)) && [[ $1 != -* ]] || recreate_usage
+  name=$1
+  shift
+  while (($#)); do
+    case $1 in
+      --zone | --status-url | --poll-seconds | --max-creates)
+        (($# >= 2)) || recreate_usage
+        case $1 in
+          --zone) zone=$2 ;;
+          --status-url) status_url=${2%/} ;;
+          --poll-seconds) poll=$2 ;;
+          --max-creates) max_creates=$2 ;;
+        esac
+        shift 2 ;;
+      --delete-when-finished) delete_when_finished=1; shift ;;
+      --) shift; break ;;
+      *) recreate_usage ;;
+    esac
+  done
+  [[ -n $zone && $status_url == gs://* && $poll =~ ^[0-9]+$ && $max_creates =~ ^[0-9]+$ ]] || recreate_usage
+  (($#)) || recreate_usage
+  local create_flags=("$@") flag
+  for flag in "${create_flags[@]}"; do
+    [[ $flag != --zone && $flag != --zone=* ]] || { echo "tpu_init.sh --recreate: give --zone before --, not in CREATE_FLAGS" >&2; exit 2; }
+  done
+  command -v gcloud >/dev/null || { echo "tpu_init.sh --recreate: gcloud not found on PATH" >&2; exit 2; }
+
+  local qr=(gcloud compute tpus queued-resources) creates=0 errors=0 out rc state created last="" verdict
+  rlog "watching queued resource $name in $zone (status: $status_url/*.json, every ${poll}s)"
+  while true; do
+    rc=0
+    out="$("${qr[@]}" describe "$name" --zone "$zone" --format 'value(state.state,createTime)' 2>&1)" || rc=$?
+    if ((rc != 0)); then
+      if [[ $out == *NOT_FOUND* ]]; then
+        state=NOT_FOUND created=""
+      else
+        errors=$((errors + 1))
+        rlog "warning: describe failed (exit $rc, $errors in a row): $out"
+        ((errors < 10)) || { rlog "ERROR: gcloud keeps failing; stopping (the slice, if any, is left as it is)"; exit 1; }
+        sleep "$poll"
+        continue
+      fi
+    else
+      state=${out%%$'\t'*} created=""
+      if [[ $out == *$'\t'* ]]; then created=${out#*$'\t'}; fi
+    fi
+    errors=0
+    if [[ $state != "$last" ]]; then rlog "state: $state"; last=$state; fi
+    case $state in
+      NOT_FOUND)
+        if ((creates >= max_creates)); then
+          rlog "ERROR: created $creates times already (--max-creates $max_creates); stopping"
+          exit 1
+        fi
+        creates=$((creates + 1))
+        rlog "creating $name (creation $creates of at most $max_creates)"
+        # A refused create is a problem with the flags (or quota): repeating it cannot help.
+        "${qr[@]}" create "$name" --zone "$zone" "${create_flags[@]}" || { rlog "ERROR: create failed (see above)"; exit 1; }
+        ;;
+      SUSPENDED | FAILED)
+        rlog "the slice is gone ($state: preempted, or the request could not be met); deleting the request to create it again with the same flags, which resumes the run from its last checkpoint"
+        "${qr[@]}" delete "$name" --zone "$zone" --force --quiet --async || rlog "warning: delete failed; retrying at the next poll"
+        ;;
+      ACTIVE)
+        verdict="$(run_verdict "$status_url" "$created")"
+        case $verdict in
+          finished)
+            rlog "a host reports the run finished"
+            if [[ -n $delete_when_finished ]]; then
+              rlog "deleting $name (--delete-when-finished)"
+              "${qr[@]}" delete "$name" --zone "$zone" --force --quiet
+            else
+              rlog "the slice keeps running (and costing) until: gcloud compute tpus queued-resources delete $name --zone $zone --force --quiet"
+            fi
+            exit 0 ;;
+          distributed-init-failed)
+            rlog "a host could not join the others (distributed-init-failed); deleting the slice to create it again"
+            "${qr[@]}" delete "$name" --zone "$zone" --force --quiet --async || rlog "warning: delete failed; retrying at the next poll"
+            ;;
+          setup-failed | training-failed)
+            rlog "ERROR: a host reports $verdict: creating the slice again would fail the same way. Read $status_url/*.json and the logs next to it; the slice is left running for inspection"
+            exit 1 ;;
+        esac
+        ;;
+      *) ;;  # WAITING_FOR_RESOURCES, PROVISIONING, CREATING, SUSPENDING, DELETING, ...: wait
+    esac
+    sleep "$poll"
+  done
+}
+
+if [[ ${1:-} == --recreate ]]; then
+  recreate_main "$@"
+  exit 1  # not reached: recreate_main exits
+fi
 umask 022        # the log must be readable by the ssh user for `tail -f`
 
 # Startup scripts run with a minimal environment: no HOME (uv and git need one) and a short PATH.
 export HOME="${HOME:-/root}"
-export PATH="/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/snap/bin:${PATH:-}"
+export PATH="${VCELL_SYSTEM_PATH:-/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin:/snap/bin}:${PATH:-}"
 export GIT_TERMINAL_PROMPT=0  # a private repo without credentials must fail, not hang on a prompt
 
 readonly METADATA_URL="${VCELL_METADATA_URL:-http://metadata.google.internal/computeMetadata/v1/instance/attributes}"
@@ -100,7 +260,8 @@ die() {
 # ---------------------------------------------------------------------------------------
 # Stop reason bookkeeping: set as we go, written by on_exit whatever way the script ends.
 # ---------------------------------------------------------------------------------------
-stop_reason=""        # finished | training-failed | stopped-by-signal | setup-failed
+stop_reason=""        # finished | training-failed | distributed-init-failed | stopped-by-signal | setup-failed
+stop_detail=""        # one sentence for status.json; fixed text and numbers only (no escaping needed)
 stop_signal=""        # TERM/INT/HUP when a stop was requested
 training_pid=""
 launching=""
@@ -202,8 +363,8 @@ write_status() {
   local now
   now="$(date -u +%Y-%m-%dT%H:%M:%SZ)"
   # Every value here is a fixed word, a number, a sha or a validated name: no JSON escaping needed.
-  printf '{"run": "%s", "host": "%s", "worker": "%s", "commit": "%s", "reason": "%s", "signal": "%s", "training_exit_code": "%s", "script_exit_code": %d, "time": "%s"}\n' \
-    "$run_name" "$HOST" "$worker_id" "$commit" "$stop_reason" "$stop_signal" "$training_rc" "$1" "$now" \
+  printf '{"run": "%s", "host": "%s", "worker": "%s", "commit": "%s", "reason": "%s", "signal": "%s", "training_exit_code": "%s", "script_exit_code": %d, "time": "%s", "detail": "%s"}\n' \
+    "$run_name" "$HOST" "$worker_id" "$commit" "$stop_reason" "$stop_signal" "$training_rc" "$1" "$now" "$stop_detail" \
     >"$STATUS_FILE"
 }
 
@@ -273,6 +434,7 @@ read_key() {
 
 repo_url="" ref="" data_url="" checkpoint_url="" script="" raw_args="" log_bucket=""
 wandb_project="" wandb_entity="" wandb_key=""
+accelerator_type="" runtime_version="" distributed_timeout=""
 read_key repo_url vcell-repo
 read_key ref vcell-ref
 read_key run_name vcell-run-name
@@ -285,6 +447,9 @@ read_key wandb_project wandb-project ""
 read_key wandb_entity wandb-entity ""
 read_key wandb_key wandb-api-key ""
 read_key worker_id agent-worker-number 0
+read_key accelerator_type accelerator-type ""
+read_key runtime_version vcell-runtime-version ""
+read_key distributed_timeout vcell-distributed-timeout 300
 
 if ((${#missing_keys[@]})); then
   die "required metadata key(s) not set: ${missing_keys[*]}. Fix: create the VM with --metadata ${missing_keys[*]/%/=...} (README: 'Train on a TPU slice')"
@@ -303,6 +468,8 @@ done
 [[ $script != /* && $script != *..* ]] ||
   die "vcell-script '$script' must be a path inside the repo, relative to its root (e.g. nb/05_train.py)"
 [[ $worker_id =~ ^[0-9]+$ ]] || die "agent-worker-number '$worker_id' is not a number"
+[[ $distributed_timeout =~ ^[1-9][0-9]*$ ]] ||
+  die "vcell-distributed-timeout '$distributed_timeout' is not a whole number of seconds >= 1 (default 300)"
 
 checkpoint_dir="${checkpoint_url%/}/$run_name"
 log_url="${log_bucket:-$checkpoint_url}"
@@ -325,7 +492,39 @@ if [[ -n $wandb_key ]]; then
 else
   log "  wandb-api-key           = (unset: wandb disabled)"
 fi
+log "  vcell-runtime-version   = ${runtime_version:-(unset)}"
+log "  vcell-distributed-timeout = ${distributed_timeout}s"
 log "  worker                  = $worker_id"
+log "  accelerator-type        = ${accelerator_type:-(unset: not a TPU VM?)}"
+
+# ---------------------------------------------------------------------------------------
+# Image check. Google's TPU software-versions page (README table, checked 2026-11-30) lists one
+# runtime per TPU generation; a v5e slice created with the v4 image boots, but JAX may then not
+# see its TPU, which shows up much later and less clearly. The VM cannot ask which runtime it was
+# created with (the metadata server has no documented key for it; tpu-env's RUNTIME_VERSION is
+# an internal image URL on some slices), so the README's create commands pass the same
+# $VERSION to --version and to the vcell-runtime-version key, and this compares that.
+# ---------------------------------------------------------------------------------------
+expected_runtime=""
+case $accelerator_type in
+  v2-* | v3-* | v4-*) expected_runtime=tpu-ubuntu2204-base ;;
+  v5litepod-* | v5e-*) expected_runtime=v2-alpha-tpuv5-lite ;;
+  v5p-*) expected_runtime=v2-alpha-tpuv5 ;;
+  v6e-*) expected_runtime=v2-alpha-tpuv6e ;;
+esac
+os_name="$(sed -n 's/^PRETTY_NAME=//p' /etc/os-release 2>/dev/null | tr -d '"')" || os_name=""
+log "image: ${os_name:-unknown OS}; Python comes from uv (--managed-python), not from the image"
+if [[ -z $accelerator_type ]]; then
+  log "image check skipped: no accelerator-type in the metadata"
+elif [[ -z $expected_runtime ]]; then
+  log "image check skipped: no runtime version on record for accelerator type '$accelerator_type' (README table)"
+elif [[ -z $runtime_version ]]; then
+  log "image check skipped: vcell-runtime-version not set (README create commands set it to the --version used)"
+elif [[ $runtime_version != "$expected_runtime" ]]; then
+  log "warning: runtime version '$runtime_version' does not suit accelerator '$accelerator_type': Google lists '$expected_runtime' for it (README 'TPU type -> runtime version'). Continuing; if JAX finds no TPU, delete the slice and create it with --version $expected_runtime"
+else
+  log "image check: runtime '$runtime_version' is the one listed for '$accelerator_type'"
+fi
 
 # ---------------------------------------------------------------------------------------
 # 2. Arguments: split on whitespace, expand the allow-listed variables, nothing else.
@@ -430,15 +629,18 @@ elif ! uv_bin="$(command -v uv)"; then
     die "installing uv failed (see above); check the VM's internet access"
   uv_bin=/usr/local/bin/uv
 fi
-log "uv sync (--frozen --extra tpu --no-dev) with $uv_bin"
-(cd "$REPO_DIR" && "$uv_bin" sync --frozen --extra tpu --no-dev) ||
+# --managed-python: uv downloads its own CPython (once per VM) instead of using the image's, so
+# every runtime image, whatever Python it ships (Ubuntu 22.04: 3.10; requires-python wants 3.11+),
+# runs the same interpreter.
+log "uv sync (--frozen --extra tpu --no-dev --managed-python) with $uv_bin"
+(cd "$REPO_DIR" && "$uv_bin" sync --frozen --extra tpu --no-dev --managed-python) ||
   die "uv sync failed (see above); is uv.lock committed and in sync with pyproject.toml at $commit?"
 
 # ---------------------------------------------------------------------------------------
 # 5. Data: every host needs its own copy (each loads its shard of the batch locally).
 # ---------------------------------------------------------------------------------------
 if [[ -z ${VCELL_STORAGE_CMD:-} ]] && ! command -v gcloud >/dev/null; then
-  die "gcloud not found on PATH ($PATH): use a TPU image with the Google Cloud CLI (tpu-ubuntu2204-base has it) or install it"
+  die "gcloud not found on PATH ($PATH): use a TPU runtime image from the README table (they come with the Google Cloud CLI) or install it"
 fi
 mkdir -p "$DATA_ROOT"
 log "syncing data $data_url -> $DATA_ROOT (changed files only)"
@@ -454,12 +656,17 @@ if ((LOG_UPLOAD_SECONDS > 0)); then
 fi
 upload_log
 
+# Where this launch's output starts in the (appended) log: read back below to tell a failed
+# jax.distributed join from a failed training run.
+launch_log_offset="$(stat -c %s "$LOG_FILE")"
+launch_time=$SECONDS
 launching=1
 log "launching on $HOST: uv run python $script$(printf ' %q' "${train_args[@]}")"
 (
   exec 3>&- 9>&-
   cd "$REPO_DIR"
   export VCELL_DATA_ROOT="$DATA_ROOT" VCELL_RUN_NAME="$run_name" PYTHONUNBUFFERED=1
+  export VCELL_DISTRIBUTED_TIMEOUT="$distributed_timeout"  # read by lib.init_distributed
   # The wandb key is exported in this subshell only: git, curl and gcloud never see it.
   if [[ -n $wandb_key ]]; then
     export WANDB_API_KEY="$wandb_key"
@@ -498,8 +705,22 @@ elif ((training_rc == 0)); then
   stop_reason="finished"
   log "training finished"
   exit 0
-else
-  stop_reason="training-failed"
-  log "training failed with exit code $training_rc (see above)"
+fi
+
+# lib.init_distributed prints "jax.distributed: joining" before jax.distributed.initialize and
+# "jax.distributed: joined" after it. Joining without joined: this host gave up waiting for the
+# others (JAX aborts the process, exit 134, on timeout) or failed to reach them. Recorded as its
+# own reason so the slice is re-created (README, tpu_init.sh --recreate) rather than debugged.
+# (grep reads a process substitution: `tail | grep -q` would fail under pipefail when grep stops early.)
+launch_marker() { grep -qF "jax.distributed: $1" < <(tail -c +"$((launch_log_offset + 1))" "$LOG_FILE"); }
+if launch_marker joining && ! launch_marker joined; then
+  stop_reason="distributed-init-failed"
+  waited=$((SECONDS - launch_time))
+  if ((waited >= distributed_timeout)); then what="timed out"; else what="failed"; fi
+  stop_detail="jax.distributed.initialize $what on this host (training exit $training_rc after ${waited}s, timeout ${distributed_timeout}s): a host came up late or died; re-create the slice with the same vcell-run-name to resume"
+  log "ERROR: $stop_detail"
   exit "$training_rc"
 fi
+stop_reason="training-failed"
+log "training failed with exit code $training_rc (see above)"
+exit "$training_rc"

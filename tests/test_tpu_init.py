@@ -7,6 +7,7 @@ Each test boots a fake "VM": the real script runs with
   nb/05_train.py (it records argv and env var names, never the key's value),
 - tests/tpu_init/fake_storage.py as VCELL_STORAGE_CMD (gs://B/P -> a local directory),
 - tests/tpu_init/fake_uv.py as VCELL_UV (installs nothing; `run` execs the fake script).
+`tpu_init.sh --recreate` (run from a workstation) talks to tests/tpu_init/fake_gcloud.py.
 """
 
 import dataclasses
@@ -16,6 +17,7 @@ import importlib.metadata
 import json
 import os
 import pathlib
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +25,7 @@ import sys
 import threading
 import time
 
+import portpicker
 import pytest
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -187,6 +190,8 @@ def vm(tmp_path, metadata_server):
             "wandb-entity": "someone",
             "wandb-api-key": FAKE_KEY + "\n",  # --metadata-from-file leaves the file's newline
             "agent-worker-number": "3",
+            "accelerator-type": "v5litepod-16",  # set by the TPU runtime
+            "vcell-runtime-version": "v2-alpha-tpuv5-lite",
         }
     )
     return fake_vm
@@ -229,7 +234,9 @@ def test_first_boot_trains_with_allowlisted_variables_expanded(vm):
     assert launch["env"]["FAKE_UV_RUN_FLAGS"] == "--no-sync"
     assert all("WANDB_API_KEY" not in call["env_names"] for call in vm.jsonl("FAKE_STORAGE_LOG"))
 
-    assert [call["argv"] for call in vm.jsonl("FAKE_UV_LOG")] == [["--frozen", "--extra", "tpu", "--no-dev"]]
+    assert [call["argv"] for call in vm.jsonl("FAKE_UV_LOG")] == [
+        ["--frozen", "--extra", "tpu", "--no-dev", "--managed-python"]
+    ]
     assert (vm.home / "data" / "raw" / "a.txt").read_text() == "data a\n"
     status = json.loads((vm.gcs / "log-bucket" / "logs" / "run1" / "status" / f"{host}.json").read_text())
     assert status["reason"] == "finished" and status["commit"] == vm.metadata["vcell-ref"]
@@ -388,6 +395,231 @@ def test_no_wandb_key_disables_wandb(vm):
     assert proc.returncode == 0, proc.stderr + vm.log()
     [launch] = vm.launches()
     assert launch["wandb_key_sha256"] is None and launch["env"]["WANDB_MODE"] == "disabled"
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "runtime", "expected"),
+    [
+        ("v5litepod-16", "tpu-ubuntu2204-base", "v2-alpha-tpuv5-lite"),  # the README's old command
+        ("v4-32", "v2-alpha-tpuv6e", "tpu-ubuntu2204-base"),
+    ],
+)
+def test_runtime_not_listed_for_the_accelerator_logs_one_warning_and_trains(vm, accelerator, runtime, expected):
+    vm.metadata.update({"accelerator-type": accelerator, "vcell-runtime-version": runtime})
+    proc = vm.boot()
+    assert proc.returncode == 0, proc.stderr + vm.log()
+    [warning] = [line for line in vm.log().splitlines() if "warning" in line]
+    assert f"runtime version '{runtime}' does not suit accelerator '{accelerator}'" in warning
+    assert f"--version {expected}" in warning
+    assert len(vm.launches()) == 1
+
+
+@pytest.mark.parametrize(
+    ("accelerator", "runtime", "logged"),
+    [
+        ("v6e-8", "v2-alpha-tpuv6e", "image check: runtime 'v2-alpha-tpuv6e' is the one listed for 'v6e-8'"),
+        ("v5p-8", "v2-alpha-tpuv5", "image check: runtime 'v2-alpha-tpuv5' is the one listed for 'v5p-8'"),
+        ("v5litepod-16", None, "image check skipped: vcell-runtime-version not set"),
+        ("tpu7x-8", "whatever", "image check skipped: no runtime version on record for accelerator type 'tpu7x-8'"),
+        (None, "v2-alpha-tpuv6e", "image check skipped: no accelerator-type in the metadata"),
+    ],
+)
+def test_matching_or_uncheckable_runtime_logs_no_warning(vm, accelerator, runtime, logged):
+    for key, value in {"accelerator-type": accelerator, "vcell-runtime-version": runtime}.items():
+        if value is None:
+            del vm.metadata[key]
+        else:
+            vm.metadata[key] = value
+    proc = vm.boot()
+    assert proc.returncode == 0, proc.stderr + vm.log()
+    assert logged in vm.log() and "warning" not in vm.log()
+
+
+def test_boots_with_no_python_on_path(vm):
+    """Every runtime image works because the script itself needs no Python and uv brings its own
+    (--managed-python); here PATH holds only the tools the script calls, none of them a Python.
+    (The fake uv and trainer run under the test's Python by absolute path, as real uv would under
+    the CPython it installs.)"""
+    tools = vm.tmp / "system-bin"
+    tools.mkdir()
+    for tool in [
+        "bash",
+        "curl",
+        "git",
+        "flock",
+        "date",
+        "hostname",
+        "mkdir",
+        "rm",
+        "cat",
+        "sed",
+        "tr",
+        "tail",
+        "grep",
+        "stat",
+        "sleep",
+    ]:
+        (tools / tool).symlink_to(shutil.which(tool))
+    vm.env.update(PATH=str(tools), VCELL_SYSTEM_PATH=str(tools))
+    proc = subprocess.run([shutil.which("bash"), str(SCRIPT)], env=vm.env, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr + vm.log()
+    assert not [path for path in tools.iterdir() if "python" in path.name]
+    assert len(vm.launches()) == 1
+    assert [call["argv"][-1] for call in vm.jsonl("FAKE_UV_LOG")] == ["--managed-python"]
+
+
+@pytest.mark.parametrize("process_id", [0, 1], ids=["coordinator-alone", "worker-alone"])
+def test_host_whose_peer_never_starts_stops_within_the_bound_and_says_why(vm, process_id):
+    """A two-process run where the other process never starts: the real lib.init_distributed gives
+    up after vcell-distributed-timeout, and the status in the bucket names the failed join."""
+    timeout_s = 10
+    vm.metadata["vcell-distributed-timeout"] = str(timeout_s)
+    vm.env.update(
+        FAKE_TRAIN_MODE="join",
+        JAX_PLATFORMS="cpu",
+        XLA_FLAGS="--xla_force_host_platform_device_count=2",
+        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{portpicker.pick_unused_port()}",
+        JAX_NUM_PROCESSES="2",
+        JAX_PROCESS_ID=str(process_id),
+    )
+    start = time.monotonic()
+    proc = subprocess.Popen(
+        ["bash", str(SCRIPT)],
+        env=vm.env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    try:
+        proc.communicate(timeout=timeout_s + 80)  # 80 s: importing lib and JAX on a loaded 2-core machine
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)  # a trainer still waiting must not outlive the test
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0 and elapsed >= timeout_s
+    log = vm.log()
+    assert f"jax.distributed: joining the other processes (timeout {timeout_s} s)" in log
+    assert "jax.distributed: joined" not in log
+    status = json.loads(
+        (vm.gcs / "log-bucket" / "logs" / "run1" / "status" / f"{socket.gethostname()}.json").read_text()
+    )
+    assert status["reason"] == "distributed-init-failed"
+    assert status["detail"].startswith("jax.distributed.initialize timed out on this host")
+    assert f"timeout {timeout_s}s" in status["detail"] and status["training_exit_code"] == str(proc.returncode)
+
+
+def test_training_that_fails_without_joining_is_not_a_failed_join(vm):
+    vm.env["FAKE_TRAIN_MODE"] = "fail"
+    vm.boot()
+    assert vm.status()["reason"] == "training-failed" and vm.status()["detail"] == ""
+
+
+# --- tpu_init.sh --recreate, run from a workstation against a fake gcloud ---
+
+STATUS_URL = "gs://log-bucket/logs/run1/status"
+CREATE_FLAGS = [
+    "--node-id",
+    "vcell-st-1",
+    "--accelerator-type",
+    "v5litepod-16",
+    "--runtime-version",
+    "v2-alpha-tpuv5-lite",
+    "--spot",
+    "--metadata",
+    "vcell-run-name=run1,vcell-runtime-version=v2-alpha-tpuv5-lite",
+    "--metadata-from-file",
+    "startup-script=tpu_init.sh",
+]
+CREATE_CALL = ["compute", "tpus", "queued-resources", "create", "vcell-qr", "--zone", "us-west4-a", *CREATE_FLAGS]
+
+
+def recreate(tmp_path, timelines, *options):
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir(exist_ok=True)
+    make_wrapper(bin_dir / "gcloud", HELPERS / "fake_gcloud.py")
+    env = {
+        "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+        "HOME": str(tmp_path / "home"),
+        "VCELL_HOME": str(tmp_path / "vm" / "opt-vcell"),
+        "VCELL_LOG_DIR": str(tmp_path / "vm" / "log"),
+        "FAKE_GCLOUD_LOG": str(tmp_path / "gcloud_calls.jsonl"),
+        "FAKE_GCLOUD_STATE": str(tmp_path / "gcloud_state.json"),
+        "FAKE_GCLOUD_TIMELINES": json.dumps(timelines),
+        "FAKE_GCS_ROOT": str(tmp_path / "gcs"),
+        "FAKE_STATUS_URL": STATUS_URL,
+    }
+    proc = subprocess.run(
+        [
+            "bash",
+            str(SCRIPT),
+            "--recreate",
+            "vcell-qr",
+            "--zone",
+            "us-west4-a",
+            "--status-url",
+            STATUS_URL,
+            "--poll-seconds",
+            "0",
+            *options,
+            "--",
+            *CREATE_FLAGS,
+        ],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    calls = [json.loads(line) for line in (tmp_path / "gcloud_calls.jsonl").read_text().splitlines()]
+    assert not (tmp_path / "vm").exists(), "--recreate must not touch the VM paths"
+    return proc, [call for call in calls if call[3:4] in (["create"], ["delete"])]
+
+
+def test_recreate_replaces_a_preempted_or_unjoined_slice_until_the_run_finishes(tmp_path):
+    # A finished status left by an earlier run of the same name must not end the loop.
+    stale = tmp_path / "gcs" / "log-bucket" / "logs" / "run1" / "status" / "old-host.json"
+    stale.parent.mkdir(parents=True)
+    stale.write_text('{"run": "run1", "reason": "finished", "time": "2026-01-01T00:00:00Z"}\n')
+    proc, calls = recreate(
+        tmp_path,
+        [
+            ["WAITING_FOR_RESOURCES", "ACTIVE", "ACTIVE", "SUSPENDING", "SUSPENDED"],  # spot preemption
+            ["PROVISIONING", "ACTIVE", "ACTIVE+distributed-init-failed"],  # a host never joined
+            ["ACTIVE", "ACTIVE+finished"],
+        ],
+        "--delete-when-finished",
+    )
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    delete = ["compute", "tpus", "queued-resources", "delete", "vcell-qr", "--zone", "us-west4-a", "--force", "--quiet"]
+    assert calls == [CREATE_CALL, [*delete, "--async"], CREATE_CALL, [*delete, "--async"], CREATE_CALL, delete]
+    assert "state: SUSPENDED" in proc.stdout and "a host reports the run finished" in proc.stdout
+
+
+def test_recreate_stops_when_recreating_cannot_help(tmp_path):
+    proc, calls = recreate(tmp_path, [["PROVISIONING", "ACTIVE", "ACTIVE+setup-failed"]])
+    assert proc.returncode == 1
+    assert calls == [CREATE_CALL]  # nothing deleted: the slice stays up for inspection
+    assert "a host reports setup-failed" in proc.stdout
+
+
+def test_recreate_gives_up_after_max_creates(tmp_path):
+    proc, calls = recreate(tmp_path, [["WAITING_FOR_RESOURCES", "FAILED"]] * 2, "--max-creates", "2")
+    assert proc.returncode == 1
+    assert [call[3] for call in calls] == ["create", "delete", "create", "delete"]
+    assert "created 2 times already (--max-creates 2)" in proc.stdout
+
+
+def test_recreate_without_a_status_url_is_refused_before_any_gcloud_call(tmp_path):
+    make_wrapper(tmp_path / "gcloud", HELPERS / "fake_gcloud.py")
+    proc = subprocess.run(
+        ["bash", str(SCRIPT), "--recreate", "vcell-qr", "--zone", "us-west4-a", "--", *CREATE_FLAGS],
+        env={"PATH": f"{tmp_path}{os.pathsep}{os.environ['PATH']}", "FAKE_GCLOUD_LOG": str(tmp_path / "calls")},
+        capture_output=True,
+        text=True,
+        timeout=30,
+    )
+    assert proc.returncode == 2 and "usage: tpu_init.sh --recreate" in proc.stderr
+    assert not (tmp_path / "calls").exists()
 
 
 def test_shellcheck_is_clean():

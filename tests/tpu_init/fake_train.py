@@ -4,7 +4,9 @@ Appends one JSON line per launch to $FAKE_TRAIN_RECORD: argv, cwd, the names of 
 environment variables it sees, a sha256 of WANDB_API_KEY (never the key), a few values.
 $FAKE_TRAIN_MODE: `exit0` (default) returns at once; `fail` exits 3; `wait` writes its
 record, then sleeps until SIGTERM, writes $FAKE_TRAIN_CHECKPOINT (the "checkpoint") and exits 0;
-`ignore-sigterm-handler` sleeps with no handler, so SIGTERM kills it (exit 143, no checkpoint).
+`ignore-sigterm-handler` sleeps with no handler, so SIGTERM kills it (exit 143, no checkpoint);
+`join` runs the real lib.init_distributed (the multi-process settings come from $JAX_* and
+$VCELL_DISTRIBUTED_TIMEOUT), then exits 0.
 """
 
 import hashlib
@@ -49,6 +51,11 @@ if mode != "ignore-sigterm-handler":
 with open(os.environ["FAKE_TRAIN_RECORD"], "a") as f:
     f.write(json.dumps(record) + "\n")
 print(f"fake training: started in mode {mode}", flush=True)
+if mode == "join":
+    import lib  # this checkout's lib.py (installed editable), not a copy
+
+    lib.init_distributed(lib.TrainConfig())
+    sys.exit(0)
 if mode == "fail":
     sys.exit(3)
 if mode in ("wait", "ignore-sigterm-handler"):
