@@ -4340,7 +4340,7 @@ def make_control_pool(store, target: str, n_cells: int, set_size: int, seed: int
     n = (min(n_cells, len(rows)) // set_size) * set_size
     if n == 0:
         raise ValueError(f"{target} has {len(rows)} control cells, fewer than one set of {set_size}")
-    rows = np.sort(np.random.default_rng(seed).choice(rows, n, replace=False))
+    rows = np.sort(draw_control_cells(rows, n, seed))
     return rows, np.asarray(store.x_cg[rows], np.float32)
 
 
@@ -6494,6 +6494,13 @@ def get_hvg_columns(
 # -------------------- control pools ---------------------------------------------------------------
 
 
+def draw_control_cells(cells: np.ndarray, n: int, seed: int) -> np.ndarray:
+    """THE control-pool draw (harness, submission and training pools): `n` of `cells` (ids or
+    store rows) in a seeded random order. Sorted first, so the draw depends only on the set of
+    cells and the seed."""
+    return np.sort(cells)[np.random.default_rng(seed).permutation(len(cells))][:n]
+
+
 def read_or_draw_control_pools(
     path: str | os.PathLike, control_ids_c: Sequence[str], sizes: dict[str, int], seed: int
 ) -> pd.DataFrame:
@@ -6514,9 +6521,7 @@ def read_or_draw_control_pools(
         raise ValueError(
             f"control pools of {sizes} need {sum(sizes.values())} control cells; the target has {len(ids)}: ask for fewer"
         )
-    # Sorted first, so the pools depend only on the set of cells and the seed.
-    order = np.random.default_rng(seed).permutation(len(ids))
-    chosen = np.sort(ids.to_numpy())[order][: sum(sizes.values())]
+    chosen = draw_control_cells(ids.to_numpy(), sum(sizes.values()), seed)
     pools = pd.DataFrame({"cell_id": chosen, "pool": np.repeat(list(sizes), list(sizes.values()))})
     write_csv(path, pools)
     return pools
