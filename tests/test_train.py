@@ -254,7 +254,7 @@ def test_control_only_training_reaches_the_noise_floor(store):
     assert last < 1.5 * floor, (first, last, floor)
 
 
-def test_random_features_give_no_gain_on_held_out_perturbations(trained, tiny_store, tmp_path):
+def test_random_features_give_no_gain_on_held_out_perturbations(tiny_store, tmp_path):
     """A model trained with random per-id features, scored on held-out perturbations with their own
     random rows and with the rows shuffled among them: no real difference (the rows carry nothing)."""
     cfg = tiny_cfg(
