@@ -201,11 +201,12 @@ def test_out_of_range_perturbation_id_raises():
         lib.get_pert_features(np.zeros((5, 3), np.float32), np.array([5]))
 
 
-def test_model_rejects_wrong_feature_width(small_model):
-    model = small_model
-    ctrl_sg = jnp.zeros((4, SMALL.n_genes))
-    with pytest.raises(Exception):  # jaxtyping/beartype or our assert, whichever fires first
-        call_model(model, ctrl_sg, jnp.zeros(SMALL.n_pert_features + 1))
+def test_model_rejects_wrong_feature_and_gene_widths(small_model):
+    pert_f = jnp.zeros(SMALL.n_pert_features)
+    with pytest.raises(AssertionError, match=r"perturbation features \(7,\) != \(6,\)"):
+        call_model(small_model, jnp.zeros((4, SMALL.n_genes)), jnp.zeros(SMALL.n_pert_features + 1))
+    with pytest.raises(AssertionError, match="control cells have 25 genes, model 24"):
+        call_model(small_model, jnp.zeros((4, SMALL.n_genes + 1)), pert_f)
 
 
 def test_predict_sets_clips_to_max_expression(small_model):
