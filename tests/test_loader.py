@@ -133,6 +133,7 @@ def test_every_example_appears_once_per_epoch(store):
     assert not np.array_equal(first, second)  # a fresh shuffle every epoch
 
 
+@pytest.mark.slow
 def test_worker_processes_yield_the_same_batches_as_the_thread(store):
     in_thread, _ = _first_batches(store, lib.LoaderConfig(set_size=8, sets_per_batch=4), 2)
     in_worker, _ = _first_batches(store, lib.LoaderConfig(set_size=8, sets_per_batch=4, worker_count=1), 2)

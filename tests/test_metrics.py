@@ -353,6 +353,7 @@ def _assert_metrics_match(table: pd.DataFrame, theirs: dict):
         assert diff <= 1e-6, f"{ours_name}: max abs diff {diff}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", lib.SCORE_MODES)
 @pytest.mark.parametrize("dataset", ["random", "realistic"])
 def test_scores_match_cell_eval(reference_runs, mode, dataset):
@@ -385,6 +386,7 @@ def test_scores_match_cell_eval(reference_runs, mode, dataset):
         assert 0 < result["des"] < 1 and result["real_de"].significant_pg.sum() > 50
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("mode", lib.SCORE_MODES)
 @pytest.mark.parametrize("dataset", ["random", "realistic"])
 def test_cell_mean_predictor_is_what_cell_eval_baseline_builds(reference_runs, mode, dataset):

@@ -230,6 +230,7 @@ def test_gene_mean_init_starts_at_the_mean():
         lib.make_model(SMALL, key=jax.random.key(1, impl="unsafe_rbg"), gene_mean_g=mean_g[:-1])
 
 
+@pytest.mark.slow
 def test_residual_output_starts_at_the_control_cells():
     """residual_output: a fresh model predicts "no effect" exactly (the control baseline); with
     center_control the pseudobulk starts at gene_mean_g and every cell keeps its own deviation."""
@@ -264,6 +265,7 @@ def test_residual_model_overfits_one_batch():
     assert float(metrics["pseudobulk_mse"]) < 1e-3, float(metrics["pseudobulk_mse"])
 
 
+@pytest.mark.slow
 def test_direct_path_starts_at_zero_and_learns_transfer_and_knockdown():
     """direct_effect: the feature tail (a gene-space effect, then the knocked-down gene's
     indicator) enters through a per-gene gain and a shared knockdown fraction, both 0 at init (a

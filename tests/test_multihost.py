@@ -108,6 +108,7 @@ def _losses(run_dir: pathlib.Path) -> np.ndarray:
     return history.set_index("step")["train/loss"]
 
 
+@pytest.mark.slow
 def test_two_processes_train_exactly_like_one_and_only_process_0_writes(tiny_store, tmp_path):
     ckpt = tmp_path / "ckpt_2x2"
     common = dict(run_name="mh", steps=4, ckpt_every=4)
@@ -175,6 +176,7 @@ def test_two_processes_train_exactly_like_one_and_only_process_0_writes(tiny_sto
 # ---------------------------------------------------------------- checkpoints on a bucket URL
 
 
+@pytest.mark.slow
 def test_training_checkpoints_and_resumes_through_a_bucket_url(tiny_store):
     """memory:// stands in for gs:// (same fsspec calls: no rename, no append); the run resumes
     from it and every run file is there, local staging directories are not."""
