@@ -2250,6 +2250,246 @@ def compute_same_perturbation_correlation(edas: list[DatasetEda], min_cells: int
     return pd.DataFrame(out)
 
 
+# -------------------- plots -----------------------------------------------------------------------
+
+
+def _dataset_colors(edas: list[DatasetEda]) -> dict[str, str]:
+    """One colour per dataset, the same in every plot (matplotlib's cycle in dataset order)."""
+    return {e.spec.name: f"C{i}" for i, e in enumerate(edas)}
+
+
+def _use_plain_log_ticks(axis) -> None:
+    """Ticks at 1, 2, 5 × 10^k written as plain numbers (matplotlib's 2×10³ labels collide)."""
+    import matplotlib.ticker
+
+    axis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(matplotlib.ticker.StrMethodFormatter("{x:,.6g}"))
+    axis.set_minor_formatter(matplotlib.ticker.NullFormatter())
+
+
+def plot_depth_per_cell(edas: list[DatasetEda]):
+    """Histograms of total UMIs and of detected genes per cell, one line per dataset."""
+    from matplotlib.figure import Figure
+
+    colors = _dataset_colors(edas)
+    fig = Figure(figsize=(9, 6.5), layout="constrained")
+    ax_umi, ax_genes = fig.subplots(2, 1)
+    finite = [e for e in edas if np.isfinite(e.umis_c).any()]
+    if finite:
+        lo = max(1.0, min(np.nanmin(e.umis_c[e.umis_c > 0]) for e in finite))
+        bins = np.geomspace(lo, max(np.nanmax(e.umis_c) for e in finite), 60)
+        for e in finite:
+            ax_umi.hist(
+                e.umis_c,
+                bins=bins,
+                histtype="step",
+                lw=1.5,
+                color=colors[e.spec.name],
+                label=f"{e.spec.name} (median {np.nanmedian(e.umis_c):,.0f})",
+            )
+        ax_umi.set_xscale("log")
+        _use_plain_log_ticks(ax_umi.xaxis)
+    ax_umi.set(xlabel="UMIs per cell (log scale)", ylabel="cells", title="Total UMIs per cell")
+    ax_umi.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
+    bins = np.linspace(0, max(e.genes_c.max() for e in edas), 60)
+    for e in edas:
+        ax_genes.hist(
+            e.genes_c,
+            bins=bins,
+            histtype="step",
+            lw=1.5,
+            color=colors[e.spec.name],
+            label=f"{e.spec.name} (median {np.median(e.genes_c):,.0f} of {e.n_genes:,})",
+        )
+    ax_genes.set(xlabel="genes detected per cell (count > 0)", ylabel="cells", title="Detected genes per cell")
+    ax_genes.legend(fontsize=8, frameon=False, loc="upper left", bbox_to_anchor=(1.01, 1))
+    return fig
+
+
+def plot_cells_per_perturbation(edas: list[DatasetEda]):
+    """Histogram of cells per perturbation, one line per dataset (legend: perturbations, controls)."""
+    from matplotlib.figure import Figure
+
+    colors = _dataset_colors(edas)
+    fig = Figure(figsize=(7, 3.8))
+    ax = fig.subplots()
+    cells_p = {e.spec.name: get_cells_per_perturbation(e) for e in edas}
+    top = max(c.max() for c in cells_p.values())
+    # Log-spaced edges between integers: counts are integers, so edges on them make spikes.
+    bins = np.unique(np.round(np.geomspace(1, top * 1.1, 40))) + 0.5
+    for e in edas:
+        n_ctrl = e.n_cells_k[e.group_index(CONTROL_GROUP)]
+        ax.hist(
+            cells_p[e.spec.name],
+            bins=bins,
+            histtype="step",
+            lw=1.5,
+            color=colors[e.spec.name],
+            label=f"{e.spec.name}: {len(cells_p[e.spec.name])} perts, {n_ctrl:,} controls",
+        )
+    ax.set_xscale("log")
+    _use_plain_log_ticks(ax.xaxis)
+    ax.set(xlabel="cells per perturbation (log scale)", ylabel="perturbations", title="Cells per perturbation")
+    ax.legend(fontsize=8, frameon=False)
+    return fig
+
+
+def plot_knockdown(edas: list[DatasetEda], knockdown: pd.DataFrame):
+    """Fraction of each target remaining (histogram), and against the target's control expression."""
+    from matplotlib.figure import Figure
+
+    colors = _dataset_colors(edas)
+    fig = Figure(figsize=(11, 3.8))
+    ax_hist, ax_expr = fig.subplots(1, 2)
+    finite = knockdown[np.isfinite(knockdown.fraction_remaining)]
+    bins = np.linspace(0, max(1.5, min(finite.fraction_remaining.quantile(0.99), 3.0)), 40)
+    for e in edas:
+        rows = finite[finite.dataset == e.spec.name]
+        ax_hist.hist(
+            rows.fraction_remaining.clip(upper=bins[-1]),
+            bins=bins,
+            histtype="step",
+            lw=1.5,
+            color=colors[e.spec.name],
+            label=f"{e.spec.name} ({len(rows)} of {len(e.perturbations)} targets measured)",
+        )
+        ax_expr.scatter(
+            rows.ctrl_log1p, rows.fraction_remaining, s=8, alpha=0.6, color=colors[e.spec.name], label=e.spec.name
+        )
+    ax_hist.axvline(1.0, color="black", lw=0.8, ls="--")
+    ax_expr.axhline(1.0, color="black", lw=0.8, ls="--")
+    ax_hist.set(
+        xlabel=f"fraction of target expression remaining (1 = none; > {bins[-1]:.1f} in last bin)",
+        ylabel="perturbations",
+        title="Knockdown efficiency of each target",
+    )
+    ax_hist.legend(fontsize=8, frameon=False)
+    ax_expr.set(
+        xlabel="target's mean log1p CP10K in control cells",
+        ylabel="fraction remaining",
+        title="Knockdown vs target expression",
+        ylim=(0, bins[-1]),
+    )
+    ax_expr.legend(fontsize=8, frameon=False, markerscale=2)
+    return fig
+
+
+def plot_effect_sizes(edas: list[DatasetEda], effect_sizes: pd.DataFrame, effect_threshold: float):
+    """L2 norm and genes moved per perturbation, per dataset, against the null groups' 95th percentile."""
+    from matplotlib.figure import Figure
+
+    colors = _dataset_colors(edas)
+    fig = Figure(figsize=(11, 4.2))
+    axes = fig.subplots(1, 2)
+    rng = np.random.default_rng(0)  # jitter only
+    columns = [
+        ("l2", "L2 norm of effect (log1p units)", "Effect size per perturbation"),
+        ("n_genes_above", f"genes with |effect| > {effect_threshold}", "Genes moved per perturbation"),
+    ]
+    for ax, (column, label, title) in zip(axes, columns):
+        for i, e in enumerate(edas):
+            rows = effect_sizes[effect_sizes.dataset == e.spec.name]
+            perts, nulls = rows[~rows.is_null], rows[rows.is_null]
+            ax.scatter(i + rng.uniform(-0.3, 0.1, len(perts)), perts[column], s=7, alpha=0.5, color=colors[e.spec.name])
+            ax.scatter(
+                i + rng.uniform(0.15, 0.35, len(nulls)),
+                nulls[column],
+                s=14,
+                marker="x",
+                color="0.45",
+                label="null groups (control cells)" if i == 0 else None,
+            )
+            if len(nulls):
+                ax.hlines(
+                    nulls[column].quantile(0.95),
+                    i - 0.35,
+                    i + 0.4,
+                    color="black",
+                    ls="--",
+                    lw=1,
+                    label="null 95th percentile" if i == 0 else None,
+                )
+        ax.set_xticks(range(len(edas)), [e.spec.name for e in edas], rotation=20, ha="right")
+        if column == "l2":
+            ax.set_yscale("log")
+            _use_plain_log_ticks(ax.yaxis)
+        else:  # counts can be 0: linear near zero, log above 10
+            ax.set_yscale("symlog", linthresh=10)
+            ax.set_ylim(bottom=0)
+        ax.set(ylabel=label, title=title)
+        ax.legend(fontsize=8, frameon=False, loc="upper left")
+    return fig
+
+
+def plot_overlap(pert_overlap: pd.DataFrame, gene_overlap: pd.DataFrame, gene_matched_on: pd.DataFrame):
+    """Dataset × dataset heatmaps of shared perturbations and shared genes (marked where matched by symbol)."""
+    from matplotlib.figure import Figure
+
+    n = len(pert_overlap)
+    fig = Figure(figsize=(5.2 * 2 + 1, 0.9 * n + 2.4))
+    axes = fig.subplots(1, 2)
+    panels = [
+        (pert_overlap, None, "Perturbations shared (by symbol)", "Blues"),
+        (gene_overlap, gene_matched_on, "Genes shared (by Ensembl id; sym = by symbol)", "Greens"),
+    ]
+    for ax, (table, matched_on, title, cmap) in zip(axes, panels):
+        values = table.to_numpy()
+        image = ax.imshow(values, cmap=cmap, vmin=0, vmax=values.max())
+        for i in range(n):
+            for j in range(n):
+                text = f"{values[i, j]:,}"
+                if matched_on is not None and matched_on.iloc[i, j] == "symbol":
+                    text += "\nsym"
+                dark = values[i, j] > 0.6 * values.max()
+                ax.text(j, i, text, ha="center", va="center", fontsize=8, color="white" if dark else "black")
+        labels = [name.removeprefix("synthetic_") for name in table.index]
+        ax.set_xticks(np.arange(n), labels, rotation=30, ha="right")
+        ax.set_yticks(np.arange(n), labels)
+        ax.set_title(title, fontsize=10)
+        fig.colorbar(image, ax=ax, shrink=0.8)
+    return fig
+
+
+def plot_effect_pca(edas: list[DatasetEda], pca_rows: pd.DataFrame, pca_explained: np.ndarray, n_shared_genes: int):
+    """PC1/PC2 of every dataset's effects, lines joining the same perturbation, and a zoom on the centre."""
+    from matplotlib.figure import Figure
+
+    colors = _dataset_colors(edas)
+    fig = Figure(figsize=(13, 6), layout="constrained")
+    ax_all, ax_zoom = fig.subplots(1, 2)
+    # Lines only in the full view: in the zoom, noise-level effects make them a tangle.
+    for _, rows in pca_rows.groupby("perturbation"):
+        if len(rows) > 1:  # a star from the first dataset's point (the target's, when present)
+            x0, y0 = rows.pc1.iloc[0], rows.pc2.iloc[0]
+            for x, y in zip(rows.pc1.iloc[1:], rows.pc2.iloc[1:]):
+                ax_all.plot([x0, x], [y0, y], color="0.55", lw=0.6, alpha=0.7, zorder=1)
+    for ax in (ax_all, ax_zoom):
+        for e in edas:
+            rows = pca_rows[pca_rows.dataset == e.spec.name]
+            ax.scatter(
+                rows.pc1,
+                rows.pc2,
+                s=14,
+                alpha=0.8,
+                color=colors[e.spec.name],
+                label=f"{e.spec.name} ({len(rows)} perts)",
+                zorder=2,
+                edgecolor="none",
+            )
+        ax.set(xlabel=f"PC1 ({pca_explained[0]:.1%} of variance)", ylabel=f"PC2 ({pca_explained[1]:.1%})")
+    # Most effects are weak and crowd the origin: the right panel zooms to the central 90%.
+    lo, hi = pca_rows[["pc1", "pc2"]].quantile(0.05), pca_rows[["pc1", "pc2"]].quantile(0.95)
+    pad = 0.15 * (hi - lo)
+    ax_zoom.set(
+        xlim=(lo.pc1 - pad.pc1, hi.pc1 + pad.pc1),
+        ylim=(lo.pc2 - pad.pc2, hi.pc2 + pad.pc2),
+        title="Zoom on the central 90%: weak effects and noise of every dataset",
+    )
+    ax_all.set_title(f"All effects ({n_shared_genes:,} shared genes); grey lines join the same perturbation")
+    ax_all.legend(fontsize=8, frameon=False, markerscale=1.5)
+    return fig
+
+
 # ==================================================================================================
 # gene ids & HVG: nb/03_hvg.py
 # ==================================================================================================

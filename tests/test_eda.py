@@ -106,6 +106,7 @@ def test_effect_pca_has_one_row_per_effect_with_enough_cells(edas):
     assert 0 < n_genes <= min(e.n_genes for e in edas)
 
 
+@pytest.mark.slow
 def test_notebook_runs_headless_and_writes_its_figures(tiny_world):
     data_root, _ = tiny_world
     result = subprocess.run(

@@ -148,6 +148,7 @@ def test_shared_hvgs_refuse_more_genes_than_the_target_measures():
 # ---------------------------------------------------------------- normalisation
 
 
+@pytest.mark.slow
 @pytest.mark.filterwarnings("ignore:Some cells have zero counts")
 def test_normalised_rows_expm1_sum_to_1e4_and_chunks_match_whole():
     dense_cg = make_counts_cg(n_cells=50).toarray()

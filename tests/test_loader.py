@@ -1,4 +1,5 @@
 import numpy as np
+import pandas as pd
 import pytest
 
 import lib
@@ -35,12 +36,28 @@ def test_vocab_round_trips_through_a_file(tmp_path, store):
 
 
 def test_sets_pair_perturbed_cells_with_controls_of_the_same_batch(store):
+    assert store.index.groupby("dataset")["batch"].nunique().max() > 1, "one batch per dataset tests nothing"
     examples = lib.make_example_groups(store.index)
     controls = store.index.loc[examples["control_group"]].reset_index(drop=True)
     assert controls["is_control"].all()
     assert (controls["dataset"].to_numpy() == examples["dataset"].to_numpy()).all()
-    same_batch = controls["batch"].to_numpy() == examples["batch"].to_numpy()
-    assert same_batch.mean() > 0.95  # every synthetic batch has controls
+    # Every synthetic batch has its own controls, so not one set may be paired across batches.
+    assert (controls["batch"].to_numpy() == examples["batch"].to_numpy()).all()
+
+
+def test_a_batch_without_controls_pairs_with_the_largest_control_group():
+    index = pd.DataFrame(
+        dict(
+            dataset="d",
+            cell_type="t",
+            batch=["b1", "b1", "b2", "b3"],
+            perturbation=["non-targeting", "P", "non-targeting", "Q"],
+            is_control=[True, False, True, False],
+            n_cells=[10, 5, 30, 5],
+        )
+    )
+    examples = lib.make_example_groups(index, control_sets=False).set_index("perturbation")
+    assert examples["control_group"].to_dict() == {"P": 0, "Q": 2}  # b1's own controls; b3 has none: b2's (30 > 10)
 
 
 def test_batches_have_the_documented_shapes_and_upsample_small_groups(store):
@@ -116,6 +133,7 @@ def test_every_example_appears_once_per_epoch(store):
     assert not np.array_equal(first, second)  # a fresh shuffle every epoch
 
 
+@pytest.mark.slow
 def test_worker_processes_yield_the_same_batches_as_the_thread(store):
     in_thread, _ = _first_batches(store, lib.LoaderConfig(set_size=8, sets_per_batch=4), 2)
     in_worker, _ = _first_batches(store, lib.LoaderConfig(set_size=8, sets_per_batch=4, worker_count=1), 2)

@@ -201,11 +201,12 @@ def test_out_of_range_perturbation_id_raises():
         lib.get_pert_features(np.zeros((5, 3), np.float32), np.array([5]))
 
 
-def test_model_rejects_wrong_feature_width(small_model):
-    model = small_model
-    ctrl_sg = jnp.zeros((4, SMALL.n_genes))
-    with pytest.raises(Exception):  # jaxtyping/beartype or our assert, whichever fires first
-        call_model(model, ctrl_sg, jnp.zeros(SMALL.n_pert_features + 1))
+def test_model_rejects_wrong_feature_and_gene_widths(small_model):
+    pert_f = jnp.zeros(SMALL.n_pert_features)
+    with pytest.raises(AssertionError, match=r"perturbation features \(7,\) != \(6,\)"):
+        call_model(small_model, jnp.zeros((4, SMALL.n_genes)), jnp.zeros(SMALL.n_pert_features + 1))
+    with pytest.raises(AssertionError, match="control cells have 25 genes, model 24"):
+        call_model(small_model, jnp.zeros((4, SMALL.n_genes + 1)), pert_f)
 
 
 def test_predict_sets_clips_to_max_expression(small_model):
@@ -229,6 +230,7 @@ def test_gene_mean_init_starts_at_the_mean():
         lib.make_model(SMALL, key=jax.random.key(1, impl="unsafe_rbg"), gene_mean_g=mean_g[:-1])
 
 
+@pytest.mark.slow
 def test_residual_output_starts_at_the_control_cells():
     """residual_output: a fresh model predicts "no effect" exactly (the control baseline); with
     center_control the pseudobulk starts at gene_mean_g and every cell keeps its own deviation."""
@@ -263,6 +265,7 @@ def test_residual_model_overfits_one_batch():
     assert float(metrics["pseudobulk_mse"]) < 1e-3, float(metrics["pseudobulk_mse"])
 
 
+@pytest.mark.slow
 def test_direct_path_starts_at_zero_and_learns_transfer_and_knockdown():
     """direct_effect: the feature tail (a gene-space effect, then the knocked-down gene's
     indicator) enters through a per-gene gain and a shared knockdown fraction, both 0 at init (a

@@ -108,6 +108,7 @@ def _losses(run_dir: pathlib.Path) -> np.ndarray:
     return history.set_index("step")["train/loss"]
 
 
+@pytest.mark.slow
 def test_two_processes_train_exactly_like_one_and_only_process_0_writes(tiny_store, tmp_path):
     ckpt = tmp_path / "ckpt_2x2"
     common = dict(run_name="mh", steps=4, ckpt_every=4)
@@ -175,6 +176,7 @@ def test_two_processes_train_exactly_like_one_and_only_process_0_writes(tiny_sto
 # ---------------------------------------------------------------- checkpoints on a bucket URL
 
 
+@pytest.mark.slow
 def test_training_checkpoints_and_resumes_through_a_bucket_url(tiny_store):
     """memory:// stands in for gs:// (same fsspec calls: no rename, no append); the run resumes
     from it and every run file is there, local staging directories are not."""
@@ -205,7 +207,12 @@ def test_training_checkpoints_and_resumes_through_a_bucket_url(tiny_store):
     fs.rm(path, recursive=True)
 
 
-def test_pointer_writes_replace_whole_files_and_leave_no_temporaries(tmp_path):
+def test_pointer_writes_replace_whole_files_and_leave_no_temporaries(tmp_path, monkeypatch):
+    # A plain write opens the pointer itself for writing, so a reader (another host) can see it
+    # empty or half-written; an atomic replace writes a temporary sibling and moves it onto the name.
+    opened_for_write = []
+    for fs_class in {type(lib.get_fs(str(tmp_path))[0]), type(lib.get_fs("memory://x")[0])}:
+        monkeypatch.setattr(fs_class, "_open", _recording_writes(fs_class._open, opened_for_write))
     for root in [str(tmp_path), "memory://bucket/pointers"]:
         lib.write_text_url(f"{root}/run/latest", "step_00000001")
         lib.write_text_url(f"{root}/run/latest", "step_00000002")
@@ -213,6 +220,20 @@ def test_pointer_writes_replace_whole_files_and_leave_no_temporaries(tmp_path):
         fs, path = lib.get_fs(f"{root}/run")
         assert [lib.url_name(p) for p in fs.ls(path, detail=False)] == ["latest"]
         assert lib.read_text_url(f"{root}/run/missing") == ""
+    assert len(opened_for_write) == 4 and all(name.startswith(".latest.tmp-") for name in opened_for_write)
+    # A reader that opened the old local pointer keeps reading the whole old file (a new inode replaced it).
+    with open(tmp_path / "run" / "latest") as reader:
+        lib.write_text_url(f"{tmp_path}/run/latest", "step_00000003")
+        assert reader.read() == "step_00000002"
+
+
+def _recording_writes(open_, names):
+    def _open(self, path, mode="rb", *args, **kwargs):
+        if set(mode) & set("wax+"):
+            names.append(lib.url_name(path))
+        return open_(self, path, mode, *args, **kwargs)
+
+    return _open
 
 
 # ---------------------------------------------------------------- when to call jax.distributed.initialize

@@ -59,6 +59,7 @@ def pipeline_root(tmp_path_factory):
     return data_root
 
 
+@pytest.mark.slow  # a fresh interpreter importing jax per notebook; 02 stays in the fast tier below
 @pytest.mark.parametrize("name", list(NB_FLAGS))
 def test_notebook_help_lists_flags_with_defaults(name):
     out = _run([sys.executable, NB_DIR / f"{name}.py", "--help"]).stdout
@@ -70,6 +71,7 @@ def test_notebook_rejects_unknown_flag():
     assert result.returncode == 2
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", list(NB_FLAGS))
 def test_notebook_runs_under_nbmake(name, pipeline_root, tmp_path):
     ipynb = tmp_path / f"{name}.ipynb"

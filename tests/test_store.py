@@ -174,6 +174,7 @@ print(json.dumps(dict(before_kib=before, peak_kib=status_kib("VmHWM:"))))
 """
 
 
+@pytest.mark.slow
 def test_store_peak_memory_is_bounded_by_the_chunk_not_the_dataset(tmp_path):
     import anndata
 

@@ -75,6 +75,7 @@ def _unpack(vcc_path, out_dir):
     return names, anndata.read_h5ad(out_dir / "pred.h5ad"), (out_dir / "watermark.txt").read_text()
 
 
+@pytest.mark.slow
 def test_pack_vcc_matches_cell_eval_prep(tmp_path):
     """Our .vcc holds what `cell-eval prep` (run in a throwaway env) makes of the same file.
 

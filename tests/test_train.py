@@ -254,7 +254,8 @@ def test_control_only_training_reaches_the_noise_floor(store):
     assert last < 1.5 * floor, (first, last, floor)
 
 
-def test_random_features_give_no_gain_on_held_out_perturbations(trained, tiny_store, tmp_path):
+@pytest.mark.slow
+def test_random_features_give_no_gain_on_held_out_perturbations(tiny_store, tmp_path):
     """A model trained with random per-id features, scored on held-out perturbations with their own
     random rows and with the rows shuffled among them: no real difference (the rows carry nothing)."""
     cfg = tiny_cfg(
@@ -335,6 +336,7 @@ def test_resume_continues_exactly(tiny_store, tmp_path):
         )
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_and_exits_zero_then_resume_continues(tiny_store, tmp_path):
     ckpt_dir = tmp_path / "ckpt"
     flags = [
