@@ -6327,15 +6327,12 @@ def normalised_score(result: dict[str, Any], baseline_result: dict[str, Any]) ->
         raise ValueError(
             f"result used mode {result['mode']!r} but the baseline {baseline_result['mode']!r}; score both in one mode."
         )
+    # numpy scalars, so a baseline at the bound (DES or PDS 1, e.g. PDS with one perturbation;
+    # MAE 0) divides to inf/NaN and becomes 0 below, instead of raising ZeroDivisionError.
+    des, pds, mae = (np.float64(result[k]) for k in ("des", "pds", "mae"))
+    des_b, pds_b, mae_b = (np.float64(baseline_result[k]) for k in ("des", "pds", "mae"))
     with np.errstate(divide="ignore", invalid="ignore"):
-        parts = np.array(
-            [
-                (result["des"] - baseline_result["des"]) / (1 - baseline_result["des"]),
-                (result["pds"] - baseline_result["pds"]) / (1 - baseline_result["pds"]),
-                1 - result["mae"] / baseline_result["mae"],
-            ],
-            dtype=np.float64,
-        )
+        parts = np.array([(des - des_b) / (1 - des_b), (pds - pds_b) / (1 - pds_b), 1 - mae / mae_b])
     parts = np.clip(np.nan_to_num(parts, nan=0.0, posinf=np.inf), 0.0, None)
     return {
         "mode": result["mode"],

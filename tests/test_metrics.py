@@ -186,6 +186,18 @@ def test_normalised_score_by_hand():
         lib.normalised_score(scores(0.5, 0.8, 0.1), {**baseline, "mode": "current"})
 
 
+def test_baseline_at_the_bound_scores_zero_instead_of_dividing_by_zero():
+    """One perturbation makes every PDS 1, so the baseline's is too: 0/0 is NaN, which scores 0."""
+    at_bound = lib.normalised_score(
+        {"mode": "vcc2025", "des": 1.0, "pds": 1.0, "mae": 0.0}, {"mode": "vcc2025", "des": 1.0, "pds": 1.0, "mae": 0.0}
+    )
+    assert at_bound == {"mode": "vcc2025", "s_des": 0.0, "s_pds": 0.0, "s_mae": 0.0, "score": 0.0}
+    worse = lib.normalised_score(
+        {"mode": "vcc2025", "des": 0.5, "pds": 0.5, "mae": 0.2}, {"mode": "vcc2025", "des": 1.0, "pds": 1.0, "mae": 0.0}
+    )
+    assert worse["score"] == 0.0
+
+
 @pytest.mark.parametrize("mode", lib.SCORE_MODES)
 def test_identity_prediction_normalises_to_one(realistic, mode):
     real, _ = realistic
