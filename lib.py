@@ -4142,11 +4142,11 @@ class TrainConfig:
     """Cosine decays to learning_rate * min_lr_ratio at the last step."""
     grad_clip: float = 10.0
     """Clip the global gradient norm to this (STATE: 10); 0 disables."""
-    steps: int = 1000
+    steps: int = 500
     """Optimiser steps in total (a resumed run continues up to this)."""
     log_every: int = 25
     """Pull metrics to the host, check for NaN and log every this many steps."""
-    eval_every: int = 250
+    eval_every: int = 100
     """Validate on the fake-val split every this many steps (and at the end); 0 = never."""
     ckpt_every: int = 500
     """Checkpoint every this many steps (and at the end, and on SIGTERM); 0 = only those."""
@@ -4161,11 +4161,11 @@ class TrainConfig:
     """Seed of the model init, the loader and the per-step keys."""
     fake_val_seed: int = 0
     """Seed of the target's train/val/test perturbation split (make_fake_val_split)."""
-    val_perturbations: int = 8
+    val_perturbations: int = 16
     """Held-out (fake-val `val`) perturbations scored at each validation."""
-    val_cells: int = 64
+    val_cells: int = 128
     """At most this many real cells per validation perturbation."""
-    val_control_cells: int = 128
+    val_control_cells: int = 256
     """Size of the canonical control pool the predictions start from (rounded down to a
     multiple of set_size); saved with every checkpoint for inference."""
     checkpoint_dir: str = ""
