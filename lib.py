@@ -3662,12 +3662,16 @@ class LossConfig:
     pseudobulk_mse_weight: float = 10.0
     """Weight of the MSE between the set means (pseudobulks): the MAE metric's own quantity. Its
     values are ~100x smaller than the energy's; at weight 1 a 1,500-step run stayed worse than control."""
+    effect_corr_weight: float = 0.0
+    """Weight of 1 - Pearson correlation (over genes) of the predicted and the real change of the
+    set mean from the input control set's mean: rewards the effect's direction and ranking, which
+    DES and PDS score and which energy + pseudobulk MSE alone shrink."""
     mmd_bandwidths: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
     """RBF bandwidths sigma in log1p units. Cell-to-cell distances over 2,000 log1p HVGs are
     tens of units; these are a guess to revisit on real data (several scales hedge it)."""
 
     def __post_init__(self):
-        if min(self.energy_weight, self.mmd_weight, self.pseudobulk_mse_weight) < 0:
+        if min(self.energy_weight, self.mmd_weight, self.pseudobulk_mse_weight, self.effect_corr_weight) < 0:
             raise ValueError(f"loss weights must be >= 0: {self}")
         if self.mmd_weight > 0 and (not self.mmd_bandwidths or min(self.mmd_bandwidths) <= 0):
             raise ValueError(f"mmd needs positive bandwidths: {self.mmd_bandwidths}")
@@ -3728,6 +3732,17 @@ def pseudobulk_mse(pred_sg: Float[Array, "set gene"], target_tg: Float[Array, "s
 
 
 @typechecked
+def effect_correlation_loss(
+    pred_sg: Float[Array, "set gene"], target_tg: Float[Array, "set2 gene"], ctrl_sg: Float[Array, "set gene"]
+) -> Float[Array, ""]:
+    """1 - Pearson correlation over genes of (pred mean - ctrl mean) and (target mean - ctrl mean)."""
+    ctrl_g = ctrl_sg.mean(0)
+    p_g, r_g = pred_sg.mean(0) - ctrl_g, target_tg.mean(0) - ctrl_g
+    p_g, r_g = p_g - p_g.mean(), r_g - r_g.mean()
+    return 1.0 - (p_g * r_g).sum() / jnp.sqrt((p_g * p_g).sum() * (r_g * r_g).sum() + 1e-12)
+
+
+@typechecked
 def set_losses(
     pred_sg: Float[Array, "set gene"], target_tg: Float[Array, "set2 gene"], cfg: LossConfig
 ) -> dict[str, Float[Array, ""]]:
@@ -3753,7 +3768,14 @@ def compute_loss(
     pred_bsg = jax.vmap(model)(ctrl_bsg, pert_bf)
     terms_b = jax.vmap(functools.partial(set_losses, cfg=cfg))(pred_bsg, target_btg)
     terms = {name: term_b.mean() for name, term_b in terms_b.items()}
-    weights = {"energy": cfg.energy_weight, "mmd": cfg.mmd_weight, "pseudobulk_mse": cfg.pseudobulk_mse_weight}
+    if cfg.effect_corr_weight > 0:
+        terms["effect_corr"] = jax.vmap(effect_correlation_loss)(pred_bsg, target_btg, ctrl_bsg).mean()
+    weights = {
+        "energy": cfg.energy_weight,
+        "mmd": cfg.mmd_weight,
+        "pseudobulk_mse": cfg.pseudobulk_mse_weight,
+        "effect_corr": cfg.effect_corr_weight,
+    }
     loss = sum(weights[name] * term for name, term in terms.items())
     return loss, terms
 
@@ -7748,8 +7770,8 @@ class SubmitConfig(DataConfig):
 
     split: typing.Literal["validation", "test"] = "validation"
     """Which perturbations: pert_counts_Validation.csv or pert_counts_Test.csv."""
-    predictor: str = "linear"
-    """A baseline (control cell_mean pert_mean_transfer linear linear_transfer) or `model` (a checkpoint)."""
+    predictor: str = "model"
+    """`model` (the newest checkpoint nb/05_train.py wrote, or --checkpoint) or a baseline (control cell_mean pert_mean_transfer linear linear_transfer)."""
     checkpoint: str = ""
     """With --predictor model: the checkpoint directory; empty = the newest under <data_root>/checkpoints/."""
     fill: typing.Literal["control", "mean"] = "control"
