@@ -7046,13 +7046,14 @@ class ModelPredictor:
     """A trained model and everything it needs (vocabulary, feature table, gene list, control pool),
     loaded from one checkpoint directory.
 
-    `pool_mean` (default): a perturbation's predicted cells are shifted (shift_to_mean) so their
+    `pool_mean` (off by default: with the exact-mean head it changed no score, logbook 2026-11-30):
+    a perturbation's predicted cells are shifted (shift_to_mean) so their
     mean is the model's own predicted pseudobulk over its canonical control pool (saved at
     training), computed once per perturbation. The cells keep the model's cell-to-cell variation;
     the mean loses the sampling noise of whichever few control cells a perturbation's inputs are
     (the baselines' exact-mean cells, for the model). False: the raw predicted cells."""
 
-    def __init__(self, ckpt: dict[str, Any], step_dir: pathlib.Path, pool_mean: bool = True):
+    def __init__(self, ckpt: dict[str, Any], step_dir: pathlib.Path, pool_mean: bool = False):
         self.step_dir = step_dir
         self.pool_mean = pool_mean
         self._pool_means: dict[str, np.ndarray] = {}

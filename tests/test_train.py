@@ -222,7 +222,9 @@ def test_control_only_training_reaches_the_noise_floor(store):
             "residual_output": False,
         },
     )  # STATE's head learning from scratch (a residual model starts near the floor)
-    model_cfg = dataclasses.replace(cfg.model, n_genes=store.x_cg.shape[1], n_pert_features=3)
+    model_cfg = dataclasses.replace(
+        cfg.model, n_genes=store.x_cg.shape[1], n_pert_features=3, direct_effect=False, exact_mean=False
+    )
     model = lib.make_model(model_cfg, key=jax.random.key(0))
     optimizer = lib.make_train_optimizer(cfg)
     opt_state = lib.init_opt_state(model, optimizer)
