@@ -8,7 +8,17 @@ all training perturbations) in both modes, plus two vcc2025 ablations of the eff
 no exact-mean cells (the effect added to each control cell) and no knockdown. Prints
 DES / PDS / MAE / Pearson of the change / normalised score, mean ± sd over seeds.
 
+With --with-model it also trains the ST model per seed (lib.run_train: nb/05_train.py's defaults,
+plus --train-args, e.g. "--features onehot" for an ablation; the training time is printed) and
+scores its best checkpoint (as 06 does: KnockdownPredictor around the HVG model) under the name
+--model-name. --only-model scores cell_mean and the model only (ablation rows).
+
     uv run python benchmarks/compare_predictors.py --size small --seeds 0 1 2 --data-root /tmp/cmp
+    uv run python benchmarks/compare_predictors.py --size small --seeds 0 1 2 --data-root /tmp/cmp \
+        --reuse --with-model --no-ablations --out model.csv
+    uv run python benchmarks/compare_predictors.py --size small --seeds 0 1 2 --data-root /tmp/cmp \
+        --reuse --with-model --only-model --modes vcc2025 --model-name model_onehot \
+        --train-args="--features onehot" --out onehot.csv
 """
 
 import argparse
@@ -25,8 +35,14 @@ def main(argv=None) -> None:
     parser.add_argument("--no-ablations", action="store_true", help="skip the exact-mean and knockdown ablations")
     parser.add_argument("--reuse", action="store_true", help="reuse a generated world and store")
     parser.add_argument("--out", default="", help="also write the long table here (csv, rewritten after every run)")
+    parser.add_argument("--with-model", action="store_true", help="train the ST model per seed and score it")
+    parser.add_argument("--train-args", default="", help="extra nb/05_train.py flags (one string)")
+    parser.add_argument("--model-name", default="model", help="the model's row name")
+    parser.add_argument("--only-model", action="store_true", help="score only cell_mean and the model")
     parser.add_argument("--summarise", nargs="+", default=[], help="only print the table of these --out csv files")
     args = parser.parse_args(argv)
+
+    import shlex
 
     import pandas as pd
 
@@ -37,7 +53,7 @@ def main(argv=None) -> None:
         return
     effect_baselines = ("pert_mean_transfer", "linear", "linear_transfer")
     runs = [(mode, "", {}) for mode in args.modes]
-    if not args.no_ablations:
+    if not args.no_ablations and not args.only_model:
         runs += [("vcc2025", "_noexact", {"exact_mean": False}), ("vcc2025", "_nokd", {"knockdown": False})]
     tables = []
     for seed in args.seeds:
@@ -48,14 +64,42 @@ def main(argv=None) -> None:
             lib.run_hvg(lib.HvgConfig(data_root=str(root), offline=True))
             lib.run_normalise(lib.NormaliseConfig(data_root=str(root)))
         print(f"seed {seed}: world + HVGs + store in {time.perf_counter() - t0:.0f} s", flush=True)
+        checkpoint = "none"
+        if args.with_model:
+            t0 = time.perf_counter()
+            run_name = f"{args.model_name}_seed{seed}"
+            train_cfg = lib.parse_config(
+                lib.TrainConfig,
+                [
+                    "--data-root", str(root),
+                    "--checkpoint-dir", str(root / "checkpoints"),
+                    "--run-name", run_name,
+                    "--wandb-mode", "disabled",
+                    *shlex.split(args.train_args),
+                ],
+            )  # fmt: skip
+            result = lib.run_train(train_cfg)
+            checkpoint = result["run_dir"]
+            print(f"seed {seed}: trained {run_name} in {time.perf_counter() - t0:.0f} s (2 cores, shared)", flush=True)
         for mode, suffix, flags in runs:
             t0 = time.perf_counter()
             predictors = lib.BASELINES if not suffix else ("cell_mean", *effect_baselines)
+            if args.only_model:
+                predictors = ("cell_mean",)
             out = lib.run_eval(
-                lib.EvalConfig(data_root=str(root), checkpoint="none", mode=mode, predictors=predictors, **flags)
+                lib.EvalConfig(
+                    data_root=str(root),
+                    checkpoint=checkpoint if not suffix else "none",
+                    mode=mode,
+                    predictors=predictors,
+                    **flags,
+                )
             )
             table = out["results"]
-            table["predictor"] = [p if p in ("cell_mean", "control") else p + suffix for p in table["predictor"]]
+            table["predictor"] = [
+                args.model_name if p == "model" else p if p in ("cell_mean", "control") else p + suffix
+                for p in table["predictor"]
+            ]
             if suffix:
                 table = table[table["predictor"] != "cell_mean"]
             table.insert(0, "seed", seed)

@@ -30,6 +30,13 @@ def _():
         learned id embedding (blind to unseen ones: they get the OOV row); `random` is the control
         experiment. No feature ever reads a target perturbation's cells.
 
+        **Start at the strongest baseline.** With gene features the model also reads the other
+        cell types' mean effect in gene space through a per-gene gain that starts at 1
+        (`--effect-gain-init`) and the knocked-down gene's indicator, and its exact-mean head
+        (`--exact-mean`) makes each set's mean exactly its predicted pseudobulk: a fresh model is
+        the pert_mean_transfer baseline, and training corrects it. The checkpoint 06/07 load
+        (`best`) is the one with the best validation score (`--best-by`), step 0 included.
+
         **Losses.** Energy distance between the predicted and the real set (STATE's distributional
         loss) + `pseudobulk_mse_weight` × MSE of the set means (the MAE metric's quantity).
 
@@ -40,7 +47,7 @@ def _():
 
         ```
         python nb/05_train.py --help                                  # every flag, with its default
-        python nb/05_train.py                                         # ~2-3 min on 2 CPU cores (small world)
+        python nb/05_train.py                                         # ~3-5 min on 2 CPU cores (small world)
         python nb/05_train.py --steps 100 --features onehot           # flags
         python nb/05_train.py --config my.toml --learning-rate 3e-4   # TOML sets defaults, flags win
         python nb/05_train.py --resume                                # continue the latest run
@@ -98,7 +105,7 @@ def _(mo):
     clipped Adam(W) update). Every `log_every` steps the metrics come to the host and a NaN stops
     the run; every `eval_every` steps the model predicts the held-out perturbations from the
     canonical control pool and is scored with `lib.score`; every `ckpt_every` steps (and at the
-    end, and at the best validation MAE) it checkpoints.
+    end, and at the best validation score, step 0 included) it checkpoints.
     """)
     return
 

@@ -12,7 +12,7 @@ def _():
         r"""
         # 07 · Submit: a predictor's answer as a `.vcc` file
 
-        Turns a predictor into a challenge submission: for every perturbation of
+        Turns a predictor (default: the trained model, nb/05's newest checkpoint) into a challenge submission: for every perturbation of
         `pert_counts_Validation.csv` (`--split test`: `pert_counts_Test.csv`) exactly
         `n_cells` predicted cells, then control cells; all genes of `gene_names.csv` in that
         order (a model's non-HVG genes filled per `--fill`); log1p float32 CSR. Cells are
@@ -32,7 +32,8 @@ def _():
 
         ```
         python nb/07_submit.py --help                                  # flags and defaults
-        python nb/07_submit.py --predictor linear                      # a baseline, validation split
+        python nb/07_submit.py                                         # the model (newest checkpoint), validation split
+        python nb/07_submit.py --predictor linear_transfer             # a baseline
         python nb/07_submit.py --predictor model --fixed-pseudobulk    # newest checkpoint
         python nb/07_submit.py --predictor model --checkpoint DIR --split test
         marimo edit nb/07_submit.py -- --predictor cell_mean

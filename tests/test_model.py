@@ -11,7 +11,8 @@ import pytest
 
 import lib
 
-# STATE's plain head unless a test asks for the residual one (ModelConfig's default).
+# STATE's plain head unless a test asks for the residual one, the direct path or the exact-mean
+# head (ModelConfig's defaults).
 SMALL = lib.ModelConfig(
     n_genes=24,
     n_pert_features=6,
@@ -21,6 +22,8 @@ SMALL = lib.ModelConfig(
     mlp_ratio=2,
     residual_output=False,
     center_control=False,
+    direct_effect=False,
+    exact_mean=False,
 )
 
 # Jitted calls: eager JAX compiles every op on its own, which costs more than these tests.
@@ -268,10 +271,10 @@ def test_residual_model_overfits_one_batch():
 @pytest.mark.slow
 def test_direct_path_starts_at_zero_and_learns_transfer_and_knockdown():
     """direct_effect: the feature tail (a gene-space effect, then the knocked-down gene's
-    indicator) enters through a per-gene gain and a shared knockdown fraction, both 0 at init (a
-    fresh model is the control baseline) and learned: here the target is the control shifted
-    by exactly that effect, with the indicated gene at half its value."""
-    cfg = dataclasses.replace(SMALL, residual_output=True, direct_effect=True)
+    indicator) enters through a per-gene gain and a shared knockdown fraction, both 0 at init here
+    (effect_gain_init=0: a fresh model is the control baseline) and learned: here the target is the
+    control shifted by exactly that effect, with the indicated gene at half its value."""
+    cfg = dataclasses.replace(SMALL, residual_output=True, direct_effect=True, effect_gain_init=0.0)
     model = lib.make_model(cfg, key=jax.random.key(5, impl="unsafe_rbg"))
     b, g = 4, SMALL.n_genes
     ctrl_bsg = jnp.asarray(make_cells(18, b * 6, g).reshape(b, 6, -1)) + 1.0
@@ -287,3 +290,29 @@ def test_direct_path_starts_at_zero_and_learns_transfer_and_knockdown():
     assert float(jnp.median(model.effect_gain_g)) > 0.5, model.effect_gain_g
     assert 0.25 < float(model.knockdown) < 0.75, model.knockdown
     assert lib.count_params(model) == hand_param_count(SMALL) + g + 1
+
+
+def test_fresh_direct_model_starts_at_the_transfer_effect_with_exact_means():
+    """effect_gain_init=1 + exact_mean (the defaults): a fresh residual model (decoder bias at the
+    control mean) predicts a set whose mean is exactly max(control mean + fed effect, 0) per gene:
+    the pert_mean_transfer pseudobulk; cells >= 0."""
+    cfg = dataclasses.replace(SMALL, residual_output=True, direct_effect=True, effect_gain_init=1.0, exact_mean=True)
+    g = SMALL.n_genes
+    ctrl_sg = jnp.asarray(make_cells(19, 16, g))
+    model = lib.make_model(cfg, key=jax.random.key(6, impl="unsafe_rbg"), gene_mean_g=np.asarray(ctrl_sg).mean(0))
+    effect_g = jnp.asarray(np.random.default_rng(1).normal(0, 1.0, g), jnp.float32)
+    pert_f = jnp.concatenate([jnp.zeros(SMALL.n_pert_features), effect_g, jnp.zeros(g)])
+    pred_sg = np.asarray(call_model(model, ctrl_sg, pert_f))
+    want_g = np.maximum(np.asarray(ctrl_sg).mean(0) + np.asarray(effect_g), 0.0)
+    np.testing.assert_allclose(pred_sg.mean(0), want_g, atol=1e-5)
+    assert pred_sg.min() >= 0.0
+
+
+def test_shift_to_mean_jax_matches_numpy_and_has_finite_gradients():
+    rng = np.random.default_rng(0)
+    x_sg = np.maximum(rng.normal(0.3, 1.0, (32, 200)), 0.0).astype(np.float32)
+    t_g = (x_sg.mean(0) + rng.normal(0, 0.3, 200)).astype(np.float32)
+    got = np.asarray(lib.shift_to_mean_jax(jnp.asarray(x_sg), jnp.asarray(t_g)))
+    np.testing.assert_allclose(got, lib.shift_to_mean(x_sg, t_g), atol=1e-5)
+    grad_g = jax.grad(lambda t: lib.shift_to_mean_jax(jnp.asarray(x_sg), t).sum())(jnp.asarray(t_g))
+    assert np.isfinite(np.asarray(grad_g)).all()

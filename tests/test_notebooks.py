@@ -81,3 +81,13 @@ def test_notebook_runs_under_nbmake(name, pipeline_root, tmp_path):
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "--nbmake", str(ipynb)],
         env={"VCELL_NB_ARGS": flags},
     )
+
+
+@pytest.mark.parametrize("split", ["validation", "test"])
+def test_submit_default_is_the_trained_model_on_both_splits(split, pipeline_root):
+    """07's default predictor is the model: from 05's checkpoint it writes a validated .vcc for
+    either split (features for perturbations never seen in the target, non-HVG genes filled) and
+    prints the normalised score against the synthetic truth at the end."""
+    out = _run([sys.executable, NB_DIR / "07_submit.py", "--data-root", str(pipeline_root), "--split", split]).stdout
+    assert (pipeline_root / "submissions" / "synthetic" / f"model_{split}.prep.vcc").exists(), out
+    assert "normalised:" in out.strip().splitlines()[-1], out[-2000:]
