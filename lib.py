@@ -5498,6 +5498,21 @@ def get_val_objective(val_metrics: dict[str, float], best_by: str) -> float:
     return val_metrics["val/mae"]
 
 
+def make_validation_and_pool(cfg: TrainConfig, store: CellStore, split, target: str, vocab) -> tuple:
+    """(the validation set, or None; the control pool saved with every checkpoint for inference).
+    Validation is host work on process 0, with its own copy of the replicated parameters."""
+    if jax.process_index() == 0 and cfg.eval_every and split["val"]:
+        val = make_validation_set(store, split["val"], target, cfg, vocab)
+        return val, val.pool_cg
+    return None, make_control_pool(store, target, cfg.val_control_cells, cfg.loader.set_size, cfg.seed)[1]
+
+
+def log_validation(log: RunLog, step: int, val_metrics: dict, val_baselines: dict) -> None:
+    """Process 0: a validation's metrics (with the baselines', for the curves) to the log and the terminal."""
+    log.log({**val_metrics, **val_baselines}, step)
+    print(f"  step {step}: " + ", ".join(f"{k}={v:.4f}" for k, v in val_metrics.items()), flush=True)
+
+
 def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """Train the ST model; returns {run_id, run_dir, status, step, final metrics, ...}.
 
@@ -5529,17 +5544,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     oov_dropout = to_replicated(np.float32(cfg.oov_dropout), replicated)
     stop_vote = StopVote(batch_sharding)
 
-    # Validation is host work on process 0, with its own copy of the replicated parameters.
-    val = (
-        make_validation_set(store, split["val"], target, cfg, vocab)
-        if is_main and cfg.eval_every and split["val"]
-        else None
-    )
-    pool_cg = (
-        val.pool_cg
-        if val
-        else make_control_pool(store, target, cfg.val_control_cells, cfg.loader.set_size, cfg.seed)[1]
-    )
+    val, pool_cg = make_validation_and_pool(cfg, store, split, target, vocab)
     static_files = get_static_files(cfg, start.model_cfg, vocab, features, pool_cg, store.genes)
 
     n_params, log = count_params(model), None
@@ -5555,10 +5560,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     if val is not None:  # process 0 only
         val_baselines = score_validation_baselines(val)
         print("validation baselines: " + ", ".join(f"{k}={v:.4f}" for k, v in val_baselines.items()))
-        if start.step == 0:  # where the curves start: the initialised model (≈ the mean, by the bias init)
+        if start.step == 0:  # where the curves start; the untrained model is a candidate for `best`
             val_metrics = validate(local_copy(model), features, val, cfg.loss, cfg.loader.set_size)
-            log.log({**val_metrics, **val_baselines}, 0)
-            print("  step 0: " + ", ".join(f"{k}={v:.4f}" for k, v in val_metrics.items()), flush=True)
+            log_validation(log, 0, val_metrics, val_baselines)
             best = get_val_objective(val_metrics, cfg.best_by)
             save_train_checkpoint(run_dir, 0, model, opt_state, key, iterator, run_id, best, val_metrics, static_files)
             write_text_url(join_url(run_dir, "best"), f"step_{0:08d}")
@@ -5595,8 +5599,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                     val_metrics = validate(local_copy(model), features, val, cfg.loss, cfg.loader.set_size)
                     objective = get_val_objective(val_metrics, cfg.best_by)
                     is_best, best = objective < best, min(best, objective)
-                    log.log({**val_metrics, **val_baselines}, step)
-                    print("  " + ", ".join(f"{k}={v:.4f}" for k, v in val_metrics.items()), flush=True)
+                    log_validation(log, step, val_metrics, val_baselines)
                     t_log = time.perf_counter()  # validation time is not step time
                 if (is_ckpt or is_last or is_best) and is_main:
                     metrics = {**last_metrics, **val_metrics}
