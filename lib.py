@@ -3577,15 +3577,15 @@ class ModelConfig:
     fraction shared by all genes (so it transfers to perturbations never seen). The fraction
     starts at 0, the gain at `effect_gain_init`. n_pert_features counts the other features only."""
     effect_gain_init: float = 1.0
+    """Initial per-gene gain of the direct effect. 1: a fresh residual model predicts the control
+    mean plus the other cell types' mean effect, i.e. the pert_mean_transfer baseline, and
+    training corrects it; 0: a fresh model predicts "no effect" (the pre-issue-10 start)."""
     exact_mean: bool = True
     """Exact-mean head: the model's pseudobulk is the mean of its pre-ReLU output over the set,
     and its cells are that output shifted per gene so that, after clipping at 0, their mean is
     exactly that pseudobulk (`shift_to_mean_jax`, the baselines' `shift_to_mean`). Without it a
     predicted decrease is partly undone by the ReLU (cells pushed below 0 come back to 0), which
     shrank a fresh transfer model's DES from 0.144 to 0.088 (logbook 2026-11-30)."""
-    """Initial per-gene gain of the direct effect. 1: a fresh residual model predicts the control
-    mean plus the other cell types' mean effect, i.e. the pert_mean_transfer baseline, and
-    training corrects it; 0: a fresh model predicts "no effect" (the pre-issue-10 start)."""
 
     def __post_init__(self):
         if self.hidden % self.n_heads:
