@@ -1685,7 +1685,7 @@ def measure_synthetic_world(
     hvg_cells: int = 5_000,
     seed: int = 0,
 ) -> dict[str, Any]:
-    """The synthetic world's realism numbers (issue 10 §1), measured from its files as a user would:
+    """The synthetic world's realism numbers, measured from its files as a user would:
 
     - cells per target perturbation (minimum per split) and the control share of each target file;
     - true DE genes of each held-out (validation + test) perturbation: the scorer's own DE

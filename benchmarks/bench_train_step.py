@@ -7,7 +7,7 @@ Random log1p-like data; the time is the median over steps after compilation/warm
 
     # ours only (project venv)
     .venv/bin/python benchmarks/bench_train_step.py --engine jax --steps 20
-    # ours, then arc-state in its own venv (see ENVIRONMENT.md), then ours again: a ratio
+    # ours, then arc-state in its own venv (python3.11 -m venv V; V/bin/pip install torch==2.13.0 arc-state), then ours again: a ratio
     .venv/bin/python benchmarks/bench_train_step.py --engine both --steps 20 \
         --state-python /tmp/statevenv/bin/python
 

@@ -12,7 +12,7 @@ def _():
         r"""
         # 05 · Train the ST set transformer
 
-        **What ST is.** STATE's "ST" model (SPEC §4): a *set* of S control cells of the target
+        **What ST is.** STATE's "ST" model: a *set* of S control cells of the target
         cell type (log1p, the shared HVGs) and one perturbation go in; S predicted perturbed cells
         come out. A basal MLP encodes each cell, a perturbation MLP encodes the perturbation's
         feature vector and is added to every cell, a bidirectional transformer (no positions, so

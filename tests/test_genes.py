@@ -1,4 +1,4 @@
-"""Gene ids, the shared-HVG rule and the one normalisation function (issue 3)."""
+"""Gene ids, the shared-HVG rule and the one normalisation function."""
 
 import dataclasses
 import json

@@ -1,4 +1,4 @@
-"""Metrics (issue 4): DE overlap, PDS, MAE, normalised score, cell-mean baseline, input checks.
+"""Metrics: DE overlap, PDS, MAE, normalised score, cell-mean baseline, input checks.
 
 The last tests score the same files with the real cell-eval (0.6.6 + pdex 0.1.26 for
 `vcc2025`, 0.8.2 + pdex 0.3.0 for `current`) in throwaway uv environments and compare.

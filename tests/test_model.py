@@ -134,9 +134,9 @@ def test_researcher_config_param_count_is_about_2_5_million():
     model = eqx.filter_eval_shape(lib.make_model, cfg, key=jax.random.key(0))  # shapes only, no init
     n_params = lib.count_params(model)
     assert n_params == hand_param_count(cfg)
-    assert 2.3e6 < n_params < 2.7e6  # seed-notes: ~2.5M
+    assert 2.3e6 < n_params < 2.7e6  # the researcher's config: ~2.5M
     n_transformer = lib.count_params(model.blocks) + lib.count_params(model.final_norm)
-    assert abs(n_transformer - 1.84e6) < 0.01e6  # seed-notes: transformer ~1.84M
+    assert abs(n_transformer - 1.84e6) < 0.01e6  # the researcher's transformer: ~1.84M
 
 
 # One optimiser and loss config for every make_step call here: filter_jit keys its cache on

@@ -1,4 +1,4 @@
-"""Training across processes (issue 6): 2 CPU processes x 2 devices == 1 process x 4 devices.
+"""Training across processes: 2 CPU processes x 2 devices == 1 process x 4 devices.
 
 The processes run the real entry point (nb/05_train.py) on 127.0.0.1 with gloo collectives; a
 peer that never connects makes jax.distributed.initialize abort (SIGABRT) after its timeout, so

@@ -1,4 +1,4 @@
-"""The normalised, row-addressable store (issue 3, 04 normalise), checked against scanpy."""
+"""The normalised, row-addressable store (04 normalise), checked against scanpy."""
 
 import dataclasses
 import io

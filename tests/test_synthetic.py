@@ -120,7 +120,7 @@ def test_chunked_writing_keeps_the_layout(tmp_path, monkeypatch):
     assert np.all(np.diff(adata.X.indptr) > 0), "every cell has counts"
 
 
-# Realism (issue 10 §1): measured from the files of the smallest world whose numbers mean
+# Realism: measured from the files of the smallest world whose numbers mean
 # something (~15 s); the medium world's numbers are in the logbook
 # (`uv run python benchmarks/world_realism.py --size medium`).
 

@@ -507,7 +507,7 @@ def test_predictor_loads_from_the_checkpoint_root_pointer(trained):
 
 @pytest.mark.slow
 def test_trained_model_scores_above_cell_mean_on_held_out_perturbations(tmp_path_factory):
-    """The bar of issue 10: on the `check` world (a world with signal), a briefly trained model
+    """The quality bar: on the `check` world (a world with signal), a briefly trained model
     (05's defaults but tiny and short) scored by 06 on held-out perturbations (fake-val test and
     the true test split, vcc2025) has a normalised score above the cell-mean baseline's 0."""
     root = tmp_path_factory.mktemp("check_world")
