@@ -13,17 +13,8 @@ import lib
 
 # STATE's plain head unless a test asks for the residual one, the direct path or the exact-mean
 # head (ModelConfig's defaults).
-SMALL = lib.ModelConfig(
-    n_genes=24,
-    n_pert_features=6,
-    hidden=32,
-    n_layers=1,
-    n_heads=4,
-    mlp_ratio=2,
-    residual_output=False,
-    center_control=False,
-    direct_effect=False,
-    exact_mean=False,
+SMALL = dataclasses.replace(
+    lib.RESEARCHER_MODEL, n_genes=24, n_pert_features=6, hidden=32, n_layers=1, n_heads=4, mlp_ratio=2
 )
 
 # Jitted calls: eager JAX compiles every op on its own, which costs more than these tests.
