@@ -96,6 +96,11 @@ typechecked = jaxtyping.jaxtyped(typechecker=beartype.beartype)
 # ==================================================================================================
 
 
+class UserError(Exception):
+    """Bad input from the user (a flag, a file, a missing earlier step), not a bug in vcell: the
+    message says what is wrong, why, and the fix, in one line."""
+
+
 def get_data_root(data_root: str | os.PathLike | None = None) -> pathlib.Path:
     """The one data root: an explicit flag wins, then $VCELL_DATA_ROOT, then ./data.
 
