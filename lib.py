@@ -98,7 +98,32 @@ typechecked = jaxtyping.jaxtyped(typechecker=beartype.beartype)
 
 class UserError(Exception):
     """Bad input from the user (a flag, a file, a missing earlier step), not a bug in vcell: the
-    message says what is wrong, why, and the fix, in one line."""
+    message says what is wrong, why, and the fix, in one line. A notebook run as a script prints
+    just that line (run_notebook). Not a ValueError on purpose: tyro would catch one raised while
+    it builds a config and print it in a box of its own."""
+
+
+class MissingFileError(UserError, FileNotFoundError):
+    """A UserError for an input file that is not there; still a FileNotFoundError, for the callers
+    that carry on without an optional input."""
+
+
+DEBUG_ENV = "VCELL_DEBUG"  # =1: a user error shows its traceback too (as --debug does)
+
+
+def run_notebook(app) -> None:
+    """THE `if __name__ == "__main__":` of every notebook: run it as a script. A UserError ends the
+    run with its one-line message on stderr and exit status 2 (as a bad flag does); with --debug or
+    $VCELL_DEBUG=1 it keeps its traceback. Any other exception is a bug and keeps its traceback
+    (exit status 1). marimo's script runner re-raises a failing cell's own exception, so it can
+    be caught here."""
+    try:
+        app.run()
+    except UserError as e:
+        if "--debug" in sys.argv[1:] or os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
+            raise
+        print("error: " + " ".join(str(e).split()), file=sys.stderr)
+        sys.exit(2)
 
 
 def get_data_root(data_root: str | os.PathLike | None = None) -> pathlib.Path:
@@ -249,7 +274,10 @@ def parse_config(config_cls, argv: list[str] | None = None, description: str = "
     argv = notebook_argv() if argv is None else list(argv)
     config_path = _find_flag(argv, "--config")
     default = read_config_toml(config_cls, config_path) if config_path else config_cls()
-    return tyro.cli(config_cls, args=argv, default=default, description=description)
+    cfg = tyro.cli(config_cls, args=argv, default=default, description=description)
+    if getattr(cfg, "debug", False):  # also from a --config file: run_notebook reads the environment
+        os.environ[DEBUG_ENV] = "1"
+    return cfg
 
 
 def _find_flag(argv: list[str], flag: str) -> str:
@@ -266,12 +294,15 @@ def read_config_toml(config_cls, path: str | os.PathLike):
     own names, as its flags are); each value checked against the field's type."""
     path = pathlib.Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"--config {path}: no such file")
-    values = {k.replace("-", "_"): v for k, v in tomllib.loads(path.read_text()).items()}
+        raise UserError(f"--config {path}: no such file; pass the path of an existing TOML file")
+    try:
+        values = {k.replace("-", "_"): v for k, v in tomllib.loads(path.read_text()).items()}
+    except tomllib.TOMLDecodeError as e:
+        raise UserError(f"--config {path} is not valid TOML ({e}); fix that line") from e
     hints = get_flag_hints(config_cls)
     unknown = sorted(set(values) - set(hints))
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"{path}: unknown keys {unknown}; valid keys are the notebook's flags (--help): {sorted(hints)}"
         )
     values = {k: _coerce(k, hints[k][1], v) for k, v in values.items()}
@@ -334,8 +365,48 @@ def _coerce(name: str, hint, value):
         ok = isinstance(value, list)
         value = tuple(value) if ok else value
     if not ok:
-        raise ValueError(f"config key {name!r}: {value!r} is not a valid {hint}")
+        raise UserError(f"config key {name!r}: {value!r} is not a valid {hint}; fix it in the --config file")
     return value
+
+
+@dataclasses.dataclass(frozen=True)
+class Range:
+    """The values a numeric flag allows, declared next to it (`n: Annotated[int, Range(1, 10)]`)
+    and checked by every config's __post_init__ (check_flag_ranges), so a bad value stops the
+    parse, before any work and before any output is touched. Bounds are inclusive unless open."""
+
+    lo: float
+    hi: float
+    lo_open: bool = False
+    """True: the value must be > lo (e.g. a learning rate)."""
+    hi_open: bool = False
+    """True: the value must be < hi (e.g. a probability that cannot be 1)."""
+
+    def allows(self, value) -> bool:  # NaN fails every comparison, so it is never allowed
+        above = value > self.lo if self.lo_open else value >= self.lo
+        below = value < self.hi if self.hi_open else value <= self.hi
+        return bool(above and below)
+
+    def describe(self) -> str:
+        lo, hi = (f"{v:,}" if isinstance(v, int) else f"{v:g}" for v in (self.lo, self.hi))
+        return f"{'>' if self.lo_open else '>='} {lo} and {'<' if self.hi_open else '<='} {hi}"
+
+
+MAX_CELLS_FLAG = 10**9  # more cells than any dataset has (VCC's training file: 221k; Replogle's: 2.5M)
+MAX_SEED = 2**32 - 1  # numpy and jax both take seeds up to here
+
+
+def flag_error(name: str, value, why: str) -> UserError:
+    """The one message of a bad flag value: which flag, the value, what is allowed."""
+    return UserError(f"--{name.replace('_', '-')} {value!r}: {why}; pass an allowed value (see --help)")
+
+
+def check_flag_ranges(cfg) -> None:
+    """Every Range declared on `cfg`'s fields (call it from __post_init__)."""
+    for name, hint in typing.get_type_hints(type(cfg), include_extras=True).items():
+        for rule in getattr(hint, "__metadata__", ()):
+            if isinstance(rule, Range) and not rule.allows(getattr(cfg, name)):
+                raise flag_error(name, getattr(cfg, name), f"must be {rule.describe()}")
 
 
 DATA_DERIVED_FIELDS = ("n_genes", "n_pert_features")  # model fields set from the store, not flags
@@ -351,14 +422,40 @@ class DataConfig:
     """Data root; empty means $VCELL_DATA_ROOT, else ./data (git-ignored)."""
     world: typing.Literal["synthetic", "real"] = "synthetic"
     """`synthetic`: the locally generated world (default); `real`: the downloaded sources."""
+    debug: bool = False
+    """On a user error, print its traceback too, not just the one-line message (also $VCELL_DEBUG=1)."""
+
+    def __post_init__(self):
+        check_flag_ranges(self)
 
 
 # -------------------- h5ad files in row chunks ----------------------------------------------------
 
 
+H5AD_FIX = "delete it and run nb/01_download.py again (a real source is fetched again and its hash checked)"
+
+
+def describe_hdf5_failure(path: pathlib.Path, error: Exception) -> str:
+    """What looks wrong with a file h5py could not open, in words a user can act on."""
+    text = str(error)
+    if path.stat().st_size == 0:
+        return "the file is empty (0 bytes)"
+    if "truncated" in text:
+        return f"the file is truncated ({path.stat().st_size:,} bytes, shorter than its header says: an interrupted download or copy)"
+    if "signature not found" in text:
+        return (
+            "the file is not HDF5 (an h5ad is an HDF5 file: was an error page or another format saved under this name?)"
+        )
+    return f"h5py: {text.splitlines()[0] if text else type(error).__name__}"
+
+
 @contextlib.contextmanager
-def open_h5ad_backed(path: str | os.PathLike) -> Iterator[tuple[pd.DataFrame, pd.DataFrame, Any]]:
-    """(obs, var, X) of an h5ad with X left on disk (rows are read by slicing X).
+def open_h5ad_backed(
+    path: str | os.PathLike, spec: DatasetSpec | None = None
+) -> Iterator[tuple[pd.DataFrame, pd.DataFrame, Any]]:
+    """(obs, var, X) of an h5ad with X left on disk (rows are read by slicing X): THE way every input
+    h5ad is opened, so a missing, empty, truncated or non-HDF5 file, or one without the obs columns
+    `spec`'s manifest entry names, is one UserError naming the file and the fix.
 
     Reads only obs and var into memory (not layers/obsm, unlike anndata's backed mode).
     X slices give scipy CSR for sparse files, numpy arrays for dense ones.
@@ -367,12 +464,59 @@ def open_h5ad_backed(path: str | os.PathLike) -> Iterator[tuple[pd.DataFrame, pd
 
     path = pathlib.Path(path)
     if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run nb/01_download.py for this world first")
-    with h5py.File(path, "r") as f:
+        raise MissingFileError(f"{path} is missing: run nb/01_download.py for this world first")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as e:
+        raise UserError(f"{path} cannot be opened: {describe_hdf5_failure(path, e)}; {H5AD_FIX}") from e
+    with f:
+        missing = [key for key in ("X", "obs", "var") if key not in f]
+        if missing:
+            raise UserError(f"{path} is HDF5 but not an h5ad (no {'/'.join(missing)}); {H5AD_FIX}")
         x = anndata.io.sparse_dataset(f["X"]) if isinstance(f["X"], h5py.Group) else f["X"]
         if isinstance(f["X"], h5py.Group) and x.format != "csr":
-            raise ValueError(f"{path}: X is {x.format}; row chunks need CSR (rewrite it with X = X.tocsr())")
-        yield anndata.io.read_elem(f["obs"]), anndata.io.read_elem(f["var"]), x
+            raise UserError(f"{path}: X is {x.format}; row chunks need CSR (rewrite it with X = X.tocsr())")
+        try:
+            obs, var = anndata.io.read_elem(f["obs"]), anndata.io.read_elem(f["var"])
+        except (OSError, KeyError, ValueError) as e:
+            raise UserError(f"{path}: obs/var cannot be read ({type(e).__name__}: {e}); {H5AD_FIX}") from e
+        if spec is not None:
+            check_obs_keys(obs, spec, path)
+        yield obs, var, x
+
+
+def check_obs_keys(obs: pd.DataFrame, spec: DatasetSpec, path: pathlib.Path) -> None:
+    """The obs columns the manifest says `spec`'s file has (perturbation, batch) are there."""
+    keys = {"perturbation_key": spec.perturbation_key, "batch_key": spec.batch_key}
+    for field, column in keys.items():
+        if column and column not in obs.columns:
+            raise UserError(
+                f"{path}: obs has no column {column!r} ({field} of dataset {spec.name} in data_manifest.toml); "
+                f"its obs columns are {list(obs.columns)[:12]}: fix {field} in the manifest, or re-download the file"
+            )
+
+
+def read_csv(
+    path: str | os.PathLike, fix: str, columns: Sequence[str] = (), min_rows: int = 1, **kwargs
+) -> pd.DataFrame:
+    """THE reader of every input CSV (pandas' keywords pass through): a missing, empty or unreadable
+    file, one without `columns`, or with fewer than `min_rows` rows, is one UserError naming the
+    file, what is wrong and `fix` (what writes the file)."""
+    path = pathlib.Path(path)
+    if not path.exists():
+        raise MissingFileError(f"{path} is missing: {fix}")
+    try:
+        table = pd.read_csv(path, **kwargs)
+    except pd.errors.EmptyDataError as e:
+        raise UserError(f"{path} is empty ({path.stat().st_size} bytes, not even a header): {fix}") from e
+    except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as e:
+        raise UserError(f"{path} is not a readable CSV ({str(e).splitlines()[0]}): {fix}") from e
+    missing = [c for c in columns if c not in table.columns]
+    if missing:
+        raise UserError(f"{path} has no column {missing} (its columns: {list(table.columns)[:12]}): {fix}")
+    if len(table) < min_rows:
+        raise UserError(f"{path} has {len(table)} rows, fewer than the {min_rows} it needs: {fix}")
+    return table
 
 
 def read_rows(x, rows: slice | np.ndarray) -> scipy.sparse.csr_matrix:
@@ -736,7 +880,7 @@ class DownloadConfig(DataConfig):
     """Synthetic world size: `tiny` for unit tests, `small` for quick runs, `medium` to compare
     models (5x the cells per perturbation: effects rise above the sampling noise), `vcc` for
     VCC-like scale."""
-    seed: int = 0
+    seed: Annotated[int, Range(0, MAX_SEED)] = 0
     """Seed of the synthetic world (same seed, same files)."""
     sources: tuple[str, ...] = ()
     """Real sources to fetch (names of `[sources.*]` in data_manifest.toml); empty = every source with fetch_by_default = true."""
@@ -1860,19 +2004,19 @@ class EdaConfig(DataConfig):
 
     datasets: tuple[str, ...] = ()
     """Dataset names to look at (e.g. synthetic_h1 synthetic_k562); empty means all of the world."""
-    max_cells_per_dataset: int = 100_000
+    max_cells_per_dataset: Annotated[int, Range(1, MAX_CELLS_FLAG)] = 100_000
     """Cells read per dataset at most; bigger files are subsampled uniformly at random (with
     `seed`, so deterministic). Counts per perturbation always come from all cells (obs)."""
-    seed: int = 0
+    seed: Annotated[int, Range(0, MAX_SEED)] = 0
     """Seed of the cell subsample and of the null groups."""
-    chunk_cells: int = 5_000
+    chunk_cells: Annotated[int, Range(1, 1_000_000)] = 5_000
     """Rows read from disk at once: bounds memory (a dense chunk is chunk_cells × genes floats)."""
-    effect_threshold: float = 0.25
+    effect_threshold: Annotated[float, Range(0, 20, lo_open=True)] = 0.25
     """A gene counts as moved by a perturbation when |mean log1p(pert) - mean log1p(ctrl)| exceeds this."""
-    n_null_groups: int = 20
+    n_null_groups: Annotated[int, Range(0, 10_000)] = 20
     """Random groups of control cells (each the size of the median perturbation) whose 'effects'
     against the other controls show the noise floor of the effect-size plots; 0 turns them off."""
-    pca_min_cells: int = 10
+    pca_min_cells: Annotated[int, Range(1, MAX_CELLS_FLAG)] = 10
     """Perturbations with fewer cells read are left out of the PCA and correlations (too noisy)."""
 
 
@@ -1948,7 +2092,7 @@ def run_eda(cfg: EdaConfig) -> list[DatasetEda]:
 
 def compute_dataset_eda(spec: DatasetSpec, data_root: str | os.PathLike | None, cfg: EdaConfig) -> DatasetEda:
     """Read one dataset in row chunks and keep per-cell depth and per-group log1p means."""
-    with open_h5ad_backed(get_dataset_path(spec, data_root)) as (obs, var, x):
+    with open_h5ad_backed(get_dataset_path(spec, data_root), spec) as (obs, var, x):
         n_cells, n_genes = x.shape
         labels_c = obs[spec.perturbation_key].astype(str).to_numpy()
         if not (labels_c == spec.control_label).any():
@@ -2700,19 +2844,19 @@ def report_unmapped(tables: dict[str, pd.DataFrame], path: str | os.PathLike) ->
 class HvgConfig(DataConfig):
     """Flags of nb/03_hvg.py: per-dataset HVGs and the shared gene space."""
 
-    n_hvg: int = 2000
+    n_hvg: Annotated[int, Range(1, 100_000)] = 2000
     """Size of the shared gene space (the model's genes)."""
-    n_hvg_per_dataset: int = 2000
+    n_hvg_per_dataset: Annotated[int, Range(1, 100_000)] = 2000
     """HVGs chosen in each dataset (scanpy seurat_v3) before the shared rule combines them."""
-    max_cells: int = 20_000
+    max_cells: Annotated[int, Range(1, MAX_CELLS_FLAG)] = 20_000
     """Per dataset, HVGs use at most this many cells (a fixed random subsample) to bound memory."""
     use_batches: bool = True
     """Give scanpy the dataset's batch key (falls back to no batches, with a warning, if it fails)."""
     offline: bool = False
     """Never query mygene: symbols missing from the caches are reported as unmapped."""
-    chunk_cells: int = 10_000
+    chunk_cells: Annotated[int, Range(1, 1_000_000)] = 10_000
     """Cells read from disk at a time."""
-    seed: int = 0
+    seed: Annotated[int, Range(0, MAX_SEED)] = 0
     """Seed of the cell subsample (and of the genes, with --selection random)."""
     selection: typing.Literal["hvg", "random"] = "hvg"
     """hvg: the shared-HVG rule. random: n_hvg target genes drawn at random (seeded): the
@@ -2743,7 +2887,7 @@ def compute_dataset_hvgs(
     import scanpy as sc
 
     path = get_dataset_path(spec, data_root)
-    with open_h5ad_backed(path) as (obs, var, x):
+    with open_h5ad_backed(path, spec) as (obs, var, x):
         rows_c = make_cell_subsample(x.shape[0], max_cells, seed)
         blocks = []
         for start in range(0, x.shape[0], chunk_cells):
@@ -2873,7 +3017,7 @@ def run_hvg(cfg: HvgConfig, specs: Sequence[DatasetSpec] | None = None) -> pd.Da
     tables: dict[str, pd.DataFrame] = {}
     infos: dict[str, Any] = {}
     for spec in progress(specs, desc="HVG per dataset"):
-        with open_h5ad_backed(get_dataset_path(spec, cfg.data_root)) as (_, var, _x):
+        with open_h5ad_backed(get_dataset_path(spec, cfg.data_root), spec) as (_, var, _x):
             genes = make_gene_table(spec, var, data_root=cfg.data_root, offline=cfg.offline)
         stats, infos[spec.name] = compute_dataset_hvgs(
             spec,
@@ -2908,6 +3052,7 @@ def run_hvg(cfg: HvgConfig, specs: Sequence[DatasetSpec] | None = None) -> pd.Da
     symbols = target.set_index("ensembl_id").loc[target["in_gene_space"].to_numpy()]["symbol"]
     shared.insert(0, "rank", np.arange(len(shared)))
     shared.insert(2, "symbol", symbols.reindex(shared["ensembl_id"]).to_numpy())
+    check_hvg_table(shared, cfg.n_hvg, hvg_dir / "hvg.csv")
     write_csv(hvg_dir / "hvg.csv", shared)
     write_json(
         hvg_dir / "hvg.json",
@@ -2922,20 +3067,35 @@ def run_hvg(cfg: HvgConfig, specs: Sequence[DatasetSpec] | None = None) -> pd.Da
     return shared
 
 
+def check_hvg_table(shared: pd.DataFrame, n_hvg: int, path: pathlib.Path) -> None:
+    """What replaces hvg.csv is a valid gene space: exactly n_hvg distinct, non-empty Ensembl ids."""
+    ids = shared["ensembl_id"].astype(str)
+    problem = (
+        f"{len(shared)} genes, not --n-hvg {n_hvg}"
+        if len(shared) != n_hvg or n_hvg < 1
+        else "empty Ensembl ids"
+        if (ids == "").any() or shared["ensembl_id"].isna().any()
+        else "repeated Ensembl ids"
+        if ids.duplicated().any()
+        else ""
+    )
+    if problem:
+        raise UserError(f"refusing to replace {path}: the new gene list has {problem}; the old file is kept")
+
+
 def read_hvgs(data_root: str | os.PathLike | None = None, world: str = "synthetic") -> pd.DataFrame:
     """hvg.csv: the shared gene space in model column order."""
     path = get_hvg_dir(data_root, world) / "hvg.csv"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run nb/03_hvg.py --world {world} first")
-    return pd.read_csv(path, keep_default_na=False, na_values=[""], dtype={"symbol": str})
+    fix = f"run nb/03_hvg.py --world {world}"
+    return read_csv(path, fix, ["ensembl_id"], keep_default_na=False, na_values=[""], dtype={"symbol": str})
 
 
 def read_dataset_genes(data_root: str | os.PathLike | None, world: str, name: str) -> pd.DataFrame:
     """A dataset's gene table and HVG statistics written by run_hvg (var order)."""
     path = get_hvg_dir(data_root, world) / "datasets" / f"{name}.csv"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: run nb/03_hvg.py --world {world} first")
-    return pd.read_csv(path, keep_default_na=False, dtype={"var_name": str, "symbol": str, "ensembl_id": str})
+    fix = f"run nb/03_hvg.py --world {world}"
+    text_columns = {"var_name": str, "symbol": str, "ensembl_id": str}
+    return read_csv(path, fix, list(text_columns), keep_default_na=False, dtype=text_columns)
 
 
 def plot_hvg_overlap(hvg_sets: dict[str, set[str]], shared: set[str] | None = None, max_bars: int = 20):
@@ -2983,7 +3143,7 @@ def plot_hvg_overlap(hvg_sets: dict[str, set[str]], shared: set[str] | None = No
 class NormaliseConfig(DataConfig):
     """Flags of nb/04_normalise.py: log1p CP10K store of the shared genes."""
 
-    chunk_cells: int = 2_000
+    chunk_cells: Annotated[int, Range(1, 1_000_000)] = 2_000
     """Cells read, normalised and written at a time: memory grows ~3 x chunk_cells x non-zeros
     per cell x 8 B (about 0.2 GB for 2,000 VCC cells with ~8k detected genes each)."""
     force: bool = False
@@ -3029,13 +3189,35 @@ def make_store_rows(obs: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFrame,
 
 
 def _store_inputs(specs, data_root, world) -> dict[str, Any]:
-    """What the store depends on: each file's size and mtime, and hvg.csv's hash."""
+    """What the store depends on: each file's size and mtime, hvg.csv's hash, and the normalisation
+    (TARGET_SUM). No flag of 04 shapes the store: --chunk-cells only sets the memory it uses."""
     files = {}
     for spec in specs:
         st = get_dataset_path(spec, data_root).stat()
         files[spec.name] = {"spec": dataclasses.asdict(spec), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
     hvg_path = get_hvg_dir(data_root, world) / "hvg.csv"
-    return {"files": files, "hvg_sha256": sha256_file(hvg_path)}
+    return {"files": files, "hvg_sha256": sha256_file(hvg_path), "target_sum": TARGET_SUM}
+
+
+def _is_store_whole(store_dir: pathlib.Path, meta: dict[str, Any]) -> bool:
+    """The store's matrix is there with the shape its meta.json says (cheap: reads the .npy header)."""
+    try:
+        x_cg = np.load(store_dir / "x_cg.npy", mmap_mode="r")
+    except (OSError, ValueError):
+        return False
+    return x_cg.shape == (meta.get("n_cells"), meta.get("n_genes")) and x_cg.dtype == np.float32
+
+
+def check_store_rows(rows_cg: np.ndarray, where: str) -> None:
+    """Rows about to go into the store are log1p CP10K: finite, in [0, log1p(TARGET_SUM)]
+    (a cell's whole library in one gene is the most there can be)."""
+    top = math.log1p(TARGET_SUM) * (1 + 1e-5)
+    if rows_cg.size and not (np.isfinite(rows_cg).all() and rows_cg.min() >= 0 and rows_cg.max() <= top):
+        raise UserError(
+            f"refusing to write the store: {where} holds values outside [0, {top:.3f}] or not finite "
+            f"(min {np.nanmin(rows_cg):g}, max {np.nanmax(rows_cg):g}); check that file's `counts` in the manifest; "
+            "the old store is kept"
+        )
 
 
 def run_normalise(cfg: NormaliseConfig, specs: Sequence[DatasetSpec] | None = None) -> pathlib.Path:
@@ -3062,7 +3244,8 @@ def run_normalise(cfg: NormaliseConfig, specs: Sequence[DatasetSpec] | None = No
     hvgs = read_hvgs(cfg.data_root, cfg.world)
     inputs = _store_inputs(specs, cfg.data_root, cfg.world)
     meta_path = store_dir / "meta.json"
-    if not cfg.force and meta_path.exists() and json.loads(meta_path.read_text()).get("inputs") == inputs:
+    old_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+    if not cfg.force and old_meta.get("inputs") == inputs and _is_store_whole(store_dir, old_meta):
         print(f"store {store_dir} is up to date with its inputs (pass --force to rewrite)")
         return store_dir
 
@@ -3082,7 +3265,12 @@ def run_normalise(cfg: NormaliseConfig, specs: Sequence[DatasetSpec] | None = No
         with open(x_path, "r+b") as fh:
             written = [_write_store_dataset(fh.fileno(), offset, plan, cfg, n_genes) for plan in plans]
             os.fsync(fh.fileno())
-        measured_dg, means_parts, obs_parts = zip(*written)
+        measured_dg, means_parts, obs_parts, n_rows_written = zip(*written)
+        if sum(n_rows_written) != n_cells or n_cells == 0 or n_genes == 0:  # rows never written stay 0
+            raise UserError(
+                f"refusing to replace {store_dir}: {sum(n_rows_written)} of {n_cells} cells x {n_genes} genes were "
+                "written; the old store is kept"
+            )
         pd.concat(obs_parts, ignore_index=True).to_csv(tmp_dir / "obs.csv", index=False)
         pd.concat([p["groups"] for p in plans], ignore_index=True).to_csv(tmp_dir / "index.csv", index=False)
         hvgs.to_csv(tmp_dir / "genes.csv", index=False)
@@ -3105,7 +3293,7 @@ def _plan_store_dataset(
 ) -> dict[str, Any]:
     """Where one dataset's cells and genes go in the store: its groups (rows from `first_row`),
     the store row of each source row, and the source column of each shared gene (-1: unmeasured)."""
-    with open_h5ad_backed(get_dataset_path(spec, cfg.data_root)) as (obs, var, _x):
+    with open_h5ad_backed(get_dataset_path(spec, cfg.data_root), spec) as (obs, var, _x):
         genes = read_dataset_genes(cfg.data_root, cfg.world, spec.name)
         if len(genes) != var.shape[0] or not np.array_equal(genes["var_name"].to_numpy(), var.index.astype(str)):
             raise ValueError(f"{spec.name}: the gene table from 03 does not match the file's var: rerun nb/03_hvg.py")
@@ -3127,13 +3315,15 @@ def _plan_store_dataset(
 
 def _write_store_dataset(
     fd: int, offset: int, plan: dict[str, Any], cfg: NormaliseConfig, n_genes: int
-) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame]:
+) -> tuple[np.ndarray, pd.DataFrame, pd.DataFrame, int]:
     """Normalise one dataset chunk by chunk into its store rows; returns its measured-gene mask,
-    its gene means (all cells, control cells; every gene of the file) and its obs rows."""
+    its gene means (all cells, control cells; every gene of the file), its obs rows and the number
+    of rows written (each one checked by check_store_rows)."""
     spec, cols_g, genes = plan["spec"], plan["cols_g"], plan["genes"]
     measured_g = cols_g >= 0
     n_counts_c = np.full(len(plan["dest_c"]), np.nan)
     sum_all_g, sum_ctrl_g = np.zeros(len(genes)), np.zeros(len(genes))
+    n_written = 0
     with open_h5ad_backed(get_dataset_path(spec, cfg.data_root)) as (obs, _var, x):
         is_ctrl_c = obs[spec.perturbation_key].astype(str).to_numpy() == spec.control_label
         chunks = iter_log1p_chunks(
@@ -3146,7 +3336,9 @@ def _write_store_dataset(
             sum_ctrl_g += _column_sums(log_cg[is_ctrl_c[start:stop]])
             rows_cg = np.zeros((stop - start, n_genes), dtype=np.float32)
             rows_cg[:, measured_g] = log_cg[:, cols_g[measured_g]].toarray()
+            check_store_rows(rows_cg, f"{spec.name} rows {start}:{stop}")
             _pwrite_rows(fd, offset, rows_cg, plan["dest_c"][start:stop])
+            n_written += stop - start
     means = pd.DataFrame(
         {
             "dataset": spec.name,
@@ -3165,7 +3357,7 @@ def _write_store_dataset(
     obs_rows["n_counts"] = n_counts_c
     obs_rows = obs_rows.sort_index()
     obs_rows.insert(0, "group", group_of_row + plan["group_offset"])
-    return measured_g, means, obs_rows
+    return measured_g, means, obs_rows, n_written
 
 
 @dataclasses.dataclass(frozen=True)
@@ -3194,13 +3386,14 @@ class CellStore:
 def load_store(data_root: str | os.PathLike | None = None, world: str = "synthetic") -> CellStore:
     """Open the store of `world` (x_cg memory-mapped, tables in memory), checking its couplings."""
     store_dir = get_store_dir(data_root, world)
+    fix = f"run nb/04_normalise.py --world {world} --force"
     if not (store_dir / "meta.json").exists():
-        raise FileNotFoundError(f"{store_dir} has no store: run nb/04_normalise.py --world {world}")
+        raise MissingFileError(f"{store_dir} has no store: run nb/04_normalise.py --world {world}")
     meta = json.loads((store_dir / "meta.json").read_text())
 
     def read(name: str) -> pd.DataFrame:
         text_columns = {"batch": str, "symbol": str, "ensembl_id": str, "var_name": str, "cell_id": str}
-        return pd.read_csv(store_dir / name, keep_default_na=False, na_values=[""], dtype=text_columns)
+        return read_csv(store_dir / name, fix, keep_default_na=False, na_values=[""], dtype=text_columns)
 
     store = CellStore(
         store_dir=store_dir,
@@ -3330,18 +3523,21 @@ def make_vocab(index: pd.DataFrame) -> PerturbationVocab:
 class LoaderConfig:
     """How cell sets are drawn from the store."""
 
-    set_size: int = 32
+    set_size: Annotated[int, Range(1, 100_000)] = 32
     """S: cells per set (perturbed cells, and as many control cells)."""
-    sets_per_batch: int = 8
+    sets_per_batch: Annotated[int, Range(1, 100_000)] = 8
     """Sets per global step (split across processes and devices)."""
     control_sets: bool = True
     """Also yield control groups as identity examples (control in, control out)."""
-    worker_count: int = 0
+    worker_count: Annotated[int, Range(0, 1_024)] = 0
     """grain worker processes reading batches; 0 reads in a thread of the training process
     (on 2 cores the XLA step already uses both: workers never paid off there)."""
-    prefetch_batches: int = 2
+    prefetch_batches: Annotated[int, Range(1, 1_000)] = 2
     """Batches read ahead of the train step. grain's default (500 elements) would hold 500
     whole batches, gigabytes at S=64, B=16, 2,000 genes."""
+
+    def __post_init__(self):
+        check_flag_ranges(self)
 
 
 def make_example_groups(
@@ -3549,16 +3745,16 @@ class ModelConfig:
     """Width of a perturbation's feature vector: n_perts + 1 for one-hot ids (the extra
     column is the out-of-vocabulary slot), or a gene embedding's width (ESM2-650M: 1280).
     301 matches the one-hot width of benchmarks/bench_train_step.py's arc-state reference."""
-    hidden: int = 64
+    hidden: Annotated[int, Range(1, 65_536)] = 64
     """Width of the residual stream of the transformer (and of the encoder MLPs); researcher: 128."""
-    n_layers: int = 2
+    n_layers: Annotated[int, Range(1, 1_000)] = 2
     """Transformer blocks; researcher: 4."""
-    n_heads: int = 4
+    n_heads: Annotated[int, Range(1, 4_096)] = 4
     """Attention heads per block; must divide `hidden`; researcher: 8."""
-    mlp_ratio: int = 4
+    mlp_ratio: Annotated[int, Range(1, 64)] = 4
     """SwiGLU inner width = mlp_ratio * hidden. The researcher's 8 gives 1.84M transformer
     parameters at hidden 128 x 4 layers and ~115K for one layer at hidden 64."""
-    n_encoder_layers: int = 2
+    n_encoder_layers: Annotated[int, Range(1, 100)] = 2
     """Linear layers in each of the basal encoder, perturbation encoder and output MLP (>= 1)."""
     straight_through_relu: bool = True
     """Output ReLU with an identity gradient: the forward is STATE's ReLU, but a gene whose
@@ -3581,7 +3777,7 @@ class ModelConfig:
     0/1 indicator of the knocked-down gene, whose value in each cell is scaled down by a learned
     fraction shared by all genes (so it transfers to perturbations never seen). The fraction
     starts at 0, the gain at `effect_gain_init`. n_pert_features counts the other features only."""
-    effect_gain_init: float = 1.0
+    effect_gain_init: Annotated[float, Range(0, 100)] = 1.0
     """Initial per-gene gain of the direct effect. 1: a fresh residual model predicts the control
     mean plus the other cell types' mean effect, i.e. the pert_mean_transfer baseline, and
     training corrects it; 0: a fresh model predicts "no effect" (the pre-issue-10 start)."""
@@ -3593,10 +3789,11 @@ class ModelConfig:
     shrank a fresh transfer model's DES from 0.144 to 0.088 (logbook 2026-11-30)."""
 
     def __post_init__(self):
+        check_flag_ranges(self)
         if self.hidden % self.n_heads:
-            raise ValueError(f"hidden {self.hidden} is not divisible by n_heads {self.n_heads}")
-        if min(self.n_genes, self.n_pert_features, self.n_layers, self.n_encoder_layers) < 1:
-            raise ValueError(f"every size in {self} must be >= 1")
+            raise flag_error("n_heads", self.n_heads, f"must divide --hidden {self.hidden}")
+        if min(self.n_genes, self.n_pert_features) < 1:
+            raise ValueError(f"n_genes and n_pert_features (from the data) must be >= 1: {self}")
 
 
 RESEARCHER_MODEL = ModelConfig(
@@ -3900,14 +4097,14 @@ def predict_sets(
 class LossConfig:
     """Which set losses make up the training loss, and their weights."""
 
-    energy_weight: float = 1.0
+    energy_weight: Annotated[float, Range(0, 1e6)] = 1.0
     """Weight of the energy distance (geomloss "energy"; STATE's default loss)."""
-    mmd_weight: float = 0.0
+    mmd_weight: Annotated[float, Range(0, 1e6)] = 0.0
     """Weight of the RBF-kernel MMD (geomloss "gaussian" convention, averaged over bandwidths)."""
-    pseudobulk_mse_weight: float = 10.0
+    pseudobulk_mse_weight: Annotated[float, Range(0, 1e6)] = 10.0
     """Weight of the MSE between the set means (pseudobulks): the MAE metric's own quantity. Its
     values are ~100x smaller than the energy's; at weight 1 a 1,500-step run stayed worse than control."""
-    effect_corr_weight: float = 0.0
+    effect_corr_weight: Annotated[float, Range(0, 1e6)] = 0.0
     """Weight of 1 - Pearson correlation (over genes) of the predicted and the real change of the
     set mean from the input control set's mean: rewards the effect's direction and ranking, which
     DES and PDS score and which energy + pseudobulk MSE alone shrink."""
@@ -3916,10 +4113,12 @@ class LossConfig:
     tens of units; these are a guess to revisit on real data (several scales hedge it)."""
 
     def __post_init__(self):
-        if min(self.energy_weight, self.mmd_weight, self.pseudobulk_mse_weight, self.effect_corr_weight) < 0:
-            raise ValueError(f"loss weights must be >= 0: {self}")
-        if self.mmd_weight > 0 and (not self.mmd_bandwidths or min(self.mmd_bandwidths) <= 0):
-            raise ValueError(f"mmd needs positive bandwidths: {self.mmd_bandwidths}")
+        check_flag_ranges(self)
+        if self.energy_weight + self.mmd_weight + self.pseudobulk_mse_weight + self.effect_corr_weight <= 0:
+            raise flag_error("energy_weight", self.energy_weight, "every loss weight is 0: give one a weight > 0")
+        bandwidths = np.asarray(self.mmd_bandwidths, dtype=float)
+        if self.mmd_weight > 0 and not (len(bandwidths) and np.all((bandwidths > 0) & np.isfinite(bandwidths))):
+            raise flag_error("mmd_bandwidths", self.mmd_bandwidths, "MMD needs positive, finite bandwidths")
 
 
 @typechecked
@@ -4354,7 +4553,7 @@ def get_pert_count_names(data_root, world: str) -> list[str]:
     directory = get_dataset_path(spec, data_root).parent
     names = set()
     for path in sorted(directory.glob("pert_counts_*.csv")):
-        names |= set(pd.read_csv(path)["target_gene"].astype(str))
+        names |= set(read_pert_counts(path)["target_gene"].astype(str))
     return sorted(names)
 
 
@@ -4388,11 +4587,11 @@ class TrainConfig:
     features: Literal["onehot", "gene", "random"] = "gene"
     """Perturbation features: onehot (learned id embedding), gene (target-gene co-expression +
     other cell types' effects: unseen knockdowns are not blind), random (control experiment)."""
-    n_coexpr_components: int = 16
+    n_coexpr_components: Annotated[int, Range(1, 10_000)] = 16
     """gene features: principal components of the target's control cells (co-expression loadings)."""
-    n_effect_components: int = 16
+    n_effect_components: Annotated[int, Range(1, 10_000)] = 16
     """gene features: principal axes of the other cell types' pseudobulk effects."""
-    oov_dropout: float = 0.1
+    oov_dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.1
     """Probability that a perturbed example's features are replaced by the OOV row, so the OOV
     row learns "an unknown perturbation" instead of staying at its random init."""
     vocab_from_pert_counts: bool = True
@@ -4406,42 +4605,42 @@ class TrainConfig:
     """The training loss: weights of energy, MMD and pseudobulk MSE."""
     optimizer: Literal["adam", "adamw"] = "adamw"
     """Adam, or AdamW with decoupled weight decay."""
-    learning_rate: float = 1e-3
+    learning_rate: Annotated[float, Range(0, 10, lo_open=True)] = 1e-3
     """Peak learning rate (STATE: 1e-4 for 40k steps; short runs need more)."""
-    weight_decay: float = 1e-4
+    weight_decay: Annotated[float, Range(0, 10)] = 1e-4
     """AdamW weight decay (ignored by adam)."""
     schedule: Literal["cosine", "constant"] = "cosine"
     """Learning-rate schedule after the linear warmup."""
-    warmup_steps: int = 50
+    warmup_steps: Annotated[int, Range(0, 10**9)] = 50
     """Linear warmup from 0 to learning_rate."""
-    min_lr_ratio: float = 0.1
+    min_lr_ratio: Annotated[float, Range(0, 1)] = 0.1
     """Cosine decays to learning_rate * min_lr_ratio at the last step."""
-    grad_clip: float = 10.0
+    grad_clip: Annotated[float, Range(0, 1e9)] = 10.0
     """Clip the global gradient norm to this (STATE: 10); 0 disables."""
-    steps: int = 500
+    steps: Annotated[int, Range(1, 10**9)] = 500
     """Optimiser steps in total (a resumed run continues up to this)."""
-    log_every: int = 25
+    log_every: Annotated[int, Range(1, 10**9)] = 25
     """Pull metrics to the host, check for NaN and log every this many steps."""
-    eval_every: int = 100
+    eval_every: Annotated[int, Range(0, 10**9)] = 100
     """Validate on the fake-val split every this many steps (and at the end); 0 = never."""
-    ckpt_every: int = 500
+    ckpt_every: Annotated[int, Range(0, 10**9)] = 500
     """Checkpoint every this many steps (and at the end, and on SIGTERM); 0 = only those."""
     best_by: Literal["score", "mae"] = "score"
     """Validation metric that picks the `best` checkpoint (what 06/07 load): the normalised score
     against cell-mean (higher is better) or MAE. The initialised model (step 0) is a candidate, so
     a model that starts at a baseline and does not improve on it in validation is that start
     (early stopping)."""
-    keep_last_n: int = 2
+    keep_last_n: Annotated[int, Range(1, 10_000)] = 2
     """Checkpoints kept besides the best one."""
-    seed: int = 0
+    seed: Annotated[int, Range(0, MAX_SEED)] = 0
     """Seed of the model init, the loader and the per-step keys."""
-    fake_val_seed: int = 0
+    fake_val_seed: Annotated[int, Range(0, MAX_SEED)] = 0
     """Seed of the target's train/val/test perturbation split (make_fake_val_split)."""
-    val_perturbations: int = 16
+    val_perturbations: Annotated[int, Range(1, 1_000_000)] = 16
     """Held-out (fake-val `val`) perturbations scored at each validation."""
-    val_cells: int = 128
+    val_cells: Annotated[int, Range(1, MAX_CELLS_FLAG)] = 128
     """At most this many real cells per validation perturbation."""
-    val_control_cells: int = 256
+    val_control_cells: Annotated[int, Range(1, MAX_CELLS_FLAG)] = 256
     """Size of the canonical control pool the predictions start from (rounded down to a
     multiple of set_size); saved with every checkpoint for inference."""
     checkpoint_dir: str = ""
@@ -4460,20 +4659,24 @@ class TrainConfig:
     coordinator_address: str = ""
     """Multi-process runs off TPU: process 0's host:port (also $JAX_COORDINATOR_ADDRESS). Empty and no
     env: a single process, or a multi-host Cloud TPU slice (detected; see init_distributed)."""
-    num_processes: int = 0
+    num_processes: Annotated[int, Range(0, 1_000_000)] = 0
     """Multi-process runs off TPU: how many processes (also $JAX_NUM_PROCESSES); 0 = not given."""
-    process_id: int = -1
+    process_id: Annotated[int, Range(-1, 1_000_000)] = -1
     """Multi-process runs off TPU: this process's index, 0..num_processes-1 (also $JAX_PROCESS_ID); -1 = not given."""
 
+    debug: bool = False
+    """On a user error, print its traceback too, not just the one-line message (also $VCELL_DEBUG=1)."""
+
     def __post_init__(self):
-        if not 0 <= self.oov_dropout < 1:
-            raise ValueError(f"oov_dropout={self.oov_dropout} must be in [0, 1)")
-        if min(self.steps, self.log_every, self.loader.set_size, self.loader.sets_per_batch) < 1:
-            raise ValueError("steps, log_every, set_size and sets_per_batch must be >= 1")
+        check_flag_ranges(self)
         if self.val_control_cells < self.loader.set_size:
-            raise ValueError(
-                f"val_control_cells={self.val_control_cells} < set_size={self.loader.set_size}: the pool needs one set"
+            raise flag_error(
+                "val_control_cells",
+                self.val_control_cells,
+                f"the pool needs one set: >= --set-size {self.loader.set_size}",
             )
+        if self.num_processes and self.process_id >= self.num_processes:
+            raise flag_error("process_id", self.process_id, f"must be < --num-processes {self.num_processes}")
 
 
 # How this process joins a multi-process run: per process and per launch, so never written to
@@ -4498,6 +4701,7 @@ RESUMABLE_FIELDS = frozenset(
         "wandb_entity",
         "wandb_mode",
         "worker_count",
+        "debug",
         *LAUNCH_FIELDS,
     }
 )
@@ -4921,7 +5125,15 @@ def load_checkpoint(step_dir: str | os.PathLike) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="vcell-ckpt-") as tmp:
         for remote in fs.ls(path, detail=False):
             fs.get_file(remote, str(pathlib.Path(tmp) / url_name(remote)))
-        return _load_checkpoint_files(pathlib.Path(tmp))
+        try:
+            return _load_checkpoint_files(pathlib.Path(tmp))
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, UserError) as e:
+            # equinox reports a short or mismatched file as a tree-path error with no file name.
+            what = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            raise UserError(
+                f"checkpoint {step_dir} is damaged or incomplete ({type(e).__name__}: {what[:200]}); "
+                "delete that step directory (the run's older checkpoints stay usable) or train a new run"
+            ) from e
 
 
 def _load_checkpoint_files(step_dir: pathlib.Path) -> dict[str, Any]:
@@ -4944,7 +5156,7 @@ def _load_checkpoint_files(step_dir: pathlib.Path) -> dict[str, Any]:
         "vocab": PerturbationVocab.read(step_dir / "vocab.json"),
         "features": PertFeatures.load(step_dir / "features.npz"),
         "control_pool_cg": np.load(step_dir / "control_pool.npy"),
-        "genes": pd.read_csv(step_dir / "genes.csv", dtype=str, keep_default_na=False),
+        "genes": read_csv(step_dir / "genes.csv", "the checkpoint is incomplete", dtype=str, keep_default_na=False),
     }
 
 
@@ -5124,7 +5336,7 @@ def get_distributed_args(cfg: TrainConfig) -> dict[str, Any] | None:
     pid = cfg.process_id if cfg.process_id >= 0 else int(env.get("JAX_PROCESS_ID", -1))
     if address or n or pid >= 0:
         if not (address and n >= 1 and 0 <= pid < n):
-            raise ValueError(
+            raise UserError(
                 f"a multi-process run needs --coordinator-address HOST:PORT, --num-processes N and "
                 f"--process-id 0..N-1 (or $JAX_COORDINATOR_ADDRESS etc.); got {address!r}, {n}, {pid}"
             )
@@ -6770,7 +6982,7 @@ def get_target_files(data_root: str | os.PathLike | None, world: str) -> TargetF
         )
     training_path = get_dataset_path(spec, data_root)
     if not training_path.exists():
-        raise FileNotFoundError(f"{training_path} is missing: run nb/01_download.py --world {world} first")
+        raise MissingFileError(f"{training_path} is missing: run nb/01_download.py --world {world} first")
     vcc_dir = training_path.parent
     splits = {"validation": "Validation", "test": "Test"}
     truths = {s: vcc_dir / f"adata_{S}_truth.h5ad" for s, S in splits.items()}
@@ -6783,20 +6995,23 @@ def get_target_files(data_root: str | os.PathLike | None, world: str) -> TargetF
     )
 
 
+TARGET_FILE_FIX = (
+    "it comes with the target's files: run nb/01_download.py again (synthetic world), "
+    "or restore it from the challenge's download"
+)
+
+
 def read_gene_names(path: str | os.PathLike) -> list[str]:
     """gene_names.csv: no header, one symbol a line, the submission's column order."""
-    names = pd.read_csv(path, header=None, dtype=str, keep_default_na=False)[0].tolist()
+    names = read_csv(path, TARGET_FILE_FIX, header=None, dtype=str, keep_default_na=False)[0].tolist()
     if len(set(names)) != len(names):
-        raise ValueError(f"{path} has duplicate gene names")
+        raise UserError(f"{path} has duplicate gene names: {TARGET_FILE_FIX}")
     return names
 
 
 def read_pert_counts(path: str | os.PathLike) -> pd.DataFrame:
-    pert_counts = pd.read_csv(path, dtype={"target_gene": str})
-    missing = {"target_gene", "n_cells"} - set(pert_counts.columns)
-    if missing:
-        raise ValueError(f"{path}: missing columns {sorted(missing)}; expected target_gene,n_cells,median_umi_per_cell")
-    return pert_counts
+    """pert_counts_<Split>.csv: target_gene, n_cells, median_umi_per_cell; one row per perturbation."""
+    return read_csv(path, TARGET_FILE_FIX, ["target_gene", "n_cells"], dtype={"target_gene": str})
 
 
 def get_target_gene_table(store: CellStore, target: str, gene_names: list[str]) -> pd.DataFrame:
@@ -6850,7 +7065,7 @@ def read_or_draw_control_pools(
     path = pathlib.Path(path)
     ids = pd.Index(np.asarray(control_ids_c, dtype=str))
     if path.exists():
-        pools = pd.read_csv(path, dtype=str, keep_default_na=False)
+        pools = read_csv(path, "delete it to draw new pools", ["cell_id", "pool"], dtype=str, keep_default_na=False)
         missing = ~pools["cell_id"].isin(ids)
         if missing.any():
             raise ValueError(
@@ -7558,7 +7773,7 @@ def make_fake_val_split(perturbations, seed: int = 0) -> dict[str, list[str]]:
 class EvalConfig(DataConfig):
     """Flags of nb/06_eval.py: score predictors on held-out perturbations of the target."""
 
-    seed: int = 0
+    seed: Annotated[int, Range(0, MAX_SEED)] = 0
     """Seed of the fake-val split, the control pools, the cell subsamples and the inputs."""
     predictors: tuple[str, ...] = BASELINES
     """Baselines to score (any of control cell_mean pert_mean_transfer linear linear_transfer); cell_mean is always scored: it is the reference."""
@@ -7574,22 +7789,28 @@ class EvalConfig(DataConfig):
     """Effect baselines: cells whose mean is exactly the predicted pseudobulk (no control-sampling noise); false = add the effect to each control cell."""
     knockdown: bool = True
     """Effect baselines and the model: the target gene's own column at its learned remaining fraction."""
-    n_control: int = 1_000
+    n_control: Annotated[int, Range(1, MAX_CELLS_FLAG)] = 1_000
     """Cells in each control pool (`real` and `pred`, disjoint; capped at half the target's controls)."""
-    max_cells_per_pert: int = 256
+    max_cells_per_pert: Annotated[int, Range(0, MAX_CELLS_FLAG)] = 256
     """Real cells scored per perturbation at most (a seeded subsample; 0 = all): bounds memory and DE time."""
     truth: bool = True
     """On the synthetic world, also score the true validation/test answers (baselines fitted on all training perturbations)."""
     mode: typing.Literal["vcc2025", "current"] = "vcc2025"
     """Scorer generation (score): vcc2025 scored the challenge."""
-    linear_components: int = 10
+    linear_components: Annotated[int, Range(1, 10_000)] = 10
     """Gene-embedding dimension K of the linear baseline (Ahlmann-Eltze et al. use 10)."""
-    linear_ridge: float = 0.1
+    linear_ridge: Annotated[float, Range(0, 1e9, lo_open=True)] = 0.1
     """Ridge penalty λ of the linear baseline (Ahlmann-Eltze et al. use 0.1)."""
-    chunk_cells: int = 2_000
+    chunk_cells: Annotated[int, Range(1, 1_000_000)] = 2_000
     """Rows read from the target files at once."""
-    threads: int = 1
+    threads: Annotated[int, Range(1, 1_024)] = 1
     """Threads of the DE pass."""
+
+    def __post_init__(self):
+        check_flag_ranges(self)
+        unknown = sorted(set(self.predictors) - set(BASELINES))
+        if unknown:
+            raise flag_error("predictors", unknown, f"not a baseline; choose from {list(BASELINES)}")
 
 
 def get_eval_dir(data_root: str | os.PathLike | None, world: str) -> pathlib.Path:
@@ -8054,22 +8275,35 @@ class SubmitConfig(DataConfig):
     """Effect baselines: cells whose mean is exactly the predicted pseudobulk (no control-sampling noise)."""
     knockdown: bool = True
     """Effect baselines and the model: the target gene's own column at its learned remaining fraction."""
-    n_control: int = 0
+    n_control: Annotated[int, Range(0, MAX_CELLS_FLAG)] = 0
     """Control cells in the submission (also the prediction inputs); 0 = every training control that fits under --max-cells."""
-    max_cells: int = MAX_SUBMISSION_CELLS
+    max_cells: Annotated[int, Range(1, MAX_CELLS_FLAG)] = MAX_SUBMISSION_CELLS
     """Cell cap of the submission (100,000 in the 2025 validation phase)."""
-    seed: int = 0
+    seed: Annotated[int, Range(0, MAX_SEED)] = 0
     """Seed of the control pool and of each perturbation's input cells."""
-    chunk_cells: int = 1_024
+    chunk_cells: Annotated[int, Range(1, 1_000_000)] = 1_024
     """Cells predicted and written at once (memory ~ 3 × chunk_cells × genes × 4 bytes)."""
     score: bool = True
     """On the synthetic world, score the submission against the synthetic truth."""
     mode: typing.Literal["vcc2025", "current"] = "vcc2025"
     """Scorer generation for that score."""
-    linear_components: int = 10
+    linear_components: Annotated[int, Range(1, 10_000)] = 10
     """K of the linear baseline."""
-    linear_ridge: float = 0.1
+    linear_ridge: Annotated[float, Range(0, 1e9, lo_open=True)] = 0.1
     """λ of the linear baseline."""
+
+    def __post_init__(self):
+        check_flag_ranges(self)
+        if self.predictor not in ("model", *BASELINES):
+            raise flag_error("predictor", self.predictor, f"choose from {['model', *BASELINES]}")
+        if self.checkpoint and self.predictor != "model":
+            raise flag_error(
+                "checkpoint", self.checkpoint, f"only --predictor model reads a checkpoint, not {self.predictor}"
+            )
+        if self.n_control > self.max_cells:
+            raise flag_error(
+                "n_control", self.n_control, f"the submission holds at most --max-cells {self.max_cells} cells"
+            )
 
 
 def get_submission_dir(data_root: str | os.PathLike | None, world: str) -> pathlib.Path:

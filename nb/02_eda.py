@@ -277,4 +277,6 @@ def _(cfg, edas, lib, save_table):
 
 
 if __name__ == "__main__":
-    app.run()
+    import lib  # a user error ends the script with one line (lib.run_notebook)
+
+    lib.run_notebook(app)

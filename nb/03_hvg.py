@@ -135,4 +135,6 @@ def _(hvg_dir, mo):
 
 
 if __name__ == "__main__":
-    app.run()
+    import lib  # a user error ends the script with one line (lib.run_notebook)
+
+    lib.run_notebook(app)

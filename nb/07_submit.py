@@ -102,4 +102,6 @@ def _(cfg, out):
 
 
 if __name__ == "__main__":
-    app.run()
+    import lib  # a user error ends the script with one line (lib.run_notebook)
+
+    lib.run_notebook(app)

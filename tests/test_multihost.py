@@ -259,7 +259,7 @@ def test_distributed_args_from_flags_env_or_nothing(monkeypatch):
         "process_id": 3,
     }
     assert lib.get_distributed_args(dataclasses.replace(flags, num_processes=1, process_id=0)) is None
-    with pytest.raises(ValueError, match="--process-id"):
+    with pytest.raises(lib.UserError, match="--process-id"):
         lib.get_distributed_args(dataclasses.replace(cfg, coordinator_address="10.0.0.1:1234", num_processes=2))
     monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "10.0.0.2:99")
     monkeypatch.setenv("JAX_NUM_PROCESSES", "2")

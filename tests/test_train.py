@@ -178,10 +178,10 @@ def test_flag_overrides_toml_even_when_equal_to_the_default(tmp_path):
     assert cfg.datasets == ("synthetic_h1",)
     assert lib.parse_config(lib.TrainConfig, ["--config", str(toml)]).learning_rate == 0.05
     toml.write_text("learning_rate = 0.05\nlearnig_rate = 0.1\n")
-    with pytest.raises(ValueError, match="learnig_rate"):
+    with pytest.raises(lib.UserError, match="learnig_rate"):
         lib.parse_config(lib.TrainConfig, ["--config", str(toml)])
     toml.write_text('steps = "many"\n')
-    with pytest.raises(ValueError, match="steps"):
+    with pytest.raises(lib.UserError, match="steps"):
         lib.parse_config(lib.TrainConfig, ["--config", str(toml)])
 
 
