@@ -2,7 +2,8 @@
 
 Read it top to bottom. Each banner names the notebook it serves:
 
-    paths & io                    every notebook: data root, atomic writes, flags, progress, h5ad
+    paths & io                    every notebook: user errors (one line), data root, atomic writes,
+                                  flags and their ranges, progress, input h5ad/CSV opening, h5ad
                                   row chunks, THE normalisation (log1p CP10K) and its checks
     manifest                      data_manifest.toml: sources and the keys each dataset file uses
     download              (01)    resumable, verified, atomic fetch of the manifest's sources
@@ -2792,7 +2793,7 @@ def make_gene_table(
 
     bad = table.loc[(table["id_source"] == "var") & ~table["ensembl_id"].str.match(ENSEMBL_GENE_RE), "ensembl_id"]
     if len(bad):
-        raise ValueError(
+        raise UserError(
             f"{spec.name}: {len(bad)} gene ids are not Ensembl gene ids (e.g. {bad.iloc[0]!r}): "
             "check gene_index / gene_id_column in the manifest"
         )
@@ -2971,7 +2972,9 @@ def select_shared_hvgs(
     """
     target_genes = list(dict.fromkeys(target_genes))
     if len(target_genes) < n:
-        raise ValueError(f"the target dataset measures only {len(target_genes)} mapped genes; n_hvg = {n} is too many")
+        raise UserError(
+            f"the target dataset measures only {len(target_genes)} mapped genes; --n-hvg {n} is too many: pass fewer"
+        )
     names = list(hvg_ranks)
     target_set = set(target_genes)
     ranks_gd = pd.DataFrame({name: s[~s.index.duplicated()] for name, s in hvg_ranks.items()})
@@ -3162,14 +3165,12 @@ def make_store_rows(obs: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFrame,
     the store row, relative to the dataset, of each source row).
     """
     if spec.perturbation_key not in obs:
-        raise KeyError(f"{spec.name}: obs has no column {spec.perturbation_key!r} (perturbation_key in the manifest)")
+        raise UserError(f"{spec.name}: obs has no column {spec.perturbation_key!r} (perturbation_key in the manifest)")
     if spec.batch_key and spec.batch_key not in obs:
-        raise KeyError(f"{spec.name}: obs has no column {spec.batch_key!r} (batch_key in the manifest)")
+        raise UserError(f"{spec.name}: obs has no column {spec.batch_key!r} (batch_key in the manifest)")
     pert = obs[spec.perturbation_key].astype(str).to_numpy()
     if not (pert == spec.control_label).any():
-        raise ValueError(
-            f"{spec.name}: no cells with {spec.perturbation_key} == {spec.control_label!r} (control_label)"
-        )
+        raise UserError(f"{spec.name}: no cells with {spec.perturbation_key} == {spec.control_label!r} (control_label)")
     batch = obs[spec.batch_key].to_numpy() if spec.batch_key else np.zeros(len(obs), dtype=int)
     frame = pd.DataFrame({"batch": batch, "is_control": pert == spec.control_label, "perturbation": pert})
     order_c = np.lexsort((np.arange(len(frame)), frame["perturbation"], ~frame["is_control"], frame["batch"]))
@@ -3296,7 +3297,7 @@ def _plan_store_dataset(
     with open_h5ad_backed(get_dataset_path(spec, cfg.data_root), spec) as (obs, var, _x):
         genes = read_dataset_genes(cfg.data_root, cfg.world, spec.name)
         if len(genes) != var.shape[0] or not np.array_equal(genes["var_name"].to_numpy(), var.index.astype(str)):
-            raise ValueError(f"{spec.name}: the gene table from 03 does not match the file's var: rerun nb/03_hvg.py")
+            raise UserError(f"{spec.name}: the gene table from 03 does not match the file's var: rerun nb/03_hvg.py")
         groups, dest_c = make_store_rows(obs, spec)
         cell_ids = obs.index.astype(str).to_numpy()
     in_space = genes["in_gene_space"]
@@ -3564,7 +3565,7 @@ def make_example_groups(
     missing = examples["control_group"] < 0
     if missing.any():
         names = sorted(examples.loc[missing, "dataset"].unique())
-        raise ValueError(f"no control cells for datasets {names}: check control_label in data_manifest.toml")
+        raise UserError(f"no control cells for datasets {names}: check control_label in data_manifest.toml")
     return examples.reset_index(drop=True)
 
 
@@ -7018,7 +7019,7 @@ def get_target_gene_table(store: CellStore, target: str, gene_names: list[str]) 
     """symbol (gene_names order), ensembl_id ("" if unmapped), mean_control: from the store's means."""
     means = store.means[store.means["dataset"] == target].set_index("var_name")
     if list(means.index) != list(gene_names):
-        raise ValueError(
+        raise UserError(
             f"the store's gene table of {target} is not gene_names.csv in order: rerun nb/03_hvg.py and nb/04_normalise.py"
         )
     return pd.DataFrame(
@@ -7068,13 +7069,13 @@ def read_or_draw_control_pools(
         pools = read_csv(path, "delete it to draw new pools", ["cell_id", "pool"], dtype=str, keep_default_na=False)
         missing = ~pools["cell_id"].isin(ids)
         if missing.any():
-            raise ValueError(
+            raise UserError(
                 f"{path}: {int(missing.sum())} pool cells are not control cells of the target (e.g. "
                 f"{pools['cell_id'][missing].iloc[0]}); the data changed: delete the file to draw new pools"
             )
         return pools
     if sum(sizes.values()) > len(ids):
-        raise ValueError(
+        raise UserError(
             f"control pools of {sizes} need {sum(sizes.values())} control cells; the target has {len(ids)}: ask for fewer"
         )
     chosen = draw_control_cells(ids.to_numpy(), sum(sizes.values()), seed)
@@ -7485,7 +7486,7 @@ def make_baseline_predictor(
     transfer = None
     if name in ("pert_mean_transfer", "linear_transfer"):
         if store is None or target_genes is None:
-            raise ValueError(f"{name} needs the store: run nb/04_normalise.py first")
+            raise UserError(f"{name} needs the store: run nb/04_normalise.py first")
         transfer = TransferEffects(store, target, target_genes)
     if name == "linear":
         effect_of = fit_linear_model(genes, effect_pg, fit.perturbations, n_components, ridge).effect

@@ -97,7 +97,7 @@ def test_gene_table_rejects_symbols_declared_as_ensembl_ids(tmp_path):
         control_label="non-targeting", batch_key="", gene_index="ensembl", gene_id_column="",
         gene_symbol_column="", counts="raw", role="target",
     )  # fmt: skip
-    with pytest.raises(ValueError, match="not Ensembl gene ids.*gene_index"):
+    with pytest.raises(lib.UserError, match="not Ensembl gene ids.*gene_index"):
         lib.make_gene_table(spec, pd.DataFrame(index=["TP53", "BRCA1"]), data_root=tmp_path)
 
 
@@ -141,7 +141,7 @@ def test_shared_hvgs_break_exact_ties_by_ensembl_id():
 
 
 def test_shared_hvgs_refuse_more_genes_than_the_target_measures():
-    with pytest.raises(ValueError, match="measures only 2"):
+    with pytest.raises(lib.UserError, match="measures only 2"):
         lib.select_shared_hvgs({"a": pd.Series([0], index=["g1"])}, ["g1", "g2"], n=3)
 
 
