@@ -433,7 +433,10 @@ class DataConfig:
 # -------------------- h5ad files in row chunks ----------------------------------------------------
 
 
-H5AD_FIX = "delete it and run nb/01_download.py again (a real source is fetched again and its hash checked)"
+H5AD_FIX = (
+    "delete it and run nb/01_download.py again (the synthetic world with the same --size; "
+    "a real source is fetched again and its hash checked)"
+)
 
 
 def describe_hdf5_failure(path: pathlib.Path, error: Exception) -> str:
@@ -886,6 +889,11 @@ class DownloadConfig(DataConfig):
     sources: tuple[str, ...] = ()
     """Real sources to fetch (names of `[sources.*]` in data_manifest.toml); empty = every source with fetch_by_default = true."""
 
+    def __post_init__(self):
+        check_flag_ranges(self)
+        if self.sources and self.world != "real":
+            raise flag_error("sources", list(self.sources), "only --world real fetches sources; add --world real")
+
 
 class DownloadError(RuntimeError):
     """A file could not be fetched or failed verification; the message says what to do."""
@@ -1211,7 +1219,7 @@ def get_default_sources(manifest: dict[str, Any] | None = None) -> list[str]:
 def _get_files(name: str, manifest: dict[str, Any]) -> list[dict[str, Any]]:
     sources = manifest["sources"]
     if name not in sources:
-        raise ValueError(f"unknown source {name!r}; the manifest has {sorted(sources)}")
+        raise UserError(f"--sources: unknown source {name!r}; the manifest has {sorted(sources)}: pick from those")
     files = sources[name].get("files")
     if not files:
         raise ValueError(

@@ -95,6 +95,7 @@ def test_bad_value_in_a_config_file_is_refused_like_a_flag(tmp_path):
         (lib.SubmitConfig, ["--predictor", "linear", "--checkpoint", "x"], "--checkpoint"),
         (lib.SubmitConfig, ["--n-control", "50", "--max-cells", "40"], "--n-control"),
         (lib.EvalConfig, ["--predictors", "control", "lnear"], "--predictors"),
+        (lib.DownloadConfig, ["--sources", "replogle_k562"], "--sources"),
     ],
 )
 def test_flag_combinations_and_choices_are_refused_at_parse(config_cls, argv, flag):
