@@ -5137,11 +5137,16 @@ def load_checkpoint(step_dir: str | os.PathLike) -> dict[str, Any]:
         try:
             return _load_checkpoint_files(pathlib.Path(tmp))
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, EOFError, UserError) as e:
-            # equinox reports a short or mismatched file as a tree-path error with no file name.
-            what = str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__
+            # equinox wraps a short or mismatched file in tree-path errors that name no file; the
+            # innermost error says what is wrong ("EOF: reading array header ...").
+            root = e
+            while root.__cause__ is not None or (root.__context__ is not None and not root.__suppress_context__):
+                root = root.__cause__ or root.__context__
+            what = (str(root).strip().splitlines() or [""])[-1][:200]
             raise UserError(
-                f"checkpoint {step_dir} is damaged or incomplete ({type(e).__name__}: {what[:200]}); "
-                "delete that step directory (the run's older checkpoints stay usable) or train a new run"
+                f"checkpoint {step_dir} is damaged or incomplete ({type(root).__name__}: {what}); "
+                "move that step directory away and write an older step_* name into the run's `latest` file, "
+                "or train a new run"
             ) from e
 
 
