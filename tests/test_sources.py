@@ -284,3 +284,95 @@ def test_duplicate_symbols_in_var_keep_the_first_and_are_reported(tmp_path):
     rows = np.flatnonzero(store.index.loc[store.obs["group"], "dataset"].to_numpy() == "dup_context")
     got = np.asarray(store.x_cg[rows, col])
     np.testing.assert_allclose(got, expected[store.obs["source_row"].to_numpy()[rows]], rtol=1e-5, atol=1e-6)
+
+
+DENSE_PROBE = """
+import json, sys
+import numpy as np, scipy.sparse
+import lib
+
+def status_kib(key):
+    return int(next(l for l in open("/proc/self/status") if l.startswith(key)).split()[1])
+
+def reset_peak():
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # the peak (VmHWM) restarts at the current RSS: earlier peaks do not count
+
+spec = lib.DatasetSpec(**json.loads(sys.argv[1]))
+root = sys.argv[2]
+lib.normalise_log1p(scipy.sparse.csr_matrix(np.ones((4, 4), np.float32)))  # imports and JIT first
+import scanpy  # noqa: F401
+grown = {}
+reset_peak()
+before = status_kib("VmRSS:")
+hvg = lib.HvgConfig(data_root=root, n_hvg=500, n_hvg_per_dataset=500, max_cells=20_000, chunk_cells=10_000, offline=True)
+lib.run_hvg(hvg, specs=[spec])
+grown["hvg"] = status_kib("VmHWM:") - before
+reset_peak()
+before = status_kib("VmRSS:")
+lib.run_normalise(lib.NormaliseConfig(data_root=root, chunk_cells=2_000, force=True), specs=[spec])
+grown["store"] = status_kib("VmHWM:") - before
+print(json.dumps(grown))
+"""
+
+
+def write_counts_h5ad(path: pathlib.Path, spec, n_cells: int, n_genes: int, dense: bool, seed: int = 0) -> int:
+    """Poisson counts (~10% non-zero) written in row blocks, X dense or CSR; returns X's bytes on disk."""
+    rng = np.random.default_rng(seed)
+    lam_g = rng.gamma(0.3, 0.4, n_genes)
+    perts = ["non-targeting", *[f"SYN{u:05d}" for u in range(1, 21)]]
+    obs = pd.DataFrame({spec.perturbation_key: rng.choice(perts, n_cells)}, index=[f"c{i}" for i in range(n_cells)])
+    var = pd.DataFrame(
+        {"gene_id": [f"ENSG9{u:010d}" for u in range(1, n_genes + 1)]},
+        index=[f"SYN{u:05d}" for u in range(1, n_genes + 1)],
+    )
+    blocks = (np.random.default_rng([seed, a]).poisson(lam_g, (2_000, n_genes)) for a in range(0, n_cells, 2_000))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if not dense:
+        x = scipy.sparse.vstack([scipy.sparse.csr_matrix(b.astype(np.float32)) for b in blocks], format="csr")
+        anndata.AnnData(x[:n_cells], obs=obs, var=var).write_h5ad(path)
+        return x.data.nbytes + x.indices.nbytes + x.indptr.nbytes
+    import h5py
+
+    anndata.AnnData(obs=obs, var=var).write_h5ad(path)
+    with h5py.File(path, "a") as f:
+        if "X" in f:
+            del f["X"]
+        x = f.create_dataset("X", shape=(n_cells, n_genes), dtype=np.float32)
+        x.attrs["encoding-type"], x.attrs["encoding-version"] = "array", "0.2.0"
+        for a, block in zip(range(0, n_cells, 2_000), blocks):
+            x[a : a + 2_000] = block[: n_cells - a].astype(np.float32)
+    return n_cells * n_genes * 4
+
+
+@pytest.mark.slow
+def test_dense_x_goes_through_03_and_04_in_the_memory_of_sparse(tmp_path):
+    """24,000 cells x 8,000 genes (Replogle's ~8.5k genes), ~10% non-zero: X is 768 MB dense, one
+    HVG chunk of 10,000 dense rows 320 MB (> DENSE_READ_BYTES). Peak RSS growth of 03 and 04 on the
+    dense file is compared with the same counts stored sparse, in fresh processes."""
+    spec = dict(name="fx_dense", source="fixture", path="fx.h5ad", cell_type="X", perturbation_key="gene",
+                control_label="non-targeting", batch_key="", gene_index="symbol", gene_id_column="gene_id",
+                gene_symbol_column="", counts="raw", role="target")  # fmt: skip
+    grown, x_bytes = {}, {}
+    for kind in ("sparse", "dense"):
+        root = tmp_path / kind
+        x_bytes[kind] = write_counts_h5ad(
+            root / "raw" / "fixture" / "fx.h5ad", lib.DatasetSpec(**spec), 24_000, 8_000, kind == "dense"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", DENSE_PROBE, json.dumps(spec), str(root)],
+            capture_output=True,
+            text=True,
+            timeout=900,
+            cwd=REPO_DIR,
+        )
+        assert out.returncode == 0, out.stderr[-3000:]
+        grown[kind] = json.loads(out.stdout.strip().splitlines()[-1])
+    store_x = [np.load(tmp_path / kind / "store" / "synthetic" / "x_cg.npy", mmap_mode="r") for kind in grown]
+    np.testing.assert_array_equal(store_x[0], store_x[1])  # the same cells, whatever X's layout
+    print(f"X bytes {x_bytes}; peak RSS growth (KiB) {grown}")
+    for stage in ("hvg", "store"):
+        dense_mib, sparse_mib = grown["dense"][stage] / 1024, grown["sparse"][stage] / 1024
+        assert dense_mib < 1.25 * sparse_mib + 16, f"{stage}: dense grew {dense_mib:.0f} MiB, sparse {sparse_mib:.0f}"
+    # 03 keeps its max_cells subsample (sparse) by design; 04 keeps only a chunk, far below X.
+    assert grown["dense"]["store"] * 1024 < x_bytes["dense"] / 4
