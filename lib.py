@@ -7523,6 +7523,12 @@ def make_baseline_predictor(
     if name in ("pert_mean_transfer", "linear_transfer"):
         if store is None or target_genes is None:
             raise ValueError(f"{name} needs the store: run nb/04_normalise.py first")
+        if not [d for d in store.datasets if d != target]:  # the world needs a context dataset here
+            raise UserError(
+                f"{name} learns from other cell types, but the store {store.store_dir} holds only {target}: fetch a "
+                "context source and rebuild the store (nb/03_hvg.py, nb/04_normalise.py), or leave it out "
+                "(06 --predictors, 07 --predictor)"
+            )
         transfer = TransferEffects(store, target, target_genes)
     if name == "linear":
         effect_of = fit_linear_model(genes, effect_pg, fit.perturbations, n_components, ridge).effect

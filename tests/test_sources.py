@@ -164,6 +164,11 @@ def test_store_and_checkpoint_refuse_other_datasets_and_name_the_rerun(real_root
             lib.EvalConfig(data_root=str(real_root), world="real", checkpoint="none", datasets=("vcc2025_h1",))
         )
 
+    run_03_04(real_root, datasets=("vcc2025_h1",))  # a target-only store: allowed, until context is needed
+    eval_cfg = lib.EvalConfig(data_root=str(real_root), world="real", checkpoint="none")
+    with pytest.raises(lib.UserError, match=r"pert_mean_transfer learns from other cell types.*holds only vcc2025_h1"):
+        lib.run_eval(lib.make_config(lib.EvalConfig, eval_cfg, predictors=("cell_mean", "pert_mean_transfer")))
+
 
 # ---------------------------------------------------------------- h5mu sources
 
@@ -316,6 +321,11 @@ print(json.dumps(grown))
 """
 
 
+DENSE_SPEC = dict(name="fx_dense", source="fixture", path="fx.h5ad", cell_type="X", perturbation_key="gene",
+                  control_label="non-targeting", batch_key="", gene_index="symbol", gene_id_column="gene_id",
+                  gene_symbol_column="", counts="raw", role="target")  # fmt: skip
+
+
 def write_counts_h5ad(path: pathlib.Path, spec, n_cells: int, n_genes: int, dense: bool, seed: int = 0) -> int:
     """Poisson counts (~10% non-zero) written in row blocks, X dense or CSR; returns X's bytes on disk."""
     rng = np.random.default_rng(seed)
@@ -350,9 +360,7 @@ def test_dense_x_goes_through_03_and_04_in_the_memory_of_sparse(tmp_path):
     """24,000 cells x 8,000 genes (Replogle's ~8.5k genes), ~10% non-zero: X is 768 MB dense, one
     HVG chunk of 10,000 dense rows 320 MB (> DENSE_READ_BYTES). Peak RSS growth of 03 and 04 on the
     dense file is compared with the same counts stored sparse, in fresh processes."""
-    spec = dict(name="fx_dense", source="fixture", path="fx.h5ad", cell_type="X", perturbation_key="gene",
-                control_label="non-targeting", batch_key="", gene_index="symbol", gene_id_column="gene_id",
-                gene_symbol_column="", counts="raw", role="target")  # fmt: skip
+    spec = DENSE_SPEC
     grown, x_bytes = {}, {}
     for kind in ("sparse", "dense"):
         root = tmp_path / kind
