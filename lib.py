@@ -4,8 +4,9 @@ Read it top to bottom. Each banner names the notebook it serves:
 
     paths & io                    every notebook: data root, atomic writes, flags, progress, h5ad
                                   row chunks, THE normalisation (log1p CP10K) and its checks
-    manifest                      data_manifest.toml: sources and the keys each dataset file uses
-    download              (01)    resumable, verified, atomic fetch of the manifest's sources
+    manifest                      data_manifest.toml: sources, the keys each dataset file uses, and
+                                  which datasets a run uses (present and verified; --datasets)
+    download              (01)    resumable, verified, atomic fetch of the manifest's sources; h5mu -> h5ad
     synthetic world       (01)    a seeded stand-in for the real sources, in their file layouts
     EDA                   (02)    one pass per dataset: depth, knockdown, effect sizes, overlaps
     gene ids & HVG        (03)    Ensembl ids (caches, then mygene), per-dataset HVGs, the shared list
@@ -762,11 +763,9 @@ def get_dataset_problem(spec: DatasetSpec, data_root, manifest: dict[str, Any], 
         return f"{downloaded} is missing (fetch it: {fetch}, or put the file there by hand)"
     entry = next((f for f in manifest["sources"][spec.source].get("files", []) if f["name"] == downloaded.name), None)
     if entry is not None:  # a downloadable file: verified as nb/01 verifies it (present: never fetched)
-        registry_path = downloaded.parent / HASH_REGISTRY_NAME
-        expected = entry.get("sha256", "") or (_read_registry(registry_path).get(downloaded.name) or {}).get(
-            "sha256", ""
-        )
-        if not _is_known_good(_read_registry(registry_path).get(downloaded.name), downloaded, expected):
+        recorded = _read_registry(downloaded.parent / HASH_REGISTRY_NAME).get(downloaded.name)
+        expected = entry.get("sha256", "") or (recorded or {}).get("sha256", "")
+        if not _is_known_good(recorded, downloaded, expected):
             size_gb = downloaded.stat().st_size / 1e9
             print(f"verifying {downloaded} ({size_gb:.2f} GB; once, then remembered by size and mtime)", flush=True)
         try:
@@ -782,13 +781,12 @@ def select_datasets(
     world: str,
     data_root: str | os.PathLike | None = None,
     datasets: Sequence[str] = (),
-    *,
-    need_context: bool = False,
     manifest: dict[str, Any] | None = None,
 ) -> list[DatasetSpec]:
     """The datasets a run uses, target first: the world's (or those named in `datasets`) whose
     file is present and verified. Prints `skipping <dataset>: <why>` for each one left out; one
-    UserError when the target is left out or, with `need_context`, no other dataset is left."""
+    UserError when the target is left out. A target-only run is allowed here: the steps that
+    learn from other cell types (the transfer baselines) refuse a store without them."""
     manifest = read_manifest() if manifest is None else manifest
     specs = get_datasets(world, manifest)
     names = [s.name for s in specs]
@@ -808,11 +806,6 @@ def select_datasets(
             print(f"skipping {spec.name}: {why}", flush=True)
         else:
             chosen.append(spec)
-    if need_context and len(chosen) < 2:
-        raise UserError(
-            f"no context dataset is left in world {world!r} (only {chosen[0].name}); this step learns from "
-            f"other cell types: fetch one of {names[1:]} (python nb/01_download.py --world {world} --sources ...)"
-        )
     return chosen
 
 

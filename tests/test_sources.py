@@ -107,13 +107,13 @@ def test_missing_target_is_one_clear_error(real_root):
         lib.select_datasets("real", real_root)
 
 
-def test_no_context_left_is_one_clear_error_where_context_is_needed(real_root):
+def test_a_selection_names_datasets_of_the_world_and_may_be_the_target_alone(real_root):
     selected = lib.select_datasets("real", real_root, ["vcc2025_h1"])
-    assert [s.name for s in selected] == ["vcc2025_h1"]  # a target-only run is allowed
-    with pytest.raises(lib.UserError, match="no context dataset is left"):
-        lib.select_datasets("real", real_root, ["vcc2025_h1"], need_context=True)
+    assert [s.name for s in selected] == ["vcc2025_h1"]  # allowed: the transfer baselines refuse it later
     with pytest.raises(lib.UserError, match=r"not datasets of world 'real'"):
         lib.select_datasets("real", real_root, ["vcc2025_h1", "replogle2022_k56"])
+    with pytest.raises(lib.UserError, match=r"target dataset vcc2025_h1 cannot be used: not in --datasets"):
+        lib.select_datasets("real", real_root, ["replogle2022_k562"])
 
 
 @pytest.mark.slow
