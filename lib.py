@@ -360,9 +360,9 @@ class DatasetsConfig(DataConfig):
     """Flags of the notebooks that read datasets (02-07): the data flags and the dataset selection."""
 
     datasets: tuple[str, ...] = ()
-    """Datasets to use (manifest names, e.g. vcc2025_h1 replogle2022_k562; the target is always
-    needed); empty = every dataset of the world whose file is present and verified (the others are
-    printed as skipped). The store and checkpoints record theirs: 05-07 refuse ones built from others."""
+    """Datasets to use (manifest names, e.g. vcc2025_h1 replogle2022_k562; 03-07 need the target
+    among them); empty = every dataset of the world whose file is present and verified (the others
+    are printed as skipped). The store and checkpoints record theirs: 04-07 refuse ones built from others."""
 
 
 # -------------------- h5ad files in row chunks ----------------------------------------------------
@@ -782,11 +782,13 @@ def select_datasets(
     data_root: str | os.PathLike | None = None,
     datasets: Sequence[str] = (),
     manifest: dict[str, Any] | None = None,
+    need_target: bool = True,
 ) -> list[DatasetSpec]:
     """The datasets a run uses, target first: the world's (or those named in `datasets`) whose
     file is present and verified. Prints `skipping <dataset>: <why>` for each one left out; one
-    UserError when the target is left out. A target-only run is allowed here: the steps that
-    learn from other cell types (the transfer baselines) refuse a store without them."""
+    UserError when the target is left out (unless not `need_target`: 02 looks at any dataset). A
+    target-only run is allowed here: the steps that learn from other cell types (the transfer
+    baselines) refuse a store without them."""
     manifest = read_manifest() if manifest is None else manifest
     specs = get_datasets(world, manifest)
     names = [s.name for s in specs]
@@ -797,7 +799,7 @@ def select_datasets(
     for spec in specs:
         why = "not in --datasets" if datasets and spec.name not in datasets else ""
         why = why or get_dataset_problem(spec, data_root, manifest, world)
-        if why and spec.role == "target":
+        if why and spec.role == "target" and need_target:
             raise UserError(
                 f"the target dataset {spec.name} cannot be used: {why}. Every stage predicts it, so it is needed"
                 + (" (name it in --datasets too)" if datasets else "")
@@ -2165,7 +2167,7 @@ def get_eda_dir(data_root: str | os.PathLike | None) -> pathlib.Path:
 
 def run_eda(cfg: EdaConfig) -> list[DatasetEda]:
     """02 EDA: one pass over each dataset of the world (or of --datasets) that is present."""
-    specs = select_datasets(cfg.world, cfg.data_root, cfg.datasets)
+    specs = select_datasets(cfg.world, cfg.data_root, cfg.datasets, need_target=False)
     return [compute_dataset_eda(spec, cfg.data_root, cfg) for spec in specs]
 
 

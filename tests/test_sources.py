@@ -114,6 +114,8 @@ def test_a_selection_names_datasets_of_the_world_and_may_be_the_target_alone(rea
         lib.select_datasets("real", real_root, ["vcc2025_h1", "replogle2022_k56"])
     with pytest.raises(lib.UserError, match=r"target dataset vcc2025_h1 cannot be used: not in --datasets"):
         lib.select_datasets("real", real_root, ["replogle2022_k562"])
+    eda_cfg = lib.EdaConfig(data_root=str(real_root), world="real", datasets=("replogle2022_k562",))
+    assert [e.spec.name for e in lib.run_eda(eda_cfg)] == ["replogle2022_k562"]  # 02 looks at any dataset
 
 
 @pytest.mark.slow
