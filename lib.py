@@ -5,8 +5,9 @@ Read it top to bottom. Each banner names the notebook it serves:
     paths & io                    every notebook: user errors (one line), data root, atomic writes,
                                   flags and their ranges, progress, input h5ad/CSV opening, h5ad
                                   row chunks, THE normalisation (log1p CP10K) and its checks
-    manifest                      data_manifest.toml: sources and the keys each dataset file uses
-    download              (01)    resumable, verified, atomic fetch of the manifest's sources
+    manifest                      data_manifest.toml: sources, the keys each dataset file uses, and
+                                  which datasets a run uses (present and verified; --datasets)
+    download              (01)    resumable, verified, atomic fetch of the manifest's sources; h5mu -> h5ad
     synthetic world       (01)    a seeded stand-in for the real sources, in their file layouts
     EDA                   (02)    one pass per dataset: depth, knockdown, effect sizes, overlaps
     gene ids & HVG        (03)    Ensembl ids (caches, then mygene), per-dataset HVGs, the shared list
@@ -86,6 +87,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
 
 REPO_DIR = pathlib.Path(__file__).resolve().parent
 MANIFEST_PATH = REPO_DIR / "data_manifest.toml"
+MANIFEST_ENV = "VCELL_MANIFEST"
 DATA_ROOT_ENV = "VCELL_DATA_ROOT"
 
 # Shapes on signatures are checked at call time where this decorator is applied.
@@ -430,6 +432,16 @@ class DataConfig:
         check_flag_ranges(self)
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetsConfig(DataConfig):
+    """Flags of the notebooks that read datasets (02-07): the data flags and the dataset selection."""
+
+    datasets: tuple[str, ...] = ()
+    """Datasets to use (manifest names, e.g. vcc2025_h1 replogle2022_k562; 03-07 need the target
+    among them); empty = every dataset of the world whose file is present and verified (the others
+    are printed as skipped). The store and checkpoints record theirs: 04-07 refuse ones built from others."""
+
+
 # -------------------- h5ad files in row chunks ----------------------------------------------------
 
 
@@ -454,12 +466,10 @@ def describe_hdf5_failure(path: pathlib.Path, error: Exception) -> str:
 
 
 @contextlib.contextmanager
-def open_h5ad_backed(
-    path: str | os.PathLike, spec: DatasetSpec | None = None
-) -> Iterator[tuple[pd.DataFrame, pd.DataFrame, Any]]:
+def open_h5ad_backed(path: str | os.PathLike) -> Iterator[tuple[pd.DataFrame, pd.DataFrame, Any]]:
     """(obs, var, X) of an h5ad with X left on disk (rows are read by slicing X): THE way every input
-    h5ad is opened, so a missing, empty, truncated or non-HDF5 file, or one without the obs columns
-    `spec`'s manifest entry names, is one UserError naming the file and the fix.
+    h5ad is opened, so a missing, empty, truncated or non-HDF5 file is one UserError naming the file
+    and the fix (check_dataset_keys then checks the columns the manifest names).
 
     Reads only obs and var into memory (not layers/obsm, unlike anndata's backed mode).
     X slices give scipy CSR for sparse files, numpy arrays for dense ones.
@@ -479,25 +489,15 @@ def open_h5ad_backed(
             raise UserError(f"{path} is HDF5 but not an h5ad (no {'/'.join(missing)}); {H5AD_FIX}")
         x = anndata.io.sparse_dataset(f["X"]) if isinstance(f["X"], h5py.Group) else f["X"]
         if isinstance(f["X"], h5py.Group) and x.format != "csr":
-            raise UserError(f"{path}: X is {x.format}; row chunks need CSR (rewrite it with X = X.tocsr())")
+            raise UserError(
+                f"{path}: X is stored {x.format.upper()} (gene-major), so reading cells in row chunks would read the "
+                "whole matrix each time; rewrite it as CSR once (adata.X = adata.X.tocsr(); adata.write_h5ad(...))"
+            )
         try:
             obs, var = anndata.io.read_elem(f["obs"]), anndata.io.read_elem(f["var"])
         except (OSError, KeyError, ValueError) as e:
             raise UserError(f"{path}: obs/var cannot be read ({type(e).__name__}: {e}); {H5AD_FIX}") from e
-        if spec is not None:
-            check_obs_keys(obs, spec, path)
         yield obs, var, x
-
-
-def check_obs_keys(obs: pd.DataFrame, spec: DatasetSpec, path: pathlib.Path) -> None:
-    """The obs columns the manifest says `spec`'s file has (perturbation, batch) are there."""
-    keys = {"perturbation_key": spec.perturbation_key, "batch_key": spec.batch_key}
-    for field, column in keys.items():
-        if column and column not in obs.columns:
-            raise UserError(
-                f"{path}: obs has no column {column!r} ({field} of dataset {spec.name} in data_manifest.toml); "
-                f"its obs columns are {list(obs.columns)[:12]}: fix {field} in the manifest, or re-download the file"
-            )
 
 
 def read_csv(
@@ -523,16 +523,38 @@ def read_csv(
     return table
 
 
+DENSE_READ_BYTES = 32 << 20
+"""A dense X (Replogle's files are reported dense) is read at most this many bytes at a time and
+made sparse at once, so reading a chunk of a dense file costs about what the same rows cost sparse."""
+
+
 def read_rows(x, rows: slice | np.ndarray) -> scipy.sparse.csr_matrix:
     """Rows of a backed X (sparse or dense) as float32 CSR: a slice, or sorted row indices (a
     contiguous run of them is read as one slice). Stored zeros are dropped (they would count as
-    detected genes)."""
+    detected genes). A dense X is read in blocks of at most DENSE_READ_BYTES."""
     if not isinstance(rows, slice):
         rows = np.asarray(rows)
         if rows[-1] - rows[0] + 1 == len(rows):
             rows = slice(int(rows[0]), int(rows[-1]) + 1)
-    block = x[rows]
-    block = block if scipy.sparse.issparse(block) else scipy.sparse.csr_matrix(np.asarray(block))
+    if isinstance(x, h5py.Dataset):
+        return _read_dense_rows(x, rows)
+    block = scipy.sparse.csr_matrix(x[rows], dtype=np.float32)
+    block.eliminate_zeros()
+    return block
+
+
+def _read_dense_rows(x: h5py.Dataset, rows: slice | np.ndarray) -> scipy.sparse.csr_matrix:
+    """Rows of a dense on-disk X as float32 CSR, read DENSE_READ_BYTES at a time."""
+    row_ids = np.arange(*rows.indices(x.shape[0])) if isinstance(rows, slice) else rows
+    step = max(1, DENSE_READ_BYTES // max(1, x.shape[1] * x.dtype.itemsize))
+    blocks = []
+    for a in range(0, len(row_ids), step):
+        ids = row_ids[a : a + step]
+        contiguous = ids[-1] - ids[0] + 1 == len(ids)
+        dense = x[int(ids[0]) : int(ids[-1]) + 1] if contiguous else x[ids]  # h5py: increasing indices
+        blocks.append(scipy.sparse.csr_matrix(dense.astype(np.float32, copy=False)))
+        del dense
+    block = scipy.sparse.vstack(blocks, format="csr") if blocks else scipy.sparse.csr_matrix((0, x.shape[1]))
     block = scipy.sparse.csr_matrix(block, dtype=np.float32)
     block.eliminate_zeros()
     return block
@@ -804,9 +826,20 @@ class DatasetSpec:
     """`raw` for integer UMI counts, `log1p` for already normalised data."""
     role: str
     """`target` for the cell type we predict, `context` for the others."""
+    h5mu_file: str = ""
+    """A file of the source in h5mu (MuData) form that `path` is made from: nb/01_download.py
+    writes one modality of it as the h5ad `path` (convert_h5mu). "" when `path` is itself the
+    downloaded file. The other keys (perturbation_key, gene_index, ...) name that modality's
+    obs and var columns (MuData's global obs columns are copied in too, see convert_h5mu)."""
+    h5mu_modality: str = ""
+    """With h5mu_file: the modality whose X, obs and var become the h5ad (`rna` in most files;
+    MuData keeps it under `mod/<modality>`)."""
 
 
-def read_manifest(path: str | os.PathLike = MANIFEST_PATH) -> dict[str, Any]:
+def read_manifest(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The manifest: `path`, else $VCELL_MANIFEST (a manifest of your own: other files, keys or
+    hashes), else the repository's data_manifest.toml."""
+    path = path or os.environ.get(MANIFEST_ENV) or MANIFEST_PATH
     with open(path, "rb") as f:
         return tomllib.load(f)
 
@@ -829,8 +862,19 @@ def get_datasets(world: str, manifest: dict[str, Any] | None = None) -> list[Dat
             unknown = set(entry) - fields
             if unknown:
                 raise ValueError(f"manifest source {source!r}: unknown dataset keys {sorted(unknown)}")
-            defaults = dict(batch_key="", gene_id_column="", gene_symbol_column="", counts="raw", role="context")
-            specs.append(DatasetSpec(source=source, **{**defaults, **entry}))
+            defaults = dict(
+                batch_key="",
+                gene_id_column="",
+                gene_symbol_column="",
+                counts="raw",
+                role="context",
+                h5mu_file="",
+                h5mu_modality="",
+            )
+            spec = DatasetSpec(source=source, **{**defaults, **entry})
+            if bool(spec.h5mu_file) != bool(spec.h5mu_modality):
+                raise ValueError(f"manifest dataset {spec.name!r}: h5mu_file and h5mu_modality go together")
+            specs.append(spec)
     specs.sort(key=lambda s: s.role != "target")
     if sum(s.role == "target" for s in specs) != 1:
         raise ValueError(f"world {world!r} must have exactly one dataset with role = 'target'")
@@ -839,6 +883,91 @@ def get_datasets(world: str, manifest: dict[str, Any] | None = None) -> list[Dat
 
 def get_dataset_path(spec: DatasetSpec, data_root: str | os.PathLike | None = None) -> pathlib.Path:
     return get_data_root(data_root) / "raw" / spec.source / spec.path
+
+
+def get_dataset_problem(spec: DatasetSpec, data_root, manifest: dict[str, Any], world: str) -> str:
+    """Why a dataset cannot be used now ("" if it can): its file is missing, fails verification
+    against the manifest's size/sha256 (or the hash recorded on first sight, as nb/01 does), or
+    (h5mu sources) has not been converted from the current h5mu."""
+    path = get_dataset_path(spec, data_root)
+    fetch = "python nb/01_download.py" + ("" if world == "synthetic" else f" --world real --sources {spec.source}")
+    downloaded = path.parent / spec.h5mu_file if spec.h5mu_file else path
+    if not downloaded.exists():
+        return f"{downloaded} is missing (fetch it: {fetch}, or put the file there by hand)"
+    entry = next((f for f in manifest["sources"][spec.source].get("files", []) if f["name"] == downloaded.name), None)
+    if entry is not None:  # a downloadable file: verified as nb/01 verifies it (present: never fetched)
+        recorded = _read_registry(downloaded.parent / HASH_REGISTRY_NAME).get(downloaded.name)
+        expected = entry.get("sha256", "") or (recorded or {}).get("sha256", "")
+        if not _is_known_good(recorded, downloaded, expected):
+            size_gb = downloaded.stat().st_size / 1e9
+            print(f"verifying {downloaded} ({size_gb:.2f} GB; once, then remembered by size and mtime)", flush=True)
+        try:
+            download_file(entry["url"], downloaded, sha256=entry.get("sha256", ""), size=entry.get("size"))
+        except DownloadError as exc:
+            return f"{downloaded.name} fails verification: {exc}"
+    if spec.h5mu_file and not is_h5mu_conversion_current(downloaded, path, spec.h5mu_modality):
+        return f"{path.name} is not converted from the current {spec.h5mu_file} yet (run {fetch})"
+    return ""
+
+
+def select_datasets(
+    world: str,
+    data_root: str | os.PathLike | None = None,
+    datasets: Sequence[str] = (),
+    manifest: dict[str, Any] | None = None,
+    need_target: bool = True,
+) -> list[DatasetSpec]:
+    """The datasets a run uses, target first: the world's (or those named in `datasets`) whose
+    file is present and verified. Prints `skipping <dataset>: <why>` for each one left out; one
+    UserError when the target is left out (unless not `need_target`: 02 looks at any dataset). A
+    target-only run is allowed here: the steps that learn from other cell types (the transfer
+    baselines) refuse a store without them."""
+    manifest = read_manifest() if manifest is None else manifest
+    specs = get_datasets(world, manifest)
+    names = [s.name for s in specs]
+    unknown = sorted(set(datasets) - set(names))
+    if unknown:
+        raise UserError(f"--datasets {unknown} are not datasets of world {world!r}; its datasets are {names}")
+    chosen = []
+    for spec in specs:
+        why = "not in --datasets" if datasets and spec.name not in datasets else ""
+        why = why or get_dataset_problem(spec, data_root, manifest, world)
+        if why and spec.role == "target" and need_target:
+            raise UserError(
+                f"the target dataset {spec.name} cannot be used: {why}. Every stage predicts it, so it is needed"
+                + (" (name it in --datasets too)" if datasets else "")
+            )
+        if why:
+            print(f"skipping {spec.name}: {why}", flush=True)
+        else:
+            chosen.append(spec)
+    return chosen
+
+
+def check_dataset_keys(spec: DatasetSpec, obs: pd.DataFrame, var: pd.DataFrame | None = None) -> None:
+    """One UserError per manifest key the file does not have (obs and, when given, var columns; the
+    control label), naming what the file does have, before any reading starts."""
+    where = f"{spec.name} ({spec.source}/{spec.path})"
+    for key, column, table, kind in (
+        ("perturbation_key", spec.perturbation_key, obs, "obs"),
+        ("batch_key", spec.batch_key, obs, "obs"),
+        ("gene_id_column", spec.gene_id_column, var, "var"),
+        ("gene_symbol_column", spec.gene_symbol_column, var, "var"),
+    ):
+        if column and table is not None and column not in table.columns:
+            raise UserError(
+                f"{where}: {kind} has no column {column!r} ({key} in data_manifest.toml); its {kind} columns are "
+                f"{list(table.columns)[:20]}: set {key} to the right one"
+            )
+    if spec.gene_index not in ("symbol", "ensembl"):
+        raise UserError(f"{where}: gene_index = {spec.gene_index!r} in data_manifest.toml; use 'symbol' or 'ensembl'")
+    labels = obs[spec.perturbation_key].astype(str)
+    if not (labels == spec.control_label).any():
+        common = labels.value_counts().head(5)
+        raise UserError(
+            f"{where}: no cells with {spec.perturbation_key} == {spec.control_label!r} (control_label in "
+            f"data_manifest.toml); its most common values are {dict(common)}: set control_label to the control's"
+        )
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
@@ -1303,6 +1432,89 @@ def download_sources(
     paths, failures = _fetch_sources(names, data_root, manifest, **kwargs)
     _raise_failures(failures, len(paths) + len(failures))
     return paths
+
+
+# -------------------- h5mu sources -----------------------------------------------------------------
+
+
+H5MU_MARK = "vcell_converted_from"
+"""Root attribute of an h5ad made by convert_h5mu: the h5mu's name, size and mtime and the modality."""
+
+
+def _h5mu_mark(h5mu_path: pathlib.Path, modality: str) -> str:
+    stat = h5mu_path.stat()
+    return json.dumps(
+        {"file": h5mu_path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "modality": modality},
+        sort_keys=True,
+    )
+
+
+def is_h5mu_conversion_current(h5mu_path: str | os.PathLike, h5ad_path: str | os.PathLike, modality: str) -> bool:
+    """True when `h5ad_path` was converted from this very h5mu (same size and mtime) and modality."""
+    h5ad_path = pathlib.Path(h5ad_path)
+    if not h5ad_path.exists():
+        return False
+    with h5py.File(h5ad_path, "r") as f:
+        return f.attrs.get(H5MU_MARK, "") == _h5mu_mark(pathlib.Path(h5mu_path), modality)
+
+
+def convert_h5mu(h5mu_path: str | os.PathLike, h5ad_path: str | os.PathLike, modality: str) -> bool:
+    """Write one modality of an h5mu (MuData) file as an h5ad; False (nothing done) when the h5ad
+    is already the current conversion.
+
+    obs and var are the modality's (read with mudata), plus MuData's global obs columns for these
+    cells (`<modality>:x` columns lose the prefix; other modalities' columns are left out), so
+    manifest keys may name either. X is copied by HDF5 itself, sparse or dense, in the file's
+    own chunks: it never passes through memory whole. Written to a temporary file, then renamed.
+    """
+    import anndata
+    import mudata
+
+    h5mu_path, h5ad_path = pathlib.Path(h5mu_path), pathlib.Path(h5ad_path)
+    if is_h5mu_conversion_current(h5mu_path, h5ad_path, modality):
+        print(f"{h5ad_path.name} is up to date with {h5mu_path.name} (modality {modality!r})")
+        return False
+    with h5py.File(h5mu_path, "r") as f:
+        modalities = list(f.get("mod", {}))
+        if modality not in modalities:
+            raise UserError(
+                f"{h5mu_path} has no modality {modality!r} (it has {modalities}): set h5mu_modality in data_manifest.toml"
+            )
+        global_obs = anndata.io.read_elem(f["obs"]) if "obs" in f else pd.DataFrame()
+    adata = mudata.read_h5ad(h5mu_path, modality, backed="r")
+    obs, var = adata.obs.copy(), adata.var.copy()
+    adata.file.close()
+    other_prefixes = tuple(f"{m}:" for m in modalities if m != modality)
+    for column in global_obs.columns:
+        name = column.removeprefix(f"{modality}:")
+        if column.startswith(other_prefixes) or name in obs.columns:
+            continue
+        obs[name] = global_obs[column].reindex(obs.index).to_numpy()
+    with atomic_path(h5ad_path) as tmp_path:
+        with h5py.File(h5mu_path, "r") as src, h5py.File(tmp_path, "w") as dst:
+            dst.attrs["encoding-type"], dst.attrs["encoding-version"] = "anndata", "0.1.0"
+            src.copy(src[f"mod/{modality}/X"], dst, "X")
+            anndata.io.write_elem(dst, "obs", obs)
+            anndata.io.write_elem(dst, "var", var)
+            for name in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+                anndata.io.write_elem(dst, name, {})
+            dst.attrs[H5MU_MARK] = _h5mu_mark(h5mu_path, modality)
+    print(f"converted {h5mu_path.name} (modality {modality!r}) -> {h5ad_path}")
+    return True
+
+
+def convert_h5mu_sources(
+    names: Sequence[str], data_root: str | os.PathLike | None = None, manifest: dict[str, Any] | None = None
+) -> list[pathlib.Path]:
+    """convert_h5mu for every dataset of the sources `names` that comes from an h5mu already on disk."""
+    manifest = read_manifest() if manifest is None else manifest
+    written = []
+    for spec in get_datasets("real", manifest):
+        h5mu_path = get_source_dir(spec.source, data_root) / spec.h5mu_file
+        if spec.source in names and spec.h5mu_file and h5mu_path.exists():
+            convert_h5mu(h5mu_path, get_dataset_path(spec, data_root), spec.h5mu_modality)
+            written.append(get_dataset_path(spec, data_root))
+    return written
 
 
 def get_file_table(directory: str | os.PathLike) -> list[dict[str, Any]]:
@@ -1975,8 +2187,12 @@ def run_download(cfg: DownloadConfig) -> tuple[dict[str, Any], pathlib.Path]:
     data_root = get_data_root(cfg.data_root)
     if cfg.world == "synthetic":
         return write_synthetic_world(data_root, size=cfg.size, seed=cfg.seed), data_root / "raw" / "synthetic"
-    paths = download_sources(cfg.sources, data_root=data_root)
-    return {"files": {str(p.relative_to(data_root / "raw")): {} for p in paths}}, data_root / "raw"
+    names = list(cfg.sources) or get_default_sources()
+    try:
+        paths = download_sources(names, data_root=data_root)
+    finally:  # the h5mu files that are here are converted even when other files could not be fetched
+        converted = convert_h5mu_sources(names, data_root)
+    return {"files": {str(p.relative_to(data_root / "raw")): {} for p in [*paths, *converted]}}, data_root / "raw"
 
 
 # ==================================================================================================
@@ -2008,11 +2224,9 @@ NULL_GROUP_PREFIX = "null:"
 
 
 @dataclasses.dataclass(frozen=True)
-class EdaConfig(DataConfig):
+class EdaConfig(DatasetsConfig):
     """Flags of nb/02_eda.py: per-dataset summaries, knockdown, effect sizes, overlaps, PCA."""
 
-    datasets: tuple[str, ...] = ()
-    """Dataset names to look at (e.g. synthetic_h1 synthetic_k562); empty means all of the world."""
     max_cells_per_dataset: Annotated[int, Range(1, MAX_CELLS_FLAG)] = 100_000
     """Cells read per dataset at most; bigger files are subsampled uniformly at random (with
     `seed`, so deterministic). Counts per perturbation always come from all cells (obs)."""
@@ -2090,22 +2304,17 @@ def get_eda_dir(data_root: str | os.PathLike | None) -> pathlib.Path:
 
 
 def run_eda(cfg: EdaConfig) -> list[DatasetEda]:
-    """02 EDA: one pass over each dataset of the world (or of --datasets)."""
-    specs = get_datasets(cfg.world)
-    unknown = set(cfg.datasets) - {s.name for s in specs}
-    if unknown:
-        raise ValueError(f"--datasets {sorted(unknown)} not in world {cfg.world!r}: {[s.name for s in specs]}")
-    specs = [s for s in specs if not cfg.datasets or s.name in cfg.datasets]
+    """02 EDA: one pass over each dataset of the world (or of --datasets) that is present."""
+    specs = select_datasets(cfg.world, cfg.data_root, cfg.datasets, need_target=False)
     return [compute_dataset_eda(spec, cfg.data_root, cfg) for spec in specs]
 
 
 def compute_dataset_eda(spec: DatasetSpec, data_root: str | os.PathLike | None, cfg: EdaConfig) -> DatasetEda:
     """Read one dataset in row chunks and keep per-cell depth and per-group log1p means."""
-    with open_h5ad_backed(get_dataset_path(spec, data_root), spec) as (obs, var, x):
+    with open_h5ad_backed(get_dataset_path(spec, data_root)) as (obs, var, x):
+        check_dataset_keys(spec, obs, var)
         n_cells, n_genes = x.shape
         labels_c = obs[spec.perturbation_key].astype(str).to_numpy()
-        if not (labels_c == spec.control_label).any():
-            raise ValueError(f"{spec.name}: no cells with {spec.perturbation_key} == {spec.control_label!r}")
         symbols_g, ensembl_ids_g = get_gene_keys(var, spec)
         perts = np.unique(labels_c[labels_c != spec.control_label])
         groups = np.concatenate([[CONTROL_GROUP], perts]).astype(object)
@@ -2850,7 +3059,7 @@ def report_unmapped(tables: dict[str, pd.DataFrame], path: str | os.PathLike) ->
 
 
 @dataclasses.dataclass(frozen=True)
-class HvgConfig(DataConfig):
+class HvgConfig(DatasetsConfig):
     """Flags of nb/03_hvg.py: per-dataset HVGs and the shared gene space."""
 
     n_hvg: Annotated[int, Range(1, 100_000)] = 2000
@@ -2896,7 +3105,7 @@ def compute_dataset_hvgs(
     import scanpy as sc
 
     path = get_dataset_path(spec, data_root)
-    with open_h5ad_backed(path, spec) as (obs, var, x):
+    with open_h5ad_backed(path) as (obs, var, x):
         rows_c = make_cell_subsample(x.shape[0], max_cells, seed)
         blocks = []
         for start in range(0, x.shape[0], chunk_cells):
@@ -3019,16 +3228,18 @@ def run_hvg(cfg: HvgConfig, specs: Sequence[DatasetSpec] | None = None) -> pd.Da
     """03 HVG: map genes, compute per-dataset HVGs, choose and write the shared list.
 
     Writes everything under `<data_root>/hvg/<world>/` (see the module docstring) and
-    returns hvg.csv as a DataFrame. `specs` defaults to the manifest's datasets of `cfg.world`.
+    returns hvg.csv as a DataFrame. `specs` defaults to select_datasets: the world's datasets
+    (or --datasets) whose files are present and verified.
     """
-    specs = list(get_datasets(cfg.world) if specs is None else specs)
+    specs = list(select_datasets(cfg.world, cfg.data_root, cfg.datasets) if specs is None else specs)
     if specs[0].role != "target":
         raise ValueError("the first dataset must be the target (get_datasets puts it first)")
     hvg_dir = get_hvg_dir(cfg.data_root, cfg.world)
     tables: dict[str, pd.DataFrame] = {}
     infos: dict[str, Any] = {}
     for spec in progress(specs, desc="HVG per dataset"):
-        with open_h5ad_backed(get_dataset_path(spec, cfg.data_root), spec) as (_, var, _x):
+        with open_h5ad_backed(get_dataset_path(spec, cfg.data_root)) as (obs, var, _x):
+            check_dataset_keys(spec, obs, var)
             genes = make_gene_table(spec, var, data_root=cfg.data_root, offline=cfg.offline)
         stats, infos[spec.name] = compute_dataset_hvgs(
             spec,
@@ -3151,7 +3362,7 @@ def plot_hvg_overlap(hvg_sets: dict[str, set[str]], shared: set[str] | None = No
 
 
 @dataclasses.dataclass(frozen=True)
-class NormaliseConfig(DataConfig):
+class NormaliseConfig(DatasetsConfig):
     """Flags of nb/04_normalise.py: log1p CP10K store of the shared genes."""
 
     chunk_cells: Annotated[int, Range(1, 1_000_000)] = 2_000
@@ -3172,13 +3383,8 @@ def make_store_rows(obs: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFrame,
     Returns (groups with dataset..n_cells and start/stop relative to the dataset, dest_c:
     the store row, relative to the dataset, of each source row).
     """
-    if spec.perturbation_key not in obs:
-        raise UserError(f"{spec.name}: obs has no column {spec.perturbation_key!r} (perturbation_key in the manifest)")
-    if spec.batch_key and spec.batch_key not in obs:
-        raise UserError(f"{spec.name}: obs has no column {spec.batch_key!r} (batch_key in the manifest)")
+    check_dataset_keys(spec, obs)
     pert = obs[spec.perturbation_key].astype(str).to_numpy()
-    if not (pert == spec.control_label).any():
-        raise UserError(f"{spec.name}: no cells with {spec.perturbation_key} == {spec.control_label!r} (control_label)")
     batch = obs[spec.batch_key].to_numpy() if spec.batch_key else np.zeros(len(obs), dtype=int)
     frame = pd.DataFrame({"batch": batch, "is_control": pert == spec.control_label, "perturbation": pert})
     order_c = np.lexsort((np.arange(len(frame)), frame["perturbation"], ~frame["is_control"], frame["batch"]))
@@ -3246,11 +3452,19 @@ def run_normalise(cfg: NormaliseConfig, specs: Sequence[DatasetSpec] | None = No
                      ensembl_id, symbol, var_name, mean_all, mean_control (log1p, over all cells
                      and over control cells), for filling non-HVG genes later.
       meta.json      datasets, shape, inputs (for the up-to-date check), config.
-    Skips the work when meta.json matches the current inputs, unless cfg.force.
+    Skips the work when meta.json matches the current inputs, unless cfg.force. `specs`
+    defaults to select_datasets (as nb/03 chose them); they must be the datasets hvg.csv was made from.
     """
-    specs = list(get_datasets(cfg.world) if specs is None else specs)
+    specs = list(select_datasets(cfg.world, cfg.data_root, cfg.datasets) if specs is None else specs)
     store_dir = get_store_dir(cfg.data_root, cfg.world)
     hvgs = read_hvgs(cfg.data_root, cfg.world)
+    hvg_datasets = json.loads((get_hvg_dir(cfg.data_root, cfg.world) / "hvg.json").read_text())["datasets"]
+    if hvg_datasets != [s.name for s in specs]:
+        names = " ".join(s.name for s in specs)
+        raise UserError(
+            f"the shared genes (hvg.csv) were made from {hvg_datasets}, but this store would hold "
+            f"{[s.name for s in specs]}: re-run python nb/03_hvg.py --world {cfg.world} --datasets {names} first"
+        )
     inputs = _store_inputs(specs, cfg.data_root, cfg.world)
     meta_path = store_dir / "meta.json"
     old_meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
@@ -3302,7 +3516,7 @@ def _plan_store_dataset(
 ) -> dict[str, Any]:
     """Where one dataset's cells and genes go in the store: its groups (rows from `first_row`),
     the store row of each source row, and the source column of each shared gene (-1: unmeasured)."""
-    with open_h5ad_backed(get_dataset_path(spec, cfg.data_root), spec) as (obs, var, _x):
+    with open_h5ad_backed(get_dataset_path(spec, cfg.data_root)) as (obs, var, _x):
         genes = read_dataset_genes(cfg.data_root, cfg.world, spec.name)
         if len(genes) != var.shape[0] or not np.array_equal(genes["var_name"].to_numpy(), var.index.astype(str)):
             raise UserError(f"{spec.name}: the gene table from 03 does not match the file's var: rerun nb/03_hvg.py")
@@ -3425,6 +3639,20 @@ def load_store(data_root: str | os.PathLike | None = None, world: str = "synthet
         "index.csv does not tile the rows"
     )
     return store
+
+
+def check_store_datasets(store: CellStore, datasets: Sequence[str], world: str, *, exact: bool) -> None:
+    """UserError, naming the re-run, when --datasets asks for datasets the store was not built from
+    (`exact`: or when the store holds others too, since the step reads every store dataset)."""
+    missing = [d for d in datasets if d not in store.datasets]
+    extra = [d for d in store.datasets if exact and datasets and d not in datasets]
+    if missing or extra:
+        names = " ".join(datasets)
+        raise UserError(
+            f"--datasets {list(datasets)} but the store {store.store_dir} was built from {store.datasets}: build the "
+            f"store from them (python nb/03_hvg.py --world {world} --datasets {names} && python nb/04_normalise.py "
+            f"--world {world} --datasets {names}) or drop --datasets to use the store's"
+        )
 
 
 def plot_store_overview(store: CellStore, max_rows: int = 4_000, seed: int = 0):
@@ -4592,7 +4820,8 @@ class TrainConfig:
     target_dataset: str = ""
     """The cell type to predict; empty = the manifest's target (the store's first dataset)."""
     datasets: tuple[str, ...] = ()
-    """Store datasets to train on; empty = all."""
+    """Store datasets to train on (each must be in the store: nb/04 --datasets builds it); empty = all.
+    The checkpoint records them and the store's datasets; 06/07 refuse it with a store of others."""
     features: Literal["onehot", "gene", "random"] = "gene"
     """Perturbation features: onehot (learned id embedding), gene (target-gene co-expression +
     other cell types' effects: unseen knockdowns are not blind), random (control experiment)."""
@@ -5482,6 +5711,7 @@ def init_or_resume(cfg: TrainConfig, store: CellStore, target: str, run_dir: str
     if resume_name:
         ckpt = load_checkpoint(join_url(run_dir, resume_name))
         _check_resumable(ckpt["cfg"], cfg, run_dir)
+        check_checkpoint_store(ckpt["features"], store, join_url(run_dir, resume_name), cfg.world)
         # The schedule's length is a function of cfg.steps: it may not change on resume.
         if cfg.steps != ckpt["cfg"].steps and cfg.schedule == "cosine":
             warnings.warn(
@@ -5758,6 +5988,7 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     init_distributed(cfg)  # before any other JAX call
     t_start, is_main = time.time(), jax.process_index() == 0
     store = load_store(cfg.data_root, cfg.world)
+    check_store_datasets(store, cfg.datasets, cfg.world, exact=False)
     target = cfg.target_dataset or store.datasets[0]
     split = make_fake_val_split(get_store_perturbations(store, target), cfg.fake_val_seed)
     run_dir = get_run_dir(cfg)
@@ -6996,7 +7227,10 @@ def get_target_files(data_root: str | os.PathLike | None, world: str) -> TargetF
         )
     training_path = get_dataset_path(spec, data_root)
     if not training_path.exists():
-        raise MissingFileError(f"{training_path} is missing: run nb/01_download.py --world {world} first")
+        fetch = "python nb/01_download.py" + ("" if world == "synthetic" else f" --world real --sources {spec.source}")
+        raise UserError(
+            f"the target dataset {spec.name} is missing ({training_path}): fetch it ({fetch}) or put the file there"
+        )
     vcc_dir = training_path.parent
     splits = {"validation": "Validation", "test": "Test"}
     truths = {s: vcc_dir / f"adata_{S}_truth.h5ad" for s, S in splits.items()}
@@ -7500,6 +7734,12 @@ def make_baseline_predictor(
     if name in ("pert_mean_transfer", "linear_transfer"):
         if store is None or target_genes is None:
             raise UserError(f"{name} needs the store: run nb/04_normalise.py first")
+        if not [d for d in store.datasets if d != target]:  # the world needs a context dataset here
+            raise UserError(
+                f"{name} learns from other cell types, but the store {store.store_dir} holds only {target}: fetch a "
+                "context source and rebuild the store (nb/03_hvg.py, nb/04_normalise.py), or leave it out "
+                "(06 --predictors, 07 --predictor)"
+            )
         transfer = TransferEffects(store, target, target_genes)
     if name == "linear":
         effect_of = fit_linear_model(genes, effect_pg, fit.perturbations, n_components, ridge).effect
@@ -7624,11 +7864,30 @@ def load_model_predictor(
     return ModelPredictor(load_checkpoint(step_dir), step_dir)
 
 
+def check_checkpoint_store(features: PertFeatures, store: CellStore, step_dir, world: str) -> None:
+    """UserError, naming both fixes, unless the checkpoint was trained on a store of the same
+    datasets (its feature table has one row block per store dataset, in the store's order)."""
+    if list(features.datasets) != list(store.datasets):
+        names = " ".join(features.datasets)
+        raise UserError(
+            f"checkpoint {step_dir} was trained on a store built from {list(features.datasets)}, but the store "
+            f"{store.store_dir} holds {store.datasets}: retrain on this store (python nb/05_train.py --world {world}) "
+            f"or rebuild the checkpoint's store (python nb/03_hvg.py --world {world} --datasets {names} && "
+            f"python nb/04_normalise.py --world {world} --datasets {names})"
+        )
+
+
 def make_model_predictor(
-    checkpoint_dir: str | os.PathLike, store: CellStore, target_genes: pd.DataFrame, fill: str = "control"
+    checkpoint_dir: str | os.PathLike,
+    store: CellStore,
+    target_genes: pd.DataFrame,
+    fill: str = "control",
+    world: str = "synthetic",
 ) -> HvgAdapter:
-    """A trained model (HVG space) lifted to the target's full gene space (see HvgAdapter)."""
+    """A trained model (HVG space) lifted to the target's full gene space (see HvgAdapter); refused
+    when it was trained on a store of other datasets (check_checkpoint_store)."""
     model = load_model_predictor(checkpoint_dir)
+    check_checkpoint_store(model.features, store, model.step_dir, world)
     return HvgAdapter(
         model,
         gene_names=target_genes["symbol"].tolist(),
@@ -7784,7 +8043,7 @@ def make_fake_val_split(perturbations, seed: int = 0) -> dict[str, list[str]]:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalConfig(DataConfig):
+class EvalConfig(DatasetsConfig):
     """Flags of nb/06_eval.py: score predictors on held-out perturbations of the target."""
 
     seed: Annotated[int, Range(0, MAX_SEED)] = 0
@@ -8036,6 +8295,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, typing.Any]:
     store = target_genes = hvg_cols_v = None
     try:
         store = load_store(cfg.data_root, cfg.world)
+        check_store_datasets(store, cfg.datasets, cfg.world, exact=True)
         target_genes = get_target_gene_table(store, spec.name, gene_names)
         hvg_cols_v = get_hvg_columns(store, target_genes)
     except FileNotFoundError:
@@ -8064,7 +8324,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, typing.Any]:
         )
         predictors = make_harness_predictors(cfg, fit, store, spec.name, target_genes, hvg_cols_v, gene_names)
         if checkpoint is not None:
-            predictors["model"] = make_model_predictor(checkpoint, store, target_genes, cfg.fill)
+            predictors["model"] = make_model_predictor(checkpoint, store, target_genes, cfg.fill, cfg.world)
             if cfg.knockdown:
                 knockdown = fit_knockdown_fraction(fit)
                 predictors["model"] = KnockdownPredictor(predictors["model"], knockdown, fit.control_mean_g)
@@ -8272,7 +8532,7 @@ def pack_vcc(h5ad_path: str | os.PathLike, vcc_path: str | os.PathLike | None = 
 
 
 @dataclasses.dataclass(frozen=True)
-class SubmitConfig(DataConfig):
+class SubmitConfig(DatasetsConfig):
     """Flags of nb/07_submit.py: a predictor's submission, validated and packed as .vcc."""
 
     split: typing.Literal["validation", "test"] = "validation"
@@ -8445,6 +8705,7 @@ def run_submit(cfg: SubmitConfig) -> dict[str, typing.Any]:
     store = target_genes = None
     if cfg.predictor in ("pert_mean_transfer", "linear_transfer", "model"):
         store = load_store(cfg.data_root, cfg.world)
+        check_store_datasets(store, cfg.datasets, cfg.world, exact=True)
         target_genes = get_target_gene_table(store, spec.name, gene_names)
     if cfg.predictor == "model":
         checkpoint = pathlib.Path(cfg.checkpoint) if cfg.checkpoint else get_latest_checkpoint(cfg.data_root)
@@ -8452,7 +8713,7 @@ def run_submit(cfg: SubmitConfig) -> dict[str, typing.Any]:
             raise FileNotFoundError(
                 f"no checkpoint under {get_data_root(cfg.data_root) / 'checkpoints'}: train with nb/05_train.py or pass --checkpoint"
             )
-        predictor, name = make_model_predictor(checkpoint, store, target_genes, cfg.fill), "model"
+        predictor, name = make_model_predictor(checkpoint, store, target_genes, cfg.fill, cfg.world), "model"
         if cfg.knockdown:
             predictor = KnockdownPredictor(predictor, fit_knockdown_fraction(fit), fit.control_mean_g)
     else:

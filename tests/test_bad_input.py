@@ -200,7 +200,11 @@ def test_missing_batch_column_in_03_names_the_column_the_file_and_the_manifest_k
         del f["obs"]["gem_group"]
         order = [c for c in f["obs"].attrs["column-order"] if c != "gem_group"]
         f["obs"].attrs["column-order"] = np.array(order, dtype=object)
-    with pytest.raises(lib.UserError, match=r"obs has no column 'gem_group' \(batch_key of dataset synthetic_k562"):
+    spec = next(s for s in lib.get_datasets("synthetic") if s.name == "synthetic_k562")
+    where = re.escape(f"synthetic_k562 ({spec.source}/{spec.path})")
+    with pytest.raises(
+        lib.UserError, match=f"^{where}: obs has no column 'gem_group' \\(batch_key in data_manifest.toml\\)"
+    ):
         lib.run_hvg(lib.HvgConfig(data_root=str(world_copy), n_hvg=200, n_hvg_per_dataset=200, offline=True))
 
 
