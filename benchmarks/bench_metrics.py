@@ -34,14 +34,14 @@ REFERENCE_ENVS = {
 }
 
 
-def make_pair(n_genes: int, n_perts: int, n_cells: int, n_control: int, seed: int = 0):
+def make_pair(n_genes: int, n_perts: int, n_cells: int, n_control: int, seed: int = 0, base_log_mean: float = -0.5):
     """Real and predicted AnnData: the prediction is a fresh draw with half-size effects."""
     import anndata as ad
     import pandas as pd
 
     rng = np.random.default_rng(seed)
     genes = np.array([f"G{i:05d}" for i in range(n_genes)])
-    base_mu = rng.lognormal(-0.5, 1.5, n_genes).astype(np.float32)
+    base_mu = rng.lognormal(base_log_mean, 1.5, n_genes).astype(np.float32)
     # Perturbations named after measured genes when there are enough (PDS excludes the target gene).
     perts = (
         genes[rng.choice(n_genes, n_perts, replace=False)]
