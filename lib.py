@@ -75,9 +75,7 @@ import numpy as np
 import optax
 import pandas as pd
 import scipy.sparse
-import scipy.sparse.linalg
 import scipy.special
-import scipy.stats
 import tqdm
 import tyro
 import zstandard
@@ -2202,6 +2200,8 @@ def compute_pca(
     """(scores, explained variance ratio) of a PCA on centred rows; truncated SVD, deterministic."""
     centred_rg = effect_rg - effect_rg.mean(axis=0)
     v0 = np.ones(min(centred_rg.shape))  # ARPACK's start vector, fixed so reruns agree
+    import scipy.sparse.linalg  # only here: scoring (`import lib`) need not pay for it
+
     u, s, _ = scipy.sparse.linalg.svds(centred_rg, k=n_components, v0=v0)
     order = np.argsort(s)[::-1]
     u, s = u[:, order], s[order]
@@ -6321,6 +6321,19 @@ def overlap_at_n(real_ranked: np.ndarray, pred_ranked: np.ndarray) -> float:
     return np.intersect1d(real_ranked, pred_ranked[: len(real_ranked)]).size / len(real_ranked)
 
 
+@numba.njit(cache=True, nogil=True)
+def _l1_distances(real_qg, pred_g, skip_g):
+    """sum over genes except skip_g (-1: none) of |real_q - pred|, for every row q."""
+    out = np.zeros(real_qg.shape[0])
+    for q in range(real_qg.shape[0]):
+        total = 0.0
+        for g in range(real_qg.shape[1]):
+            if g != skip_g:
+                total += abs(real_qg[q, g] - pred_g[g])
+        out[q] = total
+    return out
+
+
 def discrimination_score_l1(
     real_effect_pg: Float[np.ndarray, "p g"],
     pred_effect_pg: Float[np.ndarray, "p g"],
@@ -6330,14 +6343,16 @@ def discrimination_score_l1(
     """PDS per perturbation: 1 - rank/N of the true perturbation among L1 distances (target gene excluded).
 
     rank = position of p in argsort of distances from pred_p to every real_q, as cell-eval takes it.
+    (cell-eval sums with sklearn's pairwise_distances, this in plain order: the float64 sums agree
+    to ~1e-13, which changes a rank only at an exact tie.)
     """
-    real = np.asarray(real_effect_pg, dtype=np.float64)
-    pred = np.asarray(pred_effect_pg, dtype=np.float64)
+    real = np.ascontiguousarray(real_effect_pg, dtype=np.float64)
+    pred = np.ascontiguousarray(pred_effect_pg, dtype=np.float64)
+    gene_index = {str(gene): g for g, gene in enumerate(genes)}
     n_perts = real.shape[0]
     scores = np.empty(n_perts)
     for i, pert in enumerate(perts):
-        keep = genes != pert
-        distance_q = np.abs(real[:, keep] - pred[i, keep]).sum(axis=1)
+        distance_q = _l1_distances(real, pred[i], gene_index.get(str(pert), -1))
         rank = int(np.flatnonzero(np.argsort(distance_q) == i)[0])
         scores[i] = 1 - rank / n_perts
     return scores
@@ -6617,10 +6632,12 @@ def check_score_file_values(score_file: ScoreFile, *, which: str) -> None:
     for chunk in chunks:
         if chunk.size == 0:
             continue
-        check_log1p(chunk, which, source="prediction", allow_integer=True)
         first = chunk if first is None else first
-        if not has_fraction and np.issubdtype(chunk.dtype, np.floating):
-            has_fraction = bool((chunk - np.trunc(chunk) > chunk.dtype.type(1e-3)).any())
+        values = chunk if chunk.dtype in (np.float32, np.float64) else chunk.astype(np.float32)  # ints, float16
+        n_bad, lo, hi, fraction = _value_summary(values.reshape(1, -1), values.dtype.type(1e-3))
+        if n_bad or lo < 0 or hi >= LOG1P_MAX:  # check_log1p words the error
+            check_expression_matrix(chunk.reshape(1, -1), which=which)
+        has_fraction = has_fraction or bool(fraction)
     if first is None:
         raise UserError(f"{which}: the expression matrix is empty; pass a file with cells and genes in X.")
     if not has_fraction:  # every chunk is integer-valued, so the first one words the error
@@ -6660,8 +6677,15 @@ class _CellMeanRows:
 
     def rows(self, rows: np.ndarray) -> scipy.sparse.csr_matrix:
         rows = np.asarray(rows)
+        n_pred = int((rows < self.n_pred).sum())
+        nonzero_g = np.flatnonzero(self.cell_mean_g)
         pred = scipy.sparse.csr_matrix(
-            np.broadcast_to(self.cell_mean_g, (int((rows < self.n_pred).sum()), self.shape[1]))
+            (
+                np.tile(self.cell_mean_g[nonzero_g], n_pred),
+                np.tile(nonzero_g, n_pred),
+                np.arange(n_pred + 1) * nonzero_g.size,
+            ),
+            shape=(n_pred, self.shape[1]),
         )
         ctrl_rows = self.control_rows[rows[rows >= self.n_pred] - self.n_pred]
         if ctrl_rows.size == 0:
@@ -6682,9 +6706,14 @@ def make_cell_mean_baseline_file(train: ScoreFile, perts: np.ndarray, counts: np
     sums_kg = np.empty((groups.size, train.genes.size))
     dtype = None
     for k in progress(range(groups.size), desc="cell-mean baseline"):
-        block = _csc_of_rows(train.x, rows_k[k])
-        dtype = block.dtype
-        sums_kg[k] = np.asarray(block.astype(np.float64).sum(axis=0)).ravel()
+        block = (
+            train.x.rows(rows_k[k])
+            if hasattr(train.x, "rows")
+            else scipy.sparse.csr_matrix(_read_dense_rows(train.x, rows_k[k]))
+        )
+        dtype = block.dtype if block.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+        # per column in row order, as make_cell_mean_baseline's sparse product sums
+        sums_kg[k] = np.bincount(block.indices, weights=block.data.astype(np.float64), minlength=train.genes.size)
     cell_mean_g = mean_of_group_means((sums_kg / np.bincount(codes_c)[:, None]).astype(dtype))
     control_rows = rows_k[int(np.flatnonzero(groups == control_label)[0])]
     labels = np.concatenate(
@@ -6797,6 +6826,39 @@ def score_files(
                 pd.DataFrame({"metric": list(names.values()), "from_baseline": [normalised[k] for k in names]}),
             )
     return {"result": result, "baseline": baseline, "normalised": normalised}
+
+
+def run_score_command(cfg) -> dict[str, Any]:
+    """nb/06_eval.py --pred P --real R [--train T | --baseline B]: `score_files` with the notebook's
+    flags, the output directory defaulted and a short report printed."""
+    if not cfg.real:
+        raise UserError("--pred needs --real: the real .h5ad to score the prediction against.")
+    out_dir = pathlib.Path(cfg.out or pathlib.Path(cfg.pred).with_name(pathlib.Path(cfg.pred).stem + "_scores"))
+    out = score_files(
+        cfg.pred,
+        cfg.real,
+        train_path=cfg.train or None,
+        baseline_path=cfg.baseline or None,
+        out_dir=out_dir,
+        mode=cfg.mode,
+        control_label=cfg.control_label,
+        pert_col=cfg.pert_col,
+        threads=cfg.threads,
+    )
+    result, normalised = out["result"], out["normalised"]
+    print(
+        f"mode {cfg.mode}: overlap_at_N {result['des']:.4f}  discrimination_score_l1 {result['pds']:.4f}  "
+        f"mae {result['mae']:.5f}  ({len(result['per_perturbation'])} perturbations)"
+    )
+    if normalised is None:
+        print("no --train or --baseline: no normalised score")
+    else:
+        print(
+            f"normalised score vs cell-mean baseline: {normalised['score']:.4f} "
+            f"(s_DE {normalised['s_des']:.4f}, s_PDS {normalised['s_pds']:.4f}, s_MAE {normalised['s_mae']:.4f})"
+        )
+    print(f"wrote {out_dir}/results.csv and agg_results.csv")
+    return {**out, "out_dir": out_dir}
 
 
 # ==================================================================================================
@@ -7878,6 +7940,21 @@ class EvalConfig(DataConfig):
     """On the synthetic world, also score the true validation/test answers (baselines fitted on all training perturbations)."""
     mode: typing.Literal["vcc2025", "current"] = "vcc2025"
     """Scorer generation (score): vcc2025 scored the challenge."""
+    pred: str = ""
+    """Scoring command (like `cell-eval run --profile vcc`): a prediction .h5ad to score against --real
+    instead of running the harness; writes --out/results.csv and agg_results.csv (`score_files`)."""
+    real: str = ""
+    """Scoring command: the real .h5ad (log1p, control cells included)."""
+    train: str = ""
+    """Scoring command: training .h5ad to build the cell-mean baseline from (`cell-eval baseline`)."""
+    baseline: str = ""
+    """Scoring command: a baseline prediction .h5ad, instead of --train."""
+    out: str = ""
+    """Scoring command: output directory (default: next to --pred, `<pred stem>_scores/`)."""
+    pert_col: str = "target_gene"
+    """Scoring command: the obs column naming each cell's perturbation."""
+    control_label: str = "non-targeting"
+    """Scoring command: the label of control cells in --pert-col."""
     linear_components: int = 10
     """Gene-embedding dimension K of the linear baseline (Ahlmann-Eltze et al. use 10)."""
     linear_ridge: float = 0.1
