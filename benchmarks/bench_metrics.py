@@ -102,14 +102,16 @@ def run_reference(mode: str, real_path, pred_path, threads: int, work: pathlib.P
 
 
 def run_timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
-    """(wall seconds, peak RSS in GB of the process and its children) of one command."""
+    """(wall seconds, peak RSS in GB) of one command. The RSS comes from GNU time wrapped around
+    it: rusage of a child forked from this process would count this process's own pages (the
+    data it made), since exec records the forked memory's high-water mark."""
     start = time.perf_counter()
-    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    _, status, usage = os.wait4(proc.pid, 0)
+    run = subprocess.run(["/usr/bin/time", "-f", "maxrss_kb %M", *cmd], env=env, capture_output=True, text=True)
     seconds = time.perf_counter() - start
-    if status != 0:
-        raise SystemExit(f"{cmd[:3]} failed:\n{proc.stderr.read()[-3000:]}")
-    return seconds, usage.ru_maxrss / 1e6
+    if run.returncode != 0:
+        raise SystemExit(f"{cmd[:3]} failed:\n{run.stderr[-3000:]}")
+    maxrss_kb = int(run.stderr.strip().splitlines()[-1].split()[-1])
+    return seconds, maxrss_kb / 1e6
 
 
 def cell_eval_executable(work: pathlib.Path) -> str:

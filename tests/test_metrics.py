@@ -362,7 +362,8 @@ def test_score_files_refuses_missing_file_and_missing_column(realistic, tmp_path
         lib.score_files(tmp_path / "real.h5ad", tmp_path / "real.h5ad", pert_col="guide")
 
 
-def test_score_files_equal_lib_score_for_sparse_dense_and_shuffled_files(realistic, tmp_path):
+@pytest.mark.parametrize("mode", lib.SCORE_MODES)
+def test_score_files_equal_lib_score_for_sparse_dense_and_shuffled_files(realistic, tmp_path, mode):
     """Files on disk (X read a group at a time: CSR with cells in any order, dense X) score
     exactly like lib.score on the same AnnData; the baseline from --train is make_cell_mean_baseline's."""
     real, pred = realistic
@@ -370,16 +371,17 @@ def test_score_files_equal_lib_score_for_sparse_dense_and_shuffled_files(realist
     real_csr.X = scipy.sparse.csr_matrix(real.X)
     real_csr.write_h5ad(tmp_path / "real.h5ad")
     pred.write_h5ad(tmp_path / "pred_dense.h5ad")  # dense X
-    expected = lib.score(real, pred, mode="current")
-    baseline = lib.score(real, lib.make_cell_mean_baseline(real), mode="current", real_de=expected["real_de"])
+    expected = lib.score(real, pred, mode=mode)
+    baseline = lib.score(real, lib.make_cell_mean_baseline(real), mode=mode, real_de=expected["real_de"])
     out = lib.score_files(
-        tmp_path / "pred_dense.h5ad", tmp_path / "real.h5ad", train_path=tmp_path / "real.h5ad", mode="current"
+        tmp_path / "pred_dense.h5ad", tmp_path / "real.h5ad", train_path=tmp_path / "real.h5ad", mode=mode
     )
     for ours, theirs in ((out["result"], expected), (out["baseline"], baseline)):
         pd.testing.assert_frame_equal(ours["per_perturbation"], theirs["per_perturbation"])
     assert out["normalised"] == lib.normalised_score(expected, baseline)
 
 
+@pytest.mark.slow  # two processes that import the whole stack
 @pytest.mark.parametrize("mode", lib.SCORE_MODES)
 def test_score_command_writes_cell_eval_tables_equal_to_lib_score(realistic, tmp_path, mode):
     real, pred = realistic
