@@ -7793,7 +7793,7 @@ class EvalConfig(DataConfig):
     predictors: tuple[str, ...] = BASELINES
     """Baselines to score (any of control cell_mean pert_mean_transfer linear linear_transfer); cell_mean is always scored: it is the reference."""
     checkpoint: str = ""
-    """Model checkpoint directory to score too; empty = the newest under <data_root>/checkpoints/ if any; `none` = no model."""
+    """Model checkpoint directory to score too; empty = the newest run with a checkpoint under <data_root>/checkpoints/, if any; `none` = no model."""
     fill: typing.Literal["control", "mean"] = "control"
     """How a model's non-HVG genes are filled: the control cells' own values, or the target's control means."""
     fill_study: bool = False
@@ -8294,7 +8294,7 @@ class SubmitConfig(DataConfig):
     predictor: str = "model"
     """`model` (the newest checkpoint nb/05_train.py wrote, or --checkpoint) or a baseline (control cell_mean pert_mean_transfer linear linear_transfer)."""
     checkpoint: str = ""
-    """With --predictor model: the checkpoint directory; empty = the newest under <data_root>/checkpoints/."""
+    """With --predictor model: the checkpoint directory; empty = the newest run with a checkpoint under <data_root>/checkpoints/."""
     fill: typing.Literal["control", "mean"] = "control"
     """How a model's non-HVG genes are filled (see nb/06_eval.py)."""
     fixed_pseudobulk: bool = False
