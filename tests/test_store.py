@@ -291,32 +291,43 @@ def test_leftovers_of_live_writers_and_of_other_hosts_are_kept(tmp_path):
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[:2])
 
 
+# Two writers of one directory. `slow` pauses for a second right after moving the old directory
+# away (the window in which the other writer used to find no directory and swap its own in, so the
+# slow one's second rename hit a non-empty directory); `fast` swaps inside that window.
 SWAPPER = """
-import pathlib, sys, time
+import os, pathlib, sys, time
 import lib
-target, go = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2])
-while not go.exists():
-    time.sleep(0.001)
-for i in range(int(sys.argv[3])):
-    with lib.atomic_dir(target) as tmp:
-        (tmp / "writer").write_text(f"{sys.argv[4]} {i}")
+target, moved, role = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
+if role == "slow":
+    replace = os.replace
+    def paused_replace(src, dst):
+        replace(src, dst)
+        if pathlib.Path(src) == target:
+            moved.touch()
+            time.sleep(1.0)
+    os.replace = paused_replace
+else:
+    while not moved.exists():
+        time.sleep(0.001)
+with lib.atomic_dir(target) as tmp:
+    (tmp / "writer").write_text(role)
 """
 
 
 def test_two_processes_swapping_the_same_directory_take_turns(tmp_path):
-    target, go = tmp_path / "store", tmp_path / "go"
+    target, moved = tmp_path / "store", tmp_path / "moved"
+    target.mkdir()
+    (target / "writer").write_text("first")
     procs = [
         subprocess.Popen(
-            [sys.executable, "-c", SWAPPER, str(target), str(go), "200", name],
+            [sys.executable, "-c", SWAPPER, str(target), str(moved), role],
             cwd=REPO_DIR,
             stderr=subprocess.PIPE,
             text=True,
         )
-        for name in ("a", "b")
+        for role in ("slow", "fast")
     ]
-    time.sleep(3)  # both imported lib and wait at the start line
-    go.touch()
-    errors = [proc.communicate(timeout=300)[1] for proc in procs]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
     assert [proc.returncode for proc in procs] == [0, 0], errors
-    assert sorted(p.name for p in tmp_path.iterdir()) == [".store.lock", "go", "store"]  # no .old-*/.tmp-* left
-    assert (target / "writer").read_text() in {"a 199", "b 199"}
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".store.lock", "moved", "store"]  # no .old-*/.tmp-* left
+    assert (target / "writer").read_text() == "fast"  # the writer that waited for the lock swapped last

@@ -1,5 +1,8 @@
+import shutil
 import subprocess
+import sys
 import tarfile
+import time
 
 import anndata
 import numpy as np
@@ -175,3 +178,22 @@ def test_right_log1p_cp10k_and_shifted_or_mean_predictions_pass():
     shifted_cg = np.clip(y_cg + np.random.default_rng(0).normal(0, 0.3, len(GENES)), 0, 14)
     for x_cg in (y_cg, mean_cg, shifted_cg):
         lib.check_log1p(x_cg.astype(np.float32), source="prediction", check_transform=True)
+
+
+def test_kill_9_during_07_leaves_a_zero_filled_pool_that_the_next_07_removes(tiny_store, tmp_path):
+    data_root = tmp_path / "data"
+    shutil.copytree(tiny_store, data_root)
+    out_dir = lib.get_submission_dir(data_root, "synthetic")
+    flags = ["--data-root", str(data_root), "--predictor", "cell_mean", "--chunk-cells", "1", "--no-score"]
+    proc = subprocess.Popen([sys.executable, str(lib.REPO_DIR / "nb" / "07_submit.py"), *flags], cwd=lib.REPO_DIR)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out_dir.glob(".control_pool_*_x.npy.tmp-*")):
+        time.sleep(0.01)
+    proc.kill()  # SIGKILL mid-scan: the pool's temporary file is still all zeros in most rows
+    proc.wait()
+    [leftover] = list(out_dir.glob(".control_pool_*_x.npy.tmp-*"))
+    assert leftover.name.endswith(f"-{proc.pid}")
+    out = lib.run_submit(lib.SubmitConfig(data_root=str(data_root), predictor="cell_mean", score=False))
+    assert not [p.name for p in out_dir.iterdir() if ".tmp-" in p.name]
+    pool = np.load(next(out_dir.glob("control_pool_*_x.npy")))
+    assert (pool.sum(1) > 0).all() and out["vcc"].exists()  # every pool cell is a real (non-empty) cell
