@@ -706,30 +706,23 @@ def check_prediction_transform(x_cg, where: str = "") -> None:
             f"{where}expm1 row sums are {plain:.3g} x {TARGET_SUM:g} and expm1 gives whole numbers: looks like "
             f"log1p of raw counts, not normalised; normalize_total to {TARGET_SUM:g} per cell first, then log1p."
         )
-    # Each wrong transform that could have made these values: its fix, and the row sums once undone.
+    # Each wrong transform that could have made these values: the row sums once undone, and the fix.
     fits = {}
     if top <= LOG1P_TWICE_MAX + 1e-6:
-        fits["log1p applied twice (values compressed below 2.33)"] = (
-            median_row_sum(lambda v: np.expm1(np.expm1(v))),
-            "apply log1p once, to counts per 10k",
-        )
+        fits["log1p applied twice"] = (median_row_sum(lambda v: np.expm1(np.expm1(v))), "apply np.log1p once")
     if top <= LOG10_MAX + 1e-6:
-        fits["log10(CP10K + 1) instead of the natural log1p"] = (
-            median_row_sum(lambda v: np.power(10.0, v) - 1),
-            "use np.log1p (natural log), not log10",
-        )
-    fits["log2(CP10K + 1) instead of the natural log1p"] = (
+        fits["log10 instead of the natural log"] = (median_row_sum(lambda v: np.power(10.0, v) - 1), "use np.log1p")
+    fits["log2 instead of the natural log"] = (
         median_row_sum(lambda v: np.exp2(np.minimum(v, 1000.0)) - 1),
-        "use np.log1p (natural log), not log2",
+        "use np.log1p",
     )
     in_band = {k: v for k, v in fits.items() if lo <= v[0] <= hi}
     best = min(in_band, key=lambda k: abs(math.log(in_band[k][0])), default=None)
     if best is not None and (not lo <= plain <= hi or abs(math.log(in_band[best][0])) < abs(math.log(plain))):
         ratio, fix = in_band[best]
         raise ValueError(
-            f"{where}expm1 row sums are {plain:.3g} x {TARGET_SUM:g} (median over cells), and undoing "
-            f"{best.split(' (')[0]} gives {ratio:.3g} x: looks like {best}; {fix} (normalize_total to "
-            f"{TARGET_SUM:g} over all genes, then np.log1p once)."
+            f"{where}expm1 row sums are {plain:.3g} x {TARGET_SUM:g} (median over cells), {ratio:.3g} x once "
+            f"undone: looks like {best}; {fix} on counts per 10k (normalize_total to {TARGET_SUM:g} over all genes)."
         )
     if lo <= plain <= hi:
         return

@@ -143,9 +143,9 @@ def _cp10k(counts):
 
 # mistake -> (the transform, what the error must say: the mistake, then the fix)
 WRONG_TRANSFORMS = {
-    "log1p twice": (lambda k: np.log1p(np.log1p(_cp10k(k))), "log1p applied twice.*apply log1p once"),
-    "log2": (lambda k: np.log2(1 + _cp10k(k)), "log2.*not log2"),
-    "log10": (lambda k: np.log10(1 + _cp10k(k)), "log10.*not log10"),
+    "log1p twice": (lambda k: np.log1p(np.log1p(_cp10k(k))), "log1p applied twice.*apply np.log1p once"),
+    "log2": (lambda k: np.log2(1 + _cp10k(k)), "log2 instead of the natural log.*use np.log1p"),
+    "log10": (lambda k: np.log10(1 + _cp10k(k)), "log10 instead of the natural log.*use np.log1p"),
     "log1p of raw counts": (lambda k: np.log1p(k), "raw counts, not normalised.*normalize_total to 10000 per cell"),
     "log1p of CP1M": (lambda k: np.log1p(_cp10k(k) * 100), "100 x 10000.*not log1p of counts per 10k"),
 }

@@ -547,7 +547,7 @@ def good_run(tiny_store, tmp_path_factory):
 
 
 def test_failure_inside_wandb_init_marks_failed_and_keeps_latest_on_a_run_with_a_checkpoint(
-    good_run, tiny_store, monkeypatch
+    good_run, tiny_store, monkeypatch, capsys
 ):
     import wandb
 
@@ -562,6 +562,7 @@ def test_failure_inside_wandb_init_marks_failed_and_keeps_latest_on_a_run_with_a
     assert (good_run / "checkpoints" / "latest").read_text() == "good"
     # 06/07's model: the newest run WITH a checkpoint, not the newest run.
     assert lib.get_latest_checkpoint(good_run) == good_run / "checkpoints" / "good"
+    assert "model: run good, the newest of 1 run(s) with a checkpoint" in capsys.readouterr().out
     assert pathlib.Path(lib.load_model_predictor(lib.get_latest_checkpoint(good_run)).step_dir).parent.name == "good"
 
 
