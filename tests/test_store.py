@@ -258,6 +258,7 @@ def _wait_for(predicate, timeout=120.0):
     raise AssertionError("timed out")
 
 
+@pytest.mark.slow
 def test_kill_9_during_04_leaves_a_temporary_store_that_the_next_04_removes(tiny_store, tmp_path):
     data_root = tmp_path / "data"
     shutil.copytree(tiny_store, data_root)
@@ -314,6 +315,7 @@ with lib.atomic_dir(target) as tmp:
 """
 
 
+@pytest.mark.slow
 def test_two_processes_swapping_the_same_directory_take_turns(tmp_path):
     target, moved = tmp_path / "store", tmp_path / "moved"
     target.mkdir()

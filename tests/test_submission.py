@@ -180,6 +180,7 @@ def test_right_log1p_cp10k_and_shifted_or_mean_predictions_pass():
         lib.check_log1p(x_cg.astype(np.float32), source="prediction", check_transform=True)
 
 
+@pytest.mark.slow
 def test_kill_9_during_07_leaves_a_zero_filled_pool_that_the_next_07_removes(tiny_store, tmp_path):
     data_root = tmp_path / "data"
     shutil.copytree(tiny_store, data_root)

@@ -575,6 +575,7 @@ def test_resume_of_a_run_without_checkpoint_is_an_error_naming_the_runs_that_hav
     assert started["step"] == 2 and lib.has_checkpoint(started["run_dir"])
 
 
+@pytest.mark.slow
 def test_a_run_whose_process_died_is_marked_failed_at_the_next_start(good_run, tiny_store):
     """kill -9 leaves status `running`; the next start of 05 on this host finds the pid dead."""
     run_dir = good_run / "checkpoints" / "killed"
