@@ -114,16 +114,63 @@ def get_data_root(data_root: str | os.PathLike | None = None) -> pathlib.Path:
     return path if path.is_absolute() else REPO_DIR / path
 
 
+def is_pid_alive(pid: int) -> bool:
+    """Is process `pid` running on this machine (a zombie counts as dead: it will never write again)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _tmp_tag() -> str:
+    """`<host>-<pid>`: the writer of a temporary name, so a later run can tell a dead writer's leftovers
+    from a live one's, also when several machines share the data root (only this host's pids are checked)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+# `.<name>.tmp-<host>-<pid>` (atomic_path, atomic_dir) and `.<name>.old-<host>-<pid>` (atomic_dir's swap).
+_LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<host>.+)-(?P<pid>\d+)$")
+
+
+def remove_dead_leftovers(directory: str | os.PathLike, name: str | None = None) -> list[pathlib.Path]:
+    """Delete the temporary files and directories that writers on this host left in `directory` when
+    they died (kill -9, out of memory, power loss): those whose pid is no longer alive. Only this
+    host's: another machine sharing the data root may still be writing its own. `name`: only the
+    leftovers of that output. Returns what was removed."""
+    directory, host, removed = pathlib.Path(directory), socket.gethostname(), []
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        match = _LEFTOVER_RE.match(entry.name)
+        if not match or match["host"] != host or (name is not None and match["name"] != name):
+            continue
+        if int(match["pid"]) == os.getpid() or is_pid_alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """Yield a temporary sibling of `path`; rename it onto `path` only on success.
 
     Readers never see a half-written file, and a failure leaves the previous
-    version of `path` untouched.
+    version of `path` untouched. Leftovers of earlier writers of `path` that died are removed first.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_dead_leftovers(path.parent, path.name)
+    tmp_path = path.with_name(f".{path.name}.tmp-{_tmp_tag()}")
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -137,19 +184,26 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """Yield a temporary sibling directory; swap it in for `path` only on success.
 
     A reader sees the old directory or the whole new one, never a half-written one (there
-    is a moment with neither, between two renames).
+    is a moment with neither, between two renames). The two renames hold an exclusive lock on
+    `.<name>.lock` beside it, so two writers swapping the same directory take turns (the last one
+    wins) instead of renaming each other's directories away. Leftovers of earlier writers of `path`
+    that died are removed first.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    old_dir = path.with_name(f".{path.name}.old-{os.getpid()}")
+    remove_dead_leftovers(path.parent, path.name)
+    tmp_dir = path.with_name(f".{path.name}.tmp-{_tmp_tag()}")
+    old_dir = path.with_name(f".{path.name}.old-{_tmp_tag()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir()
     try:
         yield tmp_dir
-        if path.exists():
-            os.replace(path, old_dir)
-        os.replace(tmp_dir, path)
+        # The lock file stays: deleting it while another writer waits on it would give two locks.
+        with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if path.exists():
+                os.replace(path, old_dir)
+            os.replace(tmp_dir, path)
         shutil.rmtree(old_dir, ignore_errors=True)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -561,12 +615,14 @@ def check_log1p(
     allow_integer: bool = True,
     check_row_sums: bool = False,
     rtol: float = 1e-3,
+    check_transform: bool = False,
 ) -> None:
     """THE log1p check, for datasets (normalisation), predictions and scoring inputs: values finite,
     >= 0 and < LOG1P_MAX (cell-eval's rule); with `allow_integer=False` not integer-valued throughout
     (cell-eval reads that as raw counts); with `check_row_sums` every non-empty cell's expm1 sums to
-    TARGET_SUM (log1p CP10K over all of its genes). One error naming the fix for the `source`:
-    a dataset's `counts` in the manifest, or a prediction's normalisation or clipping."""
+    TARGET_SUM (log1p CP10K over all of its genes); with `check_transform` (a submission's rows, all
+    genes) check_prediction_transform. One error naming the fix for the `source`: a dataset's
+    `counts` in the manifest, or a prediction's normalisation or clipping."""
     where = f"{where}: " if where else ""
     dtype = x_cg.dtype
     if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
@@ -613,6 +669,8 @@ def check_log1p(
             )
     if check_row_sums:
         _check_row_sums(x_cg, where, rtol)
+    if check_transform:
+        check_prediction_transform(x_cg, where.removesuffix(": "))
 
 
 def _check_row_sums(x_cg, where: str, rtol: float) -> None:
@@ -634,6 +692,82 @@ def _check_row_sums(x_cg, where: str, rtol: float) -> None:
             f"{where}{int(bad.sum())} cells have expm1 row sums != {TARGET_SUM:g} (e.g. {sums_c[bad][0]:.4g}): "
             f"not log1p CP10K; {hint}"
         )
+
+
+# Predictions are not exact log1p CP10K cells (model outputs, baselines shifted in log space and
+# clipped at 0, HVG predictions filled with control means), but their expm1 row sums stay near
+# TARGET_SUM; the usual wrong transforms land far outside. Per-cell sums measured on the tiny and
+# check worlds (every 07 predictor and variant, logbook 2026-11-30): predictions 0.60-1.18
+# x TARGET_SUM; log1p applied twice <= 0.15 x, log10 <= 0.12 x (both grow with the gene count, so
+# they are also told apart by undoing them: check_prediction_transform); log2 >= 4.9 x; CP1M 100 x.
+PREDICTION_ROW_SUM_BAND = (0.3, 3.0)
+"""Accepted median expm1 row sum of a prediction chunk, as a fraction of TARGET_SUM."""
+
+LOG1P_TWICE_MAX = math.log1p(math.log1p(TARGET_SUM))
+"""The largest value log1p(log1p(CP10K)) can take (2.33): real log1p CP10K cells go far above."""
+
+LOG10_MAX = math.log10(1 + TARGET_SUM)
+"""The largest value log10(CP10K + 1) can take (4.0)."""
+
+
+def check_prediction_transform(x_cg, where: str = "") -> None:
+    """Refuse predictions that are log-transformed the wrong way, which cell-eval would score without
+    a word: log1p applied twice, log2 or log10 instead of the natural log, log1p of counts that were
+    not normalised, or not CP10K at all. Rows must hold all genes of gene_names.csv. Judged on the
+    median over the rows of expm1 row sums (PREDICTION_ROW_SUM_BAND) and, for each wrong transform,
+    whether undoing it brings the sums back to TARGET_SUM; one error naming the likely mistake and
+    the fix."""
+    where = f"{where}: " if where else ""
+    x_cg = x_cg.tocsr() if scipy.sparse.issparse(x_cg) else np.asarray(x_cg)
+    if x_cg.shape[0] == 0 or x_cg.shape[1] == 0:
+        return
+    # float32 values (one temporary per transform undone; a 1,024 x 18,080 chunk is 74 MB), float64 sums.
+    values = (x_cg.data if scipy.sparse.issparse(x_cg) else x_cg).astype(np.float32, copy=False)
+    top = float(values.max()) if values.size else 0.0
+
+    def median_row_sum(undo) -> float:
+        if scipy.sparse.issparse(x_cg):
+            undone = scipy.sparse.csr_matrix((undo(values), x_cg.indices, x_cg.indptr), shape=x_cg.shape)
+            return float(np.median(np.asarray(undone.sum(axis=1, dtype=np.float64)).ravel())) / TARGET_SUM
+        return float(np.median(undo(values).sum(axis=1, dtype=np.float64))) / TARGET_SUM
+
+    lo, hi = PREDICTION_ROW_SUM_BAND
+    plain = median_row_sum(np.expm1)
+    nonzero = np.expm1(values[values > 0].astype(np.float64))
+    if (
+        abs(plain - 1) > 1e-3
+        and nonzero.size
+        and np.mean(np.abs(nonzero - np.rint(nonzero)) < 0.01 + 1e-5 * nonzero) > 0.99
+    ):
+        raise ValueError(
+            f"{where}expm1 row sums are {plain:.3g} x {TARGET_SUM:g} and expm1 gives whole numbers: looks like "
+            f"log1p of raw counts, not normalised; normalize_total to {TARGET_SUM:g} per cell first, then log1p."
+        )
+    # Each wrong transform that could have made these values: the row sums once undone, and the fix.
+    fits = {}
+    if top <= LOG1P_TWICE_MAX + 1e-6:
+        fits["log1p applied twice"] = (median_row_sum(lambda v: np.expm1(np.expm1(v))), "apply np.log1p once")
+    if top <= LOG10_MAX + 1e-6:
+        fits["log10 instead of the natural log"] = (median_row_sum(lambda v: np.power(10.0, v) - 1), "use np.log1p")
+    fits["log2 instead of the natural log"] = (
+        median_row_sum(lambda v: np.exp2(np.minimum(v, 100.0)) - 1),
+        "use np.log1p",
+    )
+    in_band = {k: v for k, v in fits.items() if lo <= v[0] <= hi}
+    best = min(in_band, key=lambda k: abs(math.log(in_band[k][0])), default=None)
+    if best is not None and (not lo <= plain <= hi or abs(math.log(in_band[best][0])) < abs(math.log(plain))):
+        ratio, fix = in_band[best]
+        raise ValueError(
+            f"{where}expm1 row sums are {plain:.3g} x {TARGET_SUM:g} (median over cells), {ratio:.3g} x once "
+            f"undone: looks like {best}; {fix} on counts per 10k (normalize_total to {TARGET_SUM:g} over all genes)."
+        )
+    if lo <= plain <= hi:
+        return
+    raise ValueError(
+        f"{where}expm1 row sums are {plain:.3g} x {TARGET_SUM:g} (median over cells; predictions sit within "
+        f"{lo:g}-{hi:g} x): not log1p of counts per 10k; predict log1p(CP10K) over ALL genes of gene_names.csv "
+        f"(normalize_total to {TARGET_SUM:g}, then np.log1p once)."
+    )
 
 
 def normalise_log1p(x_cg, counts: str = "raw", where: str = ""):
@@ -3279,6 +3413,7 @@ def run_normalise(cfg: NormaliseConfig, specs: Sequence[DatasetSpec] | None = No
     """
     specs = list(select_datasets(cfg.world, cfg.data_root, cfg.datasets) if specs is None else specs)
     store_dir = get_store_dir(cfg.data_root, cfg.world)
+    remove_dead_leftovers(store_dir.parent)  # a killed earlier run's half-written store
     hvgs = read_hvgs(cfg.data_root, cfg.world)
     hvg_datasets = json.loads((get_hvg_dir(cfg.data_root, cfg.world) / "hvg.json").read_text())["datasets"]
     if hvg_datasets != [s.name for s in specs]:
@@ -4691,8 +4826,11 @@ class TrainConfig:
     run_name: str = ""
     """Run directory name; empty = a new time-stamped name (with --resume: the latest run)."""
     resume: bool = False
-    """Continue run_name (or the latest run) from its latest checkpoint; a named run without
-    checkpoints starts fresh (so a preempted VM can always pass --resume)."""
+    """Continue run_name (or the latest run) from its latest checkpoint; a run without a checkpoint
+    is an error naming the runs that have one (a mistyped --run-name must not start from scratch)."""
+    resume_or_start: bool = False
+    """Like --resume, but a run without a checkpoint (or no run at all) starts fresh, and says so:
+    what a startup script passes, so a preempted VM continues and a first boot starts."""
     wandb_project: str = "vcell"
     """wandb project."""
     wandb_entity: str = ""
@@ -4731,6 +4869,7 @@ RESUMABLE_FIELDS = frozenset(
         "checkpoint_dir",
         "run_name",
         "resume",
+        "resume_or_start",
         "steps",
         "log_every",
         "eval_every",
@@ -5460,14 +5599,63 @@ def get_run_dir(cfg: TrainConfig) -> str:
         return join_url(root, cfg.run_name)
     name = ""
     if jax.process_index() == 0:
-        if cfg.resume:
+        if cfg.resume or cfg.resume_or_start:
             name = _read_pointer(join_url(root, "latest"))
-        else:
+        if not name and not cfg.resume:
             name = f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.features}-{uuid.uuid4().hex[:4]}"
     name = broadcast_text(name)
     if not name:
-        raise FileNotFoundError(f"--resume: no run to resume under {root} (no `latest` pointer); pass --run-name")
+        raise UserError(
+            f"--resume: no run to resume under {root} (no `latest` pointer); runs with checkpoints: "
+            f"{list_runs_with_checkpoints(root) or 'none'}; pass --run-name NAME, or --resume-or-start to start a new run"
+        )
     return join_url(root, name)
+
+
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    """Does the run directory hold a complete checkpoint its `latest` pointer names?"""
+    name = _read_pointer(join_url(run_dir, "latest"))
+    return bool(name) and _is_step_dir(join_url(run_dir, name))
+
+
+def list_runs_with_checkpoints(root: str | os.PathLike) -> list[str]:
+    """Names of the runs under a checkpoint root that hold a checkpoint, sorted."""
+    fs, path = get_fs(root)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    names = sorted(url_name(e["name"]) for e in entries if e["type"] == "directory")
+    return [name for name in names if has_checkpoint(join_url(root, name))]
+
+
+def mark_dead_runs_failed(root: str | os.PathLike) -> list[str]:
+    """Process 0 at start: runs whose status.json still says `running` although their process on this
+    host is gone (kill -9, out of memory, a power cut: nothing could write `failed`) get status
+    `failed` with the reason. Runs of other hosts are left alone (their pids mean nothing here).
+    Returns the names marked."""
+    fs, path = get_fs(root)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    marked = []
+    for name in sorted(url_name(e["name"]) for e in entries if e["type"] == "directory"):
+        status_url = join_url(root, name, "status.json")
+        try:
+            status = json.loads(read_text_url(status_url) or "{}")
+        except json.JSONDecodeError:
+            continue
+        pid, host = status.get("pid"), status.get("host")
+        if status.get("status") != "running" or host != socket.gethostname() or not pid or is_pid_alive(pid):
+            continue
+        reason = (
+            f"process {pid} on {host} ended without recording an exit (killed, e.g. kill -9 or out of memory); "
+            f"found at the next start of nb/05_train.py"
+        )
+        write_text_url(status_url, json.dumps({**status, "status": "failed", "error": reason}, indent=2) + "\n")
+        marked.append(name)
+    return marked
 
 
 @dataclasses.dataclass
@@ -5492,9 +5680,21 @@ def init_or_resume(cfg: TrainConfig, store: CellStore, target: str, run_dir: str
     """A fresh model, features and optimiser state, or the run's latest checkpoint with --resume.
     Process 0 picks the checkpoint; every process then reads that same one."""
     resume_name = ""
-    if jax.process_index() == 0 and cfg.resume and _read_pointer(join_url(run_dir, "latest")):
-        resume_name = url_name(resolve_checkpoint(run_dir, "latest"))
+    if jax.process_index() == 0 and (cfg.resume or cfg.resume_or_start):
+        # "-": asked to resume, but the run has no checkpoint.
+        resume_name = url_name(resolve_checkpoint(run_dir, "latest")) if has_checkpoint(run_dir) else "-"
     resume_name = broadcast_text(resume_name)
+    if resume_name == "-" and not cfg.resume_or_start:
+        root = run_dir.rstrip("/").rsplit("/", 1)[0]
+        raise UserError(
+            f"--resume: run {url_name(run_dir)!r} has no checkpoint under {root}; runs with checkpoints: "
+            f"{list_runs_with_checkpoints(root) or 'none'}; pass one of them as --run-name, "
+            f"or --resume-or-start to start {url_name(run_dir)!r} fresh"
+        )
+    if resume_name == "-":
+        if jax.process_index() == 0:
+            print(f"--resume-or-start: run {url_name(run_dir)} has no checkpoint yet: starting it fresh")
+        resume_name = ""
     if resume_name:
         ckpt = load_checkpoint(join_url(run_dir, resume_name))
         _check_resumable(ckpt["cfg"], cfg, run_dir)
@@ -5603,9 +5803,9 @@ def get_static_files(
 
 
 def start_run(cfg: TrainConfig, run_dir: str, start: TrainStart) -> RunLog:
-    """Process 0: the run's config.toml, the `latest` pointers, status `running`, and its log."""
+    """Process 0: the run's config.toml, status `running`, and its log (the root's `latest` pointer
+    moves at the run's first checkpoint: save_train_checkpoint)."""
     write_train_toml(join_url(run_dir, "config.toml"), dataclasses.replace(cfg, run_name=url_name(run_dir)))
-    write_text_url(join_url(get_checkpoint_root(cfg), "latest"), url_name(run_dir))
     write_run_status(run_dir, "running", start.step, start.run_id)
     return RunLog(run_dir, cfg, start.run_id, start.step)
 
@@ -5644,9 +5844,16 @@ def to_replicated(tree: PyTree, replicated) -> PyTree:
 
 
 def write_run_status(run_dir: str, status: str, step: int, run_id: str, **extra) -> None:
+    """status.json: running / done / preempted / failed (with `error`), and who wrote it (host and pid:
+    mark_dead_runs_failed tells a dead `running` process from a live one by them)."""
+    who = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
     write_text_url(
         join_url(run_dir, "status.json"),
-        json.dumps({"status": status, "step": step, "run_id": run_id, **extra}, indent=2) + "\n",
+        json.dumps({"status": status, "step": step, "run_id": run_id, **who, **extra}, indent=2) + "\n",
     )
 
 
@@ -5716,6 +5923,8 @@ def save_train_checkpoint(
     save_checkpoint(
         run_dir, step, model=local_copy(model), opt_state=local_copy(opt_state), state=state, static_files=static_files
     )
+    # The root's `latest` names the newest run WITH a checkpoint (what --resume and 06/07 read).
+    write_text_url(join_url(run_dir.rstrip("/").rsplit("/", 1)[0], "latest"), url_name(run_dir))
 
 
 def print_step(step: int, metrics: dict[str, float]) -> None:
@@ -5774,6 +5983,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """
     init_distributed(cfg)  # before any other JAX call
     t_start, is_main = time.time(), jax.process_index() == 0
+    if is_main:
+        for name in mark_dead_runs_failed(get_checkpoint_root(cfg)):
+            print(f"run {name}: its process died without recording it; status.json now says failed")
     store = load_store(cfg.data_root, cfg.world)
     check_store_datasets(store, cfg.datasets, cfg.world, exact=False)
     target = cfg.target_dataset or store.datasets[0]
@@ -5797,26 +6009,28 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     static_files = get_static_files(cfg, start.model_cfg, vocab, features, pool_cg, store.genes)
 
     n_params, log = count_params(model), None
-    if is_main:
-        log = start_run(cfg, run_dir, start)
-        print(
-            f"run {url_name(run_dir)} (id {run_id}): {n_params:,} parameters, {len(examples)} training groups, "
-            f"features {cfg.features} ({features.width} wide), steps {start.step} -> {cfg.steps}, "
-            f"{jax.process_count()} process(es), {jax.device_count()} device(s)"
-        )
-
     status, last_metrics, val_metrics = "done", {}, {}
-    if val is not None:  # process 0 only
-        val_baselines = score_validation_baselines(val)
-        print("validation baselines: " + ", ".join(f"{k}={v:.4f}" for k, v in val_baselines.items()))
-        if start.step == 0:  # where the curves start; the untrained model is a candidate for `best`
-            val_metrics = validate(local_copy(model), features, val, cfg.loss, cfg.loader.set_size)
-            log_validation(log, 0, val_metrics, val_baselines)
-            best = get_val_objective(val_metrics, cfg.best_by)
-            save_train_checkpoint(run_dir, 0, model, opt_state, key, iterator, run_id, best, val_metrics, static_files)
-            write_text_url(join_url(run_dir, "best"), f"step_{0:08d}")
     t_log, steps_since_log, data_s, step = time.perf_counter(), 0, 0.0, start.step
-    try:
+    try:  # from status `running` on, any exception (wandb.init included) ends as status `failed`
+        if is_main:
+            log = start_run(cfg, run_dir, start)
+            print(
+                f"run {url_name(run_dir)} (id {run_id}): {n_params:,} parameters, {len(examples)} training groups, "
+                f"features {cfg.features} ({features.width} wide), steps {start.step} -> {cfg.steps}, "
+                f"{jax.process_count()} process(es), {jax.device_count()} device(s)"
+            )
+        if val is not None:  # process 0 only
+            val_baselines = score_validation_baselines(val)
+            print("validation baselines: " + ", ".join(f"{k}={v:.4f}" for k, v in val_baselines.items()))
+            if start.step == 0:  # where the curves start; the untrained model is a candidate for `best`
+                val_metrics = validate(local_copy(model), features, val, cfg.loss, cfg.loader.set_size)
+                log_validation(log, 0, val_metrics, val_baselines)
+                best = get_val_objective(val_metrics, cfg.best_by)
+                save_train_checkpoint(
+                    run_dir, 0, model, opt_state, key, iterator, run_id, best, val_metrics, static_files
+                )
+                write_text_url(join_url(run_dir, "best"), f"step_{0:08d}")
+        t_log = time.perf_counter()
         with PreemptionFlag() as preemption:
             for step in range(start.step + 1, cfg.steps + 1):  # `step` = optimiser steps done after this one
                 t_data = time.perf_counter()
@@ -7546,10 +7760,20 @@ def make_baseline_predictor(
 
 
 def get_latest_checkpoint(data_root: str | os.PathLike | None) -> pathlib.Path | None:
-    """`<data_root>/checkpoints/` when training (05) has written one (its `latest` pointer
-    names the newest run; load_model_predictor resolves it to that run's best step), else None."""
-    ckpt_dir = get_data_root(data_root) / "checkpoints"
-    return ckpt_dir if (ckpt_dir / "latest").exists() else None
+    """The run directory under `<data_root>/checkpoints/` whose newest checkpoint was written last,
+    among the runs that hold one (a run that failed before its first checkpoint is passed over), else
+    None. Says which it picked (load_model_predictor resolves it to that run's best step)."""
+    root = get_data_root(data_root) / "checkpoints"
+    runs = list_runs_with_checkpoints(root)
+    if not runs:
+        return None
+
+    def written(name: str) -> float:
+        return (root / name / _read_pointer(root / name / "latest") / "state.json").stat().st_mtime
+
+    newest = max(runs, key=lambda name: (written(name), name))
+    print(f"model: run {newest}, the newest of {len(runs)} run(s) with a checkpoint under {root}")
+    return root / newest
 
 
 def local_copy(tree: PyTree) -> PyTree:
@@ -7835,7 +8059,7 @@ class EvalConfig(DatasetsConfig):
     predictors: tuple[str, ...] = BASELINES
     """Baselines to score (any of control cell_mean pert_mean_transfer linear linear_transfer); cell_mean is always scored: it is the reference."""
     checkpoint: str = ""
-    """Model checkpoint directory to score too; empty = the newest under <data_root>/checkpoints/ if any; `none` = no model."""
+    """Model checkpoint directory to score too; empty = the newest run with a checkpoint under <data_root>/checkpoints/, if any; `none` = no model."""
     fill: typing.Literal["control", "mean"] = "control"
     """How a model's non-HVG genes are filled: the control cells' own values, or the target's control means."""
     fill_study: bool = False
@@ -8062,6 +8286,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, typing.Any]:
     spec = files.spec
     gene_names = read_gene_names(files.gene_names_path)
     eval_dir = get_eval_dir(cfg.data_root, cfg.world)
+    remove_dead_leftovers(eval_dir)  # a killed earlier run's half-written pool or tables
     data = scan_harness_inputs(cfg, files, gene_names, eval_dir)
     split, training_perts, scan, pool = data["split"], data["training_perts"], data["scan"], data["pool"]
     group_labels, collected_labels = data["group_labels"], data["collected_labels"]
@@ -8282,21 +8507,39 @@ def write_submission(
                 f"cells {start}:{stop}: prediction has shape {x_cg.shape}, expected {(stop - start, len(gene_names))} "
                 "(cells × genes in gene_names.csv order)"
             )
-        check_log1p(x_cg, f"cells {start}:{stop}", source="prediction")
+        check_log1p(x_cg, f"cells {start}:{stop}", source="prediction", check_transform=True)
         return x_cg
 
     write_h5ad_chunked(path, obs, var, checked_chunk, len(obs), chunk_cells, desc=f"writing {path.name}")
     return path
 
 
+def validate_submission(
+    h5ad_path: str | os.PathLike, control_label: str = "non-targeting", chunk_cells: int = 4_096
+) -> None:
+    """THE submission check of a written file (pack_vcc and score_submission run it; write_submission
+    runs the same value checks on every chunk it writes): obs `target_gene` with control cells, and X,
+    chunk by chunk, finite log1p values that are log1p CP10K (check_log1p with check_transform)."""
+    with open_h5ad_backed(h5ad_path) as (obs, _var, x):
+        if "target_gene" not in obs.columns:
+            raise ValueError(f"{h5ad_path}: obs has no `target_gene` column; write it with lib.write_submission.")
+        if control_label not in set(obs["target_gene"].astype(str)):
+            raise ValueError(f"{h5ad_path}: no control cells ({control_label!r}); the scorer needs them.")
+        for start in range(0, x.shape[0], chunk_cells):
+            stop = min(start + chunk_cells, x.shape[0])
+            rows_cg = read_rows(x, slice(start, stop))
+            check_log1p(rows_cg, f"{h5ad_path} cells {start}:{stop}", source="prediction", check_transform=True)
+
+
 def pack_vcc(h5ad_path: str | os.PathLike, vcc_path: str | os.PathLike | None = None) -> pathlib.Path:
     """Pack a submission h5ad as `cell-eval prep` does: tar of `pred.h5ad.zst` + `watermark.txt`.
 
-    Run `write_submission` first: it already writes prep's minimal float32 CSR layout.
-    Compresses with the zstandard library (streaming, so memory stays small) rather than
-    prep's `zstd` program, which a fresh machine may not have.
+    Run `write_submission` first: it already writes prep's minimal float32 CSR layout. Refuses
+    what validate_submission refuses. Compresses with the zstandard library (streaming, so memory
+    stays small) rather than prep's `zstd` program, which a fresh machine may not have.
     """
     h5ad_path = pathlib.Path(h5ad_path)
+    validate_submission(h5ad_path)
     vcc_path = pathlib.Path(vcc_path) if vcc_path else h5ad_path.with_suffix(".prep.vcc")
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = pathlib.Path(tmp_dir)
@@ -8318,7 +8561,7 @@ class SubmitConfig(DatasetsConfig):
     predictor: str = "model"
     """`model` (the newest checkpoint nb/05_train.py wrote, or --checkpoint) or a baseline (control cell_mean pert_mean_transfer linear linear_transfer)."""
     checkpoint: str = ""
-    """With --predictor model: the checkpoint directory; empty = the newest under <data_root>/checkpoints/."""
+    """With --predictor model: the checkpoint directory; empty = the newest run with a checkpoint under <data_root>/checkpoints/."""
     fill: typing.Literal["control", "mean"] = "control"
     """How a model's non-HVG genes are filled (see nb/06_eval.py)."""
     fixed_pseudobulk: bool = False
@@ -8441,6 +8684,7 @@ def run_submit(cfg: SubmitConfig) -> dict[str, typing.Any]:
         )
 
     out_dir = get_submission_dir(cfg.data_root, cfg.world)
+    remove_dead_leftovers(out_dir)  # a killed earlier run's half-written pool or submission
     pools = read_or_draw_control_pools(
         out_dir / f"control_pool_seed{cfg.seed}_n{n_control}.csv",
         cell_ids_c[is_ctrl_c],
@@ -8538,6 +8782,7 @@ def score_submission(
         chunk_cells=cfg.chunk_cells,
     )
     real = make_anndata(scipy.sparse.csr_matrix(scan.collected_cg, dtype=np.float32), labels_c, gene_names)
+    validate_submission(h5ad_path, spec.control_label)
     pred = anndata.read_h5ad(h5ad_path)
     result = score(real, pred, mode=cfg.mode, control_label=spec.control_label)
     labels = np.asarray(pred.obs["target_gene"], dtype=str)
