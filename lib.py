@@ -4,8 +4,9 @@ Read it top to bottom. Each banner names the notebook it serves:
 
     paths & io                    every notebook: data root, atomic writes, flags, progress, h5ad
                                   row chunks, THE normalisation (log1p CP10K) and its checks
-    manifest                      data_manifest.toml: sources and the keys each dataset file uses
-    download              (01)    resumable, verified, atomic fetch of the manifest's sources
+    manifest                      data_manifest.toml: sources, the keys each dataset file uses, and
+                                  which datasets a run uses (present and verified; --datasets)
+    download              (01)    resumable, verified, atomic fetch of the manifest's sources; h5mu -> h5ad
     synthetic world       (01)    a seeded stand-in for the real sources, in their file layouts
     EDA                   (02)    one pass per dataset: depth, knockdown, effect sizes, overlaps
     gene ids & HVG        (03)    Ensembl ids (caches, then mygene), per-dataset HVGs, the shared list
@@ -83,6 +84,7 @@ from jaxtyping import Array, Bool, Float, Int, PRNGKeyArray, PyTree, Shaped
 
 REPO_DIR = pathlib.Path(__file__).resolve().parent
 MANIFEST_PATH = REPO_DIR / "data_manifest.toml"
+MANIFEST_ENV = "VCELL_MANIFEST"
 DATA_ROOT_ENV = "VCELL_DATA_ROOT"
 
 # Shapes on signatures are checked at call time where this decorator is applied.
@@ -111,16 +113,63 @@ def get_data_root(data_root: str | os.PathLike | None = None) -> pathlib.Path:
     return path if path.is_absolute() else REPO_DIR / path
 
 
+def is_pid_alive(pid: int) -> bool:
+    """Is process `pid` running on this machine (a zombie counts as dead: it will never write again)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _tmp_tag() -> str:
+    """`<host>-<pid>`: the writer of a temporary name, so a later run can tell a dead writer's leftovers
+    from a live one's, also when several machines share the data root (only this host's pids are checked)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+# `.<name>.tmp-<host>-<pid>` (atomic_path, atomic_dir) and `.<name>.old-<host>-<pid>` (atomic_dir's swap).
+_LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<host>.+)-(?P<pid>\d+)$")
+
+
+def remove_dead_leftovers(directory: str | os.PathLike, name: str | None = None) -> list[pathlib.Path]:
+    """Delete the temporary files and directories that writers on this host left in `directory` when
+    they died (kill -9, out of memory, power loss): those whose pid is no longer alive. Only this
+    host's: another machine sharing the data root may still be writing its own. `name`: only the
+    leftovers of that output. Returns what was removed."""
+    directory, host, removed = pathlib.Path(directory), socket.gethostname(), []
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        match = _LEFTOVER_RE.match(entry.name)
+        if not match or match["host"] != host or (name is not None and match["name"] != name):
+            continue
+        if int(match["pid"]) == os.getpid() or is_pid_alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """Yield a temporary sibling of `path`; rename it onto `path` only on success.
 
     Readers never see a half-written file, and a failure leaves the previous
-    version of `path` untouched.
+    version of `path` untouched. Leftovers of earlier writers of `path` that died are removed first.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_dead_leftovers(path.parent, path.name)
+    tmp_path = path.with_name(f".{path.name}.tmp-{_tmp_tag()}")
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -134,19 +183,26 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """Yield a temporary sibling directory; swap it in for `path` only on success.
 
     A reader sees the old directory or the whole new one, never a half-written one (there
-    is a moment with neither, between two renames).
+    is a moment with neither, between two renames). The two renames hold an exclusive lock on
+    `.<name>.lock` beside it, so two writers swapping the same directory take turns (the last one
+    wins) instead of renaming each other's directories away. Leftovers of earlier writers of `path`
+    that died are removed first.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    old_dir = path.with_name(f".{path.name}.old-{os.getpid()}")
+    remove_dead_leftovers(path.parent, path.name)
+    tmp_dir = path.with_name(f".{path.name}.tmp-{_tmp_tag()}")
+    old_dir = path.with_name(f".{path.name}.old-{_tmp_tag()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir()
     try:
         yield tmp_dir
-        if path.exists():
-            os.replace(path, old_dir)
-        os.replace(tmp_dir, path)
+        # The lock file stays: deleting it while another writer waits on it would give two locks.
+        with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if path.exists():
+                os.replace(path, old_dir)
+            os.replace(tmp_dir, path)
         shutil.rmtree(old_dir, ignore_errors=True)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -352,6 +408,16 @@ class DataConfig:
     """`synthetic`: the locally generated world (default); `real`: the downloaded sources."""
 
 
+@dataclasses.dataclass(frozen=True)
+class DatasetsConfig(DataConfig):
+    """Flags of the notebooks that read datasets (02-07): the data flags and the dataset selection."""
+
+    datasets: tuple[str, ...] = ()
+    """Datasets to use (manifest names, e.g. vcc2025_h1 replogle2022_k562; 03-07 need the target
+    among them); empty = every dataset of the world whose file is present and verified (the others
+    are printed as skipped). The store and checkpoints record theirs: 04-07 refuse ones built from others."""
+
+
 # -------------------- h5ad files in row chunks ----------------------------------------------------
 
 
@@ -370,20 +436,45 @@ def open_h5ad_backed(path: str | os.PathLike) -> Iterator[tuple[pd.DataFrame, pd
     with h5py.File(path, "r") as f:
         x = anndata.io.sparse_dataset(f["X"]) if isinstance(f["X"], h5py.Group) else f["X"]
         if isinstance(f["X"], h5py.Group) and x.format != "csr":
-            raise ValueError(f"{path}: X is {x.format}; row chunks need CSR (rewrite it with X = X.tocsr())")
+            raise UserError(
+                f"{path}: X is stored {x.format.upper()} (gene-major), so reading cells in row chunks would read the "
+                "whole matrix each time; rewrite it as CSR once (adata.X = adata.X.tocsr(); adata.write_h5ad(...))"
+            )
         yield anndata.io.read_elem(f["obs"]), anndata.io.read_elem(f["var"]), x
+
+
+DENSE_READ_BYTES = 32 << 20
+"""A dense X (Replogle's files are reported dense) is read at most this many bytes at a time and
+made sparse at once, so reading a chunk of a dense file costs about what the same rows cost sparse."""
 
 
 def read_rows(x, rows: slice | np.ndarray) -> scipy.sparse.csr_matrix:
     """Rows of a backed X (sparse or dense) as float32 CSR: a slice, or sorted row indices (a
     contiguous run of them is read as one slice). Stored zeros are dropped (they would count as
-    detected genes)."""
+    detected genes). A dense X is read in blocks of at most DENSE_READ_BYTES."""
     if not isinstance(rows, slice):
         rows = np.asarray(rows)
         if rows[-1] - rows[0] + 1 == len(rows):
             rows = slice(int(rows[0]), int(rows[-1]) + 1)
-    block = x[rows]
-    block = block if scipy.sparse.issparse(block) else scipy.sparse.csr_matrix(np.asarray(block))
+    if isinstance(x, h5py.Dataset):
+        return _read_dense_rows(x, rows)
+    block = scipy.sparse.csr_matrix(x[rows], dtype=np.float32)
+    block.eliminate_zeros()
+    return block
+
+
+def _read_dense_rows(x: h5py.Dataset, rows: slice | np.ndarray) -> scipy.sparse.csr_matrix:
+    """Rows of a dense on-disk X as float32 CSR, read DENSE_READ_BYTES at a time."""
+    row_ids = np.arange(*rows.indices(x.shape[0])) if isinstance(rows, slice) else rows
+    step = max(1, DENSE_READ_BYTES // max(1, x.shape[1] * x.dtype.itemsize))
+    blocks = []
+    for a in range(0, len(row_ids), step):
+        ids = row_ids[a : a + step]
+        contiguous = ids[-1] - ids[0] + 1 == len(ids)
+        dense = x[int(ids[0]) : int(ids[-1]) + 1] if contiguous else x[ids]  # h5py: increasing indices
+        blocks.append(scipy.sparse.csr_matrix(dense.astype(np.float32, copy=False)))
+        del dense
+    block = scipy.sparse.vstack(blocks, format="csr") if blocks else scipy.sparse.csr_matrix((0, x.shape[1]))
     block = scipy.sparse.csr_matrix(block, dtype=np.float32)
     block.eliminate_zeros()
     return block
@@ -523,12 +614,14 @@ def check_log1p(
     allow_integer: bool = True,
     check_row_sums: bool = False,
     rtol: float = 1e-3,
+    check_transform: bool = False,
 ) -> None:
     """THE log1p check, for datasets (normalisation), predictions and scoring inputs: values finite,
     >= 0 and < LOG1P_MAX (cell-eval's rule); with `allow_integer=False` not integer-valued throughout
     (cell-eval reads that as raw counts); with `check_row_sums` every non-empty cell's expm1 sums to
-    TARGET_SUM (log1p CP10K over all of its genes). One error naming the fix for the `source`:
-    a dataset's `counts` in the manifest, or a prediction's normalisation or clipping."""
+    TARGET_SUM (log1p CP10K over all of its genes); with `check_transform` (a submission's rows, all
+    genes) check_prediction_transform. One error naming the fix for the `source`: a dataset's
+    `counts` in the manifest, or a prediction's normalisation or clipping."""
     where = f"{where}: " if where else ""
     dtype = x_cg.dtype
     if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
@@ -575,6 +668,8 @@ def check_log1p(
             )
     if check_row_sums:
         _check_row_sums(x_cg, where, rtol)
+    if check_transform:
+        check_prediction_transform(x_cg, where.removesuffix(": "))
 
 
 def _check_row_sums(x_cg, where: str, rtol: float) -> None:
@@ -596,6 +691,82 @@ def _check_row_sums(x_cg, where: str, rtol: float) -> None:
             f"{where}{int(bad.sum())} cells have expm1 row sums != {TARGET_SUM:g} (e.g. {sums_c[bad][0]:.4g}): "
             f"not log1p CP10K; {hint}"
         )
+
+
+# Predictions are not exact log1p CP10K cells (model outputs, baselines shifted in log space and
+# clipped at 0, HVG predictions filled with control means), but their expm1 row sums stay near
+# TARGET_SUM; the usual wrong transforms land far outside. Per-cell sums measured on the tiny and
+# check worlds (every 07 predictor and variant, logbook 2026-11-30): predictions 0.60-1.18
+# x TARGET_SUM; log1p applied twice <= 0.15 x, log10 <= 0.12 x (both grow with the gene count, so
+# they are also told apart by undoing them: check_prediction_transform); log2 >= 4.9 x; CP1M 100 x.
+PREDICTION_ROW_SUM_BAND = (0.3, 3.0)
+"""Accepted median expm1 row sum of a prediction chunk, as a fraction of TARGET_SUM."""
+
+LOG1P_TWICE_MAX = math.log1p(math.log1p(TARGET_SUM))
+"""The largest value log1p(log1p(CP10K)) can take (2.33): real log1p CP10K cells go far above."""
+
+LOG10_MAX = math.log10(1 + TARGET_SUM)
+"""The largest value log10(CP10K + 1) can take (4.0)."""
+
+
+def check_prediction_transform(x_cg, where: str = "") -> None:
+    """Refuse predictions that are log-transformed the wrong way, which cell-eval would score without
+    a word: log1p applied twice, log2 or log10 instead of the natural log, log1p of counts that were
+    not normalised, or not CP10K at all. Rows must hold all genes of gene_names.csv. Judged on the
+    median over the rows of expm1 row sums (PREDICTION_ROW_SUM_BAND) and, for each wrong transform,
+    whether undoing it brings the sums back to TARGET_SUM; one error naming the likely mistake and
+    the fix."""
+    where = f"{where}: " if where else ""
+    x_cg = x_cg.tocsr() if scipy.sparse.issparse(x_cg) else np.asarray(x_cg)
+    if x_cg.shape[0] == 0 or x_cg.shape[1] == 0:
+        return
+    # float32 values (one temporary per transform undone; a 1,024 x 18,080 chunk is 74 MB), float64 sums.
+    values = (x_cg.data if scipy.sparse.issparse(x_cg) else x_cg).astype(np.float32, copy=False)
+    top = float(values.max()) if values.size else 0.0
+
+    def median_row_sum(undo) -> float:
+        if scipy.sparse.issparse(x_cg):
+            undone = scipy.sparse.csr_matrix((undo(values), x_cg.indices, x_cg.indptr), shape=x_cg.shape)
+            return float(np.median(np.asarray(undone.sum(axis=1, dtype=np.float64)).ravel())) / TARGET_SUM
+        return float(np.median(undo(values).sum(axis=1, dtype=np.float64))) / TARGET_SUM
+
+    lo, hi = PREDICTION_ROW_SUM_BAND
+    plain = median_row_sum(np.expm1)
+    nonzero = np.expm1(values[values > 0].astype(np.float64))
+    if (
+        abs(plain - 1) > 1e-3
+        and nonzero.size
+        and np.mean(np.abs(nonzero - np.rint(nonzero)) < 0.01 + 1e-5 * nonzero) > 0.99
+    ):
+        raise ValueError(
+            f"{where}expm1 row sums are {plain:.3g} x {TARGET_SUM:g} and expm1 gives whole numbers: looks like "
+            f"log1p of raw counts, not normalised; normalize_total to {TARGET_SUM:g} per cell first, then log1p."
+        )
+    # Each wrong transform that could have made these values: the row sums once undone, and the fix.
+    fits = {}
+    if top <= LOG1P_TWICE_MAX + 1e-6:
+        fits["log1p applied twice"] = (median_row_sum(lambda v: np.expm1(np.expm1(v))), "apply np.log1p once")
+    if top <= LOG10_MAX + 1e-6:
+        fits["log10 instead of the natural log"] = (median_row_sum(lambda v: np.power(10.0, v) - 1), "use np.log1p")
+    fits["log2 instead of the natural log"] = (
+        median_row_sum(lambda v: np.exp2(np.minimum(v, 100.0)) - 1),
+        "use np.log1p",
+    )
+    in_band = {k: v for k, v in fits.items() if lo <= v[0] <= hi}
+    best = min(in_band, key=lambda k: abs(math.log(in_band[k][0])), default=None)
+    if best is not None and (not lo <= plain <= hi or abs(math.log(in_band[best][0])) < abs(math.log(plain))):
+        ratio, fix = in_band[best]
+        raise ValueError(
+            f"{where}expm1 row sums are {plain:.3g} x {TARGET_SUM:g} (median over cells), {ratio:.3g} x once "
+            f"undone: looks like {best}; {fix} on counts per 10k (normalize_total to {TARGET_SUM:g} over all genes)."
+        )
+    if lo <= plain <= hi:
+        return
+    raise ValueError(
+        f"{where}expm1 row sums are {plain:.3g} x {TARGET_SUM:g} (median over cells; predictions sit within "
+        f"{lo:g}-{hi:g} x): not log1p of counts per 10k; predict log1p(CP10K) over ALL genes of gene_names.csv "
+        f"(normalize_total to {TARGET_SUM:g}, then np.log1p once)."
+    )
 
 
 def normalise_log1p(x_cg, counts: str = "raw", where: str = ""):
@@ -655,9 +826,20 @@ class DatasetSpec:
     """`raw` for integer UMI counts, `log1p` for already normalised data."""
     role: str
     """`target` for the cell type we predict, `context` for the others."""
+    h5mu_file: str = ""
+    """A file of the source in h5mu (MuData) form that `path` is made from: nb/01_download.py
+    writes one modality of it as the h5ad `path` (convert_h5mu). "" when `path` is itself the
+    downloaded file. The other keys (perturbation_key, gene_index, ...) name that modality's
+    obs and var columns (MuData's global obs columns are copied in too, see convert_h5mu)."""
+    h5mu_modality: str = ""
+    """With h5mu_file: the modality whose X, obs and var become the h5ad (`rna` in most files;
+    MuData keeps it under `mod/<modality>`)."""
 
 
-def read_manifest(path: str | os.PathLike = MANIFEST_PATH) -> dict[str, Any]:
+def read_manifest(path: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The manifest: `path`, else $VCELL_MANIFEST (a manifest of your own: other files, keys or
+    hashes), else the repository's data_manifest.toml."""
+    path = path or os.environ.get(MANIFEST_ENV) or MANIFEST_PATH
     with open(path, "rb") as f:
         return tomllib.load(f)
 
@@ -680,8 +862,19 @@ def get_datasets(world: str, manifest: dict[str, Any] | None = None) -> list[Dat
             unknown = set(entry) - fields
             if unknown:
                 raise ValueError(f"manifest source {source!r}: unknown dataset keys {sorted(unknown)}")
-            defaults = dict(batch_key="", gene_id_column="", gene_symbol_column="", counts="raw", role="context")
-            specs.append(DatasetSpec(source=source, **{**defaults, **entry}))
+            defaults = dict(
+                batch_key="",
+                gene_id_column="",
+                gene_symbol_column="",
+                counts="raw",
+                role="context",
+                h5mu_file="",
+                h5mu_modality="",
+            )
+            spec = DatasetSpec(source=source, **{**defaults, **entry})
+            if bool(spec.h5mu_file) != bool(spec.h5mu_modality):
+                raise ValueError(f"manifest dataset {spec.name!r}: h5mu_file and h5mu_modality go together")
+            specs.append(spec)
     specs.sort(key=lambda s: s.role != "target")
     if sum(s.role == "target" for s in specs) != 1:
         raise ValueError(f"world {world!r} must have exactly one dataset with role = 'target'")
@@ -690,6 +883,91 @@ def get_datasets(world: str, manifest: dict[str, Any] | None = None) -> list[Dat
 
 def get_dataset_path(spec: DatasetSpec, data_root: str | os.PathLike | None = None) -> pathlib.Path:
     return get_data_root(data_root) / "raw" / spec.source / spec.path
+
+
+def get_dataset_problem(spec: DatasetSpec, data_root, manifest: dict[str, Any], world: str) -> str:
+    """Why a dataset cannot be used now ("" if it can): its file is missing, fails verification
+    against the manifest's size/sha256 (or the hash recorded on first sight, as nb/01 does), or
+    (h5mu sources) has not been converted from the current h5mu."""
+    path = get_dataset_path(spec, data_root)
+    fetch = "python nb/01_download.py" + ("" if world == "synthetic" else f" --world real --sources {spec.source}")
+    downloaded = path.parent / spec.h5mu_file if spec.h5mu_file else path
+    if not downloaded.exists():
+        return f"{downloaded} is missing (fetch it: {fetch}, or put the file there by hand)"
+    entry = next((f for f in manifest["sources"][spec.source].get("files", []) if f["name"] == downloaded.name), None)
+    if entry is not None:  # a downloadable file: verified as nb/01 verifies it (present: never fetched)
+        recorded = _read_registry(downloaded.parent / HASH_REGISTRY_NAME).get(downloaded.name)
+        expected = entry.get("sha256", "") or (recorded or {}).get("sha256", "")
+        if not _is_known_good(recorded, downloaded, expected):
+            size_gb = downloaded.stat().st_size / 1e9
+            print(f"verifying {downloaded} ({size_gb:.2f} GB; once, then remembered by size and mtime)", flush=True)
+        try:
+            download_file(entry["url"], downloaded, sha256=entry.get("sha256", ""), size=entry.get("size"))
+        except DownloadError as exc:
+            return f"{downloaded.name} fails verification: {exc}"
+    if spec.h5mu_file and not is_h5mu_conversion_current(downloaded, path, spec.h5mu_modality):
+        return f"{path.name} is not converted from the current {spec.h5mu_file} yet (run {fetch})"
+    return ""
+
+
+def select_datasets(
+    world: str,
+    data_root: str | os.PathLike | None = None,
+    datasets: Sequence[str] = (),
+    manifest: dict[str, Any] | None = None,
+    need_target: bool = True,
+) -> list[DatasetSpec]:
+    """The datasets a run uses, target first: the world's (or those named in `datasets`) whose
+    file is present and verified. Prints `skipping <dataset>: <why>` for each one left out; one
+    UserError when the target is left out (unless not `need_target`: 02 looks at any dataset). A
+    target-only run is allowed here: the steps that learn from other cell types (the transfer
+    baselines) refuse a store without them."""
+    manifest = read_manifest() if manifest is None else manifest
+    specs = get_datasets(world, manifest)
+    names = [s.name for s in specs]
+    unknown = sorted(set(datasets) - set(names))
+    if unknown:
+        raise UserError(f"--datasets {unknown} are not datasets of world {world!r}; its datasets are {names}")
+    chosen = []
+    for spec in specs:
+        why = "not in --datasets" if datasets and spec.name not in datasets else ""
+        why = why or get_dataset_problem(spec, data_root, manifest, world)
+        if why and spec.role == "target" and need_target:
+            raise UserError(
+                f"the target dataset {spec.name} cannot be used: {why}. Every stage predicts it, so it is needed"
+                + (" (name it in --datasets too)" if datasets else "")
+            )
+        if why:
+            print(f"skipping {spec.name}: {why}", flush=True)
+        else:
+            chosen.append(spec)
+    return chosen
+
+
+def check_dataset_keys(spec: DatasetSpec, obs: pd.DataFrame, var: pd.DataFrame | None = None) -> None:
+    """One UserError per manifest key the file does not have (obs and, when given, var columns; the
+    control label), naming what the file does have, before any reading starts."""
+    where = f"{spec.name} ({spec.source}/{spec.path})"
+    for key, column, table, kind in (
+        ("perturbation_key", spec.perturbation_key, obs, "obs"),
+        ("batch_key", spec.batch_key, obs, "obs"),
+        ("gene_id_column", spec.gene_id_column, var, "var"),
+        ("gene_symbol_column", spec.gene_symbol_column, var, "var"),
+    ):
+        if column and table is not None and column not in table.columns:
+            raise UserError(
+                f"{where}: {kind} has no column {column!r} ({key} in data_manifest.toml); its {kind} columns are "
+                f"{list(table.columns)[:20]}: set {key} to the right one"
+            )
+    if spec.gene_index not in ("symbol", "ensembl"):
+        raise UserError(f"{where}: gene_index = {spec.gene_index!r} in data_manifest.toml; use 'symbol' or 'ensembl'")
+    labels = obs[spec.perturbation_key].astype(str)
+    if not (labels == spec.control_label).any():
+        common = labels.value_counts().head(5)
+        raise UserError(
+            f"{where}: no cells with {spec.perturbation_key} == {spec.control_label!r} (control_label in "
+            f"data_manifest.toml); its most common values are {dict(common)}: set control_label to the control's"
+        )
 
 
 def sha256_file(path: str | os.PathLike, chunk_bytes: int = 1 << 22) -> str:
@@ -1149,6 +1427,89 @@ def download_sources(
     paths, failures = _fetch_sources(names, data_root, manifest, **kwargs)
     _raise_failures(failures, len(paths) + len(failures))
     return paths
+
+
+# -------------------- h5mu sources -----------------------------------------------------------------
+
+
+H5MU_MARK = "vcell_converted_from"
+"""Root attribute of an h5ad made by convert_h5mu: the h5mu's name, size and mtime and the modality."""
+
+
+def _h5mu_mark(h5mu_path: pathlib.Path, modality: str) -> str:
+    stat = h5mu_path.stat()
+    return json.dumps(
+        {"file": h5mu_path.name, "size": stat.st_size, "mtime_ns": stat.st_mtime_ns, "modality": modality},
+        sort_keys=True,
+    )
+
+
+def is_h5mu_conversion_current(h5mu_path: str | os.PathLike, h5ad_path: str | os.PathLike, modality: str) -> bool:
+    """True when `h5ad_path` was converted from this very h5mu (same size and mtime) and modality."""
+    h5ad_path = pathlib.Path(h5ad_path)
+    if not h5ad_path.exists():
+        return False
+    with h5py.File(h5ad_path, "r") as f:
+        return f.attrs.get(H5MU_MARK, "") == _h5mu_mark(pathlib.Path(h5mu_path), modality)
+
+
+def convert_h5mu(h5mu_path: str | os.PathLike, h5ad_path: str | os.PathLike, modality: str) -> bool:
+    """Write one modality of an h5mu (MuData) file as an h5ad; False (nothing done) when the h5ad
+    is already the current conversion.
+
+    obs and var are the modality's (read with mudata), plus MuData's global obs columns for these
+    cells (`<modality>:x` columns lose the prefix; other modalities' columns are left out), so
+    manifest keys may name either. X is copied by HDF5 itself, sparse or dense, in the file's
+    own chunks: it never passes through memory whole. Written to a temporary file, then renamed.
+    """
+    import anndata
+    import mudata
+
+    h5mu_path, h5ad_path = pathlib.Path(h5mu_path), pathlib.Path(h5ad_path)
+    if is_h5mu_conversion_current(h5mu_path, h5ad_path, modality):
+        print(f"{h5ad_path.name} is up to date with {h5mu_path.name} (modality {modality!r})")
+        return False
+    with h5py.File(h5mu_path, "r") as f:
+        modalities = list(f.get("mod", {}))
+        if modality not in modalities:
+            raise UserError(
+                f"{h5mu_path} has no modality {modality!r} (it has {modalities}): set h5mu_modality in data_manifest.toml"
+            )
+        global_obs = anndata.io.read_elem(f["obs"]) if "obs" in f else pd.DataFrame()
+    adata = mudata.read_h5ad(h5mu_path, modality, backed="r")
+    obs, var = adata.obs.copy(), adata.var.copy()
+    adata.file.close()
+    other_prefixes = tuple(f"{m}:" for m in modalities if m != modality)
+    for column in global_obs.columns:
+        name = column.removeprefix(f"{modality}:")
+        if column.startswith(other_prefixes) or name in obs.columns:
+            continue
+        obs[name] = global_obs[column].reindex(obs.index).to_numpy()
+    with atomic_path(h5ad_path) as tmp_path:
+        with h5py.File(h5mu_path, "r") as src, h5py.File(tmp_path, "w") as dst:
+            dst.attrs["encoding-type"], dst.attrs["encoding-version"] = "anndata", "0.1.0"
+            src.copy(src[f"mod/{modality}/X"], dst, "X")
+            anndata.io.write_elem(dst, "obs", obs)
+            anndata.io.write_elem(dst, "var", var)
+            for name in ("obsm", "varm", "obsp", "varp", "layers", "uns"):
+                anndata.io.write_elem(dst, name, {})
+            dst.attrs[H5MU_MARK] = _h5mu_mark(h5mu_path, modality)
+    print(f"converted {h5mu_path.name} (modality {modality!r}) -> {h5ad_path}")
+    return True
+
+
+def convert_h5mu_sources(
+    names: Sequence[str], data_root: str | os.PathLike | None = None, manifest: dict[str, Any] | None = None
+) -> list[pathlib.Path]:
+    """convert_h5mu for every dataset of the sources `names` that comes from an h5mu already on disk."""
+    manifest = read_manifest() if manifest is None else manifest
+    written = []
+    for spec in get_datasets("real", manifest):
+        h5mu_path = get_source_dir(spec.source, data_root) / spec.h5mu_file
+        if spec.source in names and spec.h5mu_file and h5mu_path.exists():
+            convert_h5mu(h5mu_path, get_dataset_path(spec, data_root), spec.h5mu_modality)
+            written.append(get_dataset_path(spec, data_root))
+    return written
 
 
 def get_file_table(directory: str | os.PathLike) -> list[dict[str, Any]]:
@@ -1821,8 +2182,12 @@ def run_download(cfg: DownloadConfig) -> tuple[dict[str, Any], pathlib.Path]:
     data_root = get_data_root(cfg.data_root)
     if cfg.world == "synthetic":
         return write_synthetic_world(data_root, size=cfg.size, seed=cfg.seed), data_root / "raw" / "synthetic"
-    paths = download_sources(cfg.sources, data_root=data_root)
-    return {"files": {str(p.relative_to(data_root / "raw")): {} for p in paths}}, data_root / "raw"
+    names = list(cfg.sources) or get_default_sources()
+    try:
+        paths = download_sources(names, data_root=data_root)
+    finally:  # the h5mu files that are here are converted even when other files could not be fetched
+        converted = convert_h5mu_sources(names, data_root)
+    return {"files": {str(p.relative_to(data_root / "raw")): {} for p in [*paths, *converted]}}, data_root / "raw"
 
 
 # ==================================================================================================
@@ -1854,11 +2219,9 @@ NULL_GROUP_PREFIX = "null:"
 
 
 @dataclasses.dataclass(frozen=True)
-class EdaConfig(DataConfig):
+class EdaConfig(DatasetsConfig):
     """Flags of nb/02_eda.py: per-dataset summaries, knockdown, effect sizes, overlaps, PCA."""
 
-    datasets: tuple[str, ...] = ()
-    """Dataset names to look at (e.g. synthetic_h1 synthetic_k562); empty means all of the world."""
     max_cells_per_dataset: int = 100_000
     """Cells read per dataset at most; bigger files are subsampled uniformly at random (with
     `seed`, so deterministic). Counts per perturbation always come from all cells (obs)."""
@@ -1936,22 +2299,17 @@ def get_eda_dir(data_root: str | os.PathLike | None) -> pathlib.Path:
 
 
 def run_eda(cfg: EdaConfig) -> list[DatasetEda]:
-    """02 EDA: one pass over each dataset of the world (or of --datasets)."""
-    specs = get_datasets(cfg.world)
-    unknown = set(cfg.datasets) - {s.name for s in specs}
-    if unknown:
-        raise ValueError(f"--datasets {sorted(unknown)} not in world {cfg.world!r}: {[s.name for s in specs]}")
-    specs = [s for s in specs if not cfg.datasets or s.name in cfg.datasets]
+    """02 EDA: one pass over each dataset of the world (or of --datasets) that is present."""
+    specs = select_datasets(cfg.world, cfg.data_root, cfg.datasets, need_target=False)
     return [compute_dataset_eda(spec, cfg.data_root, cfg) for spec in specs]
 
 
 def compute_dataset_eda(spec: DatasetSpec, data_root: str | os.PathLike | None, cfg: EdaConfig) -> DatasetEda:
     """Read one dataset in row chunks and keep per-cell depth and per-group log1p means."""
     with open_h5ad_backed(get_dataset_path(spec, data_root)) as (obs, var, x):
+        check_dataset_keys(spec, obs, var)
         n_cells, n_genes = x.shape
         labels_c = obs[spec.perturbation_key].astype(str).to_numpy()
-        if not (labels_c == spec.control_label).any():
-            raise ValueError(f"{spec.name}: no cells with {spec.perturbation_key} == {spec.control_label!r}")
         symbols_g, ensembl_ids_g = get_gene_keys(var, spec)
         perts = np.unique(labels_c[labels_c != spec.control_label])
         groups = np.concatenate([[CONTROL_GROUP], perts]).astype(object)
@@ -2698,7 +3056,7 @@ def report_unmapped(tables: dict[str, pd.DataFrame], path: str | os.PathLike) ->
 
 
 @dataclasses.dataclass(frozen=True)
-class HvgConfig(DataConfig):
+class HvgConfig(DatasetsConfig):
     """Flags of nb/03_hvg.py: per-dataset HVGs and the shared gene space."""
 
     n_hvg: int = 2000
@@ -2865,16 +3223,18 @@ def run_hvg(cfg: HvgConfig, specs: Sequence[DatasetSpec] | None = None) -> pd.Da
     """03 HVG: map genes, compute per-dataset HVGs, choose and write the shared list.
 
     Writes everything under `<data_root>/hvg/<world>/` (see the module docstring) and
-    returns hvg.csv as a DataFrame. `specs` defaults to the manifest's datasets of `cfg.world`.
+    returns hvg.csv as a DataFrame. `specs` defaults to select_datasets: the world's datasets
+    (or --datasets) whose files are present and verified.
     """
-    specs = list(get_datasets(cfg.world) if specs is None else specs)
+    specs = list(select_datasets(cfg.world, cfg.data_root, cfg.datasets) if specs is None else specs)
     if specs[0].role != "target":
         raise ValueError("the first dataset must be the target (get_datasets puts it first)")
     hvg_dir = get_hvg_dir(cfg.data_root, cfg.world)
     tables: dict[str, pd.DataFrame] = {}
     infos: dict[str, Any] = {}
     for spec in progress(specs, desc="HVG per dataset"):
-        with open_h5ad_backed(get_dataset_path(spec, cfg.data_root)) as (_, var, _x):
+        with open_h5ad_backed(get_dataset_path(spec, cfg.data_root)) as (obs, var, _x):
+            check_dataset_keys(spec, obs, var)
             genes = make_gene_table(spec, var, data_root=cfg.data_root, offline=cfg.offline)
         stats, infos[spec.name] = compute_dataset_hvgs(
             spec,
@@ -2981,7 +3341,7 @@ def plot_hvg_overlap(hvg_sets: dict[str, set[str]], shared: set[str] | None = No
 
 
 @dataclasses.dataclass(frozen=True)
-class NormaliseConfig(DataConfig):
+class NormaliseConfig(DatasetsConfig):
     """Flags of nb/04_normalise.py: log1p CP10K store of the shared genes."""
 
     chunk_cells: int = 2_000
@@ -3002,15 +3362,8 @@ def make_store_rows(obs: pd.DataFrame, spec: DatasetSpec) -> tuple[pd.DataFrame,
     Returns (groups with dataset..n_cells and start/stop relative to the dataset, dest_c:
     the store row, relative to the dataset, of each source row).
     """
-    if spec.perturbation_key not in obs:
-        raise KeyError(f"{spec.name}: obs has no column {spec.perturbation_key!r} (perturbation_key in the manifest)")
-    if spec.batch_key and spec.batch_key not in obs:
-        raise KeyError(f"{spec.name}: obs has no column {spec.batch_key!r} (batch_key in the manifest)")
+    check_dataset_keys(spec, obs)
     pert = obs[spec.perturbation_key].astype(str).to_numpy()
-    if not (pert == spec.control_label).any():
-        raise ValueError(
-            f"{spec.name}: no cells with {spec.perturbation_key} == {spec.control_label!r} (control_label)"
-        )
     batch = obs[spec.batch_key].to_numpy() if spec.batch_key else np.zeros(len(obs), dtype=int)
     frame = pd.DataFrame({"batch": batch, "is_control": pert == spec.control_label, "perturbation": pert})
     order_c = np.lexsort((np.arange(len(frame)), frame["perturbation"], ~frame["is_control"], frame["batch"]))
@@ -3056,11 +3409,20 @@ def run_normalise(cfg: NormaliseConfig, specs: Sequence[DatasetSpec] | None = No
                      ensembl_id, symbol, var_name, mean_all, mean_control (log1p, over all cells
                      and over control cells), for filling non-HVG genes later.
       meta.json      datasets, shape, inputs (for the up-to-date check), config.
-    Skips the work when meta.json matches the current inputs, unless cfg.force.
+    Skips the work when meta.json matches the current inputs, unless cfg.force. `specs`
+    defaults to select_datasets (as nb/03 chose them); they must be the datasets hvg.csv was made from.
     """
-    specs = list(get_datasets(cfg.world) if specs is None else specs)
+    specs = list(select_datasets(cfg.world, cfg.data_root, cfg.datasets) if specs is None else specs)
     store_dir = get_store_dir(cfg.data_root, cfg.world)
+    remove_dead_leftovers(store_dir.parent)  # a killed earlier run's half-written store
     hvgs = read_hvgs(cfg.data_root, cfg.world)
+    hvg_datasets = json.loads((get_hvg_dir(cfg.data_root, cfg.world) / "hvg.json").read_text())["datasets"]
+    if hvg_datasets != [s.name for s in specs]:
+        names = " ".join(s.name for s in specs)
+        raise UserError(
+            f"the shared genes (hvg.csv) were made from {hvg_datasets}, but this store would hold "
+            f"{[s.name for s in specs]}: re-run python nb/03_hvg.py --world {cfg.world} --datasets {names} first"
+        )
     inputs = _store_inputs(specs, cfg.data_root, cfg.world)
     meta_path = store_dir / "meta.json"
     if not cfg.force and meta_path.exists() and json.loads(meta_path.read_text()).get("inputs") == inputs:
@@ -3224,6 +3586,20 @@ def load_store(data_root: str | os.PathLike | None = None, world: str = "synthet
         "index.csv does not tile the rows"
     )
     return store
+
+
+def check_store_datasets(store: CellStore, datasets: Sequence[str], world: str, *, exact: bool) -> None:
+    """UserError, naming the re-run, when --datasets asks for datasets the store was not built from
+    (`exact`: or when the store holds others too, since the step reads every store dataset)."""
+    missing = [d for d in datasets if d not in store.datasets]
+    extra = [d for d in store.datasets if exact and datasets and d not in datasets]
+    if missing or extra:
+        names = " ".join(datasets)
+        raise UserError(
+            f"--datasets {list(datasets)} but the store {store.store_dir} was built from {store.datasets}: build the "
+            f"store from them (python nb/03_hvg.py --world {world} --datasets {names} && python nb/04_normalise.py "
+            f"--world {world} --datasets {names}) or drop --datasets to use the store's"
+        )
 
 
 def plot_store_overview(store: CellStore, max_rows: int = 4_000, seed: int = 0):
@@ -4385,7 +4761,8 @@ class TrainConfig:
     target_dataset: str = ""
     """The cell type to predict; empty = the manifest's target (the store's first dataset)."""
     datasets: tuple[str, ...] = ()
-    """Store datasets to train on; empty = all."""
+    """Store datasets to train on (each must be in the store: nb/04 --datasets builds it); empty = all.
+    The checkpoint records them and the store's datasets; 06/07 refuse it with a store of others."""
     features: Literal["onehot", "gene", "random"] = "gene"
     """Perturbation features: onehot (learned id embedding), gene (target-gene co-expression +
     other cell types' effects: unseen knockdowns are not blind), random (control experiment)."""
@@ -4450,8 +4827,11 @@ class TrainConfig:
     run_name: str = ""
     """Run directory name; empty = a new time-stamped name (with --resume: the latest run)."""
     resume: bool = False
-    """Continue run_name (or the latest run) from its latest checkpoint; a named run without
-    checkpoints starts fresh (so a preempted VM can always pass --resume)."""
+    """Continue run_name (or the latest run) from its latest checkpoint; a run without a checkpoint
+    is an error naming the runs that have one (a mistyped --run-name must not start from scratch)."""
+    resume_or_start: bool = False
+    """Like --resume, but a run without a checkpoint (or no run at all) starts fresh, and says so:
+    what a startup script passes, so a preempted VM continues and a first boot starts."""
     wandb_project: str = "vcell"
     """wandb project."""
     wandb_entity: str = ""
@@ -4490,6 +4870,7 @@ RESUMABLE_FIELDS = frozenset(
         "checkpoint_dir",
         "run_name",
         "resume",
+        "resume_or_start",
         "steps",
         "log_every",
         "eval_every",
@@ -5219,14 +5600,63 @@ def get_run_dir(cfg: TrainConfig) -> str:
         return join_url(root, cfg.run_name)
     name = ""
     if jax.process_index() == 0:
-        if cfg.resume:
+        if cfg.resume or cfg.resume_or_start:
             name = _read_pointer(join_url(root, "latest"))
-        else:
+        if not name and not cfg.resume:
             name = f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.features}-{uuid.uuid4().hex[:4]}"
     name = broadcast_text(name)
     if not name:
-        raise FileNotFoundError(f"--resume: no run to resume under {root} (no `latest` pointer); pass --run-name")
+        raise UserError(
+            f"--resume: no run to resume under {root} (no `latest` pointer); runs with checkpoints: "
+            f"{list_runs_with_checkpoints(root) or 'none'}; pass --run-name NAME, or --resume-or-start to start a new run"
+        )
     return join_url(root, name)
+
+
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    """Does the run directory hold a complete checkpoint its `latest` pointer names?"""
+    name = _read_pointer(join_url(run_dir, "latest"))
+    return bool(name) and _is_step_dir(join_url(run_dir, name))
+
+
+def list_runs_with_checkpoints(root: str | os.PathLike) -> list[str]:
+    """Names of the runs under a checkpoint root that hold a checkpoint, sorted."""
+    fs, path = get_fs(root)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    names = sorted(url_name(e["name"]) for e in entries if e["type"] == "directory")
+    return [name for name in names if has_checkpoint(join_url(root, name))]
+
+
+def mark_dead_runs_failed(root: str | os.PathLike) -> list[str]:
+    """Process 0 at start: runs whose status.json still says `running` although their process on this
+    host is gone (kill -9, out of memory, a power cut: nothing could write `failed`) get status
+    `failed` with the reason. Runs of other hosts are left alone (their pids mean nothing here).
+    Returns the names marked."""
+    fs, path = get_fs(root)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    marked = []
+    for name in sorted(url_name(e["name"]) for e in entries if e["type"] == "directory"):
+        status_url = join_url(root, name, "status.json")
+        try:
+            status = json.loads(read_text_url(status_url) or "{}")
+        except json.JSONDecodeError:
+            continue
+        pid, host = status.get("pid"), status.get("host")
+        if status.get("status") != "running" or host != socket.gethostname() or not pid or is_pid_alive(pid):
+            continue
+        reason = (
+            f"process {pid} on {host} ended without recording an exit (killed, e.g. kill -9 or out of memory); "
+            f"found at the next start of nb/05_train.py"
+        )
+        write_text_url(status_url, json.dumps({**status, "status": "failed", "error": reason}, indent=2) + "\n")
+        marked.append(name)
+    return marked
 
 
 @dataclasses.dataclass
@@ -5251,12 +5681,25 @@ def init_or_resume(cfg: TrainConfig, store: CellStore, target: str, run_dir: str
     """A fresh model, features and optimiser state, or the run's latest checkpoint with --resume.
     Process 0 picks the checkpoint; every process then reads that same one."""
     resume_name = ""
-    if jax.process_index() == 0 and cfg.resume and _read_pointer(join_url(run_dir, "latest")):
-        resume_name = url_name(resolve_checkpoint(run_dir, "latest"))
+    if jax.process_index() == 0 and (cfg.resume or cfg.resume_or_start):
+        # "-": asked to resume, but the run has no checkpoint.
+        resume_name = url_name(resolve_checkpoint(run_dir, "latest")) if has_checkpoint(run_dir) else "-"
     resume_name = broadcast_text(resume_name)
+    if resume_name == "-" and not cfg.resume_or_start:
+        root = run_dir.rstrip("/").rsplit("/", 1)[0]
+        raise UserError(
+            f"--resume: run {url_name(run_dir)!r} has no checkpoint under {root}; runs with checkpoints: "
+            f"{list_runs_with_checkpoints(root) or 'none'}; pass one of them as --run-name, "
+            f"or --resume-or-start to start {url_name(run_dir)!r} fresh"
+        )
+    if resume_name == "-":
+        if jax.process_index() == 0:
+            print(f"--resume-or-start: run {url_name(run_dir)} has no checkpoint yet: starting it fresh")
+        resume_name = ""
     if resume_name:
         ckpt = load_checkpoint(join_url(run_dir, resume_name))
         _check_resumable(ckpt["cfg"], cfg, run_dir)
+        check_checkpoint_store(ckpt["features"], store, join_url(run_dir, resume_name), cfg.world)
         # The schedule's length is a function of cfg.steps: it may not change on resume.
         if cfg.steps != ckpt["cfg"].steps and cfg.schedule == "cosine":
             warnings.warn(
@@ -5361,9 +5804,9 @@ def get_static_files(
 
 
 def start_run(cfg: TrainConfig, run_dir: str, start: TrainStart) -> RunLog:
-    """Process 0: the run's config.toml, the `latest` pointers, status `running`, and its log."""
+    """Process 0: the run's config.toml, status `running`, and its log (the root's `latest` pointer
+    moves at the run's first checkpoint: save_train_checkpoint)."""
     write_train_toml(join_url(run_dir, "config.toml"), dataclasses.replace(cfg, run_name=url_name(run_dir)))
-    write_text_url(join_url(get_checkpoint_root(cfg), "latest"), url_name(run_dir))
     write_run_status(run_dir, "running", start.step, start.run_id)
     return RunLog(run_dir, cfg, start.run_id, start.step)
 
@@ -5402,9 +5845,16 @@ def to_replicated(tree: PyTree, replicated) -> PyTree:
 
 
 def write_run_status(run_dir: str, status: str, step: int, run_id: str, **extra) -> None:
+    """status.json: running / done / preempted / failed (with `error`), and who wrote it (host and pid:
+    mark_dead_runs_failed tells a dead `running` process from a live one by them)."""
+    who = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
     write_text_url(
         join_url(run_dir, "status.json"),
-        json.dumps({"status": status, "step": step, "run_id": run_id, **extra}, indent=2) + "\n",
+        json.dumps({"status": status, "step": step, "run_id": run_id, **who, **extra}, indent=2) + "\n",
     )
 
 
@@ -5474,6 +5924,8 @@ def save_train_checkpoint(
     save_checkpoint(
         run_dir, step, model=local_copy(model), opt_state=local_copy(opt_state), state=state, static_files=static_files
     )
+    # The root's `latest` names the newest run WITH a checkpoint (what --resume and 06/07 read).
+    write_text_url(join_url(run_dir.rstrip("/").rsplit("/", 1)[0], "latest"), url_name(run_dir))
 
 
 def print_step(step: int, metrics: dict[str, float]) -> None:
@@ -5532,7 +5984,11 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """
     init_distributed(cfg)  # before any other JAX call
     t_start, is_main = time.time(), jax.process_index() == 0
+    if is_main:
+        for name in mark_dead_runs_failed(get_checkpoint_root(cfg)):
+            print(f"run {name}: its process died without recording it; status.json now says failed")
     store = load_store(cfg.data_root, cfg.world)
+    check_store_datasets(store, cfg.datasets, cfg.world, exact=False)
     target = cfg.target_dataset or store.datasets[0]
     split = make_fake_val_split(get_store_perturbations(store, target), cfg.fake_val_seed)
     run_dir = get_run_dir(cfg)
@@ -5554,26 +6010,28 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     static_files = get_static_files(cfg, start.model_cfg, vocab, features, pool_cg, store.genes)
 
     n_params, log = count_params(model), None
-    if is_main:
-        log = start_run(cfg, run_dir, start)
-        print(
-            f"run {url_name(run_dir)} (id {run_id}): {n_params:,} parameters, {len(examples)} training groups, "
-            f"features {cfg.features} ({features.width} wide), steps {start.step} -> {cfg.steps}, "
-            f"{jax.process_count()} process(es), {jax.device_count()} device(s)"
-        )
-
     status, last_metrics, val_metrics = "done", {}, {}
-    if val is not None:  # process 0 only
-        val_baselines = score_validation_baselines(val)
-        print("validation baselines: " + ", ".join(f"{k}={v:.4f}" for k, v in val_baselines.items()))
-        if start.step == 0:  # where the curves start; the untrained model is a candidate for `best`
-            val_metrics = validate(local_copy(model), features, val, cfg.loss, cfg.loader.set_size)
-            log_validation(log, 0, val_metrics, val_baselines)
-            best = get_val_objective(val_metrics, cfg.best_by)
-            save_train_checkpoint(run_dir, 0, model, opt_state, key, iterator, run_id, best, val_metrics, static_files)
-            write_text_url(join_url(run_dir, "best"), f"step_{0:08d}")
     t_log, steps_since_log, data_s, step = time.perf_counter(), 0, 0.0, start.step
-    try:
+    try:  # from status `running` on, any exception (wandb.init included) ends as status `failed`
+        if is_main:
+            log = start_run(cfg, run_dir, start)
+            print(
+                f"run {url_name(run_dir)} (id {run_id}): {n_params:,} parameters, {len(examples)} training groups, "
+                f"features {cfg.features} ({features.width} wide), steps {start.step} -> {cfg.steps}, "
+                f"{jax.process_count()} process(es), {jax.device_count()} device(s)"
+            )
+        if val is not None:  # process 0 only
+            val_baselines = score_validation_baselines(val)
+            print("validation baselines: " + ", ".join(f"{k}={v:.4f}" for k, v in val_baselines.items()))
+            if start.step == 0:  # where the curves start; the untrained model is a candidate for `best`
+                val_metrics = validate(local_copy(model), features, val, cfg.loss, cfg.loader.set_size)
+                log_validation(log, 0, val_metrics, val_baselines)
+                best = get_val_objective(val_metrics, cfg.best_by)
+                save_train_checkpoint(
+                    run_dir, 0, model, opt_state, key, iterator, run_id, best, val_metrics, static_files
+                )
+                write_text_url(join_url(run_dir, "best"), f"step_{0:08d}")
+        t_log = time.perf_counter()
         with PreemptionFlag() as preemption:
             for step in range(start.step + 1, cfg.steps + 1):  # `step` = optimiser steps done after this one
                 t_data = time.perf_counter()
@@ -7128,7 +7586,10 @@ def get_target_files(data_root: str | os.PathLike | None, world: str) -> TargetF
         )
     training_path = get_dataset_path(spec, data_root)
     if not training_path.exists():
-        raise FileNotFoundError(f"{training_path} is missing: run nb/01_download.py --world {world} first")
+        fetch = "python nb/01_download.py" + ("" if world == "synthetic" else f" --world real --sources {spec.source}")
+        raise UserError(
+            f"the target dataset {spec.name} is missing ({training_path}): fetch it ({fetch}) or put the file there"
+        )
     vcc_dir = training_path.parent
     splits = {"validation": "Validation", "test": "Test"}
     truths = {s: vcc_dir / f"adata_{S}_truth.h5ad" for s, S in splits.items()}
@@ -7629,6 +8090,12 @@ def make_baseline_predictor(
     if name in ("pert_mean_transfer", "linear_transfer"):
         if store is None or target_genes is None:
             raise ValueError(f"{name} needs the store: run nb/04_normalise.py first")
+        if not [d for d in store.datasets if d != target]:  # the world needs a context dataset here
+            raise UserError(
+                f"{name} learns from other cell types, but the store {store.store_dir} holds only {target}: fetch a "
+                "context source and rebuild the store (nb/03_hvg.py, nb/04_normalise.py), or leave it out "
+                "(06 --predictors, 07 --predictor)"
+            )
         transfer = TransferEffects(store, target, target_genes)
     if name == "linear":
         effect_of = fit_linear_model(genes, effect_pg, fit.perturbations, n_components, ridge).effect
@@ -7651,10 +8118,20 @@ def make_baseline_predictor(
 
 
 def get_latest_checkpoint(data_root: str | os.PathLike | None) -> pathlib.Path | None:
-    """`<data_root>/checkpoints/` when training (05) has written one (its `latest` pointer
-    names the newest run; load_model_predictor resolves it to that run's best step), else None."""
-    ckpt_dir = get_data_root(data_root) / "checkpoints"
-    return ckpt_dir if (ckpt_dir / "latest").exists() else None
+    """The run directory under `<data_root>/checkpoints/` whose newest checkpoint was written last,
+    among the runs that hold one (a run that failed before its first checkpoint is passed over), else
+    None. Says which it picked (load_model_predictor resolves it to that run's best step)."""
+    root = get_data_root(data_root) / "checkpoints"
+    runs = list_runs_with_checkpoints(root)
+    if not runs:
+        return None
+
+    def written(name: str) -> float:
+        return (root / name / _read_pointer(root / name / "latest") / "state.json").stat().st_mtime
+
+    newest = max(runs, key=lambda name: (written(name), name))
+    print(f"model: run {newest}, the newest of {len(runs)} run(s) with a checkpoint under {root}")
+    return root / newest
 
 
 def local_copy(tree: PyTree) -> PyTree:
@@ -7753,11 +8230,30 @@ def load_model_predictor(
     return ModelPredictor(load_checkpoint(step_dir), step_dir)
 
 
+def check_checkpoint_store(features: PertFeatures, store: CellStore, step_dir, world: str) -> None:
+    """UserError, naming both fixes, unless the checkpoint was trained on a store of the same
+    datasets (its feature table has one row block per store dataset, in the store's order)."""
+    if list(features.datasets) != list(store.datasets):
+        names = " ".join(features.datasets)
+        raise UserError(
+            f"checkpoint {step_dir} was trained on a store built from {list(features.datasets)}, but the store "
+            f"{store.store_dir} holds {store.datasets}: retrain on this store (python nb/05_train.py --world {world}) "
+            f"or rebuild the checkpoint's store (python nb/03_hvg.py --world {world} --datasets {names} && "
+            f"python nb/04_normalise.py --world {world} --datasets {names})"
+        )
+
+
 def make_model_predictor(
-    checkpoint_dir: str | os.PathLike, store: CellStore, target_genes: pd.DataFrame, fill: str = "control"
+    checkpoint_dir: str | os.PathLike,
+    store: CellStore,
+    target_genes: pd.DataFrame,
+    fill: str = "control",
+    world: str = "synthetic",
 ) -> HvgAdapter:
-    """A trained model (HVG space) lifted to the target's full gene space (see HvgAdapter)."""
+    """A trained model (HVG space) lifted to the target's full gene space (see HvgAdapter); refused
+    when it was trained on a store of other datasets (check_checkpoint_store)."""
     model = load_model_predictor(checkpoint_dir)
+    check_checkpoint_store(model.features, store, model.step_dir, world)
     return HvgAdapter(
         model,
         gene_names=target_genes["symbol"].tolist(),
@@ -7913,7 +8409,7 @@ def make_fake_val_split(perturbations, seed: int = 0) -> dict[str, list[str]]:
 
 
 @dataclasses.dataclass(frozen=True)
-class EvalConfig(DataConfig):
+class EvalConfig(DatasetsConfig):
     """Flags of nb/06_eval.py: score predictors on held-out perturbations of the target."""
 
     seed: int = 0
@@ -7921,7 +8417,7 @@ class EvalConfig(DataConfig):
     predictors: tuple[str, ...] = BASELINES
     """Baselines to score (any of control cell_mean pert_mean_transfer linear linear_transfer); cell_mean is always scored: it is the reference."""
     checkpoint: str = ""
-    """Model checkpoint directory to score too; empty = the newest under <data_root>/checkpoints/ if any; `none` = no model."""
+    """Model checkpoint directory to score too; empty = the newest run with a checkpoint under <data_root>/checkpoints/, if any; `none` = no model."""
     fill: typing.Literal["control", "mean"] = "control"
     """How a model's non-HVG genes are filled: the control cells' own values, or the target's control means."""
     fill_study: bool = False
@@ -8163,6 +8659,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, typing.Any]:
     spec = files.spec
     gene_names = read_gene_names(files.gene_names_path)
     eval_dir = get_eval_dir(cfg.data_root, cfg.world)
+    remove_dead_leftovers(eval_dir)  # a killed earlier run's half-written pool or tables
     data = scan_harness_inputs(cfg, files, gene_names, eval_dir)
     split, training_perts, scan, pool = data["split"], data["training_perts"], data["scan"], data["pool"]
     group_labels, collected_labels = data["group_labels"], data["collected_labels"]
@@ -8174,6 +8671,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, typing.Any]:
     store = target_genes = hvg_cols_v = None
     try:
         store = load_store(cfg.data_root, cfg.world)
+        check_store_datasets(store, cfg.datasets, cfg.world, exact=True)
         target_genes = get_target_gene_table(store, spec.name, gene_names)
         hvg_cols_v = get_hvg_columns(store, target_genes)
     except FileNotFoundError:
@@ -8202,7 +8700,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, typing.Any]:
         )
         predictors = make_harness_predictors(cfg, fit, store, spec.name, target_genes, hvg_cols_v, gene_names)
         if checkpoint is not None:
-            predictors["model"] = make_model_predictor(checkpoint, store, target_genes, cfg.fill)
+            predictors["model"] = make_model_predictor(checkpoint, store, target_genes, cfg.fill, cfg.world)
             if cfg.knockdown:
                 knockdown = fit_knockdown_fraction(fit)
                 predictors["model"] = KnockdownPredictor(predictors["model"], knockdown, fit.control_mean_g)
@@ -8382,21 +8880,39 @@ def write_submission(
                 f"cells {start}:{stop}: prediction has shape {x_cg.shape}, expected {(stop - start, len(gene_names))} "
                 "(cells × genes in gene_names.csv order)"
             )
-        check_log1p(x_cg, f"cells {start}:{stop}", source="prediction")
+        check_log1p(x_cg, f"cells {start}:{stop}", source="prediction", check_transform=True)
         return x_cg
 
     write_h5ad_chunked(path, obs, var, checked_chunk, len(obs), chunk_cells, desc=f"writing {path.name}")
     return path
 
 
+def validate_submission(
+    h5ad_path: str | os.PathLike, control_label: str = "non-targeting", chunk_cells: int = 4_096
+) -> None:
+    """THE submission check of a written file (pack_vcc and score_submission run it; write_submission
+    runs the same value checks on every chunk it writes): obs `target_gene` with control cells, and X,
+    chunk by chunk, finite log1p values that are log1p CP10K (check_log1p with check_transform)."""
+    with open_h5ad_backed(h5ad_path) as (obs, _var, x):
+        if "target_gene" not in obs.columns:
+            raise ValueError(f"{h5ad_path}: obs has no `target_gene` column; write it with lib.write_submission.")
+        if control_label not in set(obs["target_gene"].astype(str)):
+            raise ValueError(f"{h5ad_path}: no control cells ({control_label!r}); the scorer needs them.")
+        for start in range(0, x.shape[0], chunk_cells):
+            stop = min(start + chunk_cells, x.shape[0])
+            rows_cg = read_rows(x, slice(start, stop))
+            check_log1p(rows_cg, f"{h5ad_path} cells {start}:{stop}", source="prediction", check_transform=True)
+
+
 def pack_vcc(h5ad_path: str | os.PathLike, vcc_path: str | os.PathLike | None = None) -> pathlib.Path:
     """Pack a submission h5ad as `cell-eval prep` does: tar of `pred.h5ad.zst` + `watermark.txt`.
 
-    Run `write_submission` first: it already writes prep's minimal float32 CSR layout.
-    Compresses with the zstandard library (streaming, so memory stays small) rather than
-    prep's `zstd` program, which a fresh machine may not have.
+    Run `write_submission` first: it already writes prep's minimal float32 CSR layout. Refuses
+    what validate_submission refuses. Compresses with the zstandard library (streaming, so memory
+    stays small) rather than prep's `zstd` program, which a fresh machine may not have.
     """
     h5ad_path = pathlib.Path(h5ad_path)
+    validate_submission(h5ad_path)
     vcc_path = pathlib.Path(vcc_path) if vcc_path else h5ad_path.with_suffix(".prep.vcc")
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = pathlib.Path(tmp_dir)
@@ -8410,7 +8926,7 @@ def pack_vcc(h5ad_path: str | os.PathLike, vcc_path: str | os.PathLike | None = 
 
 
 @dataclasses.dataclass(frozen=True)
-class SubmitConfig(DataConfig):
+class SubmitConfig(DatasetsConfig):
     """Flags of nb/07_submit.py: a predictor's submission, validated and packed as .vcc."""
 
     split: typing.Literal["validation", "test"] = "validation"
@@ -8418,7 +8934,7 @@ class SubmitConfig(DataConfig):
     predictor: str = "model"
     """`model` (the newest checkpoint nb/05_train.py wrote, or --checkpoint) or a baseline (control cell_mean pert_mean_transfer linear linear_transfer)."""
     checkpoint: str = ""
-    """With --predictor model: the checkpoint directory; empty = the newest under <data_root>/checkpoints/."""
+    """With --predictor model: the checkpoint directory; empty = the newest run with a checkpoint under <data_root>/checkpoints/."""
     fill: typing.Literal["control", "mean"] = "control"
     """How a model's non-HVG genes are filled (see nb/06_eval.py)."""
     fixed_pseudobulk: bool = False
@@ -8541,6 +9057,7 @@ def run_submit(cfg: SubmitConfig) -> dict[str, typing.Any]:
         )
 
     out_dir = get_submission_dir(cfg.data_root, cfg.world)
+    remove_dead_leftovers(out_dir)  # a killed earlier run's half-written pool or submission
     pools = read_or_draw_control_pools(
         out_dir / f"control_pool_seed{cfg.seed}_n{n_control}.csv",
         cell_ids_c[is_ctrl_c],
@@ -8570,6 +9087,7 @@ def run_submit(cfg: SubmitConfig) -> dict[str, typing.Any]:
     store = target_genes = None
     if cfg.predictor in ("pert_mean_transfer", "linear_transfer", "model"):
         store = load_store(cfg.data_root, cfg.world)
+        check_store_datasets(store, cfg.datasets, cfg.world, exact=True)
         target_genes = get_target_gene_table(store, spec.name, gene_names)
     if cfg.predictor == "model":
         checkpoint = pathlib.Path(cfg.checkpoint) if cfg.checkpoint else get_latest_checkpoint(cfg.data_root)
@@ -8577,7 +9095,7 @@ def run_submit(cfg: SubmitConfig) -> dict[str, typing.Any]:
             raise FileNotFoundError(
                 f"no checkpoint under {get_data_root(cfg.data_root) / 'checkpoints'}: train with nb/05_train.py or pass --checkpoint"
             )
-        predictor, name = make_model_predictor(checkpoint, store, target_genes, cfg.fill), "model"
+        predictor, name = make_model_predictor(checkpoint, store, target_genes, cfg.fill, cfg.world), "model"
         if cfg.knockdown:
             predictor = KnockdownPredictor(predictor, fit_knockdown_fraction(fit), fit.control_mean_g)
     else:
@@ -8637,6 +9155,7 @@ def score_submission(
         chunk_cells=cfg.chunk_cells,
     )
     real = make_anndata(scipy.sparse.csr_matrix(scan.collected_cg, dtype=np.float32), labels_c, gene_names)
+    validate_submission(h5ad_path, spec.control_label)
     pred = anndata.read_h5ad(h5ad_path)
     result = score(real, pred, mode=cfg.mode, control_label=spec.control_label)
     labels = np.asarray(pred.obs["target_gene"], dtype=str)

@@ -95,6 +95,9 @@ def _(mo):
     If a host cannot be reached (as on machines without internet), the run ends with one
     error listing every missing file, its URL, and the exact path to put it at by hand
     (`<data_root>/raw/<source>/<file>`). A hand-placed file is verified the same way.
+    A source shipped as h5mu (MuData; `h5mu_file` and `h5mu_modality` in its manifest entry)
+    is then converted: that modality becomes the dataset's h5ad (`lib.convert_h5mu`: streamed,
+    temporary file then rename, skipped when up to date).
     """)
     return
 

@@ -20,12 +20,16 @@ def _():
         keys, and the symbol → Ensembl caches. **Writes** under `<data_root>/hvg/<world>/`:
         `hvg.csv` (the shared genes, in model column order), `datasets/<name>.csv` (each
         dataset's gene table and HVG statistics), `unmapped_genes.csv` (every gene left out
-        and why), `hvg.json` (how it was made); and `<data_root>/figures/03_hvg_overlap_<world>.png`.
+        and why), `hvg.json` (how it was made, from which datasets); and
+        `<data_root>/figures/03_hvg_overlap_<world>.png`. Datasets whose files are missing or
+        fail verification are left out, one `skipping <dataset>: <why>` line each (only a
+        missing target stops the run); `--datasets` names them instead.
 
         ```
         python nb/03_hvg.py --help                        # flags and defaults
         python nb/03_hvg.py --world synthetic             # headless
         python nb/03_hvg.py --world real --n-hvg 2000     # real data (mygene fills its cache once)
+        python nb/03_hvg.py --world real --datasets vcc2025_h1 replogle2022_k562   # only these
         marimo edit nb/03_hvg.py -- --world synthetic
         ```
         """

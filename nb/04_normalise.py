@@ -19,7 +19,9 @@ def _():
         **Reads** `<data_root>/raw/…` (in row chunks, X left on disk) and
         `<data_root>/hvg/<world>/`. **Writes** `<data_root>/store/<world>/` (layout below)
         and `<data_root>/figures/04_normalise_<world>.png`. Skips the work when the store is
-        up to date with its inputs (`--force` rewrites).
+        up to date with its inputs (`--force` rewrites). Uses the datasets `03` chose (the same
+        `--datasets`, if any; it refuses gene lists made from other datasets) and records them in
+        `meta.json`, so `05`–`07` can refuse a store or checkpoint built from others.
 
         ```
         python nb/04_normalise.py --help                  # flags and defaults

@@ -36,7 +36,7 @@ def _():
           predicts a pseudobulk turned into cells whose mean is exactly that pseudobulk, with
           the target gene's learned knockdown (`--no-exact-mean`, `--no-knockdown` undo
           these). And a trained
-          model: `--checkpoint DIR`, else the newest under `<data_root>/checkpoints/`
+          model: `--checkpoint DIR`, else the newest run with a checkpoint under `<data_root>/checkpoints/`
           (`--checkpoint none` skips it).
         - **Synthetic world**: also `truth_validation`/`truth_test`, the true answers, with
           baselines fitted on all training perturbations.
