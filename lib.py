@@ -6571,7 +6571,7 @@ def _csc_of_rows(x, rows: np.ndarray):
     if hasattr(x, "rows"):  # _H5adCsr, _CellMeanRows
         block = x.rows(rows)
     elif isinstance(x, h5py.Dataset):
-        block = scipy.sparse.csr_matrix(_read_dense_rows(x, rows))
+        block = scipy.sparse.csr_matrix(_read_dense_row_spans(x, rows))
     elif scipy.sparse.issparse(x):
         block = x[rows]
     else:
@@ -7002,8 +7002,9 @@ class _H5adCsr:
             yield self.data[a : a + chunk_values]
 
 
-def _read_dense_rows(x: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
-    """Sorted rows of a dense h5 dataset, read by spans (h5py's fancy indexing reads row by row)."""
+def _read_dense_row_spans(x: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """Sorted rows of a dense h5 dataset in its own dtype, read by spans (h5py's fancy indexing reads
+    row by row; `read_rows` is the float32 CSR reader of the data notebooks)."""
     rows = np.asarray(rows, dtype=np.int64)
     gaps = (np.diff(rows) - 1) * x.shape[1]
     return np.concatenate(
@@ -7167,7 +7168,7 @@ def make_cell_mean_baseline_file(train: ScoreFile, perts: np.ndarray, counts: np
         block = (
             train.x.rows(rows_k[k])
             if hasattr(train.x, "rows")
-            else scipy.sparse.csr_matrix(_read_dense_rows(train.x, rows_k[k]))
+            else scipy.sparse.csr_matrix(_read_dense_row_spans(train.x, rows_k[k]))
         )
         dtype = block.dtype if block.dtype in (np.float32, np.float64) else np.dtype(np.float64)
         # per column in row order, as make_cell_mean_baseline's sparse product sums
