@@ -77,9 +77,7 @@ import numpy as np
 import optax
 import pandas as pd
 import scipy.sparse
-import scipy.sparse.linalg
 import scipy.special
-import scipy.stats
 import tqdm
 import tyro
 import zstandard
@@ -99,11 +97,10 @@ typechecked = jaxtyping.jaxtyped(typechecker=beartype.beartype)
 # ==================================================================================================
 
 
-class UserError(Exception):
+class UserError(ValueError):
     """Bad input from the user (a flag, a file, a missing earlier step), not a bug in vcell: the
-    message says what is wrong, why, and the fix, in one line. A notebook run as a script prints
-    just that line (run_notebook). Not a ValueError on purpose: tyro would catch one raised while
-    it builds a config and print it in a box of its own."""
+    message says what is wrong, why, and the fix, in one line. A ValueError, so callers that
+    catch bad values catch it too. A notebook run as a script prints just that line (run_notebook)."""
 
 
 class MissingFileError(UserError, FileNotFoundError):
@@ -140,16 +137,63 @@ def get_data_root(data_root: str | os.PathLike | None = None) -> pathlib.Path:
     return path if path.is_absolute() else REPO_DIR / path
 
 
+def is_pid_alive(pid: int) -> bool:
+    """Is process `pid` running on this machine (a zombie counts as dead: it will never write again)?"""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    try:
+        return pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
+
+
+def _tmp_tag() -> str:
+    """`<host>-<pid>`: the writer of a temporary name, so a later run can tell a dead writer's leftovers
+    from a live one's, also when several machines share the data root (only this host's pids are checked)."""
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+# `.<name>.tmp-<host>-<pid>` (atomic_path, atomic_dir) and `.<name>.old-<host>-<pid>` (atomic_dir's swap).
+_LEFTOVER_RE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<host>.+)-(?P<pid>\d+)$")
+
+
+def remove_dead_leftovers(directory: str | os.PathLike, name: str | None = None) -> list[pathlib.Path]:
+    """Delete the temporary files and directories that writers on this host left in `directory` when
+    they died (kill -9, out of memory, power loss): those whose pid is no longer alive. Only this
+    host's: another machine sharing the data root may still be writing its own. `name`: only the
+    leftovers of that output. Returns what was removed."""
+    directory, host, removed = pathlib.Path(directory), socket.gethostname(), []
+    if not directory.is_dir():
+        return removed
+    for entry in directory.iterdir():
+        match = _LEFTOVER_RE.match(entry.name)
+        if not match or match["host"] != host or (name is not None and match["name"] != name):
+            continue
+        if int(match["pid"]) == os.getpid() or is_pid_alive(int(match["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+        removed.append(entry)
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """Yield a temporary sibling of `path`; rename it onto `path` only on success.
 
     Readers never see a half-written file, and a failure leaves the previous
-    version of `path` untouched.
+    version of `path` untouched. Leftovers of earlier writers of `path` that died are removed first.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_path = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    remove_dead_leftovers(path.parent, path.name)
+    tmp_path = path.with_name(f".{path.name}.tmp-{_tmp_tag()}")
     try:
         yield tmp_path
         os.replace(tmp_path, path)
@@ -163,19 +207,26 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[pathlib.Path]:
     """Yield a temporary sibling directory; swap it in for `path` only on success.
 
     A reader sees the old directory or the whole new one, never a half-written one (there
-    is a moment with neither, between two renames).
+    is a moment with neither, between two renames). The two renames hold an exclusive lock on
+    `.<name>.lock` beside it, so two writers swapping the same directory take turns (the last one
+    wins) instead of renaming each other's directories away. Leftovers of earlier writers of `path`
+    that died are removed first.
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp_dir = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    old_dir = path.with_name(f".{path.name}.old-{os.getpid()}")
+    remove_dead_leftovers(path.parent, path.name)
+    tmp_dir = path.with_name(f".{path.name}.tmp-{_tmp_tag()}")
+    old_dir = path.with_name(f".{path.name}.old-{_tmp_tag()}")
     shutil.rmtree(tmp_dir, ignore_errors=True)
     tmp_dir.mkdir()
     try:
         yield tmp_dir
-        if path.exists():
-            os.replace(path, old_dir)
-        os.replace(tmp_dir, path)
+        # The lock file stays: deleting it while another writer waits on it would give two locks.
+        with open(path.with_name(f".{path.name}.lock"), "a") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            if path.exists():
+                os.replace(path, old_dir)
+            os.replace(tmp_dir, path)
         shutil.rmtree(old_dir, ignore_errors=True)
     finally:
         shutil.rmtree(tmp_dir, ignore_errors=True)
@@ -277,7 +328,14 @@ def parse_config(config_cls, argv: list[str] | None = None, description: str = "
     argv = notebook_argv() if argv is None else list(argv)
     config_path = _find_flag(argv, "--config")
     default = read_config_toml(config_cls, config_path) if config_path else config_cls()
-    cfg = tyro.cli(config_cls, args=argv, default=default, description=description)
+    global _parsing_flags
+    _parsing_flags = True
+    try:
+        cfg = tyro.cli(config_cls, args=argv, default=default, description=description)
+    except _FlagErrorInParse as carrier:
+        raise carrier.args[0] from None
+    finally:
+        _parsing_flags = False
     if getattr(cfg, "debug", False):  # also from a --config file: run_notebook reads the environment
         os.environ[DEBUG_ENV] = "1"
     return cfg
@@ -399,9 +457,18 @@ MAX_CELLS_FLAG = 10**9  # more cells than any dataset has (VCC's training file: 
 MAX_SEED = 2**32 - 1  # numpy and jax both take seeds up to here
 
 
-def flag_error(name: str, value, why: str) -> UserError:
+class _FlagErrorInParse(Exception):
+    """Carries a flag's UserError out of tyro.cli: tyro catches a ValueError (UserError is one) raised
+    while it builds a config and prints it in a box of its own; parse_config raises the UserError."""
+
+
+_parsing_flags = False  # True while parse_config runs tyro.cli
+
+
+def flag_error(name: str, value, why: str) -> Exception:
     """The one message of a bad flag value: which flag, the value, what is allowed."""
-    return UserError(f"--{name.replace('_', '-')} {value!r}: {why}; pass an allowed value (see --help)")
+    error = UserError(f"--{name.replace('_', '-')} {value!r}: {why}; pass an allowed value (see --help)")
+    return _FlagErrorInParse(error) if _parsing_flags else error
 
 
 def check_flag_ranges(cfg) -> None:
@@ -694,12 +761,14 @@ def check_log1p(
     allow_integer: bool = True,
     check_row_sums: bool = False,
     rtol: float = 1e-3,
+    check_transform: bool = False,
 ) -> None:
     """THE log1p check, for datasets (normalisation), predictions and scoring inputs: values finite,
     >= 0 and < LOG1P_MAX (cell-eval's rule); with `allow_integer=False` not integer-valued throughout
     (cell-eval reads that as raw counts); with `check_row_sums` every non-empty cell's expm1 sums to
-    TARGET_SUM (log1p CP10K over all of its genes). One error naming the fix for the `source`:
-    a dataset's `counts` in the manifest, or a prediction's normalisation or clipping."""
+    TARGET_SUM (log1p CP10K over all of its genes); with `check_transform` (a submission's rows, all
+    genes) check_prediction_transform. One error naming the fix for the `source`: a dataset's
+    `counts` in the manifest, or a prediction's normalisation or clipping."""
     where = f"{where}: " if where else ""
     dtype = x_cg.dtype
     if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
@@ -746,6 +815,8 @@ def check_log1p(
             )
     if check_row_sums:
         _check_row_sums(x_cg, where, rtol)
+    if check_transform:
+        check_prediction_transform(x_cg, where.removesuffix(": "))
 
 
 def _check_row_sums(x_cg, where: str, rtol: float) -> None:
@@ -767,6 +838,82 @@ def _check_row_sums(x_cg, where: str, rtol: float) -> None:
             f"{where}{int(bad.sum())} cells have expm1 row sums != {TARGET_SUM:g} (e.g. {sums_c[bad][0]:.4g}): "
             f"not log1p CP10K; {hint}"
         )
+
+
+# Predictions are not exact log1p CP10K cells (model outputs, baselines shifted in log space and
+# clipped at 0, HVG predictions filled with control means), but their expm1 row sums stay near
+# TARGET_SUM; the usual wrong transforms land far outside. Per-cell sums measured on the tiny and
+# check worlds (every 07 predictor and variant, logbook 2026-11-30): predictions 0.60-1.18
+# x TARGET_SUM; log1p applied twice <= 0.15 x, log10 <= 0.12 x (both grow with the gene count, so
+# they are also told apart by undoing them: check_prediction_transform); log2 >= 4.9 x; CP1M 100 x.
+PREDICTION_ROW_SUM_BAND = (0.3, 3.0)
+"""Accepted median expm1 row sum of a prediction chunk, as a fraction of TARGET_SUM."""
+
+LOG1P_TWICE_MAX = math.log1p(math.log1p(TARGET_SUM))
+"""The largest value log1p(log1p(CP10K)) can take (2.33): real log1p CP10K cells go far above."""
+
+LOG10_MAX = math.log10(1 + TARGET_SUM)
+"""The largest value log10(CP10K + 1) can take (4.0)."""
+
+
+def check_prediction_transform(x_cg, where: str = "") -> None:
+    """Refuse predictions that are log-transformed the wrong way, which cell-eval would score without
+    a word: log1p applied twice, log2 or log10 instead of the natural log, log1p of counts that were
+    not normalised, or not CP10K at all. Rows must hold all genes of gene_names.csv. Judged on the
+    median over the rows of expm1 row sums (PREDICTION_ROW_SUM_BAND) and, for each wrong transform,
+    whether undoing it brings the sums back to TARGET_SUM; one error naming the likely mistake and
+    the fix."""
+    where = f"{where}: " if where else ""
+    x_cg = x_cg.tocsr() if scipy.sparse.issparse(x_cg) else np.asarray(x_cg)
+    if x_cg.shape[0] == 0 or x_cg.shape[1] == 0:
+        return
+    # float32 values (one temporary per transform undone; a 1,024 x 18,080 chunk is 74 MB), float64 sums.
+    values = (x_cg.data if scipy.sparse.issparse(x_cg) else x_cg).astype(np.float32, copy=False)
+    top = float(values.max()) if values.size else 0.0
+
+    def median_row_sum(undo) -> float:
+        if scipy.sparse.issparse(x_cg):
+            undone = scipy.sparse.csr_matrix((undo(values), x_cg.indices, x_cg.indptr), shape=x_cg.shape)
+            return float(np.median(np.asarray(undone.sum(axis=1, dtype=np.float64)).ravel())) / TARGET_SUM
+        return float(np.median(undo(values).sum(axis=1, dtype=np.float64))) / TARGET_SUM
+
+    lo, hi = PREDICTION_ROW_SUM_BAND
+    plain = median_row_sum(np.expm1)
+    nonzero = np.expm1(values[values > 0].astype(np.float64))
+    if (
+        abs(plain - 1) > 1e-3
+        and nonzero.size
+        and np.mean(np.abs(nonzero - np.rint(nonzero)) < 0.01 + 1e-5 * nonzero) > 0.99
+    ):
+        raise ValueError(
+            f"{where}expm1 row sums are {plain:.3g} x {TARGET_SUM:g} and expm1 gives whole numbers: looks like "
+            f"log1p of raw counts, not normalised; normalize_total to {TARGET_SUM:g} per cell first, then log1p."
+        )
+    # Each wrong transform that could have made these values: the row sums once undone, and the fix.
+    fits = {}
+    if top <= LOG1P_TWICE_MAX + 1e-6:
+        fits["log1p applied twice"] = (median_row_sum(lambda v: np.expm1(np.expm1(v))), "apply np.log1p once")
+    if top <= LOG10_MAX + 1e-6:
+        fits["log10 instead of the natural log"] = (median_row_sum(lambda v: np.power(10.0, v) - 1), "use np.log1p")
+    fits["log2 instead of the natural log"] = (
+        median_row_sum(lambda v: np.exp2(np.minimum(v, 100.0)) - 1),
+        "use np.log1p",
+    )
+    in_band = {k: v for k, v in fits.items() if lo <= v[0] <= hi}
+    best = min(in_band, key=lambda k: abs(math.log(in_band[k][0])), default=None)
+    if best is not None and (not lo <= plain <= hi or abs(math.log(in_band[best][0])) < abs(math.log(plain))):
+        ratio, fix = in_band[best]
+        raise ValueError(
+            f"{where}expm1 row sums are {plain:.3g} x {TARGET_SUM:g} (median over cells), {ratio:.3g} x once "
+            f"undone: looks like {best}; {fix} on counts per 10k (normalize_total to {TARGET_SUM:g} over all genes)."
+        )
+    if lo <= plain <= hi:
+        return
+    raise ValueError(
+        f"{where}expm1 row sums are {plain:.3g} x {TARGET_SUM:g} (median over cells; predictions sit within "
+        f"{lo:g}-{hi:g} x): not log1p of counts per 10k; predict log1p(CP10K) over ALL genes of gene_names.csv "
+        f"(normalize_total to {TARGET_SUM:g}, then np.log1p once)."
+    )
 
 
 def normalise_log1p(x_cg, counts: str = "raw", where: str = ""):
@@ -2563,6 +2710,8 @@ def compute_pca(
     """(scores, explained variance ratio) of a PCA on centred rows; truncated SVD, deterministic."""
     centred_rg = effect_rg - effect_rg.mean(axis=0)
     v0 = np.ones(min(centred_rg.shape))  # ARPACK's start vector, fixed so reruns agree
+    import scipy.sparse.linalg  # only here: scoring (`import lib`) need not pay for it
+
     u, s, _ = scipy.sparse.linalg.svds(centred_rg, k=n_components, v0=v0)
     order = np.argsort(s)[::-1]
     u, s = u[:, order], s[order]
@@ -3457,6 +3606,7 @@ def run_normalise(cfg: NormaliseConfig, specs: Sequence[DatasetSpec] | None = No
     """
     specs = list(select_datasets(cfg.world, cfg.data_root, cfg.datasets) if specs is None else specs)
     store_dir = get_store_dir(cfg.data_root, cfg.world)
+    remove_dead_leftovers(store_dir.parent)  # a killed earlier run's half-written store
     hvgs = read_hvgs(cfg.data_root, cfg.world)
     hvg_datasets = json.loads((get_hvg_dir(cfg.data_root, cfg.world) / "hvg.json").read_text())["datasets"]
     if hvg_datasets != [s.name for s in specs]:
@@ -4886,8 +5036,11 @@ class TrainConfig:
     run_name: str = ""
     """Run directory name; empty = a new time-stamped name (with --resume: the latest run)."""
     resume: bool = False
-    """Continue run_name (or the latest run) from its latest checkpoint; a named run without
-    checkpoints starts fresh (so a preempted VM can always pass --resume)."""
+    """Continue run_name (or the latest run) from its latest checkpoint; a run without a checkpoint
+    is an error naming the runs that have one (a mistyped --run-name must not start from scratch)."""
+    resume_or_start: bool = False
+    """Like --resume, but a run without a checkpoint (or no run at all) starts fresh, and says so:
+    what a startup script passes, so a preempted VM continues and a first boot starts."""
     wandb_project: str = "vcell"
     """wandb project."""
     wandb_entity: str = ""
@@ -4930,6 +5083,7 @@ RESUMABLE_FIELDS = frozenset(
         "checkpoint_dir",
         "run_name",
         "resume",
+        "resume_or_start",
         "steps",
         "log_every",
         "eval_every",
@@ -5673,14 +5827,63 @@ def get_run_dir(cfg: TrainConfig) -> str:
         return join_url(root, cfg.run_name)
     name = ""
     if jax.process_index() == 0:
-        if cfg.resume:
+        if cfg.resume or cfg.resume_or_start:
             name = _read_pointer(join_url(root, "latest"))
-        else:
+        if not name and not cfg.resume:
             name = f"{datetime.datetime.now().strftime('%Y%m%d-%H%M%S')}-{cfg.features}-{uuid.uuid4().hex[:4]}"
     name = broadcast_text(name)
     if not name:
-        raise FileNotFoundError(f"--resume: no run to resume under {root} (no `latest` pointer); pass --run-name")
+        raise UserError(
+            f"--resume: no run to resume under {root} (no `latest` pointer); runs with checkpoints: "
+            f"{list_runs_with_checkpoints(root) or 'none'}; pass --run-name NAME, or --resume-or-start to start a new run"
+        )
     return join_url(root, name)
+
+
+def has_checkpoint(run_dir: str | os.PathLike) -> bool:
+    """Does the run directory hold a complete checkpoint its `latest` pointer names?"""
+    name = _read_pointer(join_url(run_dir, "latest"))
+    return bool(name) and _is_step_dir(join_url(run_dir, name))
+
+
+def list_runs_with_checkpoints(root: str | os.PathLike) -> list[str]:
+    """Names of the runs under a checkpoint root that hold a checkpoint, sorted."""
+    fs, path = get_fs(root)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    names = sorted(url_name(e["name"]) for e in entries if e["type"] == "directory")
+    return [name for name in names if has_checkpoint(join_url(root, name))]
+
+
+def mark_dead_runs_failed(root: str | os.PathLike) -> list[str]:
+    """Process 0 at start: runs whose status.json still says `running` although their process on this
+    host is gone (kill -9, out of memory, a power cut: nothing could write `failed`) get status
+    `failed` with the reason. Runs of other hosts are left alone (their pids mean nothing here).
+    Returns the names marked."""
+    fs, path = get_fs(root)
+    try:
+        entries = fs.ls(path, detail=True)
+    except FileNotFoundError:
+        return []
+    marked = []
+    for name in sorted(url_name(e["name"]) for e in entries if e["type"] == "directory"):
+        status_url = join_url(root, name, "status.json")
+        try:
+            status = json.loads(read_text_url(status_url) or "{}")
+        except json.JSONDecodeError:
+            continue
+        pid, host = status.get("pid"), status.get("host")
+        if status.get("status") != "running" or host != socket.gethostname() or not pid or is_pid_alive(pid):
+            continue
+        reason = (
+            f"process {pid} on {host} ended without recording an exit (killed, e.g. kill -9 or out of memory); "
+            f"found at the next start of nb/05_train.py"
+        )
+        write_text_url(status_url, json.dumps({**status, "status": "failed", "error": reason}, indent=2) + "\n")
+        marked.append(name)
+    return marked
 
 
 @dataclasses.dataclass
@@ -5705,9 +5908,21 @@ def init_or_resume(cfg: TrainConfig, store: CellStore, target: str, run_dir: str
     """A fresh model, features and optimiser state, or the run's latest checkpoint with --resume.
     Process 0 picks the checkpoint; every process then reads that same one."""
     resume_name = ""
-    if jax.process_index() == 0 and cfg.resume and _read_pointer(join_url(run_dir, "latest")):
-        resume_name = url_name(resolve_checkpoint(run_dir, "latest"))
+    if jax.process_index() == 0 and (cfg.resume or cfg.resume_or_start):
+        # "-": asked to resume, but the run has no checkpoint.
+        resume_name = url_name(resolve_checkpoint(run_dir, "latest")) if has_checkpoint(run_dir) else "-"
     resume_name = broadcast_text(resume_name)
+    if resume_name == "-" and not cfg.resume_or_start:
+        root = run_dir.rstrip("/").rsplit("/", 1)[0]
+        raise UserError(
+            f"--resume: run {url_name(run_dir)!r} has no checkpoint under {root}; runs with checkpoints: "
+            f"{list_runs_with_checkpoints(root) or 'none'}; pass one of them as --run-name, "
+            f"or --resume-or-start to start {url_name(run_dir)!r} fresh"
+        )
+    if resume_name == "-":
+        if jax.process_index() == 0:
+            print(f"--resume-or-start: run {url_name(run_dir)} has no checkpoint yet: starting it fresh")
+        resume_name = ""
     if resume_name:
         ckpt = load_checkpoint(join_url(run_dir, resume_name))
         _check_resumable(ckpt["cfg"], cfg, run_dir)
@@ -5816,9 +6031,9 @@ def get_static_files(
 
 
 def start_run(cfg: TrainConfig, run_dir: str, start: TrainStart) -> RunLog:
-    """Process 0: the run's config.toml, the `latest` pointers, status `running`, and its log."""
+    """Process 0: the run's config.toml, status `running`, and its log (the root's `latest` pointer
+    moves at the run's first checkpoint: save_train_checkpoint)."""
     write_train_toml(join_url(run_dir, "config.toml"), dataclasses.replace(cfg, run_name=url_name(run_dir)))
-    write_text_url(join_url(get_checkpoint_root(cfg), "latest"), url_name(run_dir))
     write_run_status(run_dir, "running", start.step, start.run_id)
     return RunLog(run_dir, cfg, start.run_id, start.step)
 
@@ -5857,9 +6072,16 @@ def to_replicated(tree: PyTree, replicated) -> PyTree:
 
 
 def write_run_status(run_dir: str, status: str, step: int, run_id: str, **extra) -> None:
+    """status.json: running / done / preempted / failed (with `error`), and who wrote it (host and pid:
+    mark_dead_runs_failed tells a dead `running` process from a live one by them)."""
+    who = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "time": datetime.datetime.now().isoformat(timespec="seconds"),
+    }
     write_text_url(
         join_url(run_dir, "status.json"),
-        json.dumps({"status": status, "step": step, "run_id": run_id, **extra}, indent=2) + "\n",
+        json.dumps({"status": status, "step": step, "run_id": run_id, **who, **extra}, indent=2) + "\n",
     )
 
 
@@ -5929,6 +6151,8 @@ def save_train_checkpoint(
     save_checkpoint(
         run_dir, step, model=local_copy(model), opt_state=local_copy(opt_state), state=state, static_files=static_files
     )
+    # The root's `latest` names the newest run WITH a checkpoint (what --resume and 06/07 read).
+    write_text_url(join_url(run_dir.rstrip("/").rsplit("/", 1)[0], "latest"), url_name(run_dir))
 
 
 def print_step(step: int, metrics: dict[str, float]) -> None:
@@ -5987,6 +6211,9 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     """
     init_distributed(cfg)  # before any other JAX call
     t_start, is_main = time.time(), jax.process_index() == 0
+    if is_main:
+        for name in mark_dead_runs_failed(get_checkpoint_root(cfg)):
+            print(f"run {name}: its process died without recording it; status.json now says failed")
     store = load_store(cfg.data_root, cfg.world)
     check_store_datasets(store, cfg.datasets, cfg.world, exact=False)
     target = cfg.target_dataset or store.datasets[0]
@@ -6010,26 +6237,28 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
     static_files = get_static_files(cfg, start.model_cfg, vocab, features, pool_cg, store.genes)
 
     n_params, log = count_params(model), None
-    if is_main:
-        log = start_run(cfg, run_dir, start)
-        print(
-            f"run {url_name(run_dir)} (id {run_id}): {n_params:,} parameters, {len(examples)} training groups, "
-            f"features {cfg.features} ({features.width} wide), steps {start.step} -> {cfg.steps}, "
-            f"{jax.process_count()} process(es), {jax.device_count()} device(s)"
-        )
-
     status, last_metrics, val_metrics = "done", {}, {}
-    if val is not None:  # process 0 only
-        val_baselines = score_validation_baselines(val)
-        print("validation baselines: " + ", ".join(f"{k}={v:.4f}" for k, v in val_baselines.items()))
-        if start.step == 0:  # where the curves start; the untrained model is a candidate for `best`
-            val_metrics = validate(local_copy(model), features, val, cfg.loss, cfg.loader.set_size)
-            log_validation(log, 0, val_metrics, val_baselines)
-            best = get_val_objective(val_metrics, cfg.best_by)
-            save_train_checkpoint(run_dir, 0, model, opt_state, key, iterator, run_id, best, val_metrics, static_files)
-            write_text_url(join_url(run_dir, "best"), f"step_{0:08d}")
     t_log, steps_since_log, data_s, step = time.perf_counter(), 0, 0.0, start.step
-    try:
+    try:  # from status `running` on, any exception (wandb.init included) ends as status `failed`
+        if is_main:
+            log = start_run(cfg, run_dir, start)
+            print(
+                f"run {url_name(run_dir)} (id {run_id}): {n_params:,} parameters, {len(examples)} training groups, "
+                f"features {cfg.features} ({features.width} wide), steps {start.step} -> {cfg.steps}, "
+                f"{jax.process_count()} process(es), {jax.device_count()} device(s)"
+            )
+        if val is not None:  # process 0 only
+            val_baselines = score_validation_baselines(val)
+            print("validation baselines: " + ", ".join(f"{k}={v:.4f}" for k, v in val_baselines.items()))
+            if start.step == 0:  # where the curves start; the untrained model is a candidate for `best`
+                val_metrics = validate(local_copy(model), features, val, cfg.loss, cfg.loader.set_size)
+                log_validation(log, 0, val_metrics, val_baselines)
+                best = get_val_objective(val_metrics, cfg.best_by)
+                save_train_checkpoint(
+                    run_dir, 0, model, opt_state, key, iterator, run_id, best, val_metrics, static_files
+                )
+                write_text_url(join_url(run_dir, "best"), f"step_{0:08d}")
+        t_log = time.perf_counter()
         with PreemptionFlag() as preemption:
             for step in range(start.step + 1, cfg.steps + 1):  # `step` = optimiser steps done after this one
                 t_data = time.perf_counter()
@@ -6110,11 +6339,11 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 #     current  cell-eval >= 0.7 + pdex >= 0.2: asymptotic U test only, BH per perturbation,
 #              log2 FC unclipped (+-inf for one-sided zeros, 0 when both means are 0).
 #
-# Speed: instead of one U test per (perturbation, gene), each gene's column (all groups at once)
-# is sorted once as int64 keys (gene, value bits, group), and every group's rank sum and tie
-# term against the control falls out of one pass over the sorted keys. Zeros never enter the
-# sort: they are one tie block whose contribution is counted. Work streams over gene chunks,
-# so memory stays bounded by `chunk_elements`, whatever the number of perturbations.
+# Speed: instead of one U test per (perturbation, gene), the control's nonzero values are
+# sorted once per gene, and each group's rank sum and tie term come from its own sorted nonzeros
+# placed among the control's by binary search. Zeros never enter a sort: they are one tie block
+# whose contribution is counted. Work goes group by group over CSC blocks (one group's cells at
+# a time), so an h5ad read with h5py is read once and memory stays at one group plus the control.
 #
 # Float details copied from the reference so DE sets match exactly (they only matter at
 # near-ties): group means are float32 when X is float32 (numpy's pairwise mean per column for
@@ -6140,10 +6369,6 @@ MWU_EXACT_MAX_N = 8
 """scipy's "auto" U test is exact when min(n1, n2) <= 8 and there are no ties."""
 
 
-DEFAULT_CHUNK_ELEMENTS = 4_000_000
-"""Nonzero values sorted at once in the DE pass (~100 bytes of scratch each)."""
-
-
 # -------------------- input checks: one clear error per problem, naming the fix -------------------
 
 
@@ -6151,8 +6376,11 @@ def check_expression_matrix(x, *, which: str) -> None:
     """Raise ValueError unless `x` (dense or sparse, cells x genes) is what cell-eval scores: non-empty,
     finite log1p data in [0, 15), not integer-valued throughout (which it would read as counts)."""
     if x is None or 0 in x.shape:
-        raise ValueError(f"{which}: the expression matrix is empty; pass an AnnData with cells and genes in X.")
-    check_log1p(x, which, source="prediction", allow_integer=False)
+        raise UserError(f"{which}: the expression matrix is empty; pass an AnnData with cells and genes in X.")
+    try:
+        check_log1p(x, which, source="prediction", allow_integer=False)
+    except ValueError as error:  # check_log1p also serves datasets (ValueError); here it is the user's input
+        raise UserError(str(error)) from None
 
 
 def check_gene_order(expected, got, *, expected_from: str, got_from: str, fix: str) -> None:
@@ -6163,24 +6391,24 @@ def check_gene_order(expected, got, *, expected_from: str, got_from: str, fix: s
         return
     if expected.size == got.size and set(expected) == set(got):
         first = int(np.flatnonzero(expected != got)[0])
-        raise ValueError(
+        raise UserError(
             f"gene-order trap: {got_from} has the genes of {expected_from} in another order (column {first}: "
             f"{got[first]!r} where {expected_from} has {expected[first]!r}); {fix}."
         )
     missing = sorted(set(expected) - set(got))[:5]
     extra = sorted(set(got) - set(expected))[:5]
-    raise ValueError(
+    raise UserError(
         f"gene mismatch: {expected_from} has {expected.size} genes, {got_from} {got.size} (missing e.g. {missing}, "
         f"extra e.g. {extra}); predict exactly the genes of {expected_from}, in {expected_from}'s order."
     )
 
 
 def check_score_inputs(real, pred, *, control_label: str = "non-targeting", pert_col: str = "target_gene") -> None:
-    """Raise ValueError if real/pred cannot be scored against each other: the checks cell-eval
+    """Raise UserError if real/pred cannot be scored against each other: the checks cell-eval
     applies (same genes in the same order, the same perturbations, control cells, log1p X)."""
     for which, adata in (("real", real), ("pred", pred)):
         if pert_col not in adata.obs.columns:
-            raise ValueError(
+            raise UserError(
                 f"{which}: obs has no column {pert_col!r} (has {list(adata.obs.columns)}); pass pert_col= the perturbation column."
             )
     check_gene_order(
@@ -6190,24 +6418,7 @@ def check_score_inputs(real, pred, *, control_label: str = "non-targeting", pert
         got_from="pred",
         fix="reorder pred's columns with pred[:, real.var_names]",
     )
-    perts = {}
-    for which, adata in (("real", real), ("pred", pred)):
-        labels = set(np.asarray(adata.obs[pert_col], dtype=str))
-        if control_label not in labels:
-            raise ValueError(
-                f"{which}: no control cells ({pert_col} == {control_label!r}); "
-                "include control cells (real controls are fine for pred) or pass control_label=."
-            )
-        perts[which] = labels - {control_label}
-    if perts["real"] != perts["pred"]:
-        only_real = sorted(perts["real"] - perts["pred"])[:5]
-        only_pred = sorted(perts["pred"] - perts["real"])[:5]
-        raise ValueError(
-            f"perturbation sets differ: only in real e.g. {only_real}, only in pred e.g. {only_pred}; "
-            "predict every real perturbation and no others."
-        )
-    if not perts["real"]:
-        raise ValueError("real has only control cells; scoring needs at least one perturbation.")
+    check_score_labels(real.obs[pert_col], pred.obs[pert_col], control_label=control_label, pert_col=pert_col)
     check_expression_matrix(real.X, which="real")
     check_expression_matrix(pred.X, which="pred")
 
@@ -6278,9 +6489,22 @@ def mann_whitney_pvalues(
 
 
 def benjamini_hochberg(p: Float[np.ndarray, "*shape"], *, axis: int | None = None) -> Float[np.ndarray, "*shape"]:
-    """BH-adjusted p-values (scipy.stats.false_discovery_control), over everything or along `axis`."""
+    """BH-adjusted p-values over everything or along `axis`: scipy.stats.false_discovery_control's
+    arithmetic step by step (the tests check equality), so scoring need not import scipy.stats."""
     p = np.asarray(p, dtype=np.float64)
-    return scipy.stats.false_discovery_control(p, axis=axis, method="bh").reshape(p.shape)
+    shape = p.shape
+    p = p.reshape(1, -1) if axis is None else np.moveaxis(p, axis, -1)
+    m = p.shape[-1]
+    if p.size <= 1 or m <= 1:
+        return p.reshape(shape) if axis is None else np.moveaxis(p, -1, axis)
+    order = np.argsort(p, axis=-1)
+    adjusted = np.take_along_axis(p, order, axis=-1)
+    adjusted *= m / np.arange(1, m + 1, dtype=np.float64)
+    np.minimum.accumulate(adjusted[..., ::-1], out=adjusted[..., ::-1], axis=-1)
+    out = np.empty_like(adjusted)
+    np.put_along_axis(out, order, adjusted, axis=-1)
+    out = np.clip(out, 0.0, 1.0)
+    return out.reshape(shape) if axis is None else np.moveaxis(out, -1, axis)
 
 
 def log2_fold_change(
@@ -6347,60 +6571,56 @@ class _GroupGeneStats:
 _PAIRWISE_BLOCK = 128  # numpy's PW_BLOCKSIZE
 
 # The kernels below are numba-compiled on first call (cached on disk, so later processes load
-# them) and release the GIL, so gene chunks run in threads.
+# them) and release the GIL, so gene ranges run in threads. They read one group's cells as CSC
+# (a gene's nonzero values in cell order) and never build the dense column: a zero adds exactly
+# nothing to a sum, so numpy's pairwise sum over the dense column is the same tree of partial
+# sums over the nonzeros alone, and in the U test the zeros are one tie block counted by hand.
 
 
 @numba.njit(cache=True, nogil=True)
-def _de_leaf_sum(a, lo, n, zero):
-    """numpy's pairwise_sum base case for n <= 128, accumulating in type(zero)."""
+def _de_sparse_leaf_sum(pos, val, p, b, lo, n, zero, r8):
+    """numpy's pairwise_sum base case over the dense segment [lo, lo+n) whose nonzeros are
+    val[p:b] at sorted positions pos[p:b] (those past the segment are left alone): the same
+    partial sums with the zeros skipped. Returns (sum in type(zero), first index past the segment)."""
+    end = lo + n
     if n < 8:
         res = zero
-        for i in range(n):
-            res += a[lo + i]
-        return res
-    r0 = zero + a[lo]
-    r1 = zero + a[lo + 1]
-    r2 = zero + a[lo + 2]
-    r3 = zero + a[lo + 3]
-    r4 = zero + a[lo + 4]
-    r5 = zero + a[lo + 5]
-    r6 = zero + a[lo + 6]
-    r7 = zero + a[lo + 7]
-    m = n - n % 8
-    i = 8
-    while i < m:
-        r0 += a[lo + i]
-        r1 += a[lo + i + 1]
-        r2 += a[lo + i + 2]
-        r3 += a[lo + i + 3]
-        r4 += a[lo + i + 4]
-        r5 += a[lo + i + 5]
-        r6 += a[lo + i + 6]
-        r7 += a[lo + i + 7]
-        i += 8
-    res = ((r0 + r1) + (r2 + r3)) + ((r4 + r5) + (r6 + r7))
-    while i < n:
-        res += a[lo + i]
-        i += 1
-    return res
+        while p < b and pos[p] < end:
+            res += val[p]
+            p += 1
+        return res, p
+    for j in range(8):
+        r8[j] = zero
+    unrolled_end = end - n % 8  # numpy's 8 accumulators take a[lo + j + 8i], the rest is added after
+    while p < b and pos[p] < unrolled_end:
+        r8[(pos[p] - lo) & 7] += val[p]
+        p += 1
+    res = ((r8[0] + r8[1]) + (r8[2] + r8[3])) + ((r8[4] + r8[5]) + (r8[6] + r8[7]))
+    while p < b and pos[p] < end:
+        res += val[p]
+        p += 1
+    return res, p
 
 
 @numba.njit(cache=True, nogil=True)
-def _de_pairwise_sum(a, lo, n, zero, stack_lo, stack_n, stack_state, stack_val):
-    """numpy's pairwise_sum of a[lo:lo+n] (its recursion, run on an explicit stack).
+def _de_sparse_pairwise_sum(pos, val, a, b, lo, n, zero, r8, stack_lo, stack_n, stack_state, stack_val):
+    """numpy's pairwise_sum of the dense segment [lo, lo+n) (its recursion on an explicit stack)
+    from its nonzeros val[a:b] at sorted positions pos[a:b]; a subtree without nonzeros is 0.
 
-    stack_* are scratch arrays of length >= 64; stack_val has the accumulator's dtype.
+    stack_* are scratch arrays of length >= 64; r8 and stack_val have the accumulator's dtype.
     """
     if n <= _PAIRWISE_BLOCK:
-        return _de_leaf_sum(a, lo, n, zero)
+        return _de_sparse_leaf_sum(pos, val, a, b, lo, n, zero, r8)[0]
     sp = 0
     stack_lo[0] = lo
     stack_n[0] = n
     stack_state[0] = 0
+    p = a
     ret = zero
     while True:
         m = stack_n[sp]
-        if m > _PAIRWISE_BLOCK and stack_state[sp] == 0:  # descend into the left half
+        has_values = p < b and pos[p] < stack_lo[sp] + m
+        if m > _PAIRWISE_BLOCK and stack_state[sp] == 0 and has_values:  # descend into the left half
             half = m // 2
             half -= half % 8
             stack_state[sp] = 1
@@ -6409,7 +6629,7 @@ def _de_pairwise_sum(a, lo, n, zero, stack_lo, stack_n, stack_state, stack_val):
             stack_state[sp + 1] = 0
             sp += 1
             continue
-        ret = _de_leaf_sum(a, stack_lo[sp], m, zero)
+        ret, p = _de_sparse_leaf_sum(pos, val, p, b, stack_lo[sp], m, zero, r8)  # 0 for an empty subtree
         sp -= 1
         while sp >= 0:  # hand `ret` up until some node still needs its right half
             if stack_state[sp] == 1:
@@ -6429,233 +6649,227 @@ def _de_pairwise_sum(a, lo, n, zero, stack_lo, stack_n, stack_state, stack_val):
 
 
 @numba.njit(cache=True, nogil=True)
-def _de_gather_dense(x_cg, pos_c, out_gc):
-    """out_gc[g, pos_c[c]] = x_cg[c, g]: group-ordered, gene-major copy of a dense block."""
-    n_cells, n_genes = x_cg.shape
-    for c0 in range(0, n_cells, 256):  # tiles of cells: reads stay in cache, writes mostly sequential
-        c1 = min(c0 + 256, n_cells)
-        for g in range(n_genes):
-            for c in range(c0, c1):
-                out_gc[g, pos_c[c]] = x_cg[c, g]
-
-
-@numba.njit(cache=True, nogil=True)
-def _de_gather_csc(data, indices, indptr, g0, pos_c, out_gc):
-    """The same from CSC columns g0.. (out_gc must be zero-filled)."""
-    n_genes = out_gc.shape[0]
-    for g in range(n_genes):
-        for i in range(indptr[g0 + g], indptr[g0 + g + 1]):
-            out_gc[g, pos_c[indices[i]]] += data[i]  # += sums duplicate entries like toarray()
-
-
-@numba.njit(cache=True, nogil=True)
-def _de_column_pass(
-    block_gc,
-    vkey_gc,
-    starts_k,
-    n_k,
-    n_k_x,
-    zero_x,
-    pairwise_mean,
-    code_bits,
-    gene_shift,
-    mean_kg,
-    pseudobulk_kg,
-    nnz_kg,
-    keys,
-):
-    """Per gene: group means (X's dtype), pseudobulks, nonzero counts; sort keys of nonzeros.
-
-    zero_x is 0 in X's dtype (the accumulator of the means). Returns the number of keys written.
-    """
-    n_genes = block_gc.shape[0]
-    n_groups = n_k.size
-    stack_lo = np.empty(64, np.int64)
-    stack_n = np.empty(64, np.int64)
-    stack_state = np.empty(64, np.int64)
-    stack_x = np.empty(64, block_gc.dtype)
-    stack_64 = np.empty(64, np.float64)
-    n_keys = 0
-    for g in range(n_genes):
-        col = block_gc[g]
-        vkey = vkey_gc[g]
-        for k in range(n_groups):
-            s = starts_k[k]
-            n = n_k[k]
-            if pairwise_mean:  # np.mean over a row slice: identity 0 + pairwise sum
-                total = zero_x + _de_pairwise_sum(col, s, n, zero_x, stack_lo, stack_n, stack_state, stack_x)
-            else:  # np.mean over axis 0 of a (cell, gene) block: sequential
-                total = zero_x
-                for i in range(s, s + n):
-                    total += col[i]
-            mean_kg[k, g] = total / n_k_x[k]
-            # np.add.reduceat(dtype=float64): first value, then the pairwise sum of the rest
-            sum64 = np.float64(col[s]) + _de_pairwise_sum(
-                col, s + 1, n - 1, 0.0, stack_lo, stack_n, stack_state, stack_64
-            )
-            pseudobulk_kg[k, g] = sum64 / n
-        gene_bits = np.int64(g) << gene_shift
-        for k in range(n_groups):
-            count = 0
-            for i in range(starts_k[k], starts_k[k] + n_k[k]):  # branch-free: write, then keep if nonzero
-                keys[n_keys] = gene_bits | (np.int64(vkey[i]) << code_bits) | k
-                nonzero = col[i] != 0
-                n_keys += nonzero
-                count += nonzero
-            nnz_kg[k, g] = count
-    return n_keys
-
-
-@numba.njit(cache=True, nogil=True)
 def _de_cubic(t):
     return t * t * t - t
 
 
 @numba.njit(cache=True, nogil=True)
-def _de_sorted_pass(keys, n_genes, n_k, nnz_kg, ctrl, code_bits, gene_shift, twice_u1_kg, tie_kg):
-    """Rank sums (doubled) and tie terms vs control per (group, gene) from the sorted keys."""
-    n_groups = n_k.size
-    code_mask = (np.int64(1) << code_bits) - 1
-    n_keys = keys.size
-    i = 0
+def _de_count_below(sorted_values, lo, hi, v, or_equal):
+    """How many of sorted_values[lo:hi] are < v (<= v with or_equal), plus lo: a few linear
+    steps (the answer is usually near lo), then a binary search."""
+    for _ in range(8):
+        if lo < hi and (sorted_values[lo] < v or (or_equal and sorted_values[lo] == v)):
+            lo += 1
+        else:
+            return lo
+    while lo < hi:
+        mid = (lo + hi) >> 1
+        if sorted_values[mid] < v or (or_equal and sorted_values[mid] == v):
+            lo = mid + 1
+        else:
+            hi = mid
+    return lo
+
+
+@numba.njit(cache=True, nogil=True)
+def _de_sort_small(values):
+    """In-place ascending sort: insertion sort for the few nonzeros of most (group, gene) pairs,
+    numba's quicksort otherwise."""
+    if values.size > 32:
+        values.sort()
+        return
+    for i in range(1, values.size):
+        v = values[i]
+        j = i - 1
+        while j >= 0 and values[j] > v:
+            values[j + 1] = values[j]
+            j -= 1
+        values[j + 1] = v
+
+
+@numba.njit(cache=True, nogil=True)
+def _de_sort_columns(data, indptr):
+    """Each CSC column's values sorted ascending (a copy), and each column's sum(t^3 - t) over
+    runs of equal values (the zeros' run is added by the caller)."""
+    out = data.copy()
+    n_genes = indptr.size - 1
+    tie_g = np.zeros(n_genes, np.int64)
     for g in range(n_genes):
-        zc = n_k[ctrl] - nnz_kg[ctrl, g]  # control zeros: below every nonzero value
-        ctrl_less = zc
-        ctrl_tie = _de_cubic(zc)
-        while i < n_keys and (keys[i] >> gene_shift) == g:
-            value = keys[i] >> code_bits
-            b0 = i
-            c_in = 0
-            while i < n_keys and (keys[i] >> code_bits) == value:
-                if (keys[i] & code_mask) == ctrl:
-                    c_in += 1
-                i += 1
-            # each target value adds (#control below) + (#control equal)/2 to U1
-            weight = 2 * ctrl_less + c_in
-            if i - b0 == 1:
-                code = keys[b0] & code_mask
-                if code != ctrl:
-                    twice_u1_kg[code, g] += weight
-            else:
-                r = b0
-                while r < i:  # runs of one group inside the tie block
-                    code = keys[r] & code_mask
-                    t = 0
-                    while r < i and (keys[r] & code_mask) == code:
-                        t += 1
-                        r += 1
-                    if code == ctrl:
-                        ctrl_tie += _de_cubic(t)
-                    else:
-                        twice_u1_kg[code, g] += weight * t
-                        tie_kg[code, g] += _de_cubic(c_in + t) - _de_cubic(c_in)
-            ctrl_less += c_in
-        # zeros: each target zero ties with every control zero (half a win each)
-        for k in range(n_groups):
-            if k == ctrl:
-                continue
-            zk = n_k[k] - nnz_kg[k, g]
-            twice_u1_kg[k, g] += zk * zc
-            tie_kg[k, g] += ctrl_tie + _de_cubic(zc + zk) - _de_cubic(zc)
+        col = out[indptr[g] : indptr[g + 1]]
+        col.sort()
+        i = 0
+        while i < col.size:
+            j = i + 1
+            while j < col.size and col[j] == col[i]:
+                j += 1
+            tie_g[g] += _de_cubic(j - i)
+            i = j
+    return out, tie_g
 
 
-def _value_order_codes(block_gc: np.ndarray) -> np.ndarray:
-    """Integer codes < 2^31 whose order equals the order of the (nonnegative) values."""
-    if block_gc.dtype == np.float32:
-        return block_gc.view(np.int32)  # bit patterns of floats >= 0 sort like the floats
-    as32 = block_gc.astype(np.float32)
-    if np.array_equal(as32.astype(block_gc.dtype), block_gc):
-        return as32.view(np.int32)
-    return np.unique(block_gc, return_inverse=True)[1].reshape(block_gc.shape).astype(np.int64)  # rare
-
-
-def _group_gene_stats_chunk_fast(x, g0: int, g1: int, pos_c, starts_k, n_k, ctrl: int, mode: str):
-    """Rank sums, tie terms and means, (group, gene) arrays, for genes g0:g1 of X."""
-    n_cells = pos_c.size
-    n_genes = g1 - g0
-    n_groups = n_k.size
-    dtype = x.dtype
-    if scipy.sparse.issparse(x):
-        block_gc = np.zeros((n_genes, n_cells), dtype=dtype)
-        _de_gather_csc(x.data, x.indices, x.indptr, g0, pos_c, block_gc)
-    else:
-        block_gc = np.empty((n_genes, n_cells), dtype=dtype)
-        _de_gather_dense(x[:, g0:g1], pos_c, block_gc)
-    code_bits = max(1, int(n_groups - 1).bit_length())
-    gene_shift = 31 + code_bits
-    mean_kg = np.empty((n_groups, n_genes), dtype=dtype)
-    pseudobulk_kg = np.empty((n_groups, n_genes), dtype=dtype)
-    nnz_kg = np.empty((n_groups, n_genes), dtype=np.int64)
-    keys = np.empty(n_genes * n_cells, dtype=np.int64)
-    n_keys = _de_column_pass(
-        block_gc,
-        _value_order_codes(block_gc),
-        starts_k,
-        n_k,
-        n_k.astype(dtype),
-        dtype.type(0),
-        mode == "vcc2025",
-        code_bits,
-        gene_shift,
-        mean_kg,
-        pseudobulk_kg,
-        nnz_kg,
-        keys,
-    )
-    del block_gc
-    keys = keys[:n_keys]
-    keys.sort()
-    twice_u1_kg = np.zeros((n_groups, n_genes), dtype=np.int64)
-    tie_kg = np.zeros((n_groups, n_genes), dtype=np.int64)
-    _de_sorted_pass(keys, n_genes, n_k, nnz_kg, ctrl, code_bits, gene_shift, twice_u1_kg, tie_kg)
-    return twice_u1_kg.astype(np.float64), tie_kg, mean_kg, pseudobulk_kg
-
-
-def _group_gene_stats(
-    x,
-    labels_c,
-    *,
-    control_label: str,
-    mode,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
-    threads: int = 1,
-    desc: str = "DE",
+@numba.njit(cache=True, nogil=True)
+def _de_group_kernel(
+    data,
+    rows,
+    indptr,
+    n,
+    g0,
+    g1,
+    zero_x,
+    n_x,
+    pairwise_mean,
+    is_control,
+    ctrl_sorted,
+    ctrl_indptr,
+    ctrl_n,
+    ctrl_tie_g,
+    mean_g,
+    pseudobulk_g,
+    twice_u1_g,
+    tie_g,
 ):
-    """Stream over gene chunks of X (cells x genes) and collect per (group, gene) statistics."""
+    """Genes g0:g1 of one group (CSC over its n cells): mean (X's dtype, the reference's sum
+    order), float64 pseudobulk, and unless it is the control group, 2*U1 and the tie term
+    against the control (whose sorted nonzeros per gene are ctrl_sorted)."""
+    stack_lo = np.empty(64, np.int64)
+    stack_n = np.empty(64, np.int64)
+    stack_state = np.empty(64, np.int64)
+    stack_x = np.empty(64, data.dtype)
+    stack_64 = np.empty(64, np.float64)
+    r8_x = np.empty(8, data.dtype)
+    r8_64 = np.empty(8, np.float64)
+    scratch = np.empty(n, data.dtype)
+    for g in range(g0, g1):
+        a = indptr[g]
+        b = indptr[g + 1]
+        if pairwise_mean:  # np.mean over one column: identity 0 + pairwise sum
+            total = zero_x + _de_sparse_pairwise_sum(
+                rows, data, a, b, 0, n, zero_x, r8_x, stack_lo, stack_n, stack_state, stack_x
+            )
+        else:  # np.mean over axis 0 of a (cell, gene) block: a sequential sum
+            total = zero_x
+            for i in range(a, b):
+                total += data[i]
+        mean_g[g] = total / n_x
+        # np.add.reduceat(dtype=float64): the first value, then the pairwise sum of the rest
+        first = 0.0
+        rest = a
+        if a < b and rows[a] == 0:
+            first = np.float64(data[a])
+            rest = a + 1
+        sum64 = first + _de_sparse_pairwise_sum(
+            rows, data, rest, b, 1, n - 1, 0.0, r8_64, stack_lo, stack_n, stack_state, stack_64
+        )
+        pseudobulk_g[g] = sum64 / n
+        if is_control:
+            continue
+        # U1 = sum over this group's values of (#control below + #control equal / 2), doubled
+        # to stay integer; zeros are below every nonzero and tie with each other.
+        m = b - a
+        values = scratch[:m]
+        values[:] = data[a:b]
+        _de_sort_small(values)
+        c0 = ctrl_indptr[g]
+        c1 = ctrl_indptr[g + 1]
+        zc = ctrl_n - (c1 - c0)
+        zk = n - m
+        twice_u1 = np.int64(zk) * zc
+        tie = ctrl_tie_g[g] + _de_cubic(np.int64(zc + zk)) - _de_cubic(np.int64(zc))
+        below = c0  # values ascend, so each search starts where the last one ended
+        i = 0
+        while i < m:
+            v = values[i]
+            j = i + 1
+            while j < m and values[j] == v:
+                j += 1
+            below = _de_count_below(ctrl_sorted, below, c1, v, False)  # control values < v
+            equal = _de_count_below(ctrl_sorted, below, c1, v, True) - below
+            twice_u1 += np.int64(j - i) * (2 * (zc + below - c0) + equal)
+            tie += _de_cubic(np.int64(equal + j - i)) - _de_cubic(np.int64(equal))
+            i = j
+        twice_u1_g[g] = twice_u1
+        tie_g[g] = tie
+
+
+def _csc_of_rows(x, rows: np.ndarray):
+    """The given rows (sorted) of X as canonical CSC (float32 or float64, explicit zeros dropped):
+    a gene's nonzeros in cell order. X is a scipy CSR matrix, a dense array, or an h5ad's X
+    opened with h5py (CSR group or dense dataset)."""
+    if hasattr(x, "rows"):  # _H5adCsr, _CellMeanRows
+        block = x.rows(rows)
+    elif isinstance(x, h5py.Dataset):
+        block = scipy.sparse.csr_matrix(_read_dense_row_spans(x, rows))
+    elif scipy.sparse.issparse(x):
+        block = x[rows]
+    else:
+        block = scipy.sparse.csr_matrix(np.asarray(x[rows]))
+    if block.dtype not in (np.float32, np.float64):  # integer or float16 X (never log1p data): as float64
+        block = block.astype(np.float64)
+    block.eliminate_zeros()
+    block.sum_duplicates()  # a no-op for canonical files; toarray() would sum duplicates too
+    block = block.tocsc()
+    block.sort_indices()
+    return block
+
+
+def _group_gene_stats(x, labels_c, *, control_label: str, mode, threads: int = 1, desc: str = "DE"):
+    """Group by group (control first), rank sums, tie terms and means per (group, gene).
+
+    Memory: one group's cells (and the control's) at a time, so a backed X is read once.
+    """
     labels_c = np.asarray(labels_c, dtype=str)
     groups, codes_c = np.unique(labels_c, return_inverse=True)
     hits = np.flatnonzero(groups == control_label)
     if hits.size == 0:
-        raise ValueError(f"no control cells labelled {control_label!r}; include control cells or pass control_label=.")
+        raise UserError(f"no control cells labelled {control_label!r}; include control cells or pass control_label=.")
     ctrl = int(hits[0])
-    if groups.size > 1 << 20:
-        raise ValueError(f"{groups.size} groups is more than the 2^20 the sort keys can hold.")
-    order_c = np.argsort(codes_c, kind="stable")  # groups contiguous, cells in original order inside
-    pos_c = np.empty_like(order_c)
-    pos_c[order_c] = np.arange(order_c.size)
+    if scipy.sparse.issparse(x) and x.format != "csr":
+        x = x.tocsr()  # row blocks of a CSC matrix would rescan every value per group
+    n_genes = x.shape[1]
     n_k = np.bincount(codes_c, minlength=groups.size).astype(np.int64)
-    starts_k = np.concatenate([[0], np.cumsum(n_k)[:-1]]).astype(np.int64)
-    if scipy.sparse.issparse(x):
-        x = x.tocsc()  # column chunks of a CSR matrix would rescan every value per chunk
-    else:
-        x = np.asarray(x)
-    if x.dtype not in (np.float32, np.float64):  # integer or float16 X (never log1p data): as float64
-        x = x.astype(np.float64)
-    n_cells, n_genes = x.shape
-    code_bits = max(1, int(groups.size - 1).bit_length())
-    genes_per_chunk = int(np.clip(chunk_elements // max(n_cells, 1), 1, 1 << (32 - code_bits)))
-    bounds = [(g0, min(g0 + genes_per_chunk, n_genes)) for g0 in range(0, n_genes, genes_per_chunk)]
+    rows_k = np.split(np.argsort(codes_c, kind="stable"), np.cumsum(n_k)[:-1])
+    dtype = _csc_of_rows(x, rows_k[ctrl][:1]).dtype
+    mean_kg = np.empty((groups.size, n_genes), dtype=dtype)
+    pseudobulk_kg = np.empty((groups.size, n_genes), dtype=np.float64)
+    twice_u1_kg = np.zeros((groups.size, n_genes), dtype=np.int64)
+    tie_kg = np.zeros((groups.size, n_genes), dtype=np.int64)
+    bounds = np.linspace(0, n_genes, max(1, threads) + 1).astype(np.int64)
+    ctrl_state = {}
 
-    def run(bound):
-        return _group_gene_stats_chunk_fast(x, *bound, pos_c, starts_k, n_k, ctrl, mode)
+    def run(k, block, g0, g1):
+        _de_group_kernel(
+            block.data,
+            block.indices,
+            block.indptr,
+            int(n_k[k]),
+            g0,
+            g1,
+            dtype.type(0),
+            dtype.type(n_k[k]),
+            mode == "vcc2025",
+            k == ctrl,
+            *ctrl_state["sorted"],
+            int(n_k[ctrl]),
+            ctrl_state["tie"],
+            mean_kg[k],
+            pseudobulk_kg[k],
+            twice_u1_kg[k],
+            tie_kg[k],
+        )
 
-    if threads > 1:  # the kernels release the GIL, numpy's sort too
-        with concurrent.futures.ThreadPoolExecutor(threads) as pool:
-            parts = list(progress(pool.map(run, bounds), total=len(bounds), desc=desc))
-    else:
-        parts = [run(b) for b in progress(bounds, desc=desc)]
-    twice_u1, tie, mean, pseudobulk = (np.concatenate(arrays, axis=1) for arrays in zip(*parts))
-    return _GroupGeneStats(groups, n_k, ctrl, twice_u1, tie, mean, pseudobulk)
+    with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
+        for k in progress([ctrl, *np.delete(np.arange(groups.size), ctrl)], desc=desc):
+            block = _csc_of_rows(x, rows_k[k])
+            if k == ctrl:
+                ctrl_sorted, ctrl_tie_g = _de_sort_columns(block.data, block.indptr)
+                zc = n_k[ctrl] - np.diff(block.indptr)
+                ctrl_state["sorted"] = (ctrl_sorted, block.indptr)
+                ctrl_state["tie"] = ctrl_tie_g + zc**3 - zc
+            list(pool.map(lambda g: run(k, block, *g), zip(bounds[:-1], bounds[1:])))
+    # cell-eval's pseudobulks are float32 means of float32 data (polars), so round like it.
+    return _GroupGeneStats(
+        groups, n_k, ctrl, twice_u1_kg.astype(np.float64), tie_kg, mean_kg, pseudobulk_kg.astype(dtype)
+    )
 
 
 # -------------------- differential expression -----------------------------------------------------
@@ -6720,14 +6934,13 @@ def differential_expression(
     genes: Shaped[np.ndarray, " gene"] | None = None,
     control_label: str = "non-targeting",
     mode: ScoreMode = "vcc2025",
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     threads: int = 1,
     desc: str = "DE",
 ) -> DifferentialExpression:
     """Wilcoxon DE of each labelled group against the control group, as the chosen scorer does it.
 
-    `x_cg` is log1p expression (dense or sparse); values are not checked here (see
-    `check_expression_matrix`). Memory: a few times `chunk_elements` x 8 bytes per thread.
+    `x_cg` is log1p expression: dense, scipy sparse, or an h5ad's X opened by `open_score_file`;
+    values are not checked here (see `check_expression_matrix`). Memory: one group's cells.
     """
     if mode not in SCORE_MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {SCORE_MODES}.")
@@ -6736,7 +6949,6 @@ def differential_expression(
         labels_c,
         control_label=control_label,
         mode=mode,
-        chunk_elements=chunk_elements,
         threads=threads,
         desc=desc,
     )
@@ -6794,6 +7006,19 @@ def overlap_at_n(real_ranked: np.ndarray, pred_ranked: np.ndarray) -> float:
     return np.intersect1d(real_ranked, pred_ranked[: len(real_ranked)]).size / len(real_ranked)
 
 
+@numba.njit(cache=True, nogil=True)
+def _l1_distances(real_qg, pred_g, skip_g):
+    """sum over genes except skip_g (-1: none) of |real_q - pred|, for every row q."""
+    out = np.zeros(real_qg.shape[0])
+    for q in range(real_qg.shape[0]):
+        total = 0.0
+        for g in range(real_qg.shape[1]):
+            if g != skip_g:
+                total += abs(real_qg[q, g] - pred_g[g])
+        out[q] = total
+    return out
+
+
 def discrimination_score_l1(
     real_effect_pg: Float[np.ndarray, "p g"],
     pred_effect_pg: Float[np.ndarray, "p g"],
@@ -6803,14 +7028,16 @@ def discrimination_score_l1(
     """PDS per perturbation: 1 - rank/N of the true perturbation among L1 distances (target gene excluded).
 
     rank = position of p in argsort of distances from pred_p to every real_q, as cell-eval takes it.
+    (cell-eval sums with sklearn's pairwise_distances, this in plain order: the float64 sums agree
+    to ~1e-13, which changes a rank only at an exact tie.)
     """
-    real = np.asarray(real_effect_pg, dtype=np.float64)
-    pred = np.asarray(pred_effect_pg, dtype=np.float64)
+    real = np.ascontiguousarray(real_effect_pg, dtype=np.float64)
+    pred = np.ascontiguousarray(pred_effect_pg, dtype=np.float64)
+    gene_index = {str(gene): g for g, gene in enumerate(genes)}
     n_perts = real.shape[0]
     scores = np.empty(n_perts)
     for i, pert in enumerate(perts):
-        keep = genes != pert
-        distance_q = np.abs(real[:, keep] - pred[i, keep]).sum(axis=1)
+        distance_q = _l1_distances(real, pred[i], gene_index.get(str(pert), -1))
         rank = int(np.flatnonzero(np.argsort(distance_q) == i)[0])
         scores[i] = 1 - rank / n_perts
     return scores
@@ -6859,7 +7086,6 @@ def score(
     pert_col: str = "target_gene",
     mode: ScoreMode = "vcc2025",
     real_de: DifferentialExpression | None = None,
-    chunk_elements: int = DEFAULT_CHUNK_ELEMENTS,
     threads: int = 1,
 ) -> dict[str, Any]:
     """Score a prediction like `cell-eval run --profile vcc`.
@@ -6871,9 +7097,7 @@ def score(
     if mode not in SCORE_MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {SCORE_MODES}.")
     check_score_inputs(real, pred, control_label=control_label, pert_col=pert_col)
-    kwargs = dict(
-        control_label=control_label, pert_col=pert_col, mode=mode, chunk_elements=chunk_elements, threads=threads
-    )
+    kwargs = dict(control_label=control_label, pert_col=pert_col, mode=mode, threads=threads)
     if real_de is None:
         real_de = differential_expression_anndata(real, desc="DE real", **kwargs)
     elif real_de.mode != mode:
@@ -6958,6 +7182,369 @@ def make_cell_mean_baseline(
     obs = pd.concat([pred_obs, pd.DataFrame({pert_col: labels_c[is_ctrl]}, index=real.obs_names[is_ctrl])])
     obs[pert_col] = obs[pert_col].astype("category")
     return anndata.AnnData(X=np.concatenate([pred_x, ctrl_x], axis=0), obs=obs, var=real.var.copy())
+
+
+# -------------------- scoring files: `python nb/06_eval.py --pred P.h5ad --real R.h5ad` -----------
+#
+# The scoring command reads h5ad files with h5py directly (obs column, var names, X), not with
+# anndata: X stays on disk and is read one group of cells at a time, so scoring a 100k-cell
+# prediction fits in a few GB, and the command does not pay for importing anndata.
+
+
+SCORE_READ_GAP_VALUES = 1 << 20
+"""Rows of one group closer than this many stored values are read as one span (fewer reads)."""
+
+
+def _row_spans(rows: np.ndarray, gap_c: np.ndarray) -> list[tuple[int, int]]:
+    """[first, last] pairs of sorted rows, merged where the values stored between two rows
+    (gap_c: values skipped after each row but the last) are fewer than SCORE_READ_GAP_VALUES."""
+    breaks = np.flatnonzero(gap_c >= SCORE_READ_GAP_VALUES) + 1
+    return [(int(rows[a]), int(rows[b - 1])) for a, b in zip([0, *breaks], [*breaks, len(rows)])]
+
+
+class _H5adCsr:
+    """An h5ad's CSR X opened with h5py: rows read by spans, as scipy CSR (no anndata)."""
+
+    def __init__(self, group: h5py.Group):
+        self.data, self.indices = group["data"], group["indices"]
+        self.indptr = group["indptr"][:].astype(np.int64)
+        self.shape = tuple(int(v) for v in group.attrs["shape"])
+        self.dtype = self.data.dtype
+
+    def rows(self, rows: np.ndarray) -> scipy.sparse.csr_matrix:
+        rows = np.asarray(rows, dtype=np.int64)
+        gaps = self.indptr[rows[1:]] - self.indptr[rows[:-1] + 1]
+        parts = []
+        for first, last in _row_spans(rows, gaps):
+            a, b = self.indptr[first], self.indptr[last + 1]
+            span = scipy.sparse.csr_matrix(
+                (self.data[a:b], self.indices[a:b], self.indptr[first : last + 2] - a),
+                shape=(last + 1 - first, self.shape[1]),
+            )
+            parts.append(span[rows[(rows >= first) & (rows <= last)] - first])
+        return scipy.sparse.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+
+    def value_chunks(self, chunk_values: int = 1 << 24) -> Iterator[np.ndarray]:
+        for a in range(0, int(self.indptr[-1]), chunk_values):
+            yield self.data[a : a + chunk_values]
+
+
+def _read_dense_row_spans(x: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
+    """Sorted rows of a dense h5 dataset in its own dtype, read by spans (h5py's fancy indexing reads
+    row by row; `read_rows` is the float32 CSR reader of the data notebooks)."""
+    rows = np.asarray(rows, dtype=np.int64)
+    gaps = (np.diff(rows) - 1) * x.shape[1]
+    return np.concatenate(
+        [x[first : last + 1][rows[(rows >= first) & (rows <= last)] - first] for first, last in _row_spans(rows, gaps)]
+    )
+
+
+def _read_h5ad_strings(f: h5py.File, key: str, path) -> np.ndarray:
+    """An obs/var column or index of an h5ad as strings (categorical, string or numeric)."""
+    elem = f[key]
+    if isinstance(elem, h5py.Group):
+        if "categories" not in elem or "codes" not in elem:
+            raise UserError(
+                f"{path}: {key} is stored as {dict(elem.attrs).get('encoding-type')}, not a column this reader knows; rewrite the file with anndata >= 0.8."
+            )
+        codes = elem["codes"][:]
+        if (codes < 0).any():
+            raise UserError(f"{path}: {key} has {int((codes < 0).sum())} missing labels; label every cell.")
+        return _read_h5ad_strings(elem, "categories", path)[codes]
+    if h5py.check_string_dtype(elem.dtype) is not None:
+        return np.asarray(elem.asstr()[:], dtype=str)
+    return np.asarray(elem[:]).astype(str)
+
+
+@dataclasses.dataclass
+class ScoreFile:
+    """One h5ad opened for scoring: labels and genes in memory, X on disk (h5py)."""
+
+    path: pathlib.Path
+    labels_c: np.ndarray
+    """obs[pert_col] of every cell, as strings."""
+    genes: np.ndarray
+    """var names, in column order."""
+    x: Any
+    """X on disk: `_H5adCsr` (CSR) or an h5py Dataset (dense)."""
+
+
+@contextlib.contextmanager
+def open_score_file(path: str | os.PathLike, *, pert_col: str = "target_gene", which: str = "") -> Iterator[ScoreFile]:
+    """An h5ad's labels, genes and on-disk X for scoring; one UserError per unreadable file."""
+    path = pathlib.Path(path)
+    which = f"{which} " if which else ""
+    if not path.exists():
+        raise UserError(f"{which}file {path} does not exist; pass the path of an .h5ad file.")
+    try:
+        f = h5py.File(path, "r")
+    except OSError as error:
+        raise UserError(
+            f"{which}file {path} is not an h5ad (HDF5) file ({error}); pass an .h5ad written by anndata."
+        ) from None
+    with f:
+        if "X" not in f or "obs" not in f or "var" not in f:
+            raise UserError(f"{which}file {path} has no X, obs or var; pass an .h5ad written by anndata.")
+        if pert_col not in f["obs"]:
+            columns = [k for k in f["obs"].keys() if k != f["obs"].attrs.get("_index", "_index")]
+            raise UserError(f"{which}file {path}: obs has no column {pert_col!r} (has {columns}); pass --pert-col.")
+        x = f["X"]
+        if isinstance(x, h5py.Group):
+            encoding = x.attrs.get("encoding-type", "")
+            if encoding != "csr_matrix":
+                raise UserError(
+                    f"{which}file {path}: X is stored as {encoding}; scoring reads rows, so rewrite it as CSR (adata.X = adata.X.tocsr())."
+                )
+            x = _H5adCsr(x)
+        labels_c = _read_h5ad_strings(f, f"obs/{pert_col}", path)
+        genes = _read_h5ad_strings(f, f"var/{f['var'].attrs.get('_index', '_index')}", path)
+        if x.shape != (labels_c.size, genes.size):
+            raise UserError(
+                f"{which}file {path}: X is {x.shape} but obs has {labels_c.size} cells and var {genes.size} genes; rewrite the file."
+            )
+        yield ScoreFile(path, labels_c, genes, x)
+
+
+def check_score_file_values(score_file: ScoreFile, *, which: str) -> None:
+    """check_expression_matrix for X on disk, read in chunks: each chunk through check_log1p,
+    and 'integer-valued throughout' judged over all of them."""
+    x = score_file.x
+    if isinstance(x, _H5adCsr):
+        chunks = x.value_chunks()
+    else:
+        step = max(1, (1 << 24) // max(1, x.shape[1]))
+        chunks = (x[a : a + step] for a in range(0, x.shape[0], step))
+    first, has_fraction = None, False
+    for chunk in chunks:
+        if chunk.size == 0:
+            continue
+        first = chunk if first is None else first
+        values = chunk if chunk.dtype in (np.float32, np.float64) else chunk.astype(np.float32)  # ints, float16
+        n_bad, lo, hi, fraction = _value_summary(values.reshape(1, -1), values.dtype.type(1e-3))
+        if n_bad or lo < 0 or hi >= LOG1P_MAX:  # check_log1p words the error
+            check_expression_matrix(chunk.reshape(1, -1), which=which)
+        has_fraction = has_fraction or bool(fraction)
+    if first is None:
+        raise UserError(f"{which}: the expression matrix is empty; pass a file with cells and genes in X.")
+    if not has_fraction:  # every chunk is integer-valued, so the first one words the error
+        check_expression_matrix(first, which=which)
+
+
+def check_score_labels(real_labels, pred_labels, *, control_label: str, pert_col: str) -> None:
+    """The same perturbations on both sides, control cells on both, at least one perturbation."""
+    perts = {}
+    for which, labels in (("real", real_labels), ("pred", pred_labels)):
+        labels = set(np.asarray(labels, dtype=str))
+        if control_label not in labels:
+            raise UserError(
+                f"{which}: no control cells ({pert_col} == {control_label!r}); "
+                "include control cells (real controls are fine for pred) or pass control_label=."
+            )
+        perts[which] = labels - {control_label}
+    if perts["real"] != perts["pred"]:
+        only_real = sorted(perts["real"] - perts["pred"])[:5]
+        only_pred = sorted(perts["pred"] - perts["real"])[:5]
+        raise UserError(
+            f"perturbation sets differ: only in real e.g. {only_real}, only in pred e.g. {only_pred}; "
+            "predict every real perturbation and no others."
+        )
+    if not perts["real"]:
+        raise UserError("real has only control cells; scoring needs at least one perturbation.")
+
+
+class _CellMeanRows:
+    """The cell-mean baseline prediction as rows, never materialised whole: rows < n_pred are
+    the vector m, the rest are the training file's control cells."""
+
+    def __init__(self, cell_mean_g: np.ndarray, n_pred: int, control_x, control_rows: np.ndarray):
+        self.cell_mean_g, self.n_pred = cell_mean_g, n_pred
+        self.control_x, self.control_rows = control_x, control_rows
+        self.shape = (n_pred + control_rows.size, cell_mean_g.size)
+
+    def rows(self, rows: np.ndarray) -> scipy.sparse.csr_matrix:
+        rows = np.asarray(rows)
+        n_pred = int((rows < self.n_pred).sum())
+        nonzero_g = np.flatnonzero(self.cell_mean_g)
+        pred = scipy.sparse.csr_matrix(
+            (
+                np.tile(self.cell_mean_g[nonzero_g], n_pred),
+                np.tile(nonzero_g, n_pred),
+                np.arange(n_pred + 1) * nonzero_g.size,
+            ),
+            shape=(n_pred, self.shape[1]),
+        )
+        ctrl_rows = self.control_rows[rows[rows >= self.n_pred] - self.n_pred]
+        if ctrl_rows.size == 0:
+            return pred
+        ctrl = _csc_of_rows(self.control_x, ctrl_rows).tocsr()
+        return scipy.sparse.vstack([pred, ctrl], format="csr") if pred.shape[0] else ctrl
+
+
+def make_cell_mean_baseline_file(train: ScoreFile, perts: np.ndarray, counts: np.ndarray, *, control_label: str):
+    """`make_cell_mean_baseline` from a training file on disk, group by group: (labels, rows
+    object) of the prediction `cell-eval baseline` builds — m (mean over the training groups,
+    control included, of each group's mean) for `counts` cells of each of `perts`, then the
+    training file's control cells."""
+    groups, codes_c = np.unique(train.labels_c, return_inverse=True)
+    if control_label not in groups:
+        raise UserError(f"train: no control cells ({control_label!r}); the baseline copies the training controls.")
+    rows_k = np.split(np.argsort(codes_c, kind="stable"), np.cumsum(np.bincount(codes_c))[:-1])
+    sums_kg = np.empty((groups.size, train.genes.size))
+    dtype = None
+    for k in progress(range(groups.size), desc="cell-mean baseline"):
+        block = (
+            train.x.rows(rows_k[k])
+            if hasattr(train.x, "rows")
+            else scipy.sparse.csr_matrix(_read_dense_row_spans(train.x, rows_k[k]))
+        )
+        dtype = block.dtype if block.dtype in (np.float32, np.float64) else np.dtype(np.float64)
+        # per column in row order, as make_cell_mean_baseline's sparse product sums
+        sums_kg[k] = np.bincount(block.indices, weights=block.data.astype(np.float64), minlength=train.genes.size)
+    cell_mean_g = mean_of_group_means((sums_kg / np.bincount(codes_c)[:, None]).astype(dtype))
+    control_rows = rows_k[int(np.flatnonzero(groups == control_label)[0])]
+    labels = np.concatenate(
+        [np.repeat(np.asarray(perts, dtype=str), counts), np.full(control_rows.size, control_label)]
+    )
+    return labels, _CellMeanRows(cell_mean_g, int(np.sum(counts)), train.x, control_rows)
+
+
+def results_tables(result: dict[str, Any]) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """cell-eval's results.csv (one row per perturbation) and agg_results.csv (polars'
+    `describe`: count, null_count, mean, std, min, 25%, 50%, 75%, max) for a `score` result."""
+    table = result["per_perturbation"]
+    per_pert = pd.DataFrame(
+        {
+            "perturbation": table.index.to_numpy(),
+            "overlap_at_N": table["des"].to_numpy(),
+            "mae": table["mae"].to_numpy(),
+            "discrimination_score_l1": table["pds"].to_numpy(),
+        }
+    )
+    rows = {}
+    for name in ("overlap_at_N", "mae", "discrimination_score_l1"):
+        values = np.sort(per_pert[name].to_numpy(dtype=np.float64))
+        n = values.size
+        # polars' describe takes quantiles by its "nearest" rule: index round-half-up of q * (n - 1)
+        nearest = [values[int(math.floor(q * (n - 1) + 0.5))] for q in (0.25, 0.5, 0.75)]
+        std = float(values.std(ddof=1)) if n > 1 else float("nan")
+        rows[name] = [float(n), 0.0, float(values.mean()), std, values[0], *nearest, values[-1]]
+    stats = ["count", "null_count", "mean", "std", "min", "25%", "50%", "75%", "max"]
+    return per_pert, pd.DataFrame({"statistic": stats, **rows})
+
+
+def score_files(
+    pred_path: str | os.PathLike,
+    real_path: str | os.PathLike,
+    *,
+    train_path: str | os.PathLike | None = None,
+    baseline_path: str | os.PathLike | None = None,
+    out_dir: str | os.PathLike | None = None,
+    mode: ScoreMode = "vcc2025",
+    control_label: str = "non-targeting",
+    pert_col: str = "target_gene",
+    threads: int = 1,
+) -> dict[str, Any]:
+    """`cell-eval run --profile vcc` on two h5ad files (plus the normalised score against the
+    cell-mean baseline built from `train_path`, or scored from `baseline_path`), streaming X.
+
+    Writes out_dir/results.csv and agg_results.csv (cell-eval's names and columns), and the
+    baseline's as baseline_results.csv / baseline_agg_results.csv, and score.csv (cell-eval
+    score's `metric, from_baseline`). Returns the `score` result, the baseline's and the
+    normalised score.
+    """
+    if mode not in SCORE_MODES:
+        raise UserError(f"unknown mode {mode!r}; use one of {SCORE_MODES}.")
+    if train_path and baseline_path:
+        raise UserError("pass either --train (build the cell-mean baseline) or --baseline (a baseline h5ad), not both.")
+    kwargs = dict(control_label=control_label, mode=mode, threads=threads)
+    with contextlib.ExitStack() as stack:
+        real = stack.enter_context(open_score_file(real_path, pert_col=pert_col, which="real"))
+        pred = stack.enter_context(open_score_file(pred_path, pert_col=pert_col, which="pred"))
+        fix = "reorder pred's columns to real's genes (pred[:, real.var_names]) and write it again"
+        check_gene_order(real.genes, pred.genes, expected_from="real", got_from="pred", fix=fix)
+        check_score_labels(real.labels_c, pred.labels_c, control_label=control_label, pert_col=pert_col)
+        base = None
+        if baseline_path:
+            base = stack.enter_context(open_score_file(baseline_path, pert_col=pert_col, which="baseline"))
+            check_gene_order(real.genes, base.genes, expected_from="real", got_from="baseline", fix=fix)
+            check_score_labels(real.labels_c, base.labels_c, control_label=control_label, pert_col=pert_col)
+        train = (
+            stack.enter_context(open_score_file(train_path, pert_col=pert_col, which="train")) if train_path else None
+        )
+        if train is not None:
+            check_gene_order(
+                real.genes,
+                train.genes,
+                expected_from="real",
+                got_from="train",
+                fix="use the training file of the same genes",
+            )
+        for which, score_file in (("real", real), ("pred", pred), ("baseline", base), ("train", train)):
+            if score_file is not None:
+                check_score_file_values(score_file, which=which)
+        real_de = differential_expression(real.x, real.labels_c, genes=real.genes, desc="DE real", **kwargs)
+        result = score_de(
+            real_de, differential_expression(pred.x, pred.labels_c, genes=pred.genes, desc="DE pred", **kwargs)
+        )
+        baseline = None
+        if base is not None:
+            baseline = score_de(
+                real_de, differential_expression(base.x, base.labels_c, genes=base.genes, desc="DE baseline", **kwargs)
+            )
+        elif train is not None:
+            perts, counts = np.unique(real.labels_c[real.labels_c != control_label], return_counts=True)
+            labels, rows = make_cell_mean_baseline_file(train, perts, counts, control_label=control_label)
+            baseline = score_de(
+                real_de, differential_expression(rows, labels, genes=real.genes, desc="DE baseline", **kwargs)
+            )
+    normalised = normalised_score(result, baseline) if baseline is not None else None
+    if out_dir is not None:
+        out_dir = pathlib.Path(out_dir)
+        for prefix, res in (("", result), ("baseline_", baseline)):
+            if res is not None:
+                per_pert, agg = results_tables(res)
+                write_csv(out_dir / f"{prefix}results.csv", per_pert)
+                write_csv(out_dir / f"{prefix}agg_results.csv", agg)
+        if normalised is not None:
+            names = {"s_des": "overlap_at_N", "s_mae": "mae", "s_pds": "discrimination_score_l1", "score": "avg_score"}
+            write_csv(
+                out_dir / "score.csv",
+                pd.DataFrame({"metric": list(names.values()), "from_baseline": [normalised[k] for k in names]}),
+            )
+    return {"result": result, "baseline": baseline, "normalised": normalised}
+
+
+def run_score_command(cfg) -> dict[str, Any]:
+    """nb/06_eval.py --pred P --real R [--train T | --baseline B]: `score_files` with the notebook's
+    flags, the output directory defaulted and a short report printed."""
+    if not cfg.real:
+        raise UserError("--pred needs --real: the real .h5ad to score the prediction against.")
+    out_dir = pathlib.Path(cfg.out or pathlib.Path(cfg.pred).with_name(pathlib.Path(cfg.pred).stem + "_scores"))
+    out = score_files(
+        cfg.pred,
+        cfg.real,
+        train_path=cfg.train or None,
+        baseline_path=cfg.baseline or None,
+        out_dir=out_dir,
+        mode=cfg.mode,
+        control_label=cfg.control_label,
+        pert_col=cfg.pert_col,
+        threads=cfg.threads,
+    )
+    result, normalised = out["result"], out["normalised"]
+    print(
+        f"mode {cfg.mode}: overlap_at_N {result['des']:.4f}  discrimination_score_l1 {result['pds']:.4f}  "
+        f"mae {result['mae']:.5f}  ({len(result['per_perturbation'])} perturbations)"
+    )
+    if normalised is None:
+        print("no --train or --baseline: no normalised score")
+    else:
+        print(
+            f"normalised score vs cell-mean baseline: {normalised['score']:.4f} "
+            f"(s_DE {normalised['s_des']:.4f}, s_PDS {normalised['s_pds']:.4f}, s_MAE {normalised['s_mae']:.4f})"
+        )
+    print(f"wrote {out_dir}/results.csv and agg_results.csv")
+    return {**out, "out_dir": out_dir}
 
 
 # ==================================================================================================
@@ -7762,10 +8349,20 @@ def make_baseline_predictor(
 
 
 def get_latest_checkpoint(data_root: str | os.PathLike | None) -> pathlib.Path | None:
-    """`<data_root>/checkpoints/` when training (05) has written one (its `latest` pointer
-    names the newest run; load_model_predictor resolves it to that run's best step), else None."""
-    ckpt_dir = get_data_root(data_root) / "checkpoints"
-    return ckpt_dir if (ckpt_dir / "latest").exists() else None
+    """The run directory under `<data_root>/checkpoints/` whose newest checkpoint was written last,
+    among the runs that hold one (a run that failed before its first checkpoint is passed over), else
+    None. Says which it picked (load_model_predictor resolves it to that run's best step)."""
+    root = get_data_root(data_root) / "checkpoints"
+    runs = list_runs_with_checkpoints(root)
+    if not runs:
+        return None
+
+    def written(name: str) -> float:
+        return (root / name / _read_pointer(root / name / "latest") / "state.json").stat().st_mtime
+
+    newest = max(runs, key=lambda name: (written(name), name))
+    print(f"model: run {newest}, the newest of {len(runs)} run(s) with a checkpoint under {root}")
+    return root / newest
 
 
 def local_copy(tree: PyTree) -> PyTree:
@@ -8051,7 +8648,7 @@ class EvalConfig(DatasetsConfig):
     predictors: tuple[str, ...] = BASELINES
     """Baselines to score (any of control cell_mean pert_mean_transfer linear linear_transfer); cell_mean is always scored: it is the reference."""
     checkpoint: str = ""
-    """Model checkpoint directory to score too; empty = the newest under <data_root>/checkpoints/ if any; `none` = no model."""
+    """Model checkpoint directory to score too; empty = the newest run with a checkpoint under <data_root>/checkpoints/, if any; `none` = no model."""
     fill: typing.Literal["control", "mean"] = "control"
     """How a model's non-HVG genes are filled: the control cells' own values, or the target's control means."""
     fill_study: bool = False
@@ -8070,6 +8667,21 @@ class EvalConfig(DatasetsConfig):
     """On the synthetic world, also score the true validation/test answers (baselines fitted on all training perturbations)."""
     mode: typing.Literal["vcc2025", "current"] = "vcc2025"
     """Scorer generation (score): vcc2025 scored the challenge."""
+    pred: str = ""
+    """Scoring command (like `cell-eval run --profile vcc`): a prediction .h5ad to score against --real
+    instead of running the harness; writes --out/results.csv and agg_results.csv (`score_files`)."""
+    real: str = ""
+    """Scoring command: the real .h5ad (log1p, control cells included)."""
+    train: str = ""
+    """Scoring command: training .h5ad to build the cell-mean baseline from (`cell-eval baseline`)."""
+    baseline: str = ""
+    """Scoring command: a baseline prediction .h5ad, instead of --train."""
+    out: str = ""
+    """Scoring command: output directory (default: next to --pred, `<pred stem>_scores/`)."""
+    pert_col: str = "target_gene"
+    """Scoring command: the obs column naming each cell's perturbation."""
+    control_label: str = "non-targeting"
+    """Scoring command: the label of control cells in --pert-col."""
     linear_components: Annotated[int, Range(1, 10_000)] = 10
     """Gene-embedding dimension K of the linear baseline (Ahlmann-Eltze et al. use 10)."""
     linear_ridge: Annotated[float, Range(0, 1e9, lo_open=True)] = 0.1
@@ -8284,6 +8896,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, typing.Any]:
     spec = files.spec
     gene_names = read_gene_names(files.gene_names_path)
     eval_dir = get_eval_dir(cfg.data_root, cfg.world)
+    remove_dead_leftovers(eval_dir)  # a killed earlier run's half-written pool or tables
     data = scan_harness_inputs(cfg, files, gene_names, eval_dir)
     split, training_perts, scan, pool = data["split"], data["training_perts"], data["scan"], data["pool"]
     group_labels, collected_labels = data["group_labels"], data["collected_labels"]
@@ -8504,21 +9117,39 @@ def write_submission(
                 f"cells {start}:{stop}: prediction has shape {x_cg.shape}, expected {(stop - start, len(gene_names))} "
                 "(cells × genes in gene_names.csv order)"
             )
-        check_log1p(x_cg, f"cells {start}:{stop}", source="prediction")
+        check_log1p(x_cg, f"cells {start}:{stop}", source="prediction", check_transform=True)
         return x_cg
 
     write_h5ad_chunked(path, obs, var, checked_chunk, len(obs), chunk_cells, desc=f"writing {path.name}")
     return path
 
 
+def validate_submission(
+    h5ad_path: str | os.PathLike, control_label: str = "non-targeting", chunk_cells: int = 4_096
+) -> None:
+    """THE submission check of a written file (pack_vcc and score_submission run it; write_submission
+    runs the same value checks on every chunk it writes): obs `target_gene` with control cells, and X,
+    chunk by chunk, finite log1p values that are log1p CP10K (check_log1p with check_transform)."""
+    with open_h5ad_backed(h5ad_path) as (obs, _var, x):
+        if "target_gene" not in obs.columns:
+            raise ValueError(f"{h5ad_path}: obs has no `target_gene` column; write it with lib.write_submission.")
+        if control_label not in set(obs["target_gene"].astype(str)):
+            raise ValueError(f"{h5ad_path}: no control cells ({control_label!r}); the scorer needs them.")
+        for start in range(0, x.shape[0], chunk_cells):
+            stop = min(start + chunk_cells, x.shape[0])
+            rows_cg = read_rows(x, slice(start, stop))
+            check_log1p(rows_cg, f"{h5ad_path} cells {start}:{stop}", source="prediction", check_transform=True)
+
+
 def pack_vcc(h5ad_path: str | os.PathLike, vcc_path: str | os.PathLike | None = None) -> pathlib.Path:
     """Pack a submission h5ad as `cell-eval prep` does: tar of `pred.h5ad.zst` + `watermark.txt`.
 
-    Run `write_submission` first: it already writes prep's minimal float32 CSR layout.
-    Compresses with the zstandard library (streaming, so memory stays small) rather than
-    prep's `zstd` program, which a fresh machine may not have.
+    Run `write_submission` first: it already writes prep's minimal float32 CSR layout. Refuses
+    what validate_submission refuses. Compresses with the zstandard library (streaming, so memory
+    stays small) rather than prep's `zstd` program, which a fresh machine may not have.
     """
     h5ad_path = pathlib.Path(h5ad_path)
+    validate_submission(h5ad_path)
     vcc_path = pathlib.Path(vcc_path) if vcc_path else h5ad_path.with_suffix(".prep.vcc")
     with tempfile.TemporaryDirectory() as tmp_dir:
         tmp = pathlib.Path(tmp_dir)
@@ -8540,7 +9171,7 @@ class SubmitConfig(DatasetsConfig):
     predictor: str = "model"
     """`model` (the newest checkpoint nb/05_train.py wrote, or --checkpoint) or a baseline (control cell_mean pert_mean_transfer linear linear_transfer)."""
     checkpoint: str = ""
-    """With --predictor model: the checkpoint directory; empty = the newest under <data_root>/checkpoints/."""
+    """With --predictor model: the checkpoint directory; empty = the newest run with a checkpoint under <data_root>/checkpoints/."""
     fill: typing.Literal["control", "mean"] = "control"
     """How a model's non-HVG genes are filled (see nb/06_eval.py)."""
     fixed_pseudobulk: bool = False
@@ -8676,6 +9307,7 @@ def run_submit(cfg: SubmitConfig) -> dict[str, typing.Any]:
         )
 
     out_dir = get_submission_dir(cfg.data_root, cfg.world)
+    remove_dead_leftovers(out_dir)  # a killed earlier run's half-written pool or submission
     pools = read_or_draw_control_pools(
         out_dir / f"control_pool_seed{cfg.seed}_n{n_control}.csv",
         cell_ids_c[is_ctrl_c],
@@ -8773,6 +9405,7 @@ def score_submission(
         chunk_cells=cfg.chunk_cells,
     )
     real = make_anndata(scipy.sparse.csr_matrix(scan.collected_cg, dtype=np.float32), labels_c, gene_names)
+    validate_submission(h5ad_path, spec.control_label)
     pred = anndata.read_h5ad(h5ad_path)
     result = score(real, pred, mode=cfg.mode, control_label=spec.control_label)
     labels = np.asarray(pred.obs["target_gene"], dtype=str)

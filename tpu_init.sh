@@ -14,7 +14,7 @@
 #      committed lock: uv installs its own CPython, so the image's Python (3.10 on Ubuntu 22.04,
 #      or none) never matters and every image runs the same interpreter
 #   4. `gcloud storage rsync` <vcell-data-bucket> -> $VCELL_HOME/data (copies changed files only)
-#   5. run `uv run python <vcell-script> <vcell-args> --data-root D --checkpoint-dir C --resume`
+#   5. run `uv run python <vcell-script> <vcell-args> --data-root D --checkpoint-dir C --resume-or-start`
 #      and wait; on SIGTERM (spot preemption, shutdown) forward it and wait for the checkpoint
 #   6. write a status line + status.json saying why it stopped; copy log and status to the bucket
 # Before 3 it checks the image against the accelerator (one warning if they do not match; README
@@ -56,9 +56,10 @@
 #   $RUN_NAME        vcell-run-name
 #   $HOSTNAME        this host's name
 #   $WORKER_ID       agent-worker-number
-# `${NAME}` works too (`${RUN_NAME}_eval`). --data-root, --checkpoint-dir and --resume are
-# always added by this script (they are what makes a restarted VM continue), so they may not
-# appear in vcell-args. --resume means "continue from the newest checkpoint if there is one".
+# `${NAME}` works too (`${RUN_NAME}_eval`). --data-root, --checkpoint-dir and --resume-or-start
+# are always added by this script (they are what makes a restarted VM continue), so they (and
+# --resume) may not appear in vcell-args. --resume-or-start means "continue from the newest
+# checkpoint if there is one, else start" (plain --resume refuses a run without a checkpoint).
 #
 # Environment overrides (for tests and unusual images; normally all unset):
 #   VCELL_METADATA_URL   attributes base URL (default: the GCE metadata server)
@@ -567,13 +568,13 @@ read -r -d '' -a arg_words <<<"$raw_args" || true
 train_args=()
 for word in "${arg_words[@]}"; do
   case $word in
-    --data-root | --data-root=* | --checkpoint-dir | --checkpoint-dir=* | --resume | --resume=*)
-      die "vcell-args must not contain ${word%%=*}: tpu_init.sh always passes --data-root $DATA_ROOT --checkpoint-dir $checkpoint_dir --resume" ;;
+    --data-root | --data-root=* | --checkpoint-dir | --checkpoint-dir=* | --resume | --resume=* | --resume-or-start | --resume-or-start=*)
+      die "vcell-args must not contain ${word%%=*}: tpu_init.sh always passes --data-root $DATA_ROOT --checkpoint-dir $checkpoint_dir --resume-or-start" ;;
   esac
   expand_arg "$word"
   train_args+=("$expanded")
 done
-train_args+=(--data-root "$DATA_ROOT" --checkpoint-dir "$checkpoint_dir" --resume)
+train_args+=(--data-root "$DATA_ROOT" --checkpoint-dir "$checkpoint_dir" --resume-or-start)
 
 # ---------------------------------------------------------------------------------------
 # 3. Code: exactly <ref>, clean, whatever state a previous boot left behind.

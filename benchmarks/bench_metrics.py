@@ -11,6 +11,11 @@ and prints times, ratios measured in this run, and the largest metric difference
 
 Both implementations are linear in the number of genes, so the ratio at a reduced gene
 count carries over; the printed per-gene seconds make the extrapolation explicit.
+
+    # the whole job, process start to written CSVs, on VCC-shaped sparse files (10,500 cells =
+    # 100 perturbations x 100 + 500 controls, 18,080 genes, log1p, ~80% zeros): our scoring
+    # command against `cell-eval run --profile vcc` (0.8.2 = mode current), wall time and peak RSS
+    .venv/bin/python benchmarks/bench_metrics.py --vcc-shape --threads 2
 """
 
 import argparse
@@ -19,6 +24,7 @@ import os
 import pathlib
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 
@@ -34,14 +40,14 @@ REFERENCE_ENVS = {
 }
 
 
-def make_pair(n_genes: int, n_perts: int, n_cells: int, n_control: int, seed: int = 0):
+def make_pair(n_genes: int, n_perts: int, n_cells: int, n_control: int, seed: int = 0, base_log_mean: float = -0.5):
     """Real and predicted AnnData: the prediction is a fresh draw with half-size effects."""
     import anndata as ad
     import pandas as pd
 
     rng = np.random.default_rng(seed)
     genes = np.array([f"G{i:05d}" for i in range(n_genes)])
-    base_mu = rng.lognormal(-0.5, 1.5, n_genes).astype(np.float32)
+    base_mu = rng.lognormal(base_log_mean, 1.5, n_genes).astype(np.float32)
     # Perturbations named after measured genes when there are enough (PDS excludes the target gene).
     perts = (
         genes[rng.choice(n_genes, n_perts, replace=False)]
@@ -95,6 +101,75 @@ def run_reference(mode: str, real_path, pred_path, threads: int, work: pathlib.P
     return json.loads(out.read_text())
 
 
+def run_timed(cmd: list[str], env: dict | None = None) -> tuple[float, float]:
+    """(wall seconds, peak RSS in GB) of one command. The RSS comes from GNU time wrapped around
+    it: rusage of a child forked from this process would count this process's own pages (the
+    data it made), since exec records the forked memory's high-water mark."""
+    start = time.perf_counter()
+    run = subprocess.run(["/usr/bin/time", "-f", "maxrss_kb %M", *cmd], env=env, capture_output=True, text=True)
+    seconds = time.perf_counter() - start
+    if run.returncode != 0:
+        raise SystemExit(f"{cmd[:3]} failed:\n{run.stderr[-3000:]}")
+    maxrss_kb = int(run.stderr.strip().splitlines()[-1].split()[-1])
+    return seconds, maxrss_kb / 1e6
+
+
+def cell_eval_executable(work: pathlib.Path) -> str:
+    """`cell-eval` 0.8.2 in a venv of its own under `work` (uv's cache makes this seconds), so the
+    timing below is cell-eval's process alone, not uv's environment resolution."""
+    venv = work / "cell_eval_venv"
+    subprocess.run(["uv", "venv", "--quiet", "--python", "3.11", str(venv)], check=True)
+    packages = [arg for arg in REFERENCE_ENVS["current"] if arg != "--with"]
+    subprocess.run(["uv", "pip", "install", "--quiet", "--python", str(venv / "bin" / "python"), *packages], check=True)
+    return str(venv / "bin" / "cell-eval")
+
+
+def bench_vcc_shape(args) -> None:
+    """Whole processes on the same files: our scoring command vs `cell-eval run --profile vcc`."""
+    import pandas as pd
+    import scipy.sparse
+
+    t0 = time.perf_counter()
+    real, pred = make_pair(args.genes, args.perts, args.cells_per_pert, args.control, base_log_mean=args.base_log_mean)
+    for adata in (real, pred):
+        adata.X = scipy.sparse.csr_matrix(adata.X)
+    zeros = 1 - real.X.nnz / (real.n_obs * real.n_vars)
+    print(
+        f"data: {args.perts} perts x {args.cells_per_pert} cells + {args.control} control = {real.n_obs} cells, "
+        f"{args.genes} genes, CSR float32 log1p, {zeros:.1%} zeros ({time.perf_counter() - t0:.0f} s to make)"
+    )
+    work = pathlib.Path(tempfile.mkdtemp(prefix="bench_vcc_"))
+    try:
+        real.write_h5ad(work / "real.h5ad")
+        pred.write_h5ad(work / "pred.h5ad")
+        del real, pred
+        env = {**os.environ, "NUMBA_NUM_THREADS": str(args.threads), "OMP_NUM_THREADS": str(args.threads)}
+        files = ["--pred", str(work / "pred.h5ad"), "--real", str(work / "real.h5ad")]
+        ours_cmd = [sys.executable, str(REPO_DIR / "nb" / "06_eval.py"), *files, "--mode", "current"]
+        ours_cmd += ["--threads", str(args.threads), "--out", str(work / "ours")]
+        theirs_cmd = [cell_eval_executable(work), "run", "-ap", str(work / "pred.h5ad"), "-ar", str(work / "real.h5ad")]
+        theirs_cmd += ["--pert-col", "target_gene", "--control-pert", "non-targeting", "--profile", "vcc"]
+        theirs_cmd += ["--num-threads", str(args.threads), "-o", str(work / "theirs")]
+        run_timed(ours_cmd, env)  # warm-up: numba's on-disk caches (kernels compile once per code version)
+        run_timed(theirs_cmd, env)
+        print(f"load before: {open('/proc/loadavg').read().split()[:3]} (2 cores shared: compare within one run)")
+        ours_s, ours_gb = run_timed(ours_cmd, env)
+        theirs_s, theirs_gb = run_timed(theirs_cmd, env)
+        ours_s2, ours_gb2 = run_timed(ours_cmd, env)  # again after cell-eval, so load drifts show
+        print(f"load after: {open('/proc/loadavg').read().split()[:3]}")
+        ours_t = pd.read_csv(work / "ours" / "results.csv").set_index("perturbation")
+        theirs_t = pd.read_csv(work / "theirs" / "results.csv").set_index("perturbation").loc[ours_t.index]
+        diff = (ours_t - theirs_t).abs().max()
+        print(
+            f"ours (nb/06_eval.py --pred, mode current): {ours_s:.1f} s and {ours_s2:.1f} s, peak RSS {max(ours_gb, ours_gb2):.2f} GB"
+        )
+        print(f"cell-eval 0.8.2 run --profile vcc:          {theirs_s:.1f} s, peak RSS {theirs_gb:.2f} GB")
+        print(f"ratio (cell-eval / ours, median of ours): {theirs_s / np.median([ours_s, ours_s2]):.1f}x")
+        print("max |diff| per perturbation: " + " ".join(f"{k} {v:.1e}" for k, v in diff.items()))
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--genes", type=int, default=300)
@@ -104,10 +179,20 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--modes", nargs="+", default=list(lib.SCORE_MODES))
     parser.add_argument("--skip-reference", action="store_true")
+    parser.add_argument("--vcc-shape", action="store_true", help="whole-process command vs cell-eval run (see top)")
+    parser.add_argument("--base-log-mean", type=float, default=None, help="log of the genes' mean level (sparsity)")
     args = parser.parse_args()
+    if args.vcc_shape:
+        defaults = {"genes": 18080, "perts": 100, "cells_per_pert": 100, "control": 500, "base_log_mean": -2.0}
+        for name, value in defaults.items():  # the VCC shape unless a flag was given
+            if f"--{name.replace('_', '-')}" not in sys.argv:
+                setattr(args, name, value)
+        return bench_vcc_shape(args)
+    if args.base_log_mean is None:
+        args.base_log_mean = -0.5
 
     t0 = time.perf_counter()
-    real, pred = make_pair(args.genes, args.perts, args.cells_per_pert, args.control)
+    real, pred = make_pair(args.genes, args.perts, args.cells_per_pert, args.control, base_log_mean=args.base_log_mean)
     n_cells = real.n_obs
     print(
         f"data: {args.perts} perts x {args.cells_per_pert} cells + {args.control} control = {n_cells} cells, "

@@ -47,6 +47,9 @@ def main():
                 block = (rng.random((n, args.genes), dtype=np.float32) < args.density) * rng.uniform(
                     0.5, 4, (n, args.genes)
                 ).astype(np.float32)
+                # log1p CP10K rows, as real control cells are (the submission check reads row sums)
+                cp10k = np.expm1(block)
+                block = np.log1p(cp10k * (lib.TARGET_SUM / cp10k.sum(1, keepdims=True)))
                 fh.seek(offset + start * args.genes * 4)
                 fh.write(np.ascontiguousarray(block, dtype=np.float32).tobytes())
         del block

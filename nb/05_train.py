@@ -72,8 +72,11 @@ def _():
 
         **TPU / spot VMs.** On SIGTERM (preemption; the hosts agree on the step) it finishes the step,
         checkpoints, writes `status.json` = `preempted` and exits 0; restart with the same
-        `--run-name ... --resume` (a named run with no checkpoint yet starts fresh, so a
-        startup script can always pass `--resume`). wandb: offline unless `WANDB_API_KEY` is set.
+        `--run-name ... --resume`. `--resume` of a run with no checkpoint is an error naming the runs
+        that have one; `--resume-or-start` starts it fresh instead (what a startup script passes).
+        `status.json` says `failed` (with the error) after any exception, and a run killed outright
+        (kill -9) is marked `failed` at the next start on its host; `<data_root>/checkpoints/latest`
+        moves only when a run has written a checkpoint. wandb: offline unless `WANDB_API_KEY` is set.
         """
     )
     return (mo,)

@@ -10,7 +10,7 @@ def _():
 
     mo.md(
         r"""
-        # 06 · Evaluate: the fake-val harness
+        # 06 · Evaluate: the fake-val harness, and the scoring command
 
         Scores predictors on perturbations of the target they never saw, with the challenge's
         own metrics (`lib.score`: DES, PDS, MAE; mode `vcc2025` unless `--mode current`), each
@@ -36,7 +36,7 @@ def _():
           predicts a pseudobulk turned into cells whose mean is exactly that pseudobulk, with
           the target gene's learned knockdown (`--no-exact-mean`, `--no-knockdown` undo
           these). And a trained
-          model: `--checkpoint DIR`, else the newest under `<data_root>/checkpoints/`
+          model: `--checkpoint DIR`, else the newest run with a checkpoint under `<data_root>/checkpoints/`
           (`--checkpoint none` skips it).
         - **Synthetic world**: also `truth_validation`/`truth_test`, the true answers, with
           baselines fitted on all training perturbations.
@@ -51,6 +51,19 @@ def _():
         python nb/06_eval.py --checkpoint data/checkpoints/RUN --fill control
         python nb/06_eval.py --fill-study                 # measure fill=control vs fill=mean
         marimo edit nb/06_eval.py -- --fixed-pseudobulk
+        ```
+
+        **Scoring command** (`--pred`): instead of the harness, score any prediction `.h5ad`
+        against any real `.h5ad` like `cell-eval run --profile vcc` (same numbers, both modes),
+        plus the normalised score against the cell-mean baseline built from `--train` (as
+        `cell-eval baseline` builds it) or given as `--baseline`. Writes `--out`/`results.csv`
+        (one row per perturbation: `perturbation, overlap_at_N, mae, discrimination_score_l1`),
+        `agg_results.csv`, the baseline's `baseline_results.csv` / `baseline_agg_results.csv` and
+        `score.csv`. X stays on disk and is read one perturbation at a time.
+
+        ```
+        python nb/06_eval.py --pred P.h5ad --real R.h5ad --train T.h5ad --mode current --out DIR --threads 2
+        marimo edit nb/06_eval.py -- --pred P.h5ad --real R.h5ad --baseline B.h5ad --out DIR
         ```
         """
     )
@@ -76,6 +89,15 @@ def _(mo):
 
 
 @app.cell
+def _(cfg, lib, mo, run_button):
+    # The scoring command (--pred): score one prediction file, skip the harness below.
+    mo.stop(not cfg.pred or (lib.in_marimo_notebook() and not run_button.value))
+    scored = lib.run_score_command(cfg)
+    scored["normalised"]
+    return
+
+
+@app.cell
 def _(mo):
     mo.md(r"""
     ## Scores
@@ -91,6 +113,7 @@ def _(mo):
 
 @app.cell
 def _(cfg, lib, mo, run_button):
+    mo.stop(bool(cfg.pred), mo.md("Scored the `--pred` file (above); the harness did not run."))
     mo.stop(lib.in_marimo_notebook() and not run_button.value, mo.md("Press **Run** to start."))
     out = lib.run_eval(cfg)
     results = out["results"]

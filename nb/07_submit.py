@@ -12,13 +12,14 @@ def _():
         r"""
         # 07 · Submit: a predictor's answer as a `.vcc` file
 
-        Turns a predictor (default: the trained model, nb/05's newest checkpoint) into a challenge submission: for every perturbation of
+        Turns a predictor (default: the trained model, the newest nb/05 run with a checkpoint) into a challenge submission: for every perturbation of
         `pert_counts_Validation.csv` (`--split test`: `pert_counts_Test.csv`) exactly
         `n_cells` predicted cells, then control cells; all genes of `gene_names.csv` in that
         order (a model's non-HVG genes filled per `--fill`); log1p float32 CSR. Cells are
         predicted and written a chunk at a time through `lib.write_submission` (validated:
-        gene order, perturbations, cell cap, NaN/range), then packed like `cell-eval prep`
-        with `lib.pack_vcc`. `--fixed-pseudobulk` makes every cell of a perturbation its
+        gene order, perturbations, cell cap, NaN/range, and the log transforms people get
+        wrong: log1p applied twice, log2/log10, log1p of counts not normalised to 10^4), then
+        packed like `cell-eval prep` with `lib.pack_vcc`, which refuses what that check refuses. `--fixed-pseudobulk` makes every cell of a perturbation its
         mean predicted cell.
 
         The inputs are a canonical control pool of the target's training controls (seeded,

@@ -14,8 +14,8 @@ Other forms:
     cell_eval_reference.py jobs JOBS.json                      # several of the above in one process
     cell_eval_reference.py time REAL.h5ad PRED.h5ad OUT.json THREADS  # benchmark: pred only, timed
 
-OUT.json holds the versions used, per-perturbation metrics of the prediction and of the
-cell-mean baseline (built by cell-eval's own `build_base_mean_adata`, written next to
+OUT.json holds the versions used, per-perturbation metrics (and cell-eval's results/agg
+columns and agg table) of the prediction and of the cell-mean baseline (built by cell-eval's own `build_base_mean_adata`, written next to
 OUT.json as OUT.baseline.h5ad), cell-eval's normalised score, and both DE tables.
 """
 
@@ -95,6 +95,8 @@ def score(real_path: str, pred_path: str, out_path: str) -> None:
             )
             results, aggs[name] = evaluator.compute(profile="vcc", break_on_error=True, write_csv=False)
             report[name] = _metrics(results)
+            report[f"{name}_columns"] = list(results.columns)
+            report[f"{name}_agg"] = {column: aggs[name][column].to_list() for column in aggs[name].columns}
             report[f"{name}_de_real"] = _de_table(pathlib.Path(outdir) / "real_de.csv")
             report[f"{name}_de_pred"] = _de_table(pathlib.Path(outdir) / "pred_de.csv")
     normalised = score_agg_metrics(results_user=aggs["pred"], results_base=aggs["baseline"])

@@ -7,6 +7,7 @@ The last tests score the same files with the real cell-eval (0.6.6 + pdex 0.1.26
 import json
 import pathlib
 import subprocess
+import sys
 
 import anndata as ad
 import hypothesis
@@ -23,6 +24,7 @@ import lib
 
 REPO_DIR = pathlib.Path(__file__).resolve().parents[1]
 REFERENCE_SCRIPT = REPO_DIR / "tests" / "cell_eval_reference.py"
+SCORE_COMMAND = [sys.executable, str(REPO_DIR / "nb" / "06_eval.py")]
 REFERENCE_ENVS = {
     "vcc2025": ["--with", "cell-eval==0.6.6", "--with", "pdex==0.1.26", "--with", "scipy<1.16"],
     "current": ["--with", "cell-eval==0.8.2", "--with", "pdex==0.3.0"],
@@ -111,6 +113,36 @@ def test_u_test_with_heavy_ties_matches_scipy(values, n_control, data):
     de = lib.differential_expression(values[:, None], labels, mode="vcc2025")
     a, b = values[labels == "P"], values[labels == CONTROL]
     np.testing.assert_allclose(de.p_value_pg[0, 0], scipy_mwu_p(a, b, "auto"), rtol=1e-12)
+
+
+def test_sparse_de_with_many_zeros_and_ties_matches_scipy_and_numpy_means():
+    """Groups larger than numpy's 128-value pairwise block, mostly zeros, values from a small set
+    (ties inside a group and across groups), CSR input: U and p as scipy's mannwhitneyu, means
+    and pseudobulks bit-for-bit numpy's (the dense arithmetic cell-eval uses)."""
+    rng = np.random.default_rng(7)
+    sizes = {CONTROL: 300, "A": 200, "B": 7, "C": 131, "D": 1}
+    labels = np.concatenate([[k] * n for k, n in sizes.items()])
+    rng.shuffle(labels)
+    levels = np.float32([0.25, 0.5, 1.0, 1.75, 2.5])
+    x = np.where(rng.random((labels.size, 40)) < 0.8, 0, rng.choice(levels, (labels.size, 40))).astype(np.float32)
+    x[:, 1] = rng.random(labels.size).astype(np.float32) * (rng.random(labels.size) < 0.3)  # zeros, no other ties
+    x[:, 2] = 0  # constant gene
+    x_csr = scipy.sparse.csr_matrix(x)
+    for mode, method in (("vcc2025", "auto"), ("current", "asymptotic")):
+        de = lib.differential_expression(x_csr, labels, mode=mode, threads=2)
+        for i, pert in enumerate(de.perts):
+            rows = labels == pert
+            for g in range(x.shape[1]):
+                a, b = x[rows, g], x[labels == CONTROL, g]
+                assert de.u1_pg[i, g] == scipy.stats.mannwhitneyu(np.float64(a), np.float64(b)).statistic
+                np.testing.assert_allclose(de.p_value_pg[i, g], scipy_mwu_p(a, b, method), rtol=1e-12, atol=0)
+            if mode == "vcc2025":  # numpy's pairwise mean of each column
+                means = np.array([np.ascontiguousarray(x[rows, g]).mean() for g in range(x.shape[1])])
+            else:  # numpy's mean over axis 0 of the (cell, gene) block
+                means = x[rows].mean(axis=0)
+            np.testing.assert_array_equal(de.target_mean_pg[i], np.expm1(means.astype(np.float32)))
+            pseudobulk = np.add.reduceat(x[rows], [0], axis=0, dtype=np.float64)[0] / rows.sum()
+            np.testing.assert_array_equal(de.pseudobulk_pg[i], pseudobulk.astype(np.float32))
 
 
 def test_exact_null_distribution_by_hand():
@@ -223,12 +255,12 @@ def test_deranged_perturbation_labels_score_badly(realistic):
     assert lib.normalised_score(wrong, baseline)["score"] < 0.5 * lib.normalised_score(perfect, baseline)["score"]
 
 
-def test_sparse_input_chunking_and_threads_do_not_change_de(realistic):
+def test_sparse_input_and_threads_do_not_change_de(realistic):
     real, _ = realistic
     labels = np.asarray(real.obs["target_gene"], dtype=str)
     whole = lib.differential_expression(real.X, labels)
-    for kwargs in ({"chunk_elements": 1}, {"chunk_elements": 3000, "threads": 2}):
-        for x in (real.X, scipy.sparse.csr_matrix(real.X)):
+    for kwargs in ({}, {"threads": 2}, {"threads": 3}):
+        for x in (real.X, scipy.sparse.csr_matrix(real.X), scipy.sparse.csc_matrix(real.X)):
             other = lib.differential_expression(x, labels, **kwargs)
             for field in ("u1_pg", "p_value_pg", "fdr_pg", "target_mean_pg", "pseudobulk_pg", "significant_pg"):
                 np.testing.assert_array_equal(getattr(whole, field), getattr(other, field), err_msg=field)
@@ -298,6 +330,88 @@ def test_bad_inputs_raise_one_clear_error(realistic, kind, message):
     real, pred = _broken(kind, *realistic)
     with pytest.raises(ValueError, match=message):
         lib.score(real, pred)
+
+
+@pytest.mark.parametrize(
+    "kind, message",
+    [
+        ("gene order", "gene-order trap"),
+        ("no control in pred", "pred: no control cells"),
+        ("perturbation sets", "perturbation sets differ"),
+        ("raw counts", "integer-valued.*raw counts"),
+        ("beyond log1p", "beyond the log1p range"),
+        ("negative", "negative values.*clip"),
+    ],
+)
+def test_score_files_bad_input_raises_one_user_error_and_writes_nothing(realistic, tmp_path, kind, message):
+    real, pred = _broken(kind, *realistic)
+    real.write_h5ad(tmp_path / "real.h5ad")
+    pred.write_h5ad(tmp_path / "pred.h5ad")
+    out = tmp_path / "scores"
+    with pytest.raises(lib.UserError, match=message):
+        lib.score_files(tmp_path / "pred.h5ad", tmp_path / "real.h5ad", train_path=tmp_path / "real.h5ad", out_dir=out)
+    assert not out.exists()
+
+
+def test_score_files_refuses_missing_file_and_missing_column(realistic, tmp_path):
+    real, pred = realistic
+    real.write_h5ad(tmp_path / "real.h5ad")
+    with pytest.raises(lib.UserError, match="does not exist"):
+        lib.score_files(tmp_path / "nope.h5ad", tmp_path / "real.h5ad")
+    with pytest.raises(lib.UserError, match="no column 'guide'.*--pert-col"):
+        lib.score_files(tmp_path / "real.h5ad", tmp_path / "real.h5ad", pert_col="guide")
+
+
+@pytest.mark.parametrize("mode", lib.SCORE_MODES)
+def test_score_files_equal_lib_score_for_sparse_dense_and_shuffled_files(realistic, tmp_path, mode):
+    """Files on disk (X read a group at a time: CSR with cells in any order, dense X) score
+    exactly like lib.score on the same AnnData; the baseline from --train is make_cell_mean_baseline's."""
+    real, pred = realistic
+    real_csr = real.copy()
+    real_csr.X = scipy.sparse.csr_matrix(real.X)
+    real_csr.write_h5ad(tmp_path / "real.h5ad")
+    pred.write_h5ad(tmp_path / "pred_dense.h5ad")  # dense X
+    expected = lib.score(real, pred, mode=mode)
+    baseline = lib.score(real, lib.make_cell_mean_baseline(real), mode=mode, real_de=expected["real_de"])
+    out = lib.score_files(
+        tmp_path / "pred_dense.h5ad", tmp_path / "real.h5ad", train_path=tmp_path / "real.h5ad", mode=mode
+    )
+    for ours, theirs in ((out["result"], expected), (out["baseline"], baseline)):
+        pd.testing.assert_frame_equal(ours["per_perturbation"], theirs["per_perturbation"])
+    assert out["normalised"] == lib.normalised_score(expected, baseline)
+
+
+@pytest.mark.slow  # two processes that import the whole stack
+@pytest.mark.parametrize("mode", lib.SCORE_MODES)
+def test_score_command_writes_cell_eval_tables_equal_to_lib_score(realistic, tmp_path, mode):
+    real, pred = realistic
+    real.write_h5ad(tmp_path / "real.h5ad")
+    pred.write_h5ad(tmp_path / "pred.h5ad")
+    out = tmp_path / "scores"
+    args = ["--pred", tmp_path / "pred.h5ad", "--real", tmp_path / "real.h5ad", "--train", tmp_path / "real.h5ad"]
+    run = subprocess.run(
+        [*SCORE_COMMAND, *map(str, args), "--mode", mode, "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    expected = lib.score(real, pred, mode=mode)
+    baseline = lib.score(real, lib.make_cell_mean_baseline(real), mode=mode, real_de=expected["real_de"])
+    normalised = lib.normalised_score(expected, baseline)
+    assert f"normalised score vs cell-mean baseline: {normalised['score']:.4f}" in run.stdout
+    results = pd.read_csv(out / "results.csv")
+    assert list(results.columns) == ["perturbation", "overlap_at_N", "mae", "discrimination_score_l1"]
+    table = expected["per_perturbation"]
+    results = results.set_index("perturbation").loc[table.index]
+    for ours, theirs in (("des", "overlap_at_N"), ("pds", "discrimination_score_l1"), ("mae", "mae")):
+        np.testing.assert_allclose(results[theirs], table[ours], rtol=1e-15, atol=0)
+    agg = pd.read_csv(out / "agg_results.csv").set_index("statistic")
+    assert list(agg.index) == ["count", "null_count", "mean", "std", "min", "25%", "50%", "75%", "max"]
+    np.testing.assert_allclose(agg.loc["mean", "overlap_at_N"], expected["des"], rtol=1e-15)
+    np.testing.assert_allclose(agg.loc["std", "mae"], table["mae"].std(ddof=1), rtol=1e-12)
+    scores = pd.read_csv(out / "score.csv").set_index("metric")["from_baseline"]
+    assert scores["avg_score"] == pytest.approx(normalised["score"], rel=1e-15)
 
 
 # ---------------------------------------------------------------- the real cell-eval
@@ -396,6 +510,35 @@ def test_scores_match_cell_eval(reference_runs, mode, dataset):
         assert abs(normalised[ours_name] - theirs["normalised"][their_name]) <= 1e-6, ours_name
     if dataset == "realistic":  # the realistic pair must exercise the DE overlap for real
         assert 0 < result["des"] < 1 and result["real_de"].significant_pg.sum() > 50
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", lib.SCORE_MODES)
+@pytest.mark.parametrize("dataset", ["random", "realistic"])
+def test_score_command_matches_cell_eval_run_and_score(reference_runs, tmp_path, mode, dataset):
+    """The scoring command on the files cell-eval scored: results.csv per perturbation,
+    agg_results.csv (cell-eval's `describe` table) and the normalised score against the
+    cell-mean baseline (--train = the real file, as the reference builds it)."""
+    real_path, pred_path, theirs = reference_runs[mode][dataset]
+    out = tmp_path / "scores"
+    args = ["--pred", pred_path, "--real", real_path, "--train", real_path, "--mode", mode, "--out", out]
+    run = subprocess.run([*SCORE_COMMAND, *map(str, args)], capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    for prefix, name in (("", "pred"), ("baseline_", "baseline")):
+        results = pd.read_csv(out / f"{prefix}results.csv", dtype={"perturbation": str})
+        assert list(results.columns) == theirs[f"{name}_columns"]
+        table = results.set_index("perturbation").rename(
+            columns={"overlap_at_N": "des", "discrimination_score_l1": "pds"}
+        )
+        _assert_metrics_match(table, theirs[name])
+        agg = pd.read_csv(out / f"{prefix}agg_results.csv")
+        their_agg = pd.DataFrame(theirs[f"{name}_agg"])
+        assert list(agg.columns) == list(their_agg.columns)
+        assert list(agg["statistic"]) == list(their_agg["statistic"])
+        np.testing.assert_allclose(agg.iloc[:, 1:].to_numpy(), their_agg.iloc[:, 1:].to_numpy(float), atol=1e-6)
+    scores = pd.read_csv(out / "score.csv").set_index("metric")["from_baseline"]
+    for metric, value in theirs["normalised"].items():
+        assert abs(scores[metric] - value) <= 1e-6, metric
 
 
 @pytest.mark.slow

@@ -4,8 +4,11 @@ import dataclasses
 import io
 import json
 import pathlib
+import shutil
+import socket
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pandas as pd
@@ -240,3 +243,93 @@ def test_tiny_world_end_to_end_generation_hvg_store(tiny_store):
     assert set(target["perturbation"]) == set(world["splits"]["train"]) | {"non-targeting"}
     x_sample = np.asarray(store.x_cg[:: max(1, n_cells // 500)])
     assert x_sample.min() >= 0 and x_sample.max() < 15
+
+
+# ---------------------------------------------------------------- no leftovers, no races
+
+
+def _wait_for(predicate, timeout=120.0):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        found = predicate()
+        if found:
+            return found
+        time.sleep(0.01)
+    raise AssertionError("timed out")
+
+
+@pytest.mark.slow
+def test_kill_9_during_04_leaves_a_temporary_store_that_the_next_04_removes(tiny_store, tmp_path):
+    data_root = tmp_path / "data"
+    shutil.copytree(tiny_store, data_root)
+    store_parent = data_root / "store"
+    before = (store_parent / "synthetic" / "x_cg.npy").read_bytes()
+    flags = ["--data-root", str(data_root), "--force", "--chunk-cells", "5"]
+    proc = subprocess.Popen([sys.executable, str(REPO_DIR / "nb" / "04_normalise.py"), *flags], cwd=REPO_DIR)
+    [leftover] = _wait_for(lambda: list(store_parent.glob(".synthetic.tmp-*")))
+    proc.kill()  # SIGKILL mid-write: no cleanup code runs
+    proc.wait()
+    assert leftover.exists() and leftover.name.endswith(f"-{proc.pid}")
+    lib.run_normalise(lib.NormaliseConfig(data_root=str(data_root)))  # the next run (its store is up to date)
+    assert sorted(p.name for p in store_parent.iterdir() if p.name != ".synthetic.lock") == ["synthetic"]
+    assert (store_parent / "synthetic" / "x_cg.npy").read_bytes() == before
+
+
+def test_leftovers_of_live_writers_and_of_other_hosts_are_kept(tmp_path):
+    host = socket.gethostname()
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    try:
+        names = [f".x.tmp-{host}-{alive.pid}", f".x.tmp-other-host-{dead.pid}", f".x.old-{host}-{dead.pid}"]
+        for name in names:
+            (tmp_path / name).mkdir()
+        removed = lib.remove_dead_leftovers(tmp_path)
+    finally:
+        alive.kill()
+        alive.wait()
+    assert [p.name for p in removed] == [names[2]]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(names[:2])
+
+
+# Two writers of one directory. `slow` pauses for a second right after moving the old directory
+# away (the window in which the other writer used to find no directory and swap its own in, so the
+# slow one's second rename hit a non-empty directory); `fast` swaps inside that window.
+SWAPPER = """
+import os, pathlib, sys, time
+import lib
+target, moved, role = pathlib.Path(sys.argv[1]), pathlib.Path(sys.argv[2]), sys.argv[3]
+if role == "slow":
+    replace = os.replace
+    def paused_replace(src, dst):
+        replace(src, dst)
+        if pathlib.Path(src) == target:
+            moved.touch()
+            time.sleep(1.0)
+    os.replace = paused_replace
+else:
+    while not moved.exists():
+        time.sleep(0.001)
+with lib.atomic_dir(target) as tmp:
+    (tmp / "writer").write_text(role)
+"""
+
+
+@pytest.mark.slow
+def test_two_processes_swapping_the_same_directory_take_turns(tmp_path):
+    target, moved = tmp_path / "store", tmp_path / "moved"
+    target.mkdir()
+    (target / "writer").write_text("first")
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SWAPPER, str(target), str(moved), role],
+            cwd=REPO_DIR,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for role in ("slow", "fast")
+    ]
+    errors = [proc.communicate(timeout=120)[1] for proc in procs]
+    assert [proc.returncode for proc in procs] == [0, 0], errors
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".store.lock", "moved", "store"]  # no .old-*/.tmp-* left
+    assert (target / "writer").read_text() == "fast"  # the writer that waited for the lock swapped last

@@ -1,5 +1,8 @@
+import shutil
 import subprocess
+import sys
 import tarfile
+import time
 
 import anndata
 import numpy as np
@@ -17,9 +20,15 @@ PERT_COUNTS = pd.DataFrame(
 
 
 def _random_predictor(seed=0):
+    """log1p CP10K of random counts (what a valid submission holds), made independently of lib."""
+
     def predict_chunk(start, stop):
         rng = np.random.default_rng([seed, start])
-        return rng.uniform(0, 5, (stop - start, len(GENES))) * (rng.random((stop - start, len(GENES))) < 0.4)
+        counts = rng.negative_binomial(2, 0.05, (stop - start, len(GENES))) * (
+            rng.random((stop - start, len(GENES))) < 0.4
+        )
+        counts[:, 0] += 1  # no empty cell
+        return np.log1p(counts / counts.sum(1, keepdims=True) * 1e4)
 
     return predict_chunk
 
@@ -118,3 +127,74 @@ def test_pack_vcc_matches_cell_eval_prep(tmp_path):
     assert list(adata_ours.obs_names) == list(adata_prep.obs_names)
     assert adata_ours.X.dtype == adata_prep.X.dtype and adata_ours.X.format == adata_prep.X.format
     assert np.array_equal(adata_ours.X.toarray(), adata_prep.X.toarray())
+
+
+def _counts(n_cells=21, seed=1):
+    """Cells like a Perturb-seq screen's: Zipf-shaped gene proportions, log-normal library sizes."""
+    rng = np.random.default_rng(seed)
+    p_g = 1 / np.arange(1, len(GENES) + 1)
+    depth_c = 3_000 * rng.lognormal(0, 0.3, (n_cells, 1))
+    return rng.poisson(depth_c * p_g / p_g.sum()).astype(np.float64) + np.eye(1, len(GENES))
+
+
+def _cp10k(counts):
+    return counts / counts.sum(1, keepdims=True) * 1e4
+
+
+# mistake -> (the transform, what the error must say: the mistake, then the fix)
+WRONG_TRANSFORMS = {
+    "log1p twice": (lambda k: np.log1p(np.log1p(_cp10k(k))), "log1p applied twice.*apply np.log1p once"),
+    "log2": (lambda k: np.log2(1 + _cp10k(k)), "log2 instead of the natural log.*use np.log1p"),
+    "log10": (lambda k: np.log10(1 + _cp10k(k)), "log10 instead of the natural log.*use np.log1p"),
+    "log1p of raw counts": (lambda k: np.log1p(k), "raw counts, not normalised.*normalize_total to 10000 per cell"),
+    "log1p of CP1M": (lambda k: np.log1p(_cp10k(k) * 100), "100 x 10000.*not log1p of counts per 10k"),
+}
+
+
+@pytest.mark.parametrize("mistake", WRONG_TRANSFORMS)
+def test_wrong_log_transforms_are_refused_by_writer_packer_and_scorer_naming_the_fix(tmp_path, mistake):
+    transform, message = WRONG_TRANSFORMS[mistake]
+    x_cg = transform(_counts())
+    path = _write(tmp_path / "sub.h5ad")
+    before = path.read_bytes()
+    with pytest.raises(ValueError, match=message):
+        _write(path, predict_chunk=lambda a, b: x_cg[a:b])
+    assert path.read_bytes() == before
+    # A file written around the writer is refused by the packer and the scoring path's check too.
+    obs = lib.make_submission_obs(PERT_COUNTS, n_control=6)
+    bad = tmp_path / "bad.h5ad"
+    anndata.AnnData(X=x_cg.astype(np.float32), obs=obs, var=pd.DataFrame(index=GENES)).write_h5ad(bad)
+    with pytest.raises(ValueError, match=message):
+        lib.pack_vcc(bad, tmp_path / "bad.vcc")
+    assert not (tmp_path / "bad.vcc").exists()
+    with pytest.raises(ValueError, match=message):
+        lib.validate_submission(bad)
+
+
+def test_right_log1p_cp10k_and_shifted_or_mean_predictions_pass():
+    """Honest predictions are not exact log1p CP10K cells: means in log space, shifts, clipping."""
+    y_cg = np.log1p(_cp10k(_counts(200)))
+    mean_cg = np.repeat(y_cg.mean(0, keepdims=True), 200, 0)  # the cell-mean baseline's cells
+    shifted_cg = np.clip(y_cg + np.random.default_rng(0).normal(0, 0.3, len(GENES)), 0, 14)
+    for x_cg in (y_cg, mean_cg, shifted_cg):
+        lib.check_log1p(x_cg.astype(np.float32), source="prediction", check_transform=True)
+
+
+@pytest.mark.slow
+def test_kill_9_during_07_leaves_a_zero_filled_pool_that_the_next_07_removes(tiny_store, tmp_path):
+    data_root = tmp_path / "data"
+    shutil.copytree(tiny_store, data_root)
+    out_dir = lib.get_submission_dir(data_root, "synthetic")
+    flags = ["--data-root", str(data_root), "--predictor", "cell_mean", "--chunk-cells", "1", "--no-score"]
+    proc = subprocess.Popen([sys.executable, str(lib.REPO_DIR / "nb" / "07_submit.py"), *flags], cwd=lib.REPO_DIR)
+    deadline = time.time() + 120
+    while time.time() < deadline and not list(out_dir.glob(".control_pool_*_x.npy.tmp-*")):
+        time.sleep(0.01)
+    proc.kill()  # SIGKILL mid-scan: the pool's temporary file is still all zeros in most rows
+    proc.wait()
+    [leftover] = list(out_dir.glob(".control_pool_*_x.npy.tmp-*"))
+    assert leftover.name.endswith(f"-{proc.pid}")
+    out = lib.run_submit(lib.SubmitConfig(data_root=str(data_root), predictor="cell_mean", score=False))
+    assert not [p.name for p in out_dir.iterdir() if ".tmp-" in p.name]
+    pool = np.load(next(out_dir.glob("control_pool_*_x.npy")))
+    assert (pool.sum(1) > 0).all() and out["vcc"].exists()  # every pool cell is a real (non-empty) cell

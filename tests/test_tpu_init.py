@@ -223,7 +223,7 @@ def test_first_boot_trains_with_allowlisted_variables_expanded(vm):
         data_root,
         "--checkpoint-dir",
         "gs://ckpt-bucket/vcell/run1",
-        "--resume",
+        "--resume-or-start",
     ]
     assert launch["argv"][0] == "nb/05_train.py" and launch["cwd"] == str(repo)
     # The key reached training exactly (newline trimmed) and only training.
@@ -272,7 +272,7 @@ def test_second_boot_checks_out_the_new_ref_cleanly_and_resumes(vm):
     rsyncs = [call for call in vm.jsonl("FAKE_STORAGE_LOG") if call["op"] == "rsync"]
     assert [call["copied"] for call in rsyncs] == [["raw/a.txt"], ["raw/b.txt"]]
     launches = vm.launches()
-    assert len(launches) == 2 and all(launch["argv"][-1] == "--resume" for launch in launches)
+    assert len(launches) == 2 and all(launch["argv"][-1] == "--resume-or-start" for launch in launches)
     assert vm.log().count("==== boot on") == 2
     vm.assert_key_nowhere(first.stdout, first.stderr, second.stdout, second.stderr)
 
@@ -297,6 +297,7 @@ def test_missing_required_keys_fail_naming_each_key(vm):
         ("--x ${DATA_ROOT", "has a '$' that is not a variable"),
         ("--x $(id)", "has a '$' that is not a variable"),
         ("--resume", "must not contain --resume"),
+        ("--resume-or-start", "must not contain --resume-or-start"),
         ("--data-root=/mnt/x", "must not contain --data-root"),
     ],
 )

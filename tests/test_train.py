@@ -534,3 +534,59 @@ def test_trained_model_scores_above_cell_mean_on_held_out_perturbations(tmp_path
     print(table[["des", "pds", "mae", "score"]].to_string())
     for scenario in ("fake_test", "truth_test"):
         assert table.loc[(scenario, "model"), "score"] > 0.02, table.loc[scenario]
+
+
+# ---------------------------------------------------------------- run state that tells the truth
+
+
+@pytest.fixture(scope="module")
+def good_run(tiny_store, tmp_path_factory):
+    """A data root whose checkpoints/ holds one run with a checkpoint, "good" (training reads the
+    tiny store's data root; checkpoints go to <root>/checkpoints so get_latest_checkpoint sees them)."""
+    root = tmp_path_factory.mktemp("state")
+    lib.run_train(tiny_cfg(tiny_store, root / "checkpoints", steps=2, run_name="good"))
+    return root
+
+
+def test_failure_inside_wandb_init_marks_failed_and_keeps_latest_on_a_run_with_a_checkpoint(
+    good_run, tiny_store, monkeypatch, capsys
+):
+    import wandb
+
+    def broken_init(**kw):
+        raise RuntimeError("wandb is down")
+
+    monkeypatch.setattr(wandb, "init", broken_init)
+    with pytest.raises(RuntimeError, match="wandb is down"):
+        lib.run_train(tiny_cfg(tiny_store, good_run / "checkpoints", steps=2, run_name="bad", wandb_mode="offline"))
+    status = json.loads((good_run / "checkpoints" / "bad" / "status.json").read_text())
+    assert status["status"] == "failed" and "wandb is down" in status["error"]
+    assert (good_run / "checkpoints" / "latest").read_text() == "good"
+    # 06/07's model: the newest run WITH a checkpoint, not the newest run.
+    assert lib.get_latest_checkpoint(good_run) == good_run / "checkpoints" / "good"
+    assert "model: run good, the newest of 1 run(s) with a checkpoint" in capsys.readouterr().out
+    assert pathlib.Path(lib.load_model_predictor(lib.get_latest_checkpoint(good_run)).step_dir).parent.name == "good"
+
+
+def test_resume_of_a_run_without_checkpoint_is_an_error_naming_the_runs_that_have_one(good_run, tiny_store):
+    cfg = tiny_cfg(tiny_store, good_run / "checkpoints", steps=2, run_name="goood", resume=True)
+    with pytest.raises(lib.UserError, match=r"'goood' has no checkpoint.*\['good'\].*--resume-or-start"):
+        lib.run_train(cfg)
+    assert not (good_run / "checkpoints" / "goood" / "step_00000002").exists()
+    started = lib.run_train(dataclasses.replace(cfg, resume=False, resume_or_start=True))
+    assert started["step"] == 2 and lib.has_checkpoint(started["run_dir"])
+
+
+@pytest.mark.slow
+def test_a_run_whose_process_died_is_marked_failed_at_the_next_start(good_run, tiny_store):
+    """kill -9 leaves status `running`; the next start of 05 on this host finds the pid dead."""
+    run_dir = good_run / "checkpoints" / "killed"
+    code = f"import lib, time; lib.write_run_status({str(run_dir)!r}, 'running', 5, 'abc'); print('ok', flush=True); time.sleep(600)"
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True, cwd=lib.REPO_DIR)
+    assert proc.stdout.readline().strip() == "ok"
+    proc.kill()  # SIGKILL: nothing in the process can record it
+    proc.wait()
+    assert json.loads((run_dir / "status.json").read_text())["status"] == "running"
+    lib.run_train(tiny_cfg(tiny_store, good_run / "checkpoints", steps=1, run_name="next"))
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["status"] == "failed" and f"process {proc.pid}" in status["error"] and status["step"] == 5
