@@ -724,9 +724,9 @@ def check_raw_counts(x_cg, where: str = "") -> None:
         return
     where = f"{where}: " if where else ""
     if data.min() < 0:
-        raise ValueError(f"{where}negative values (min {data.min():.3g}): expected raw UMI counts")
+        raise UserError(f"{where}negative values (min {data.min():.3g}): expected raw UMI counts")
     if not np.array_equal(data, np.rint(data)):
-        raise ValueError(
+        raise UserError(
             f"{where}non-integer values (max {data.max():.3g}): looks already normalised, not raw counts. "
             "If it is log1p CP10K, set counts = 'log1p' for this dataset in data_manifest.toml"
         )
@@ -772,7 +772,7 @@ def check_log1p(
     where = f"{where}: " if where else ""
     dtype = x_cg.dtype
     if not (np.issubdtype(dtype, np.floating) or np.issubdtype(dtype, np.integer)):
-        raise ValueError(f"{where}X has dtype {dtype}; store expression as float32 log1p values.")
+        raise UserError(f"{where}X has dtype {dtype}; store expression as float32 log1p values.")
     values = x_cg.data if scipy.sparse.issparse(x_cg) else np.asarray(x_cg)
     if values.size == 0:
         return
@@ -789,27 +789,27 @@ def check_log1p(
         n_bad, lo, hi, has_fraction = 0, float(values.min()), float(values.max()), False
     if source == "dataset":
         if n_bad or lo < 0 or hi >= LOG1P_MAX:
-            raise ValueError(
+            raise UserError(
                 f"{where}values in [{lo:.3g}, {hi:.3g}]{f' and {n_bad} NaN/inf' if n_bad else ''} are not log1p "
                 f"(expected 0 <= x < {LOG1P_MAX}): if these are raw counts, set counts = 'raw' in data_manifest.toml"
             )
     else:
         if n_bad:
-            raise ValueError(
+            raise UserError(
                 f"{where}X holds {n_bad} NaN/inf values; fix the model output (e.g. np.nan_to_num, then clip) "
                 "before scoring."
             )
         if lo < 0:
-            raise ValueError(
+            raise UserError(
                 f"{where}X has negative values (min {lo:.3g}); log1p expression is >= 0, so clip predictions to [0, 14]."
             )
         if not allow_integer and not has_fraction:
-            raise ValueError(
+            raise UserError(
                 f"{where}X is integer-valued, which looks like raw counts; normalise it first "
                 "(normalize_total then log1p, the project's one normalisation function)."
             )
         if hi >= LOG1P_MAX:
-            raise ValueError(
+            raise UserError(
                 f"{where}X reaches {hi:.3g}, beyond the log1p range [0, {LOG1P_MAX:g}); this looks like raw counts "
                 "or mixed scales: normalise with normalize_total + log1p."
             )
@@ -885,7 +885,7 @@ def check_prediction_transform(x_cg, where: str = "") -> None:
         and nonzero.size
         and np.mean(np.abs(nonzero - np.rint(nonzero)) < 0.01 + 1e-5 * nonzero) > 0.99
     ):
-        raise ValueError(
+        raise UserError(
             f"{where}expm1 row sums are {plain:.3g} x {TARGET_SUM:g} and expm1 gives whole numbers: looks like "
             f"log1p of raw counts, not normalised; normalize_total to {TARGET_SUM:g} per cell first, then log1p."
         )
@@ -903,13 +903,13 @@ def check_prediction_transform(x_cg, where: str = "") -> None:
     best = min(in_band, key=lambda k: abs(math.log(in_band[k][0])), default=None)
     if best is not None and (not lo <= plain <= hi or abs(math.log(in_band[best][0])) < abs(math.log(plain))):
         ratio, fix = in_band[best]
-        raise ValueError(
+        raise UserError(
             f"{where}expm1 row sums are {plain:.3g} x {TARGET_SUM:g} (median over cells), {ratio:.3g} x once "
             f"undone: looks like {best}; {fix} on counts per 10k (normalize_total to {TARGET_SUM:g} over all genes)."
         )
     if lo <= plain <= hi:
         return
-    raise ValueError(
+    raise UserError(
         f"{where}expm1 row sums are {plain:.3g} x {TARGET_SUM:g} (median over cells; predictions sit within "
         f"{lo:g}-{hi:g} x): not log1p of counts per 10k; predict log1p(CP10K) over ALL genes of gene_names.csv "
         f"(normalize_total to {TARGET_SUM:g}, then np.log1p once)."
@@ -5504,7 +5504,7 @@ def resolve_checkpoint(path: str | os.PathLike, which: Literal["best", "latest"]
         url = join_url(url, _read_pointer(join_url(url, "latest")))
     name = _read_pointer(join_url(url, which)) or _read_pointer(join_url(url, "latest"))
     if not name or not _is_step_dir(join_url(url, name)):
-        raise FileNotFoundError(
+        raise MissingFileError(
             f"no checkpoint under {url}: train one with `python nb/05_train.py` (writes <data_root>/checkpoints/<run>/)"
         )
     return join_url(url, name)
@@ -9132,9 +9132,9 @@ def validate_submission(
     chunk by chunk, finite log1p values that are log1p CP10K (check_log1p with check_transform)."""
     with open_h5ad_backed(h5ad_path) as (obs, _var, x):
         if "target_gene" not in obs.columns:
-            raise ValueError(f"{h5ad_path}: obs has no `target_gene` column; write it with lib.write_submission.")
+            raise UserError(f"{h5ad_path}: obs has no `target_gene` column; write it with lib.write_submission.")
         if control_label not in set(obs["target_gene"].astype(str)):
-            raise ValueError(f"{h5ad_path}: no control cells ({control_label!r}); the scorer needs them.")
+            raise UserError(f"{h5ad_path}: no control cells ({control_label!r}); the scorer needs them.")
         for start in range(0, x.shape[0], chunk_cells):
             stop = min(start + chunk_cells, x.shape[0])
             rows_cg = read_rows(x, slice(start, stop))
@@ -9228,20 +9228,20 @@ def check_submission_request(
     )
     perts = pert_counts["target_gene"].astype(str)
     if perts.duplicated().any():
-        raise ValueError(
+        raise UserError(
             f"pert_counts lists {sorted(set(perts[perts.duplicated()]))[:5]} twice; one row per perturbation"
         )
     if (perts == control_label).any():
-        raise ValueError(f"pert_counts requests {control_label!r}: control cells are added separately, drop that row")
+        raise UserError(f"pert_counts requests {control_label!r}: control cells are added separately, drop that row")
     unknown = sorted(set(perts) - set(gene_names))
     if unknown:
-        raise ValueError(
+        raise UserError(
             f"unknown perturbations {unknown[:5]}: a CRISPRi target must be a gene of gene_names.csv; "
             "check pert_counts for typos or Ensembl ids instead of symbols"
         )
     n_cells = pd.to_numeric(pert_counts["n_cells"], errors="coerce")
     if n_cells.isna().any() or (n_cells < 1).any() or (n_cells != n_cells.round()).any():
-        raise ValueError("pert_counts n_cells must be positive integers")
+        raise UserError("pert_counts n_cells must be positive integers")
 
 
 def write_predictor_submission(
@@ -9342,7 +9342,7 @@ def run_submit(cfg: SubmitConfig) -> dict[str, typing.Any]:
     if cfg.predictor == "model":
         checkpoint = pathlib.Path(cfg.checkpoint) if cfg.checkpoint else get_latest_checkpoint(cfg.data_root)
         if checkpoint is None:
-            raise FileNotFoundError(
+            raise MissingFileError(
                 f"no checkpoint under {get_data_root(cfg.data_root) / 'checkpoints'}: train with nb/05_train.py or pass --checkpoint"
             )
         predictor, name = make_model_predictor(checkpoint, store, target_genes, cfg.fill, cfg.world), "model"

@@ -157,14 +157,14 @@ def test_wrong_log_transforms_are_refused_by_writer_packer_and_scorer_naming_the
     x_cg = transform(_counts())
     path = _write(tmp_path / "sub.h5ad")
     before = path.read_bytes()
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(lib.UserError, match=message):  # a user error: 07 prints it as one line
         _write(path, predict_chunk=lambda a, b: x_cg[a:b])
     assert path.read_bytes() == before
     # A file written around the writer is refused by the packer and the scoring path's check too.
     obs = lib.make_submission_obs(PERT_COUNTS, n_control=6)
     bad = tmp_path / "bad.h5ad"
     anndata.AnnData(X=x_cg.astype(np.float32), obs=obs, var=pd.DataFrame(index=GENES)).write_h5ad(bad)
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(lib.UserError, match=message):
         lib.pack_vcc(bad, tmp_path / "bad.vcc")
     assert not (tmp_path / "bad.vcc").exists()
     with pytest.raises(ValueError, match=message):
