@@ -90,10 +90,11 @@ def _(mo):
 
 @app.cell
 def _(cfg, lib, mo, run_button):
-    # The scoring command (--pred): score one prediction file, skip the harness below.
-    mo.stop(not cfg.pred or (lib.in_marimo_notebook() and not run_button.value))
-    scored = lib.run_score_command(cfg)
-    scored["normalised"]
+    # The scoring command (--pred): score one prediction file, skip the harness below. No mo.stop
+    # when there is no --pred: outside marimo (nbmake's kernel) a stop is an uncaught error.
+    mo.stop(bool(cfg.pred) and lib.in_marimo_notebook() and not run_button.value, mo.md("Press **Run** to score."))
+    scored = lib.run_score_command(cfg) if cfg.pred else None
+    scored["normalised"] if scored else mo.md("No `--pred` file: the harness below scores the predictors.")
     return
 
 
