@@ -1741,7 +1741,8 @@ class SyntheticSize:
     n_modules: int
     """Co-expression modules (programs) in the gene network."""
     chunk_cells: int = 20_000
-    """Cells generated at once: bounds memory for the vcc-scale world."""
+    """Cells generated at once: bounds memory. A chunk holds ~6 dense float64 cells × genes arrays
+    (logits, probabilities, means, NB draws): 20,000 × 18,080 genes passed 16 GB, so vcc uses 2,500."""
     min_cells_per_pert_target: int = 3
     """Fewest cells of a target perturbation (each draw around the median is floored here):
     effects and DE genes are measurable from ~200 cells, what the challenge's files have."""
@@ -1762,7 +1763,18 @@ SYNTHETIC_SIZES = {
         5_000, 4_000, (150, 50, 100), 240, 6_300, 200, 100, 3_000, 12_000, 100, min_cells_per_pert_target=200
     ),
     "vcc": SyntheticSize(
-        20_000, 18_080, (150, 50, 100), 1_220, 38_176, 2_000, 40, 8_000, 50_000, 400, min_cells_per_pert_target=200
+        20_000,
+        18_080,
+        (150, 50, 100),
+        1_220,
+        38_176,
+        2_000,
+        40,
+        8_000,
+        50_000,
+        400,
+        min_cells_per_pert_target=200,
+        chunk_cells=2_500,
     ),
 }
 
