@@ -87,7 +87,8 @@ def _(cfg, out):
     import pandas as pd
 
     if out["score"] is None:
-        print(f"no truth for split {cfg.split!r} on world {cfg.world!r}: not scored")
+        _why = "--no-score" if not cfg.score else f"no truth for split {cfg.split!r} on world {cfg.world!r}"
+        print(f"{_why}: not scored")
     else:
         _s = out["score"]
         _table = pd.DataFrame(
