@@ -127,6 +127,17 @@ class FakeVm:
     def boot(self, timeout=60):
         return subprocess.run(["bash", str(SCRIPT)], env=self.env, capture_output=True, text=True, timeout=timeout)
 
+    def start(self):
+        """Boot in the background, in its own process group (signals can go to the whole group)."""
+        return subprocess.Popen(
+            ["bash", str(SCRIPT)],
+            env=self.env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            start_new_session=True,
+        )
+
     def commit(self, message, files):
         for name, text in files.items():
             (self.work / name).parent.mkdir(parents=True, exist_ok=True)
@@ -322,14 +333,7 @@ def test_sigterm_is_forwarded_and_the_stop_reason_recorded(vm, to_group):
     """SIGTERM to the script alone (systemd KillMode=process) or to every process at once
     (KillMode=control-group, the final shutdown sweep): training checkpoints either way."""
     vm.env["FAKE_TRAIN_MODE"] = "wait"
-    proc = subprocess.Popen(
-        ["bash", str(SCRIPT)],
-        env=vm.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = vm.start()
     try:
         deadline = time.monotonic() + 30
         while not vm.launches():
@@ -363,14 +367,7 @@ def test_sigterm_is_forwarded_and_the_stop_reason_recorded(vm, to_group):
 
 def test_training_killed_before_checkpoint_is_recorded(vm):
     vm.env["FAKE_TRAIN_MODE"] = "ignore-sigterm-handler"
-    proc = subprocess.Popen(
-        ["bash", str(SCRIPT)],
-        env=vm.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = vm.start()
     try:
         deadline = time.monotonic() + 30
         while not vm.launches():
@@ -484,14 +481,7 @@ def test_host_whose_peer_never_starts_stops_within_the_bound_and_says_why(vm, pr
         JAX_PROCESS_ID=str(process_id),
     )
     start = time.monotonic()
-    proc = subprocess.Popen(
-        ["bash", str(SCRIPT)],
-        env=vm.env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,
-    )
+    proc = vm.start()
     try:
         proc.communicate(timeout=timeout_s + 80)  # 80 s: importing lib and JAX on a loaded 2-core machine
     finally:
