@@ -7278,12 +7278,51 @@ class ScoreFile:
     genes: np.ndarray
     """var names, in column order."""
     x: Any
-    """X on disk: `_H5adCsr` (CSR) or an h5py Dataset (dense)."""
+    """X on disk: `_H5adCsr` (CSR) or an h5py Dataset (dense); raw counts wrapped in `_Log1pOfCounts`."""
+
+
+class _Log1pOfCounts:
+    """Raw-count X on disk read as log1p CP10K rows: each block of rows is read as float32 CSR with
+    stored zeros dropped (as `read_rows`) and normalised by `normalise_log1p`, THE normalisation,
+    which checks the counts going in and the log1p going out. A cell's normalisation depends only
+    on its own row, so blocks give what normalising the whole file gives, and memory holds one block
+    (`block_cells` rows at a time, stacked as one group's CSR)."""
+
+    def __init__(self, x, where: str, block_cells: int = 4_096):
+        self.x, self.where, self.block_cells = x, where, block_cells
+        self.shape, self.dtype = x.shape, np.dtype(np.float32)
+
+    def rows(self, rows: np.ndarray) -> scipy.sparse.csr_matrix:
+        rows = np.asarray(rows, dtype=np.int64)
+        parts = []
+        for a in range(0, rows.size, self.block_cells):
+            block = rows[a : a + self.block_cells]
+            raw_cg = self.x.rows(block) if hasattr(self.x, "rows") else _read_dense_row_spans(self.x, block)
+            raw_cg = scipy.sparse.csr_matrix(raw_cg, dtype=np.float32)
+            raw_cg.eliminate_zeros()
+            where = f"{self.where} rows {block[0]}..{block[-1]}"
+            parts.append(scipy.sparse.csr_matrix(normalise_log1p(raw_cg, "raw", where=where), dtype=np.float32))
+        if not parts:
+            return scipy.sparse.csr_matrix((0, self.shape[1]), dtype=np.float32)
+        return scipy.sparse.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
 
 
 @contextlib.contextmanager
-def open_score_file(path: str | os.PathLike, *, pert_col: str = "target_gene", which: str = "") -> Iterator[ScoreFile]:
-    """An h5ad's labels, genes and on-disk X for scoring; one UserError per unreadable file."""
+def open_score_file(
+    path: str | os.PathLike,
+    *,
+    pert_col: str = "target_gene",
+    which: str = "",
+    counts: str = "log1p",
+    chunk_cells: int = 4_096,
+) -> Iterator[ScoreFile]:
+    """An h5ad's labels, genes and on-disk X for scoring; one UserError per unreadable file.
+
+    `counts` is what X holds, as the manifest's key: `log1p` is scored as stored, `raw` integer
+    counts are normalised `chunk_cells` rows at a time as they are read (`_Log1pOfCounts`).
+    """
+    if counts not in ("log1p", "raw"):
+        raise ValueError(f"counts = {counts!r}; use 'raw' or 'log1p'")
     path = pathlib.Path(path)
     which = f"{which} " if which else ""
     if not path.exists():
@@ -7314,13 +7353,18 @@ def open_score_file(path: str | os.PathLike, *, pert_col: str = "target_gene", w
             raise UserError(
                 f"{which}file {path}: X is {x.shape} but obs has {labels_c.size} cells and var {genes.size} genes; rewrite the file."
             )
+        if counts == "raw":
+            x = _Log1pOfCounts(x, where=f"{which}file {path}", block_cells=chunk_cells)
         yield ScoreFile(path, labels_c, genes, x)
 
 
 def check_score_file_values(score_file: ScoreFile, *, which: str) -> None:
     """check_expression_matrix for X on disk, read in chunks: each chunk through check_log1p,
-    and 'integer-valued throughout' judged over all of them."""
+    and 'integer-valued throughout' judged over all of them. Raw counts (`_Log1pOfCounts`) are
+    checked by normalise_log1p as each block is read, so not here."""
     x = score_file.x
+    if isinstance(x, _Log1pOfCounts):
+        return
     if isinstance(x, _H5adCsr):
         chunks = x.value_chunks()
     else:
@@ -7366,7 +7410,8 @@ def check_score_labels(real_labels, pred_labels, *, control_label: str, pert_col
 
 class _CellMeanRows:
     """The cell-mean baseline prediction as rows, never materialised whole: rows < n_pred are
-    the vector m, the rest are the training file's control cells."""
+    the vector m, the rest are control cells (rows `control_rows` of `control_x`: the training
+    file's X, or 07's control pool)."""
 
     def __init__(self, cell_mean_g: np.ndarray, n_pred: int, control_x, control_rows: np.ndarray):
         self.cell_mean_g, self.n_pred = cell_mean_g, n_pred
@@ -9147,7 +9192,7 @@ def validate_submission(
             raise UserError(f"{h5ad_path}: obs has no `target_gene` column; write it with lib.write_submission.")
         if control_label not in set(obs["target_gene"].astype(str)):
             raise UserError(f"{h5ad_path}: no control cells ({control_label!r}); the scorer needs them.")
-        for start in range(0, x.shape[0], chunk_cells):
+        for start in progress(range(0, x.shape[0], chunk_cells), desc=f"checking {pathlib.Path(h5ad_path).name}"):
             stop = min(start + chunk_cells, x.shape[0])
             rows_cg = read_rows(x, slice(start, stop))
             check_log1p(rows_cg, f"{h5ad_path} cells {start}:{stop}", source="prediction", check_transform=True)
@@ -9199,7 +9244,8 @@ class SubmitConfig(DatasetsConfig):
     seed: Annotated[int, Range(0, MAX_SEED)] = 0
     """Seed of the control pool and of each perturbation's input cells."""
     chunk_cells: Annotated[int, Range(1, 1_000_000)] = 1_024
-    """Cells predicted and written at once (memory ~ 3 × chunk_cells × genes × 4 bytes)."""
+    """Cells predicted and written at once (memory ~ 3 × chunk_cells × genes × 4 bytes); also the rows
+    the synthetic score normalises (truth) or reads from the pool (baseline) at once."""
     score: bool = True
     """On the synthetic world, score the submission against the synthetic truth."""
     mode: typing.Literal["vcc2025", "current"] = "vcc2025"
@@ -9399,32 +9445,69 @@ def run_submit(cfg: SubmitConfig) -> dict[str, typing.Any]:
     return out
 
 
+class _PoolRows:
+    """A ControlPool's rows as float32 CSR, for the streamed scorer (`_csc_of_rows` reads `.rows`):
+    read `block_cells` dense rows at a time, so the pool's cells are never held densely."""
+
+    def __init__(self, pool: ControlPool, block_cells: int = 1_024):
+        self.pool, self.block_cells = pool, block_cells
+        self.shape, self.dtype = (pool.n_cells, pool.n_genes), np.dtype(np.float32)
+
+    def rows(self, rows: np.ndarray) -> scipy.sparse.csr_matrix:
+        rows = np.asarray(rows, dtype=np.int64)
+        parts = [
+            scipy.sparse.csr_matrix(self.pool.read(rows[a : a + self.block_cells]))
+            for a in range(0, rows.size, self.block_cells)
+        ]
+        if not parts:
+            return scipy.sparse.csr_matrix((0, self.shape[1]), dtype=np.float32)
+        return scipy.sparse.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+
+
 def score_submission(
     h5ad_path, truth_path, spec, gene_names, fit: FitData, pool: ControlPool, n_control: int, cfg: SubmitConfig
 ) -> dict[str, typing.Any]:
     """Score a written submission against a truth file (synthetic world), and the cell-mean
-    baseline built from the same training data and control cells; both with score."""
-    import anndata
+    baseline built from the same training data and control cells; both as `score` scores them.
 
-    with open_h5ad_backed(truth_path) as (obs, _var, _x):
-        labels_c = obs[spec.perturbation_key].astype(str).to_numpy()
-    scan = scan_h5ad(
-        truth_path,
-        counts=spec.counts,
-        group_c=np.full(len(labels_c), -1),
-        n_groups=0,
-        collect_rows_c=np.arange(len(labels_c)),
-        chunk_cells=cfg.chunk_cells,
-    )
-    real = make_anndata(scipy.sparse.csr_matrix(scan.collected_cg, dtype=np.float32), labels_c, gene_names)
+    Streamed like the scoring command (`score_files`): X is read from disk one perturbation's
+    cells at a time (`open_score_file`, `differential_expression`), the truth's raw counts are
+    normalised as they are read, and the baseline's cells are made as they are read (the vector
+    `make_cell_mean_vector(fit)` for each perturbation's cells, the pool's first `n_control` cells
+    as its controls, as `make_prediction_anndata` of a ConstantPredictor would write them), so
+    memory holds one perturbation's cells and the control cells, never a whole file.
+    """
     validate_submission(h5ad_path, spec.control_label)
-    pred = anndata.read_h5ad(h5ad_path)
-    result = score(real, pred, mode=cfg.mode, control_label=spec.control_label)
-    labels = np.asarray(pred.obs["target_gene"], dtype=str)
-    perts, counts = np.unique(labels[labels != spec.control_label], return_counts=True)
+    genes = np.asarray(gene_names, dtype=str)
+    kwargs = dict(genes=genes, control_label=spec.control_label, mode=cfg.mode)
+    with (
+        open_score_file(
+            truth_path, pert_col=spec.perturbation_key, which="truth", counts=spec.counts, chunk_cells=cfg.chunk_cells
+        ) as truth,
+        open_score_file(h5ad_path, which="submission") as pred,
+    ):
+        fix = "the truth comes with the target's files: run nb/01_download.py again"
+        check_gene_order(genes, truth.genes, expected_from="gene_names.csv", got_from=f"truth {truth_path}", fix=fix)
+        fix = "write it with lib.write_submission in gene_names.csv's order"
+        check_gene_order(genes, pred.genes, expected_from="gene_names.csv", got_from=f"submission {h5ad_path}", fix=fix)
+        check_score_labels(
+            truth.labels_c, pred.labels_c, control_label=spec.control_label, pert_col=spec.perturbation_key
+        )
+        real_de = differential_expression(truth.x, truth.labels_c, desc="DE truth", **kwargs)
+        pred_de = differential_expression(pred.x, pred.labels_c, desc="DE submission", **kwargs)
+        pred_labels_c = pred.labels_c
+    result = score_de(real_de, pred_de)
+    perts, counts = np.unique(pred_labels_c[pred_labels_c != spec.control_label], return_counts=True)
     plan = make_prediction_plan(
         list(zip(perts, counts)), pool.n_cells, np.arange(n_control), cfg.seed, spec.control_label
     )
-    baseline = make_prediction_anndata(ConstantPredictor(gene_names, make_cell_mean_vector(fit)), plan, pool)
-    baseline_result = score(real, baseline, mode=cfg.mode, real_de=result["real_de"], control_label=spec.control_label)
+    is_pred_c = plan.labels_c != plan.control_label  # the plan puts every perturbation's cells first
+    baseline_x = _CellMeanRows(
+        make_cell_mean_vector(fit).astype(np.float32),  # as ConstantPredictor writes it
+        int(is_pred_c.sum()),
+        _PoolRows(pool, cfg.chunk_cells),
+        plan.pool_rows_c[~is_pred_c],
+    )
+    baseline_de = differential_expression(baseline_x, plan.labels_c, desc="DE cell-mean baseline", **kwargs)
+    baseline_result = score_de(real_de, baseline_de)
     return {"result": result, "baseline": baseline_result, "normalised": normalised_score(result, baseline_result)}

@@ -77,7 +77,9 @@ def _(mo):
     ## Score against the synthetic truth
 
     Only the synthetic world has the answers. The cell-mean baseline is built from the
-    same training data and control cells, and scored the same way.
+    same training data and control cells, and scored the same way. Scoring streams like
+    `nb/06_eval.py --pred`: X is read from disk one perturbation's cells at a time (the
+    truth's raw counts normalised as they are read), so no whole file is held in memory.
     """)
     return
 

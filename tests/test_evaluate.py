@@ -1,9 +1,11 @@
+import dataclasses
 import shutil
 
 import anndata
 import numpy as np
 import pandas as pd
 import pytest
+import scipy.sparse
 
 import lib
 
@@ -201,6 +203,82 @@ def test_submission_matches_pert_counts_gene_names_and_is_scored(tiny_store, sub
     perts = sorted(set(truth_labels) - {files.spec.control_label})
     mae_p = [np.abs(pred_cg[pred_labels == p].mean(0) - truth_cg[truth_labels == p].mean(0)).mean() for p in perts]
     np.testing.assert_allclose(out["score"]["result"]["mae"], np.mean(mae_p), rtol=1e-5)
+
+
+def _in_memory_submission_scores(data_root, h5ad_path, n_control: int, mode: str):
+    """What 07 scored before it streamed, rebuilt here from whole files in memory: the truth
+    normalised at once, the submission read whole, and the cell-mean baseline as one AnnData
+    (every predicted cell m = mean over the training groups of each group's mean, perturbations
+    sorted then the control as 07's fit orders them; as controls the submission's own, which are
+    the pool's first n_control cells). Also returns 07's fit inputs for a direct call."""
+    files = lib.get_target_files(str(data_root), "synthetic")
+    spec, gene_names = files.spec, lib.read_gene_names(files.gene_names_path)
+
+    def log1p_of(path):
+        adata = anndata.read_h5ad(path)
+        x_cg = lib.normalise_log1p(scipy.sparse.csr_matrix(adata.X, dtype=np.float32), spec.counts)
+        return scipy.sparse.csr_matrix(x_cg), np.asarray(adata.obs[spec.perturbation_key], str)
+
+    truth_cg, truth_labels = log1p_of(files.truth_paths["validation"])
+    real = lib.make_anndata(truth_cg, truth_labels, gene_names)
+    pred = anndata.read_h5ad(h5ad_path)
+    train_cg, train_labels = log1p_of(files.training_path)
+    is_ctrl = train_labels == spec.control_label
+    group_labels = [*sorted(set(train_labels[~is_ctrl])), "control"]
+    group_c = np.where(is_ctrl, "control", train_labels)
+    # float64 sums (scipy's sum(dtype=float64) of a float32 matrix accumulates in float32)
+    sum_kg = np.stack([np.asarray(train_cg[group_c == g].astype(np.float64).sum(0)).ravel() for g in group_labels])
+    n_k = np.array([(group_c == g).sum() for g in group_labels])
+    cell_mean_g = lib.mean_of_group_means((sum_kg / n_k[:, None]).astype(np.float32))
+    pred_labels = np.asarray(pred.obs["target_gene"], str)
+    perts, counts = np.unique(pred_labels[pred_labels != spec.control_label], return_counts=True)
+    assert (pred_labels == spec.control_label).sum() == n_control
+    controls_cg = pred.X[pred_labels == spec.control_label].toarray()
+    baseline_x = np.concatenate([np.tile(cell_mean_g, (counts.sum(), 1)), controls_cg])
+    baseline = lib.make_anndata(
+        scipy.sparse.csr_matrix(baseline_x),
+        np.concatenate([np.repeat(perts, counts), np.full(n_control, spec.control_label)]),
+        gene_names,
+    )
+    result = lib.score(real, pred, mode=mode, control_label=spec.control_label)
+    baseline_result = lib.score(real, baseline, mode=mode, control_label=spec.control_label)
+    fit_inputs = (gene_names, group_labels, sum_kg, n_k, group_labels[:-1], ["control"])
+    return {
+        "result": result,
+        "baseline": baseline_result,
+        "normalised": lib.normalised_score(result, baseline_result),
+    }, fit_inputs
+
+
+def _assert_same_scores(streamed, in_memory):
+    for side in ("result", "baseline"):
+        for metric in ("des", "pds", "mae"):
+            assert streamed[side][metric] == in_memory[side][metric], (side, metric)
+        pd.testing.assert_frame_equal(streamed[side]["per_perturbation"], in_memory[side]["per_perturbation"])
+    assert streamed["normalised"] == in_memory["normalised"]
+
+
+@pytest.mark.parametrize("mode", ["vcc2025", "current"])
+def test_streamed_submission_score_equals_in_memory_score(tiny_store, submission, mode):
+    cfg, out = submission
+    in_memory, fit_inputs = _in_memory_submission_scores(tiny_store, out["h5ad"], out["n_control"], mode)
+    if mode == cfg.mode:  # 07 itself (run_submit), with its own fit and pool
+        _assert_same_scores(out["score"], in_memory)
+    files = lib.get_target_files(str(tiny_store), "synthetic")
+    pool = lib.ControlPool(out["h5ad"].parent / f"control_pool_seed{cfg.seed}_n{out['n_control']}_x.npy")
+    # blocks of 16 rows: groups (and the controls) span several normalised / pool blocks
+    small_blocks = dataclasses.replace(cfg, mode=mode, chunk_cells=16)
+    streamed = lib.score_submission(
+        out["h5ad"],
+        files.truth_paths["validation"],
+        files.spec,
+        fit_inputs[0],
+        lib.make_fit_data(*fit_inputs),
+        pool,
+        out["n_control"],
+        small_blocks,
+    )
+    _assert_same_scores(streamed, in_memory)
 
 
 def test_fixed_pseudobulk_gives_identical_cells_within_a_perturbation(submission):

@@ -381,6 +381,27 @@ def test_score_files_equal_lib_score_for_sparse_dense_and_shuffled_files(realist
     assert out["normalised"] == lib.normalised_score(expected, baseline)
 
 
+@pytest.mark.parametrize("layout", ["csr", "dense"])
+def test_raw_count_score_file_reads_log1p_cp10k_rows_in_blocks(tmp_path, layout):
+    """open_score_file(counts="raw") gives each row as log1p(counts / total * 1e4), computed here
+    by hand in float64, whatever blocks the rows are read in (blocks of 3 rows, rows skipped)."""
+    rng = np.random.default_rng(0)
+    counts_cg = rng.poisson(rng.gamma(0.5, 4.0, (20, 30))).astype(np.float32)
+    counts_cg[:, 0] += 1  # no empty cell
+    x = scipy.sparse.csr_matrix(counts_cg) if layout == "csr" else counts_cg
+    labels = np.where(np.arange(20) < 8, "non-targeting", "G1")
+    lib.make_anndata(x, labels).write_h5ad(tmp_path / "counts.h5ad")
+    expected_cg = np.log1p(counts_cg / counts_cg.sum(1, keepdims=True, dtype=np.float64) * 1e4)
+    rows = np.array([0, 1, 2, 5, 6, 7, 11, 19])
+    with lib.open_score_file(tmp_path / "counts.h5ad", counts="raw", chunk_cells=3) as score_file:
+        got_cg = score_file.x.rows(rows)
+    assert got_cg.dtype == np.float32
+    np.testing.assert_allclose(got_cg.toarray(), expected_cg[rows], rtol=1e-6, atol=1e-6)
+    with lib.open_score_file(tmp_path / "counts.h5ad", counts="log1p") as score_file:
+        with pytest.raises(lib.UserError, match="integer-valued"):  # as stored, counts are refused
+            lib.check_score_file_values(score_file, which="real")
+
+
 @pytest.mark.slow  # two processes that import the whole stack
 @pytest.mark.parametrize("mode", lib.SCORE_MODES)
 def test_score_command_writes_cell_eval_tables_equal_to_lib_score(realistic, tmp_path, mode):
