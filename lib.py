@@ -9090,7 +9090,9 @@ def run_eval(cfg: EvalConfig) -> dict[str, typing.Any]:
             table.insert(1, "fit_on", fit_label)
             table.insert(2, "fixed_pseudobulk", cfg.fixed_pseudobulk)
         if model is not None:  # the model was trained on the fake-val train split (or zero-shot) whatever the scenario
-            model_fit = "target_controls" if model.hvg_predictor.zero_shot else "fake_train"
+            model_fit = "fake_train"
+            if model.hvg_predictor.zero_shot:  # its knockdown wrapper is fitted like the baselines
+                model_fit = "target_controls" if cfg.zero_shot or not cfg.knockdown else f"{fit_label} (knockdown only)"
             summary.loc[summary["predictor"] == "model", "fit_on"] = model_fit
         tables.append(summary)
         per_pert_tables.append(per_pert)
