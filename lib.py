@@ -3940,13 +3940,20 @@ class LoaderConfig:
 
 
 def make_example_groups(
-    index: pd.DataFrame, *, datasets=(), exclude_perturbations=(), target_dataset: str = "", control_sets: bool = True
+    index: pd.DataFrame,
+    *,
+    datasets=(),
+    exclude_perturbations=(),
+    target_dataset: str = "",
+    control_sets: bool = True,
+    zero_shot: bool = False,
 ) -> pd.DataFrame:
     """The groups that become training examples, each with the control group it is paired with.
 
     Controls come from the same dataset and cell type and, where the dataset has that
     batch's controls, the same batch; else the largest control group of the cell type.
-    `exclude_perturbations` holds out perturbations of `target_dataset` (fake-val split).
+    `exclude_perturbations` holds out perturbations of `target_dataset` (fake-val split);
+    `zero_shot` holds out every perturbed group of `target_dataset` (its controls stay).
     """
     groups = index.reset_index(names="group")
     if datasets:
@@ -3955,11 +3962,18 @@ def make_example_groups(
     by_batch = {(r.dataset, r.cell_type, r.batch): r.group for r in controls.itertuples()}
     largest = controls.sort_values("n_cells").groupby(["dataset", "cell_type"])["group"].last().to_dict()
     held_out = groups["perturbation"].isin(set(exclude_perturbations)) & (groups["dataset"] == target_dataset)
+    if zero_shot:
+        held_out |= ~groups["is_control"] & (groups["dataset"] == target_dataset)
     examples = groups[~held_out & (control_sets | ~groups["is_control"])].copy()
     examples["control_group"] = [
         by_batch.get((r.dataset, r.cell_type, r.batch), largest.get((r.dataset, r.cell_type), -1))
         for r in examples.itertuples()
     ]
+    if zero_shot and not (~examples["is_control"]).any():
+        raise UserError(
+            f"zero-shot training holds out every perturbation of {target_dataset}, and no other dataset is "
+            f"trained on ({sorted(examples['dataset'].unique())}): add context datasets (--datasets) or drop --zero-shot"
+        )
     missing = examples["control_group"] < 0
     if missing.any():
         names = sorted(examples.loc[missing, "dataset"].unique())
@@ -4067,6 +4081,7 @@ def make_loader(
     datasets: Sequence[str] = (),
     exclude_perturbations=(),
     target_dataset: str = "",
+    zero_shot: bool = False,
     process_index: int = 0,
     process_count: int = 1,
 ):
@@ -4090,6 +4105,7 @@ def make_loader(
         exclude_perturbations=exclude_perturbations,
         target_dataset=target_dataset,
         control_sets=cfg.control_sets,
+        zero_shot=zero_shot,
     )
     pert_ids = vocab.ids(examples["perturbation"], is_control=examples["is_control"])
     source = CellSetBatches(store.store_dir, store.index, examples, pert_ids, cfg, seed, process_index, process_count)
@@ -4994,6 +5010,12 @@ class TrainConfig:
     oov_dropout: Annotated[float, Range(0, 1, hi_open=True)] = 0.1
     """Probability that a perturbed example's features are replaced by the OOV row, so the OOV
     row learns "an unknown perturbation" instead of staying at its random init."""
+    zero_shot: bool = False
+    """Zero-shot: train on no perturbed cell of the target, only its control cells (as control
+    sets) and every context cell type's cells, as for a cell type none of whose perturbations were
+    measured. Validation still picks the `best` checkpoint on the target's fake-val `val`
+    perturbations (never `test`, never a truth file). Recorded in the checkpoint's config; 06
+    --zero-shot scores only such checkpoints."""
     vocab_from_pert_counts: bool = True
     """Add the target's validation/test perturbation NAMES (pert_counts_*.csv) to the vocabulary,
     so their features exist for 07; no cells of theirs are used."""
@@ -6013,6 +6035,7 @@ def make_train_batches(
         datasets=cfg.datasets,
         exclude_perturbations=[*split["val"], *split["test"]],
         target_dataset=target,
+        zero_shot=cfg.zero_shot,
         process_index=jax.process_index(),
         process_count=jax.process_count(),
     )
@@ -6255,7 +6278,8 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
         if is_main:
             log = start_run(cfg, run_dir, start)
             print(
-                f"run {url_name(run_dir)} (id {run_id}): {n_params:,} parameters, {len(examples)} training groups, "
+                f"run {url_name(run_dir)} (id {run_id}): {n_params:,} parameters, {len(examples)} training groups"
+                f"{f' (zero-shot: no perturbed cell of {target})' if cfg.zero_shot else ''}, "
                 f"features {cfg.features} ({features.width} wide), steps {start.step} -> {cfg.steps}, "
                 f"{jax.process_count()} process(es), {jax.device_count()} device(s)"
             )
@@ -7785,6 +7809,39 @@ def fit_knockdown_fraction(fit: FitData, min_control_mean: float = 0.1) -> float
     return float(np.clip(np.median(ratios), 0.0, 1.0)) if ratios else 1.0
 
 
+def fit_context_knockdown_fraction(
+    store: CellStore, target: str, min_control_mean: float = 0.1, max_cells: int = 256
+) -> float:
+    """fit_knockdown_fraction's rule on the store's other cell types, for a target with no measured
+    perturbation (zero-shot): the knocked-down gene's log1p mean (at most `max_cells` cells per
+    perturbation) over its control mean in the same dataset, median over every context perturbation
+    whose target gene is a store gene measured in that dataset and expressed in its controls
+    (`min_control_mean`); 1.0 (no knockdown) when there is none. Never reads a target cell."""
+    index, genes = store.index, store.genes
+    col_of_id = {i: j for j, i in enumerate(genes["ensembl_id"].astype(str)) if i}
+    col_of_symbol = {s: j for j, s in enumerate(genes["symbol"].astype(str))}
+    ids = store.means[store.means["ensembl_id"] != ""]
+    ratios = []
+    for d, dataset in enumerate(store.datasets):
+        if dataset == target:
+            continue
+        in_d = index[index["dataset"] == dataset]
+        table = ids[ids["dataset"] == dataset]
+        id_of_symbol = dict(zip(table["symbol"], table["ensembl_id"]))
+        ctrl_rows = _group_rows(in_d[in_d["is_control"]], 100_000)
+        ctrl_g = np.zeros(store.x_cg.shape[1])
+        for a in range(0, len(ctrl_rows), 8192):  # bounded memory for large control groups
+            ctrl_g += np.asarray(store.x_cg[ctrl_rows[a : a + 8192]], np.float64).sum(0)
+        ctrl_g /= max(len(ctrl_rows), 1)
+        for pert, groups in in_d[~in_d["is_control"]].groupby("perturbation", sort=True):
+            col = col_of_id.get(_perturbation_key(str(pert), id_of_symbol), col_of_symbol.get(str(pert)))
+            if col is None or not store.measured_dg[d, col] or ctrl_g[col] < min_control_mean:
+                continue
+            rows = _group_rows(groups, max_cells)
+            ratios.append(float(np.asarray(store.x_cg[rows, col], np.float64).mean() / ctrl_g[col]))
+    return float(np.clip(np.median(ratios), 0.0, 1.0)) if ratios else 1.0
+
+
 @dataclasses.dataclass
 class KnockdownPredictor:
     """Any predictor with the target gene's own column set to the knockdown: the column is
@@ -8360,6 +8417,7 @@ def make_baseline_predictor(
     ridge: float = 0.1,
     exact_mean: bool = True,
     knockdown: bool = True,
+    knockdown_remaining: float | None = None,
     cv_seed: int = 0,
 ) -> Predictor:
     """One of BASELINES, fitted on `fit` (the transfer baselines also read the store's other cell types).
@@ -8367,7 +8425,8 @@ def make_baseline_predictor(
     The effect baselines predict a pseudobulk (the training control mean plus the effect):
     `exact_mean` turns it into cells without control-sampling noise (EffectPredictor), and
     `knockdown` sets the target gene's own column to the remaining fraction measured on the
-    training perturbations (fit_knockdown_fraction)."""
+    training perturbations (fit_knockdown_fraction), or to `knockdown_remaining` when given
+    (zero-shot: fit_context_knockdown_fraction)."""
     genes = fit.gene_names
     if name == "control":
         return ControlPredictor(genes)
@@ -8397,7 +8456,9 @@ def make_baseline_predictor(
         genes,
         effect_of,
         control_mean_g=np.asarray(fit.control_mean_g, dtype=np.float32),
-        knockdown_remaining=fit_knockdown_fraction(fit) if knockdown else None,
+        knockdown_remaining=(knockdown_remaining if knockdown_remaining is not None else fit_knockdown_fraction(fit))
+        if knockdown
+        else None,
         exact_mean=exact_mean,
     )
 
@@ -8450,6 +8511,8 @@ class ModelPredictor:
         """The model's gene columns (ensembl_id, symbol), in order."""
         self.control_pool_cg: np.ndarray = ckpt["control_pool_cg"]
         """The canonical control pool saved at training (log1p, target cell type)."""
+        self.zero_shot: bool = ckpt["cfg"].zero_shot
+        """Trained on no perturbed cell of the target (05 --zero-shot)."""
 
     def get_pert_id(self, perturbation: str) -> int:
         """The perturbation's id; unknown (or, for onehot, never trained) -> OOV id 1, with a warning."""
@@ -8722,6 +8785,14 @@ class EvalConfig(DatasetsConfig):
     """Real cells scored per perturbation at most (a seeded subsample; 0 = all): bounds memory and DE time."""
     truth: bool = True
     """On the synthetic world, also score the true validation/test answers (baselines fitted on all training perturbations)."""
+    zero_shot: bool = False
+    """Zero-shot harness: the target as a cell type none of whose perturbations were measured. The same
+    held-out sets are scored (fake val/test, truth), as scenarios `zero_shot_*`, but every predictor is
+    fitted on no perturbed target cell: cell_mean is the target's control mean (all a cell-mean can
+    be without perturbations, so scores are normalised against it), pert_mean_transfer uses the
+    context cell types, the knockdown fraction is learned on theirs (fit_context_knockdown_fraction),
+    linear/linear_transfer are skipped (they regress on the target's own effects), and the model
+    must be a `05 --zero-shot` checkpoint."""
     mode: typing.Literal["vcc2025", "current"] = "vcc2025"
     """Scorer generation (score): vcc2025 scored the challenge."""
     pred: str = ""
@@ -8753,6 +8824,10 @@ class EvalConfig(DatasetsConfig):
         unknown = sorted(set(self.predictors) - set(BASELINES))
         if unknown:
             raise flag_error("predictors", unknown, f"not a baseline; choose from {list(BASELINES)}")
+        if self.zero_shot and self.fill_study:
+            raise flag_error(
+                "fill_study", True, "it fits the linear baseline on target perturbations: not with --zero-shot"
+            )
 
 
 def get_eval_dir(data_root: str | os.PathLike | None, world: str) -> pathlib.Path:
@@ -8919,11 +8994,27 @@ def scan_harness_inputs(cfg: EvalConfig, files: TargetFiles, gene_names: list[st
     }
 
 
-def make_harness_predictors(cfg: EvalConfig, fit: FitData, store, target: str, target_genes, hvg_cols_v, gene_names):
+ZERO_SHOT_SKIPPED = ("linear", "linear_transfer")
+"""Baselines the zero-shot harness cannot fit honestly: they regress on the target's own measured effects."""
+
+
+def make_harness_predictors(
+    cfg: EvalConfig,
+    fit: FitData,
+    store,
+    target: str,
+    target_genes,
+    hvg_cols_v,
+    gene_names,
+    knockdown_remaining: float | None = None,
+):
     """The predictors the harness scores, by name: cell-mean first (the normalising baseline), the
-    requested baselines, and with --fill-study the linear baseline on HVGs with each fill mode."""
+    requested baselines, and with --fill-study the linear baseline on HVGs with each fill mode.
+    `knockdown_remaining`: the effect baselines' knockdown fraction, instead of learning it from `fit`."""
     predictors = {}
     for name in dict.fromkeys(["cell_mean", *cfg.predictors]):
+        if cfg.zero_shot and name in ZERO_SHOT_SKIPPED:
+            continue
         predictors[name] = make_baseline_predictor(
             name,
             fit,
@@ -8934,6 +9025,7 @@ def make_harness_predictors(cfg: EvalConfig, fit: FitData, store, target: str, t
             ridge=cfg.linear_ridge,
             exact_mean=cfg.exact_mean,
             knockdown=cfg.knockdown,
+            knockdown_remaining=knockdown_remaining,
             cv_seed=cfg.seed,
         )
     if cfg.fill_study:
@@ -8948,7 +9040,8 @@ def make_harness_predictors(cfg: EvalConfig, fit: FitData, store, target: str, t
 
 def run_eval(cfg: EvalConfig) -> dict[str, typing.Any]:
     """06 eval: the fake-val harness. Returns results (one row per scenario × predictor, with
-    `mode`), per_perturbation, effects (for plots) and the paths written."""
+    `mode`), per_perturbation, effects (for plots), the paths written and each scenario's FitData.
+    --zero-shot: every predictor fitted on no perturbed target cell (EvalConfig.zero_shot)."""
     files = get_target_files(cfg.data_root, cfg.world)
     spec = files.spec
     gene_names = read_gene_names(files.gene_names_path)
@@ -8969,8 +9062,29 @@ def run_eval(cfg: EvalConfig) -> dict[str, typing.Any]:
         target_genes = get_target_gene_table(store, spec.name, gene_names)
         hvg_cols_v = get_hvg_columns(store, target_genes)
     except FileNotFoundError:
-        if {"pert_mean_transfer", "linear_transfer"} & set(cfg.predictors) or cfg.fill_study or checkpoint is not None:
+        needs_store = {"pert_mean_transfer", "linear_transfer"} & set(cfg.predictors) or cfg.fill_study
+        if needs_store or checkpoint is not None or cfg.zero_shot:
             raise
+
+    model = None
+    if checkpoint is not None:
+        model = make_model_predictor(checkpoint, store, target_genes, cfg.fill, cfg.world)
+        if cfg.zero_shot and not model.hvg_predictor.zero_shot:
+            raise UserError(
+                f"--zero-shot scores a model trained on no perturbed target cell, but checkpoint {checkpoint} was "
+                "trained on the target's perturbations: pass a `python nb/05_train.py --zero-shot` run as "
+                "--checkpoint, or --checkpoint none"
+            )
+    zero_shot_knockdown = None
+    if cfg.zero_shot:  # what can be learned without a perturbed target cell
+        skipped = [n for n in cfg.predictors if n in ZERO_SHOT_SKIPPED]
+        if skipped:
+            print(f"zero-shot: skipping {skipped}: they regress on the target's own measured effects")
+        zero_shot_knockdown = fit_context_knockdown_fraction(store, spec.name) if cfg.knockdown else None
+        if cfg.knockdown:
+            print(
+                f"zero-shot: knockdown remaining fraction {zero_shot_knockdown:.3f}, learned on the context cell types"
+            )
 
     fake_fit = split["train"]
     scenarios = [
@@ -8986,18 +9100,23 @@ def run_eval(cfg: EvalConfig) -> dict[str, typing.Any]:
             (f"truth_{s}", training_perts, lambda p=p: _scenario_real_from_truth(p, spec, gene_names, cfg))
             for s, p in files.truth_paths.items()
         ]
+    if cfg.zero_shot:  # the same held-out sets, fitted on no target perturbation
+        scenarios = [(f"zero_shot_{name}", [], get_real) for name, _, get_real in scenarios]
 
-    tables, per_pert_tables, effects = [], [], {}
+    tables, per_pert_tables, effects, fits = [], [], {}, {}
     for scenario, fit_perts, get_real in scenarios:
         fit = make_fit_data(
             gene_names, group_labels, scan.sum_kg, scan.n_k, fit_perts, ["control:pred", "control:rest"]
         )
-        predictors = make_harness_predictors(cfg, fit, store, spec.name, target_genes, hvg_cols_v, gene_names)
-        if checkpoint is not None:
-            predictors["model"] = make_model_predictor(checkpoint, store, target_genes, cfg.fill, cfg.world)
+        fits[scenario] = fit
+        predictors = make_harness_predictors(
+            cfg, fit, store, spec.name, target_genes, hvg_cols_v, gene_names, zero_shot_knockdown
+        )
+        if model is not None:
+            predictors["model"] = model
             if cfg.knockdown:
-                knockdown = fit_knockdown_fraction(fit)
-                predictors["model"] = KnockdownPredictor(predictors["model"], knockdown, fit.control_mean_g)
+                knockdown = zero_shot_knockdown if cfg.zero_shot else fit_knockdown_fraction(fit)
+                predictors["model"] = KnockdownPredictor(model, knockdown, fit.control_mean_g)
         real = get_real()
         summary, per_pert, eff = score_predictors(
             real,
@@ -9010,19 +9129,23 @@ def run_eval(cfg: EvalConfig) -> dict[str, typing.Any]:
             control_label=spec.control_label,
             hvg_cols_v=hvg_cols_v,
         )
-        fit_label = "fake_train" if fit_perts is fake_fit else "all_train"
+        fit_label = "target_controls" if cfg.zero_shot else "fake_train" if fit_perts is fake_fit else "all_train"
         for table in (summary, per_pert):
             table.insert(0, "scenario", scenario)
             table.insert(1, "fit_on", fit_label)
             table.insert(2, "fixed_pseudobulk", cfg.fixed_pseudobulk)
-        if checkpoint is not None:  # the model was trained on the fake-val train split whatever the scenario
-            summary.loc[summary["predictor"] == "model", "fit_on"] = "fake_train"
+        if model is not None:  # the model was trained on the fake-val train split (or zero-shot) whatever the scenario
+            model_fit = "fake_train"
+            if model.hvg_predictor.zero_shot:  # its knockdown wrapper is fitted like the baselines
+                model_fit = "target_controls" if cfg.zero_shot or not cfg.knockdown else f"{fit_label} (knockdown only)"
+            summary.loc[summary["predictor"] == "model", "fit_on"] = model_fit
         tables.append(summary)
         per_pert_tables.append(per_pert)
         effects[scenario] = eff
     results = pd.concat(tables, ignore_index=True)
     per_perturbation = pd.concat(per_pert_tables, ignore_index=True)
-    paths = {"results": eval_dir / "results.csv", "per_perturbation": eval_dir / "per_perturbation.csv"}
+    suffix = "_zero_shot" if cfg.zero_shot else ""  # a zero-shot run keeps the standard tables
+    paths = {key: eval_dir / f"{key}{suffix}.csv" for key in ("results", "per_perturbation")}
     for key, table in (("results", results), ("per_perturbation", per_perturbation)):
         write_csv(paths[key], table, float_format="%.6g")
     return {
@@ -9032,6 +9155,7 @@ def run_eval(cfg: EvalConfig) -> dict[str, typing.Any]:
         "split": split,
         "paths": paths,
         "checkpoint": checkpoint,
+        "fits": fits,
     }
 
 

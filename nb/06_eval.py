@@ -40,6 +40,12 @@ def _():
           (`--checkpoint none` skips it).
         - **Synthetic world**: also `truth_validation`/`truth_test`, the true answers, with
           baselines fitted on all training perturbations.
+        - **Zero-shot** (`--zero-shot`): the target as a cell type none of whose perturbations
+          were measured. The same held-out sets, as `zero_shot_*` scenarios, but no predictor sees
+          a perturbed target cell: `cell_mean` is the target's control mean (the reference),
+          `pert_mean_transfer` and the knockdown fraction come from the context cell types,
+          `linear`/`linear_transfer` are skipped, and the model must be a `05 --zero-shot` run.
+          Writes `results_zero_shot.csv`, `per_perturbation_zero_shot.csv`.
 
         **Reads** the target's files under `<data_root>/raw/…` and the store (nb/04).
         **Writes** `<data_root>/eval/<world>/results.csv`, `per_perturbation.csv`, the pools,
@@ -50,6 +56,7 @@ def _():
         python nb/06_eval.py                              # baselines (+ newest checkpoint), synthetic world
         python nb/06_eval.py --checkpoint data/checkpoints/RUN --fill control
         python nb/06_eval.py --fill-study                 # measure fill=control vs fill=mean
+        python nb/06_eval.py --zero-shot --checkpoint data/checkpoints/ZERO_SHOT_RUN
         marimo edit nb/06_eval.py -- --fixed-pseudobulk
         ```
 
@@ -139,7 +146,8 @@ def _(mo):
 @app.cell
 def _(cfg, lib, out, results):
     _eval_dir = lib.get_eval_dir(cfg.data_root, cfg.world)
-    _paths = [lib.write_figure(lib.plot_scores(results), _eval_dir / "06_scores.png")]
+    _suffix = "_zero_shot" if cfg.zero_shot else ""
+    _paths = [lib.write_figure(lib.plot_scores(results), _eval_dir / f"06_scores{_suffix}.png")]
     for _scenario in out["effects"]:
         _paths.append(
             lib.write_figure(
@@ -153,7 +161,8 @@ def _(cfg, lib, out, results):
             )
         )
     print("wrote", *map(str, _paths), sep="\n  ")
-    lib.plot_effects(out["effects"]["fake_val"], "fake_val")
+    _first = next(iter(out["effects"]))
+    lib.plot_effects(out["effects"][_first], _first)
     return
 
 
