@@ -6671,8 +6671,12 @@ def _de_cubic(t):
 def _de_bucket(v, lo, scale, n_buckets):
     """The bucket of value v in a gene's control index: monotone in v (float64 arithmetic on
     the same inputs always rounds the same way), which is all the lookup's exactness needs."""
-    b = np.int64((np.float64(v) - lo) * scale)
-    return min(b, n_buckets - 1)
+    x = (np.float64(v) - lo) * scale
+    if not x >= 1.0:  # below the range, bucket 0 (also the empty table's one entry), or NaN
+        return 0
+    if x >= n_buckets - 1:  # above the range: the last bucket (clamped before converting)
+        return n_buckets - 1
+    return np.int64(x)
 
 
 @numba.njit(cache=True, nogil=True)
@@ -6682,12 +6686,11 @@ def _de_control_index(ctrl_sorted, ctrl_indptr):
     whose bucket is >= j. A value's count of control values below it is then that entry plus a
     scan of its own bucket (a few steps), instead of a search or a merge per group and gene.
 
-    Returns (lo_g, hi_g, scale_g, table, table_start_g): gene g's entries are
+    Returns (lo_g, scale_g, table, table_start_g): gene g's entries are
     table[table_start_g[g] : table_start_g[g] + n_g + 1], the last one the column's end.
     """
     n_genes = ctrl_indptr.size - 1
     lo_g = np.zeros(n_genes)
-    hi_g = np.zeros(n_genes)
     scale_g = np.zeros(n_genes)
     table_start_g = np.empty(n_genes, np.int64)
     table = np.empty(ctrl_indptr[n_genes] + n_genes, np.int64)
@@ -6703,7 +6706,6 @@ def _de_control_index(ctrl_sorted, ctrl_indptr):
         lo = np.float64(ctrl_sorted[c0])
         hi = np.float64(ctrl_sorted[c1 - 1])
         lo_g[g] = lo
-        hi_g[g] = hi
         scale_g[g] = n_buckets / (hi - lo) if hi > lo else 0.0
         j = 0
         for i in range(c0, c1):
@@ -6714,7 +6716,7 @@ def _de_control_index(ctrl_sorted, ctrl_indptr):
         while j <= n_buckets:
             table[start + j] = c1
             j += 1
-    return lo_g, hi_g, scale_g, table, table_start_g
+    return lo_g, scale_g, table, table_start_g
 
 
 @numba.njit(cache=True, nogil=True)
@@ -6754,7 +6756,6 @@ def _de_group_kernel(
     ctrl_n,
     ctrl_tie_g,
     ctrl_lo_g,
-    ctrl_hi_g,
     ctrl_scale_g,
     ctrl_table,
     ctrl_table_start_g,
@@ -6816,20 +6817,15 @@ def _de_group_kernel(
         twice_u1 = np.int64(zk) * zc
         tie = ctrl_tie_g[g] + _de_cubic(np.int64(zc + zk)) - _de_cubic(np.int64(zc))
         lo = ctrl_lo_g[g]
-        hi = ctrl_hi_g[g]
         scale = ctrl_scale_g[g]
         start = ctrl_table_start_g[g]
         n_distinct = 0
         for i in range(a, b):
             v = data[i]
-            if c1 == c0 or v < lo:
-                p = c0
-            elif v > hi:
-                p = c1
-            else:
-                p = ctrl_table[start + _de_bucket(v, lo, scale, c1 - c0)]
-                while p < c1 and ctrl_sorted[p] < v:
-                    p += 1
+            # below the range: bucket 0 starts at c0; above it: the last bucket, scanned to c1
+            p = ctrl_table[start + _de_bucket(v, lo, scale, c1 - c0)]
+            while p < c1 and ctrl_sorted[p] < v:
+                p += 1
             gap = p - c0
             j = gap_head[gap] if gap_gene[gap] == g else -1
             while j >= 0 and chain_value[j] != v:
@@ -7328,7 +7324,9 @@ class _H5adCsr:
                 (self.data[a:b], self.indices[a:b], self.indptr[first : last + 2] - a),
                 shape=(last + 1 - first, self.shape[1]),
             )
-            parts.append(span[rows[(rows >= first) & (rows <= last)] - first])
+            picked = rows[(rows >= first) & (rows <= last)] - first
+            # every row of the span (a group stored contiguously): no copy by row index
+            parts.append(span if picked.size == span.shape[0] else span[picked])
         return scipy.sparse.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
 
     def value_chunks(self, chunk_values: int = 1 << 24) -> Iterator[np.ndarray]:
