@@ -6852,33 +6852,47 @@ def _de_group_kernel(
         tie_g[g] = tie
 
 
+_DE_TRANSPOSE_TILE = 2048  # columns written per sweep, so the writes stay in cache
+
+
 @numba.njit(cache=True, nogil=True)
 def _de_csr_to_csc(data, indices, indptr, n_cols):
-    """scipy's eliminate_zeros + tocsc + sort_indices of a CSR block in two passes: the nonzeros
-    of each column in row order. ok is False when a row holds a column twice (a non-canonical
-    file), which the caller leaves to scipy (it sums duplicates)."""
+    """scipy's eliminate_zeros + tocsc + sort_indices of a CSR block: the nonzeros of each
+    column in row order. The rows are swept once per tile of columns (each row resumes where it
+    stopped), which keeps the scattered writes in cache. ok is False, and nothing is built,
+    unless every row's columns strictly increase (scipy's canonical format); the caller then
+    leaves the block to scipy (which sorts, and sums a column a row names twice)."""
     n_rows = indptr.size - 1
     col_ptr = np.zeros(n_cols + 1, np.int64)
-    for i in range(indptr[n_rows]):
-        if data[i] != 0:
-            col_ptr[indices[i] + 1] += 1
+    for r in range(n_rows):
+        previous = -1
+        for i in range(indptr[r], indptr[r + 1]):
+            c = indices[i]
+            if c <= previous:
+                return data[:0], np.empty(0, np.int32), col_ptr, False
+            previous = c
+            if data[i] != 0:
+                col_ptr[c + 1] += 1
     for c in range(n_cols):
         col_ptr[c + 1] += col_ptr[c]
     fill = col_ptr[:-1].copy()
     out_data = np.empty(col_ptr[n_cols], data.dtype)
     out_rows = np.empty(col_ptr[n_cols], np.int32)
-    ok = True
-    for r in range(n_rows):
-        for i in range(indptr[r], indptr[r + 1]):
-            if data[i] != 0:
-                c = indices[i]
-                f = fill[c]
-                if f > col_ptr[c] and out_rows[f - 1] == r:
-                    ok = False
-                out_data[f] = data[i]
-                out_rows[f] = r
-                fill[c] = f + 1
-    return out_data, out_rows, col_ptr, ok
+    resume = indptr[:-1].copy()
+    for tile_end in range(_DE_TRANSPOSE_TILE, n_cols + _DE_TRANSPOSE_TILE, _DE_TRANSPOSE_TILE):
+        for r in range(n_rows):
+            i = resume[r]
+            end = indptr[r + 1]
+            while i < end and indices[i] < tile_end:
+                if data[i] != 0:
+                    c = indices[i]
+                    f = fill[c]
+                    out_data[f] = data[i]
+                    out_rows[f] = r
+                    fill[c] = f + 1
+                i += 1
+            resume[r] = i
+    return out_data, out_rows, col_ptr, True
 
 
 def _csc_of_rows(x, rows: np.ndarray):
@@ -6897,7 +6911,7 @@ def _csc_of_rows(x, rows: np.ndarray):
         block = block.astype(np.float64)
     block = block.tocsr()
     data, row_c, col_ptr, ok = _de_csr_to_csc(block.data, block.indices, block.indptr.astype(np.int64), block.shape[1])
-    if not ok:  # a row repeats a column: scipy sums the duplicates (as toarray() would)
+    if not ok:  # unsorted columns in a row, or a column twice: scipy sorts and sums them (as toarray())
         block.eliminate_zeros()
         block.sum_duplicates()
         block = block.tocsc()

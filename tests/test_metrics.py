@@ -182,9 +182,9 @@ def test_u_test_for_skewed_and_out_of_range_values_matches_scipy():
         )
 
 
-def test_csr_with_repeated_entries_scores_like_its_dense_sum():
-    """A non-canonical CSR (a row names a column twice) means the sum of the two entries, as
-    toarray() reads it: the DE equals the dense matrix's."""
+def test_non_canonical_csr_scores_like_its_dense_matrix():
+    """A non-canonical CSR (a row names a column twice, or lists its columns out of order) means
+    what toarray() reads: the DE equals the dense matrix's."""
     x = np.array([[1.0, 0.0], [0.5, 2.0], [0.0, 1.0], [3.0, 0.25], [1.5, 0.0]], dtype=np.float32)
     labels = np.array([CONTROL, CONTROL, CONTROL, "P", "P"])
     # row 1 stores column 0 as 0.25 + 0.25, row 3 stores column 1 as 0.125 + 0.125
@@ -192,12 +192,18 @@ def test_csr_with_repeated_entries_scores_like_its_dense_sum():
     indices = np.array([0, 0, 0, 1, 1, 0, 1, 1, 0])
     indptr = np.array([0, 1, 4, 5, 8, 9])
     x_dup = scipy.sparse.csr_matrix((data, indices, indptr), shape=x.shape)
-    assert not x_dup.has_canonical_format
-    np.testing.assert_array_equal(x_dup.toarray(), x)
+    # rows 1 and 3 list column 1 before column 0
+    data = np.float32([1.0, 2.0, 0.5, 1.0, 0.25, 3.0, 1.5])
+    indices = np.array([0, 1, 0, 1, 1, 0, 0])
+    x_unsorted = scipy.sparse.csr_matrix((data, indices, np.array([0, 1, 3, 4, 6, 7])), shape=x.shape)
+    for m in (x_dup, x_unsorted):
+        assert not m.has_canonical_format
+        np.testing.assert_array_equal(m.toarray(), x)
     for mode in ("vcc2025", "current"):
-        dense, dup = (lib.differential_expression(m, labels, mode=mode) for m in (x, x_dup))
+        dense, dup, unsorted = (lib.differential_expression(m, labels, mode=mode) for m in (x, x_dup, x_unsorted))
         for field in ("u1_pg", "p_value_pg", "target_mean_pg", "pseudobulk_pg"):
             np.testing.assert_array_equal(getattr(dense, field), getattr(dup, field), err_msg=field)
+            np.testing.assert_array_equal(getattr(dense, field), getattr(unsorted, field), err_msg=field)
 
 
 def test_exact_null_distribution_by_hand():
