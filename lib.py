@@ -6686,22 +6686,27 @@ def _de_control_index(ctrl_sorted, ctrl_indptr):
     whose bucket is >= j. A value's count of control values below it is then that entry plus a
     scan of its own bucket (a few steps), instead of a search or a merge per group and gene.
 
-    Returns (lo_g, scale_g, table, table_start_g): gene g's entries are
-    table[table_start_g[g] : table_start_g[g] + n_g + 1], the last one the column's end.
+    Returns (padded, lo_g, scale_g, table, start_g): gene g's n_g sorted values are
+    padded[start_g[g] : start_g[g] + n_g], followed by +inf, so a scan stops without a bounds
+    test (the scan's branches, mispredicted, were most of its time); its table is
+    table[start_g[g] : start_g[g] + n_g + 1], positions in `padded`.
     """
     n_genes = ctrl_indptr.size - 1
     lo_g = np.zeros(n_genes)
     scale_g = np.zeros(n_genes)
-    table_start_g = np.empty(n_genes, np.int64)
+    start_g = np.empty(n_genes, np.int64)
+    padded = np.empty(ctrl_indptr[n_genes] + n_genes, ctrl_sorted.dtype)
     table = np.empty(ctrl_indptr[n_genes] + n_genes, np.int64)
     for g in range(n_genes):
         c0 = ctrl_indptr[g]
         c1 = ctrl_indptr[g + 1]
         start = c0 + g
-        table_start_g[g] = start
+        start_g[g] = start
+        padded[start : start + c1 - c0] = ctrl_sorted[c0:c1]
+        padded[start + c1 - c0] = np.inf
         n_buckets = c1 - c0
         if n_buckets == 0:
-            table[start] = c1
+            table[start] = start
             continue
         lo = np.float64(ctrl_sorted[c0])
         hi = np.float64(ctrl_sorted[c1 - 1])
@@ -6711,12 +6716,12 @@ def _de_control_index(ctrl_sorted, ctrl_indptr):
         for i in range(c0, c1):
             b = _de_bucket(ctrl_sorted[i], lo, scale_g[g], n_buckets)
             while j <= b:
-                table[start + j] = i
+                table[start + j] = i + g
                 j += 1
         while j <= n_buckets:
-            table[start + j] = c1
+            table[start + j] = c1 + g
             j += 1
-    return lo_g, scale_g, table, table_start_g
+    return padded, lo_g, scale_g, table, start_g
 
 
 @numba.njit(cache=True, nogil=True)
@@ -6751,14 +6756,14 @@ def _de_group_kernel(
     n_x,
     pairwise_mean,
     is_control,
-    ctrl_sorted,
     ctrl_indptr,
     ctrl_n,
     ctrl_tie_g,
+    ctrl_padded,
     ctrl_lo_g,
     ctrl_scale_g,
     ctrl_table,
-    ctrl_table_start_g,
+    ctrl_start_g,
     mean_g,
     pseudobulk_g,
     twice_u1_g,
@@ -6766,8 +6771,7 @@ def _de_group_kernel(
 ):
     """Genes g0:g1 of one group (CSC over its n cells): mean (X's dtype, the reference's sum
     order), float64 pseudobulk, and unless it is the control group, 2*U1 and the tie term
-    against the control (whose sorted nonzeros per gene are ctrl_sorted, indexed by
-    `_de_control_index`)."""
+    against the control (its sorted nonzeros per gene and their index: `_de_control_index`)."""
     stack_lo = np.empty(64, np.int64)
     stack_n = np.empty(64, np.int64)
     stack_state = np.empty(64, np.int64)
@@ -6818,15 +6822,19 @@ def _de_group_kernel(
         tie = ctrl_tie_g[g] + _de_cubic(np.int64(zc + zk)) - _de_cubic(np.int64(zc))
         lo = ctrl_lo_g[g]
         scale = ctrl_scale_g[g]
-        start = ctrl_table_start_g[g]
+        start = ctrl_start_g[g]
         n_distinct = 0
         for i in range(a, b):
             v = data[i]
-            # below the range: bucket 0 starts at c0; above it: the last bucket, scanned to c1
+            # below the range: bucket 0 starts at the first value; above it: the last bucket,
+            # scanned to the +inf that ends the gene. Two steps without branches cover most
+            # buckets (about one value each).
             p = ctrl_table[start + _de_bucket(v, lo, scale, c1 - c0)]
-            while p < c1 and ctrl_sorted[p] < v:
+            p += ctrl_padded[p] < v
+            p += ctrl_padded[p] < v
+            while ctrl_padded[p] < v:
                 p += 1
-            gap = p - c0
+            gap = p - start
             j = gap_head[gap] if gap_gene[gap] == g else -1
             while j >= 0 and chain_value[j] != v:
                 j = chain_next[j]
@@ -6835,7 +6843,7 @@ def _de_group_kernel(
                 equal = chain_equal[j]
             else:
                 equal = 0
-                while p + equal < c1 and ctrl_sorted[p + equal] == v:
+                while ctrl_padded[p + equal] == v:
                     equal += 1
                 j = n_distinct
                 n_distinct += 1
@@ -6945,7 +6953,6 @@ def _group_gene_stats(x, labels_c, *, control_label: str, mode, threads: int = 1
     ctrl_sorted, ctrl_tie_g = _de_sort_columns(ctrl_block.data, ctrl_block.indptr)
     zc = n_k[ctrl] - np.diff(ctrl_block.indptr)
     ctrl_args = (
-        ctrl_sorted,
         ctrl_block.indptr.astype(np.int64),
         int(n_k[ctrl]),
         ctrl_tie_g + zc**3 - zc,
