@@ -6958,6 +6958,7 @@ def _group_gene_stats(x, labels_c, *, control_label: str, mode, threads: int = 1
         ctrl_tie_g + zc**3 - zc,
         *_de_control_index(ctrl_sorted, ctrl_block.indptr.astype(np.int64)),
     )
+    del ctrl_sorted  # the index holds its own (padded) copy
 
     def run(k, block, g0, g1):
         _de_group_kernel(
