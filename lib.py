@@ -6376,10 +6376,12 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 #              log2 FC unclipped (+-inf for one-sided zeros, 0 when both means are 0).
 #
 # Speed: instead of one U test per (perturbation, gene), the control's nonzero values are
-# sorted once per gene, and each group's rank sum and tie term come from its own sorted nonzeros
-# placed among the control's by binary search. Zeros never enter a sort: they are one tie block
-# whose contribution is counted. Work goes group by group over CSC blocks (one group's cells at
-# a time), so an h5ad read with h5py is read once and memory stays at one group plus the control.
+# sorted once per gene and indexed by a bucket table (`_de_control_index`), and each group's rank
+# sum and tie term come from placing each of its nonzeros among the control's (one table lookup
+# and a short scan; nothing of the group is sorted). Zeros never enter a sort: they are one tie
+# block whose contribution is counted. Work goes group by group over CSC blocks (one group's
+# cells per thread at a time), so an h5ad read with h5py is read once and memory stays at a few
+# groups plus the control.
 #
 # Float details copied from the reference so DE sets match exactly (they only matter at
 # near-ties): group means are float32 when X is float32 (numpy's pairwise mean per column for
@@ -6607,7 +6609,7 @@ class _GroupGeneStats:
 _PAIRWISE_BLOCK = 128  # numpy's PW_BLOCKSIZE
 
 # The kernels below are numba-compiled on first call (cached on disk, so later processes load
-# them) and release the GIL, so gene ranges run in threads. They read one group's cells as CSC
+# them) and release the GIL, so groups (or gene ranges) run in threads. They read one group's cells as CSC
 # (a gene's nonzero values in cell order) and never build the dense column: a zero adds exactly
 # nothing to a sum, so numpy's pairwise sum over the dense column is the same tree of partial
 # sums over the nonzeros alone, and in the U test the zeros are one tie block counted by hand.
@@ -6690,37 +6692,60 @@ def _de_cubic(t):
 
 
 @numba.njit(cache=True, nogil=True)
-def _de_count_below(sorted_values, lo, hi, v, or_equal):
-    """How many of sorted_values[lo:hi] are < v (<= v with or_equal), plus lo: a few linear
-    steps (the answer is usually near lo), then a binary search."""
-    for _ in range(8):
-        if lo < hi and (sorted_values[lo] < v or (or_equal and sorted_values[lo] == v)):
-            lo += 1
-        else:
-            return lo
-    while lo < hi:
-        mid = (lo + hi) >> 1
-        if sorted_values[mid] < v or (or_equal and sorted_values[mid] == v):
-            lo = mid + 1
-        else:
-            hi = mid
-    return lo
+def _de_bucket(v, lo, scale, n_buckets):
+    """The bucket of value v in a gene's control index: monotone in v (float64 arithmetic on
+    the same inputs always rounds the same way), which is all the lookup's exactness needs."""
+    x = (np.float64(v) - lo) * scale
+    if not x >= 1.0:  # below the range, bucket 0 (also the empty table's one entry), or NaN
+        return 0
+    if x >= n_buckets - 1:  # above the range: the last bucket (clamped before converting)
+        return n_buckets - 1
+    return np.int64(x)
 
 
 @numba.njit(cache=True, nogil=True)
-def _de_sort_small(values):
-    """In-place ascending sort: insertion sort for the few nonzeros of most (group, gene) pairs,
-    numba's quicksort otherwise."""
-    if values.size > 32:
-        values.sort()
-        return
-    for i in range(1, values.size):
-        v = values[i]
-        j = i - 1
-        while j >= 0 and values[j] > v:
-            values[j + 1] = values[j]
-            j -= 1
-        values[j + 1] = v
+def _de_control_index(ctrl_sorted, ctrl_indptr):
+    """Per gene, a bucket table over the control's sorted nonzeros: the gene's value range
+    [lo, hi] cut into as many equal buckets as it has values, and for bucket j the first value
+    whose bucket is >= j. A value's count of control values below it is then that entry plus a
+    scan of its own bucket (a few steps), instead of a search or a merge per group and gene.
+
+    Returns (padded, lo_g, scale_g, table, start_g): gene g's n_g sorted values are
+    padded[start_g[g] : start_g[g] + n_g], followed by +inf, so a scan stops without a bounds
+    test (the scan's branches, mispredicted, were most of its time); its table is
+    table[start_g[g] : start_g[g] + n_g + 1], positions in `padded`.
+    """
+    n_genes = ctrl_indptr.size - 1
+    lo_g = np.zeros(n_genes)
+    scale_g = np.zeros(n_genes)
+    start_g = np.empty(n_genes, np.int64)
+    padded = np.empty(ctrl_indptr[n_genes] + n_genes, ctrl_sorted.dtype)
+    table = np.empty(ctrl_indptr[n_genes] + n_genes, np.int64)
+    for g in range(n_genes):
+        c0 = ctrl_indptr[g]
+        c1 = ctrl_indptr[g + 1]
+        start = c0 + g
+        start_g[g] = start
+        padded[start : start + c1 - c0] = ctrl_sorted[c0:c1]
+        padded[start + c1 - c0] = np.inf
+        n_buckets = c1 - c0
+        if n_buckets == 0:
+            table[start] = start
+            continue
+        lo = np.float64(ctrl_sorted[c0])
+        hi = np.float64(ctrl_sorted[c1 - 1])
+        lo_g[g] = lo
+        scale_g[g] = n_buckets / (hi - lo) if hi > lo else 0.0
+        j = 0
+        for i in range(c0, c1):
+            b = _de_bucket(ctrl_sorted[i], lo, scale_g[g], n_buckets)
+            while j <= b:
+                table[start + j] = i + g
+                j += 1
+        while j <= n_buckets:
+            table[start + j] = c1 + g
+            j += 1
+    return padded, lo_g, scale_g, table, start_g
 
 
 @numba.njit(cache=True, nogil=True)
@@ -6755,10 +6780,14 @@ def _de_group_kernel(
     n_x,
     pairwise_mean,
     is_control,
-    ctrl_sorted,
     ctrl_indptr,
     ctrl_n,
     ctrl_tie_g,
+    ctrl_padded,
+    ctrl_lo_g,
+    ctrl_scale_g,
+    ctrl_table,
+    ctrl_start_g,
     mean_g,
     pseudobulk_g,
     twice_u1_g,
@@ -6766,7 +6795,7 @@ def _de_group_kernel(
 ):
     """Genes g0:g1 of one group (CSC over its n cells): mean (X's dtype, the reference's sum
     order), float64 pseudobulk, and unless it is the control group, 2*U1 and the tie term
-    against the control (whose sorted nonzeros per gene are ctrl_sorted)."""
+    against the control (its sorted nonzeros per gene and their index: `_de_control_index`)."""
     stack_lo = np.empty(64, np.int64)
     stack_n = np.empty(64, np.int64)
     stack_state = np.empty(64, np.int64)
@@ -6774,7 +6803,14 @@ def _de_group_kernel(
     stack_64 = np.empty(64, np.float64)
     r8_x = np.empty(8, data.dtype)
     r8_64 = np.empty(8, np.float64)
-    scratch = np.empty(n, data.dtype)
+    # Ties inside the group: equal values have the same count of control values below them, so
+    # each such gap (a control position) keeps a short chain of the distinct values seen in it.
+    gap_head = np.empty(ctrl_n + 1, np.int64)
+    gap_gene = np.full(ctrl_n + 1, -1, np.int64)  # which gene's chain gap_head holds
+    chain_next = np.empty(n, np.int64)
+    chain_value = np.empty(n, data.dtype)
+    chain_count = np.empty(n, np.int64)
+    chain_equal = np.empty(n, np.int64)
     for g in range(g0, g1):
         a = indptr[g]
         b = indptr[g + 1]
@@ -6800,31 +6836,95 @@ def _de_group_kernel(
         if is_control:
             continue
         # U1 = sum over this group's values of (#control below + #control equal / 2), doubled
-        # to stay integer; zeros are below every nonzero and tie with each other.
-        m = b - a
-        values = scratch[:m]
-        values[:] = data[a:b]
-        _de_sort_small(values)
+        # to stay integer; zeros are below every nonzero and tie with each other. Each value is
+        # placed among the control's on its own (the bucket table), so nothing is sorted.
         c0 = ctrl_indptr[g]
         c1 = ctrl_indptr[g + 1]
         zc = ctrl_n - (c1 - c0)
-        zk = n - m
+        zk = n - (b - a)
         twice_u1 = np.int64(zk) * zc
         tie = ctrl_tie_g[g] + _de_cubic(np.int64(zc + zk)) - _de_cubic(np.int64(zc))
-        below = c0  # values ascend, so each search starts where the last one ended
-        i = 0
-        while i < m:
-            v = values[i]
-            j = i + 1
-            while j < m and values[j] == v:
-                j += 1
-            below = _de_count_below(ctrl_sorted, below, c1, v, False)  # control values < v
-            equal = _de_count_below(ctrl_sorted, below, c1, v, True) - below
-            twice_u1 += np.int64(j - i) * (2 * (zc + below - c0) + equal)
-            tie += _de_cubic(np.int64(equal + j - i)) - _de_cubic(np.int64(equal))
-            i = j
+        lo = ctrl_lo_g[g]
+        scale = ctrl_scale_g[g]
+        start = ctrl_start_g[g]
+        n_distinct = 0
+        for i in range(a, b):
+            v = data[i]
+            # below the range: bucket 0 starts at the first value; above it: the last bucket,
+            # scanned to the +inf that ends the gene. Two steps without branches cover most
+            # buckets (about one value each).
+            p = ctrl_table[start + _de_bucket(v, lo, scale, c1 - c0)]
+            p += ctrl_padded[p] < v
+            p += ctrl_padded[p] < v
+            while ctrl_padded[p] < v:
+                p += 1
+            gap = p - start
+            j = gap_head[gap] if gap_gene[gap] == g else -1
+            while j >= 0 and chain_value[j] != v:
+                j = chain_next[j]
+            if j >= 0:  # seen before in this group: the control part is known
+                chain_count[j] += 1
+                equal = chain_equal[j]
+            else:
+                equal = 0
+                while ctrl_padded[p + equal] == v:
+                    equal += 1
+                j = n_distinct
+                n_distinct += 1
+                chain_value[j] = v
+                chain_count[j] = 1
+                chain_equal[j] = equal
+                chain_next[j] = gap_head[gap] if gap_gene[gap] == g else -1
+                gap_head[gap] = j
+                gap_gene[gap] = g
+            twice_u1 += 2 * (zc + gap) + equal
+        for j in range(n_distinct):
+            tie += _de_cubic(chain_count[j] + chain_equal[j]) - _de_cubic(chain_equal[j])
         twice_u1_g[g] = twice_u1
         tie_g[g] = tie
+
+
+_DE_TRANSPOSE_TILE = 2048  # columns written per sweep, so the writes stay in cache
+
+
+@numba.njit(cache=True, nogil=True)
+def _de_csr_to_csc(data, indices, indptr, n_cols):
+    """scipy's eliminate_zeros + tocsc + sort_indices of a CSR block: the nonzeros of each
+    column in row order. The rows are swept once per tile of columns (each row resumes where it
+    stopped), which keeps the scattered writes in cache. ok is False, and nothing is built,
+    unless every row's columns strictly increase (scipy's canonical format); the caller then
+    leaves the block to scipy (which sorts, and sums a column a row names twice)."""
+    n_rows = indptr.size - 1
+    col_ptr = np.zeros(n_cols + 1, np.int64)
+    for r in range(n_rows):
+        previous = -1
+        for i in range(indptr[r], indptr[r + 1]):
+            c = indices[i]
+            if c <= previous:
+                return data[:0], np.empty(0, np.int32), col_ptr, False
+            previous = c
+            if data[i] != 0:
+                col_ptr[c + 1] += 1
+    for c in range(n_cols):
+        col_ptr[c + 1] += col_ptr[c]
+    fill = col_ptr[:-1].copy()
+    out_data = np.empty(col_ptr[n_cols], data.dtype)
+    out_rows = np.empty(col_ptr[n_cols], np.int32)
+    resume = indptr[:-1].copy()
+    for tile_end in range(_DE_TRANSPOSE_TILE, n_cols + _DE_TRANSPOSE_TILE, _DE_TRANSPOSE_TILE):
+        for r in range(n_rows):
+            i = resume[r]
+            end = indptr[r + 1]
+            while i < end and indices[i] < tile_end:
+                if data[i] != 0:
+                    c = indices[i]
+                    f = fill[c]
+                    out_data[f] = data[i]
+                    out_rows[f] = r
+                    fill[c] = f + 1
+                i += 1
+            resume[r] = i
+    return out_data, out_rows, col_ptr, True
 
 
 def _csc_of_rows(x, rows: np.ndarray):
@@ -6841,17 +6941,21 @@ def _csc_of_rows(x, rows: np.ndarray):
         block = scipy.sparse.csr_matrix(np.asarray(x[rows]))
     if block.dtype not in (np.float32, np.float64):  # integer or float16 X (never log1p data): as float64
         block = block.astype(np.float64)
-    block.eliminate_zeros()
-    block.sum_duplicates()  # a no-op for canonical files; toarray() would sum duplicates too
-    block = block.tocsc()
-    block.sort_indices()
-    return block
+    block = block.tocsr()
+    data, row_c, col_ptr, ok = _de_csr_to_csc(block.data, block.indices, block.indptr.astype(np.int64), block.shape[1])
+    if not ok:  # unsorted columns in a row, or a column twice: scipy sorts and sums them (as toarray())
+        block.eliminate_zeros()
+        block.sum_duplicates()
+        block = block.tocsc()
+        block.sort_indices()
+        return block
+    return scipy.sparse.csc_matrix((data, row_c, col_ptr), shape=block.shape)
 
 
 def _group_gene_stats(x, labels_c, *, control_label: str, mode, threads: int = 1, desc: str = "DE"):
     """Group by group (control first), rank sums, tie terms and means per (group, gene).
 
-    Memory: one group's cells (and the control's) at a time, so a backed X is read once.
+    Memory: one group's cells per thread (and the control's), so a backed X is read once.
     """
     labels_c = np.asarray(labels_c, dtype=str)
     groups, codes_c = np.unique(labels_c, return_inverse=True)
@@ -6864,13 +6968,21 @@ def _group_gene_stats(x, labels_c, *, control_label: str, mode, threads: int = 1
     n_genes = x.shape[1]
     n_k = np.bincount(codes_c, minlength=groups.size).astype(np.int64)
     rows_k = np.split(np.argsort(codes_c, kind="stable"), np.cumsum(n_k)[:-1])
-    dtype = _csc_of_rows(x, rows_k[ctrl][:1]).dtype
+    ctrl_block = _csc_of_rows(x, rows_k[ctrl])
+    dtype = ctrl_block.dtype
     mean_kg = np.empty((groups.size, n_genes), dtype=dtype)
     pseudobulk_kg = np.empty((groups.size, n_genes), dtype=np.float64)
     twice_u1_kg = np.zeros((groups.size, n_genes), dtype=np.int64)
     tie_kg = np.zeros((groups.size, n_genes), dtype=np.int64)
-    bounds = np.linspace(0, n_genes, max(1, threads) + 1).astype(np.int64)
-    ctrl_state = {}
+    ctrl_sorted, ctrl_tie_g = _de_sort_columns(ctrl_block.data, ctrl_block.indptr)
+    zc = n_k[ctrl] - np.diff(ctrl_block.indptr)
+    ctrl_args = (
+        ctrl_block.indptr.astype(np.int64),
+        int(n_k[ctrl]),
+        ctrl_tie_g + zc**3 - zc,
+        *_de_control_index(ctrl_sorted, ctrl_block.indptr.astype(np.int64)),
+    )
+    del ctrl_sorted  # the index holds its own (padded) copy
 
     def run(k, block, g0, g1):
         _de_group_kernel(
@@ -6884,24 +6996,25 @@ def _group_gene_stats(x, labels_c, *, control_label: str, mode, threads: int = 1
             dtype.type(n_k[k]),
             mode == "vcc2025",
             k == ctrl,
-            *ctrl_state["sorted"],
-            int(n_k[ctrl]),
-            ctrl_state["tie"],
+            *ctrl_args,
             mean_kg[k],
             pseudobulk_kg[k],
             twice_u1_kg[k],
             tie_kg[k],
         )
 
+    def read_and_run(k):
+        run(k, _csc_of_rows(x, rows_k[k]), 0, n_genes)
+
+    # The control's own means: its genes split across the threads. Then one group per thread
+    # (the kernels and the CSC transposition release the GIL, so one thread computes while
+    # another reads its group).
+    bounds = np.linspace(0, n_genes, max(1, threads) + 1).astype(np.int64)
     with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-        for k in progress([ctrl, *np.delete(np.arange(groups.size), ctrl)], desc=desc):
-            block = _csc_of_rows(x, rows_k[k])
-            if k == ctrl:
-                ctrl_sorted, ctrl_tie_g = _de_sort_columns(block.data, block.indptr)
-                zc = n_k[ctrl] - np.diff(block.indptr)
-                ctrl_state["sorted"] = (ctrl_sorted, block.indptr)
-                ctrl_state["tie"] = ctrl_tie_g + zc**3 - zc
-            list(pool.map(lambda g: run(k, block, *g), zip(bounds[:-1], bounds[1:])))
+        list(pool.map(lambda g: run(ctrl, ctrl_block, *g), zip(bounds[:-1], bounds[1:])))
+        others = np.delete(np.arange(groups.size), ctrl)
+        for _ in progress(pool.map(read_and_run, others), total=others.size, desc=desc):
+            pass
     # cell-eval's pseudobulks are float32 means of float32 data (polars), so round like it.
     return _GroupGeneStats(
         groups, n_k, ctrl, twice_u1_kg.astype(np.float64), tie_kg, mean_kg, pseudobulk_kg.astype(dtype)
@@ -7257,7 +7370,9 @@ class _H5adCsr:
                 (self.data[a:b], self.indices[a:b], self.indptr[first : last + 2] - a),
                 shape=(last + 1 - first, self.shape[1]),
             )
-            parts.append(span[rows[(rows >= first) & (rows <= last)] - first])
+            picked = rows[(rows >= first) & (rows <= last)] - first
+            # every row of the span (a group stored contiguously): no copy by row index
+            parts.append(span if picked.size == span.shape[0] else span[picked])
         return scipy.sparse.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
 
     def value_chunks(self, chunk_values: int = 1 << 24) -> Iterator[np.ndarray]:

@@ -145,6 +145,67 @@ def test_sparse_de_with_many_zeros_and_ties_matches_scipy_and_numpy_means():
             np.testing.assert_array_equal(de.pseudobulk_pg[i], pseudobulk.astype(np.float32))
 
 
+def test_u_test_for_skewed_and_out_of_range_values_matches_scipy():
+    """Each value is placed among the control's through a per-gene bucket table: values below,
+    above and exactly at the control's extremes, a control squeezed into a tiny range, a control
+    of one distinct value, and heavily skewed values must all count as scipy counts them."""
+    rng = np.random.default_rng(3)
+    n_control, n_group = 60, 45
+    control = np.stack(
+        [
+            np.minimum(rng.lognormal(0, 1.5, n_control), 12),  # skewed: most buckets empty, a few crowded
+            1 + rng.random(n_control) * 1e-6,  # a tiny range
+            np.full(n_control, 2.0),  # one distinct value
+            np.where(rng.random(n_control) < 0.95, 0, rng.random(n_control) + 1),  # a few nonzeros
+        ],
+        axis=1,
+    ).astype(np.float32)
+    picks = [control[:, g][rng.integers(0, n_control, 10)] for g in range(control.shape[1])]  # exact ties
+    group = np.stack(
+        [
+            np.concatenate([picks[g], control[:, g].min(keepdims=True) * 0.5, [control[:, g].max() + 2, 1e-30]])
+            for g in range(control.shape[1])
+        ],
+        axis=1,
+    )
+    group = np.concatenate([group, rng.lognormal(0, 1.5, (n_group - group.shape[0], control.shape[1]))]).astype(
+        np.float32
+    )
+    x = np.concatenate([control, group])
+    labels = np.array([CONTROL] * n_control + ["P"] * n_group)
+    de = lib.differential_expression(scipy.sparse.csr_matrix(x), labels, mode="current")
+    for g in range(x.shape[1]):
+        expected = scipy.stats.mannwhitneyu(np.float64(group[:, g]), np.float64(control[:, g]))
+        assert de.u1_pg[0, g] == expected.statistic, g
+        np.testing.assert_allclose(
+            de.p_value_pg[0, g], scipy_mwu_p(group[:, g], control[:, g], "asymptotic"), rtol=1e-12
+        )
+
+
+def test_non_canonical_csr_scores_like_its_dense_matrix():
+    """A non-canonical CSR (a row names a column twice, or lists its columns out of order) means
+    what toarray() reads: the DE equals the dense matrix's."""
+    x = np.array([[1.0, 0.0], [0.5, 2.0], [0.0, 1.0], [3.0, 0.25], [1.5, 0.0]], dtype=np.float32)
+    labels = np.array([CONTROL, CONTROL, CONTROL, "P", "P"])
+    # row 1 stores column 0 as 0.25 + 0.25, row 3 stores column 1 as 0.125 + 0.125
+    data = np.float32([1.0, 0.25, 0.25, 2.0, 1.0, 3.0, 0.125, 0.125, 1.5])
+    indices = np.array([0, 0, 0, 1, 1, 0, 1, 1, 0])
+    indptr = np.array([0, 1, 4, 5, 8, 9])
+    x_dup = scipy.sparse.csr_matrix((data, indices, indptr), shape=x.shape)
+    # rows 1 and 3 list column 1 before column 0
+    data = np.float32([1.0, 2.0, 0.5, 1.0, 0.25, 3.0, 1.5])
+    indices = np.array([0, 1, 0, 1, 1, 0, 0])
+    x_unsorted = scipy.sparse.csr_matrix((data, indices, np.array([0, 1, 3, 4, 6, 7])), shape=x.shape)
+    for m in (x_dup, x_unsorted):
+        assert not m.has_canonical_format
+        np.testing.assert_array_equal(m.toarray(), x)
+    for mode in ("vcc2025", "current"):
+        dense, dup, unsorted = (lib.differential_expression(m, labels, mode=mode) for m in (x, x_dup, x_unsorted))
+        for field in ("u1_pg", "p_value_pg", "target_mean_pg", "pseudobulk_pg"):
+            np.testing.assert_array_equal(getattr(dense, field), getattr(dup, field), err_msg=field)
+            np.testing.assert_array_equal(getattr(dense, field), getattr(unsorted, field), err_msg=field)
+
+
 def test_exact_null_distribution_by_hand():
     # n1 = n2 = 2: U takes 0, 1, 2, 2, 3, 4 over the 6 equally likely splits.
     np.testing.assert_allclose(lib.mwu_exact_cdf(2, 2, 4), np.array([1, 2, 4, 5, 6]) / 6)
