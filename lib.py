@@ -5495,15 +5495,18 @@ def save_checkpoint(
     return join_url(run_dir, name)
 
 
-def _list_step_names(run_dir: str | os.PathLike) -> list[str]:
-    fs, path = get_fs(run_dir)
+def _list_dir_names(url: str | os.PathLike) -> list[str]:
+    """Names of the directories directly under `url` (local or remote), sorted; none if it is missing."""
+    fs, path = get_fs(url)
     try:
         entries = fs.ls(path, detail=True)
     except FileNotFoundError:
         return []
-    return sorted(
-        url_name(e["name"]) for e in entries if e["type"] == "directory" and url_name(e["name"]).startswith("step_")
-    )
+    return sorted(url_name(e["name"]) for e in entries if e["type"] == "directory")
+
+
+def _list_step_names(run_dir: str | os.PathLike) -> list[str]:
+    return [name for name in _list_dir_names(run_dir) if name.startswith("step_")]
 
 
 def prune_checkpoints(run_dir: str | os.PathLike, keep_last_n: int) -> None:
@@ -5882,13 +5885,7 @@ def has_checkpoint(run_dir: str | os.PathLike) -> bool:
 
 def list_runs_with_checkpoints(root: str | os.PathLike) -> list[str]:
     """Names of the runs under a checkpoint root that hold a checkpoint, sorted."""
-    fs, path = get_fs(root)
-    try:
-        entries = fs.ls(path, detail=True)
-    except FileNotFoundError:
-        return []
-    names = sorted(url_name(e["name"]) for e in entries if e["type"] == "directory")
-    return [name for name in names if has_checkpoint(join_url(root, name))]
+    return [name for name in _list_dir_names(root) if has_checkpoint(join_url(root, name))]
 
 
 def mark_dead_runs_failed(root: str | os.PathLike) -> list[str]:

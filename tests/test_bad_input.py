@@ -14,6 +14,7 @@ import sys
 
 import numpy as np
 import pytest
+from test_train import TINY  # the tiny model shapes, so the jitted step compiles once per session
 
 import lib
 
@@ -229,21 +230,7 @@ def test_pert_counts_without_its_columns_or_rows_is_refused(tmp_path):
 
 @pytest.mark.slow  # trains 3 steps (~30 s with compilation)
 def test_damaged_checkpoint_on_resume_is_one_error_naming_the_step(tiny_store, tmp_path):
-    kw = dict(
-        data_root=str(tiny_store),
-        checkpoint_dir=str(tmp_path),
-        run_name="r",
-        wandb_mode="disabled",
-        hidden=32,
-        n_layers=1,
-        n_heads=2,
-        set_size=8,
-        sets_per_batch=4,
-        val_control_cells=32,
-        eval_every=0,
-        n_coexpr_components=4,
-        n_effect_components=4,
-    )
+    kw = dict(TINY, data_root=str(tiny_store), checkpoint_dir=str(tmp_path), run_name="r")
     lib.run_train(lib.make_config(lib.TrainConfig, steps=3, **kw))
     step_dir = pathlib.Path(lib.resolve_checkpoint(tmp_path / "r", "latest"))
     os.truncate(step_dir / "model.eqx", 100)
