@@ -298,7 +298,9 @@ on_signal() {
     # Non-interactive bash starts background jobs with SIGINT ignored, so every stop request
     # is forwarded as TERM. uv run passes it on to python, which checkpoints and exits.
     log "forwarding SIGTERM to training (pid $training_pid); waiting for it to checkpoint and exit"
-    kill -TERM "$training_pid" 2>/dev/null || true
+    # Training is the launch subshell's child; before the subshell has started it, the subshell
+    # itself still dies of SIGTERM, and training never starts.
+    pkill -TERM -P "$training_pid" 2>/dev/null || kill -TERM "$training_pid" 2>/dev/null || true
   fi
 }
 
@@ -662,6 +664,8 @@ upload_log
 launch_log_offset="$(stat -c %s "$LOG_FILE")"
 launch_time=$SECONDS
 launching=1
+training_status_file="$LOG_DIR/training_exit_status"
+rm -f "$training_status_file"
 log "launching on $HOST: uv run python $script$(printf ' %q' "${train_args[@]}")"
 (
   exec 3>&- 9>&-
@@ -678,13 +682,24 @@ log "launching on $HOST: uv run python $script$(printf ' %q' "${train_args[@]}")
   fi
   if [[ -n $wandb_project ]]; then export WANDB_PROJECT="$wandb_project"; fi
   if [[ -n $wandb_entity ]]; then export WANDB_ENTITY="$wandb_entity"; fi
-  exec "$uv_bin" run --no-sync python "$script" "${train_args[@]}"
+  # This subshell stays as training's parent only to record its exit status in a file: when a
+  # trapped signal interrupts this script's `wait` just as training exits, bash 5.2's second
+  # `wait` can report -1 instead of the status. Its own `wait` is never interrupted, because it
+  # ignores stop signals (set after the launch, so training does not inherit that); stops reach
+  # training directly (on_signal signals this subshell's children; a process-group SIGTERM
+  # reaches it anyway).
+  "$uv_bin" run --no-sync python "$script" "${train_args[@]}" &
+  trap '' TERM INT HUP
+  rc=0
+  wait "$!" || rc=$?
+  echo "$rc" >"$training_status_file"
+  exit "$rc"
 ) &
 training_pid=$!
 if [[ -n $stop_signal ]]; then on_signal "$stop_signal"; fi  # a stop that came during the launch
 
 # `wait` returns 128+n as soon as a trapped signal arrives, even if training has exited
-# meanwhile; wait again for training's own status (bash keeps it until asked).
+# meanwhile; wait again, then prefer the status the subshell recorded (see above).
 while true; do
   interrupted=""
   rc=0
@@ -693,6 +708,7 @@ while true; do
   training_rc=$rc
   break
 done
+if [[ -s $training_status_file ]]; then training_rc="$(<"$training_status_file")"; fi
 
 if [[ -n $stop_signal ]]; then
   stop_reason="stopped-by-signal"

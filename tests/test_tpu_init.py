@@ -378,7 +378,7 @@ def test_training_killed_before_checkpoint_is_recorded(vm):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 143
+    assert proc.returncode == 143, vm.log()
     assert "training exited with 143 after SIGTERM: the last checkpoint may be older" in vm.log()
     assert "warning" not in vm.log()
     status = json.loads(
