@@ -196,4 +196,7 @@ def _(out):
 if __name__ == "__main__":
     import lib  # a user error ends the script with one line (lib.run_notebook)
 
-    lib.run_notebook(app)
+    # The scoring command (--pred) runs straight from here, not through marimo's runner (which
+    # imports matplotlib and runs the cell graph): a fast start. The cell above offers the same job in `marimo edit`.
+    _description = "06 eval: score predictors on held-out perturbations of the target"  # as the flags cell's
+    lib.run_notebook(app, script=lambda: lib.run_score_script(_description))
