@@ -7395,10 +7395,6 @@ class _H5adCsr:
             parts.append(span if picked.size == span.shape[0] else span[picked])
         return scipy.sparse.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
 
-    def value_chunks(self, chunk_values: int = 1 << 24) -> Iterator[np.ndarray]:
-        for a in range(0, int(self.indptr[-1]), chunk_values):
-            yield self.data[a : a + chunk_values]
-
 
 def _read_dense_row_spans(x: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
     """Sorted rows of a dense h5 dataset in its own dtype, read by spans (h5py's fancy indexing reads
