@@ -111,14 +111,16 @@ class MissingFileError(UserError, FileNotFoundError):
 DEBUG_ENV = "VCELL_DEBUG"  # =1: a user error shows its traceback too (as --debug does)
 
 
-def run_notebook(app) -> None:
+def run_notebook(app, script: Callable[[], bool] | None = None) -> None:
     """THE `if __name__ == "__main__":` of every notebook: run it as a script. A UserError ends the
     run with its one-line message on stderr and exit status 2 (as a bad flag does); with --debug or
     $VCELL_DEBUG=1 it keeps its traceback. Any other exception is a bug and keeps its traceback
     (exit status 1). marimo's script runner re-raises a failing cell's own exception, so it can
-    be caught here."""
+    be caught here. `script`, if given, runs first and returns True when it did the whole job
+    without marimo's runner (06's scoring command, `run_score_script`); else app.run() follows."""
     try:
-        app.run()
+        if script is None or not script():
+            app.run()
     except UserError as e:
         if "--debug" in sys.argv[1:] or os.environ.get(DEBUG_ENV, "0") not in ("", "0"):
             raise
@@ -6949,10 +6951,14 @@ def _csc_of_rows(x, rows: np.ndarray):
     return scipy.sparse.csc_matrix((data, row_c, col_ptr), shape=block.shape)
 
 
-def _group_gene_stats(x, labels_c, *, control_label: str, mode, threads: int = 1, desc: str = "DE"):
+def _group_gene_stats(
+    x, labels_c, *, control_label: str, mode, threads: int = 1, desc: str = "DE", check_values: str = ""
+):
     """Group by group (control first), rank sums, tie terms and means per (group, gene).
 
     Memory: one group's cells per thread (and the control's), so a backed X is read once.
+    `check_values` (the file's name, e.g. "real"): check X's values on this one read
+    (`_check_value_summaries`), instead of reading the file a second time to check it.
     """
     labels_c = np.asarray(labels_c, dtype=str)
     groups, codes_c = np.unique(labels_c, return_inverse=True)
@@ -6966,6 +6972,11 @@ def _group_gene_stats(x, labels_c, *, control_label: str, mode, threads: int = 1
     n_k = np.bincount(codes_c, minlength=groups.size).astype(np.int64)
     rows_k = np.split(np.argsort(codes_c, kind="stable"), np.cumsum(n_k)[:-1])
     ctrl_block = _csc_of_rows(x, rows_k[ctrl])
+    # Each group's nonzeros summarised as they pass (the zeros a CSC block leaves out are in range
+    # and integer, so they cannot fail a check); judged once every group is read.
+    summary_k = [None] * groups.size
+    if check_values:
+        summary_k[ctrl] = _value_summary(ctrl_block.data.reshape(1, -1), ctrl_block.dtype.type(1e-3))
     dtype = ctrl_block.dtype
     mean_kg = np.empty((groups.size, n_genes), dtype=dtype)
     pseudobulk_kg = np.empty((groups.size, n_genes), dtype=np.float64)
@@ -7001,7 +7012,10 @@ def _group_gene_stats(x, labels_c, *, control_label: str, mode, threads: int = 1
         )
 
     def read_and_run(k):
-        run(k, _csc_of_rows(x, rows_k[k]), 0, n_genes)
+        block = _csc_of_rows(x, rows_k[k])
+        if check_values:
+            summary_k[k] = _value_summary(block.data.reshape(1, -1), block.dtype.type(1e-3))
+        run(k, block, 0, n_genes)
 
     # The control's own means: its genes split across the threads. Then one group per thread
     # (the kernels and the CSC transposition release the GIL, so one thread computes while
@@ -7012,6 +7026,8 @@ def _group_gene_stats(x, labels_c, *, control_label: str, mode, threads: int = 1
         others = np.delete(np.arange(groups.size), ctrl)
         for _ in progress(pool.map(read_and_run, others), total=others.size, desc=desc):
             pass
+    if check_values:
+        _check_value_summaries(summary_k, lambda k: _csc_of_rows(x, rows_k[k]).data, which=check_values)
     # cell-eval's pseudobulks are float32 means of float32 data (polars), so round like it.
     return _GroupGeneStats(
         groups, n_k, ctrl, twice_u1_kg.astype(np.float64), tie_kg, mean_kg, pseudobulk_kg.astype(dtype)
@@ -7082,11 +7098,13 @@ def differential_expression(
     mode: ScoreMode = "vcc2025",
     threads: int = 1,
     desc: str = "DE",
+    check_values: str = "",
 ) -> DifferentialExpression:
     """Wilcoxon DE of each labelled group against the control group, as the chosen scorer does it.
 
     `x_cg` is log1p expression: dense, scipy sparse, or an h5ad's X opened by `open_score_file`;
-    values are not checked here (see `check_expression_matrix`). Memory: one group's cells.
+    values are checked only with `check_values` (the input's name: `check_expression_matrix`'s
+    checks on the same read). Memory: one group's cells.
     """
     if mode not in SCORE_MODES:
         raise ValueError(f"unknown mode {mode!r}; use one of {SCORE_MODES}.")
@@ -7097,6 +7115,7 @@ def differential_expression(
         mode=mode,
         threads=threads,
         desc=desc,
+        check_values=check_values,
     )
     rows = np.flatnonzero(np.arange(stats.groups.size) != stats.control_index)
     ctrl = stats.control_index
@@ -7337,6 +7356,10 @@ def make_cell_mean_baseline(
 # prediction fits in a few GB, and the command does not pay for importing anndata.
 
 
+SCORE_FILES: tuple[str, ...] = ("real", "pred", "train", "baseline")
+"""The scoring command's input files, as flags (`--real` ...) and as `raw_counts` names them."""
+
+
 SCORE_READ_GAP_VALUES = 1 << 20
 """Rows of one group closer than this many stored values are read as one span (fewer reads)."""
 
@@ -7371,10 +7394,6 @@ class _H5adCsr:
             # every row of the span (a group stored contiguously): no copy by row index
             parts.append(span if picked.size == span.shape[0] else span[picked])
         return scipy.sparse.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
-
-    def value_chunks(self, chunk_values: int = 1 << 24) -> Iterator[np.ndarray]:
-        for a in range(0, int(self.indptr[-1]), chunk_values):
-            yield self.data[a : a + chunk_values]
 
 
 def _read_dense_row_spans(x: h5py.Dataset, rows: np.ndarray) -> np.ndarray:
@@ -7495,31 +7514,46 @@ def open_score_file(
 
 
 def check_score_file_values(score_file: ScoreFile, *, which: str) -> None:
-    """check_expression_matrix for X on disk, read in chunks: each chunk through check_log1p,
-    and 'integer-valued throughout' judged over all of them. Raw counts (`_Log1pOfCounts`) are
-    checked by normalise_log1p as each block is read, so not here."""
+    """check_expression_matrix for X on disk, read in chunks (`_check_value_summaries`). Raw counts
+    (`_Log1pOfCounts`) are checked by normalise_log1p as each block is read, so not here."""
     x = score_file.x
     if isinstance(x, _Log1pOfCounts):
         return
     if isinstance(x, _H5adCsr):
-        chunks = x.value_chunks()
+        step = 1 << 24
+        starts = range(0, int(x.indptr[-1]), step)
+        read_part = lambda i: x.data[starts[i] : starts[i] + step]  # noqa: E731
     else:
         step = max(1, (1 << 24) // max(1, x.shape[1]))
-        chunks = (x[a : a + step] for a in range(0, x.shape[0], step))
-    first, has_fraction = None, False
-    for chunk in chunks:
-        if chunk.size == 0:
-            continue
-        first = chunk if first is None else first
-        values = chunk if chunk.dtype in (np.float32, np.float64) else chunk.astype(np.float32)  # ints, float16
-        n_bad, lo, hi, fraction = _value_summary(values.reshape(1, -1), values.dtype.type(1e-3))
-        if n_bad or lo < 0 or hi >= LOG1P_MAX:  # check_log1p words the error
-            check_expression_matrix(chunk.reshape(1, -1), which=which)
-        has_fraction = has_fraction or bool(fraction)
-    if first is None:
-        raise UserError(f"{which}: the expression matrix is empty; pass a file with cells and genes in X.")
-    if not has_fraction:  # every chunk is integer-valued, so the first one words the error
-        check_expression_matrix(first, which=which)
+        starts = range(0, x.shape[0], step)
+        read_part = lambda i: x[starts[i] : starts[i] + step]  # noqa: E731
+    summaries = []
+    for i in range(len(starts)):
+        values = read_part(i)
+        values = values if values.dtype in (np.float32, np.float64) else values.astype(np.float32)  # ints, float16
+        summaries.append(_value_summary(values.reshape(1, -1), values.dtype.type(1e-3)))
+    _check_value_summaries(summaries, read_part, which=which)
+
+
+def _check_value_summaries(summaries: list[tuple], read_part: Callable[[int], np.ndarray], *, which: str) -> None:
+    """check_expression_matrix's verdict on a file read in parts, from each part's `_value_summary`
+    (non-finite count, min, max, any fractional part): no fractional part anywhere is raw counts,
+    refused naming the fix; else the first failing part is read again (`read_part`) for
+    check_expression_matrix to word its error."""
+    has_values = any(np.isfinite(lo) for _, lo, _, _ in summaries)
+    if not any(n_bad or lo < 0 or fraction for n_bad, lo, _, fraction in summaries):
+        if not has_values:
+            raise UserError(
+                f"{which}: the expression matrix is all zeros; pass a file with its expression values in X."
+            )
+        raise UserError(
+            f"{which}: X is integer-valued throughout, which looks like raw counts; pass --raw-counts {which} "
+            "(score_files' raw_counts) to normalise it as it is read (log1p CP10K, the pipeline's normalise_log1p), "
+            "or store log1p values (cell-eval would scale this file to its own median depth instead)."
+        )
+    bad = [i for i, (n_bad, lo, hi, _) in enumerate(summaries) if n_bad or lo < 0 or hi >= LOG1P_MAX]
+    if bad:
+        check_expression_matrix(np.asarray(read_part(bad[0])).reshape(1, -1), which=which)
 
 
 def check_score_labels(real_labels, pred_labels, *, control_label: str, pert_col: str) -> None:
@@ -7636,9 +7670,16 @@ def score_files(
     control_label: str = "non-targeting",
     pert_col: str = "target_gene",
     threads: int = 1,
+    raw_counts: Sequence[str] = (),
 ) -> dict[str, Any]:
     """`cell-eval run --profile vcc` on two h5ad files (plus the normalised score against the
     cell-mean baseline built from `train_path`, or scored from `baseline_path`), streaming X.
+
+    `raw_counts` names the files whose X holds raw integer counts (any of real, pred, train,
+    baseline): normalised as they are read with `normalise_log1p` (log1p CP10K, as the pipeline
+    does). Without it, integer X is refused: cell-eval would normalise such a file to its own
+    median depth (scanpy's normalize_total without target_sum), a scale that differs from file
+    to file and from the CP10K predictions are made in.
 
     Writes out_dir/results.csv and agg_results.csv (cell-eval's names and columns), and the
     baseline's as baseline_results.csv / baseline_agg_results.csv, and score.csv (cell-eval
@@ -7649,21 +7690,30 @@ def score_files(
         raise UserError(f"unknown mode {mode!r}; use one of {SCORE_MODES}.")
     if train_path and baseline_path:
         raise UserError("pass either --train (build the cell-mean baseline) or --baseline (a baseline h5ad), not both.")
+    unknown = sorted(set(raw_counts) - set(SCORE_FILES))
+    if unknown:
+        raise UserError(f"raw counts of {unknown}: not one of the scoring command's files; use any of {SCORE_FILES}.")
     kwargs = dict(control_label=control_label, mode=mode, threads=threads)
+
+    def open_file(path, which):
+        counts = "raw" if which in raw_counts else "log1p"
+        return stack.enter_context(open_score_file(path, pert_col=pert_col, which=which, counts=counts))
+
+    def check_values(which):  # the DE pass checks its file's values (not raw counts: normalise_log1p does)
+        return "" if which in raw_counts else which
+
     with contextlib.ExitStack() as stack:
-        real = stack.enter_context(open_score_file(real_path, pert_col=pert_col, which="real"))
-        pred = stack.enter_context(open_score_file(pred_path, pert_col=pert_col, which="pred"))
+        real = open_file(real_path, "real")
+        pred = open_file(pred_path, "pred")
         fix = "reorder pred's columns to real's genes (pred[:, real.var_names]) and write it again"
         check_gene_order(real.genes, pred.genes, expected_from="real", got_from="pred", fix=fix)
         check_score_labels(real.labels_c, pred.labels_c, control_label=control_label, pert_col=pert_col)
         base = None
         if baseline_path:
-            base = stack.enter_context(open_score_file(baseline_path, pert_col=pert_col, which="baseline"))
+            base = open_file(baseline_path, "baseline")
             check_gene_order(real.genes, base.genes, expected_from="real", got_from="baseline", fix=fix)
             check_score_labels(real.labels_c, base.labels_c, control_label=control_label, pert_col=pert_col)
-        train = (
-            stack.enter_context(open_score_file(train_path, pert_col=pert_col, which="train")) if train_path else None
-        )
+        train = open_file(train_path, "train") if train_path else None
         if train is not None:
             check_gene_order(
                 real.genes,
@@ -7672,18 +7722,26 @@ def score_files(
                 got_from="train",
                 fix="use the training file of the same genes",
             )
-        for which, score_file in (("real", real), ("pred", pred), ("baseline", base), ("train", train)):
-            if score_file is not None:
-                check_score_file_values(score_file, which=which)
-        real_de = differential_expression(real.x, real.labels_c, genes=real.genes, desc="DE real", **kwargs)
-        result = score_de(
-            real_de, differential_expression(pred.x, pred.labels_c, genes=pred.genes, desc="DE pred", **kwargs)
+        if train is not None:  # read whole for the baseline's means, not by the DE pass
+            check_score_file_values(train, which="train")
+        real_de = differential_expression(
+            real.x, real.labels_c, genes=real.genes, desc="DE real", check_values=check_values("real"), **kwargs
         )
+        pred_de = differential_expression(
+            pred.x, pred.labels_c, genes=pred.genes, desc="DE pred", check_values=check_values("pred"), **kwargs
+        )
+        result = score_de(real_de, pred_de)
         baseline = None
         if base is not None:
-            baseline = score_de(
-                real_de, differential_expression(base.x, base.labels_c, genes=base.genes, desc="DE baseline", **kwargs)
+            base_de = differential_expression(
+                base.x,
+                base.labels_c,
+                genes=base.genes,
+                desc="DE baseline",
+                check_values=check_values("baseline"),
+                **kwargs,
             )
+            baseline = score_de(real_de, base_de)
         elif train is not None:
             perts, counts = np.unique(real.labels_c[real.labels_c != control_label], return_counts=True)
             labels, rows = make_cell_mean_baseline_file(train, perts, counts, control_label=control_label)
@@ -7723,6 +7781,7 @@ def run_score_command(cfg) -> dict[str, Any]:
         control_label=cfg.control_label,
         pert_col=cfg.pert_col,
         threads=cfg.threads,
+        raw_counts=cfg.raw_counts,
     )
     result, normalised = out["result"], out["normalised"]
     print(
@@ -7738,6 +7797,18 @@ def run_score_command(cfg) -> dict[str, Any]:
         )
     print(f"wrote {out_dir}/results.csv and agg_results.csv")
     return {**out, "out_dir": out_dir}
+
+
+def run_score_script(description: str) -> bool:
+    """06's script entry before app.run(): if the flags ask for the scoring command (--pred,
+    also from --config), run it here and return True. The command then imports only lib (no
+    marimo runner: it imports matplotlib.pyplot for its figure hook and runs the cell graph, ~0.5 s
+    of a ~5 s job); `marimo edit` runs the same `run_score_command` in its cell."""
+    cfg = parse_config(EvalConfig, description=description)
+    if not cfg.pred:
+        return False
+    run_score_command(cfg)
+    return True
 
 
 # ==================================================================================================
@@ -8922,6 +8993,9 @@ class EvalConfig(DatasetsConfig):
     """Scoring command: the obs column naming each cell's perturbation."""
     control_label: str = "non-targeting"
     """Scoring command: the label of control cells in --pert-col."""
+    raw_counts: tuple[typing.Literal["real", "pred", "train", "baseline"], ...] = ()
+    """Scoring command: files whose X holds raw counts (e.g. `--raw-counts real train` for parts of
+    adata_Training.h5ad), normalised as read (log1p CP10K, as the pipeline); integer X is refused otherwise."""
     linear_components: Annotated[int, Range(1, 10_000)] = 10
     """Gene-embedding dimension K of the linear baseline (Ahlmann-Eltze et al. use 10)."""
     linear_ridge: Annotated[float, Range(0, 1e9, lo_open=True)] = 0.1

@@ -176,6 +176,8 @@ def bench_vcc_shape(args) -> None:
         tiny_cmd = [sys.executable, str(REPO_DIR / "nb" / "06_eval.py"), "--pred", str(work / "pred_tiny.h5ad")]
         tiny_cmd += ["--real", str(work / "real_tiny.h5ad"), "--mode", "current", "--threads", str(args.threads)]
         floor_s, _ = run_timed([*tiny_cmd, "--out", str(work / "ours_tiny")], env)
+        # the floor's imports alone: what the command's file imports first (marimo), then lib
+        imports_s, _ = run_timed([sys.executable, "-c", "import marimo, lib"], env)
         print(f"load after: {open('/proc/loadavg').read().split()[:3]}")
         ours_t = pd.read_csv(work / "ours" / "results.csv").set_index("perturbation")
         theirs_t = pd.read_csv(work / "theirs" / "results.csv").set_index("perturbation").loc[ours_t.index]
@@ -186,6 +188,7 @@ def bench_vcc_shape(args) -> None:
         )
         print(f"cell-eval 0.8.2 run --profile vcc:          {theirs_s:.1f} s, peak RSS {theirs_gb:.2f} GB")
         print(f"ours on 15 cells of the same genes (start-up, imports, first numba call): {floor_s:.1f} s")
+        print(f"of which `python -c 'import marimo, lib'`: {imports_s:.1f} s")
         print(f"ratio (cell-eval / ours, median of ours): {theirs_s / np.median([ours_s, ours_s2, ours_s3]):.1f}x")
         print("max |diff| per perturbation: " + " ".join(f"{k} {v:.1e}" for k, v in diff.items()))
     finally:

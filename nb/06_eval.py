@@ -66,10 +66,15 @@ def _():
         `cell-eval baseline` builds it) or given as `--baseline`. Writes `--out`/`results.csv`
         (one row per perturbation: `perturbation, overlap_at_N, mae, discrimination_score_l1`),
         `agg_results.csv`, the baseline's `baseline_results.csv` / `baseline_agg_results.csv` and
-        `score.csv`. X stays on disk and is read one perturbation at a time.
+        `score.csv`. X stays on disk and is read one perturbation at a time. Files of raw counts
+        (e.g. parts of `adata_Training.h5ad`) are named in `--raw-counts` and normalised as they are
+        read (log1p CP10K, `lib.normalise_log1p`); integer X is refused otherwise (cell-eval would
+        scale such a file to its own median depth, another scale than the predictions'). As a
+        script, the command runs straight from `__main__` (no marimo runner: a fast start).
 
         ```
         python nb/06_eval.py --pred P.h5ad --real R.h5ad --train T.h5ad --mode current --out DIR --threads 2
+        python nb/06_eval.py --pred P.h5ad --real heldout.h5ad --train adata_Training.h5ad --raw-counts real train --out DIR
         marimo edit nb/06_eval.py -- --pred P.h5ad --real R.h5ad --baseline B.h5ad --out DIR
         ```
         """
@@ -196,4 +201,7 @@ def _(out):
 if __name__ == "__main__":
     import lib  # a user error ends the script with one line (lib.run_notebook)
 
-    lib.run_notebook(app)
+    # The scoring command (--pred) runs straight from here, not through marimo's runner (which
+    # imports matplotlib and runs the cell graph): a fast start. The cell above offers the same job in `marimo edit`.
+    _description = "06 eval: score predictors on held-out perturbations of the target"  # as the flags cell's
+    lib.run_notebook(app, script=lambda: lib.run_score_script(_description))

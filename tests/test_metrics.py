@@ -463,6 +463,91 @@ def test_raw_count_score_file_reads_log1p_cp10k_rows_in_blocks(tmp_path, layout)
             lib.check_score_file_values(score_file, which="real")
 
 
+@pytest.mark.parametrize("mode", lib.SCORE_MODES)
+def test_raw_count_files_score_like_the_same_files_normalised_first(tmp_path, mode):
+    """--raw-counts real train: scores equal those of the same files normalised by
+    lib.normalise_log1p and stored as log1p; without it, integer X is refused naming the flag."""
+    rng = np.random.default_rng(1)
+    labels = np.repeat([CONTROL, "G0003", "G0007", "G0011"], [60, 20, 20, 20])
+    counts_cg = rng.negative_binomial(2.0, 2.0 / (2.0 + rng.lognormal(0.0, 1.5, (labels.size, 50)))).astype(np.float32)
+    counts_cg[labels == "G0003", 3] = 0  # a knockdown
+    counts_cg[:, 0] += 5  # no empty cell
+    genes = np.array([f"G{i:04d}" for i in range(50)])
+    raw = lib.make_anndata(scipy.sparse.csr_matrix(counts_cg), labels, gene_names=genes)
+    raw.write_h5ad(tmp_path / "raw.h5ad")
+    log1p = raw.copy()
+    log1p.X = lib.normalise_log1p(raw.X, "raw")
+    log1p.write_h5ad(tmp_path / "log1p.h5ad")
+    pred = log1p.copy()
+    pred.X = scipy.sparse.csr_matrix(np.log1p(np.expm1(log1p.X.toarray()) * rng.uniform(0.8, 1.2, log1p.shape)))
+    pred.write_h5ad(tmp_path / "pred.h5ad")
+    kwargs = dict(mode=mode, out_dir=None)
+    expected = lib.score_files(
+        tmp_path / "pred.h5ad", tmp_path / "log1p.h5ad", train_path=tmp_path / "log1p.h5ad", **kwargs
+    )
+    got = lib.score_files(
+        tmp_path / "pred.h5ad",
+        tmp_path / "raw.h5ad",
+        train_path=tmp_path / "raw.h5ad",
+        raw_counts=("real", "train"),
+        **kwargs,
+    )
+    for part in ("result", "baseline"):
+        pd.testing.assert_frame_equal(got[part]["per_perturbation"], expected[part]["per_perturbation"])
+    assert got["normalised"] == expected["normalised"]
+    with pytest.raises(lib.UserError, match="real: X is integer-valued throughout.*--raw-counts real"):
+        lib.score_files(tmp_path / "pred.h5ad", tmp_path / "raw.h5ad", **kwargs)
+    with pytest.raises(lib.UserError, match="train: X is integer-valued throughout.*--raw-counts train"):
+        lib.score_files(tmp_path / "pred.h5ad", tmp_path / "log1p.h5ad", train_path=tmp_path / "raw.h5ad", **kwargs)
+
+
+def test_bad_real_values_are_refused_by_the_de_pass_before_anything_is_written(realistic, tmp_path):
+    """The value checks ride on the DE pass's one read of each file; a bad value in real still
+    ends the command with check_expression_matrix's error and no output."""
+    real, pred = realistic
+    real = real.copy()
+    real.X = np.array(real.X)
+    real.X[np.flatnonzero(real.obs["target_gene"] == CONTROL)[3], 4] = 15.0  # in the control group
+    real.write_h5ad(tmp_path / "real.h5ad")
+    pred.write_h5ad(tmp_path / "pred.h5ad")
+    with pytest.raises(lib.UserError, match="^real: X reaches 15, beyond the log1p range"):
+        lib.score_files(tmp_path / "pred.h5ad", tmp_path / "real.h5ad", out_dir=tmp_path / "scores")
+    assert not (tmp_path / "scores").exists()
+
+
+def test_score_script_runs_the_command_without_marimo_and_leaves_the_notebook_otherwise(
+    realistic, tmp_path, monkeypatch
+):
+    """06's script entry: with --pred, run_score_script does the job (the same tables as
+    score_files) and returns True; without it, it returns False and app.run() follows."""
+    real, pred = realistic
+    real.write_h5ad(tmp_path / "real.h5ad")
+    pred.write_h5ad(tmp_path / "pred.h5ad")
+    args = f"--pred {tmp_path / 'pred.h5ad'} --real {tmp_path / 'real.h5ad'} --mode current --out {tmp_path / 'out'}"
+    monkeypatch.setenv("VCELL_NB_ARGS", args)
+    assert lib.run_score_script("06") is True
+    expected = lib.score_files(tmp_path / "pred.h5ad", tmp_path / "real.h5ad", mode="current")
+    per_pert, _ = lib.results_tables(expected["result"])
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "out" / "results.csv"), per_pert)
+    monkeypatch.setenv("VCELL_NB_ARGS", "--mode current")
+    assert lib.run_score_script("06") is False
+
+
+def test_score_command_skips_marimos_runner_and_plotting_imports(tmp_path):
+    """The --pred job starts fast: python -X importtime lists every module the process imported."""
+    real, pred = make_realistic_pair(n_genes=30, n_perts=2, n_cells=8, n_control=20)
+    real.write_h5ad(tmp_path / "real.h5ad")
+    pred.write_h5ad(tmp_path / "pred.h5ad")
+    args = ["--pred", str(tmp_path / "pred.h5ad"), "--real", str(tmp_path / "real.h5ad"), "--out", str(tmp_path / "o")]
+    run = subprocess.run(
+        [sys.executable, "-X", "importtime", *SCORE_COMMAND[1:], *args], capture_output=True, text=True, timeout=600
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    imported = {line.split("|")[-1].strip() for line in run.stderr.splitlines() if line.startswith("import time:")}
+    assert "lib" in imported and "numba" in imported  # what scoring needs
+    assert not {"matplotlib", "scanpy", "anndata"} & imported  # marimo's runner imports matplotlib
+
+
 @pytest.mark.slow  # two processes that import the whole stack
 @pytest.mark.parametrize("mode", lib.SCORE_MODES)
 def test_score_command_writes_cell_eval_tables_equal_to_lib_score(realistic, tmp_path, mode):
