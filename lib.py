@@ -4375,6 +4375,20 @@ class SetTransformer(eqx.Module):
 
     @typechecked
     def __call__(self, ctrl_sg: Float[Array, "set gene"], pert_f: Float[Array, " feat"]) -> Float[Array, "set gene"]:
+        z_sg = self.pre_head(ctrl_sg, pert_f)
+        if self.exact_mean:
+            mean_g = z_sg.mean(0)
+            if self.straight_through_relu:  # a gene predicted at <= 0 keeps a gradient
+                mean_g = mean_g + jax.lax.stop_gradient(jax.nn.relu(mean_g) - mean_g)
+            return shift_to_mean_jax(z_sg, mean_g)
+        if self.straight_through_relu:
+            return z_sg + jax.lax.stop_gradient(jax.nn.relu(z_sg) - z_sg)
+        return jax.nn.relu(z_sg)
+
+    @typechecked
+    def pre_head(self, ctrl_sg: Float[Array, "set gene"], pert_f: Float[Array, " feat"]) -> Float[Array, "set gene"]:
+        """The predicted cells before the output head clips them at 0: their mean over the set is
+        the model's pseudobulk before clipping (exactly so with `exact_mean`)."""
         assert ctrl_sg.shape[1] == self.n_genes, f"control cells have {ctrl_sg.shape[1]} genes, model {self.n_genes}"
         if self.effect_gain_g is not None:  # the feature vector's tail: gene-space effect, target indicator
             g = self.n_genes
@@ -4390,14 +4404,7 @@ class SetTransformer(eqx.Module):
             z_sg = z_sg + self.effect_gain_g * effect_g - self.knockdown * target_g * ctrl_sg
         if self.residual_output:
             z_sg = (ctrl_sg - ctrl_sg.mean(0) if self.center_control else ctrl_sg) + z_sg
-        if self.exact_mean:
-            mean_g = z_sg.mean(0)
-            if self.straight_through_relu:  # a gene predicted at <= 0 keeps a gradient
-                mean_g = mean_g + jax.lax.stop_gradient(jax.nn.relu(mean_g) - mean_g)
-            return shift_to_mean_jax(z_sg, mean_g)
-        if self.straight_through_relu:
-            return z_sg + jax.lax.stop_gradient(jax.nn.relu(z_sg) - z_sg)
-        return jax.nn.relu(z_sg)
+        return z_sg
 
 
 @typechecked
@@ -4492,6 +4499,15 @@ def predict_sets(
 ) -> Float[Array, "batch set gene"]:
     """Predicted perturbed sets, clipped to [0, max_expression]."""
     return jnp.clip(jax.vmap(model)(ctrl_bsg, pert_features_bf), 0.0, max_expression)
+
+
+@eqx.filter_jit
+@typechecked
+def predict_sets_pre_head(
+    model: SetTransformer, ctrl_bsg: Float[Array, "batch set gene"], pert_features_bf: Float[Array, "batch feat"]
+) -> Float[Array, "batch set gene"]:
+    """Predicted sets before the output head clips at 0 (`SetTransformer.pre_head`)."""
+    return jax.vmap(model.pre_head)(ctrl_bsg, pert_features_bf)
 
 
 # ==================================================================================================
@@ -4832,10 +4848,12 @@ def compute_coexpression_loadings(
 
 
 def compute_context_effects(
-    store, target: str, max_cells: int = 256, max_control_cells: int = 100_000
+    store, target: str, max_cells: int = 10**9, max_control_cells: int = 100_000
 ) -> tuple[pd.DataFrame, Float[np.ndarray, "r g"]]:
     """Pseudobulk effects (mean perturbed - mean control, log1p HVG space) of every perturbation
-    of every NON-target dataset; rows (dataset, perturbation). At most `max_cells` cells each."""
+    of every NON-target dataset; rows (dataset, perturbation). At most `max_cells` cells each:
+    by default all of them, as pert_mean_transfer's `TransferEffects` (a 256-cell cap made the
+    fresh model's effect differ from that baseline's by up to 1.6 log1p on a gene, logbook 2026-11-30)."""
     index = store.index
     rows_out, effects = [], []
     for dataset in store.datasets:
@@ -4852,7 +4870,10 @@ def compute_context_effects(
         ctrl_g /= max(len(ctrl_rows), 1)
         for pert, groups in in_d[~in_d["is_control"]].groupby("perturbation", sort=True):
             rows = _group_rows(groups, max_cells)
-            effects.append(np.asarray(store.x_cg[rows], np.float64).mean(0) - ctrl_g)
+            sum_g = np.zeros(store.x_cg.shape[1])
+            for a in range(0, len(rows), 8192):  # bounded memory for large groups
+                sum_g += np.asarray(store.x_cg[rows[a : a + 8192]], np.float64).sum(0)
+            effects.append(sum_g / max(len(rows), 1) - ctrl_g)
             rows_out.append((dataset, pert))
     if not effects:
         return pd.DataFrame(columns=["dataset", "perturbation"]), np.zeros((0, store.x_cg.shape[1]))
@@ -4926,10 +4947,12 @@ def make_pert_features(
             counts_p = np.bincount(ids_r[others], minlength=n_p)
             has_effect_dp[d] = counts_p > 0
             effect_dpe[d] = sums_pe / np.maximum(counts_p, 1)[:, None]
-            if direct_effect:
-                sums_pg = np.zeros((n_p, n_tail))
-                np.add.at(sums_pg, ids_r[others], effect_rg[others])
-                direct_dpg[d] = sums_pg / np.maximum(counts_p, 1)[:, None]
+            if direct_effect:  # per gene, over the datasets that measure it (as TransferEffects)
+                measured_rg = store.measured_dg[source_r[others]].astype(np.float64)
+                sums_pg, n_pg = np.zeros((n_p, n_tail)), np.zeros((n_p, n_tail))
+                np.add.at(sums_pg, ids_r[others], effect_rg[others] * measured_rg)
+                np.add.at(n_pg, ids_r[others], measured_rg)
+                direct_dpg[d] = sums_pg / np.maximum(n_pg, 1)
         has_effect_dp[:, :2] = False  # control and OOV carry no effect
         effect_dpe[:, :2] = 0.0
         direct_dpg[:, :2] = 0.0
@@ -8615,6 +8638,7 @@ class ModelPredictor:
         self.step_dir = step_dir
         self.pool_mean = pool_mean
         self._pool_means: dict[str, np.ndarray] = {}
+        self._effects: dict[str, np.ndarray] = {}
         self.model = ckpt["model"]
         self.vocab: PerturbationVocab = ckpt["vocab"]
         self.features: PertFeatures = ckpt["features"]
@@ -8656,6 +8680,47 @@ class ModelPredictor:
             self._pool_means[perturbation] = self.predict_cells(perturbation, pool_cg).mean(0, dtype=np.float64)
         return np.minimum(shift_to_mean(pred_cg, self._pool_means[perturbation]), MAX_LOG1P_EXPRESSION)
 
+    def effect(self, perturbation: str) -> Float[np.ndarray, " gene"]:
+        """The model's predicted effect on its genes: its pseudobulk for the perturbation minus its
+        pseudobulk for control (id 0), both over the canonical control pool in full sets and before
+        the output head clips at 0 (`predict_sets_pre_head`), cached. Measured like a real effect
+        (mean perturbed minus mean control), so the level the model learned for controls cancels: a
+        fresh model (decoder at a constant, direct gain 1) gives exactly its fed transfer effect."""
+        if perturbation not in self._effects:
+            s = self.set_size
+            pool_cg = self.control_pool_cg[: len(self.control_pool_cg) // s * s]
+            pert_mean_g, control_mean_g = (
+                self._pre_head(pool_cg, pert_id).mean((0, 1), dtype=np.float64)
+                for pert_id in (self.get_pert_id(perturbation), 0)
+            )
+            self._effects[perturbation] = pert_mean_g - control_mean_g
+        return self._effects[perturbation]
+
+    def cell_deviations(
+        self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]
+    ) -> Float[np.ndarray, "cell gene"]:
+        """Per cell, what the model predicts beyond shifting its set: the predicted cell's deviation
+        from its set's mean minus the control cell's own deviation from its set's mean (before the
+        output head; sets of S, the last padded as in predict_cells). 0 for a model that moves every
+        cell of a set by the same amount, e.g. a fresh one."""
+        n, s = len(ctrl_cg), self.set_size
+        padded_cg = np.asarray(ctrl_cg, np.float32)[np.arange(-(-n // s) * s) % n]
+        z_bsg = self._pre_head(padded_cg, self.get_pert_id(perturbation))
+        c_bsg = padded_cg.reshape(z_bsg.shape)
+        dev_bsg = (z_bsg - z_bsg.mean(1, keepdims=True)) - (c_bsg - c_bsg.mean(1, keepdims=True))
+        return dev_bsg.reshape(-1, z_bsg.shape[2])[:n]
+
+    def _pre_head(self, ctrl_cg: np.ndarray, pert_id: int) -> np.ndarray:
+        """The model's sets before the output head, (sets, S, genes), from a whole number of sets."""
+        s = self.set_size
+        pert_f = self.features.get_target(np.array([pert_id]))
+        out = []
+        for start in range(0, len(ctrl_cg), 64 * s):  # bounded device memory for large n
+            chunk_bsg = ctrl_cg[start : start + 64 * s].reshape(-1, s, ctrl_cg.shape[1])
+            pert_bf = jnp.asarray(np.repeat(pert_f, len(chunk_bsg), 0))
+            out.append(np.asarray(predict_sets_pre_head(self.model, jnp.asarray(chunk_bsg), pert_bf)))
+        return np.concatenate(out)
+
     def predict_cells(
         self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]
     ) -> Float[np.ndarray, "cell gene"]:
@@ -8682,6 +8747,59 @@ class ModelPredictor:
             )
             out.append(np.asarray(pred_bsg).reshape(-1, ctrl_cg.shape[1]))
         return np.concatenate(out)[:n]
+
+
+@dataclasses.dataclass
+class ModelEffectPredictor:
+    """A trained model used the way the effect baselines are (EffectPredictor with exact means): a
+    perturbation's pseudobulk is `control_mean_g` (the target's training control mean, as the
+    baselines' fit has it) plus the model's effect (`ModelPredictor.effect` on the HVGs, 0 on the
+    other genes), clipped at 0, with the target gene's own column at `knockdown_remaining` × its
+    control mean (as EffectPredictor; None = no knockdown); its cells are the given control cells plus the model's per-cell
+    deviations (`ModelPredictor.cell_deviations`, HVGs only), shifted so each gene's mean is
+    exactly that pseudobulk (shift_to_mean).
+
+    Why: the model's own cells put its pseudobulk at the control level it learned from the store
+    (all of the target's controls), fill the non-HVGs with unshifted control cells, and shift each
+    set of S to its own mean (per-set offsets that the DE test reads as effects: a fresh model's
+    cells had ~1,540 DE genes per perturbation where pert_mean_transfer's had ~920, DES .086 vs
+    .144, logbook 2026-11-30). On this footing a fresh model predicts exactly the cells
+    pert_mean_transfer predicts, and a trained one differs from it only by what training changed."""
+
+    hvg_predictor: ModelPredictor
+    gene_names: list[str]
+    hvg_cols_v: Int[np.ndarray, " hvg"]
+    """Target column of each model gene, in the model's gene order."""
+    control_mean_g: Float[np.ndarray, " gene"]
+    knockdown_remaining: float | None = None
+
+    def pseudobulk(self, perturbation: str) -> Float[np.ndarray, " gene"]:
+        pb_g = np.asarray(self.control_mean_g, np.float32).copy()
+        pb_g[self.hvg_cols_v] += self.hvg_predictor.effect(perturbation).astype(np.float32)
+        pb_g = np.maximum(pb_g, 0.0)
+        if self.knockdown_remaining is not None and perturbation in self.gene_names:
+            col = self.gene_names.index(perturbation)
+            pb_g[col] = self.knockdown_remaining * self.control_mean_g[col]
+        return pb_g
+
+    def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]:
+        x_cg = np.array(ctrl_cg, np.float32, copy=True)
+        if len(x_cg):
+            x_cg[:, self.hvg_cols_v] += self.hvg_predictor.cell_deviations(perturbation, x_cg[:, self.hvg_cols_v])
+        return np.minimum(shift_to_mean(x_cg, self.pseudobulk(perturbation)), MAX_LOG1P_EXPRESSION)
+
+
+def as_effect_predictor(
+    model: HvgAdapter, control_mean_g: Float[np.ndarray, " gene"], knockdown_remaining: float | None
+) -> Predictor:
+    """`make_model_predictor`'s model as a ModelEffectPredictor on `control_mean_g` (the fit's
+    training control mean, what the baselines start from) with the knockdown; a `fill="mean"`
+    model keeps its own cells, with the knockdown applied by KnockdownPredictor."""
+    if model.fill != "control":
+        return model if knockdown_remaining is None else KnockdownPredictor(model, knockdown_remaining, control_mean_g)
+    return ModelEffectPredictor(
+        model.hvg_predictor, model.gene_names, model.hvg_cols_v, control_mean_g, knockdown_remaining
+    )
 
 
 def load_model_predictor(
@@ -9225,10 +9343,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, typing.Any]:
             cfg, fit, store, spec.name, target_genes, hvg_cols_v, gene_names, zero_shot_knockdown
         )
         if model is not None:
-            predictors["model"] = model
+            knockdown = None
             if cfg.knockdown:
                 knockdown = zero_shot_knockdown if cfg.zero_shot else fit_knockdown_fraction(fit)
-                predictors["model"] = KnockdownPredictor(model, knockdown, fit.control_mean_g)
+            predictors["model"] = as_effect_predictor(model, fit.control_mean_g, knockdown)
         real = get_real()
         summary, per_pert, eff = score_predictors(
             real,
@@ -9639,9 +9757,9 @@ def run_submit(cfg: SubmitConfig) -> dict[str, typing.Any]:
             raise MissingFileError(
                 f"no checkpoint under {get_data_root(cfg.data_root) / 'checkpoints'}: train with nb/05_train.py or pass --checkpoint"
             )
-        predictor, name = make_model_predictor(checkpoint, store, target_genes, cfg.fill, cfg.world), "model"
-        if cfg.knockdown:
-            predictor = KnockdownPredictor(predictor, fit_knockdown_fraction(fit), fit.control_mean_g)
+        model = make_model_predictor(checkpoint, store, target_genes, cfg.fill, cfg.world)
+        knockdown = fit_knockdown_fraction(fit) if cfg.knockdown else None
+        predictor, name = as_effect_predictor(model, fit.control_mean_g, knockdown), "model"
     else:
         predictor, name = (
             make_baseline_predictor(
