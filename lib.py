@@ -4539,13 +4539,24 @@ class LossConfig:
     """Weight of 1 - Pearson correlation (over genes) of the predicted and the real change of the
     set mean from the input control set's mean: rewards the effect's direction and ranking, which
     DES and PDS score and which energy + pseudobulk MSE alone shrink."""
+    discrimination_weight: Annotated[float, Range(0, 1e6)] = 0.0
+    """Weight of the discrimination term (`discrimination_loss`): each perturbed set's predicted
+    pseudobulk should be nearer (mean |difference| over genes, the L1 that PDS ranks) to its own
+    perturbation's training pseudobulk than to the other training perturbations' of its cell type
+    (softmax cross-entropy over -distance / temperature; every dataset's sets, not only the
+    target's: the target's are ~7% of the sets, under one per batch of 8). Rewards effects that tell perturbations apart, which
+    energy + pseudobulk MSE shrink towards their shared part. 0 until measured (logbook 2026-11-30)."""
+    discrimination_temperature: Annotated[float, Range(0, 1e3, lo_open=True)] = 0.005
+    """Temperature of the discrimination term, in log1p units of the mean |difference| per gene:
+    distances between perturbations' pseudobulks differ by ~0.005-0.02 on the small world."""
     mmd_bandwidths: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
     """RBF bandwidths sigma in log1p units. Cell-to-cell distances over 2,000 log1p HVGs are
     tens of units; these are a guess to revisit on real data (several scales hedge it)."""
 
     def __post_init__(self):
         check_flag_ranges(self)
-        if self.energy_weight + self.mmd_weight + self.pseudobulk_mse_weight + self.effect_corr_weight <= 0:
+        weights = (self.energy_weight, self.mmd_weight, self.pseudobulk_mse_weight, self.effect_corr_weight)
+        if sum(weights) + self.discrimination_weight <= 0:
             raise flag_error("energy_weight", self.energy_weight, "every loss weight is 0: give one a weight > 0")
         bandwidths = np.asarray(self.mmd_bandwidths, dtype=float)
         if self.mmd_weight > 0 and not (len(bandwidths) and np.all((bandwidths > 0) & np.isfinite(bandwidths))):
@@ -4618,6 +4629,28 @@ def effect_correlation_loss(
 
 
 @typechecked
+def discrimination_loss(
+    pred_bsg: Float[Array, "batch set gene"],
+    table_tg: Float[Array, "table gene"],
+    dataset_t: Int[Array, " table"],
+    row_b: Int[Array, " batch"],
+    temperature: float,
+) -> Float[Array, ""]:
+    """Mean over the sets with a table row (row_b >= 0) of the cross-entropy of the softmax over
+    the table rows of the set's own dataset (`dataset_t`: pseudobulks of different cell types are
+    not compared) of -d / temperature, d = mean over genes of |set's predicted pseudobulk - row|,
+    against the set's own row: low when each prediction is nearer its own perturbation's
+    pseudobulk than the others' (PDS's question, as a smooth loss); 0 when no set has a row."""
+    d_bt = jnp.abs(pred_bsg.mean(1)[:, None, :] - table_tg[None, :, :]).mean(2)
+    same_dataset_bt = dataset_t[None, :] == dataset_t[jnp.maximum(row_b, 0)][:, None]
+    logits_bt = jnp.where(same_dataset_bt, -d_bt / temperature, -jnp.inf)
+    own_b = jnp.take_along_axis(logits_bt, jnp.maximum(row_b, 0)[:, None], axis=1)[:, 0]
+    ce_b = jax.nn.logsumexp(logits_bt, axis=1) - own_b
+    has_row_b = row_b >= 0
+    return jnp.where(has_row_b, ce_b, 0.0).sum() / jnp.maximum(has_row_b.sum(), 1)
+
+
+@typechecked
 def set_losses(
     pred_sg: Float[Array, "set gene"], target_tg: Float[Array, "set2 gene"], cfg: LossConfig
 ) -> dict[str, Float[Array, ""]]:
@@ -4638,18 +4671,27 @@ def compute_loss(
     pert_bf: Float[Array, "batch feat"],
     target_btg: Float[Array, "batch set2 gene"],
     cfg: LossConfig,
+    discrimination: tuple[Float[Array, "table gene"], Int[Array, " table"], Int[Array, " batch"]] | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
-    """Weighted sum of the set losses, each averaged over the batch of sets; also the terms."""
+    """Weighted sum of the set losses, each averaged over the batch of sets; also the terms.
+    `discrimination`: (training pseudobulks, each row's dataset, each set's row or -1), the inputs
+    of discrimination_loss (make_discrimination_table)."""
     pred_bsg = jax.vmap(model)(ctrl_bsg, pert_bf)
     terms_b = jax.vmap(functools.partial(set_losses, cfg=cfg))(pred_bsg, target_btg)
     terms = {name: term_b.mean() for name, term_b in terms_b.items()}
     if cfg.effect_corr_weight > 0:
         terms["effect_corr"] = jax.vmap(effect_correlation_loss)(pred_bsg, target_btg, ctrl_bsg).mean()
+    if cfg.discrimination_weight > 0 and discrimination is not None:
+        table_tg, dataset_t, row_b = discrimination
+        terms["discrimination"] = discrimination_loss(
+            pred_bsg, table_tg, dataset_t, row_b, cfg.discrimination_temperature
+        )
     weights = {
         "energy": cfg.energy_weight,
         "mmd": cfg.mmd_weight,
         "pseudobulk_mse": cfg.pseudobulk_mse_weight,
         "effect_corr": cfg.effect_corr_weight,
+        "discrimination": cfg.discrimination_weight,
     }
     loss = sum(weights[name] * term for name, term in terms.items())
     return loss, terms
@@ -4675,6 +4717,7 @@ def make_step(
     pert_bf: Float[Array, "batch feat"],
     target_btg: Float[Array, "batch set2 gene"],
     loss_cfg: LossConfig,
+    discrimination: tuple | None = None,
 ) -> tuple[SetTransformer, PyTree, dict[str, Float[Array, ""]]]:
     """One optimiser step in one jitted region. Returns the new model and optimiser state and
     metrics: loss, each loss term, grad_norm (before clipping) and update_norm.
@@ -4684,7 +4727,7 @@ def make_step(
     params, static = eqx.partition(model, eqx.is_inexact_array)
 
     def loss_of_params(params):
-        return compute_loss(eqx.combine(params, static), ctrl_bsg, pert_bf, target_btg, loss_cfg)
+        return compute_loss(eqx.combine(params, static), ctrl_bsg, pert_bf, target_btg, loss_cfg, discrimination)
 
     (loss, terms), grads = jax.value_and_grad(loss_of_params, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -5231,6 +5274,7 @@ def train_step(
     key: PRNGKeyArray,
     loss_cfg: LossConfig,
     mesh: jax.sharding.Mesh | None = None,
+    discrimination: tuple | None = None,
 ) -> tuple[SetTransformer, PyTree, dict[str, Float[Array, ""]]]:
     """make_step plus OOV dropout (the step's only randomness, from `key`) and the
     parameter norm, in one jitted region. With a `mesh` (the batch sharded on its "batch" axis,
@@ -5239,17 +5283,27 @@ def train_step(
     drop_b = jax.random.bernoulli(key, oov_dropout, is_perturbed_b.shape) & is_perturbed_b
     pert_bf = jnp.where(drop_b[:, None], oov_f[None, :], pert_bf)
     if mesh is None:
-        model, opt_state, metrics = make_step(model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg)
+        model, opt_state, metrics = make_step(
+            model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg, discrimination
+        )
     else:
         model, opt_state, metrics = _make_step_ordered(
-            model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg, mesh
+            model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg, mesh, discrimination
         )
     metrics["param_norm"] = optax.tree.norm(eqx.filter(model, eqx.is_inexact_array))
     return model, opt_state, metrics
 
 
 def _make_step_ordered(
-    model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg: LossConfig, mesh: jax.sharding.Mesh
+    model,
+    opt_state,
+    optimizer,
+    ctrl_bsg,
+    pert_bf,
+    target_bsg,
+    loss_cfg: LossConfig,
+    mesh: jax.sharding.Mesh,
+    discrimination: tuple | None = None,
 ):
     """make_step for a batch sharded over mesh axis "batch" (call inside jit). Each device takes
     the loss and gradients of its own sets; the devices' results are all-gathered and averaged in
@@ -5261,17 +5315,20 @@ def _make_step_ordered(
     params, static = eqx.partition(model, eqx.is_inexact_array)
     spec, batch = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec("batch")
 
-    def local(params, ctrl_bsg, pert_bf, target_bsg):
+    def local(params, ctrl_bsg, pert_bf, target_bsg, *discrimination):
         def loss_of_params(params):
-            return compute_loss(eqx.combine(params, static), ctrl_bsg, pert_bf, target_bsg, loss_cfg)
+            disc = tuple(discrimination) or None
+            return compute_loss(eqx.combine(params, static), ctrl_bsg, pert_bf, target_bsg, loss_cfg, disc)
 
         out = jax.value_and_grad(loss_of_params, has_aux=True)(params)
         return jax.tree.map(lambda x: jax.lax.all_gather(x, "batch").mean(0), out)
 
+    # The discrimination table is replicated, each set's row sharded with its set.
+    disc_args, disc_specs = (discrimination, (spec, spec, batch)) if discrimination is not None else ((), ())
     # check_vma=False: no automatic psum of the replicated parameters' gradients (we reduce them).
     (loss, terms), grads = jax.shard_map(
-        local, mesh=mesh, in_specs=(spec, batch, batch, batch), out_specs=spec, check_vma=False
-    )(params, ctrl_bsg, pert_bf, target_bsg)
+        local, mesh=mesh, in_specs=(spec, batch, batch, batch, *disc_specs), out_specs=spec, check_vma=False
+    )(params, ctrl_bsg, pert_bf, target_bsg, *disc_args)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates)}
@@ -5304,6 +5361,8 @@ class ValidationSet:
     """The canonical control pool (a multiple of set_size cells)."""
     pool_rows: np.ndarray
     genes: list[str]
+    control_mean_g: np.ndarray | None = None
+    """The target's control mean (store), the level the model's effects are scored from (predict_pool)."""
     real_de: Any = None
     baselines: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -5342,6 +5401,7 @@ def make_validation_set(store, perturbations, target: str, cfg: TrainConfig, voc
         pool_cg,
         pool_rows,
         store.genes["symbol"].astype(str).tolist(),
+        get_store_gene_means(store, target, "mean_control"),
     )
 
 
@@ -5354,17 +5414,36 @@ def _validation_anndata(cells_by_pert: list[np.ndarray], perts: list[str], pool_
 
 
 def predict_pool(
-    model, features: PertFeatures, pert_id_p: np.ndarray, pool_cg: np.ndarray, set_size: int
+    model,
+    features: PertFeatures,
+    pert_id_p: np.ndarray,
+    pool_cg: np.ndarray,
+    set_size: int,
+    control_mean_g: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Each perturbation's predicted cells from the control pool: (perts, pool cells, genes)."""
-    n_sets = len(pool_cg) // set_size
-    pool_bsg = np.broadcast_to(
-        pool_cg.reshape(n_sets, set_size, -1), (len(pert_id_p), n_sets, set_size, pool_cg.shape[1])
-    )
+    """Each perturbation's predicted cells from the control pool: (perts, pool cells, genes).
+
+    With `control_mean_g` (the target's control mean), the cells 06 and 07 score
+    (ModelEffectPredictor): the pool cells plus the model's per-cell deviations, shifted so
+    their mean is control_mean_g plus the model's effect (its pre-head pool mean for the
+    perturbation minus that for control), clipped at 0; the knockdown is the model's own."""
+    n_sets, n_genes = len(pool_cg) // set_size, pool_cg.shape[1]
+    if control_mean_g is not None:
+        pert_id_p = np.append(pert_id_p, 0)  # control last: the level the effects are measured from
+    pool_bsg = np.broadcast_to(pool_cg.reshape(n_sets, set_size, -1), (len(pert_id_p), n_sets, set_size, n_genes))
     pert_pf = features.get_target(get_inference_ids(features, pert_id_p))
-    pert_bf = np.repeat(pert_pf, n_sets, axis=0)
-    pred_bsg = predict_sets(model, jnp.asarray(pool_bsg.reshape(-1, set_size, pool_cg.shape[1])), jnp.asarray(pert_bf))
-    return np.asarray(pred_bsg).reshape(len(pert_id_p), n_sets * set_size, -1)
+    pert_bf = jnp.asarray(np.repeat(pert_pf, n_sets, axis=0))
+    pool_bsg = jnp.asarray(pool_bsg.reshape(-1, set_size, n_genes))
+    if control_mean_g is None:
+        pred_bsg = predict_sets(model, pool_bsg, pert_bf)
+        return np.asarray(pred_bsg).reshape(len(pert_id_p), n_sets * set_size, -1)
+    z_pbsg = np.asarray(predict_sets_pre_head(model, pool_bsg, pert_bf)).reshape(-1, n_sets, set_size, n_genes)
+    effect_pg = z_pbsg[:-1].mean((1, 2), dtype=np.float64) - z_pbsg[-1].mean((0, 1), dtype=np.float64)
+    c_bsg = pool_cg.reshape(n_sets, set_size, n_genes)
+    dev_pbsg = (z_pbsg[:-1] - z_pbsg[:-1].mean(2, keepdims=True)) - (c_bsg - c_bsg.mean(1, keepdims=True))
+    cells_pcg = (c_bsg + dev_pbsg).reshape(len(effect_pg), -1, n_genes)
+    pb_pg = np.maximum(control_mean_g + effect_pg, 0.0)
+    return np.stack([np.minimum(shift_to_mean(x, t), MAX_LOG1P_EXPRESSION) for x, t in zip(cells_pcg, pb_pg)])
 
 
 def get_inference_ids(features: PertFeatures, pert_id_p: np.ndarray) -> np.ndarray:
@@ -5387,7 +5466,7 @@ def validate(
 ) -> dict[str, float]:
     """Held-out metrics: set losses of the pool predictions vs real cells, and score (DES, PDS,
     MAE in HVG space), plus the normalised score against the cell-mean baseline."""
-    pred_pcg = predict_pool(model, features, val.pert_id_p, val.pool_cg, set_size)
+    pred_pcg = predict_pool(model, features, val.pert_id_p, val.pool_cg, set_size, val.control_mean_g)
     terms = get_val_losses(jnp.asarray(pred_pcg), jnp.asarray(val.real_psg), loss_cfg)
     out = {f"val/{k}": float(v.mean()) for k, v in terms.items()}
     pred = _validation_anndata(list(pred_pcg), val.perturbations, val.pool_cg, val.genes)
@@ -6022,12 +6101,8 @@ def init_or_resume(cfg: TrainConfig, store: CellStore, target: str, run_dir: str
         direct_effect=features.n_direct > 0,
     )
     init_key, key = jax.random.split(jax.random.key(cfg.seed))
-    means = (  # a residual model starts at the control baseline, STATE's head at the mean
-        store.means[store.means["dataset"] == target]
-        .drop_duplicates("ensembl_id")
-        .set_index("ensembl_id")["mean_control" if cfg.model.residual_output else "mean_all"]
-    )
-    gene_mean_g = means.reindex(store.genes["ensembl_id"]).fillna(0.0).to_numpy(np.float32)
+    # A residual model starts at the control baseline, STATE's head at the mean.
+    gene_mean_g = get_store_gene_means(store, target, "mean_control" if cfg.model.residual_output else "mean_all")
     model = make_model(model_cfg, key=init_key, gene_mean_g=gene_mean_g)
     return TrainStart(
         vocab=vocab,
@@ -6040,6 +6115,42 @@ def init_or_resume(cfg: TrainConfig, store: CellStore, target: str, run_dir: str
         run_id=broadcast_text(uuid.uuid4().hex[:12]),
         best_val=math.inf,
     )
+
+
+def make_discrimination_table(
+    store, examples: pd.DataFrame
+) -> tuple[Float[np.ndarray, "table gene"], Int[np.ndarray, " table"], Int[np.ndarray, " example"]]:
+    """The discrimination term's table (LossConfig.discrimination_weight): the pseudobulk (log1p
+    mean over all its cells, the store's genes) of each perturbation the loader trains on, per
+    dataset (the examples table: the target's held-out perturbations are not in it, so their
+    cells never enter the loss), each row's dataset index, and each example's row (-1: control)."""
+    index = store.index[~store.index["is_control"].to_numpy(bool)]
+    keys = examples.loc[~examples["is_control"].to_numpy(bool), ["dataset", "perturbation"]].drop_duplicates()
+    keys = keys.sort_values(["dataset", "perturbation"]).reset_index(drop=True)
+    row_of = {(d, p): t for t, (d, p) in enumerate(zip(keys["dataset"], keys["perturbation"]))}
+    table_tg = np.zeros((len(keys), store.x_cg.shape[1]), np.float32)
+    groups_by_key = index[index.set_index(["dataset", "perturbation"]).index.isin(row_of)]
+    for (d, p), groups in progress(groups_by_key.groupby(["dataset", "perturbation"]), desc="discrimination table"):
+        rows = _group_rows(groups, 10**9)
+        total_g = np.zeros(store.x_cg.shape[1])
+        for a in range(0, len(rows), 8192):  # bounded memory for large groups
+            total_g += np.asarray(store.x_cg[rows[a : a + 8192]], np.float64).sum(0)
+        table_tg[row_of[(d, p)]] = total_g / len(rows)
+    dataset_t = keys["dataset"].map(list(store.datasets).index).to_numpy(np.int32)
+    row_k = np.array(
+        [
+            -1 if c else row_of[(d, p)]
+            for d, p, c in zip(examples["dataset"], examples["perturbation"], examples["is_control"])
+        ],
+        np.int32,
+    )
+    return table_tg, dataset_t, row_k
+
+
+def get_store_gene_means(store, target: str, column: str) -> Float[np.ndarray, " gene"]:
+    """The store's per-gene means of the target (`mean_control` or `mean_all`), in the store's gene order."""
+    means = store.means[store.means["dataset"] == target].drop_duplicates("ensembl_id").set_index("ensembl_id")
+    return means[column].reindex(store.genes["ensembl_id"]).fillna(0.0).to_numpy(np.float32)
 
 
 def make_train_batches(
@@ -6290,6 +6401,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 
     val, pool_cg = make_validation_and_pool(cfg, store, split, target, vocab)
     static_files = get_static_files(cfg, start.model_cfg, vocab, features, pool_cg, store.genes)
+    disc_table = disc_row_k = None
+    if cfg.loss.discrimination_weight > 0:
+        disc_table_tg, disc_dataset_t, disc_row_k = make_discrimination_table(store, examples)
+        disc_table = to_replicated((disc_table_tg, disc_dataset_t), replicated)
 
     n_params, log = count_params(model), None
     status, last_metrics, val_metrics = "done", {}, {}
@@ -6322,8 +6437,11 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                 batch_arrays = get_global_batch(batch, features, dataset_k, batch_sharding)
                 data_s += time.perf_counter() - t_data
                 step_key = jax.random.fold_in(key, step)
+                disc = None
+                if disc_table is not None:  # the table, its rows' datasets, each set's row (-1: control)
+                    disc = (*disc_table, to_global(disc_row_k[batch["example_b"]], batch_sharding))
                 model, opt_state, metrics = train_step(
-                    model, opt_state, optimizer, *batch_arrays, oov_f, oov_dropout, step_key, cfg.loss, mesh
+                    model, opt_state, optimizer, *batch_arrays, oov_f, oov_dropout, step_key, cfg.loss, mesh, disc
                 )
                 steps_since_log += 1
                 stop = stop_vote(preemption.requested)  # the same answer on every process
