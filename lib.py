@@ -4377,6 +4377,20 @@ class SetTransformer(eqx.Module):
 
     @typechecked
     def __call__(self, ctrl_sg: Float[Array, "set gene"], pert_f: Float[Array, " feat"]) -> Float[Array, "set gene"]:
+        z_sg = self.pre_head(ctrl_sg, pert_f)
+        if self.exact_mean:
+            mean_g = z_sg.mean(0)
+            if self.straight_through_relu:  # a gene predicted at <= 0 keeps a gradient
+                mean_g = mean_g + jax.lax.stop_gradient(jax.nn.relu(mean_g) - mean_g)
+            return shift_to_mean_jax(z_sg, mean_g)
+        if self.straight_through_relu:
+            return z_sg + jax.lax.stop_gradient(jax.nn.relu(z_sg) - z_sg)
+        return jax.nn.relu(z_sg)
+
+    @typechecked
+    def pre_head(self, ctrl_sg: Float[Array, "set gene"], pert_f: Float[Array, " feat"]) -> Float[Array, "set gene"]:
+        """The predicted cells before the output head clips them at 0: their mean over the set is
+        the model's pseudobulk before clipping (exactly so with `exact_mean`)."""
         assert ctrl_sg.shape[1] == self.n_genes, f"control cells have {ctrl_sg.shape[1]} genes, model {self.n_genes}"
         if self.effect_gain_g is not None:  # the feature vector's tail: gene-space effect, target indicator
             g = self.n_genes
@@ -4392,14 +4406,7 @@ class SetTransformer(eqx.Module):
             z_sg = z_sg + self.effect_gain_g * effect_g - self.knockdown * target_g * ctrl_sg
         if self.residual_output:
             z_sg = (ctrl_sg - ctrl_sg.mean(0) if self.center_control else ctrl_sg) + z_sg
-        if self.exact_mean:
-            mean_g = z_sg.mean(0)
-            if self.straight_through_relu:  # a gene predicted at <= 0 keeps a gradient
-                mean_g = mean_g + jax.lax.stop_gradient(jax.nn.relu(mean_g) - mean_g)
-            return shift_to_mean_jax(z_sg, mean_g)
-        if self.straight_through_relu:
-            return z_sg + jax.lax.stop_gradient(jax.nn.relu(z_sg) - z_sg)
-        return jax.nn.relu(z_sg)
+        return z_sg
 
 
 @typechecked
@@ -4496,6 +4503,15 @@ def predict_sets(
     return jnp.clip(jax.vmap(model)(ctrl_bsg, pert_features_bf), 0.0, max_expression)
 
 
+@eqx.filter_jit
+@typechecked
+def predict_sets_pre_head(
+    model: SetTransformer, ctrl_bsg: Float[Array, "batch set gene"], pert_features_bf: Float[Array, "batch feat"]
+) -> Float[Array, "batch set gene"]:
+    """Predicted sets before the output head clips at 0 (`SetTransformer.pre_head`)."""
+    return jax.vmap(model.pre_head)(ctrl_bsg, pert_features_bf)
+
+
 # ==================================================================================================
 # losses: nb/05_train.py
 # ==================================================================================================
@@ -4525,13 +4541,24 @@ class LossConfig:
     """Weight of 1 - Pearson correlation (over genes) of the predicted and the real change of the
     set mean from the input control set's mean: rewards the effect's direction and ranking, which
     DES and PDS score and which energy + pseudobulk MSE alone shrink."""
+    discrimination_weight: Annotated[float, Range(0, 1e6)] = 0.0
+    """Weight of the discrimination term (`discrimination_loss`): each perturbed set's predicted
+    pseudobulk should be nearer (mean |difference| over genes, the L1 that PDS ranks) to its own
+    perturbation's training pseudobulk than to the other training perturbations' of its cell type
+    (softmax cross-entropy over -distance / temperature; every dataset's sets, not only the
+    target's: the target's are ~7% of the sets, under one per batch of 8). Rewards effects that tell perturbations apart, which
+    energy + pseudobulk MSE shrink towards their shared part. 0 until measured (logbook 2026-11-30)."""
+    discrimination_temperature: Annotated[float, Range(0, 1e3, lo_open=True)] = 0.005
+    """Temperature of the discrimination term, in log1p units of the mean |difference| per gene:
+    distances between perturbations' pseudobulks differ by ~0.005-0.02 on the small world."""
     mmd_bandwidths: tuple[float, ...] = (5.0, 10.0, 20.0, 40.0)
     """RBF bandwidths sigma in log1p units. Cell-to-cell distances over 2,000 log1p HVGs are
     tens of units; these are a guess to revisit on real data (several scales hedge it)."""
 
     def __post_init__(self):
         check_flag_ranges(self)
-        if self.energy_weight + self.mmd_weight + self.pseudobulk_mse_weight + self.effect_corr_weight <= 0:
+        weights = (self.energy_weight, self.mmd_weight, self.pseudobulk_mse_weight, self.effect_corr_weight)
+        if sum(weights) + self.discrimination_weight <= 0:
             raise flag_error("energy_weight", self.energy_weight, "every loss weight is 0: give one a weight > 0")
         bandwidths = np.asarray(self.mmd_bandwidths, dtype=float)
         if self.mmd_weight > 0 and not (len(bandwidths) and np.all((bandwidths > 0) & np.isfinite(bandwidths))):
@@ -4604,6 +4631,28 @@ def effect_correlation_loss(
 
 
 @typechecked
+def discrimination_loss(
+    pred_bsg: Float[Array, "batch set gene"],
+    table_tg: Float[Array, "table gene"],
+    dataset_t: Int[Array, " table"],
+    row_b: Int[Array, " batch"],
+    temperature: float,
+) -> Float[Array, ""]:
+    """Mean over the sets with a table row (row_b >= 0) of the cross-entropy of the softmax over
+    the table rows of the set's own dataset (`dataset_t`: pseudobulks of different cell types are
+    not compared) of -d / temperature, d = mean over genes of |set's predicted pseudobulk - row|,
+    against the set's own row: low when each prediction is nearer its own perturbation's
+    pseudobulk than the others' (PDS's question, as a smooth loss); 0 when no set has a row."""
+    d_bt = jnp.abs(pred_bsg.mean(1)[:, None, :] - table_tg[None, :, :]).mean(2)
+    same_dataset_bt = dataset_t[None, :] == dataset_t[jnp.maximum(row_b, 0)][:, None]
+    logits_bt = jnp.where(same_dataset_bt, -d_bt / temperature, -jnp.inf)
+    own_b = jnp.take_along_axis(logits_bt, jnp.maximum(row_b, 0)[:, None], axis=1)[:, 0]
+    ce_b = jax.nn.logsumexp(logits_bt, axis=1) - own_b
+    has_row_b = row_b >= 0
+    return jnp.where(has_row_b, ce_b, 0.0).sum() / jnp.maximum(has_row_b.sum(), 1)
+
+
+@typechecked
 def set_losses(
     pred_sg: Float[Array, "set gene"], target_tg: Float[Array, "set2 gene"], cfg: LossConfig
 ) -> dict[str, Float[Array, ""]]:
@@ -4624,18 +4673,27 @@ def compute_loss(
     pert_bf: Float[Array, "batch feat"],
     target_btg: Float[Array, "batch set2 gene"],
     cfg: LossConfig,
+    discrimination: tuple[Float[Array, "table gene"], Int[Array, " table"], Int[Array, " batch"]] | None = None,
 ) -> tuple[Float[Array, ""], dict[str, Float[Array, ""]]]:
-    """Weighted sum of the set losses, each averaged over the batch of sets; also the terms."""
+    """Weighted sum of the set losses, each averaged over the batch of sets; also the terms.
+    `discrimination`: (training pseudobulks, each row's dataset, each set's row or -1), the inputs
+    of discrimination_loss (make_discrimination_table)."""
     pred_bsg = jax.vmap(model)(ctrl_bsg, pert_bf)
     terms_b = jax.vmap(functools.partial(set_losses, cfg=cfg))(pred_bsg, target_btg)
     terms = {name: term_b.mean() for name, term_b in terms_b.items()}
     if cfg.effect_corr_weight > 0:
         terms["effect_corr"] = jax.vmap(effect_correlation_loss)(pred_bsg, target_btg, ctrl_bsg).mean()
+    if cfg.discrimination_weight > 0 and discrimination is not None:
+        table_tg, dataset_t, row_b = discrimination
+        terms["discrimination"] = discrimination_loss(
+            pred_bsg, table_tg, dataset_t, row_b, cfg.discrimination_temperature
+        )
     weights = {
         "energy": cfg.energy_weight,
         "mmd": cfg.mmd_weight,
         "pseudobulk_mse": cfg.pseudobulk_mse_weight,
         "effect_corr": cfg.effect_corr_weight,
+        "discrimination": cfg.discrimination_weight,
     }
     loss = sum(weights[name] * term for name, term in terms.items())
     return loss, terms
@@ -4661,6 +4719,7 @@ def make_step(
     pert_bf: Float[Array, "batch feat"],
     target_btg: Float[Array, "batch set2 gene"],
     loss_cfg: LossConfig,
+    discrimination: tuple | None = None,
 ) -> tuple[SetTransformer, PyTree, dict[str, Float[Array, ""]]]:
     """One optimiser step in one jitted region. Returns the new model and optimiser state and
     metrics: loss, each loss term, grad_norm (before clipping) and update_norm.
@@ -4670,7 +4729,7 @@ def make_step(
     params, static = eqx.partition(model, eqx.is_inexact_array)
 
     def loss_of_params(params):
-        return compute_loss(eqx.combine(params, static), ctrl_bsg, pert_bf, target_btg, loss_cfg)
+        return compute_loss(eqx.combine(params, static), ctrl_bsg, pert_bf, target_btg, loss_cfg, discrimination)
 
     (loss, terms), grads = jax.value_and_grad(loss_of_params, has_aux=True)(params)
     updates, opt_state = optimizer.update(grads, opt_state, params)
@@ -4834,10 +4893,12 @@ def compute_coexpression_loadings(
 
 
 def compute_context_effects(
-    store, target: str, max_cells: int = 256, max_control_cells: int = 100_000
+    store, target: str, max_cells: int = 10**9, max_control_cells: int = 100_000
 ) -> tuple[pd.DataFrame, Float[np.ndarray, "r g"]]:
     """Pseudobulk effects (mean perturbed - mean control, log1p HVG space) of every perturbation
-    of every NON-target dataset; rows (dataset, perturbation). At most `max_cells` cells each."""
+    of every NON-target dataset; rows (dataset, perturbation). At most `max_cells` cells each:
+    by default all of them, as pert_mean_transfer's `TransferEffects` (a 256-cell cap made the
+    fresh model's effect differ from that baseline's by up to 1.6 log1p on a gene, logbook 2026-11-30)."""
     index = store.index
     rows_out, effects = [], []
     for dataset in store.datasets:
@@ -4854,7 +4915,10 @@ def compute_context_effects(
         ctrl_g /= max(len(ctrl_rows), 1)
         for pert, groups in in_d[~in_d["is_control"]].groupby("perturbation", sort=True):
             rows = _group_rows(groups, max_cells)
-            effects.append(np.asarray(store.x_cg[rows], np.float64).mean(0) - ctrl_g)
+            sum_g = np.zeros(store.x_cg.shape[1])
+            for a in range(0, len(rows), 8192):  # bounded memory for large groups
+                sum_g += np.asarray(store.x_cg[rows[a : a + 8192]], np.float64).sum(0)
+            effects.append(sum_g / max(len(rows), 1) - ctrl_g)
             rows_out.append((dataset, pert))
     if not effects:
         return pd.DataFrame(columns=["dataset", "perturbation"]), np.zeros((0, store.x_cg.shape[1]))
@@ -4928,10 +4992,12 @@ def make_pert_features(
             counts_p = np.bincount(ids_r[others], minlength=n_p)
             has_effect_dp[d] = counts_p > 0
             effect_dpe[d] = sums_pe / np.maximum(counts_p, 1)[:, None]
-            if direct_effect:
-                sums_pg = np.zeros((n_p, n_tail))
-                np.add.at(sums_pg, ids_r[others], effect_rg[others])
-                direct_dpg[d] = sums_pg / np.maximum(counts_p, 1)[:, None]
+            if direct_effect:  # per gene, over the datasets that measure it (as TransferEffects)
+                measured_rg = store.measured_dg[source_r[others]].astype(np.float64)
+                sums_pg, n_pg = np.zeros((n_p, n_tail)), np.zeros((n_p, n_tail))
+                np.add.at(sums_pg, ids_r[others], effect_rg[others] * measured_rg)
+                np.add.at(n_pg, ids_r[others], measured_rg)
+                direct_dpg[d] = sums_pg / np.maximum(n_pg, 1)
         has_effect_dp[:, :2] = False  # control and OOV carry no effect
         effect_dpe[:, :2] = 0.0
         direct_dpg[:, :2] = 0.0
@@ -5210,6 +5276,7 @@ def train_step(
     key: PRNGKeyArray,
     loss_cfg: LossConfig,
     mesh: jax.sharding.Mesh | None = None,
+    discrimination: tuple | None = None,
 ) -> tuple[SetTransformer, PyTree, dict[str, Float[Array, ""]]]:
     """make_step plus OOV dropout (the step's only randomness, from `key`) and the
     parameter norm, in one jitted region. With a `mesh` (the batch sharded on its "batch" axis,
@@ -5218,17 +5285,27 @@ def train_step(
     drop_b = jax.random.bernoulli(key, oov_dropout, is_perturbed_b.shape) & is_perturbed_b
     pert_bf = jnp.where(drop_b[:, None], oov_f[None, :], pert_bf)
     if mesh is None:
-        model, opt_state, metrics = make_step(model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg)
+        model, opt_state, metrics = make_step(
+            model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg, discrimination
+        )
     else:
         model, opt_state, metrics = _make_step_ordered(
-            model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg, mesh
+            model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg, mesh, discrimination
         )
     metrics["param_norm"] = optax.tree.norm(eqx.filter(model, eqx.is_inexact_array))
     return model, opt_state, metrics
 
 
 def _make_step_ordered(
-    model, opt_state, optimizer, ctrl_bsg, pert_bf, target_bsg, loss_cfg: LossConfig, mesh: jax.sharding.Mesh
+    model,
+    opt_state,
+    optimizer,
+    ctrl_bsg,
+    pert_bf,
+    target_bsg,
+    loss_cfg: LossConfig,
+    mesh: jax.sharding.Mesh,
+    discrimination: tuple | None = None,
 ):
     """make_step for a batch sharded over mesh axis "batch" (call inside jit). Each device takes
     the loss and gradients of its own sets; the devices' results are all-gathered and averaged in
@@ -5240,17 +5317,20 @@ def _make_step_ordered(
     params, static = eqx.partition(model, eqx.is_inexact_array)
     spec, batch = jax.sharding.PartitionSpec(), jax.sharding.PartitionSpec("batch")
 
-    def local(params, ctrl_bsg, pert_bf, target_bsg):
+    def local(params, ctrl_bsg, pert_bf, target_bsg, *discrimination):
         def loss_of_params(params):
-            return compute_loss(eqx.combine(params, static), ctrl_bsg, pert_bf, target_bsg, loss_cfg)
+            disc = tuple(discrimination) or None
+            return compute_loss(eqx.combine(params, static), ctrl_bsg, pert_bf, target_bsg, loss_cfg, disc)
 
         out = jax.value_and_grad(loss_of_params, has_aux=True)(params)
         return jax.tree.map(lambda x: jax.lax.all_gather(x, "batch").mean(0), out)
 
+    # The discrimination table is replicated, each set's row sharded with its set.
+    disc_args, disc_specs = (discrimination, (spec, spec, batch)) if discrimination is not None else ((), ())
     # check_vma=False: no automatic psum of the replicated parameters' gradients (we reduce them).
     (loss, terms), grads = jax.shard_map(
-        local, mesh=mesh, in_specs=(spec, batch, batch, batch), out_specs=spec, check_vma=False
-    )(params, ctrl_bsg, pert_bf, target_bsg)
+        local, mesh=mesh, in_specs=(spec, batch, batch, batch, *disc_specs), out_specs=spec, check_vma=False
+    )(params, ctrl_bsg, pert_bf, target_bsg, *disc_args)
     updates, opt_state = optimizer.update(grads, opt_state, params)
     params = optax.apply_updates(params, updates)
     metrics = {"loss": loss, **terms, "grad_norm": optax.tree.norm(grads), "update_norm": optax.tree.norm(updates)}
@@ -5283,6 +5363,8 @@ class ValidationSet:
     """The canonical control pool (a multiple of set_size cells)."""
     pool_rows: np.ndarray
     genes: list[str]
+    control_mean_g: np.ndarray | None = None
+    """The target's control mean (store), the level the model's effects are scored from (predict_pool)."""
     real_de: Any = None
     baselines: dict[str, float] = dataclasses.field(default_factory=dict)
 
@@ -5321,6 +5403,7 @@ def make_validation_set(store, perturbations, target: str, cfg: TrainConfig, voc
         pool_cg,
         pool_rows,
         store.genes["symbol"].astype(str).tolist(),
+        get_store_gene_means(store, target, "mean_control"),
     )
 
 
@@ -5333,17 +5416,36 @@ def _validation_anndata(cells_by_pert: list[np.ndarray], perts: list[str], pool_
 
 
 def predict_pool(
-    model, features: PertFeatures, pert_id_p: np.ndarray, pool_cg: np.ndarray, set_size: int
+    model,
+    features: PertFeatures,
+    pert_id_p: np.ndarray,
+    pool_cg: np.ndarray,
+    set_size: int,
+    control_mean_g: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Each perturbation's predicted cells from the control pool: (perts, pool cells, genes)."""
-    n_sets = len(pool_cg) // set_size
-    pool_bsg = np.broadcast_to(
-        pool_cg.reshape(n_sets, set_size, -1), (len(pert_id_p), n_sets, set_size, pool_cg.shape[1])
-    )
+    """Each perturbation's predicted cells from the control pool: (perts, pool cells, genes).
+
+    With `control_mean_g` (the target's control mean), the cells 06 and 07 score
+    (ModelEffectPredictor): the pool cells plus the model's per-cell deviations, shifted so
+    their mean is control_mean_g plus the model's effect (its pre-head pool mean for the
+    perturbation minus that for control), clipped at 0; the knockdown is the model's own."""
+    n_sets, n_genes = len(pool_cg) // set_size, pool_cg.shape[1]
+    if control_mean_g is not None:
+        pert_id_p = np.append(pert_id_p, 0)  # control last: the level the effects are measured from
+    pool_bsg = np.broadcast_to(pool_cg.reshape(n_sets, set_size, -1), (len(pert_id_p), n_sets, set_size, n_genes))
     pert_pf = features.get_target(get_inference_ids(features, pert_id_p))
-    pert_bf = np.repeat(pert_pf, n_sets, axis=0)
-    pred_bsg = predict_sets(model, jnp.asarray(pool_bsg.reshape(-1, set_size, pool_cg.shape[1])), jnp.asarray(pert_bf))
-    return np.asarray(pred_bsg).reshape(len(pert_id_p), n_sets * set_size, -1)
+    pert_bf = jnp.asarray(np.repeat(pert_pf, n_sets, axis=0))
+    pool_bsg = jnp.asarray(pool_bsg.reshape(-1, set_size, n_genes))
+    if control_mean_g is None:
+        pred_bsg = predict_sets(model, pool_bsg, pert_bf)
+        return np.asarray(pred_bsg).reshape(len(pert_id_p), n_sets * set_size, -1)
+    z_pbsg = np.asarray(predict_sets_pre_head(model, pool_bsg, pert_bf)).reshape(-1, n_sets, set_size, n_genes)
+    effect_pg = z_pbsg[:-1].mean((1, 2), dtype=np.float64) - z_pbsg[-1].mean((0, 1), dtype=np.float64)
+    c_bsg = pool_cg.reshape(n_sets, set_size, n_genes)
+    dev_pbsg = (z_pbsg[:-1] - z_pbsg[:-1].mean(2, keepdims=True)) - (c_bsg - c_bsg.mean(1, keepdims=True))
+    cells_pcg = (c_bsg + dev_pbsg).reshape(len(effect_pg), -1, n_genes)
+    pb_pg = np.maximum(control_mean_g + effect_pg, 0.0)
+    return np.stack([np.minimum(shift_to_mean(x, t), MAX_LOG1P_EXPRESSION) for x, t in zip(cells_pcg, pb_pg)])
 
 
 def get_inference_ids(features: PertFeatures, pert_id_p: np.ndarray) -> np.ndarray:
@@ -5366,7 +5468,7 @@ def validate(
 ) -> dict[str, float]:
     """Held-out metrics: set losses of the pool predictions vs real cells, and score (DES, PDS,
     MAE in HVG space), plus the normalised score against the cell-mean baseline."""
-    pred_pcg = predict_pool(model, features, val.pert_id_p, val.pool_cg, set_size)
+    pred_pcg = predict_pool(model, features, val.pert_id_p, val.pool_cg, set_size, val.control_mean_g)
     terms = get_val_losses(jnp.asarray(pred_pcg), jnp.asarray(val.real_psg), loss_cfg)
     out = {f"val/{k}": float(v.mean()) for k, v in terms.items()}
     pred = _validation_anndata(list(pred_pcg), val.perturbations, val.pool_cg, val.genes)
@@ -6001,12 +6103,8 @@ def init_or_resume(cfg: TrainConfig, store: CellStore, target: str, run_dir: str
         direct_effect=features.n_direct > 0,
     )
     init_key, key = jax.random.split(jax.random.key(cfg.seed))
-    means = (  # a residual model starts at the control baseline, STATE's head at the mean
-        store.means[store.means["dataset"] == target]
-        .drop_duplicates("ensembl_id")
-        .set_index("ensembl_id")["mean_control" if cfg.model.residual_output else "mean_all"]
-    )
-    gene_mean_g = means.reindex(store.genes["ensembl_id"]).fillna(0.0).to_numpy(np.float32)
+    # A residual model starts at the control baseline, STATE's head at the mean.
+    gene_mean_g = get_store_gene_means(store, target, "mean_control" if cfg.model.residual_output else "mean_all")
     model = make_model(model_cfg, key=init_key, gene_mean_g=gene_mean_g)
     return TrainStart(
         vocab=vocab,
@@ -6019,6 +6117,42 @@ def init_or_resume(cfg: TrainConfig, store: CellStore, target: str, run_dir: str
         run_id=broadcast_text(uuid.uuid4().hex[:12]),
         best_val=math.inf,
     )
+
+
+def make_discrimination_table(
+    store, examples: pd.DataFrame
+) -> tuple[Float[np.ndarray, "table gene"], Int[np.ndarray, " table"], Int[np.ndarray, " example"]]:
+    """The discrimination term's table (LossConfig.discrimination_weight): the pseudobulk (log1p
+    mean over all its cells, the store's genes) of each perturbation the loader trains on, per
+    dataset (the examples table: the target's held-out perturbations are not in it, so their
+    cells never enter the loss), each row's dataset index, and each example's row (-1: control)."""
+    index = store.index[~store.index["is_control"].to_numpy(bool)]
+    keys = examples.loc[~examples["is_control"].to_numpy(bool), ["dataset", "perturbation"]].drop_duplicates()
+    keys = keys.sort_values(["dataset", "perturbation"]).reset_index(drop=True)
+    row_of = {(d, p): t for t, (d, p) in enumerate(zip(keys["dataset"], keys["perturbation"]))}
+    table_tg = np.zeros((len(keys), store.x_cg.shape[1]), np.float32)
+    groups_by_key = index[index.set_index(["dataset", "perturbation"]).index.isin(row_of)]
+    for (d, p), groups in progress(groups_by_key.groupby(["dataset", "perturbation"]), desc="discrimination table"):
+        rows = _group_rows(groups, 10**9)
+        total_g = np.zeros(store.x_cg.shape[1])
+        for a in range(0, len(rows), 8192):  # bounded memory for large groups
+            total_g += np.asarray(store.x_cg[rows[a : a + 8192]], np.float64).sum(0)
+        table_tg[row_of[(d, p)]] = total_g / len(rows)
+    dataset_t = keys["dataset"].map(list(store.datasets).index).to_numpy(np.int32)
+    row_k = np.array(
+        [
+            -1 if c else row_of[(d, p)]
+            for d, p, c in zip(examples["dataset"], examples["perturbation"], examples["is_control"])
+        ],
+        np.int32,
+    )
+    return table_tg, dataset_t, row_k
+
+
+def get_store_gene_means(store, target: str, column: str) -> Float[np.ndarray, " gene"]:
+    """The store's per-gene means of the target (`mean_control` or `mean_all`), in the store's gene order."""
+    means = store.means[store.means["dataset"] == target].drop_duplicates("ensembl_id").set_index("ensembl_id")
+    return means[column].reindex(store.genes["ensembl_id"]).fillna(0.0).to_numpy(np.float32)
 
 
 def make_train_batches(
@@ -6269,6 +6403,10 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
 
     val, pool_cg = make_validation_and_pool(cfg, store, split, target, vocab)
     static_files = get_static_files(cfg, start.model_cfg, vocab, features, pool_cg, store.genes)
+    disc_table = disc_row_k = None
+    if cfg.loss.discrimination_weight > 0:
+        disc_table_tg, disc_dataset_t, disc_row_k = make_discrimination_table(store, examples)
+        disc_table = to_replicated((disc_table_tg, disc_dataset_t), replicated)
 
     n_params, log = count_params(model), None
     status, last_metrics, val_metrics = "done", {}, {}
@@ -6301,8 +6439,11 @@ def run_train(cfg: TrainConfig) -> dict[str, Any]:
                 batch_arrays = get_global_batch(batch, features, dataset_k, batch_sharding)
                 data_s += time.perf_counter() - t_data
                 step_key = jax.random.fold_in(key, step)
+                disc = None
+                if disc_table is not None:  # the table, its rows' datasets, each set's row (-1: control)
+                    disc = (*disc_table, to_global(disc_row_k[batch["example_b"]], batch_sharding))
                 model, opt_state, metrics = train_step(
-                    model, opt_state, optimizer, *batch_arrays, oov_f, oov_dropout, step_key, cfg.loss, mesh
+                    model, opt_state, optimizer, *batch_arrays, oov_f, oov_dropout, step_key, cfg.loss, mesh, disc
                 )
                 steps_since_log += 1
                 stop = stop_vote(preemption.requested)  # the same answer on every process
@@ -8686,6 +8827,7 @@ class ModelPredictor:
         self.step_dir = step_dir
         self.pool_mean = pool_mean
         self._pool_means: dict[str, np.ndarray] = {}
+        self._effects: dict[str, np.ndarray] = {}
         self.model = ckpt["model"]
         self.vocab: PerturbationVocab = ckpt["vocab"]
         self.features: PertFeatures = ckpt["features"]
@@ -8727,6 +8869,47 @@ class ModelPredictor:
             self._pool_means[perturbation] = self.predict_cells(perturbation, pool_cg).mean(0, dtype=np.float64)
         return np.minimum(shift_to_mean(pred_cg, self._pool_means[perturbation]), MAX_LOG1P_EXPRESSION)
 
+    def effect(self, perturbation: str) -> Float[np.ndarray, " gene"]:
+        """The model's predicted effect on its genes: its pseudobulk for the perturbation minus its
+        pseudobulk for control (id 0), both over the canonical control pool in full sets and before
+        the output head clips at 0 (`predict_sets_pre_head`), cached. Measured like a real effect
+        (mean perturbed minus mean control), so the level the model learned for controls cancels: a
+        fresh model (decoder at a constant, direct gain 1) gives exactly its fed transfer effect."""
+        if perturbation not in self._effects:
+            s = self.set_size
+            pool_cg = self.control_pool_cg[: len(self.control_pool_cg) // s * s]
+            pert_mean_g, control_mean_g = (
+                self._pre_head(pool_cg, pert_id).mean((0, 1), dtype=np.float64)
+                for pert_id in (self.get_pert_id(perturbation), 0)
+            )
+            self._effects[perturbation] = pert_mean_g - control_mean_g
+        return self._effects[perturbation]
+
+    def cell_deviations(
+        self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]
+    ) -> Float[np.ndarray, "cell gene"]:
+        """Per cell, what the model predicts beyond shifting its set: the predicted cell's deviation
+        from its set's mean minus the control cell's own deviation from its set's mean (before the
+        output head; sets of S, the last padded as in predict_cells). 0 for a model that moves every
+        cell of a set by the same amount, e.g. a fresh one."""
+        n, s = len(ctrl_cg), self.set_size
+        padded_cg = np.asarray(ctrl_cg, np.float32)[np.arange(-(-n // s) * s) % n]
+        z_bsg = self._pre_head(padded_cg, self.get_pert_id(perturbation))
+        c_bsg = padded_cg.reshape(z_bsg.shape)
+        dev_bsg = (z_bsg - z_bsg.mean(1, keepdims=True)) - (c_bsg - c_bsg.mean(1, keepdims=True))
+        return dev_bsg.reshape(-1, z_bsg.shape[2])[:n]
+
+    def _pre_head(self, ctrl_cg: np.ndarray, pert_id: int) -> np.ndarray:
+        """The model's sets before the output head, (sets, S, genes), from a whole number of sets."""
+        s = self.set_size
+        pert_f = self.features.get_target(np.array([pert_id]))
+        out = []
+        for start in range(0, len(ctrl_cg), 64 * s):  # bounded device memory for large n
+            chunk_bsg = ctrl_cg[start : start + 64 * s].reshape(-1, s, ctrl_cg.shape[1])
+            pert_bf = jnp.asarray(np.repeat(pert_f, len(chunk_bsg), 0))
+            out.append(np.asarray(predict_sets_pre_head(self.model, jnp.asarray(chunk_bsg), pert_bf)))
+        return np.concatenate(out)
+
     def predict_cells(
         self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]
     ) -> Float[np.ndarray, "cell gene"]:
@@ -8753,6 +8936,59 @@ class ModelPredictor:
             )
             out.append(np.asarray(pred_bsg).reshape(-1, ctrl_cg.shape[1]))
         return np.concatenate(out)[:n]
+
+
+@dataclasses.dataclass
+class ModelEffectPredictor:
+    """A trained model used the way the effect baselines are (EffectPredictor with exact means): a
+    perturbation's pseudobulk is `control_mean_g` (the target's training control mean, as the
+    baselines' fit has it) plus the model's effect (`ModelPredictor.effect` on the HVGs, 0 on the
+    other genes), clipped at 0, with the target gene's own column at `knockdown_remaining` × its
+    control mean (as EffectPredictor; None = no knockdown); its cells are the given control cells plus the model's per-cell
+    deviations (`ModelPredictor.cell_deviations`, HVGs only), shifted so each gene's mean is
+    exactly that pseudobulk (shift_to_mean).
+
+    Why: the model's own cells put its pseudobulk at the control level it learned from the store
+    (all of the target's controls), fill the non-HVGs with unshifted control cells, and shift each
+    set of S to its own mean (per-set offsets that the DE test reads as effects: a fresh model's
+    cells had ~1,540 DE genes per perturbation where pert_mean_transfer's had ~920, DES .086 vs
+    .144, logbook 2026-11-30). On this footing a fresh model predicts exactly the cells
+    pert_mean_transfer predicts, and a trained one differs from it only by what training changed."""
+
+    hvg_predictor: ModelPredictor
+    gene_names: list[str]
+    hvg_cols_v: Int[np.ndarray, " hvg"]
+    """Target column of each model gene, in the model's gene order."""
+    control_mean_g: Float[np.ndarray, " gene"]
+    knockdown_remaining: float | None = None
+
+    def pseudobulk(self, perturbation: str) -> Float[np.ndarray, " gene"]:
+        pb_g = np.asarray(self.control_mean_g, np.float32).copy()
+        pb_g[self.hvg_cols_v] += self.hvg_predictor.effect(perturbation).astype(np.float32)
+        pb_g = np.maximum(pb_g, 0.0)
+        if self.knockdown_remaining is not None and perturbation in self.gene_names:
+            col = self.gene_names.index(perturbation)
+            pb_g[col] = self.knockdown_remaining * self.control_mean_g[col]
+        return pb_g
+
+    def predict(self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]) -> Float[np.ndarray, "cell gene"]:
+        x_cg = np.array(ctrl_cg, np.float32, copy=True)
+        if len(x_cg):
+            x_cg[:, self.hvg_cols_v] += self.hvg_predictor.cell_deviations(perturbation, x_cg[:, self.hvg_cols_v])
+        return np.minimum(shift_to_mean(x_cg, self.pseudobulk(perturbation)), MAX_LOG1P_EXPRESSION)
+
+
+def as_effect_predictor(
+    model: HvgAdapter, control_mean_g: Float[np.ndarray, " gene"], knockdown_remaining: float | None
+) -> Predictor:
+    """`make_model_predictor`'s model as a ModelEffectPredictor on `control_mean_g` (the fit's
+    training control mean, what the baselines start from) with the knockdown; a `fill="mean"`
+    model keeps its own cells, with the knockdown applied by KnockdownPredictor."""
+    if model.fill != "control":
+        return model if knockdown_remaining is None else KnockdownPredictor(model, knockdown_remaining, control_mean_g)
+    return ModelEffectPredictor(
+        model.hvg_predictor, model.gene_names, model.hvg_cols_v, control_mean_g, knockdown_remaining
+    )
 
 
 def load_model_predictor(
@@ -9299,10 +9535,10 @@ def run_eval(cfg: EvalConfig) -> dict[str, typing.Any]:
             cfg, fit, store, spec.name, target_genes, hvg_cols_v, gene_names, zero_shot_knockdown
         )
         if model is not None:
-            predictors["model"] = model
+            knockdown = None
             if cfg.knockdown:
                 knockdown = zero_shot_knockdown if cfg.zero_shot else fit_knockdown_fraction(fit)
-                predictors["model"] = KnockdownPredictor(model, knockdown, fit.control_mean_g)
+            predictors["model"] = as_effect_predictor(model, fit.control_mean_g, knockdown)
         real = get_real()
         summary, per_pert, eff = score_predictors(
             real,
@@ -9713,9 +9949,9 @@ def run_submit(cfg: SubmitConfig) -> dict[str, typing.Any]:
             raise MissingFileError(
                 f"no checkpoint under {get_data_root(cfg.data_root) / 'checkpoints'}: train with nb/05_train.py or pass --checkpoint"
             )
-        predictor, name = make_model_predictor(checkpoint, store, target_genes, cfg.fill, cfg.world), "model"
-        if cfg.knockdown:
-            predictor = KnockdownPredictor(predictor, fit_knockdown_fraction(fit), fit.control_mean_g)
+        model = make_model_predictor(checkpoint, store, target_genes, cfg.fill, cfg.world)
+        knockdown = fit_knockdown_fraction(fit) if cfg.knockdown else None
+        predictor, name = as_effect_predictor(model, fit.control_mean_g, knockdown), "model"
     else:
         predictor, name = (
             make_baseline_predictor(

@@ -10,7 +10,7 @@ DES / PDS / MAE / Pearson of the change / normalised score, mean ± sd over seed
 
 With --with-model it also trains the ST model per seed (lib.run_train: nb/05_train.py's defaults,
 plus --train-args, e.g. "--features onehot" for an ablation; the training time is printed) and
-scores its best checkpoint (as 06 does: KnockdownPredictor around the HVG model) under the name
+scores its best checkpoint (as 06 does: lib.as_effect_predictor, knockdown included) under the name
 --model-name. --only-model scores cell_mean and the model only (ablation rows).
 
     uv run python benchmarks/compare_predictors.py --size small --seeds 0 1 2 --data-root /tmp/cmp

@@ -183,6 +183,27 @@ def test_compute_loss_is_the_weighted_sum_of_its_terms(small_model):
     assert all(float(t) > 0 for t in terms.values())
 
 
+def test_discrimination_loss_is_lower_on_own_targets_than_swapped_and_matches_numpy():
+    """Sets whose predicted pseudobulk sits on their own table row score lower than the same sets
+    with their rows swapped; the value is the softmax cross-entropy over -mean|diff| / temperature
+    among the rows of the set's own cell type, written here in numpy; sets without a row (-1) do
+    not count."""
+    rng = np.random.default_rng(0)
+    table_tg = rng.uniform(0.0, 2.0, (5, 24)).astype(np.float32)
+    row_b = np.array([3, 0, 4, -1], np.int32)
+    pred_bsg = (table_tg[np.maximum(row_b, 0)][:, None, :] + rng.normal(0, 0.05, (4, 8, 24))).astype(np.float32)
+    dataset_t = np.array([0, 0, 0, 0, 1], np.int32)  # row 4 is another cell type's
+    loss = jax.jit(lib.discrimination_loss, static_argnums=4)
+    own = float(loss(*map(jnp.asarray, (pred_bsg, table_tg, dataset_t, row_b)), 0.3))
+    swapped = float(loss(*map(jnp.asarray, (pred_bsg, table_tg, dataset_t, row_b[[1, 0, 2, 3]])), 0.3))
+    assert own < 1.0 < swapped
+    logits_bt = -np.abs(pred_bsg.astype(np.float64).mean(1)[:, None] - table_tg[None]).mean(2) / 0.3
+    ce_b = [  # the softmax over the rows of the set's own cell type only
+        np.log(np.exp(logits_bt[b, dataset_t == dataset_t[r]]).sum()) - logits_bt[b, r] for b, r in enumerate(row_b[:3])
+    ]
+    np.testing.assert_allclose(own, np.mean(ce_b), rtol=1e-5)
+
+
 def test_out_of_range_perturbation_id_raises():
     n_perts = 5  # a vocabulary of 5 entries: control, OOV and three genes
     onehot_bf = lib.make_onehot_features(np.array([0, 1, 4]), n_perts)

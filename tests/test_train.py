@@ -504,6 +504,41 @@ def test_predictor_loads_from_the_checkpoint_root_pointer(trained):
     assert pathlib.Path(lib.load_model_predictor(root / "latest").step_dir).parent == pathlib.Path(result["run_dir"])
 
 
+def test_fresh_model_predicts_exactly_the_pert_mean_transfer_pseudobulk(tiny_store, store, tmp_path):
+    """05's defaults promise that the untrained model is pert_mean_transfer: scored the way 06
+    scores it (effect on the fit's control mean, non-HVGs from the control cells, knockdown), the
+    step-0 checkpoint's pseudobulk of every held-out perturbation equals the baseline's, gene by
+    gene over all scored genes, and so do its cells, to float32 rounding; the baseline is computed
+    from the store's context cells by its own code (make_baseline_predictor), not by the model."""
+    result = lib.run_train(tiny_cfg(tiny_store, tmp_path / "ckpt", steps=1, eval_every=1))
+    eval_cfg = lib.EvalConfig(data_root=str(tiny_store), n_control=100)
+    files = lib.get_target_files(tiny_store, "synthetic")
+    gene_names = lib.read_gene_names(files.gene_names_path)
+    data = lib.scan_harness_inputs(eval_cfg, files, gene_names, tmp_path)
+    scan, held_out = data["scan"], data["split"]["val"] + data["split"]["test"]
+    fit = lib.make_fit_data(
+        gene_names,
+        data["group_labels"],
+        scan.sum_kg,
+        scan.n_k,
+        data["split"]["train"],
+        ["control:pred", "control:rest"],
+    )
+    target_genes = lib.get_target_gene_table(store, files.spec.name, gene_names)
+    baseline = lib.make_baseline_predictor(
+        "pert_mean_transfer", fit, store=store, target=files.spec.name, target_genes=target_genes
+    )
+    adapter = lib.make_model_predictor(pathlib.Path(result["run_dir"]) / "step_00000000", store, target_genes)
+    model = lib.as_effect_predictor(adapter, fit.control_mean_g, lib.fit_knockdown_fraction(fit))
+    ctrl_cg = data["pool"].read(np.arange(37))  # four full sets of 8 and a padded one
+    for p in held_out:
+        want_cg = baseline.predict(p, ctrl_cg)
+        assert np.abs(want_cg.mean(0) - fit.control_mean_g).max() > 1e-3  # the baseline predicts an effect here
+        got_cg = model.predict(p, ctrl_cg)
+        np.testing.assert_allclose(got_cg.mean(0, dtype=np.float64), want_cg.mean(0, dtype=np.float64), atol=2e-6)
+        np.testing.assert_allclose(got_cg, want_cg, atol=2e-5)  # the cells too, not only their mean
+
+
 # ---------------------------------------------------------------- quality on a world with signal
 
 
