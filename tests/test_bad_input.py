@@ -41,6 +41,7 @@ ALLOWED = {
     ("mmd_weight", 0.0): "the default: MMD left out",
     ("pseudobulk_mse_weight", 0.0): "a loss left out (energy keeps weight 1)",
     ("effect_corr_weight", 0.0): "the default: left out",
+    ("discrimination_weight", 0.0): "the default: left out",
     ("weight_decay", 0.0): "no decay",
     ("warmup_steps", 0): "no warmup",
     ("min_lr_ratio", 0.0): "cosine down to 0",
