@@ -4861,6 +4861,15 @@ def _group_rows(groups: pd.DataFrame, max_rows: int) -> np.ndarray:
     return np.concatenate(rows) if rows else np.zeros(0, np.int64)
 
 
+def _store_rows_mean(store, rows: np.ndarray, block_rows: int = 8192) -> Float[np.ndarray, " gene"]:
+    """Mean log1p (float64) of the store rows `rows`, read `block_rows` at a time: bounded memory
+    for large groups; zeros for no rows."""
+    sum_g = np.zeros(store.x_cg.shape[1])
+    for a in range(0, len(rows), block_rows):
+        sum_g += np.asarray(store.x_cg[rows[a : a + block_rows]], np.float64).sum(0)
+    return sum_g / max(len(rows), 1)
+
+
 def compute_top_components(x_ng: Float[np.ndarray, "n g"], k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
     """Top-k singular values and right singular vectors (k, g) of x by a randomized SVD (Halko et
     al.: a few power iterations): seconds -> ~0.1 s for 4,000 x 2,000, same leading components."""
@@ -4908,17 +4917,9 @@ def compute_context_effects(
         # Every control cell (up to max_control_cells), not the first few: this one mean is subtracted
         # from every perturbation's effect, so its sampling noise (~0.01 per gene from 1,024 of
         # 1,500 cells on the small world) would be a bias shared by all of them.
-        ctrl_rows = _group_rows(in_d[in_d["is_control"]], max_control_cells)
-        ctrl_g = np.zeros(store.x_cg.shape[1])
-        for a in range(0, len(ctrl_rows), 8192):
-            ctrl_g += np.asarray(store.x_cg[ctrl_rows[a : a + 8192]], np.float64).sum(0)
-        ctrl_g /= max(len(ctrl_rows), 1)
+        ctrl_g = _store_rows_mean(store, _group_rows(in_d[in_d["is_control"]], max_control_cells))
         for pert, groups in in_d[~in_d["is_control"]].groupby("perturbation", sort=True):
-            rows = _group_rows(groups, max_cells)
-            sum_g = np.zeros(store.x_cg.shape[1])
-            for a in range(0, len(rows), 8192):  # bounded memory for large groups
-                sum_g += np.asarray(store.x_cg[rows[a : a + 8192]], np.float64).sum(0)
-            effects.append(sum_g / max(len(rows), 1) - ctrl_g)
+            effects.append(_store_rows_mean(store, _group_rows(groups, max_cells)) - ctrl_g)
             rows_out.append((dataset, pert))
     if not effects:
         return pd.DataFrame(columns=["dataset", "perturbation"]), np.zeros((0, store.x_cg.shape[1]))
@@ -6133,11 +6134,7 @@ def make_discrimination_table(
     table_tg = np.zeros((len(keys), store.x_cg.shape[1]), np.float32)
     groups_by_key = index[index.set_index(["dataset", "perturbation"]).index.isin(row_of)]
     for (d, p), groups in progress(groups_by_key.groupby(["dataset", "perturbation"]), desc="discrimination table"):
-        rows = _group_rows(groups, 10**9)
-        total_g = np.zeros(store.x_cg.shape[1])
-        for a in range(0, len(rows), 8192):  # bounded memory for large groups
-            total_g += np.asarray(store.x_cg[rows[a : a + 8192]], np.float64).sum(0)
-        table_tg[row_of[(d, p)]] = total_g / len(rows)
+        table_tg[row_of[(d, p)]] = _store_rows_mean(store, _group_rows(groups, 10**9))
     dataset_t = keys["dataset"].map(list(store.datasets).index).to_numpy(np.int32)
     row_k = np.array(
         [
@@ -8827,7 +8824,7 @@ class ModelPredictor:
         self.step_dir = step_dir
         self.pool_mean = pool_mean
         self._pool_means: dict[str, np.ndarray] = {}
-        self._effects: dict[str, np.ndarray] = {}
+        self._pre_head_means: dict[int, np.ndarray] = {}
         self.model = ckpt["model"]
         self.vocab: PerturbationVocab = ckpt["vocab"]
         self.features: PertFeatures = ckpt["features"]
@@ -8875,15 +8872,16 @@ class ModelPredictor:
         the output head clips at 0 (`predict_sets_pre_head`), cached. Measured like a real effect
         (mean perturbed minus mean control), so the level the model learned for controls cancels: a
         fresh model (decoder at a constant, direct gain 1) gives exactly its fed transfer effect."""
-        if perturbation not in self._effects:
+        return self._pool_pre_head_mean(self.get_pert_id(perturbation)) - self._pool_pre_head_mean(0)
+
+    def _pool_pre_head_mean(self, pert_id: int) -> Float[np.ndarray, " gene"]:
+        """The model's pre-head pseudobulk over the canonical pool's full sets, cached per id (the
+        control's, id 0, is the level every effect is measured from: computed once)."""
+        if pert_id not in self._pre_head_means:
             s = self.set_size
             pool_cg = self.control_pool_cg[: len(self.control_pool_cg) // s * s]
-            pert_mean_g, control_mean_g = (
-                self._pre_head(pool_cg, pert_id).mean((0, 1), dtype=np.float64)
-                for pert_id in (self.get_pert_id(perturbation), 0)
-            )
-            self._effects[perturbation] = pert_mean_g - control_mean_g
-        return self._effects[perturbation]
+            self._pre_head_means[pert_id] = self._pre_head(pool_cg, pert_id).mean((0, 1), dtype=np.float64)
+        return self._pre_head_means[pert_id]
 
     def cell_deviations(
         self, perturbation: str, ctrl_cg: Float[np.ndarray, "cell gene"]
