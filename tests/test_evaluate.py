@@ -348,11 +348,25 @@ def test_effect_baseline_cells_have_the_pseudobulk_as_mean_in_the_harness(tmp_pa
     effects = {p: rng.normal(0, 0.4, 40) for p in ("P1", "P2")}
     predictor = lib.EffectPredictor(genes, effects.__getitem__, control_mean_g=control_mean, exact_mean=True)
     plan = lib.make_prediction_plan([("P1", 230), ("P2", 57)], pool.n_cells, np.arange(10), seed=0)
-    adata = lib.make_prediction_anndata(predictor, plan, pool, chunk_cells=100)  # P1 spans chunks
-    x = adata.X.toarray()
+    rows = lib.make_prediction_rows(predictor, plan, pool, block_cells=100)  # P1 spans blocks
+    x = rows.rows(np.arange(len(plan.labels_c))).toarray()
     for p in ("P1", "P2"):
-        mean_g = x[adata.obs["target_gene"].to_numpy() == p].mean(axis=0, dtype=np.float64)
+        mean_g = x[plan.labels_c == p].mean(axis=0, dtype=np.float64)
         np.testing.assert_allclose(mean_g, np.maximum(control_mean + effects[p], 0), rtol=1e-5, atol=1e-6)
+
+
+def test_prediction_rows_read_in_any_runs_equal_the_whole_prediction(tmp_path):
+    rng = np.random.default_rng(3)
+    pool_x = rng.gamma(1.0, 0.5, (50, 12)).astype(np.float32)
+    np.save(tmp_path / "pool.npy", pool_x)
+    pool = lib.ControlPool(tmp_path / "pool.npy")
+    effects = {p: rng.normal(0, 0.3, 12) for p in ("A", "B")}
+    predictor = lib.EffectPredictor([f"G{i}" for i in range(12)], effects.__getitem__)
+    plan = lib.make_prediction_plan([("A", 23), ("B", 9)], pool.n_cells, np.arange(7), seed=0)
+    whole = lib.make_predict_chunk(predictor, plan, pool)(0, len(plan.labels_c))
+    rows = lib.make_prediction_rows(predictor, plan, pool, block_cells=4)
+    for picked in (np.arange(39), np.array([0, 1, 2, 5, 6, 20, 21, 22, 23, 38]), np.array([17]), np.array([], int)):
+        np.testing.assert_array_equal(rows.rows(picked).toarray(), whole[picked])
 
 
 def _fit_with_knockdown(remaining_p):
