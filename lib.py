@@ -7120,15 +7120,13 @@ def _group_gene_stats(
     pseudobulk_kg = np.empty((groups.size, n_genes), dtype=np.float64)
     twice_u1_kg = np.zeros((groups.size, n_genes), dtype=np.int64)
     tie_kg = np.zeros((groups.size, n_genes), dtype=np.int64)
-    ctrl_sorted, ctrl_tie_g = _de_sort_columns(ctrl_block.data, ctrl_block.indptr)
-    zc = n_k[ctrl] - np.diff(ctrl_block.indptr)
-    ctrl_args = (
-        ctrl_block.indptr.astype(np.int64),
-        int(n_k[ctrl]),
-        ctrl_tie_g + zc**3 - zc,
-        *_de_control_index(ctrl_sorted, ctrl_block.indptr.astype(np.int64)),
-    )
-    del ctrl_sorted  # the index holds its own (padded) copy
+    ctrl_indptr = ctrl_block.indptr.astype(np.int64)
+    # The control's own means need only its block; the groups need its sorted values and their
+    # index, not the block. Built in that order, with the block freed before the index, the
+    # control's memory peaks at the read (CSR + CSC, 16 B per nonzero), not at 24 B with block,
+    # sorted copy and index at once: ~34k control cells of 18,080 genes hold ~230M nonzeros.
+    empty_i, empty_f = np.empty(0, np.int64), np.empty(0, np.float64)
+    ctrl_args = (ctrl_indptr, int(n_k[ctrl]), empty_i, np.empty(0, dtype), empty_f, empty_f, empty_i, empty_i)
 
     def run(k, block, g0, g1):
         _de_group_kernel(
@@ -7161,6 +7159,11 @@ def _group_gene_stats(
     bounds = np.linspace(0, n_genes, max(1, threads) + 1).astype(np.int64)
     with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
         list(pool.map(lambda g: run(ctrl, ctrl_block, *g), zip(bounds[:-1], bounds[1:])))
+        ctrl_sorted, ctrl_tie_g = _de_sort_columns(ctrl_block.data, ctrl_indptr)
+        del ctrl_block
+        zc = n_k[ctrl] - np.diff(ctrl_indptr)
+        ctrl_args = (ctrl_indptr, int(n_k[ctrl]), ctrl_tie_g + zc**3 - zc, *_de_control_index(ctrl_sorted, ctrl_indptr))
+        del ctrl_sorted  # the index holds its own (padded) copy
         others = np.delete(np.arange(groups.size), ctrl)
         for _ in progress(pool.map(read_and_run, others), total=others.size, desc=desc):
             pass
