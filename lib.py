@@ -6841,7 +6841,7 @@ def _de_bucket(v, lo, scale, n_buckets):
 
 
 @numba.njit(cache=True, nogil=True)
-def _de_control_index(ctrl_sorted, ctrl_indptr):
+def _de_control_index(ctrl_sorted, ctrl_indptr, table):
     """Per gene, a bucket table over the control's sorted nonzeros: the gene's value range
     [lo, hi] cut into as many equal buckets as it has values, and for bucket j the first value
     whose bucket is >= j. A value's count of control values below it is then that entry plus a
@@ -6850,14 +6850,14 @@ def _de_control_index(ctrl_sorted, ctrl_indptr):
     Returns (padded, lo_g, scale_g, table, start_g): gene g's n_g sorted values are
     padded[start_g[g] : start_g[g] + n_g], followed by +inf, so a scan stops without a bounds
     test (the scan's branches, mispredicted, were most of its time); its table is
-    table[start_g[g] : start_g[g] + n_g + 1], positions in `padded`.
+    table[start_g[g] : start_g[g] + n_g + 1], positions in `padded`. `table` comes in empty, of
+    size nnz + n_genes (int32 when that fits: a third less memory than int64).
     """
     n_genes = ctrl_indptr.size - 1
     lo_g = np.zeros(n_genes)
     scale_g = np.zeros(n_genes)
     start_g = np.empty(n_genes, np.int64)
     padded = np.empty(ctrl_indptr[n_genes] + n_genes, ctrl_sorted.dtype)
-    table = np.empty(ctrl_indptr[n_genes] + n_genes, np.int64)
     for g in range(n_genes):
         c0 = ctrl_indptr[g]
         c1 = ctrl_indptr[g + 1]
@@ -6887,9 +6887,10 @@ def _de_control_index(ctrl_sorted, ctrl_indptr):
 
 @numba.njit(cache=True, nogil=True)
 def _de_sort_columns(data, indptr):
-    """Each CSC column's values sorted ascending (a copy), and each column's sum(t^3 - t) over
-    runs of equal values (the zeros' run is added by the caller)."""
-    out = data.copy()
+    """Each CSC column's values sorted ascending, in place (the control's block is not needed
+    unsorted any more), and each column's sum(t^3 - t) over runs of equal values (the zeros'
+    run is added by the caller)."""
+    out = data
     n_genes = indptr.size - 1
     tie_g = np.zeros(n_genes, np.int64)
     for g in range(n_genes):
@@ -7064,10 +7065,44 @@ def _de_csr_to_csc(data, indices, indptr, n_cols):
     return out_data, out_rows, col_ptr, True
 
 
+_DE_READ_ROWS = 1_024
+"""Rows above which a group (in practice the control) is read in blocks of this many, twice."""
+
+
+@numba.njit(cache=True, nogil=True)
+def _de_place_block(data, rows, indptr, start_g, first_row, out_data, out_rows):
+    """Put one block's CSC columns at start_g[g] of each gene's part of the whole (rows shifted
+    by the block's first row)."""
+    for g in range(indptr.size - 1):
+        at = start_g[g]
+        for i in range(indptr[g], indptr[g + 1]):
+            out_data[at] = data[i]
+            out_rows[at] = rows[i] + first_row
+            at += 1
+
+
 def _csc_of_rows(x, rows: np.ndarray):
     """The given rows (sorted) of X as canonical CSC (float32 or float64, explicit zeros dropped):
     a gene's nonzeros in cell order. X is a scipy CSR matrix, a dense array, or an h5ad's X
-    opened with h5py (CSR group or dense dataset)."""
+    opened with h5py (CSR group or dense dataset), or an object with a `.rows(rows)` method.
+
+    More than _DE_READ_ROWS rows are read in blocks twice: once to count each gene's nonzeros,
+    once to put them in place, so the result (8 bytes per nonzero) is never beside a whole CSR
+    copy of the same rows (another 8): a VCC-sized submission's ~34k control cells hold ~230M
+    nonzeros, 1.8 GB each way. The control's memory then peaks at this result."""
+    if rows.size > _DE_READ_ROWS:
+        blocks = np.split(rows, np.arange(_DE_READ_ROWS, rows.size, _DE_READ_ROWS))
+        count_bg = np.stack([np.diff(_csc_of_rows(x, block).indptr) for block in blocks])
+        col_ptr = np.concatenate([[0], np.cumsum(count_bg.sum(axis=0))])
+        start_bg = col_ptr[:-1] + np.cumsum(count_bg, axis=0) - count_bg  # block b's part of gene g
+        data, row_c, first_row = None, np.empty(col_ptr[-1], np.int32), 0
+        for b, block in enumerate(blocks):
+            part = _csc_of_rows(x, block)
+            if data is None:
+                data = np.empty(col_ptr[-1], part.dtype)
+            _de_place_block(part.data, part.indices, part.indptr, start_bg[b], first_row, data, row_c)
+            first_row += block.size
+        return scipy.sparse.csc_matrix((data, row_c, col_ptr), shape=(rows.size, x.shape[1]))
     if hasattr(x, "rows"):  # _H5adCsr, _CellMeanRows
         block = x.rows(rows)
     elif isinstance(x, h5py.Dataset):
@@ -7121,12 +7156,15 @@ def _group_gene_stats(
     twice_u1_kg = np.zeros((groups.size, n_genes), dtype=np.int64)
     tie_kg = np.zeros((groups.size, n_genes), dtype=np.int64)
     ctrl_indptr = ctrl_block.indptr.astype(np.int64)
-    # The control's own means need only its block; the groups need its sorted values and their
-    # index, not the block. Built in that order, with the block freed before the index, the
-    # control's memory peaks at the read (CSR + CSC, 16 B per nonzero), not at 24 B with block,
-    # sorted copy and index at once: ~34k control cells of 18,080 genes hold ~230M nonzeros.
+    # The control is the biggest group (a VCC-sized submission: ~34k cells of 18,080 genes, ~230M
+    # nonzeros), so its bytes per nonzero set the peak. Its own means need its block (8 B: values
+    # and row indices, read in blocks by _csc_of_rows); the other groups need only its values
+    # sorted (in place; the row indices are then freed) and their index (padded copy + table,
+    # int32: 8 B). So at most 12 B per control nonzero at once, where a sorted copy beside the
+    # block and an int64 table took 24.
     empty_i, empty_f = np.empty(0, np.int64), np.empty(0, np.float64)
-    ctrl_args = (ctrl_indptr, int(n_k[ctrl]), empty_i, np.empty(0, dtype), empty_f, empty_f, empty_i, empty_i)
+    table_dtype = np.int32 if ctrl_indptr[-1] + n_genes < np.iinfo(np.int32).max else np.int64
+    ctrl_args = (ctrl_indptr, int(n_k[ctrl]), empty_i, np.empty(0, dtype), empty_f, empty_f, np.empty(0, table_dtype), empty_i)
 
     def run(k, block, g0, g1):
         _de_group_kernel(
@@ -7159,10 +7197,16 @@ def _group_gene_stats(
     bounds = np.linspace(0, n_genes, max(1, threads) + 1).astype(np.int64)
     with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
         list(pool.map(lambda g: run(ctrl, ctrl_block, *g), zip(bounds[:-1], bounds[1:])))
-        ctrl_sorted, ctrl_tie_g = _de_sort_columns(ctrl_block.data, ctrl_indptr)
-        del ctrl_block
+        ctrl_sorted, ctrl_tie_g = _de_sort_columns(ctrl_block.data, ctrl_indptr)  # in place
+        del ctrl_block  # its row indices
         zc = n_k[ctrl] - np.diff(ctrl_indptr)
-        ctrl_args = (ctrl_indptr, int(n_k[ctrl]), ctrl_tie_g + zc**3 - zc, *_de_control_index(ctrl_sorted, ctrl_indptr))
+        table = np.empty(ctrl_indptr[-1] + n_genes, table_dtype)
+        ctrl_args = (
+            ctrl_indptr,
+            int(n_k[ctrl]),
+            ctrl_tie_g + zc**3 - zc,
+            *_de_control_index(ctrl_sorted, ctrl_indptr, table),
+        )
         del ctrl_sorted  # the index holds its own (padded) copy
         others = np.delete(np.arange(groups.size), ctrl)
         for _ in progress(pool.map(read_and_run, others), total=others.size, desc=desc):

@@ -327,6 +327,18 @@ def test_sparse_input_and_threads_do_not_change_de(realistic):
                 np.testing.assert_array_equal(getattr(whole, field), getattr(other, field), err_msg=field)
 
 
+@pytest.mark.parametrize("mode", lib.SCORE_MODES)
+def test_groups_read_in_blocks_give_the_same_de(realistic, monkeypatch, mode):
+    real, _ = realistic
+    labels = np.asarray(real.obs["target_gene"], dtype=str)
+    whole = lib.differential_expression(real.X, labels, mode=mode)
+    monkeypatch.setattr(lib, "_DE_READ_ROWS", 7)  # every group, the control too, in blocks of 7 rows
+    for x in (real.X, scipy.sparse.csr_matrix(real.X)):
+        blocks = lib.differential_expression(x, labels, mode=mode, threads=2)
+        for field in ("u1_pg", "p_value_pg", "target_mean_pg", "pseudobulk_pg", "significant_pg"):
+            np.testing.assert_array_equal(getattr(whole, field), getattr(blocks, field), err_msg=field)
+
+
 def test_cell_mean_baseline_by_hand():
     x = np.array([[1.0, 2.0], [3.0, 2.0], [0.5, 0.5], [1.5, 1.5], [0.25, 0.75]], dtype=np.float32)
     obs = pd.DataFrame({"target_gene": [CONTROL, CONTROL, "A", "A", "B"]}, index=list("vwxyz"))
