@@ -7164,7 +7164,16 @@ def _group_gene_stats(
     # block and an int64 table took 24.
     empty_i, empty_f = np.empty(0, np.int64), np.empty(0, np.float64)
     table_dtype = np.int32 if ctrl_indptr[-1] + n_genes < np.iinfo(np.int32).max else np.int64
-    ctrl_args = (ctrl_indptr, int(n_k[ctrl]), empty_i, np.empty(0, dtype), empty_f, empty_f, np.empty(0, table_dtype), empty_i)
+    ctrl_args = (
+        ctrl_indptr,
+        int(n_k[ctrl]),
+        empty_i,
+        np.empty(0, dtype),
+        empty_f,
+        empty_f,
+        np.empty(0, table_dtype),
+        empty_i,
+    )
 
     def run(k, block, g0, g1):
         _de_group_kernel(
@@ -9813,7 +9822,9 @@ def validate_submission(
             check_log1p(rows_cg, f"{h5ad_path} cells {start}:{stop}", source="prediction", check_transform=True)
 
 
-def pack_vcc(h5ad_path: str | os.PathLike, vcc_path: str | os.PathLike | None = None, *, check: bool = True) -> pathlib.Path:
+def pack_vcc(
+    h5ad_path: str | os.PathLike, vcc_path: str | os.PathLike | None = None, *, check: bool = True
+) -> pathlib.Path:
     """Pack a submission h5ad as `cell-eval prep` does: tar of `pred.h5ad.zst` + `watermark.txt`.
 
     Run `write_submission` first: it already writes prep's minimal float32 CSR layout. Refuses
