@@ -7205,7 +7205,7 @@ def _group_gene_stats(
     # another reads its group).
     bounds = np.linspace(0, n_genes, max(1, threads) + 1).astype(np.int64)
     with concurrent.futures.ThreadPoolExecutor(max(1, threads)) as pool:
-        list(pool.map(lambda g: run(ctrl, ctrl_block, *g), zip(bounds[:-1], bounds[1:])))
+        list(pool.map(functools.partial(run, ctrl, ctrl_block), bounds[:-1], bounds[1:]))
         ctrl_sorted, ctrl_tie_g = _de_sort_columns(ctrl_block.data, ctrl_indptr)  # in place
         del ctrl_block  # its row indices
         zc = n_k[ctrl] - np.diff(ctrl_indptr)
