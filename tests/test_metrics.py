@@ -339,6 +339,22 @@ def test_groups_read_in_blocks_give_the_same_de(realistic, monkeypatch, mode):
             np.testing.assert_array_equal(getattr(whole, field), getattr(blocks, field), err_msg=field)
 
 
+def test_cell_mean_baseline_from_a_file_read_in_blocks_is_the_whole_read(tmp_path, monkeypatch):
+    rng = np.random.default_rng(5)
+    labels = np.repeat([CONTROL, "A", "B"], [40, 9, 13])
+    x = scipy.sparse.random(labels.size, 30, density=0.5, random_state=rng, format="csr") * 7.3  # float64
+    obs = pd.DataFrame({"target_gene": labels}, index=[f"c{i}" for i in range(labels.size)])
+    ad.AnnData(X=x, obs=obs).write_h5ad(tmp_path / "train.h5ad")
+    args = (np.array(["A", "B"]), np.array([3, 4]))
+    with lib.open_score_file(tmp_path / "train.h5ad", which="train") as train:
+        _, whole = lib.make_cell_mean_baseline_file(train, *args, control_label=CONTROL)
+        monkeypatch.setattr(lib, "_DE_READ_ROWS", 4)  # the control in 10 blocks
+        _, blocks = lib.make_cell_mean_baseline_file(train, *args, control_label=CONTROL)
+    np.testing.assert_array_equal(blocks.cell_mean_g, whole.cell_mean_g)
+    group_means = [x[labels == g].mean(axis=0).A1 for g in (CONTROL, "A", "B")]
+    np.testing.assert_allclose(whole.cell_mean_g, np.mean(group_means, axis=0), rtol=1e-12)
+
+
 def test_cell_mean_baseline_by_hand():
     x = np.array([[1.0, 2.0], [3.0, 2.0], [0.5, 0.5], [1.5, 1.5], [0.25, 0.75]], dtype=np.float32)
     obs = pd.DataFrame({"target_gene": [CONTROL, CONTROL, "A", "A", "B"]}, index=list("vwxyz"))
