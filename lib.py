@@ -7801,6 +7801,14 @@ class _CellMeanRows:
         return scipy.sparse.vstack([pred, ctrl], format="csr") if pred.shape[0] else ctrl
 
 
+@numba.njit(cache=True, nogil=True)
+def _add_by_column(sums_g, indices, data):
+    """sums_g[indices[i]] += data[i], one by one in order: np.bincount's sums, continued across
+    calls (np.add.at does the same, ~100x slower)."""
+    for i in range(indices.size):
+        sums_g[indices[i]] += data[i]
+
+
 def make_cell_mean_baseline_file(train: ScoreFile, perts: np.ndarray, counts: np.ndarray, *, control_label: str):
     """`make_cell_mean_baseline` from a training file on disk, group by group: (labels, rows
     object) of the prediction `cell-eval baseline` builds — m (mean over the training groups,
@@ -7813,9 +7821,9 @@ def make_cell_mean_baseline_file(train: ScoreFile, perts: np.ndarray, counts: np
     sums_kg = np.empty((groups.size, train.genes.size))
     dtype = None
     for k in progress(range(groups.size), desc="cell-mean baseline"):
-        # In blocks of rows (the control: ~38k cells in the VCC training file); np.add.at adds each
-        # column's values one by one in row order across blocks, as make_cell_mean_baseline's
-        # sparse product (and one bincount over the whole group) sums them.
+        # In blocks of rows (the control: ~38k cells in the VCC training file); each column's values
+        # are added one by one in row order across blocks, as make_cell_mean_baseline's sparse
+        # product (and one bincount over the whole group) sums them.
         sums_kg[k] = 0.0
         for a in range(0, rows_k[k].size, _DE_READ_ROWS):
             rows = rows_k[k][a : a + _DE_READ_ROWS]
@@ -7825,7 +7833,7 @@ def make_cell_mean_baseline_file(train: ScoreFile, perts: np.ndarray, counts: np
                 else scipy.sparse.csr_matrix(_read_dense_row_spans(train.x, rows))
             )
             dtype = block.dtype if block.dtype in (np.float32, np.float64) else np.dtype(np.float64)
-            np.add.at(sums_kg[k], block.indices, block.data.astype(np.float64))
+            _add_by_column(sums_kg[k], block.indices, block.data.astype(np.float64))
     cell_mean_g = mean_of_group_means((sums_kg / np.bincount(codes_c)[:, None]).astype(dtype))
     control_rows = rows_k[int(np.flatnonzero(groups == control_label)[0])]
     labels = np.concatenate(
