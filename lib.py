@@ -10125,7 +10125,7 @@ def score_submission(
     cells at a time (`open_score_file`, `differential_expression`), the truth's raw counts are
     normalised as they are read, and the baseline's cells are made as they are read (the vector
     `make_cell_mean_vector(fit)` for each perturbation's cells, the pool's first `n_control` cells
-    as its controls, as `make_prediction_anndata` of a ConstantPredictor would write them), so
+    as its controls, as `make_prediction_rows` of a ConstantPredictor makes them), so
     memory holds one perturbation's cells and the control cells, never a whole file.
     `check=False` skips validate_submission (for a file write_submission has just checked).
     """
