@@ -7630,6 +7630,13 @@ class ScoreFile:
     """X on disk: `_H5adCsr` (CSR) or an h5py Dataset (dense); raw counts wrapped in `_Log1pOfCounts`."""
 
 
+def _stack_rows(parts: list[scipy.sparse.csr_matrix], n_genes: int) -> scipy.sparse.csr_matrix:
+    """Row blocks read one after another, as one float32 CSR (no copy for a single block)."""
+    if not parts:
+        return scipy.sparse.csr_matrix((0, n_genes), dtype=np.float32)
+    return scipy.sparse.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+
+
 class _Log1pOfCounts:
     """Raw-count X on disk read as log1p CP10K rows: each block of rows is read as float32 CSR with
     stored zeros dropped (as `read_rows`) and normalised by `normalise_log1p`, THE normalisation,
@@ -7651,9 +7658,7 @@ class _Log1pOfCounts:
             raw_cg.eliminate_zeros()
             where = f"{self.where} rows {block[0]}..{block[-1]}"
             parts.append(scipy.sparse.csr_matrix(normalise_log1p(raw_cg, "raw", where=where), dtype=np.float32))
-        if not parts:
-            return scipy.sparse.csr_matrix((0, self.shape[1]), dtype=np.float32)
-        return scipy.sparse.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+        return _stack_rows(parts, self.shape[1])
 
 
 @contextlib.contextmanager
@@ -9220,9 +9225,7 @@ class PredictionRows:
                 x_cg = self.predict_chunk(start, stop)
                 check_log1p(x_cg, f"cells {start}:{stop}", source="prediction")
                 parts.append(scipy.sparse.csr_matrix(x_cg))
-        if not parts:
-            return scipy.sparse.csr_matrix((0, self.shape[1]), dtype=np.float32)
-        return scipy.sparse.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+        return _stack_rows(parts, self.shape[1])
 
 
 def make_prediction_rows(
@@ -10101,9 +10104,7 @@ class _PoolRows:
             scipy.sparse.csr_matrix(self.pool.read(rows[a : a + self.block_cells]))
             for a in range(0, rows.size, self.block_cells)
         ]
-        if not parts:
-            return scipy.sparse.csr_matrix((0, self.shape[1]), dtype=np.float32)
-        return scipy.sparse.vstack(parts, format="csr") if len(parts) > 1 else parts[0]
+        return _stack_rows(parts, self.shape[1])
 
 
 def score_submission(
